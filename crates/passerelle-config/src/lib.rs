@@ -1,0 +1,548 @@
+//! # passerelle-config
+//!
+//! The one configuration type of every role, and the one way to load it:
+//!
+//! 1. built-in defaults (every field has one);
+//! 2. one TOML file, which replaces the defaults field by field (without `--config`, the
+//!    documented default file shipped in `config/passerelle.toml` is used);
+//! 3. environment overrides `PASSERELLE_<SECTION>__<KEY>[__<KEY>...]`, e.g.
+//!    `PASSERELLE_GATEWAY__LISTEN=0.0.0.0:8080` or
+//!    `PASSERELLE_UPSTREAMS__USERS__ENDPOINTS='["10.0.0.5:7000"]'`. Values are read as TOML
+//!    when they parse as TOML, as strings otherwise.
+//!
+//! Loading validates everything a role would otherwise trip over at run time: unknown fields,
+//! bad units, routes pointing at unknown upstreams, conflicting routes. Errors name the file,
+//! the line and the field, and the binary exits with code 64 on them.
+
+mod model;
+mod template;
+mod units;
+
+use std::fmt;
+use std::path::Path;
+
+pub use model::*;
+pub use template::{PathTemplate, Piece};
+pub use units::{ByteSize, Dur};
+
+/// The documented default configuration, the one `passerelle up` runs without `--config`.
+pub const DEFAULT_CONFIG: &str = include_str!("../../../config/passerelle.toml");
+
+/// Name of the environment variable that points at a config file.
+pub const CONFIG_ENV: &str = "PASSERELLE_CONFIG";
+const ENV_PREFIX: &str = "PASSERELLE_";
+
+/// Exit code for an unusable configuration (`EX_USAGE` from sysexits.h).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// One thing wrong with a configuration, located as precisely as we can.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// Where the value came from: a file name, `<default>`, or an environment variable.
+    pub origin: String,
+    /// 1-based line and column in the file, when the value came from one.
+    pub position: Option<(usize, usize)>,
+    /// Dotted path of the field, e.g. `routes[1].upstream`.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.origin)?;
+        if let Some((line, col)) = self.position {
+            write!(f, ":{line}:{col}")?;
+        }
+        write!(f, ": ")?;
+        if let Some(field) = &self.field {
+            write!(f, "{field}: ")?;
+        }
+        write!(f, "{}", self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid configuration:\n{}", .0.iter().map(|d| format!("  {d}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Diagnostic>),
+}
+
+impl ConfigError {
+    pub fn diagnostics(&self) -> &[Diagnostic] {
+        match self {
+            ConfigError::Invalid(d) => d,
+            ConfigError::Io { .. } => &[],
+        }
+    }
+}
+
+impl Config {
+    /// Loads the configuration: `path` if given (else the built-in default file), then the
+    /// environment overrides in `env`, then validation.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let (origin, text) = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Io {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+                (p.display().to_string(), text)
+            }
+            None => ("<default config>".to_string(), DEFAULT_CONFIG.to_string()),
+        };
+        Self::from_toml(&origin, &text, env)
+    }
+
+    /// Like [`Config::load`] with the text of the file already read.
+    pub fn from_toml(
+        origin: &str,
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        // Deserializing straight from the text keeps spans, so every type error points at
+        // its line.
+        let file_config: Config = toml::from_str(text).map_err(|e| {
+            ConfigError::Invalid(vec![Diagnostic {
+                origin: origin.to_string(),
+                position: e.span().map(|s| line_col(text, s.start)),
+                field: None,
+                message: e.message().trim_end().to_string(),
+            }])
+        })?;
+
+        let overrides = env_overrides(env);
+        let config = if overrides.is_empty() {
+            file_config
+        } else {
+            let mut table: toml::Table = toml::from_str(text).map_err(|e| {
+                ConfigError::Invalid(vec![Diagnostic {
+                    origin: origin.to_string(),
+                    position: e.span().map(|s| line_col(text, s.start)),
+                    field: None,
+                    message: e.message().to_string(),
+                }])
+            })?;
+            for o in &overrides {
+                apply_override(&mut table, o)?;
+            }
+            let names = overrides.iter().map(|o| o.var.as_str()).collect::<Vec<_>>().join(", ");
+            toml::Table::try_into(table).map_err(|e: toml::de::Error| {
+                ConfigError::Invalid(vec![Diagnostic {
+                    origin: format!("environment ({names})"),
+                    position: None,
+                    field: None,
+                    message: e.message().trim_end().to_string(),
+                }])
+            })?
+        };
+
+        let diagnostics: Vec<Diagnostic> = config
+            .validate()
+            .into_iter()
+            .map(|(field, message)| Diagnostic {
+                origin: origin.to_string(),
+                position: locate(text, &field),
+                field: Some(field),
+                message,
+            })
+            .collect();
+        if diagnostics.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(diagnostics))
+        }
+    }
+
+    /// Checks what serde cannot: cross references, ranges, route conflicts. Returns
+    /// `(field path, message)` pairs; empty means valid.
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut errs = Vec::new();
+        let mut err = |field: String, msg: String| errs.push((field, msg));
+
+        if self.gateway.max_connections == 0 {
+            err("gateway.max_connections".into(), "must be at least 1".into());
+        }
+        if self.gateway.max_request_body.get() == 0 {
+            err("gateway.max_request_body".into(), "must be greater than 0".into());
+        }
+        if self.gateway.request_timeout.get().is_zero() {
+            err("gateway.request_timeout".into(), "must be greater than 0".into());
+        }
+
+        for (field, url) in [
+            ("redis.url", &self.redis.url),
+            ("redis.cache_url", &self.redis.cache_url),
+            ("redis.durable_url", &self.redis.durable_url),
+        ] {
+            if let Some(u) = url {
+                if !(u.starts_with("redis://") || u.starts_with("rediss://") || u.starts_with("unix://")) {
+                    err(field.into(), format!("{u:?} is not a redis://, rediss:// or unix:// URL"));
+                }
+            }
+        }
+        let prefix = &self.redis.key_prefix;
+        if prefix.is_empty() || !prefix.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            err(
+                "redis.key_prefix".into(),
+                format!("{prefix:?} must be non-empty and use only letters, digits, '-', '_', '.'"),
+            );
+        }
+        for (field, d) in [
+            ("redis.connect_timeout", self.redis.connect_timeout),
+            ("redis.command_timeout", self.redis.command_timeout),
+        ] {
+            if d.get().is_zero() {
+                err(field.into(), "must be greater than 0".into());
+            }
+        }
+
+        for (name, up) in &self.upstreams {
+            let at = |f: &str| format!("upstreams.{name}.{f}");
+            if !valid_name(name) {
+                err(format!("upstreams.{name}"), "upstream names use letters, digits, '-', '_', '.'".into());
+            }
+            for (i, ep) in up.endpoints.iter().enumerate() {
+                if let Err(m) = check_endpoint(ep) {
+                    err(format!("upstreams.{name}.endpoints[{i}]"), m);
+                }
+            }
+            for (f, d) in [
+                ("connect_timeout", up.connect_timeout),
+                ("try_timeout", up.try_timeout),
+                ("health_check.interval", up.health_check.interval),
+                ("health_check.timeout", up.health_check.timeout),
+                ("outlier_detection.base_ejection_time", up.outlier_detection.base_ejection_time),
+            ] {
+                if d.get().is_zero() {
+                    err(at(f), "must be greater than 0".into());
+                }
+            }
+            if !up.health_check.path.starts_with('/') {
+                err(at("health_check.path"), "must start with '/'".into());
+            }
+            if up.health_check.healthy_threshold == 0 {
+                err(at("health_check.healthy_threshold"), "must be at least 1".into());
+            }
+            if up.health_check.unhealthy_threshold == 0 {
+                err(at("health_check.unhealthy_threshold"), "must be at least 1".into());
+            }
+            let od = &up.outlier_detection;
+            if od.consecutive_failures == 0 {
+                err(at("outlier_detection.consecutive_failures"), "must be at least 1".into());
+            }
+            if od.max_ejection_time < od.base_ejection_time {
+                err(
+                    at("outlier_detection.max_ejection_time"),
+                    "must not be shorter than base_ejection_time".into(),
+                );
+            }
+            if od.max_ejected_percent > 100 {
+                err(at("outlier_detection.max_ejected_percent"), "must be between 0 and 100".into());
+            }
+            if !(0.0..=1000.0).contains(&up.retry.budget_percent) {
+                err(at("retry.budget_percent"), "must be between 0 and 1000".into());
+            }
+            if up.retry.retries > 10 {
+                err(at("retry.retries"), "more than 10 retries multiplies load; use at most 10".into());
+            }
+        }
+
+        // Routes: names, templates, references, and no two routes answering the same
+        // method on the same template.
+        let mut names = std::collections::HashSet::new();
+        let mut claimed: Vec<(String, Vec<String>, usize)> = Vec::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let at = |f: &str| format!("routes[{i}].{f}");
+            if r.name.is_empty() || !valid_name(&r.name) {
+                err(at("name"), "every route needs a name of letters, digits, '-', '_', '.'".into());
+            } else if !names.insert(r.name.as_str()) {
+                err(at("name"), format!("route name {:?} is used twice", r.name));
+            }
+            let template = match PathTemplate::parse(&r.path) {
+                Ok(t) => Some(t),
+                Err(m) => {
+                    err(at("path"), m);
+                    None
+                }
+            };
+            let params: Vec<String> = template
+                .as_ref()
+                .map(|t| t.params().map(str::to_string).collect())
+                .unwrap_or_default();
+            let check_params = |t: &str| -> Result<(), String> {
+                let tpl = PathTemplate::parse(t)?;
+                match tpl.params().find(|p| !params.iter().any(|q| q == p)) {
+                    Some(p) => Err(format!("{{{p}}} is not a parameter of the route path {:?}", r.path)),
+                    None => Ok(()),
+                }
+            };
+            let mut methods = Vec::new();
+            for (j, m) in r.methods.iter().enumerate() {
+                match http::Method::from_bytes(m.as_bytes()) {
+                    Ok(_) if m.chars().all(|c| c.is_ascii_uppercase()) => methods.push(m.clone()),
+                    _ => err(format!("routes[{i}].methods[{j}]"), format!("{m:?} is not an HTTP method (write it in capitals)")),
+                }
+            }
+            match (&r.upstream, &r.compose) {
+                (Some(_), Some(_)) => err(at("compose"), "a route either proxies to `upstream` or has `compose` parts, not both".into()),
+                (None, None) => err(at("upstream"), "a route needs an `upstream` (or `compose` parts)".into()),
+                (Some(u), None) => {
+                    if !self.upstreams.contains_key(u) {
+                        err(at("upstream"), format!("unknown upstream {u:?}"));
+                    }
+                }
+                (None, Some(parts)) => {
+                    if parts.is_empty() {
+                        err(at("compose"), "needs at least one part".into());
+                    }
+                    if r.rewrite.is_some() {
+                        err(at("rewrite"), "a compose route has no single upstream path to rewrite".into());
+                    }
+                    if methods.iter().any(|m| m != "GET" && m != "HEAD") {
+                        err(at("methods"), "a compose route answers only GET and HEAD".into());
+                    }
+                    for (part, p) in parts {
+                        if !self.upstreams.contains_key(&p.upstream) {
+                            err(format!("routes[{i}].compose.{part}.upstream"), format!("unknown upstream {:?}", p.upstream));
+                        }
+                        if let Err(m) = check_params(&p.path) {
+                            err(format!("routes[{i}].compose.{part}.path"), m);
+                        }
+                    }
+                }
+            }
+            if let Some(rw) = &r.rewrite {
+                if let Err(m) = check_params(rw) {
+                    err(at("rewrite"), m);
+                }
+            }
+            if let Some(t) = r.timeout {
+                if t.get().is_zero() {
+                    err(at("timeout"), "must be greater than 0".into());
+                }
+            }
+            if let Some(t) = &template {
+                // Same template twice is fine when the methods do not overlap.
+                let key = normalized_template(t);
+                for (other_key, other_methods, j) in &claimed {
+                    if *other_key == key && self.routes[*j].path != r.path {
+                        err(at("path"), format!("routes[{j}] has the same shape ({:?}); use the same parameter names", self.routes[*j].path));
+                    } else if *other_key == key
+                        && (methods.is_empty()
+                            || other_methods.is_empty()
+                            || methods.iter().any(|m| other_methods.contains(m)))
+                    {
+                        err(at("path"), format!("conflicts with routes[{j}] ({:?}) for the same methods", self.routes[*j].path));
+                    }
+                }
+                claimed.push((key, methods.clone(), i));
+            }
+        }
+        // Structural conflicts matchit would refuse (e.g. `/a/{x}` next to `/a/{y}`).
+        let mut router = matchit::Router::new();
+        let mut seen = std::collections::HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let shape = PathTemplate::parse(&r.path).map(|t| normalized_template(&t));
+            if shape.is_ok_and(|s| seen.insert(s)) {
+                if let Err(e) = router.insert(r.path.clone(), i) {
+                    err(format!("routes[{i}].path"), format!("cannot be routed next to the others: {e}"));
+                }
+            }
+        }
+
+        for (name, svc) in [("users", &self.services.users), ("products", &self.services.products)] {
+            if svc.max_request_body.get() == 0 {
+                err(format!("services.{name}.max_request_body"), "must be greater than 0".into());
+            }
+        }
+
+        if !(1..=64).contains(&self.up.instances) {
+            err("up.instances".into(), "must be between 1 and 64".into());
+        }
+        let mr = &self.up.managed_redis;
+        const EVICTING: [&str; 6] = ["allkeys-lfu", "allkeys-lru", "allkeys-random", "volatile-lfu", "volatile-lru", "volatile-ttl"];
+        if !EVICTING.contains(&mr.cache_eviction_policy.as_str()) {
+            err(
+                "up.managed_redis.cache_eviction_policy".into(),
+                format!("{:?} is not an evicting policy; use one of {}", mr.cache_eviction_policy, EVICTING.join(", ")),
+            );
+        }
+        if !["everysec", "always"].contains(&mr.durable_appendfsync.as_str()) {
+            err("up.managed_redis.durable_appendfsync".into(), "must be \"everysec\" or \"always\"".into());
+        }
+        for (f, v) in [("cache_maxmemory", mr.cache_maxmemory), ("durable_maxmemory", mr.durable_maxmemory)] {
+            if v.get() < 8 * 1024 * 1024 {
+                err(format!("up.managed_redis.{f}"), "must be at least 8MiB".into());
+            }
+        }
+        errs
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// `host:port`, where host is a name or an IP (IPv6 in brackets).
+fn check_endpoint(ep: &str) -> Result<(), String> {
+    let bad = || format!("{ep:?} is not host:port");
+    if ep.contains("://") || ep.contains('/') {
+        return Err(format!("{ep:?}: write host:port, without scheme or path"));
+    }
+    let (host, port) = ep.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if port == 0 || host.is_empty() {
+        return Err(bad());
+    }
+    http::uri::Authority::try_from(ep).map(|_| ()).map_err(|_| bad())
+}
+
+/// Two templates that differ only in parameter names route the same requests.
+fn normalized_template(t: &PathTemplate) -> String {
+    let mut out = String::new();
+    let mut s = t.as_str().chars().peekable();
+    let mut in_param = false;
+    while let Some(c) = s.next() {
+        match c {
+            '{' if !in_param && s.peek() != Some(&'{') => {
+                in_param = true;
+                out.push('{');
+            }
+            '}' if in_param => {
+                in_param = false;
+                out.push('}');
+            }
+            '*' if in_param => out.push('*'),
+            _ if in_param => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+struct Override {
+    var: String,
+    path: Vec<String>,
+    value: toml::Value,
+}
+
+fn env_overrides(env: impl IntoIterator<Item = (String, String)>) -> Vec<Override> {
+    let mut out: Vec<Override> = env
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let rest = k.strip_prefix(ENV_PREFIX)?;
+            if !rest.contains("__") {
+                return None;
+            }
+            let path = rest.split("__").map(|s| s.to_ascii_lowercase()).collect::<Vec<_>>();
+            if path.iter().any(|s| s.is_empty()) {
+                return None;
+            }
+            let value = toml::from_str::<toml::Table>(&format!("v = {v}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or(toml::Value::String(v));
+            Some(Override { var: k, path, value })
+        })
+        .collect();
+    // Deterministic order regardless of the environment's.
+    out.sort_by(|a, b| a.var.cmp(&b.var));
+    out
+}
+
+fn apply_override(table: &mut toml::Table, o: &Override) -> Result<(), ConfigError> {
+    let fail = |m: &str| {
+        ConfigError::Invalid(vec![Diagnostic {
+            origin: o.var.clone(),
+            position: None,
+            field: Some(o.path.join(".")),
+            message: m.to_string(),
+        }])
+    };
+    let (last, parents) = o.path.split_last().ok_or_else(|| fail("empty path"))?;
+    let mut cur = table;
+    for seg in parents {
+        let next = cur
+            .entry(seg.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = match next {
+            toml::Value::Table(t) => t,
+            toml::Value::Array(a) => {
+                // `ROUTES__0__TIMEOUT`: index into an array of tables.
+                let idx: usize = last_index(seg, a.len()).ok_or_else(|| fail("array index out of range"))?;
+                match a.get_mut(idx) {
+                    Some(toml::Value::Table(t)) => t,
+                    _ => return Err(fail("not a table")),
+                }
+            }
+            _ => return Err(fail(&format!("{seg:?} is not a section"))),
+        };
+    }
+    cur.insert(last.clone(), o.value.clone());
+    Ok(())
+}
+
+fn last_index(seg: &str, len: usize) -> Option<usize> {
+    seg.parse::<usize>().ok().filter(|i| *i < len)
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// Finds where a dotted field path (`routes[1].compose.user.upstream`) sits in the file, so
+/// that semantic errors point at a line like syntax errors do. Falls back to the nearest
+/// enclosing item that exists (a default value has no line of its own).
+fn locate(text: &str, field: &str) -> Option<(usize, usize)> {
+    use toml::de::{DeTable, DeValue};
+    let root = DeTable::parse(text).ok()?;
+    let mut segs = Vec::new();
+    for part in field.split('.') {
+        match part.split_once('[') {
+            Some((key, idx)) => {
+                segs.push((key.to_string(), None));
+                let i = idx.trim_end_matches(']').parse::<usize>().ok()?;
+                segs.push((String::new(), Some(i)));
+            }
+            None => segs.push((part.to_string(), None)),
+        }
+    }
+    let mut best: Option<usize> = None;
+    let mut table = root.get_ref();
+    let mut value: Option<&toml::Spanned<DeValue>> = None;
+    for (key, idx) in &segs {
+        let next = match (idx, value.map(|v| v.get_ref())) {
+            (Some(i), Some(DeValue::Array(a))) => a.get(*i),
+            (None, Some(DeValue::Table(t))) => t.get(key.as_str()),
+            (None, None) => table.get(key.as_str()),
+            _ => None,
+        };
+        match next {
+            Some(v) => {
+                best = Some(v.span().start);
+                if let DeValue::Table(t) = v.get_ref() {
+                    table = t;
+                }
+                value = Some(v);
+            }
+            None => break,
+        }
+    }
+    best.map(|o| line_col(text, o))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,353 @@
+//! The shape of the configuration file. Every field has a default, so a file only says what
+//! differs; `deny_unknown_fields` everywhere, so a typo is an error with a line number rather
+//! than a setting that silently does nothing.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use indexmap::IndexMap;
+use serde::Deserialize;
+
+use crate::units::{ByteSize, Dur};
+
+/// The whole configuration of every role. One type, loaded once, read by all.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub telemetry: TelemetryConfig,
+    pub redis: RedisConfig,
+    pub gateway: GatewayConfig,
+    /// Pools of service instances the gateway balances over, by name.
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// The gateway's routes, matched by path template and method.
+    pub routes: Vec<RouteConfig>,
+    pub services: ServicesConfig,
+    pub up: UpConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// A `tracing` filter such as `info` or `passerelle_gateway=debug,info`. `RUST_LOG` wins.
+    pub log_level: String,
+    pub log_format: LogFormat,
+    /// One log line per request (method, path, status, duration, request id, upstream).
+    pub access_log: bool,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            log_level: "info".into(),
+            log_format: LogFormat::Text,
+            access_log: false,
+        }
+    }
+}
+
+/// Where Redis is. Without any URL, `passerelle up` starts and manages Redis itself; the
+/// `gateway` and `service` roles then run without Redis features.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// One Redis for both roles (`redis://user:pass@host:port`, `rediss://` for TLS).
+    pub url: Option<String>,
+    /// Redis for evictable data (the cache). Falls back to `url`.
+    pub cache_url: Option<String>,
+    /// Redis for durable data (audit, preferences, rate limits). Falls back to `url`.
+    pub durable_url: Option<String>,
+    /// Prefix of every key passerelle writes; isolation is by prefix, never by `SELECT`.
+    pub key_prefix: String,
+    pub connect_timeout: Dur,
+    /// Upper bound of one command's round trip; a slow Redis fails fast instead of stalling
+    /// requests.
+    pub command_timeout: Dur,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            cache_url: None,
+            durable_url: None,
+            key_prefix: "psl".into(),
+            connect_timeout: Dur::secs(1),
+            command_timeout: Dur::millis(500),
+        }
+    }
+}
+
+impl RedisConfig {
+    pub fn cache_url(&self) -> Option<&str> {
+        self.cache_url.as_deref().or(self.url.as_deref())
+    }
+    pub fn durable_url(&self) -> Option<&str> {
+        self.durable_url.as_deref().or(self.url.as_deref())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+    /// Connections beyond this wait in the kernel's accept queue instead of exhausting memory.
+    pub max_connections: usize,
+    /// Request bodies above this are refused with 413 (a route may lower or raise it).
+    pub max_request_body: ByteSize,
+    /// Overall deadline of a request, retries included (a route may override it).
+    pub request_timeout: Dur,
+    /// How long in-flight requests may take to finish after a shutdown signal.
+    pub shutdown_grace: Dur,
+    /// Worker threads of the gateway's runtime; 0 means one per CPU.
+    pub worker_threads: usize,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_connections: 10_000,
+            max_request_body: ByteSize::mib(1),
+            request_timeout: Dur::secs(15),
+            shutdown_grace: Dur::secs(10),
+            worker_threads: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Each live instance in turn (nginx's default).
+    #[default]
+    RoundRobin,
+    /// The live instance with the fewest requests in flight.
+    LeastConnections,
+    /// Power of two random choices, weighed by a peak-EWMA of latency times load.
+    P2cEwma,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Instances as `host:port`.
+    pub endpoints: Vec<String>,
+    pub balance: Balance,
+    pub connect_timeout: Dur,
+    /// Deadline of one attempt; a retry gets a fresh one within the route's overall timeout.
+    pub try_timeout: Dur,
+    /// Idle keep-alive connections kept per instance.
+    pub max_idle_per_endpoint: usize,
+    pub idle_timeout: Dur,
+    pub health_check: HealthCheckConfig,
+    pub outlier_detection: OutlierConfig,
+    pub retry: RetryConfig,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+            balance: Balance::RoundRobin,
+            connect_timeout: Dur::secs(1),
+            try_timeout: Dur::secs(5),
+            max_idle_per_endpoint: 256,
+            idle_timeout: Dur::secs(60),
+            health_check: HealthCheckConfig::default(),
+            outlier_detection: OutlierConfig::default(),
+            retry: RetryConfig::default(),
+        }
+    }
+}
+
+/// Active health checking: the gateway asks each instance `GET path` every `interval`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthCheckConfig {
+    pub enabled: bool,
+    pub path: String,
+    pub interval: Dur,
+    pub timeout: Dur,
+    /// Consecutive successes that bring an unhealthy instance back.
+    pub healthy_threshold: u32,
+    /// Consecutive failures that take an instance out.
+    pub unhealthy_threshold: u32,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: "/health".into(),
+            interval: Dur::secs(2),
+            timeout: Dur::secs(1),
+            healthy_threshold: 1,
+            unhealthy_threshold: 2,
+        }
+    }
+}
+
+/// Passive outlier ejection: consecutive gateway failures (connect errors, resets, timeouts,
+/// 502/503/504) take an instance out for a while; each new ejection lasts longer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutlierConfig {
+    pub enabled: bool,
+    pub consecutive_failures: u32,
+    pub base_ejection_time: Dur,
+    pub max_ejection_time: Dur,
+    /// Never eject more than this share of a pool (at least one instance may always go).
+    pub max_ejected_percent: u32,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            consecutive_failures: 3,
+            base_ejection_time: Dur::secs(5),
+            max_ejection_time: Dur::secs(60),
+            max_ejected_percent: 50,
+        }
+    }
+}
+
+/// Retries happen only where they are safe: on connect failures for any method, and on
+/// resets, timeouts and 502/503/504 for idempotent methods. A budget keeps retries from
+/// multiplying load when a whole pool is sick.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Extra attempts after the first one.
+    pub retries: u32,
+    /// Retries allowed as a percentage of recent requests...
+    pub budget_percent: f32,
+    /// ...plus this many per second regardless of traffic.
+    pub min_retries_per_second: u32,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            retries: 2,
+            budget_percent: 20.0,
+            min_retries_per_second: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteConfig {
+    /// Unique name; it labels metrics and logs.
+    pub name: String,
+    /// Path template: `/users/{id}`, `/static/{*rest}`.
+    pub path: String,
+    /// Methods this route answers; empty means all.
+    pub methods: Vec<String>,
+    /// The upstream pool this route proxies to.
+    pub upstream: Option<String>,
+    /// Path sent upstream, a template over the route's parameters (default: the request path).
+    pub rewrite: Option<String>,
+    /// Overrides `gateway.request_timeout`.
+    pub timeout: Option<Dur>,
+    /// Overrides `gateway.max_request_body`.
+    pub max_request_body: Option<ByteSize>,
+    /// Instead of proxying: call several upstreams concurrently and merge their JSON answers
+    /// into one object, one member per part, in the order written.
+    pub compose: Option<IndexMap<String, ComposePart>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComposePart {
+    pub upstream: String,
+    /// Path template over the route's parameters, e.g. `/users/{user_id}`.
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServicesConfig {
+    pub users: ServiceConfig,
+    pub products: ServiceConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceConfig {
+    /// `sqlite:///path/to/file.db` (or a plain path). Default: `<data_dir>/<service>.db`.
+    pub database_url: Option<String>,
+    pub max_request_body: ByteSize,
+    pub shutdown_grace: Dur,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            database_url: None,
+            max_request_body: ByteSize::kib(64),
+            shutdown_grace: Dur::secs(10),
+        }
+    }
+}
+
+/// What `passerelle up` starts on one machine.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpConfig {
+    /// Databases, managed Redis data and credentials live here.
+    pub data_dir: PathBuf,
+    /// Instances of each service.
+    pub instances: usize,
+    /// Rows of demo data per service, written on first start (0 disables seeding).
+    pub seed_rows: usize,
+    pub managed_redis: ManagedRedisConfig,
+}
+
+impl Default for UpConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("data"),
+            instances: 3,
+            seed_rows: 10_000,
+            managed_redis: ManagedRedisConfig::default(),
+        }
+    }
+}
+
+/// The two Redis instances `up` manages when no URL is configured: one for evictable cache
+/// data, one for durable data, so that an eviction policy can never drop durable data.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ManagedRedisConfig {
+    /// The `redis-server` executable.
+    pub server_bin: String,
+    pub cache_maxmemory: ByteSize,
+    /// An evicting policy (`allkeys-lfu`, `allkeys-lru`, `volatile-lfu`, ...).
+    pub cache_eviction_policy: String,
+    pub durable_maxmemory: ByteSize,
+    /// `everysec` (lose at most a second on power loss) or `always`.
+    pub durable_appendfsync: String,
+}
+
+impl Default for ManagedRedisConfig {
+    fn default() -> Self {
+        Self {
+            server_bin: "redis-server".into(),
+            cache_maxmemory: ByteSize::mib(256),
+            cache_eviction_policy: "allkeys-lfu".into(),
+            durable_maxmemory: ByteSize::mib(1024),
+            durable_appendfsync: "everysec".into(),
+        }
+    }
+}
