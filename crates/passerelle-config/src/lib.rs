@@ -134,7 +134,11 @@ impl Config {
             for o in &overrides {
                 apply_override(&mut table, o)?;
             }
-            let names = overrides.iter().map(|o| o.var.as_str()).collect::<Vec<_>>().join(", ");
+            let names = overrides
+                .iter()
+                .map(|o| o.var.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
             toml::Table::try_into(table).map_err(|e: toml::de::Error| {
                 ConfigError::Invalid(vec![Diagnostic {
                     origin: format!("environment ({names})"),
@@ -169,13 +173,22 @@ impl Config {
         let mut err = |field: String, msg: String| errs.push((field, msg));
 
         if self.gateway.max_connections == 0 {
-            err("gateway.max_connections".into(), "must be at least 1".into());
+            err(
+                "gateway.max_connections".into(),
+                "must be at least 1".into(),
+            );
         }
         if self.gateway.max_request_body.get() == 0 {
-            err("gateway.max_request_body".into(), "must be greater than 0".into());
+            err(
+                "gateway.max_request_body".into(),
+                "must be greater than 0".into(),
+            );
         }
         if self.gateway.request_timeout.get().is_zero() {
-            err("gateway.request_timeout".into(), "must be greater than 0".into());
+            err(
+                "gateway.request_timeout".into(),
+                "must be greater than 0".into(),
+            );
         }
 
         for (field, url) in [
@@ -183,14 +196,23 @@ impl Config {
             ("redis.cache_url", &self.redis.cache_url),
             ("redis.durable_url", &self.redis.durable_url),
         ] {
-            if let Some(u) = url {
-                if !(u.starts_with("redis://") || u.starts_with("rediss://") || u.starts_with("unix://")) {
-                    err(field.into(), format!("{u:?} is not a redis://, rediss:// or unix:// URL"));
-                }
+            if let Some(u) = url
+                && !(u.starts_with("redis://")
+                    || u.starts_with("rediss://")
+                    || u.starts_with("unix://"))
+            {
+                err(
+                    field.into(),
+                    format!("{u:?} is not a redis://, rediss:// or unix:// URL"),
+                );
             }
         }
         let prefix = &self.redis.key_prefix;
-        if prefix.is_empty() || !prefix.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        if prefix.is_empty()
+            || !prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
             err(
                 "redis.key_prefix".into(),
                 format!("{prefix:?} must be non-empty and use only letters, digits, '-', '_', '.'"),
@@ -208,7 +230,10 @@ impl Config {
         for (name, up) in &self.upstreams {
             let at = |f: &str| format!("upstreams.{name}.{f}");
             if !valid_name(name) {
-                err(format!("upstreams.{name}"), "upstream names use letters, digits, '-', '_', '.'".into());
+                err(
+                    format!("upstreams.{name}"),
+                    "upstream names use letters, digits, '-', '_', '.'".into(),
+                );
             }
             for (i, ep) in up.endpoints.iter().enumerate() {
                 if let Err(m) = check_endpoint(ep) {
@@ -220,7 +245,10 @@ impl Config {
                 ("try_timeout", up.try_timeout),
                 ("health_check.interval", up.health_check.interval),
                 ("health_check.timeout", up.health_check.timeout),
-                ("outlier_detection.base_ejection_time", up.outlier_detection.base_ejection_time),
+                (
+                    "outlier_detection.base_ejection_time",
+                    up.outlier_detection.base_ejection_time,
+                ),
             ] {
                 if d.get().is_zero() {
                     err(at(f), "must be greater than 0".into());
@@ -230,14 +258,23 @@ impl Config {
                 err(at("health_check.path"), "must start with '/'".into());
             }
             if up.health_check.healthy_threshold == 0 {
-                err(at("health_check.healthy_threshold"), "must be at least 1".into());
+                err(
+                    at("health_check.healthy_threshold"),
+                    "must be at least 1".into(),
+                );
             }
             if up.health_check.unhealthy_threshold == 0 {
-                err(at("health_check.unhealthy_threshold"), "must be at least 1".into());
+                err(
+                    at("health_check.unhealthy_threshold"),
+                    "must be at least 1".into(),
+                );
             }
             let od = &up.outlier_detection;
             if od.consecutive_failures == 0 {
-                err(at("outlier_detection.consecutive_failures"), "must be at least 1".into());
+                err(
+                    at("outlier_detection.consecutive_failures"),
+                    "must be at least 1".into(),
+                );
             }
             if od.max_ejection_time < od.base_ejection_time {
                 err(
@@ -246,13 +283,22 @@ impl Config {
                 );
             }
             if od.max_ejected_percent > 100 {
-                err(at("outlier_detection.max_ejected_percent"), "must be between 0 and 100".into());
+                err(
+                    at("outlier_detection.max_ejected_percent"),
+                    "must be between 0 and 100".into(),
+                );
             }
             if !(0.0..=1000.0).contains(&up.retry.budget_percent) {
-                err(at("retry.budget_percent"), "must be between 0 and 1000".into());
+                err(
+                    at("retry.budget_percent"),
+                    "must be between 0 and 1000".into(),
+                );
             }
             if up.retry.retries > 10 {
-                err(at("retry.retries"), "more than 10 retries multiplies load; use at most 10".into());
+                err(
+                    at("retry.retries"),
+                    "more than 10 retries multiplies load; use at most 10".into(),
+                );
             }
         }
 
@@ -263,7 +309,10 @@ impl Config {
         for (i, r) in self.routes.iter().enumerate() {
             let at = |f: &str| format!("routes[{i}].{f}");
             if r.name.is_empty() || !valid_name(&r.name) {
-                err(at("name"), "every route needs a name of letters, digits, '-', '_', '.'".into());
+                err(
+                    at("name"),
+                    "every route needs a name of letters, digits, '-', '_', '.'".into(),
+                );
             } else if !names.insert(r.name.as_str()) {
                 err(at("name"), format!("route name {:?} is used twice", r.name));
             }
@@ -281,7 +330,10 @@ impl Config {
             let check_params = |t: &str| -> Result<(), String> {
                 let tpl = PathTemplate::parse(t)?;
                 match tpl.params().find(|p| !params.iter().any(|q| q == p)) {
-                    Some(p) => Err(format!("{{{p}}} is not a parameter of the route path {:?}", r.path)),
+                    Some(p) => Err(format!(
+                        "{{{p}}} is not a parameter of the route path {:?}",
+                        r.path
+                    )),
                     None => Ok(()),
                 }
             };
@@ -289,12 +341,21 @@ impl Config {
             for (j, m) in r.methods.iter().enumerate() {
                 match http::Method::from_bytes(m.as_bytes()) {
                     Ok(_) if m.chars().all(|c| c.is_ascii_uppercase()) => methods.push(m.clone()),
-                    _ => err(format!("routes[{i}].methods[{j}]"), format!("{m:?} is not an HTTP method (write it in capitals)")),
+                    _ => err(
+                        format!("routes[{i}].methods[{j}]"),
+                        format!("{m:?} is not an HTTP method (write it in capitals)"),
+                    ),
                 }
             }
             match (&r.upstream, &r.compose) {
-                (Some(_), Some(_)) => err(at("compose"), "a route either proxies to `upstream` or has `compose` parts, not both".into()),
-                (None, None) => err(at("upstream"), "a route needs an `upstream` (or `compose` parts)".into()),
+                (Some(_), Some(_)) => err(
+                    at("compose"),
+                    "a route either proxies to `upstream` or has `compose` parts, not both".into(),
+                ),
+                (None, None) => err(
+                    at("upstream"),
+                    "a route needs an `upstream` (or `compose` parts)".into(),
+                ),
                 (Some(u), None) => {
                     if !self.upstreams.contains_key(u) {
                         err(at("upstream"), format!("unknown upstream {u:?}"));
@@ -305,14 +366,23 @@ impl Config {
                         err(at("compose"), "needs at least one part".into());
                     }
                     if r.rewrite.is_some() {
-                        err(at("rewrite"), "a compose route has no single upstream path to rewrite".into());
+                        err(
+                            at("rewrite"),
+                            "a compose route has no single upstream path to rewrite".into(),
+                        );
                     }
                     if methods.iter().any(|m| m != "GET" && m != "HEAD") {
-                        err(at("methods"), "a compose route answers only GET and HEAD".into());
+                        err(
+                            at("methods"),
+                            "a compose route answers only GET and HEAD".into(),
+                        );
                     }
                     for (part, p) in parts {
                         if !self.upstreams.contains_key(&p.upstream) {
-                            err(format!("routes[{i}].compose.{part}.upstream"), format!("unknown upstream {:?}", p.upstream));
+                            err(
+                                format!("routes[{i}].compose.{part}.upstream"),
+                                format!("unknown upstream {:?}", p.upstream),
+                            );
                         }
                         if let Err(m) = check_params(&p.path) {
                             err(format!("routes[{i}].compose.{part}.path"), m);
@@ -320,28 +390,40 @@ impl Config {
                     }
                 }
             }
-            if let Some(rw) = &r.rewrite {
-                if let Err(m) = check_params(rw) {
-                    err(at("rewrite"), m);
-                }
+            if let Some(rw) = &r.rewrite
+                && let Err(m) = check_params(rw)
+            {
+                err(at("rewrite"), m);
             }
-            if let Some(t) = r.timeout {
-                if t.get().is_zero() {
-                    err(at("timeout"), "must be greater than 0".into());
-                }
+            if let Some(t) = r.timeout
+                && t.get().is_zero()
+            {
+                err(at("timeout"), "must be greater than 0".into());
             }
             if let Some(t) = &template {
                 // Same template twice is fine when the methods do not overlap.
                 let key = normalized_template(t);
                 for (other_key, other_methods, j) in &claimed {
                     if *other_key == key && self.routes[*j].path != r.path {
-                        err(at("path"), format!("routes[{j}] has the same shape ({:?}); use the same parameter names", self.routes[*j].path));
+                        err(
+                            at("path"),
+                            format!(
+                                "routes[{j}] has the same shape ({:?}); use the same parameter names",
+                                self.routes[*j].path
+                            ),
+                        );
                     } else if *other_key == key
                         && (methods.is_empty()
                             || other_methods.is_empty()
                             || methods.iter().any(|m| other_methods.contains(m)))
                     {
-                        err(at("path"), format!("conflicts with routes[{j}] ({:?}) for the same methods", self.routes[*j].path));
+                        err(
+                            at("path"),
+                            format!(
+                                "conflicts with routes[{j}] ({:?}) for the same methods",
+                                self.routes[*j].path
+                            ),
+                        );
                     }
                 }
                 claimed.push((key, methods.clone(), i));
@@ -352,16 +434,25 @@ impl Config {
         let mut seen = std::collections::HashSet::new();
         for (i, r) in self.routes.iter().enumerate() {
             let shape = PathTemplate::parse(&r.path).map(|t| normalized_template(&t));
-            if shape.is_ok_and(|s| seen.insert(s)) {
-                if let Err(e) = router.insert(r.path.clone(), i) {
-                    err(format!("routes[{i}].path"), format!("cannot be routed next to the others: {e}"));
-                }
+            if shape.is_ok_and(|s| seen.insert(s))
+                && let Err(e) = router.insert(r.path.clone(), i)
+            {
+                err(
+                    format!("routes[{i}].path"),
+                    format!("cannot be routed next to the others: {e}"),
+                );
             }
         }
 
-        for (name, svc) in [("users", &self.services.users), ("products", &self.services.products)] {
+        for (name, svc) in [
+            ("users", &self.services.users),
+            ("products", &self.services.products),
+        ] {
             if svc.max_request_body.get() == 0 {
-                err(format!("services.{name}.max_request_body"), "must be greater than 0".into());
+                err(
+                    format!("services.{name}.max_request_body"),
+                    "must be greater than 0".into(),
+                );
             }
         }
 
@@ -369,19 +460,39 @@ impl Config {
             err("up.instances".into(), "must be between 1 and 64".into());
         }
         let mr = &self.up.managed_redis;
-        const EVICTING: [&str; 6] = ["allkeys-lfu", "allkeys-lru", "allkeys-random", "volatile-lfu", "volatile-lru", "volatile-ttl"];
+        const EVICTING: [&str; 6] = [
+            "allkeys-lfu",
+            "allkeys-lru",
+            "allkeys-random",
+            "volatile-lfu",
+            "volatile-lru",
+            "volatile-ttl",
+        ];
         if !EVICTING.contains(&mr.cache_eviction_policy.as_str()) {
             err(
                 "up.managed_redis.cache_eviction_policy".into(),
-                format!("{:?} is not an evicting policy; use one of {}", mr.cache_eviction_policy, EVICTING.join(", ")),
+                format!(
+                    "{:?} is not an evicting policy; use one of {}",
+                    mr.cache_eviction_policy,
+                    EVICTING.join(", ")
+                ),
             );
         }
         if !["everysec", "always"].contains(&mr.durable_appendfsync.as_str()) {
-            err("up.managed_redis.durable_appendfsync".into(), "must be \"everysec\" or \"always\"".into());
+            err(
+                "up.managed_redis.durable_appendfsync".into(),
+                "must be \"everysec\" or \"always\"".into(),
+            );
         }
-        for (f, v) in [("cache_maxmemory", mr.cache_maxmemory), ("durable_maxmemory", mr.durable_maxmemory)] {
+        for (f, v) in [
+            ("cache_maxmemory", mr.cache_maxmemory),
+            ("durable_maxmemory", mr.durable_maxmemory),
+        ] {
             if v.get() < 8 * 1024 * 1024 {
-                err(format!("up.managed_redis.{f}"), "must be at least 8MiB".into());
+                err(
+                    format!("up.managed_redis.{f}"),
+                    "must be at least 8MiB".into(),
+                );
             }
         }
         errs
@@ -389,7 +500,9 @@ impl Config {
 }
 
 fn valid_name(s: &str) -> bool {
-    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 /// `host:port`, where host is a name or an IP (IPv6 in brackets).
@@ -403,7 +516,9 @@ fn check_endpoint(ep: &str) -> Result<(), String> {
     if port == 0 || host.is_empty() {
         return Err(bad());
     }
-    http::uri::Authority::try_from(ep).map(|_| ()).map_err(|_| bad())
+    http::uri::Authority::try_from(ep)
+        .map(|_| ())
+        .map_err(|_| bad())
 }
 
 /// Two templates that differ only in parameter names route the same requests.
@@ -443,7 +558,10 @@ fn env_overrides(env: impl IntoIterator<Item = (String, String)>) -> Vec<Overrid
             if !rest.contains("__") {
                 return None;
             }
-            let path = rest.split("__").map(|s| s.to_ascii_lowercase()).collect::<Vec<_>>();
+            let path = rest
+                .split("__")
+                .map(|s| s.to_ascii_lowercase())
+                .collect::<Vec<_>>();
             if path.iter().any(|s| s.is_empty()) {
                 return None;
             }
@@ -451,7 +569,11 @@ fn env_overrides(env: impl IntoIterator<Item = (String, String)>) -> Vec<Overrid
                 .ok()
                 .and_then(|mut t| t.remove("v"))
                 .unwrap_or(toml::Value::String(v));
-            Some(Override { var: k, path, value })
+            Some(Override {
+                var: k,
+                path,
+                value,
+            })
         })
         .collect();
     // Deterministic order regardless of the environment's.
@@ -478,7 +600,8 @@ fn apply_override(table: &mut toml::Table, o: &Override) -> Result<(), ConfigErr
             toml::Value::Table(t) => t,
             toml::Value::Array(a) => {
                 // `ROUTES__0__TIMEOUT`: index into an array of tables.
-                let idx: usize = last_index(seg, a.len()).ok_or_else(|| fail("array index out of range"))?;
+                let idx: usize =
+                    last_index(seg, a.len()).ok_or_else(|| fail("array index out of range"))?;
                 match a.get_mut(idx) {
                     Some(toml::Value::Table(t)) => t,
                     _ => return Err(fail("not a table")),

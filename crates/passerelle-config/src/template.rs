@@ -48,13 +48,17 @@ impl PathTemplate {
                         Some(rest) => (rest.to_string(), true),
                         None => (name, false),
                     };
-                    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    if name.is_empty()
+                        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    {
                         return Err(format!(
                             "path {source:?} has an invalid parameter name {name:?} (letters, digits, '_')"
                         ));
                     }
                     if catch_all && chars.peek().is_some() {
-                        return Err(format!("path {source:?}: a catch-all parameter must end the path"));
+                        return Err(format!(
+                            "path {source:?}: a catch-all parameter must end the path"
+                        ));
                     }
                     if !literal.is_empty() {
                         pieces.push(Piece::Literal(std::mem::take(&mut literal)));
@@ -63,7 +67,9 @@ impl PathTemplate {
                 }
                 '}' => return Err(format!("path {source:?} has an unmatched '}}'")),
                 c if c.is_whitespace() || c == '?' || c == '#' => {
-                    return Err(format!("path {source:?} may not contain whitespace, '?' or '#'"));
+                    return Err(format!(
+                        "path {source:?} may not contain whitespace, '?' or '#'"
+                    ));
                 }
                 c => literal.push(c),
             }
@@ -124,8 +130,14 @@ mod tests {
     #[test]
     fn parses_and_renders() {
         assert_eq!(render("/users/{id}", &[("id", "7")]), "/users/7");
-        assert_eq!(render("/v2/{a}/x/{b}", &[("a", "1"), ("b", "2")]), "/v2/1/x/2");
-        assert_eq!(render("/files/{*rest}", &[("rest", "a/b.txt")]), "/files/a/b.txt");
+        assert_eq!(
+            render("/v2/{a}/x/{b}", &[("a", "1"), ("b", "2")]),
+            "/v2/1/x/2"
+        );
+        assert_eq!(
+            render("/files/{*rest}", &[("rest", "a/b.txt")]),
+            "/files/a/b.txt"
+        );
         assert_eq!(render("/{{lit}}/{id}", &[("id", "3")]), "/{lit}/3");
         let t = PathTemplate::parse("/api/{user_id}/{product_id}").unwrap();
         assert_eq!(t.params().collect::<Vec<_>>(), ["user_id", "product_id"]);
@@ -133,8 +145,20 @@ mod tests {
 
     #[test]
     fn rejects_bad_templates() {
-        for bad in ["users/{id}", "/users/{id", "/users/{}", "/x/{a-b}", "/x/{*rest}/more", "/a b", "/a?b", "/x}"] {
-            assert!(PathTemplate::parse(bad).is_err(), "{bad} should be rejected");
+        for bad in [
+            "users/{id}",
+            "/users/{id",
+            "/users/{}",
+            "/x/{a-b}",
+            "/x/{*rest}/more",
+            "/a b",
+            "/a?b",
+            "/x}",
+        ] {
+            assert!(
+                PathTemplate::parse(bad).is_err(),
+                "{bad} should be rejected"
+            );
         }
     }
 }

@@ -8,7 +8,9 @@ fn load_env(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
     Config::from_toml(
         "test.toml",
         text,
-        env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>(),
+        env.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Vec<_>>(),
     )
 }
 
@@ -17,7 +19,8 @@ fn check_err(text: &str, line: usize, needle: &str) {
     let err = load(text).expect_err("config should be rejected");
     let d = err.diagnostics();
     assert!(
-        d.iter().any(|d| d.position.map(|p| p.0) == Some(line) && d.to_string().contains(needle)),
+        d.iter()
+            .any(|d| d.position.map(|p| p.0) == Some(line) && d.to_string().contains(needle)),
         "expected an error at line {line} containing {needle:?}, got:\n{err}"
     );
 }
@@ -26,10 +29,21 @@ fn check_err(text: &str, line: usize, needle: &str) {
 fn default_config_is_valid() {
     let c = Config::load(None, Vec::new()).expect("the shipped default config must load");
     assert_eq!(c.gateway.listen.port(), 8080);
-    assert!(c.routes.iter().any(|r| r.path == "/api/{user_id}/{product_id}"));
+    assert!(
+        c.routes
+            .iter()
+            .any(|r| r.path == "/api/{user_id}/{product_id}")
+    );
     let compose = c.routes[0].compose.as_ref().unwrap();
-    assert_eq!(compose.keys().collect::<Vec<_>>(), ["user", "product"], "parts keep file order");
-    assert_eq!(c.upstreams["products"].health_check.path, "/health", "defaults fill omitted fields");
+    assert_eq!(
+        compose.keys().collect::<Vec<_>>(),
+        ["user", "product"],
+        "parts keep file order"
+    );
+    assert_eq!(
+        c.upstreams["products"].health_check.path, "/health",
+        "defaults fill omitted fields"
+    );
 }
 
 #[test]
@@ -42,13 +56,37 @@ fn empty_file_is_all_defaults() {
 
 #[test]
 fn syntax_and_type_errors_name_the_line() {
-    check_err("[gateway]\nlisten = \"127.0.0.1:80\"\nmax_connections = \"many\"\n", 3, "invalid type");
-    check_err("[gateway]\nlisten = \"nowhere\"\n", 2, "invalid socket address");
-    check_err("[gateway]\nrequest_timeout = \"soon\"\n", 2, "invalid duration");
-    check_err("[gateway]\nmax_request_body = \"1 parsec\"\n", 2, "invalid size");
+    check_err(
+        "[gateway]\nlisten = \"127.0.0.1:80\"\nmax_connections = \"many\"\n",
+        3,
+        "invalid type",
+    );
+    check_err(
+        "[gateway]\nlisten = \"nowhere\"\n",
+        2,
+        "invalid socket address",
+    );
+    check_err(
+        "[gateway]\nrequest_timeout = \"soon\"\n",
+        2,
+        "invalid duration",
+    );
+    check_err(
+        "[gateway]\nmax_request_body = \"1 parsec\"\n",
+        2,
+        "invalid size",
+    );
     check_err("[gateway]\nlisten = \n", 2, "");
-    check_err("[gateway]\nlistn = \"127.0.0.1:80\"\n", 2, "unknown field `listn`");
-    check_err("[upstreams.a]\nbalance = \"random\"\n", 2, "unknown variant `random`");
+    check_err(
+        "[gateway]\nlistn = \"127.0.0.1:80\"\n",
+        2,
+        "unknown field `listn`",
+    );
+    check_err(
+        "[upstreams.a]\nbalance = \"random\"\n",
+        2,
+        "unknown variant `random`",
+    );
 }
 
 const TWO_UPSTREAMS: &str = r#"
@@ -60,7 +98,9 @@ endpoints = ["127.0.0.1:7002"]
 
 #[test]
 fn semantic_errors_name_field_and_line() {
-    let text = format!("{TWO_UPSTREAMS}\n[[routes]]\nname = \"u\"\npath = \"/u/{{id}}\"\nupstream = \"userz\"\n");
+    let text = format!(
+        "{TWO_UPSTREAMS}\n[[routes]]\nname = \"u\"\npath = \"/u/{{id}}\"\nupstream = \"userz\"\n"
+    );
     check_err(&text, 10, "routes[0].upstream: unknown upstream \"userz\"");
 
     let text = format!(
@@ -68,12 +108,28 @@ fn semantic_errors_name_field_and_line() {
     );
     check_err(&text, 11, "{b} is not a parameter");
 
-    check_err("[upstreams.x]\nendpoints = [\"http://a:1\"]\n", 2, "without scheme");
+    check_err(
+        "[upstreams.x]\nendpoints = [\"http://a:1\"]\n",
+        2,
+        "without scheme",
+    );
     check_err("[upstreams.x]\nendpoints = [\"a\"]\n", 2, "not host:port");
-    check_err("[upstreams.x.health_check]\nunhealthy_threshold = 0\n", 2, "at least 1");
-    check_err("[upstreams.x.outlier_detection]\nbase_ejection_time = \"10s\"\nmax_ejection_time = \"1s\"\n", 3, "not be shorter");
+    check_err(
+        "[upstreams.x.health_check]\nunhealthy_threshold = 0\n",
+        2,
+        "at least 1",
+    );
+    check_err(
+        "[upstreams.x.outlier_detection]\nbase_ejection_time = \"10s\"\nmax_ejection_time = \"1s\"\n",
+        3,
+        "not be shorter",
+    );
     check_err("[up]\ninstances = 0\n", 2, "between 1 and 64");
-    check_err("[up.managed_redis]\ncache_eviction_policy = \"noeviction\"\n", 2, "not an evicting policy");
+    check_err(
+        "[up.managed_redis]\ncache_eviction_policy = \"noeviction\"\n",
+        2,
+        "not an evicting policy",
+    );
     check_err("[redis]\nurl = \"http://x\"\n", 2, "not a redis://");
     check_err("[redis]\nkey_prefix = \"a{b}\"\n", 2, "key_prefix");
 }
@@ -81,29 +137,65 @@ fn semantic_errors_name_field_and_line() {
 #[test]
 fn route_conflicts_and_methods() {
     let route = |name: &str, path: &str, methods: &str| {
-        format!("[[routes]]\nname = \"{name}\"\npath = \"{path}\"\nmethods = {methods}\nupstream = \"users\"\n")
+        format!(
+            "[[routes]]\nname = \"{name}\"\npath = \"{path}\"\nmethods = {methods}\nupstream = \"users\"\n"
+        )
     };
     // Same template, disjoint methods: fine.
-    let ok = format!("{TWO_UPSTREAMS}{}{}", route("a", "/u/{id}", "[\"GET\"]"), route("b", "/u/{id}", "[\"PUT\"]"));
+    let ok = format!(
+        "{TWO_UPSTREAMS}{}{}",
+        route("a", "/u/{id}", "[\"GET\"]"),
+        route("b", "/u/{id}", "[\"PUT\"]")
+    );
     load(&ok).unwrap();
     // Same shape with other parameter names would route ambiguously.
-    let bad = format!("{TWO_UPSTREAMS}{}{}", route("a", "/u/{id}", "[\"GET\"]"), route("b", "/u/{x}", "[\"PUT\"]"));
-    assert!(load(&bad).unwrap_err().to_string().contains("same parameter names"));
+    let bad = format!(
+        "{TWO_UPSTREAMS}{}{}",
+        route("a", "/u/{id}", "[\"GET\"]"),
+        route("b", "/u/{x}", "[\"PUT\"]")
+    );
+    assert!(
+        load(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("same parameter names")
+    );
     // Same template, overlapping methods: rejected.
-    let bad = format!("{TWO_UPSTREAMS}{}{}", route("a", "/u/{id}", "[\"GET\"]"), route("b", "/u/{id}", "[]"));
+    let bad = format!(
+        "{TWO_UPSTREAMS}{}{}",
+        route("a", "/u/{id}", "[\"GET\"]"),
+        route("b", "/u/{id}", "[]")
+    );
     let e = load(&bad).unwrap_err().to_string();
-    assert!(e.contains("routes[1].path: conflicts with routes[0]"), "{e}");
+    assert!(
+        e.contains("routes[1].path: conflicts with routes[0]"),
+        "{e}"
+    );
     // Lower-case or invented methods.
     let bad = format!("{TWO_UPSTREAMS}{}", route("a", "/u", "[\"get\"]"));
-    assert!(load(&bad).unwrap_err().to_string().contains("routes[0].methods[0]"));
+    assert!(
+        load(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("routes[0].methods[0]")
+    );
     // Duplicate names.
-    let bad = format!("{TWO_UPSTREAMS}{}{}", route("a", "/u", "[]"), route("a", "/v", "[]"));
+    let bad = format!(
+        "{TWO_UPSTREAMS}{}{}",
+        route("a", "/u", "[]"),
+        route("a", "/v", "[]")
+    );
     assert!(load(&bad).unwrap_err().to_string().contains("used twice"));
     // Compose routes answer only GET/HEAD.
     let bad = format!(
         "{TWO_UPSTREAMS}[[routes]]\nname = \"c\"\npath = \"/c/{{id}}\"\nmethods = [\"POST\"]\n[routes.compose]\nu = {{ upstream = \"users\", path = \"/users/{{id}}\" }}\n"
     );
-    assert!(load(&bad).unwrap_err().to_string().contains("only GET and HEAD"));
+    assert!(
+        load(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("only GET and HEAD")
+    );
 }
 
 #[test]
@@ -112,7 +204,10 @@ fn environment_overrides_win() {
         TWO_UPSTREAMS,
         &[
             ("PASSERELLE_GATEWAY__LISTEN", "0.0.0.0:9999"),
-            ("PASSERELLE_UPSTREAMS__USERS__ENDPOINTS", "[\"10.0.0.1:1\", \"10.0.0.2:2\"]"),
+            (
+                "PASSERELLE_UPSTREAMS__USERS__ENDPOINTS",
+                "[\"10.0.0.1:1\", \"10.0.0.2:2\"]",
+            ),
             ("PASSERELLE_UPSTREAMS__USERS__RETRY__RETRIES", "0"),
             ("PASSERELLE_REDIS__URL", "redis://app:pw@127.0.0.1:6379"),
             ("PASSERELLE_CONFIG", "ignored.toml"),
@@ -129,8 +224,12 @@ fn environment_overrides_win() {
 
 #[test]
 fn bad_environment_override_names_the_variable() {
-    let e = load_env("", &[("PASSERELLE_GATEWAY__MAX_CONNECTIONS", "lots")]).unwrap_err().to_string();
+    let e = load_env("", &[("PASSERELLE_GATEWAY__MAX_CONNECTIONS", "lots")])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("PASSERELLE_GATEWAY__MAX_CONNECTIONS"), "{e}");
-    let e = load_env("", &[("PASSERELLE_GATEWAY__NOPE", "1")]).unwrap_err().to_string();
+    let e = load_env("", &[("PASSERELLE_GATEWAY__NOPE", "1")])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("unknown field `nope`"), "{e}");
 }

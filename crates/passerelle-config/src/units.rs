@@ -41,9 +41,9 @@ impl fmt::Display for Dur {
 impl FromStr for Dur {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        humantime::parse_duration(s.trim())
-            .map(Dur)
-            .map_err(|e| format!("invalid duration {s:?} ({e}); write e.g. \"250ms\", \"2s\", \"1m\""))
+        humantime::parse_duration(s.trim()).map(Dur).map_err(|e| {
+            format!("invalid duration {s:?} ({e}); write e.g. \"250ms\", \"2s\", \"1m\"")
+        })
     }
 }
 
@@ -93,7 +93,11 @@ impl FromStr for ByteSize {
         let t = s.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
-        let bad = || format!("invalid size {s:?}; write e.g. \"64KiB\", \"1MiB\", \"500KB\" or a number of bytes");
+        let bad = || {
+            format!(
+                "invalid size {s:?}; write e.g. \"64KiB\", \"1MiB\", \"500KB\" or a number of bytes"
+            )
+        };
         let n: u64 = num.parse().map_err(|_| bad())?;
         let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
@@ -130,7 +134,9 @@ mod tests {
 
     #[test]
     fn sizes() {
-        let check = |s: &str, want: Option<u64>| assert_eq!(s.parse::<ByteSize>().ok().map(|b| b.0), want, "{s}");
+        let check = |s: &str, want: Option<u64>| {
+            assert_eq!(s.parse::<ByteSize>().ok().map(|b| b.0), want, "{s}")
+        };
         check("0", Some(0));
         check("512", Some(512));
         check("64KiB", Some(65_536));
@@ -146,7 +152,11 @@ mod tests {
     #[test]
     fn durations() {
         let check = |s: &str, want: Option<u64>| {
-            assert_eq!(s.parse::<Dur>().ok().map(|d| d.0.as_millis() as u64), want, "{s}")
+            assert_eq!(
+                s.parse::<Dur>().ok().map(|d| d.0.as_millis() as u64),
+                want,
+                "{s}"
+            )
         };
         check("250ms", Some(250));
         check("2s", Some(2000));

@@ -1,0 +1,23 @@
+//! # passerelle-http
+//!
+//! What every passerelle process needs around HTTP, so that the gateway and the services
+//! behave alike:
+//!
+//! - [`server`]: the accept loop with connection limits and graceful shutdown;
+//! - [`shutdown`]: turning a signal or a test trigger into a cancellation token;
+//! - [`problem`]: `application/problem+json` errors, the only error shape on the wire;
+//! - [`ops`]: `/health`, `/ready`, `/metrics`;
+//! - [`metrics`]: the process-wide Prometheus recorder;
+//! - [`request_id`]: `X-Request-Id` handling;
+//! - [`telemetry`]: structured logs.
+
+pub mod metrics;
+pub mod ops;
+pub mod problem;
+pub mod request_id;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use problem::Problem;
+pub use server::{PeerAddr, ServeOptions, serve};

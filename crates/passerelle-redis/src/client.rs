@@ -1,0 +1,222 @@
+//! Connections. One [`RedisClient`] per Redis per process, shared by every task: it is a
+//! multiplexed connection (`redis::aio::ConnectionManager`) that pipelines concurrent
+//! commands over one socket and reconnects by itself. Nothing opens a connection per request.
+
+use std::time::{Duration, Instant};
+
+use passerelle_config::RedisConfig;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use crate::keys::KeySchema;
+use crate::{RedisError, scripts};
+
+/// What a Redis holds, which decides its eviction and persistence policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Evictable data: the cache. `maxmemory` with an evicting policy; losing it is fine.
+    Cache,
+    /// Data that must not be evicted or lost: audit, preferences, rate-limit state.
+    Durable,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Cache => "cache",
+            Role::Durable => "durable",
+        }
+    }
+}
+
+/// A shared, multiplexed, self-reconnecting client to one Redis.
+#[derive(Clone)]
+pub struct RedisClient {
+    conn: ConnectionManager,
+    role: Role,
+    endpoint: String,
+}
+
+impl std::fmt::Debug for RedisClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisClient")
+            .field("role", &self.role)
+            .field("endpoint", &self.endpoint)
+            .finish()
+    }
+}
+
+/// Memory figures from `INFO memory`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryInfo {
+    pub used_memory: u64,
+    /// 0 means no limit.
+    pub maxmemory: u64,
+    pub maxmemory_policy: String,
+}
+
+impl RedisClient {
+    /// Creates the client without connecting: the process starts even when Redis is down,
+    /// and the first command (or the readiness check) connects.
+    pub fn connect(url: &str, role: Role, cfg: &RedisConfig) -> Result<Self, RedisError> {
+        if url.starts_with("rediss://") {
+            // rustls needs a process-wide crypto provider; installing twice is harmless.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let client = redis::Client::open(url).map_err(|e| RedisError::Url {
+            url: redact(url),
+            reason: e.to_string(),
+        })?;
+        let manager_cfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(cfg.connect_timeout.get()))
+            .set_response_timeout(Some(cfg.command_timeout.get()))
+            .set_number_of_retries(2)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_secs(1));
+        let conn = ConnectionManager::new_lazy_with_config(client, manager_cfg).map_err(|e| {
+            RedisError::Url {
+                url: redact(url),
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(Self {
+            conn,
+            role,
+            endpoint: redact(url),
+        })
+    }
+
+    /// The same connection, serving another role (one server for both roles).
+    pub(crate) fn with_role(&self, role: Role) -> Self {
+        Self {
+            role,
+            ..self.clone()
+        }
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The URL with any password replaced by `***`, fit for logs.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// A handle on the multiplexed connection (cheap clone), for this crate's modules.
+    pub(crate) fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// Round-trip time of a `PING`.
+    pub async fn ping(&self) -> Result<Duration, RedisError> {
+        let start = Instant::now();
+        let _: String = redis::cmd("PING").query_async(&mut self.conn()).await?;
+        Ok(start.elapsed())
+    }
+
+    pub async fn memory(&self) -> Result<MemoryInfo, RedisError> {
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(parse_memory_info(&info))
+    }
+
+    /// Takes the lease `name` for `ttl` if nobody holds it (`SET NX PX`). `owner` must be
+    /// unique per holder; it is what [`RedisClient::release_lease`] checks.
+    pub async fn acquire_lease(
+        &self,
+        keys: &KeySchema,
+        name: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<bool, RedisError> {
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let set: Option<String> = redis::cmd("SET")
+            .arg(keys.lease(name))
+            .arg(owner)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(set.is_some())
+    }
+
+    /// Releases the lease if `owner` still holds it (atomic compare-and-delete script).
+    pub async fn release_lease(
+        &self,
+        keys: &KeySchema,
+        name: &str,
+        owner: &str,
+    ) -> Result<bool, RedisError> {
+        let n: i64 = scripts::RELEASE_LEASE
+            .key(keys.lease(name))
+            .arg(owner)
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(n == 1)
+    }
+}
+
+fn parse_memory_info(info: &str) -> MemoryInfo {
+    let mut m = MemoryInfo {
+        used_memory: 0,
+        maxmemory: 0,
+        maxmemory_policy: String::new(),
+    };
+    for line in info.lines() {
+        if let Some((k, v)) = line.trim_end().split_once(':') {
+            match k {
+                "used_memory" => m.used_memory = v.parse().unwrap_or(0),
+                "maxmemory" => m.maxmemory = v.parse().unwrap_or(0),
+                "maxmemory_policy" => m.maxmemory_policy = v.to_string(),
+                _ => {}
+            }
+        }
+    }
+    m
+}
+
+/// `redis://user:secret@host:6379` → `redis://user:***@host:6379`.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:***@{host}")
+            } else {
+                format!("{scheme}://***@{host}")
+            }
+        }
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact("redis://app:s3cret@10.0.0.1:6379"),
+            "redis://app:***@10.0.0.1:6379"
+        );
+        assert_eq!(redact("redis://:s3cret@h:1"), "redis://:***@h:1");
+        assert_eq!(redact("rediss://h:1"), "rediss://h:1");
+    }
+
+    #[test]
+    fn parses_info_memory() {
+        let m = parse_memory_info(
+            "# Memory\r\nused_memory:1024\r\nmaxmemory:268435456\r\nmaxmemory_policy:allkeys-lfu\r\n",
+        );
+        assert_eq!(m.used_memory, 1024);
+        assert_eq!(m.maxmemory, 268435456);
+        assert_eq!(m.maxmemory_policy, "allkeys-lfu");
+    }
+}

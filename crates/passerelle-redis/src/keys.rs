@@ -1,0 +1,123 @@
+//! The key schema: every key passerelle writes is built here, nowhere else.
+//!
+//! Layout: `<prefix>:<namespace>:...`. Isolation between deployments sharing a Redis is by
+//! prefix (never `SELECT`, which Redis Cluster does not support). Keys that a single command
+//! or script touches together carry the same hash tag `{...}` so they live in one cluster
+//! slot; the tag is chosen per namespace below and documented with it.
+
+/// Builds keys under one prefix. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct KeySchema {
+    prefix: String,
+}
+
+/// Namespaces, one per kind of data. The value is the second segment of the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Namespace {
+    /// Short-lived mutual-exclusion leases (e.g. one refresher per cache key).
+    Lease,
+}
+
+impl Namespace {
+    fn as_str(self) -> &'static str {
+        match self {
+            Namespace::Lease => "lease",
+        }
+    }
+}
+
+impl KeySchema {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_string(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The `SCAN MATCH` pattern that covers every key of a namespace.
+    pub fn pattern(&self, ns: Namespace) -> String {
+        format!("{}:{}:*", self.prefix, ns.as_str())
+    }
+
+    /// `<prefix>:lease:{<name>}`: the whole name is the hash tag, so a lease and anything
+    /// keyed by the same name with the same tag can be touched by one script.
+    pub fn lease(&self, name: &str) -> String {
+        format!(
+            "{}:{}:{{{}}}",
+            self.prefix,
+            Namespace::Lease.as_str(),
+            sanitize_tag(name)
+        )
+    }
+}
+
+/// Hash tags end at the first `}`; a name containing braces would silently change the slot
+/// computation, so braces are replaced.
+fn sanitize_tag(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains(['{', '}']) {
+        std::borrow::Cow::Owned(s.replace(['{', '}'], "_"))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
+/// The hash slot Redis Cluster computes for a key (CRC16 of the hash tag or the whole key,
+/// mod 16384). Used by tests to prove that keys touched together share a slot.
+pub fn hash_slot(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let hashed = match bytes.iter().position(|&b| b == b'{') {
+        Some(open) => match bytes[open + 1..].iter().position(|&b| b == b'}') {
+            Some(len) if len > 0 => &bytes[open + 1..open + 1 + len],
+            _ => bytes,
+        },
+        None => bytes,
+    };
+    crc16_xmodem(hashed) % 16384
+}
+
+fn crc16_xmodem(data: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &b in data {
+        crc ^= (b as u16) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_match_redis_cluster_spec() {
+        // Reference values from the Redis Cluster specification / CLUSTER KEYSLOT.
+        assert_eq!(hash_slot("123456789"), 12739);
+        assert_eq!(hash_slot("foo"), 12182);
+        assert_eq!(
+            hash_slot("{user1000}.following"),
+            hash_slot("{user1000}.followers")
+        );
+        assert_eq!(
+            hash_slot("foo{}{bar}"),
+            hash_slot("foo{}{bar}"),
+            "empty tag hashes whole key"
+        );
+    }
+
+    #[test]
+    fn keys_carry_prefix_and_tags() {
+        let k = KeySchema::new("psl");
+        assert_eq!(k.lease("cache:abc"), "psl:lease:{cache:abc}");
+        assert_eq!(k.lease("a{b}"), "psl:lease:{a_b_}");
+        assert_eq!(k.pattern(Namespace::Lease), "psl:lease:*");
+    }
+}

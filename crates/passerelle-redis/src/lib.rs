@@ -1,0 +1,157 @@
+//! # passerelle-redis
+//!
+//! The only crate that talks to Redis. Everything else asks it for an operation by name
+//! (acquire a lease, read a cache entry, ...) and never builds a key string or sends a raw
+//! command. That is what lets one place guarantee the rules of the anti-pattern guide:
+//!
+//! - keys: one prefix, namespaces, hash tags for keys used together ([`keys`]);
+//! - no `KEYS`, no `SELECT`, ever; iteration with `SCAN`;
+//! - one multiplexed, self-reconnecting connection per Redis per process ([`client`]);
+//! - multi-step operations as Lua scripts invoked by SHA, reloaded on `NOSCRIPT` ([`scripts`]);
+//! - batches as pipelines; TTLs on temporary data;
+//! - health and memory exposed to readiness and metrics ([`Redis::spawn_monitor`]).
+//!
+//! Two roles, possibly the same server: [`Role::Cache`] for evictable data and
+//! [`Role::Durable`] for data that must survive.
+
+pub mod client;
+pub mod keys;
+pub mod scripts;
+
+use std::time::Duration;
+
+pub use client::{MemoryInfo, RedisClient, Role, redact};
+pub use keys::{KeySchema, Namespace, hash_slot};
+use passerelle_config::RedisConfig;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedisError {
+    #[error("invalid Redis URL {url}: {reason}")]
+    Url { url: String, reason: String },
+    #[error("redis: {0}")]
+    Command(#[from] redis::RedisError),
+}
+
+impl RedisError {
+    /// True when Redis could not be reached or did not answer in time (as opposed to
+    /// answering with an error). Callers use it to decide on fallbacks.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            RedisError::Command(e) => {
+                e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+            }
+            RedisError::Url { .. } => false,
+        }
+    }
+}
+
+/// The process's Redis: a client per role (one shared client when both roles use the same
+/// URL) and the key schema.
+#[derive(Debug, Clone)]
+pub struct Redis {
+    pub keys: KeySchema,
+    cache: RedisClient,
+    durable: RedisClient,
+}
+
+impl Redis {
+    /// Builds the clients from the configuration; `None` when no Redis URL is configured.
+    pub fn from_config(cfg: &RedisConfig) -> Result<Option<Self>, RedisError> {
+        let (Some(cache_url), Some(durable_url)) = (cfg.cache_url(), cfg.durable_url()) else {
+            return Ok(None);
+        };
+        let cache = RedisClient::connect(cache_url, Role::Cache, cfg)?;
+        let durable = if durable_url == cache_url {
+            cache.with_role(Role::Durable)
+        } else {
+            RedisClient::connect(durable_url, Role::Durable, cfg)?
+        };
+        Ok(Some(Self {
+            keys: KeySchema::new(&cfg.key_prefix),
+            cache,
+            durable,
+        }))
+    }
+
+    pub fn cache(&self) -> &RedisClient {
+        &self.cache
+    }
+
+    pub fn durable(&self) -> &RedisClient {
+        &self.durable
+    }
+
+    /// The distinct clients (one when both roles share a server), with their role names.
+    fn distinct(&self) -> Vec<(&'static str, &RedisClient)> {
+        if self.cache.endpoint() == self.durable.endpoint() {
+            vec![("redis", &self.cache)]
+        } else {
+            vec![
+                ("redis_cache", &self.cache),
+                ("redis_durable", &self.durable),
+            ]
+        }
+    }
+
+    /// Readiness: every Redis answers `PING`; memory use is reported alongside.
+    pub async fn readiness(&self) -> Vec<(&'static str, Result<serde_json::Value, String>)> {
+        let mut out = Vec::new();
+        for (name, client) in self.distinct() {
+            let r = async {
+                let rtt = client.ping().await.map_err(|e| e.to_string())?;
+                let mem = client.memory().await.map_err(|e| e.to_string())?;
+                Ok(serde_json::json!({
+                    "endpoint": client.endpoint(),
+                    "ping_ms": rtt.as_secs_f64() * 1000.0,
+                    "used_memory": mem.used_memory,
+                    "maxmemory": mem.maxmemory,
+                    "maxmemory_policy": mem.maxmemory_policy,
+                }))
+            }
+            .await;
+            out.push((name, r));
+        }
+        out
+    }
+
+    /// Samples `INFO memory` and reachability into gauges every `every` until `shutdown`:
+    /// `passerelle_redis_up`, `passerelle_redis_used_memory_bytes`,
+    /// `passerelle_redis_maxmemory_bytes`, labelled by role.
+    pub fn spawn_monitor(&self, every: Duration, shutdown: CancellationToken) {
+        let clients: Vec<RedisClient> = [self.cache.clone(), self.durable.clone()]
+            .into_iter()
+            .enumerate()
+            .filter(|(i, c)| *i == 0 || c.endpoint() != self.cache.endpoint())
+            .map(|(_, c)| c)
+            .collect();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                for c in &clients {
+                    let role = c.role().as_str();
+                    match c.memory().await {
+                        Ok(m) => {
+                            metrics::gauge!("passerelle_redis_up", "role" => role).set(1.0);
+                            metrics::gauge!("passerelle_redis_used_memory_bytes", "role" => role)
+                                .set(m.used_memory as f64);
+                            metrics::gauge!("passerelle_redis_maxmemory_bytes", "role" => role)
+                                .set(m.maxmemory as f64);
+                        }
+                        Err(e) => {
+                            metrics::gauge!("passerelle_redis_up", "role" => role).set(0.0);
+                            tracing::warn!(redis = c.endpoint(), error = %e, "redis unreachable");
+                        }
+                    }
+                }
+            }
+        });
+    }
+}

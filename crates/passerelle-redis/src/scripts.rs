@@ -1,0 +1,11 @@
+//! The Lua scripts, loaded once per process and invoked by SHA (`EVALSHA`). When Redis
+//! answers `NOSCRIPT` (restart, failover, `SCRIPT FLUSH`), `redis::Script` loads the script
+//! and retries transparently. Each script is atomic and costs one round trip.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// Releases a lease if the caller still owns it.
+pub static RELEASE_LEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/release_lease.lua")));
