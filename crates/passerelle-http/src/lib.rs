@@ -8,10 +8,12 @@
 //! - [`problem`]: `application/problem+json` errors, the only error shape on the wire;
 //! - [`ops`]: `/health`, `/ready`, `/metrics`;
 //! - [`metrics`]: the process-wide Prometheus recorder;
+//! - [`observe`]: request ids, request metrics and access logs for every request;
 //! - [`request_id`]: `X-Request-Id` handling;
 //! - [`telemetry`]: structured logs.
 
 pub mod metrics;
+pub mod observe;
 pub mod ops;
 pub mod problem;
 pub mod request_id;

@@ -1,0 +1,115 @@
+//! Per-request observation shared by every role: request id, request metrics, access log.
+//!
+//! Metrics are labelled by *route* (the template that matched, e.g. `/users/{id}`, or the
+//! gateway route's name), never by raw path, so that cardinality stays bounded whatever
+//! clients send. The route travels in the response's extensions as a [`RouteLabel`]; a
+//! response without one (no route matched) is counted as `unmatched`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use http::{Method, StatusCode};
+
+use crate::request_id;
+
+/// The route a response was produced by, for metrics and logs.
+#[derive(Debug, Clone)]
+pub struct RouteLabel(pub Arc<str>);
+
+/// The request id of the current request, in request extensions.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub http::HeaderValue);
+
+/// Methods are a client-chosen token; anything unusual is folded into `OTHER`.
+pub fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
+/// Records one finished request: `passerelle_http_requests_total` and
+/// `passerelle_http_request_duration_seconds`.
+pub fn record(
+    service: &'static str,
+    route: &str,
+    method: &Method,
+    status: StatusCode,
+    elapsed: Duration,
+) {
+    let route = route.to_string();
+    metrics::counter!(
+        "passerelle_http_requests_total",
+        "service" => service,
+        "route" => route.clone(),
+        "method" => method_label(method),
+        "status" => status.as_str().to_string(),
+    )
+    .increment(1);
+    metrics::histogram!(
+        "passerelle_http_request_duration_seconds",
+        "service" => service,
+        "route" => route,
+    )
+    .record(elapsed.as_secs_f64());
+}
+
+/// Settings of [`observe`].
+#[derive(Debug, Clone, Copy)]
+pub struct Observe {
+    pub service: &'static str,
+    pub access_log: bool,
+}
+
+/// Outer middleware for axum services: request id in and out, metrics, access log.
+pub async fn observe(State(o): State<Observe>, mut req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let id = request_id::accept_or_generate(req.headers().get(request_id::HEADER));
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let method = req.method().clone();
+    let path = o.access_log.then(|| req.uri().path().to_string());
+    let mut res = next.run(req).await;
+    let elapsed = start.elapsed();
+    let route = res
+        .extensions()
+        .get::<RouteLabel>()
+        .map(|r| r.0.clone())
+        .unwrap_or_else(|| Arc::from("unmatched"));
+    record(o.service, &route, &method, res.status(), elapsed);
+    if let Some(path) = path {
+        tracing::info!(
+            target: "access",
+            service = o.service,
+            method = %method,
+            path,
+            route = &*route,
+            status = res.status().as_u16(),
+            micros = elapsed.as_micros() as u64,
+            request_id = id.to_str().unwrap_or(""),
+        );
+    }
+    res.headers_mut().insert(request_id::HEADER, id);
+    res
+}
+
+/// Inner (route) middleware for axum services: labels the response with the matched route.
+pub async fn label_route(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| Arc::<str>::from(m.as_str()));
+    let mut res = next.run(req).await;
+    if let Some(route) = route {
+        res.extensions_mut().insert(RouteLabel(route));
+    }
+    res
+}

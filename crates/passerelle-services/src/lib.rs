@@ -1,0 +1,190 @@
+//! # passerelle-services
+//!
+//! The microservices behind the gateway. Each is an independent process that owns its data
+//! (one SQLite file, shared by the instances of that service and by nobody else) and speaks
+//! JSON over HTTP:
+//!
+//! - [`resource`]: the generic CRUD contract (get, list with cursor pagination, create,
+//!   replace, merge-patch, delete; ETags and `If-Match`), written once;
+//! - [`users`] and [`products`]: the two resources, their fields and validation;
+//! - [`api`]: the error type and extractors that turn bad input into precise problems;
+//! - [`db`]: SQLite access, migrations;
+//! - [`validate`]: field rules.
+//!
+//! [`run`] serves one instance: `run(kind, options, listener, shutdown)`.
+
+pub mod api;
+pub mod db;
+pub mod products;
+pub mod resource;
+pub mod users;
+pub mod validate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::response::IntoResponse;
+use http::{HeaderName, HeaderValue, StatusCode};
+use passerelle_http::observe::{Observe, label_route, observe};
+use passerelle_http::ops::Readiness;
+use passerelle_http::{Problem, ServeOptions};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::set_header::SetResponseHeaderLayer;
+
+use crate::api::BodyLimit;
+use crate::db::{Database, DbError, Migrations};
+use crate::products::Product;
+use crate::resource::{Queries, Resource, ResourceState};
+use crate::users::User;
+
+/// Which service a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ServiceKind {
+    Users,
+    Products,
+}
+
+impl ServiceKind {
+    pub const ALL: [ServiceKind; 2] = [ServiceKind::Users, ServiceKind::Products];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ServiceKind::Users => "users",
+            ServiceKind::Products => "products",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    fn migrations(self) -> Migrations {
+        match self {
+            ServiceKind::Users => &[("users_001", include_str!("migrations/users_001.sql"))],
+            ServiceKind::Products => {
+                &[("products_001", include_str!("migrations/products_001.sql"))]
+            }
+        }
+    }
+}
+
+/// The header naming the instance that answered, so operators (and tests) can see the load
+/// balancer at work.
+pub const SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("seeding demo data: {0}")]
+    Seed(String),
+    #[error("invalid instance name {0:?}")]
+    Instance(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceOptions {
+    /// `sqlite://<path>` or a path.
+    pub database_url: String,
+    /// Shown in `X-Served-By`, e.g. `users-1`.
+    pub instance: String,
+    pub max_request_body: usize,
+    pub grace: Duration,
+    pub access_log: bool,
+    /// Pooled read connections (about one per worker thread).
+    pub read_connections: u32,
+}
+
+/// Opens the service's database, applying migrations.
+pub fn open_database(
+    kind: ServiceKind,
+    url: &str,
+    read_connections: u32,
+) -> Result<Database, ServiceError> {
+    Ok(Database::open(url, kind.migrations(), read_connections)?)
+}
+
+/// Migrates and, when the table is empty, seeds `rows` deterministic demo rows (blocking).
+/// Returns how many rows were written.
+pub fn prepare(kind: ServiceKind, url: &str, rows: u64) -> Result<u64, ServiceError> {
+    let db = open_database(kind, url, 1)?;
+    let seeded = match kind {
+        ServiceKind::Users => resource::seed::<User>(&db, rows),
+        ServiceKind::Products => resource::seed::<Product>(&db, rows),
+    };
+    seeded.map_err(|e| ServiceError::Seed(e.to_string()))
+}
+
+/// The complete HTTP application of one service instance.
+pub fn app(kind: ServiceKind, db: Database, opts: &ServiceOptions) -> Result<Router, ServiceError> {
+    fn resource_router<R: Resource>(db: Database) -> Router {
+        resource::router::<R>(Arc::new(ResourceState {
+            db,
+            queries: Queries::of::<R>(),
+        }))
+    }
+    let served_by = HeaderValue::from_str(&opts.instance)
+        .map_err(|_| ServiceError::Instance(opts.instance.clone()))?;
+    let readiness = {
+        let db = db.clone();
+        Readiness::new().check("database", move || {
+            let db = db.clone();
+            async move {
+                db.ping().map_err(|e| e.to_string())?;
+                Ok(serde_json::json!({ "path": db.path().display().to_string() }))
+            }
+        })
+    };
+    let routes = match kind {
+        ServiceKind::Users => resource_router::<User>(db),
+        ServiceKind::Products => resource_router::<Product>(db),
+    };
+    let observe_cfg = Observe {
+        service: kind.name(),
+        access_log: opts.access_log,
+    };
+    Ok(routes
+        .merge(passerelle_http::ops::router(readiness))
+        .fallback(|| async { Problem::not_found("no such route").into_response() })
+        .method_not_allowed_fallback(|| async {
+            Problem::new(StatusCode::METHOD_NOT_ALLOWED)
+                .detail("this route does not answer that method; see the Allow header")
+                .into_response()
+        })
+        .route_layer(axum::middleware::from_fn(label_route))
+        .layer(axum::Extension(BodyLimit(opts.max_request_body)))
+        .layer(SetResponseHeaderLayer::overriding(SERVED_BY, served_by))
+        .layer(axum::middleware::from_fn_with_state(observe_cfg, observe))
+        .layer(CatchPanicLayer::custom(|_| {
+            tracing::error!("a handler panicked");
+            Problem::new(StatusCode::INTERNAL_SERVER_ERROR).into_response()
+        })))
+}
+
+/// Serves one instance of `kind` on `listener` until `shutdown` resolves, then drains.
+pub async fn run(
+    kind: ServiceKind,
+    opts: ServiceOptions,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServiceError> {
+    passerelle_http::metrics::install();
+    let db = open_database(kind, &opts.database_url, opts.read_connections)?;
+    let app = app(kind, db, &opts)?;
+    let token = passerelle_http::shutdown::token_from(shutdown);
+    tracing::info!(
+        service = kind.name(),
+        instance = %opts.instance,
+        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        database = %opts.database_url,
+        "serving"
+    );
+    let serve_opts = ServeOptions {
+        grace: opts.grace,
+        ..ServeOptions::default()
+    };
+    passerelle_http::serve(listener, app, serve_opts, token).await;
+    tracing::info!(service = kind.name(), instance = %opts.instance, "stopped");
+    Ok(())
+}

@@ -1,0 +1,440 @@
+//! The services' HTTP contract over real sockets and a real SQLite file.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Method;
+use passerelle_services::{ServiceKind, ServiceOptions};
+use passerelle_testkit::{HttpClient, Reply};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+struct Running {
+    http: HttpClient,
+    _stop: oneshot::Sender<()>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start(kind: ServiceKind, rows: u64) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!(
+        "sqlite://{}",
+        dir.path().join(format!("{}.db", kind.name())).display()
+    );
+    passerelle_services::prepare(kind, &url, rows).unwrap();
+    let opts = ServiceOptions {
+        database_url: url,
+        instance: format!("{}-test", kind.name()),
+        max_request_body: 4096,
+        grace: Duration::from_secs(1),
+        access_log: false,
+        read_connections: 2,
+    };
+    let (listener, addr) = passerelle_testkit::listener().await;
+    let (tx, rx) = oneshot::channel::<()>();
+    tokio::spawn(passerelle_services::run(kind, opts, listener, async {
+        let _ = rx.await;
+    }));
+    Running {
+        http: HttpClient::new(format!("http://{addr}")),
+        _stop: tx,
+        _dir: dir,
+    }
+}
+
+async fn send(http: &HttpClient, method: Method, path: &str, ct: &str, body: &str) -> Reply {
+    http.send(
+        method,
+        path,
+        &[("content-type", ct)],
+        Bytes::from(body.to_string()),
+    )
+    .await
+}
+
+async fn count(http: &HttpClient, plural: &str) -> usize {
+    let mut n = 0;
+    let mut path = format!("/{plural}?limit=500");
+    loop {
+        let page = http.get(&path).await.json();
+        n += page["items"].as_array().unwrap().len();
+        match page["next_cursor"].as_str() {
+            Some(c) => path = format!("/{plural}?limit=500&cursor={c}"),
+            None => return n,
+        }
+    }
+}
+
+#[tokio::test]
+async fn get_one_and_bad_ids() {
+    let s = start(ServiceKind::Users, 20).await;
+    let r = s.http.get("/users/7").await;
+    assert_eq!(r.status, 200);
+    let u = r.json();
+    assert_eq!(u["id"], 7);
+    assert_eq!(u["username"], "user_7");
+    assert_eq!(u["email"], "user_7@example.com");
+    assert_eq!(r.header("etag"), Some("\"1\""));
+    assert_eq!(r.header("x-served-by"), Some("users-test"));
+    assert!(r.header("x-request-id").is_some());
+
+    let p = s.http.get("/users/9999").await.assert_problem(404);
+    assert_eq!(p["detail"], "user 9999 not found");
+    for bad in ["abc", "0", "-3", "1.5", "99999999999999999999"] {
+        let p = s
+            .http
+            .get(&format!("/users/{bad}"))
+            .await
+            .assert_problem(400);
+        assert_eq!(p["param"], "id", "{bad}");
+    }
+    s.http.get("/nothing/here").await.assert_problem(404);
+    let r = s
+        .http
+        .send(Method::POST, "/users/1", &[], Bytes::new())
+        .await;
+    r.assert_problem(405);
+    let allow = r.header("allow").unwrap();
+    assert!(
+        allow.contains("GET") && allow.contains("PUT") && allow.contains("DELETE"),
+        "{allow}"
+    );
+}
+
+#[tokio::test]
+async fn list_walks_every_row_once_with_cursors() {
+    let s = start(ServiceKind::Products, 23).await;
+    let mut seen = Vec::new();
+    let mut path = "/products?limit=7".to_string();
+    let mut pages = 0;
+    loop {
+        let r = s.http.get(&path).await;
+        assert_eq!(r.status, 200);
+        let page = r.json();
+        pages += 1;
+        for item in page["items"].as_array().unwrap() {
+            seen.push(item["id"].as_i64().unwrap());
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => {
+                assert!(r.header("link").unwrap().contains("rel=\"next\""));
+                path = format!("/products?limit=7&cursor={c}");
+            }
+            None => break,
+        }
+    }
+    assert_eq!(pages, 4);
+    assert_eq!(seen, (1..=23).collect::<Vec<_>>());
+    for bad in [
+        "/products?limit=0",
+        "/products?limit=501",
+        "/products?limit=x",
+        "/products?cursor=zzz",
+        "/products?color=red",
+    ] {
+        s.http.get(bad).await.assert_problem(400);
+    }
+}
+
+#[tokio::test]
+async fn create_replace_patch_delete() {
+    let s = start(ServiceKind::Users, 3).await;
+    let r = s
+        .http
+        .send_json(
+            Method::POST,
+            "/users",
+            &json!({"username": "ada", "email": "Ada@Example.com", "name": "Ada Lovelace"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let created = r.json();
+    let id = created["id"].as_i64().unwrap();
+    assert_eq!(r.header("location"), Some(format!("/users/{id}").as_str()));
+    assert_eq!(created["email"], "ada@example.com", "emails are normalized");
+
+    let r = s
+        .http
+        .send_json(
+            Method::PUT,
+            &format!("/users/{id}"),
+            &json!({"username": "ada2", "email": "ada2@example.com", "name": "Ada"}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["version"], 2);
+    assert_eq!(r.header("etag"), Some("\"2\""));
+
+    let r = send(
+        &s.http,
+        Method::PATCH,
+        &format!("/users/{id}"),
+        "application/merge-patch+json",
+        r#"{"name": "Countess"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(
+        (
+            v["name"].as_str(),
+            v["username"].as_str(),
+            v["version"].as_i64()
+        ),
+        (Some("Countess"), Some("ada2"), Some(3))
+    );
+
+    // Optimistic concurrency: a stale If-Match is refused and changes nothing.
+    let r = s
+        .http
+        .send(
+            Method::PATCH,
+            &format!("/users/{id}"),
+            &[("content-type", "application/json"), ("if-match", "\"2\"")],
+            Bytes::from(r#"{"name":"X"}"#),
+        )
+        .await;
+    r.assert_problem(412);
+    assert_eq!(
+        s.http.get(&format!("/users/{id}")).await.json()["name"],
+        "Countess"
+    );
+
+    let r = s
+        .http
+        .send(
+            Method::DELETE,
+            &format!("/users/{id}"),
+            &[("if-match", "\"3\"")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, 204);
+    s.http
+        .get(&format!("/users/{id}"))
+        .await
+        .assert_problem(404);
+    s.http
+        .send(Method::DELETE, &format!("/users/{id}"), &[], Bytes::new())
+        .await
+        .assert_problem(404);
+    s.http
+        .send_json(
+            Method::PUT,
+            "/users/999",
+            &json!({"username": "zed", "email": "z@example.com", "name": "Z"}),
+        )
+        .await
+        .assert_problem(404);
+}
+
+#[tokio::test]
+async fn bad_bodies_are_refused_and_write_nothing() {
+    let s = start(ServiceKind::Users, 3).await;
+    let before = count(&s.http, "users").await;
+
+    // Malformed JSON: 400.
+    send(
+        &s.http,
+        Method::POST,
+        "/users",
+        "application/json",
+        r#"{"username": "x""#,
+    )
+    .await
+    .assert_problem(400);
+    // Not JSON: 415.
+    send(
+        &s.http,
+        Method::POST,
+        "/users",
+        "text/plain",
+        r#"{"username":"abc","email":"a@b.co","name":"A"}"#,
+    )
+    .await
+    .assert_problem(415);
+    s.http
+        .send(Method::POST, "/users", &[], Bytes::from("{}"))
+        .await
+        .assert_problem(415);
+    // Too large: 413.
+    let big = json!({"username": "abc", "email": "a@b.co", "name": "x".repeat(10_000)}).to_string();
+    let p = send(&s.http, Method::POST, "/users", "application/json", &big)
+        .await
+        .assert_problem(413);
+    assert_eq!(p["limit"], 4096);
+    // Well-formed but invalid: 422 naming each field.
+    let p = s
+        .http
+        .send_json(
+            Method::POST,
+            "/users",
+            &json!({"username": "A!", "email": "nope", "name": ""}),
+        )
+        .await
+        .assert_problem(422);
+    let fields: Vec<&str> = p["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["username", "email", "name"]);
+    let p = s
+        .http
+        .send_json(
+            Method::POST,
+            "/users",
+            &json!({"username": "abc", "email": "a@b.co"}),
+        )
+        .await
+        .assert_problem(422);
+    assert_eq!(p["errors"][0]["field"], "name");
+    let p = s
+        .http
+        .send_json(
+            Method::POST,
+            "/users",
+            &json!({"username": "abc", "email": "a@b.co", "name": "A", "admin": true}),
+        )
+        .await
+        .assert_problem(422);
+    assert_eq!(p["errors"][0]["field"], "admin");
+    let p = s
+        .http
+        .send_json(
+            Method::POST,
+            "/users",
+            &json!({"username": 5, "email": "a@b.co", "name": "A"}),
+        )
+        .await
+        .assert_problem(422);
+    assert_eq!(p["errors"][0]["field"], "username");
+    // Uniqueness: 409 naming the field.
+    let p = s
+        .http
+        .send_json(
+            Method::POST,
+            "/users",
+            &json!({"username": "fresh", "email": "user_1@example.com", "name": "A"}),
+        )
+        .await
+        .assert_problem(409);
+    assert_eq!(p["field"], "email");
+    // A patch that would break a rule changes nothing.
+    send(
+        &s.http,
+        Method::PATCH,
+        "/users/1",
+        "application/json",
+        r#"{"email": null}"#,
+    )
+    .await
+    .assert_problem(422);
+    send(
+        &s.http,
+        Method::PATCH,
+        "/users/1",
+        "application/json",
+        r#"[1,2]"#,
+    )
+    .await
+    .assert_problem(422);
+    send(
+        &s.http,
+        Method::PATCH,
+        "/users/1",
+        "application/json",
+        r#"{"id": 5}"#,
+    )
+    .await
+    .assert_problem(422);
+
+    assert_eq!(count(&s.http, "users").await, before, "no partial writes");
+    let u = s.http.get("/users/1").await.json();
+    assert_eq!(
+        (u["email"].as_str(), u["version"].as_i64()),
+        (Some("user_1@example.com"), Some(1))
+    );
+}
+
+#[tokio::test]
+async fn product_prices_are_exact() {
+    let s = start(ServiceKind::Products, 2).await;
+    let create = |body: Value| {
+        let http = s.http.clone();
+        async move { http.send_json(Method::POST, "/products", &body).await }
+    };
+    let r = create(json!({"name": "Lamp", "price": "19.99"})).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let v = r.json();
+    assert_eq!(
+        (
+            v["price"].as_str(),
+            v["price_cents"].as_i64(),
+            v["currency"].as_str()
+        ),
+        (Some("19.99"), Some(1999), Some("EUR"))
+    );
+    // A JSON number is read from its text, not through a float.
+    let v = create(json!({"name": "Kettle", "price": 0.1, "currency": "USD"}))
+        .await
+        .json();
+    assert_eq!(v["price_cents"], 10);
+    let v = create(json!({"name": "Chair", "price_cents": 4500}))
+        .await
+        .json();
+    assert_eq!(v["price"], "45.00");
+    for bad in [
+        json!({"name": "X", "price": "1.999"}),
+        json!({"name": "X", "price": -1}),
+        json!({"name": "X", "price": "1", "price_cents": 100}),
+        json!({"name": "X"}),
+        json!({"name": "X", "price": "1", "currency": "euro"}),
+        json!({"name": "", "price": "1"}),
+    ] {
+        create(bad.clone()).await.assert_problem(422);
+    }
+    // Patching price replaces price_cents.
+    let id = v["id"].as_i64().unwrap();
+    let r = send(
+        &s.http,
+        Method::PATCH,
+        &format!("/products/{id}"),
+        "application/json",
+        r#"{"price": "12.50"}"#,
+    )
+    .await;
+    assert_eq!(r.json()["price_cents"], 1250);
+}
+
+#[tokio::test]
+async fn operations_endpoints() {
+    let s = start(ServiceKind::Users, 1).await;
+    let r = s.http.get("/health").await;
+    assert_eq!(
+        (r.status.as_u16(), r.json()["status"].as_str()),
+        (200, Some("ok"))
+    );
+    let r = s.http.get("/ready").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["checks"]["database"]["ok"], true);
+    s.http.get("/users/1").await;
+    let m = s.http.get("/metrics").await.text();
+    assert!(
+        m.contains(r#"passerelle_http_requests_total{service="users",route="/users/{id}",method="GET",status="200"}"#),
+        "{m}"
+    );
+    assert!(m.contains("passerelle_http_request_duration_seconds_bucket"));
+    // The client's request id is echoed.
+    let r = s
+        .http
+        .send(
+            Method::GET,
+            "/users/1",
+            &[("x-request-id", "trace-me-42")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.header("x-request-id"), Some("trace-me-42"));
+}
