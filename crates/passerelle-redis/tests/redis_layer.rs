@@ -1,5 +1,7 @@
 //! The Redis layer against a real redis-server.
 
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use passerelle_config::RedisConfig;

@@ -221,21 +221,21 @@ fn get_row<R: Resource>(
 
 /// Turns `UNIQUE constraint failed: users.email` into a 409 naming `email`.
 fn map_write_error<R: Resource>(e: rusqlite::Error) -> ApiError {
-    if let rusqlite::Error::SqliteFailure(f, Some(msg)) = &e {
-        if f.code == rusqlite::ErrorCode::ConstraintViolation {
-            if let Some(cols) = msg.strip_prefix("UNIQUE constraint failed: ") {
-                let field = cols
-                    .split(',')
-                    .next()
-                    .and_then(|c| c.trim().split('.').nth(1))
-                    .unwrap_or("?");
-                return ApiError::Conflict {
-                    field: field.to_string(),
-                    message: format!("another {} already has this {field}", R::SINGULAR),
-                };
-            }
-            return ApiError::Validation(vec![FieldError::new("body", msg.clone())]);
+    if let rusqlite::Error::SqliteFailure(f, Some(msg)) = &e
+        && f.code == rusqlite::ErrorCode::ConstraintViolation
+    {
+        if let Some(cols) = msg.strip_prefix("UNIQUE constraint failed: ") {
+            let field = cols
+                .split(',')
+                .next()
+                .and_then(|c| c.trim().split('.').nth(1))
+                .unwrap_or("?");
+            return ApiError::Conflict {
+                field: field.to_string(),
+                message: format!("another {} already has this {field}", R::SINGULAR),
+            };
         }
+        return ApiError::Validation(vec![FieldError::new("body", msg.clone())]);
     }
     ApiError::from(e)
 }
@@ -328,13 +328,13 @@ async fn list<R: Resource>(
             next_cursor: next_cursor.clone(),
         },
     );
-    if let Some(c) = next_cursor {
-        if let Ok(v) = HeaderValue::from_str(&format!(
+    if let Some(c) = next_cursor
+        && let Ok(v) = HeaderValue::from_str(&format!(
             "</{}?limit={limit}&cursor={c}>; rel=\"next\"",
             R::PLURAL
-        )) {
-            res.headers_mut().insert(header::LINK, v);
-        }
+        ))
+    {
+        res.headers_mut().insert(header::LINK, v);
     }
     Ok(res)
 }

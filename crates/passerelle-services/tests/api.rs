@@ -1,5 +1,7 @@
 //! The services' HTTP contract over real sockets and a real SQLite file.
 
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use bytes::Bytes;

@@ -1,0 +1,135 @@
+//! Everything that can go wrong with a request at the gateway, and the problem each becomes.
+//! Upstream failures say which upstream (and, for composed routes, which part) failed and
+//! how, so a client or an operator can tell a missing user from a dead users service.
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+use passerelle_http::Problem;
+
+use crate::upstream::{Failure, SendError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matches this path")]
+    NoRoute,
+    #[error("method not allowed")]
+    MethodNotAllowed(HeaderValue),
+    #[error("request body larger than {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("the request body did not arrive in time")]
+    BodyTimeout,
+    #[error("cannot read the request body: {0}")]
+    BodyRead(String),
+    #[error("the route's path rewrite produced an invalid path")]
+    BadRewrite,
+    #[error(transparent)]
+    Upstream(#[from] SendError),
+    /// A part of a composed response could not be produced.
+    #[error("{detail}")]
+    Part {
+        status: StatusCode,
+        part: String,
+        upstream: String,
+        detail: String,
+    },
+}
+
+impl ProxyError {
+    fn upstream_problem(e: &SendError) -> Problem {
+        let up = &*e.upstream;
+        match e.failure {
+            Failure::NoEndpoint => Problem::kind(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream-unavailable",
+                "Upstream unavailable",
+            )
+            .detail(format!("no instance of {up} is available"))
+            .header(header::RETRY_AFTER, HeaderValue::from_static("1")),
+            Failure::Connect => Problem::kind(
+                StatusCode::BAD_GATEWAY,
+                "upstream-connect",
+                "Upstream unreachable",
+            )
+            .detail(format!(
+                "could not connect to any instance of {up} ({} attempts)",
+                e.attempts
+            )),
+            Failure::Timeout => Problem::kind(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream-timeout",
+                "Upstream timeout",
+            )
+            .detail(format!("{up} did not answer in time")),
+            Failure::Reset => Problem::kind(
+                StatusCode::BAD_GATEWAY,
+                "upstream-reset",
+                "Upstream connection failed",
+            )
+            .detail(format!(
+                "the connection to {up} broke before a complete answer"
+            )),
+        }
+        .with("upstream", up)
+    }
+}
+
+impl From<&ProxyError> for Problem {
+    fn from(e: &ProxyError) -> Problem {
+        match e {
+            ProxyError::NoRoute => Problem::not_found("no route matches this path"),
+            ProxyError::MethodNotAllowed(allow) => Problem::new(StatusCode::METHOD_NOT_ALLOWED)
+                .detail("this route does not answer that method; see the Allow header")
+                .header(header::ALLOW, allow.clone()),
+            ProxyError::BodyTooLarge { limit } => Problem::new(StatusCode::PAYLOAD_TOO_LARGE)
+                .detail(format!(
+                    "the request body is larger than this route accepts ({limit} bytes)"
+                ))
+                .with("limit", *limit),
+            ProxyError::BodyTimeout => {
+                Problem::new(StatusCode::REQUEST_TIMEOUT).detail(e.to_string())
+            }
+            ProxyError::BodyRead(_) => Problem::bad_request(e.to_string()),
+            ProxyError::BadRewrite => Problem::new(StatusCode::BAD_REQUEST).detail(e.to_string()),
+            ProxyError::Upstream(s) => ProxyError::upstream_problem(s),
+            ProxyError::Part {
+                status,
+                part,
+                upstream,
+                detail,
+            } => {
+                let p = match *status {
+                    StatusCode::NOT_FOUND => Problem::kind(*status, "not-found", "Not Found"),
+                    s if s.is_client_error() => Problem::new(s),
+                    StatusCode::SERVICE_UNAVAILABLE => {
+                        Problem::kind(*status, "upstream-unavailable", "Upstream unavailable")
+                    }
+                    StatusCode::GATEWAY_TIMEOUT => {
+                        Problem::kind(*status, "upstream-timeout", "Upstream timeout")
+                    }
+                    _ => Problem::kind(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream-failed",
+                        "Upstream failed",
+                    ),
+                };
+                p.detail(detail.clone())
+                    .with("part", part.as_str())
+                    .with("upstream", upstream.as_str())
+            }
+        }
+    }
+}
+
+impl IntoResponse for ProxyError {
+    fn into_response(self) -> Response {
+        if let ProxyError::Upstream(e) = &self {
+            tracing::warn!(
+                upstream = &*e.upstream,
+                failure = e.failure.as_str(),
+                attempts = e.attempts,
+                "upstream request failed"
+            );
+        }
+        Problem::from(&self).into_response()
+    }
+}

@@ -1,0 +1,232 @@
+//! # passerelle-gateway
+//!
+//! The single entry point of the platform. A request flows through small stages, each in its
+//! own module:
+//!
+//! ```text
+//! server (passerelle-http) → service: request id → routing → body → proxy | compose → response
+//!                                                              │            │
+//!                                                              └─ upstream: balance → attempt → retry
+//!                                                                  health_check (active), endpoint (passive ejection)
+//! ```
+//!
+//! - [`routing`]: path templates and methods → a route;
+//! - [`service`]: the phases of a request, as a `tower::Service`;
+//! - [`proxy`]: header and path transformations;
+//! - [`compose`]: several upstreams merged into one JSON answer;
+//! - [`upstream`]: pools, balancing, retries, health;
+//! - [`error`]: every failure and the problem+json it becomes.
+//!
+//! [`run`] serves a gateway: `run(config, listener, shutdown)`.
+
+pub mod compose;
+pub mod error;
+pub mod proxy;
+pub mod routing;
+pub mod service;
+pub mod upstream;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use passerelle_config::{Config, PathTemplate};
+use passerelle_http::ServeOptions;
+use passerelle_http::ops::Readiness;
+use passerelle_redis::Redis;
+use tokio_util::sync::CancellationToken;
+
+use crate::compose::Part;
+use crate::routing::RouteTable;
+use crate::service::{Action, GatewayService, Inner, Route, RouteMetrics};
+use crate::upstream::Upstream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("upstream {0:?} has no endpoints; list its instances in upstreams.{0}.endpoints")]
+    NoEndpoints(String),
+    #[error("upstream {name:?}: invalid endpoint: {reason}")]
+    Endpoint { name: String, reason: String },
+    #[error("route {route:?} refers to unknown upstream {upstream:?}")]
+    UnknownUpstream { route: String, upstream: String },
+    #[error("route {route:?}: {reason}")]
+    Route { route: String, reason: String },
+    #[error(transparent)]
+    Routing(#[from] routing::RouteError),
+    #[error(transparent)]
+    Redis(#[from] passerelle_redis::RedisError),
+}
+
+/// A built gateway: routes resolved, pools created. Background tasks (health checks) start
+/// with [`Gateway::start_background`].
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    inner: Arc<Inner>,
+}
+
+impl Gateway {
+    /// Builds the gateway from the configuration. Every upstream must have endpoints.
+    pub fn new(config: &Config, redis: Option<Redis>) -> Result<Self, GatewayError> {
+        passerelle_http::metrics::install();
+        let mut pools: BTreeMap<&str, Arc<Upstream>> = BTreeMap::new();
+        for (name, cfg) in &config.upstreams {
+            if cfg.endpoints.is_empty() {
+                return Err(GatewayError::NoEndpoints(name.clone()));
+            }
+            let up = Upstream::new(name, cfg).map_err(|e| GatewayError::Endpoint {
+                name: name.clone(),
+                reason: e.to_string(),
+            })?;
+            pools.insert(name.as_str(), Arc::new(up));
+        }
+        let pool = |route: &str, name: &str| {
+            pools
+                .get(name)
+                .cloned()
+                .ok_or_else(|| GatewayError::UnknownUpstream {
+                    route: route.to_string(),
+                    upstream: name.to_string(),
+                })
+        };
+        let template = |route: &str, t: &str| {
+            PathTemplate::parse(t).map_err(|reason| GatewayError::Route {
+                route: route.to_string(),
+                reason,
+            })
+        };
+        let mut routes = Vec::with_capacity(config.routes.len());
+        for r in &config.routes {
+            let action = match (&r.upstream, &r.compose) {
+                (Some(up), _) => Action::Proxy {
+                    upstream: pool(&r.name, up)?,
+                    rewrite: r
+                        .rewrite
+                        .as_deref()
+                        .map(|t| template(&r.name, t))
+                        .transpose()?,
+                },
+                (None, Some(parts)) => Action::Compose(
+                    parts
+                        .iter()
+                        .map(|(name, p)| {
+                            Ok(Part::new(
+                                name,
+                                pool(&r.name, &p.upstream)?,
+                                template(&r.name, &p.path)?,
+                            ))
+                        })
+                        .collect::<Result<_, GatewayError>>()?,
+                ),
+                (None, None) => {
+                    return Err(GatewayError::Route {
+                        route: r.name.clone(),
+                        reason: "neither upstream nor compose".into(),
+                    });
+                }
+            };
+            routes.push(Route {
+                name: Arc::from(r.name.as_str()),
+                action,
+                timeout: r.timeout.unwrap_or(config.gateway.request_timeout).get(),
+                max_body: r
+                    .max_request_body
+                    .unwrap_or(config.gateway.max_request_body)
+                    .as_usize(),
+                metrics: RouteMetrics::new(&r.name),
+            });
+        }
+        let upstreams: Vec<Arc<Upstream>> = pools.into_values().collect();
+        let readiness = readiness(&upstreams, redis);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                table: RouteTable::new(&config.routes)?,
+                routes,
+                upstreams,
+                readiness,
+                access_log: config.telemetry.access_log,
+                unmatched: RouteMetrics::new("unmatched"),
+            }),
+        })
+    }
+
+    /// The gateway as a `tower::Service` for [`passerelle_http::serve`].
+    pub fn service(&self) -> GatewayService {
+        GatewayService {
+            inner: self.inner.clone(),
+        }
+    }
+
+    /// Starts the active health checks; they stop with `shutdown`.
+    pub fn start_background(&self, shutdown: &CancellationToken) {
+        for up in &self.inner.upstreams {
+            upstream::health_check::spawn(up.clone(), shutdown.clone());
+        }
+    }
+
+    /// The pools, by name.
+    pub fn upstreams(&self) -> impl Iterator<Item = &Arc<Upstream>> {
+        self.inner.upstreams.iter()
+    }
+}
+
+/// Ready when every pool has an available endpoint and Redis (when configured) answers.
+fn readiness(upstreams: &[Arc<Upstream>], redis: Option<Redis>) -> Readiness {
+    let mut r = Readiness::new();
+    for up in upstreams {
+        let up = up.clone();
+        let name = format!("upstream:{}", up.name);
+        r = r.check(&name, move || {
+            let up = up.clone();
+            async move {
+                let status = up.status();
+                if up.available() > 0 {
+                    Ok(status)
+                } else {
+                    Err(format!("no available instance of {}", up.name))
+                }
+            }
+        });
+    }
+    if let Some(redis) = redis {
+        r = r.check("redis", move || {
+            let redis = redis.clone();
+            async move {
+                let mut details = serde_json::Map::new();
+                for (name, res) in redis.readiness().await {
+                    details.insert(name.to_string(), res?);
+                }
+                Ok(serde_json::Value::Object(details))
+            }
+        });
+    }
+    r
+}
+
+/// Serves the gateway on `listener` until `shutdown` resolves, then drains within
+/// `gateway.shutdown_grace`.
+pub async fn run(
+    config: &Config,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), GatewayError> {
+    let token = passerelle_http::shutdown::token_from(shutdown);
+    let redis = Redis::from_config(&config.redis)?;
+    if let Some(r) = &redis {
+        r.spawn_monitor(std::time::Duration::from_secs(10), token.clone());
+    }
+    let gateway = Gateway::new(config, redis)?;
+    gateway.start_background(&token);
+    tracing::info!(
+        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        routes = config.routes.len(),
+        upstreams = config.upstreams.len(),
+        "gateway serving"
+    );
+    let opts = ServeOptions {
+        max_connections: config.gateway.max_connections,
+        grace: config.gateway.shutdown_grace.get(),
+        ..ServeOptions::default()
+    };
+    passerelle_http::serve(listener, gateway.service(), opts, token).await;
+    tracing::info!("gateway stopped");
+    Ok(())
+}

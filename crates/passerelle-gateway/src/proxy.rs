@@ -1,0 +1,103 @@
+//! The request and response transformations of proxying: which headers cross the gateway,
+//! which are added, how the upstream path is derived. Pure functions over `http` types.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus `Expect`
+/// (the gateway answered `100-continue` itself) and `Proxy-Connection` (a legacy client
+/// header). They never cross the gateway.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// Removes hop-by-hop headers, including those named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(conn) = headers.get(header::CONNECTION).cloned() {
+        if let Ok(list) = conn.to_str() {
+            for name in list.split(',') {
+                if let Ok(h) = HeaderName::from_bytes(name.trim().as_bytes()) {
+                    headers.remove(h);
+                }
+            }
+        }
+    }
+    for h in &HOP_BY_HOP {
+        headers.remove(h);
+    }
+}
+
+/// Prepares a client's headers for the upstream: hop-by-hop removed, `Expect` removed (the
+/// body is already read), `X-Forwarded-For` extended with the client address,
+/// `X-Forwarded-Proto` set, `X-Request-Id` set.
+pub fn upstream_headers(
+    mut headers: HeaderMap,
+    client: IpAddr,
+    request_id: &HeaderValue,
+) -> HeaderMap {
+    strip_hop_by_hop(&mut headers);
+    headers.remove(header::EXPECT);
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prior) if !prior.is_empty() => format!("{prior}, {client}"),
+        _ => client.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    headers.insert(passerelle_http::request_id::HEADER, request_id.clone());
+    headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_headers_are_cleaned_and_extended() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
+        h.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        h.insert(X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.9"));
+        let out = upstream_headers(
+            h,
+            "10.0.0.1".parse().unwrap(),
+            &HeaderValue::from_static("rid"),
+        );
+        for gone in [
+            "connection",
+            "x-secret-hop",
+            "keep-alive",
+            "transfer-encoding",
+            "expect",
+        ] {
+            assert!(!out.contains_key(gone), "{gone} must not cross");
+        }
+        assert_eq!(out[header::ACCEPT], "application/json");
+        assert_eq!(out[X_FORWARDED_FOR], "203.0.113.9, 10.0.0.1");
+        assert_eq!(out[X_FORWARDED_PROTO], "http");
+        assert_eq!(out["x-request-id"], "rid");
+    }
+}

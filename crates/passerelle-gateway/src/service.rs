@@ -1,0 +1,343 @@
+//! The gateway as a `tower::Service`: the phases of one request, in order.
+//!
+//! 1. **request id**: keep the client's sane `X-Request-Id` or make one;
+//! 2. **route**: match path and method ([`crate::routing`]); a miss is a 404 or a 405 with
+//!    `Allow`, unless it is one of the operations endpoints;
+//! 3. **request body**: refuse early on `Content-Length` over the route's limit (413), else
+//!    read the body within the limit and the route's deadline (it is kept for retries);
+//! 4. **dispatch**: proxy to the route's pool ([`crate::upstream`]) or compose several
+//!    ([`crate::compose`]);
+//! 5. **response**: hop-by-hop headers removed, request id added;
+//! 6. **observe**: metrics by route and status, access log.
+//!
+//! Later features (rate limits, caching) hook in between 2 and 4, where the route is known
+//! and nothing has been sent upstream yet.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::response::IntoResponse;
+use bytes::Bytes;
+use http::uri::PathAndQuery;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use passerelle_config::PathTemplate;
+use passerelle_http::PeerAddr;
+use passerelle_http::observe::method_label;
+use passerelle_http::ops::Readiness;
+use passerelle_http::request_id;
+
+use crate::compose::{self, Part};
+use crate::error::ProxyError;
+use crate::proxy;
+use crate::routing::{Miss, RouteTable};
+use crate::upstream::{Outgoing, Upstream};
+
+/// What a route does.
+#[derive(Debug)]
+pub enum Action {
+    Proxy {
+        upstream: Arc<Upstream>,
+        rewrite: Option<PathTemplate>,
+    },
+    Compose(Vec<Part>),
+}
+
+/// A route, resolved against the pools.
+#[derive(Debug)]
+pub struct Route {
+    pub name: Arc<str>,
+    pub action: Action,
+    pub timeout: Duration,
+    pub max_body: usize,
+    pub(crate) metrics: RouteMetrics,
+}
+
+/// Metric handles of a route. The histogram is created once; counters once per
+/// (method, status) seen, so the request path does no label hashing after warm-up.
+#[derive(Debug)]
+pub(crate) struct RouteMetrics {
+    name: Arc<str>,
+    duration: metrics::Histogram,
+    counters: RwLock<HashMap<(&'static str, u16), metrics::Counter>>,
+}
+
+impl RouteMetrics {
+    pub(crate) fn new(name: &str) -> Self {
+        Self {
+            name: Arc::from(name),
+            duration: metrics::histogram!(
+                "passerelle_http_request_duration_seconds",
+                "service" => "gateway",
+                "route" => name.to_string(),
+            ),
+            counters: RwLock::new(HashMap::new()),
+        }
+    }
+
+    fn record(&self, method: &Method, status: StatusCode, elapsed: Duration) {
+        self.duration.record(elapsed.as_secs_f64());
+        let key = (method_label(method), status.as_u16());
+        if let Some(c) = self.counters.read().ok().and_then(|m| m.get(&key).cloned()) {
+            c.increment(1);
+            return;
+        }
+        let c = metrics::counter!(
+            "passerelle_http_requests_total",
+            "service" => "gateway",
+            "route" => self.name.to_string(),
+            "method" => key.0,
+            "status" => status.as_str().to_string(),
+        );
+        c.increment(1);
+        if let Ok(mut m) = self.counters.write() {
+            m.insert(key, c);
+        }
+    }
+}
+
+/// The gateway's request handling, shared by every connection.
+#[derive(Debug)]
+pub struct Inner {
+    pub(crate) table: RouteTable,
+    pub(crate) routes: Vec<Route>,
+    pub(crate) upstreams: Vec<Arc<Upstream>>,
+    pub(crate) readiness: Readiness,
+    pub(crate) access_log: bool,
+    /// Metrics of requests that matched no route.
+    pub(crate) unmatched: RouteMetrics,
+}
+
+/// The gateway as a cloneable `tower::Service`.
+#[derive(Debug, Clone)]
+pub struct GatewayService {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl tower::Service<Request<Incoming>> for GatewayService {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let inner = self.inner.clone();
+        Box::pin(async move { Ok(inner.handle(req).await) })
+    }
+}
+
+/// What the routing phase decided.
+enum Plan {
+    Proxy {
+        route: usize,
+        path: PathAndQuery,
+    },
+    Compose {
+        route: usize,
+        paths: Vec<PathAndQuery>,
+    },
+    Ops(OpsEndpoint),
+}
+
+#[derive(Clone, Copy)]
+enum OpsEndpoint {
+    Health,
+    Ready,
+    Metrics,
+}
+
+fn with_query(path: String, query: Option<&str>) -> Result<PathAndQuery, ProxyError> {
+    let full = match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    PathAndQuery::try_from(full).map_err(|_| ProxyError::BadRewrite)
+}
+
+impl Inner {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let start = Instant::now();
+        let request_id = request_id::accept_or_generate(req.headers().get(request_id::HEADER));
+        let method = req.method().clone();
+        let access = self.access_log.then(|| req.uri().path().to_string());
+
+        let (route, result) = self.dispatch(req, &request_id, start).await;
+        let mut res = match result {
+            Ok(res) => res,
+            Err(e) => e.into_response(),
+        };
+        res.headers_mut()
+            .insert(request_id::HEADER, request_id.clone());
+
+        let elapsed = start.elapsed();
+        let metrics = route.map_or(&self.unmatched, |r| &self.routes[r].metrics);
+        metrics.record(&method, res.status(), elapsed);
+        if let Some(path) = access {
+            tracing::info!(
+                target: "access",
+                method = %method,
+                path,
+                route = &*metrics.name,
+                status = res.status().as_u16(),
+                micros = elapsed.as_micros() as u64,
+                request_id = request_id.to_str().unwrap_or(""),
+            );
+        }
+        res
+    }
+
+    /// Phase 2: which route, and the upstream path(s) it implies.
+    fn plan(&self, method: &Method, uri: &http::Uri) -> Result<Plan, ProxyError> {
+        let path = uri.path();
+        let m = match self.table.find(method, path) {
+            Ok(m) => m,
+            Err(miss) => {
+                let ops = match path {
+                    "/health" => Some(OpsEndpoint::Health),
+                    "/ready" => Some(OpsEndpoint::Ready),
+                    "/metrics" => Some(OpsEndpoint::Metrics),
+                    _ => None,
+                };
+                return match (ops, miss) {
+                    (Some(o), _) if *method == Method::GET || *method == Method::HEAD => {
+                        Ok(Plan::Ops(o))
+                    }
+                    (_, Miss::NotFound) => Err(ProxyError::NoRoute),
+                    (_, Miss::MethodNotAllowed(allow)) => Err(ProxyError::MethodNotAllowed(allow)),
+                };
+            }
+        };
+        let route = &self.routes[m.route];
+        let param = |n: &str| m.params.get(n);
+        match &route.action {
+            Action::Proxy { rewrite: None, .. } => Ok(Plan::Proxy {
+                route: m.route,
+                path: uri
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            }),
+            Action::Proxy {
+                rewrite: Some(t), ..
+            } => Ok(Plan::Proxy {
+                route: m.route,
+                path: with_query(t.render(param), uri.query())?,
+            }),
+            Action::Compose(parts) => Ok(Plan::Compose {
+                route: m.route,
+                paths: parts
+                    .iter()
+                    .map(|p| with_query(p.path.render(param), None))
+                    .collect::<Result<_, _>>()?,
+            }),
+        }
+    }
+
+    /// Phases 2 to 5. Returns the route (for metrics) and the response or error.
+    async fn dispatch(
+        &self,
+        req: Request<Incoming>,
+        request_id: &HeaderValue,
+        start: Instant,
+    ) -> (Option<usize>, Result<Response<Body>, ProxyError>) {
+        let plan = match self.plan(req.method(), req.uri()) {
+            Ok(p) => p,
+            Err(e) => return (None, Err(e)),
+        };
+        let client_ip = req
+            .extensions()
+            .get::<PeerAddr>()
+            .map_or(IpAddr::from([127, 0, 0, 1]), |p| p.0.ip());
+        match plan {
+            Plan::Ops(o) => (None, Ok(self.ops(o).await)),
+            Plan::Compose { route, paths } => {
+                let r = &self.routes[route];
+                let Action::Compose(parts) = &r.action else {
+                    return (Some(route), Err(ProxyError::NoRoute));
+                };
+                let headers = proxy::upstream_headers(req.headers().clone(), client_ip, request_id);
+                let res = compose::compose(
+                    parts,
+                    paths,
+                    compose::part_headers(&headers),
+                    start + r.timeout,
+                )
+                .await;
+                (Some(route), res)
+            }
+            Plan::Proxy { route, path } => {
+                let r = &self.routes[route];
+                let Action::Proxy { upstream, .. } = &r.action else {
+                    return (Some(route), Err(ProxyError::NoRoute));
+                };
+                let deadline = start + r.timeout;
+                let (parts, body) = req.into_parts();
+                let body = match read_body(&parts.headers, body, r.max_body, deadline).await {
+                    Ok(b) => b,
+                    Err(e) => return (Some(route), Err(e)),
+                };
+                let out = Outgoing {
+                    method: parts.method,
+                    path_and_query: path,
+                    headers: proxy::upstream_headers(parts.headers, client_ip, request_id),
+                    body,
+                };
+                let res = match upstream.send(&out, deadline).await {
+                    Ok(answer) => {
+                        let (mut head, body) = answer.response.into_parts();
+                        proxy::strip_hop_by_hop(&mut head.headers);
+                        Ok(Response::from_parts(head, Body::new(body)))
+                    }
+                    Err(e) => Err(ProxyError::Upstream(e)),
+                };
+                (Some(route), res)
+            }
+        }
+    }
+
+    async fn ops(&self, o: OpsEndpoint) -> Response<Body> {
+        match o {
+            OpsEndpoint::Health => passerelle_http::ops::health(),
+            OpsEndpoint::Ready => passerelle_http::ops::ready(&self.readiness).await,
+            OpsEndpoint::Metrics => passerelle_http::ops::metrics(),
+        }
+    }
+}
+
+/// Phase 3: the request body, bounded in size and time. A body-less request costs nothing.
+async fn read_body(
+    headers: &http::HeaderMap,
+    body: Incoming,
+    limit: usize,
+    deadline: Instant,
+) -> Result<Bytes, ProxyError> {
+    if body.is_end_stream() {
+        return Ok(Bytes::new());
+    }
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ProxyError::BodyTooLarge { limit });
+    }
+    match tokio::time::timeout_at(deadline.into(), Limited::new(body, limit).collect()).await {
+        Err(_) => Err(ProxyError::BodyTimeout),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ProxyError::BodyTooLarge { limit })
+        }
+        Ok(Err(e)) => Err(ProxyError::BodyRead(e.to_string())),
+    }
+}

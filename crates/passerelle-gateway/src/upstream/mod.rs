@@ -1,0 +1,420 @@
+//! An upstream pool: the instances of one service and everything needed to send them a
+//! request reliably.
+//!
+//! [`Upstream::send`] is the one entry point. For each attempt it asks the [`Balancer`] for
+//! an available endpoint not yet tried by this request, sends over a keep-alive connection
+//! pool, and classifies the result. Retries go to another endpoint and happen only where
+//! they are safe:
+//!
+//! - a **connect failure** means the request never left: retried for any method;
+//! - a **reset, timeout or 502/503/504** may come after the service acted: retried only for
+//!   idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE);
+//! - every retry spends from a budget (a share of recent requests plus a floor per second),
+//!   so a sick pool does not get its load multiplied.
+//!
+//! Each attempt has its own deadline (`try_timeout`), bounded by the request's overall one.
+
+pub mod balance;
+pub mod endpoint;
+pub mod health_check;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::uri::{PathAndQuery, Scheme};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use passerelle_config::UpstreamConfig;
+use tower::retry::budget::{Budget, TpsBudget};
+
+use self::balance::Balancer;
+use self::endpoint::{Endpoint, Outcome};
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// Why a request could not get an answer from a pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// No endpoint at all to try (empty pool, or every one already tried).
+    NoEndpoint,
+    /// Could not connect (refused, unreachable, connect timeout).
+    Connect,
+    /// Connected, but the answer did not come in time.
+    Timeout,
+    /// The connection broke or the answer was not valid HTTP.
+    Reset,
+}
+
+impl Failure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Failure::NoEndpoint => "no_endpoint",
+            Failure::Connect => "connect_error",
+            Failure::Timeout => "timeout",
+            Failure::Reset => "reset",
+        }
+    }
+}
+
+/// The request as it goes upstream, kept so that a retry can resend it.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub method: Method,
+    pub path_and_query: PathAndQuery,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// A successful exchange: the response and which endpoint gave it.
+#[derive(Debug)]
+pub struct Answer {
+    pub response: Response<Incoming>,
+    pub endpoint: usize,
+    pub attempts: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("upstream {upstream}: {}", failure.as_str())]
+pub struct SendError {
+    pub upstream: Arc<str>,
+    pub failure: Failure,
+    pub attempts: u32,
+}
+
+/// How one attempt ended, as a bounded metrics label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AttemptResult {
+    S2xx,
+    S3xx,
+    S4xx,
+    S5xx,
+    ConnectError,
+    Timeout,
+    Reset,
+}
+
+impl AttemptResult {
+    const ALL: [AttemptResult; 7] = [
+        AttemptResult::S2xx,
+        AttemptResult::S3xx,
+        AttemptResult::S4xx,
+        AttemptResult::S5xx,
+        AttemptResult::ConnectError,
+        AttemptResult::Timeout,
+        AttemptResult::Reset,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            AttemptResult::S2xx => "2xx",
+            AttemptResult::S3xx => "3xx",
+            AttemptResult::S4xx => "4xx",
+            AttemptResult::S5xx => "5xx",
+            AttemptResult::ConnectError => "connect_error",
+            AttemptResult::Timeout => "timeout",
+            AttemptResult::Reset => "reset",
+        }
+    }
+
+    fn of_status(s: StatusCode) -> Self {
+        match s.as_u16() {
+            200..=299 => AttemptResult::S2xx,
+            300..=399 => AttemptResult::S3xx,
+            400..=499 => AttemptResult::S4xx,
+            _ => AttemptResult::S5xx,
+        }
+    }
+
+    fn of_failure(f: Failure) -> Self {
+        match f {
+            Failure::Connect | Failure::NoEndpoint => AttemptResult::ConnectError,
+            Failure::Timeout => AttemptResult::Timeout,
+            Failure::Reset => AttemptResult::Reset,
+        }
+    }
+}
+
+/// Metric handles created once per pool, so the request path does no label hashing.
+struct PoolMetrics {
+    /// `[endpoint][AttemptResult]`: `passerelle_upstream_requests_total`.
+    attempts: Vec<[metrics::Counter; 7]>,
+    /// `passerelle_upstream_request_duration_seconds`.
+    duration: metrics::Histogram,
+}
+
+impl PoolMetrics {
+    fn new(name: &str, endpoints: &[Endpoint]) -> Self {
+        let attempts = endpoints
+            .iter()
+            .map(|e| {
+                AttemptResult::ALL.map(|r| {
+                    metrics::counter!(
+                        "passerelle_upstream_requests_total",
+                        "upstream" => name.to_string(),
+                        "endpoint" => e.address.clone(),
+                        "result" => r.label(),
+                    )
+                })
+            })
+            .collect();
+        let duration = metrics::histogram!("passerelle_upstream_request_duration_seconds", "upstream" => name.to_string());
+        Self { attempts, duration }
+    }
+}
+
+pub struct Upstream {
+    pub name: Arc<str>,
+    pub config: UpstreamConfig,
+    pub endpoints: Vec<Endpoint>,
+    balancer: Balancer,
+    client: HttpClient,
+    budget: TpsBudget,
+    metrics: PoolMetrics,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("name", &self.name)
+            .field("endpoints", &self.endpoints)
+            .finish()
+    }
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// Requests that tried more than this many endpoints stop tracking (retries are capped at 10).
+const MAX_TRIED: usize = 12;
+
+impl Upstream {
+    pub fn new(name: &str, config: &UpstreamConfig) -> Result<Self, http::uri::InvalidUri> {
+        let epoch = Instant::now();
+        let endpoints = config
+            .endpoints
+            .iter()
+            .map(|a| Endpoint::new(a, epoch))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.connect_timeout.get()));
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(config.max_idle_per_endpoint)
+            .pool_idle_timeout(config.idle_timeout.get())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector);
+        let budget = TpsBudget::new(
+            Duration::from_secs(10),
+            config.retry.min_retries_per_second,
+            config.retry.budget_percent / 100.0,
+        );
+        let upstream = Self {
+            metrics: PoolMetrics::new(name, &endpoints),
+            name: Arc::from(name),
+            config: config.clone(),
+            endpoints,
+            balancer: Balancer::new(config.balance),
+            client,
+            budget,
+        };
+        for e in &upstream.endpoints {
+            upstream.publish_health(e);
+        }
+        Ok(upstream)
+    }
+
+    pub fn client(&self) -> &HttpClient {
+        &self.client
+    }
+
+    /// Endpoints that take new requests now.
+    pub fn available(&self) -> usize {
+        self.endpoints.iter().filter(|e| e.is_available()).count()
+    }
+
+    /// Picks the endpoint for the next attempt. Prefers available endpoints; when none is
+    /// (everything ejected or failing its health check), falls back to any endpoint not yet
+    /// tried: better a request that might succeed than a certain 503 (Envoy's "panic mode").
+    fn pick(&self, tried: &[usize]) -> Option<usize> {
+        let fresh = |i: usize| !tried.contains(&i);
+        self.balancer
+            .pick(&self.endpoints, |i| fresh(i) && self.endpoints[i].is_available())
+            .or_else(|| {
+                metrics::counter!("passerelle_upstream_panic_routing_total", "upstream" => self.name.to_string()).increment(1);
+                self.balancer.pick(&self.endpoints, fresh)
+            })
+    }
+
+    /// Whether ejecting one more endpoint keeps the pool within `max_ejected_percent`
+    /// (one ejection is always allowed).
+    fn may_eject(&self) -> bool {
+        let ejected = self.endpoints.iter().filter(|e| e.is_ejected()).count();
+        let cap = (self.endpoints.len()
+            * self.config.outlier_detection.max_ejected_percent as usize
+            / 100)
+            .max(1);
+        ejected < cap
+    }
+
+    fn build(&self, out: &Outgoing, endpoint: &Endpoint) -> Request<Full<Bytes>> {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(Scheme::HTTP);
+        parts.authority = Some(endpoint.authority.clone());
+        parts.path_and_query = Some(out.path_and_query.clone());
+        let uri = Uri::from_parts(parts).unwrap_or_default();
+        let mut req = Request::new(Full::new(out.body.clone()));
+        *req.method_mut() = out.method.clone();
+        *req.uri_mut() = uri;
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = out.headers.clone();
+        req
+    }
+
+    /// Sends `out`, retrying where safe, until an answer or `deadline`.
+    pub async fn send(&self, out: &Outgoing, deadline: Instant) -> Result<Answer, SendError> {
+        self.budget.deposit();
+        let mut tried: Vec<usize> = Vec::new();
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let Some(idx) = self.pick(&tried) else {
+                return Err(self.fail(Failure::NoEndpoint, attempts - 1));
+            };
+            let endpoint = &self.endpoints[idx];
+            let try_deadline = deadline.min(Instant::now() + self.config.try_timeout.get());
+            let started = Instant::now();
+            let result = {
+                let _in_flight = endpoint.start();
+                tokio::time::timeout_at(
+                    try_deadline.into(),
+                    self.client.request(self.build(out, endpoint)),
+                )
+                .await
+            };
+            let elapsed = started.elapsed();
+            let failure = match result {
+                Ok(Ok(res)) => {
+                    let status = res.status();
+                    let gateway_status = matches!(
+                        status,
+                        StatusCode::BAD_GATEWAY
+                            | StatusCode::SERVICE_UNAVAILABLE
+                            | StatusCode::GATEWAY_TIMEOUT
+                    );
+                    let outcome = if gateway_status {
+                        Outcome::GatewayFailure
+                    } else {
+                        Outcome::Success
+                    };
+                    self.observe(idx, outcome, elapsed, AttemptResult::of_status(status));
+                    let retry = gateway_status
+                        && is_idempotent(&out.method)
+                        && self.may_retry(attempts, deadline, "status");
+                    if !retry {
+                        return Ok(Answer {
+                            response: res,
+                            endpoint: idx,
+                            attempts,
+                        });
+                    }
+                    tried.push(idx);
+                    continue;
+                }
+                Ok(Err(e)) if e.is_connect() => Failure::Connect,
+                Ok(Err(e)) => {
+                    tracing::debug!(upstream = &*self.name, endpoint = %endpoint.address, error = ?e, "upstream request failed");
+                    Failure::Reset
+                }
+                Err(_) => Failure::Timeout,
+            };
+            self.observe(
+                idx,
+                Outcome::GatewayFailure,
+                elapsed,
+                AttemptResult::of_failure(failure),
+            );
+            let safe = failure == Failure::Connect || is_idempotent(&out.method);
+            if !(safe && self.may_retry(attempts, deadline, failure.as_str())) {
+                return Err(self.fail(failure, attempts));
+            }
+            if tried.len() < MAX_TRIED {
+                tried.push(idx);
+            }
+        }
+    }
+
+    fn may_retry(&self, attempts: u32, deadline: Instant, reason: &'static str) -> bool {
+        if attempts > self.config.retry.retries || Instant::now() >= deadline {
+            return false;
+        }
+        if !self.budget.withdraw() {
+            metrics::counter!("passerelle_upstream_retry_budget_exhausted_total", "upstream" => self.name.to_string()).increment(1);
+            return false;
+        }
+        metrics::counter!("passerelle_upstream_retries_total", "upstream" => self.name.to_string(), "reason" => reason).increment(1);
+        true
+    }
+
+    fn fail(&self, failure: Failure, attempts: u32) -> SendError {
+        SendError {
+            upstream: self.name.clone(),
+            failure,
+            attempts,
+        }
+    }
+
+    /// Records an attempt's outcome: latency, outlier detection, metrics.
+    fn observe(&self, idx: usize, outcome: Outcome, elapsed: Duration, result: AttemptResult) {
+        let endpoint = &self.endpoints[idx];
+        if outcome == Outcome::Success {
+            endpoint.observe_latency(elapsed);
+        }
+        self.metrics.attempts[idx][result as usize].increment(1);
+        self.metrics.duration.record(elapsed.as_secs_f64());
+        if endpoint.record(outcome, &self.config.outlier_detection, || self.may_eject()) {
+            tracing::warn!(upstream = &*self.name, endpoint = %endpoint.address, "endpoint ejected after consecutive failures");
+            metrics::counter!(
+                "passerelle_upstream_ejections_total",
+                "upstream" => self.name.to_string(),
+                "endpoint" => endpoint.address.clone(),
+            )
+            .increment(1);
+            self.publish_health(endpoint);
+        }
+    }
+
+    /// `passerelle_upstream_endpoint_available{upstream, endpoint}`: 1 when taking requests.
+    pub fn publish_health(&self, endpoint: &Endpoint) {
+        metrics::gauge!(
+            "passerelle_upstream_endpoint_available",
+            "upstream" => self.name.to_string(),
+            "endpoint" => endpoint.address.clone(),
+        )
+        .set(if endpoint.is_available() { 1.0 } else { 0.0 });
+    }
+
+    /// A JSON snapshot of the pool, for readiness and operators.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "balance": format!("{:?}", self.balancer.policy()),
+            "available": self.available(),
+            "endpoints": self.endpoints.iter().map(|e| serde_json::json!({
+                "address": e.address,
+                "healthy": e.is_healthy(),
+                "ejected": e.is_ejected(),
+                "in_flight": balance::Load::in_flight(e),
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
