@@ -76,8 +76,15 @@ impl ByteSize {
 }
 
 impl fmt::Debug for ByteSize {
+    /// The largest binary unit that divides the size exactly: `256MiB`, `1536KiB`, `100B`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}B", self.0)
+        let n = self.0;
+        for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+            if n >= size && n % size == 0 {
+                return write!(f, "{}{unit}", n / size);
+            }
+        }
+        write!(f, "{n}B")
     }
 }
 
@@ -147,6 +154,9 @@ mod tests {
         check("12 parsecs", None);
         check("", None);
         check("99999999999999GiB", None);
+        assert_eq!(ByteSize::mib(256).to_string(), "256MiB");
+        assert_eq!(ByteSize(1536 * 1024).to_string(), "1536KiB");
+        assert_eq!(ByteSize(1000).to_string(), "1000B");
     }
 
     #[test]
