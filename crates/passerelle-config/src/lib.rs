@@ -379,7 +379,10 @@ impl Config {
                     }
                     for (part, p) in parts {
                         if !valid_name(part) {
-                            err(format!("routes[{i}].compose.{part}"), "part names use letters, digits, '-', '_', '.'".into());
+                            err(
+                                format!("routes[{i}].compose.{part}"),
+                                "part names use letters, digits, '-', '_', '.'".into(),
+                            );
                         }
                         if !self.upstreams.contains_key(&p.upstream) {
                             err(

@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, Limited};
 use passerelle_config::PathTemplate;
 
 use crate::error::ProxyError;
-use crate::upstream::{Outgoing, Upstream};
+use crate::upstream::{Failure, Outgoing, Upstream};
 
 /// Largest body accepted from one part.
 const MAX_PART_BODY: usize = 1024 * 1024;
@@ -55,7 +55,6 @@ enum PartResult {
 /// How bad a part's failure is, for choosing which one to report.
 fn severity(e: &ProxyError) -> u8 {
     match e {
-        ProxyError::Upstream(_) => 3,
         ProxyError::Part { status, .. } if status.is_server_error() => 3,
         ProxyError::Part { status, .. } if *status == StatusCode::NOT_FOUND => 2,
         _ => 1,
@@ -77,7 +76,22 @@ async fn call_part(
     let upstream = part.upstream.name.to_string();
     let answer = match part.upstream.send(&out, deadline).await {
         Ok(a) => a,
-        Err(e) => return PartResult::Failed(ProxyError::Upstream(e)),
+        Err(e) => {
+            let (status, what) = match e.failure {
+                Failure::NoEndpoint => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "has no available instance")
+                }
+                Failure::Connect => (StatusCode::BAD_GATEWAY, "is unreachable"),
+                Failure::Timeout => (StatusCode::GATEWAY_TIMEOUT, "did not answer in time"),
+                Failure::Reset => (StatusCode::BAD_GATEWAY, "broke the connection"),
+            };
+            return PartResult::Failed(ProxyError::Part {
+                status,
+                part: part.name.clone(),
+                detail: format!("{}: {upstream} {what}", part.name),
+                upstream,
+            });
+        }
     };
     let status = answer.response.status();
     let body = Limited::new(answer.response.into_body(), MAX_PART_BODY).collect();

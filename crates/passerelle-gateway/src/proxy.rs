@@ -25,12 +25,12 @@ pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-p
 
 /// Removes hop-by-hop headers, including those named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if let Some(conn) = headers.get(header::CONNECTION).cloned() {
-        if let Ok(list) = conn.to_str() {
-            for name in list.split(',') {
-                if let Ok(h) = HeaderName::from_bytes(name.trim().as_bytes()) {
-                    headers.remove(h);
-                }
+    if let Some(conn) = headers.get(header::CONNECTION).cloned()
+        && let Ok(list) = conn.to_str()
+    {
+        for name in list.split(',') {
+            if let Ok(h) = HeaderName::from_bytes(name.trim().as_bytes()) {
+                headers.remove(h);
             }
         }
     }

@@ -32,7 +32,9 @@ use crate::managed_redis::{Credentials, ManagedRedis};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpError {
-    #[error("cannot run {bin:?}: {reason}. Install Redis (Debian: apt-get install -y redis-server) or set redis.url")]
+    #[error(
+        "cannot run {bin:?}: {reason}. Install Redis (Debian: apt-get install -y redis-server) or set redis.url"
+    )]
     RedisMissing { bin: String, reason: String },
     #[error("{0}")]
     Setup(String),
@@ -87,7 +89,9 @@ fn absolute(p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_path_buf()
     } else {
-        std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf())
+        std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.to_path_buf())
     }
 }
 
@@ -96,9 +100,12 @@ fn database_url(config: &Config, kind: ServiceKind, data_dir: &Path) -> String {
         ServiceKind::Users => &config.services.users.database_url,
         ServiceKind::Products => &config.services.products.database_url,
     };
-    configured
-        .clone()
-        .unwrap_or_else(|| format!("sqlite://{}", data_dir.join(format!("{}.db", kind.name())).display()))
+    configured.clone().unwrap_or_else(|| {
+        format!(
+            "sqlite://{}",
+            data_dir.join(format!("{}.db", kind.name())).display()
+        )
+    })
 }
 
 /// Polls `GET /health` on `addr` until it answers 200 (readiness, not a sleep).
@@ -108,7 +115,9 @@ async fn wait_healthy(addr: SocketAddr, limit: Duration) -> Result<(), String> {
     loop {
         let probe = async {
             let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-            s.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.ok()?;
+            s.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .await
+                .ok()?;
             let mut buf = [0u8; 12];
             s.read_exact(&mut buf).await.ok()?;
             Some(buf.starts_with(b"HTTP/1.1 200"))
@@ -132,7 +141,8 @@ pub async fn run(
 ) -> Result<(), UpError> {
     let token = passerelle_http::shutdown::token_from(shutdown);
     let data_dir = absolute(&config.up.data_dir);
-    std::fs::create_dir_all(&data_dir).map_err(|e| UpError::Setup(format!("creating {}: {e}", data_dir.display())))?;
+    std::fs::create_dir_all(&data_dir)
+        .map_err(|e| UpError::Setup(format!("creating {}: {e}", data_dir.display())))?;
     let children = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
 
@@ -143,7 +153,14 @@ pub async fn run(
         std::fs::create_dir_all(&redis_dir).map_err(|e| UpError::Setup(e.to_string()))?;
         let creds = Credentials::load_or_create(&redis_dir)?;
         for role in [Role::Cache, Role::Durable] {
-            let r = ManagedRedis::start(role, &data_dir, &config.up.managed_redis, &creds, &config.redis.key_prefix).await;
+            let r = ManagedRedis::start(
+                role,
+                &data_dir,
+                &config.up.managed_redis,
+                &creds,
+                &config.redis.key_prefix,
+            )
+            .await;
             match r {
                 Ok(r) => managed.push(r),
                 Err(e) => {
@@ -161,7 +178,12 @@ pub async fn run(
     let redis_durable = config.redis.durable_url().map(passerelle_redis::redact);
     let mut redis_children = Vec::new();
     for m in managed {
-        let (spec, child, summary, url) = (m.spec, m.child, m.summary, passerelle_redis::redact(&m.app_url));
+        let (spec, child, summary, url) = (
+            m.spec,
+            m.child,
+            m.summary,
+            passerelle_redis::redact(&m.app_url),
+        );
         println!("  redis {:<8} {url}  ({summary})", m.role.as_str());
         redis_children.push((spec, child));
     }
@@ -181,7 +203,9 @@ pub async fn run(
     };
 
     // 4. The gateway, in this process.
-    let gateway_addr = listener.local_addr().map_err(|e| UpError::Setup(e.to_string()))?;
+    let gateway_addr = listener
+        .local_addr()
+        .map_err(|e| UpError::Setup(e.to_string()))?;
     let state = State {
         gateway: format!("http://{gateway_addr}"),
         redis_cache,
@@ -202,7 +226,9 @@ pub async fn run(
     let gateway_token = CancellationToken::new();
     let gw_stop = gateway_token.clone();
     let gw_config = config.clone();
-    let gateway = tokio::spawn(async move { passerelle_gateway::run(&gw_config, listener, gw_stop.cancelled_owned()).await });
+    let gateway = tokio::spawn(async move {
+        passerelle_gateway::run(&gw_config, listener, gw_stop.cancelled_owned()).await
+    });
 
     let mut gateway = gateway;
     let gateway_result = tokio::select! {
@@ -240,13 +266,15 @@ async fn start_services(
         let url = database_url(config, kind, data_dir);
         let rows = config.up.seed_rows as u64;
         let prep_url = url.clone();
-        let seeded = tokio::task::spawn_blocking(move || passerelle_services::prepare(kind, &prep_url, rows))
-            .await
-            .map_err(|e| UpError::Setup(e.to_string()))?
-            .map_err(|e| UpError::Service {
-                name: kind.name().into(),
-                reason: e.to_string(),
-            })?;
+        let seeded = tokio::task::spawn_blocking(move || {
+            passerelle_services::prepare(kind, &prep_url, rows)
+        })
+        .await
+        .map_err(|e| UpError::Setup(e.to_string()))?
+        .map_err(|e| UpError::Service {
+            name: kind.name().into(),
+            reason: e.to_string(),
+        })?;
         if seeded > 0 {
             println!("  seeded {seeded} {} (first start)", kind.name());
         }
@@ -288,19 +316,26 @@ async fn start_services(
                 ServiceKind::Users => config.services.users.shutdown_grace.get(),
                 ServiceKind::Products => config.services.products.shutdown_grace.get(),
             };
-            tasks.spawn(child::supervise(spec, c, grace + Duration::from_secs(1), children.clone()));
+            tasks.spawn(child::supervise(
+                spec,
+                c,
+                grace + Duration::from_secs(1),
+                children.clone(),
+            ));
             instances.push((name, addr, pid));
         }
         for (name, addr, _) in &instances {
-            wait_healthy(*addr, Duration::from_secs(30)).await.map_err(|reason| UpError::Service {
-                name: name.clone(),
-                reason,
-            })?;
+            wait_healthy(*addr, Duration::from_secs(30))
+                .await
+                .map_err(|reason| UpError::Service {
+                    name: name.clone(),
+                    reason,
+                })?;
         }
-        if let Some(up) = config.upstreams.get_mut(kind.name()) {
-            if up.endpoints.is_empty() {
-                up.endpoints = instances.iter().map(|(_, a, _)| a.to_string()).collect();
-            }
+        if let Some(up) = config.upstreams.get_mut(kind.name())
+            && up.endpoints.is_empty()
+        {
+            up.endpoints = instances.iter().map(|(_, a, _)| a.to_string()).collect();
         }
         states.push(ServiceState {
             name: kind.name().to_string(),

@@ -13,7 +13,11 @@ use passerelle_config::{CONFIG_ENV, Config, EXIT_CONFIG};
 use passerelle_services::{ServiceKind, ServiceOptions};
 
 #[derive(Debug, Parser)]
-#[command(name = "passerelle", version, about = "API gateway and microservices platform on Redis")]
+#[command(
+    name = "passerelle",
+    version,
+    about = "API gateway and microservices platform on Redis"
+)]
 struct Cli {
     /// Configuration file (TOML). Without it, the built-in default configuration is used.
     #[arg(long, global = true, env = CONFIG_ENV)]
@@ -146,8 +150,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(l) = listen {
                 config.gateway.listen = l;
             }
-            passerelle_http::telemetry::init(&config.telemetry).map_err(|e| UsageError(e.to_string()))?;
-            if let Some((name, _)) = config.upstreams.iter().find(|(_, u)| u.endpoints.is_empty()) {
+            passerelle_http::telemetry::init(&config.telemetry)
+                .map_err(|e| UsageError(e.to_string()))?;
+            if let Some((name, _)) = config
+                .upstreams
+                .iter()
+                .find(|(_, u)| u.endpoints.is_empty())
+            {
                 return Err(UsageError(format!(
                     "upstreams.{name}.endpoints is empty; the gateway role needs the address of every instance \
                      (or use `passerelle up`, which starts them)"
@@ -156,7 +165,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             runtime(config.gateway.worker_threads)?.block_on(async {
                 let listener = bind(config.gateway.listen).await?;
-                passerelle_gateway::run(&config, listener, passerelle_http::shutdown::signal()).await?;
+                passerelle_gateway::run(&config, listener, passerelle_http::shutdown::signal())
+                    .await?;
                 Ok(())
             })
         }
@@ -168,17 +178,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             worker_threads,
             seed,
         } => {
-            let kind = ServiceKind::from_name(&name)
-                .ok_or_else(|| UsageError(format!("unknown service {name:?}; known: users, products")))?;
+            let kind = ServiceKind::from_name(&name).ok_or_else(|| {
+                UsageError(format!("unknown service {name:?}; known: users, products"))
+            })?;
             let config = load_config(cli.config.as_deref())?;
-            passerelle_http::telemetry::init(&config.telemetry).map_err(|e| UsageError(e.to_string()))?;
+            passerelle_http::telemetry::init(&config.telemetry)
+                .map_err(|e| UsageError(e.to_string()))?;
             let svc = match kind {
                 ServiceKind::Users => &config.services.users,
                 ServiceKind::Products => &config.services.products,
             };
-            let database_url = database_url.or_else(|| svc.database_url.clone()).unwrap_or_else(|| {
-                format!("sqlite://{}", config.up.data_dir.join(format!("{name}.db")).display())
-            });
+            let database_url = database_url
+                .or_else(|| svc.database_url.clone())
+                .unwrap_or_else(|| {
+                    format!(
+                        "sqlite://{}",
+                        config.up.data_dir.join(format!("{name}.db")).display()
+                    )
+                });
             if seed > 0 {
                 passerelle_services::prepare(kind, &database_url, seed)?;
             }
@@ -197,7 +214,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             runtime(threads)?.block_on(async {
                 let listener = bind(listen).await?;
-                passerelle_services::run(kind, opts, listener, passerelle_http::shutdown::signal()).await?;
+                passerelle_services::run(kind, opts, listener, passerelle_http::shutdown::signal())
+                    .await?;
                 Ok(())
             })
         }
@@ -223,7 +241,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(u) = redis_url {
                 config.redis.url = Some(u);
             }
-            passerelle_http::telemetry::init(&config.telemetry).map_err(|e| UsageError(e.to_string()))?;
+            passerelle_http::telemetry::init(&config.telemetry)
+                .map_err(|e| UsageError(e.to_string()))?;
             let opts = passerelle_supervisor::UpOptions {
                 exe: std::env::current_exe().context("locating the passerelle binary")?,
                 config_path: cli.config.clone(),
@@ -231,7 +250,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime(config.gateway.worker_threads)?.block_on(async {
                 let listener = bind(config.gateway.listen).await?;
                 println!("passerelle up");
-                passerelle_supervisor::run(config, opts, listener, passerelle_http::shutdown::signal()).await?;
+                passerelle_supervisor::run(
+                    config,
+                    opts,
+                    listener,
+                    passerelle_http::shutdown::signal(),
+                )
+                .await?;
                 Ok(())
             })
         }

@@ -286,10 +286,12 @@ impl Upstream {
         self.budget.deposit();
         let mut tried: Vec<usize> = Vec::new();
         let mut attempts = 0u32;
+        let mut last_failure = Failure::NoEndpoint;
         loop {
             attempts += 1;
             let Some(idx) = self.pick(&tried) else {
-                return Err(self.fail(Failure::NoEndpoint, attempts - 1));
+                // Every endpoint has been tried: report what actually went wrong.
+                return Err(self.fail(last_failure, attempts - 1));
             };
             let endpoint = &self.endpoints[idx];
             let try_deadline = deadline.min(Instant::now() + self.config.try_timeout.get());
@@ -344,6 +346,7 @@ impl Upstream {
                 elapsed,
                 AttemptResult::of_failure(failure),
             );
+            last_failure = failure;
             let safe = failure == Failure::Connect || is_idempotent(&out.method);
             if !(safe && self.may_retry(attempts, deadline, failure.as_str())) {
                 return Err(self.fail(failure, attempts));

@@ -1,0 +1,286 @@
+//! Bad requests and bad configuration: each gets a clear problem (or message) and the right
+//! status (or exit code), and nothing is written.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http::Method;
+use passerelle_config::Balance;
+use passerelle_services::ServiceKind;
+
+struct Fixture {
+    gw: Gateway,
+    _svc: Vec<InProcess>,
+    _dir: tempfile::TempDir,
+}
+
+async fn platform() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let udb = seeded_db(dir.path(), ServiceKind::Users, 10);
+    let pdb = seeded_db(dir.path(), ServiceKind::Products, 10);
+    let users = service_in_process(ServiceKind::Users, &udb, "users-1").await;
+    let products = service_in_process(ServiceKind::Products, &pdb, "products-1").await;
+    let gw = gateway(config_with(
+        fast_pool(&[users.addr], Balance::RoundRobin),
+        fast_pool(&[products.addr], Balance::RoundRobin),
+    ))
+    .await;
+    Fixture {
+        gw,
+        _svc: vec![users, products],
+        _dir: dir,
+    }
+}
+
+#[tokio::test]
+async fn routing_errors() {
+    let f = platform().await;
+    let p = f.gw.http.get("/nowhere").await.assert_problem(404);
+    assert_eq!(p["detail"], "no route matches this path");
+    let r =
+        f.gw.http
+            .send(Method::DELETE, "/users", &[], Bytes::new())
+            .await;
+    r.assert_problem(405);
+    assert_eq!(r.header("allow"), Some("GET, HEAD, POST"));
+    // Ids are checked by the owning service; the gateway passes its problem through.
+    let p = f.gw.http.get("/users/abc").await.assert_problem(400);
+    assert_eq!(p["param"], "id");
+    f.gw.http.get("/products/0").await.assert_problem(400);
+    f.gw.http.get("/products/12345").await.assert_problem(404);
+}
+
+#[tokio::test]
+async fn bodies_are_bounded_and_checked() {
+    let f = platform().await;
+    let json = [("content-type", "application/json")];
+    // Over the gateway's 1 MiB limit: refused before anything goes upstream.
+    let huge = Bytes::from(vec![b'x'; 2 * 1024 * 1024]);
+    let p =
+        f.gw.http
+            .send(Method::POST, "/users", &json, huge)
+            .await
+            .assert_problem(413);
+    assert_eq!(p["limit"], 1024 * 1024);
+    // Same without a Content-Length (chunked): the limit holds while reading.
+    let stream = futures_util::stream::iter(
+        (0..40).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![b'x'; 64 * 1024]))),
+    );
+    let body = http_body_util::StreamBody::new(futures_util::StreamExt::map(stream, |r| {
+        r.map(hyper::body::Frame::data)
+    }));
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let req = http::Request::post(format!("http://{}/users", f.gw.addr))
+        .header("content-type", "application/json")
+        .body(body)
+        .unwrap();
+    let res = client.request(req).await.unwrap();
+    assert_eq!(res.status(), 413);
+
+    // Under the gateway's limit, the service's own rules apply and pass through intact.
+    f.gw.http
+        .send(
+            Method::POST,
+            "/users",
+            &json,
+            Bytes::from("{\"username\": "),
+        )
+        .await
+        .assert_problem(400);
+    f.gw.http
+        .send(
+            Method::POST,
+            "/users",
+            &[("content-type", "text/csv")],
+            Bytes::from("a,b"),
+        )
+        .await
+        .assert_problem(415);
+    let p =
+        f.gw.http
+            .send(
+                Method::POST,
+                "/users",
+                &json,
+                Bytes::from(r#"{"username":"ok_name","email":"bad","name":"N"}"#),
+            )
+            .await
+            .assert_problem(422);
+    assert_eq!(p["errors"][0]["field"], "email");
+    let big = format!(
+        r#"{{"username":"abc","email":"a@b.co","name":"{}"}}"#,
+        "n".repeat(100_000)
+    );
+    f.gw.http
+        .send(Method::POST, "/users", &json, Bytes::from(big))
+        .await
+        .assert_problem(413);
+
+    // Nothing was created by any of the above.
+    let page = f.gw.http.get("/users?limit=500").await.json();
+    assert_eq!(page["items"].as_array().unwrap().len(), 10);
+}
+
+#[tokio::test]
+async fn request_ids_are_kept_generated_and_passed_upstream() {
+    let (echo, _stop) = slow_upstream("echo", std::time::Duration::ZERO).await;
+    let gw = gateway(config_with(
+        fast_pool(&[echo], Balance::RoundRobin),
+        fast_pool(&[echo], Balance::RoundRobin),
+    ))
+    .await;
+    let r = gw
+        .http
+        .send(
+            Method::GET,
+            "/users/1",
+            &[("x-request-id", "client-id-7")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.header("x-request-id"), Some("client-id-7"));
+    assert_eq!(
+        r.json()["request_id"],
+        "client-id-7",
+        "the upstream saw the same id"
+    );
+    let r = gw.http.get("/users/1").await;
+    let generated = r.header("x-request-id").unwrap().to_string();
+    assert_eq!(generated.len(), 32);
+    assert_eq!(r.json()["request_id"], generated.as_str());
+    let too_long = "x".repeat(500);
+    let r = gw
+        .http
+        .send(
+            Method::GET,
+            "/users/1",
+            &[("x-request-id", &too_long)],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(
+        r.header("x-request-id").unwrap().len(),
+        32,
+        "a hostile id is replaced"
+    );
+}
+
+#[tokio::test]
+async fn operations_endpoints() {
+    let f = platform().await;
+    assert_eq!(f.gw.http.get("/health").await.status, 200);
+    let r = f.gw.http.get("/ready").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json()["checks"]["upstream:users"]["details"]["available"],
+        1
+    );
+    f.gw.http.get("/api/1/2").await;
+    f.gw.http.get("/nowhere").await;
+    let m = f.gw.http.get("/metrics").await.text();
+    for needle in [
+        r#"passerelle_http_requests_total{service="gateway",route="user-and-product",method="GET",status="200"}"#,
+        r#"passerelle_http_requests_total{service="gateway",route="unmatched",method="GET",status="404"}"#,
+        r#"passerelle_upstream_requests_total{upstream="users""#,
+        r#"passerelle_upstream_endpoint_available{upstream="users""#,
+        "passerelle_http_request_duration_seconds_bucket",
+    ] {
+        assert!(m.contains(needle), "missing {needle} in:\n{m}");
+    }
+}
+
+#[tokio::test]
+async fn not_ready_when_a_pool_has_no_live_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let udb = seeded_db(dir.path(), ServiceKind::Users, 1);
+    let users = service_in_process(ServiceKind::Users, &udb, "users-1").await;
+    let gw = gateway(config_with(
+        fast_pool(&[users.addr], Balance::RoundRobin),
+        fast_pool(&[dead_address()], Balance::RoundRobin),
+    ))
+    .await;
+    let http = gw.http.clone();
+    passerelle_testkit::wait_until(
+        std::time::Duration::from_secs(5),
+        "readiness to turn 503",
+        || {
+            let http = http.clone();
+            async move { http.get("/ready").await.status == 503 }
+        },
+    )
+    .await;
+    let r = gw.http.get("/ready").await.json();
+    assert_eq!(r["checks"]["upstream:products"]["ok"], false);
+    assert_eq!(r["checks"]["upstream:users"]["ok"], true);
+}
+
+fn run_bin(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(args).env_remove("PASSERELLE_CONFIG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn invalid_config_exits_64_naming_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[upstreams.users]\nendpoints = [\"127.0.0.1:1\"]\n\n[[routes]]\nname = \"u\"\npath = \"/u/{id}\"\nupstream = \"userz\"\n",
+    )
+    .unwrap();
+    let p = path.to_str().unwrap();
+    for args in [
+        vec!["--config", p, "config", "check"],
+        vec!["--config", p, "gateway"],
+        vec!["--config", p, "up"],
+    ] {
+        let out = run_bin(&args, &[]);
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("bad.toml:7:")
+                && err.contains("routes[0].upstream: unknown upstream \"userz\""),
+            "{err}"
+        );
+    }
+    std::fs::write(
+        &path,
+        "[gateway]\nlisten = \"127.0.0.1:80\"\nmax_connections = -5\n",
+    )
+    .unwrap();
+    let out = run_bin(&["--config", p, "config", "check"], &[]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("bad.toml:3:"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run_bin(
+        &["config", "check"],
+        &[("PASSERELLE_GATEWAY__REQUEST_TIMEOUT", "forever")],
+    );
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PASSERELLE_GATEWAY__REQUEST_TIMEOUT"));
+    let out = run_bin(
+        &["--config", "/does/not/exist.toml", "config", "check"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(64));
+    let out = run_bin(&["config", "check"], &[]);
+    assert!(out.status.success(), "the default config is valid");
+    let out = run_bin(&["gateway"], &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "the gateway role needs endpoints"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("endpoints is empty"));
+}

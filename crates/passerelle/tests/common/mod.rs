@@ -1,0 +1,212 @@
+//! Builders for end-to-end tests: service instances (in-process or as real child processes
+//! of the `passerelle` binary), a gateway on port 0, deliberately slow or dead upstreams.
+//! Everything binds 127.0.0.1 and stops when its handle drops.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use passerelle_config::{Balance, Config, Dur, UpstreamConfig};
+use passerelle_services::{ServiceKind, ServiceOptions};
+use passerelle_testkit::HttpClient;
+use tokio::sync::oneshot;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_passerelle");
+
+/// A seeded SQLite database for `kind` in `dir`; returns its URL.
+pub fn seeded_db(dir: &Path, kind: ServiceKind, rows: u64) -> String {
+    let url = format!(
+        "sqlite://{}",
+        dir.join(format!("{}.db", kind.name())).display()
+    );
+    passerelle_services::prepare(kind, &url, rows).unwrap();
+    url
+}
+
+/// A service instance running as a task of the test process.
+pub struct InProcess {
+    pub addr: SocketAddr,
+    _stop: oneshot::Sender<()>,
+}
+
+pub async fn service_in_process(kind: ServiceKind, db_url: &str, instance: &str) -> InProcess {
+    let (listener, addr) = passerelle_testkit::listener().await;
+    let (tx, rx) = oneshot::channel::<()>();
+    let opts = ServiceOptions {
+        database_url: db_url.to_string(),
+        instance: instance.to_string(),
+        max_request_body: 64 * 1024,
+        grace: Duration::from_secs(1),
+        access_log: false,
+        read_connections: 2,
+    };
+    tokio::spawn(passerelle_services::run(kind, opts, listener, async {
+        let _ = rx.await;
+    }));
+    InProcess { addr, _stop: tx }
+}
+
+/// A service instance as a real child process of the binary, killed (by PID) on drop.
+pub struct ServiceProcess {
+    pub addr: SocketAddr,
+    pub name: String,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl ServiceProcess {
+    pub async fn spawn(kind: ServiceKind, db_url: &str, name: &str) -> Self {
+        let addr = SocketAddr::from(([127, 0, 0, 1], passerelle_testkit::free_port()));
+        let args = vec![
+            "service".to_string(),
+            kind.name().to_string(),
+            "--listen".into(),
+            addr.to_string(),
+            "--database-url".into(),
+            db_url.to_string(),
+            "--instance".into(),
+            name.to_string(),
+            "--worker-threads".into(),
+            "1".into(),
+        ];
+        let mut p = Self {
+            addr,
+            name: name.to_string(),
+            args,
+            child: None,
+        };
+        p.start().await;
+        p
+    }
+
+    /// Starts (again) on the same port and waits until `/health` answers.
+    pub async fn start(&mut self) {
+        let child = Command::new(BIN)
+            .args(&self.args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let http = HttpClient::new(format!("http://{}", self.addr));
+        passerelle_testkit::wait_until(Duration::from_secs(20), "service health", || {
+            let http = http.clone();
+            async move {
+                matches!(http.try_send(http::Method::GET, "/health", &[], bytes::Bytes::new()).await, Ok(r) if r.status == 200)
+            }
+        })
+        .await;
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL: the instance dies without closing anything gracefully.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An upstream pool config with fast health checks and ejection, for tests.
+pub fn fast_pool(endpoints: &[SocketAddr], balance: Balance) -> UpstreamConfig {
+    let mut u = UpstreamConfig {
+        endpoints: endpoints.iter().map(|a| a.to_string()).collect(),
+        balance,
+        ..UpstreamConfig::default()
+    };
+    u.health_check.interval = Dur::millis(100);
+    u.health_check.timeout = Dur::millis(200);
+    u.health_check.unhealthy_threshold = 1;
+    u.health_check.healthy_threshold = 1;
+    u.outlier_detection.consecutive_failures = 2;
+    u.outlier_detection.base_ejection_time = Dur::millis(500);
+    u.outlier_detection.max_ejection_time = Dur::secs(2);
+    u.connect_timeout = Dur::millis(200);
+    u.try_timeout = Dur::secs(2);
+    u
+}
+
+/// The shipped default configuration with the two pools pointed at `users` and `products`.
+pub fn config_with(users: UpstreamConfig, products: UpstreamConfig) -> Config {
+    let mut c = Config::load(None, Vec::new()).unwrap();
+    c.upstreams.insert("users".into(), users);
+    c.upstreams.insert("products".into(), products);
+    c
+}
+
+/// A gateway running in the test process.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub http: HttpClient,
+    _stop: oneshot::Sender<()>,
+}
+
+pub async fn gateway(config: Config) -> Gateway {
+    let (listener, addr) = passerelle_testkit::listener().await;
+    let (tx, rx) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        passerelle_gateway::run(&config, listener, async {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    Gateway {
+        addr,
+        http: HttpClient::new(format!("http://{addr}")),
+        _stop: tx,
+    }
+}
+
+/// A real HTTP server that answers every request after `delay` with a JSON body naming
+/// itself and echoing the request id it received; `/health` answers at once. It stands in
+/// for a slow instance, which no real service can be made into on demand.
+pub async fn slow_upstream(
+    name: &'static str,
+    delay: Duration,
+) -> (SocketAddr, oneshot::Sender<()>) {
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .fallback(move |headers: http::HeaderMap| async move {
+            tokio::time::sleep(delay).await;
+            let rid = headers
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            (
+                [("content-type", "application/json"), ("x-served-by", name)],
+                serde_json::json!({ "served_by": name, "request_id": rid }).to_string(),
+            )
+        });
+    let (listener, addr) = passerelle_testkit::listener().await;
+    let (tx, rx) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = rx.await;
+            })
+            .await;
+    });
+    (addr, tx)
+}
+
+/// An address where nothing listens (connections are refused).
+pub fn dead_address() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], passerelle_testkit::free_port()))
+}
