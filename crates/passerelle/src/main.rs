@@ -12,6 +12,12 @@ use clap::{Parser, Subcommand};
 use passerelle_config::{CONFIG_ENV, Config, EXIT_CONFIG};
 use passerelle_services::{ServiceKind, ServiceOptions};
 
+/// mimalloc instead of glibc malloc: a proxy allocates and frees many small buffers per
+/// request from several threads, which glibc's allocator serves measurably slower (see the
+/// bench figures in ARCHITECTURE.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "passerelle",

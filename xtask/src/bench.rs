@@ -1,0 +1,518 @@
+//! `cargo xtask bench`: one run, one machine, loopback only, bounded in time.
+//!
+//! Starts `passerelle up` (release build, 3 instances per service), then nginx from Debian
+//! proxying round robin with upstream keep-alive to the *same* users instances, and drives
+//! each target with wrk (random ids over the 10,000 demo rows):
+//!
+//! 1. `/api/{u}/{p}` through the gateway (composition: two upstream calls per request);
+//! 2. `/users/{id}` through the gateway;
+//! 3. `/users/{id}` on the three instances directly (three wrk processes, summed);
+//! 4. `/users/{id}` through nginx.
+//!
+//! For the proxies it also reads the CPU time they used (from /proc), so the table shows
+//! what each request costs the proxy, not only how fast the whole machine went.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{Result, ensure_packages};
+
+struct Options {
+    duration: u64,
+    connections: u32,
+    threads: u32,
+}
+
+fn parse_args(args: &[String]) -> Result<Options> {
+    let mut o = Options {
+        duration: 10,
+        connections: 64,
+        threads: 2,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| -> Result<u64> {
+            it.next()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| format!("{name} needs a positive number"))
+        };
+        match a.as_str() {
+            "--duration" => o.duration = value("--duration")?.clamp(1, 300),
+            "--connections" => o.connections = value("--connections")?.clamp(3, 4096) as u32,
+            "--threads" => o.threads = value("--threads")?.clamp(1, 16) as u32,
+            other => return Err(format!("unknown option {other}")),
+        }
+    }
+    Ok(o)
+}
+
+/// A process stopped (by PID) when dropped.
+struct Guard {
+    name: &'static str,
+    child: Child,
+    signal: &'static str,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args([self.signal, &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            wait_a_moment();
+        }
+        eprintln!("{} did not stop in time; killing it", self.name);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[allow(clippy::disallowed_methods)]
+fn wait_a_moment() {
+    // Polling a readiness or exit condition; returns as soon as it holds.
+    std::thread::sleep(Duration::from_millis(20));
+}
+
+fn free_port() -> Result<u16> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| e.to_string())
+}
+
+/// Sends a GET and returns whether the answer was 200.
+fn get_ok(addr: &str, path: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .is_err()
+    {
+        return false;
+    }
+    let mut buf = [0u8; 12];
+    s.read_exact(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.1 200")
+}
+
+fn wait_ok(addr: &str, path: &str) -> Result {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !get_ok(addr, path) {
+        if Instant::now() > deadline {
+            return Err(format!("{addr}{path} did not answer 200"));
+        }
+        wait_a_moment();
+    }
+    Ok(())
+}
+
+/// CPU time (user + system, all threads) used so far by the process `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1.split_whitespace().collect::<Vec<_>>();
+            // After the command: state(0) ppid(1) ... utime(11) stime(12).
+            Some(rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|c| {
+            std::fs::read_to_string(format!("/proc/{c}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')?
+                        .1
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse::<u32>()
+                        .ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
+fn ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+#[derive(Debug, Default, Clone)]
+struct WrkResult {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    requests: u64,
+    errors: u64,
+}
+
+fn parse_latency(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("us") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        return None;
+    };
+    num.parse::<f64>().ok().map(|v| v * mult)
+}
+
+fn parse_wrk(out: &str) -> WrkResult {
+    let mut r = WrkResult::default();
+    for line in out.lines() {
+        let t = line.trim();
+        if let Some(v) = t.strip_prefix("Requests/sec:") {
+            r.rps = v.trim().parse().unwrap_or(0.0);
+        } else if let Some(v) = t.strip_prefix("50%") {
+            r.p50_ms = parse_latency(v).unwrap_or(0.0);
+        } else if let Some(v) = t.strip_prefix("99%") {
+            r.p99_ms = parse_latency(v).unwrap_or(0.0);
+        } else if let Some(v) = t.strip_prefix("Non-2xx or 3xx responses:") {
+            r.errors += v.trim().parse::<u64>().unwrap_or(0);
+        } else if let Some(v) = t.strip_prefix("Socket errors:") {
+            r.errors += v
+                .split(',')
+                .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
+                .sum::<u64>();
+        } else if t.contains(" requests in ") {
+            r.requests = t
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+        }
+    }
+    r
+}
+
+fn wrk(script: &Path, url: &str, threads: u32, connections: u32, seconds: u64) -> Child {
+    Command::new("wrk")
+        .args([
+            "-t",
+            &threads.to_string(),
+            "-c",
+            &connections.to_string(),
+            "-d",
+            &format!("{seconds}s"),
+        ])
+        .args(["--latency", "--timeout", "5s", "-s"])
+        .arg(script)
+        .arg(url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run wrk: {e}"))
+}
+
+fn finish(child: Child) -> WrkResult {
+    let out = child
+        .wait_with_output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    parse_wrk(&out)
+}
+
+const USERS_LUA: &str = r#"math.randomseed(42)
+request = function()
+  return wrk.format("GET", "/users/" .. math.random(1, 10000))
+end
+"#;
+
+const API_LUA: &str = r#"math.randomseed(42)
+request = function()
+  return wrk.format("GET", "/api/" .. math.random(1, 10000) .. "/" .. math.random(1, 10000))
+end
+"#;
+
+fn nginx_conf(dir: &Path, port: u16, upstreams: &[String]) -> String {
+    let servers: String = upstreams
+        .iter()
+        .map(|a| format!("        server {a};\n"))
+        .collect();
+    let d = dir.display();
+    format!(
+        r#"worker_processes auto;
+pid {d}/nginx.pid;
+error_log {d}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    upstream users {{
+{servers}        keepalive 256;
+    }}
+    server {{
+        listen 127.0.0.1:{port} reuseport;
+        location / {{
+            proxy_pass http://users;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"#
+    )
+}
+
+struct Row {
+    name: String,
+    result: WrkResult,
+    cpu_us_per_req: Option<f64>,
+}
+
+fn measure(name: &str, script: &Path, url: &str, o: &Options, cpu_pids: &[u32]) -> Row {
+    let tps = ticks_per_second();
+    let before: u64 = cpu_pids.iter().map(|&p| cpu_ticks(p)).sum();
+    let result = finish(wrk(script, url, o.threads, o.connections, o.duration));
+    let after: u64 = cpu_pids.iter().map(|&p| cpu_ticks(p)).sum();
+    let cpu_us_per_req = (!cpu_pids.is_empty() && result.requests > 0)
+        .then(|| (after.saturating_sub(before)) as f64 / tps * 1e6 / result.requests as f64);
+    eprintln!("  {name}: {:.0} req/s", result.rps);
+    Row {
+        name: name.to_string(),
+        result,
+        cpu_us_per_req,
+    }
+}
+
+pub fn run(args: &[String]) -> Result {
+    let o = parse_args(args)?;
+    ensure_packages(&[
+        ("redis-server", "redis-server"),
+        ("nginx", "nginx-light"),
+        ("wrk", "wrk"),
+    ])?;
+    crate::run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args([
+            "build",
+            "--release",
+            "--quiet",
+            "--package",
+            "passerelle",
+        ]),
+    )?;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let bin = root.join("target/release/passerelle");
+    let dir = std::env::temp_dir().join(format!("passerelle-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let result = bench(&o, &bin, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn bench(o: &Options, bin: &Path, dir: &Path) -> Result {
+    let users_lua = dir.join("users.lua");
+    let api_lua = dir.join("api.lua");
+    std::fs::write(&users_lua, USERS_LUA).map_err(|e| e.to_string())?;
+    std::fs::write(&api_lua, API_LUA).map_err(|e| e.to_string())?;
+
+    // The platform.
+    eprintln!("starting passerelle up (release)...");
+    let gw_port = free_port()?;
+    let mut child = Command::new(bin)
+        .args([
+            "up",
+            "--listen",
+            &format!("127.0.0.1:{gw_port}"),
+            "--instances",
+            "3",
+            "--data-dir",
+        ])
+        .arg(dir.join("data"))
+        .env("RUST_LOG", "warn")
+        .env_remove("PASSERELLE_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", bin.display()))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let up = Guard {
+        name: "passerelle up",
+        child,
+        signal: "-INT",
+    };
+    let mut lines = BufReader::new(stdout).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l.starts_with("ready:") => break,
+            Some(Ok(_)) => {}
+            _ => return Err("passerelle up exited before it was ready".into()),
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    let gateway = format!("127.0.0.1:{gw_port}");
+    wait_ok(&gateway, "/api/1/2")?;
+    let state: String =
+        std::fs::read_to_string(dir.join("data/state.json")).map_err(|e| e.to_string())?;
+    let users: Vec<String> = extract_instances(&state, "users");
+    if users.len() != 3 {
+        return Err(format!(
+            "expected 3 users instances in state.json, found {users:?}"
+        ));
+    }
+
+    // The reference: nginx over the same instances.
+    let nginx_port = free_port()?;
+    let ndir = dir.join("nginx");
+    std::fs::create_dir_all(&ndir).map_err(|e| e.to_string())?;
+    let conf = ndir.join("nginx.conf");
+    std::fs::write(&conf, nginx_conf(&ndir, nginx_port, &users)).map_err(|e| e.to_string())?;
+    let nginx_child = Command::new("nginx")
+        .args(["-p"])
+        .arg(&ndir)
+        .arg("-c")
+        .arg(&conf)
+        .args(["-g", "daemon off;"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("starting nginx: {e}"))?;
+    let nginx_pid = nginx_child.id();
+    let _nginx = Guard {
+        name: "nginx",
+        child: nginx_child,
+        signal: "-QUIT",
+    };
+    let nginx = format!("127.0.0.1:{nginx_port}");
+    wait_ok(&nginx, "/users/1")?;
+    let nginx_workers = children_of(nginx_pid);
+
+    // Warm up every path (connection pools, page cache), briefly.
+    for (script, addr) in [
+        (&api_lua, &gateway),
+        (&users_lua, &gateway),
+        (&users_lua, &nginx),
+    ] {
+        finish(wrk(
+            script,
+            &format!("http://{addr}"),
+            o.threads,
+            o.connections,
+            2,
+        ));
+    }
+
+    eprintln!(
+        "measuring ({}s each, {} connections, {} wrk threads)...",
+        o.duration, o.connections, o.threads
+    );
+    let up_pid = up.child.id();
+    let mut rows = vec![
+        measure(
+            "gateway  /api/{u}/{p}  (compose)",
+            &api_lua,
+            &format!("http://{gateway}"),
+            o,
+            &[up_pid],
+        ),
+        measure(
+            "gateway  /users/{id}",
+            &users_lua,
+            &format!("http://{gateway}"),
+            o,
+            &[up_pid],
+        ),
+    ];
+    // Direct: one wrk per instance, at the same total connection count.
+    let per = (o.connections / 3).max(1);
+    let runs: Vec<Child> = users
+        .iter()
+        .map(|a| wrk(&users_lua, &format!("http://{a}"), 1, per, o.duration))
+        .collect();
+    let results: Vec<WrkResult> = runs.into_iter().map(finish).collect();
+    let direct = WrkResult {
+        rps: results.iter().map(|r| r.rps).sum(),
+        p50_ms: results.iter().map(|r| r.p50_ms).sum::<f64>() / results.len() as f64,
+        p99_ms: results.iter().map(|r| r.p99_ms).fold(0.0, f64::max),
+        requests: results.iter().map(|r| r.requests).sum(),
+        errors: results.iter().map(|r| r.errors).sum(),
+    };
+    eprintln!("  users direct: {:.0} req/s", direct.rps);
+    rows.push(Row {
+        name: "direct   /users/{id}  (3 instances)".into(),
+        result: direct,
+        cpu_us_per_req: None,
+    });
+    rows.push(measure(
+        "nginx    /users/{id}",
+        &users_lua,
+        &format!("http://{nginx}"),
+        o,
+        &nginx_workers,
+    ));
+
+    println!();
+    println!("| target | req/s | p50 ms | p99 ms | errors | proxy CPU µs/req |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {:.0} | {:.2} | {:.2} | {} | {} |",
+            r.name,
+            r.result.rps,
+            r.result.p50_ms,
+            r.result.p99_ms,
+            r.result.errors,
+            r.cpu_us_per_req
+                .map_or("-".to_string(), |c| format!("{c:.1}"))
+        );
+    }
+    let (gw, ng) = (&rows[1].result, &rows[3].result);
+    if ng.rps > 0.0 {
+        println!();
+        println!(
+            "gateway / nginx on /users/{{id}}: {:.2}x requests/s, p99 {:.2} ms vs {:.2} ms",
+            gw.rps / ng.rps,
+            gw.p99_ms,
+            ng.p99_ms
+        );
+    }
+    Ok(())
+}
+
+/// Instance addresses of a service from state.json, without a JSON dependency: the file is
+/// ours and its shape is fixed (`"address": "127.0.0.1:port"` inside the service's block).
+fn extract_instances(state: &str, service: &str) -> Vec<String> {
+    let Some(start) = state.find(&format!("\"name\": \"{service}\"")) else {
+        return Vec::new();
+    };
+    let block = &state[start..];
+    let end = block[1..]
+        .find("\"name\": \"products\"")
+        .map_or(block.len(), |e| e + 1);
+    block[..end]
+        .match_indices("\"address\": \"")
+        .filter_map(|(i, m)| {
+            let rest = &block[i + m.len()..];
+            rest.find('"').map(|e| rest[..e].to_string())
+        })
+        .collect()
+}
