@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, Limited};
 use passerelle_config::PathTemplate;
 
 use crate::error::ProxyError;
-use crate::upstream::{Failure, Outgoing, Upstream};
+use crate::upstream::{Client, Failure, Outgoing, Upstream};
 
 /// Largest body accepted from one part.
 const MAX_PART_BODY: usize = 1024 * 1024;
@@ -63,6 +63,7 @@ fn severity(e: &ProxyError) -> u8 {
 
 async fn call_part(
     part: &Part,
+    client: &Client,
     path: PathAndQuery,
     headers: HeaderMap,
     deadline: Instant,
@@ -74,7 +75,7 @@ async fn call_part(
         body: Bytes::new(),
     };
     let upstream = part.upstream.name.to_string();
-    let answer = match part.upstream.send(&out, deadline).await {
+    let answer = match part.upstream.send(client, &out, deadline).await {
         Ok(a) => a,
         Err(e) => {
             let (status, what) = match e.failure {
@@ -152,14 +153,20 @@ async fn call_part(
 /// Calls every part concurrently and merges the answers.
 pub async fn compose(
     parts: &[Part],
+    clients: &[Client],
     paths: Vec<PathAndQuery>,
     headers: HeaderMap,
     deadline: Instant,
 ) -> Result<http::Response<axum::body::Body>, ProxyError> {
-    let calls = parts
-        .iter()
-        .zip(paths)
-        .map(|(part, path)| call_part(part, path, headers.clone(), deadline));
+    let calls = parts.iter().zip(paths).map(|(part, path)| {
+        call_part(
+            part,
+            &clients[part.upstream.index],
+            path,
+            headers.clone(),
+            deadline,
+        )
+    });
     let results = futures_util::future::join_all(calls).await;
 
     let mut worst: Option<ProxyError> = None;

@@ -54,6 +54,8 @@ pub enum GatewayError {
     Routing(#[from] routing::RouteError),
     #[error(transparent)]
     Redis(#[from] passerelle_redis::RedisError),
+    #[error("serving: {0}")]
+    Serve(std::io::Error),
 }
 
 /// A built gateway: routes resolved, pools created. Background tasks (health checks) start
@@ -68,11 +70,11 @@ impl Gateway {
     pub fn new(config: &Config, redis: Option<Redis>) -> Result<Self, GatewayError> {
         passerelle_http::metrics::install();
         let mut pools: BTreeMap<&str, Arc<Upstream>> = BTreeMap::new();
-        for (name, cfg) in &config.upstreams {
+        for (index, (name, cfg)) in config.upstreams.iter().enumerate() {
             if cfg.endpoints.is_empty() {
                 return Err(GatewayError::NoEndpoints(name.clone()));
             }
-            let up = Upstream::new(name, cfg).map_err(|e| GatewayError::Endpoint {
+            let up = Upstream::new(name, index, cfg).map_err(|e| GatewayError::Endpoint {
                 name: name.clone(),
                 reason: e.to_string(),
             })?;
@@ -148,10 +150,17 @@ impl Gateway {
         })
     }
 
-    /// The gateway as a `tower::Service` for [`passerelle_http::serve`].
+    /// The gateway as a `tower::Service` for [`passerelle_http::serve`], with its own
+    /// upstream connection pools: call it once per serving thread.
     pub fn service(&self) -> GatewayService {
         GatewayService {
             inner: self.inner.clone(),
+            clients: self
+                .inner
+                .upstreams
+                .iter()
+                .map(|u| u.new_client())
+                .collect(),
         }
     }
 
@@ -203,6 +212,14 @@ fn readiness(upstreams: &[Arc<Upstream>], redis: Option<Redis>) -> Readiness {
 
 /// Serves the gateway on `listener` until `shutdown` resolves, then drains within
 /// `gateway.shutdown_grace`.
+///
+/// Serving is thread-per-core: `gateway.worker_threads` OS threads (one per CPU by default),
+/// each with a single-threaded runtime, its own accept loop on the shared listening socket,
+/// and its own upstream connection pools. A request is accepted, proxied and answered on one
+/// thread, so no task migrates and no wakeup crosses threads; what threads share (routes,
+/// endpoint health, retry budgets) is read-mostly and atomic. Measured against Tokio's
+/// work-stealing runtime in `cargo xtask bench` (see ARCHITECTURE.md). Background work
+/// (health checks, Redis monitoring) stays on the caller's runtime.
 pub async fn run(
     config: &Config,
     listener: tokio::net::TcpListener,
@@ -215,18 +232,62 @@ pub async fn run(
     }
     let gateway = Gateway::new(config, redis)?;
     gateway.start_background(&token);
-    tracing::info!(
-        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        routes = config.routes.len(),
-        upstreams = config.upstreams.len(),
-        "gateway serving"
-    );
+    let threads = match config.gateway.worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let local = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let listener = listener.into_std().map_err(GatewayError::Serve)?;
     let opts = ServeOptions {
-        max_connections: config.gateway.max_connections,
+        max_connections: config.gateway.max_connections.div_ceil(threads),
         grace: config.gateway.shutdown_grace.get(),
         ..ServeOptions::default()
     };
-    passerelle_http::serve(listener, gateway.service(), opts, token).await;
+    let mut workers = Vec::with_capacity(threads);
+    for i in 0..threads {
+        let listener = listener.try_clone().map_err(GatewayError::Serve)?;
+        let (gateway, token, opts) = (gateway.clone(), token.clone(), opts.clone());
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Result<(), std::io::Error>>();
+        std::thread::Builder::new()
+            .name(format!("gateway-{i}"))
+            .spawn(move || {
+                let result = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .and_then(|rt| {
+                        rt.block_on(async move {
+                            let listener = tokio::net::TcpListener::from_std(listener)?;
+                            passerelle_http::serve(listener, gateway.service(), opts, token).await;
+                            Ok(())
+                        })
+                    });
+                let _ = done_tx.send(result);
+            })
+            .map_err(GatewayError::Serve)?;
+        workers.push(done_rx);
+    }
+    tracing::info!(listen = %local, threads, routes = config.routes.len(), upstreams = config.upstreams.len(), "gateway serving");
+    let mut first_error = None;
+    for w in workers {
+        match w.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                // One thread failing (e.g. cannot create its runtime) stops the others too.
+                token.cancel();
+                first_error.get_or_insert(GatewayError::Serve(e));
+            }
+            Err(_) => {
+                token.cancel();
+                first_error.get_or_insert(GatewayError::Serve(std::io::Error::other(
+                    "a serving thread panicked",
+                )));
+            }
+        }
+    }
+    token.cancel();
     tracing::info!("gateway stopped");
-    Ok(())
+    first_error.map_or(Ok(()), Err)
 }

@@ -39,7 +39,7 @@ use crate::compose::{self, Part};
 use crate::error::ProxyError;
 use crate::proxy;
 use crate::routing::{Miss, RouteTable};
-use crate::upstream::{Outgoing, Upstream};
+use crate::upstream::{Client, Outgoing, Upstream};
 
 /// What a route does.
 #[derive(Debug)]
@@ -116,10 +116,18 @@ pub struct Inner {
     pub(crate) unmatched: RouteMetrics,
 }
 
-/// The gateway as a cloneable `tower::Service`.
-#[derive(Debug, Clone)]
+/// The gateway as a cloneable `tower::Service`, with the upstream connection pools of one
+/// serving thread (indexed like `Inner::upstreams`).
+#[derive(Clone)]
 pub struct GatewayService {
     pub(crate) inner: Arc<Inner>,
+    pub(crate) clients: Arc<[Client]>,
+}
+
+impl std::fmt::Debug for GatewayService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayService").finish_non_exhaustive()
+    }
 }
 
 impl tower::Service<Request<Incoming>> for GatewayService {
@@ -133,7 +141,8 @@ impl tower::Service<Request<Incoming>> for GatewayService {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let inner = self.inner.clone();
-        Box::pin(async move { Ok(inner.handle(req).await) })
+        let clients = self.clients.clone();
+        Box::pin(async move { Ok(inner.handle(req, &clients).await) })
     }
 }
 
@@ -166,13 +175,13 @@ fn with_query(path: String, query: Option<&str>) -> Result<PathAndQuery, ProxyEr
 }
 
 impl Inner {
-    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn handle(&self, req: Request<Incoming>, clients: &[Client]) -> Response<Body> {
         let start = Instant::now();
         let request_id = request_id::accept_or_generate(req.headers().get(request_id::HEADER));
         let method = req.method().clone();
         let access = self.access_log.then(|| req.uri().path().to_string());
 
-        let (route, result) = self.dispatch(req, &request_id, start).await;
+        let (route, result) = self.dispatch(req, clients, &request_id, start).await;
         let mut res = match result {
             Ok(res) => res,
             Err(e) => e.into_response(),
@@ -248,6 +257,7 @@ impl Inner {
     async fn dispatch(
         &self,
         req: Request<Incoming>,
+        clients: &[Client],
         request_id: &HeaderValue,
         start: Instant,
     ) -> (Option<usize>, Result<Response<Body>, ProxyError>) {
@@ -269,6 +279,7 @@ impl Inner {
                 let headers = proxy::upstream_headers(req.headers().clone(), client_ip, request_id);
                 let res = compose::compose(
                     parts,
+                    clients,
                     paths,
                     compose::part_headers(&headers),
                     start + r.timeout,
@@ -293,7 +304,10 @@ impl Inner {
                     headers: proxy::upstream_headers(parts.headers, client_ip, request_id),
                     body,
                 };
-                let res = match upstream.send(&out, deadline).await {
+                let res = match upstream
+                    .send(&clients[upstream.index], &out, deadline)
+                    .await
+                {
                     Ok(answer) => {
                         let (mut head, body) = answer.response.into_parts();
                         proxy::strip_hop_by_hop(&mut head.headers);

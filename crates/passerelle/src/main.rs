@@ -120,11 +120,19 @@ fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
     Config::load(path, std::env::vars()).map_err(|e| UsageError(e.to_string()).into())
 }
 
+/// The async runtime of a role: single-threaded when one thread is asked for (a service
+/// instance under `up`, or the control plane of the gateway, which serves on its own
+/// threads), work-stealing otherwise (0: one worker per CPU).
 fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if worker_threads > 0 {
-        b.worker_threads(worker_threads);
-    }
+    let mut b = if worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if worker_threads > 0 {
+            b.worker_threads(worker_threads);
+        }
+        b
+    };
     b.enable_all().build().context("starting the async runtime")
 }
 
@@ -169,7 +177,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ))
                 .into());
             }
-            runtime(config.gateway.worker_threads)?.block_on(async {
+            // The gateway serves on its own threads (gateway.worker_threads); this runtime
+            // only runs signals, health checks and monitoring.
+            runtime(1)?.block_on(async {
                 let listener = bind(config.gateway.listen).await?;
                 passerelle_gateway::run(&config, listener, passerelle_http::shutdown::signal())
                     .await?;
@@ -253,7 +263,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 exe: std::env::current_exe().context("locating the passerelle binary")?,
                 config_path: cli.config.clone(),
             };
-            runtime(config.gateway.worker_threads)?.block_on(async {
+            // Supervision and the gateway's background work; the gateway serves on its own
+            // threads.
+            runtime(1)?.block_on(async {
                 let listener = bind(config.gateway.listen).await?;
                 println!("passerelle up");
                 passerelle_supervisor::run(

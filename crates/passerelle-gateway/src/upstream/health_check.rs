@@ -7,11 +7,13 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{Request, Uri};
-use http_body_util::Full;
+use http::Method;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::uri::PathAndQuery;
+use http_body_util::{BodyExt, Limited};
 use tokio_util::sync::CancellationToken;
 
-use super::Upstream;
+use super::{Outgoing, Upstream};
 
 /// Runs the checks of `upstream` until `shutdown`. Does nothing when checks are disabled.
 pub fn spawn(upstream: Arc<Upstream>, shutdown: CancellationToken) {
@@ -19,7 +21,17 @@ pub fn spawn(upstream: Arc<Upstream>, shutdown: CancellationToken) {
     if !cfg.enabled || upstream.endpoints.is_empty() {
         return;
     }
+    let Ok(path) = PathAndQuery::try_from(cfg.path.as_str()) else {
+        tracing::error!(upstream = &*upstream.name, path = %cfg.path, "invalid health check path; checks disabled");
+        return;
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::USER_AGENT,
+        HeaderValue::from_static("passerelle-health-check"),
+    );
     tokio::spawn(async move {
+        let client = upstream.new_client();
         let mut tick = tokio::time::interval(cfg.interval.get());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -27,22 +39,28 @@ pub fn spawn(upstream: Arc<Upstream>, shutdown: CancellationToken) {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let checks = upstream.endpoints.iter().map(|e| {
-                let uri = format!("http://{}{}", e.address, cfg.path);
-                let client = upstream.client().clone();
+            let checks = upstream.endpoints.iter().enumerate().map(|(i, e)| {
+                let client = client.clone();
+                let out = Outgoing {
+                    method: Method::GET,
+                    path_and_query: path.clone(),
+                    headers: headers.clone(),
+                    body: Bytes::new(),
+                };
                 async move {
-                    let Ok(uri) = uri.parse::<Uri>() else {
-                        return false;
+                    let probe = async {
+                        let res = client.send(i, &e.address, &e.authority, &out).await.ok()?;
+                        let ok = res.status().is_success();
+                        // Reading the (small) body to its end lets the connection be reused.
+                        Limited::new(res.into_body(), 64 * 1024)
+                            .collect()
+                            .await
+                            .ok()?;
+                        Some(ok)
                     };
-                    let mut req = Request::new(Full::new(Bytes::new()));
-                    *req.uri_mut() = uri;
-                    req.headers_mut().insert(
-                        http::header::USER_AGENT,
-                        http::HeaderValue::from_static("passerelle-health-check"),
-                    );
                     matches!(
-                        tokio::time::timeout(cfg.timeout.get(), client.request(req)).await,
-                        Ok(Ok(res)) if res.status().is_success()
+                        tokio::time::timeout(cfg.timeout.get(), probe).await,
+                        Ok(Some(true))
                     )
                 }
             });

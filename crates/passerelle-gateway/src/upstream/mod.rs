@@ -15,27 +15,23 @@
 //! Each attempt has its own deadline (`try_timeout`), bounded by the request's overall one.
 
 pub mod balance;
+pub mod client;
 pub mod endpoint;
+pub mod h1;
 pub mod health_check;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::uri::{PathAndQuery, Scheme};
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, Method, Response, StatusCode};
 use passerelle_config::UpstreamConfig;
 use tower::retry::budget::{Budget, TpsBudget};
 
 use self::balance::Balancer;
+pub use self::client::{Client, ClientError, UpstreamBody, is_idempotent};
 use self::endpoint::{Endpoint, Outcome};
-
-pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 /// Why a request could not get an answer from a pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,7 +69,7 @@ pub struct Outgoing {
 /// A successful exchange: the response and which endpoint gave it.
 #[derive(Debug)]
 pub struct Answer {
-    pub response: Response<Incoming>,
+    pub response: Response<UpstreamBody>,
     pub endpoint: usize,
     pub attempts: u32,
 }
@@ -167,12 +163,16 @@ impl PoolMetrics {
     }
 }
 
+/// A pool's shared state: endpoints and their health, the balancer, the retry budget. The
+/// connections themselves live in an [`HttpClient`] per serving thread (see
+/// [`Upstream::new_client`]), so that no lock or cache line is shared on the request path.
 pub struct Upstream {
     pub name: Arc<str>,
+    /// Position among the gateway's pools; indexes a thread's clients.
+    pub index: usize,
     pub config: UpstreamConfig,
     pub endpoints: Vec<Endpoint>,
     balancer: Balancer,
-    client: HttpClient,
     budget: TpsBudget,
     metrics: PoolMetrics,
 }
@@ -186,34 +186,21 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
-fn is_idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    )
-}
-
 /// Requests that tried more than this many endpoints stop tracking (retries are capped at 10).
 const MAX_TRIED: usize = 12;
 
 impl Upstream {
-    pub fn new(name: &str, config: &UpstreamConfig) -> Result<Self, http::uri::InvalidUri> {
+    pub fn new(
+        name: &str,
+        index: usize,
+        config: &UpstreamConfig,
+    ) -> Result<Self, http::uri::InvalidUri> {
         let epoch = Instant::now();
         let endpoints = config
             .endpoints
             .iter()
             .map(|a| Endpoint::new(a, epoch))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.connect_timeout.get()));
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(config.max_idle_per_endpoint)
-            .pool_idle_timeout(config.idle_timeout.get())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
         let budget = TpsBudget::new(
             Duration::from_secs(10),
             config.retry.min_retries_per_second,
@@ -222,10 +209,10 @@ impl Upstream {
         let upstream = Self {
             metrics: PoolMetrics::new(name, &endpoints),
             name: Arc::from(name),
+            index,
             config: config.clone(),
             endpoints,
             balancer: Balancer::new(config.balance),
-            client,
             budget,
         };
         for e in &upstream.endpoints {
@@ -234,8 +221,16 @@ impl Upstream {
         Ok(upstream)
     }
 
-    pub fn client(&self) -> &HttpClient {
-        &self.client
+    /// Keep-alive connection pools to this upstream's endpoints, for one serving thread.
+    pub fn new_client(&self) -> Client {
+        Client::new(
+            self.endpoints.len(),
+            client::ClientConfig {
+                connect_timeout: self.config.connect_timeout.get(),
+                idle_timeout: self.config.idle_timeout.get(),
+                max_idle: self.config.max_idle_per_endpoint,
+            },
+        )
     }
 
     /// Endpoints that take new requests now.
@@ -267,22 +262,13 @@ impl Upstream {
         ejected < cap
     }
 
-    fn build(&self, out: &Outgoing, endpoint: &Endpoint) -> Request<Full<Bytes>> {
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(Scheme::HTTP);
-        parts.authority = Some(endpoint.authority.clone());
-        parts.path_and_query = Some(out.path_and_query.clone());
-        let uri = Uri::from_parts(parts).unwrap_or_default();
-        let mut req = Request::new(Full::new(out.body.clone()));
-        *req.method_mut() = out.method.clone();
-        *req.uri_mut() = uri;
-        *req.version_mut() = Version::HTTP_11;
-        *req.headers_mut() = out.headers.clone();
-        req
-    }
-
     /// Sends `out`, retrying where safe, until an answer or `deadline`.
-    pub async fn send(&self, out: &Outgoing, deadline: Instant) -> Result<Answer, SendError> {
+    pub async fn send(
+        &self,
+        client: &Client,
+        out: &Outgoing,
+        deadline: Instant,
+    ) -> Result<Answer, SendError> {
         self.budget.deposit();
         let mut tried: Vec<usize> = Vec::new();
         let mut attempts = 0u32;
@@ -300,7 +286,7 @@ impl Upstream {
                 let _in_flight = endpoint.start();
                 tokio::time::timeout_at(
                     try_deadline.into(),
-                    self.client.request(self.build(out, endpoint)),
+                    client.send(idx, &endpoint.address, &endpoint.authority, out),
                 )
                 .await
             };
@@ -333,7 +319,7 @@ impl Upstream {
                     tried.push(idx);
                     continue;
                 }
-                Ok(Err(e)) if e.is_connect() => Failure::Connect,
+                Ok(Err(ClientError::Connect(_))) => Failure::Connect,
                 Ok(Err(e)) => {
                     tracing::debug!(upstream = &*self.name, endpoint = %endpoint.address, error = ?e, "upstream request failed");
                     Failure::Reset
