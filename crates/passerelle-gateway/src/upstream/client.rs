@@ -185,10 +185,10 @@ impl Client {
         }
 
         let head = loop {
-            if !conn.buf.is_empty() {
-                if let Some(h) = h1::parse_response(&mut conn.buf, &out.method)? {
-                    break h;
-                }
+            if !conn.buf.is_empty()
+                && let Some(h) = h1::parse_response(&mut conn.buf, &out.method)?
+            {
+                break h;
             }
             conn.buf.reserve(READ_CHUNK);
             let n = tokio::io::AsyncReadExt::read_buf(&mut conn.stream, &mut conn.buf)
@@ -249,12 +249,10 @@ impl UpstreamBody {
             BodyFraming::Length(0) | BodyFraming::Chunked(Chunked::Done) => true,
             BodyFraming::Length(_) | BodyFraming::Chunked(_) | BodyFraming::UntilClose => false,
         };
-        if done {
-            if let Some(conn) = self.conn.take() {
-                // Bytes beyond the message mean the upstream broke framing: do not reuse.
-                if self.keep_alive && conn.buf.is_empty() {
-                    self.pool.checkin(self.endpoint, conn);
-                }
+        if done && let Some(conn) = self.conn.take() {
+            // Bytes beyond the message mean the upstream broke framing: do not reuse.
+            if self.keep_alive && conn.buf.is_empty() {
+                self.pool.checkin(self.endpoint, conn);
             }
         }
     }
