@@ -107,8 +107,11 @@ pub struct GatewayConfig {
     pub request_timeout: Dur,
     /// How long in-flight requests may take to finish after a shutdown signal.
     pub shutdown_grace: Dur,
-    /// Worker threads of the gateway's runtime; 0 means one per CPU.
+    /// Serving threads; 0 means one per CPU.
     pub worker_threads: usize,
+    /// Also accept HTTP/2 over cleartext with prior knowledge (h2c), e.g. from gRPC clients.
+    /// Off by default: HTTP/1.1-only connections skip a protocol-sniffing layer.
+    pub http2: bool,
 }
 
 impl Default for GatewayConfig {
@@ -120,6 +123,7 @@ impl Default for GatewayConfig {
             request_timeout: Dur::secs(15),
             shutdown_grace: Dur::secs(10),
             worker_threads: 0,
+            http2: false,
         }
     }
 }

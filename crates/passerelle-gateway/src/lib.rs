@@ -27,6 +27,7 @@ pub mod service;
 pub mod upstream;
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use passerelle_config::{Config, PathTemplate};
@@ -151,7 +152,8 @@ impl Gateway {
     }
 
     /// The gateway as a `tower::Service` for [`passerelle_http::serve`], with its own
-    /// upstream connection pools: call it once per serving thread.
+    /// upstream connection pools: call it once per serving thread, then
+    /// [`GatewayService::for_client`] per connection.
     pub fn service(&self) -> GatewayService {
         GatewayService {
             inner: self.inner.clone(),
@@ -161,6 +163,7 @@ impl Gateway {
                 .iter()
                 .map(|u| u.new_client())
                 .collect(),
+            client: proxy::ClientAddr::new(IpAddr::from([127, 0, 0, 1])),
         }
     }
 
@@ -244,6 +247,7 @@ pub async fn run(
     let opts = ServeOptions {
         max_connections: config.gateway.max_connections.div_ceil(threads),
         grace: config.gateway.shutdown_grace.get(),
+        http2: config.gateway.http2,
         ..ServeOptions::default()
     };
     let mut workers = Vec::with_capacity(threads);
@@ -260,7 +264,14 @@ pub async fn run(
                     .and_then(|rt| {
                         rt.block_on(async move {
                             let listener = tokio::net::TcpListener::from_std(listener)?;
-                            passerelle_http::serve(listener, gateway.service(), opts, token).await;
+                            let service = gateway.service();
+                            passerelle_http::serve(
+                                listener,
+                                move |peer| service.for_client(peer),
+                                opts,
+                                token,
+                            )
+                            .await;
                             Ok(())
                         })
                     });

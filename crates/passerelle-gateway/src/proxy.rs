@@ -23,8 +23,29 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
-/// Removes hop-by-hop headers, including those named in `Connection`.
+/// The client of a connection: its address, and that address as a header value, formatted
+/// once per connection rather than once per request.
+#[derive(Debug, Clone)]
+pub struct ClientAddr {
+    pub ip: IpAddr,
+    pub header: HeaderValue,
+}
+
+impl ClientAddr {
+    pub fn new(ip: IpAddr) -> Self {
+        let header = HeaderValue::from_str(&ip.to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Self { ip, header }
+    }
+}
+
+/// Removes hop-by-hop headers, including those named in `Connection`. Most messages carry
+/// none, so one pass over the names decides whether any removal (a hash lookup per name) is
+/// needed at all.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     if let Some(conn) = headers.get(header::CONNECTION).cloned()
         && let Ok(list) = conn.to_str()
     {
@@ -44,16 +65,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// `X-Forwarded-Proto` set, `X-Request-Id` set.
 pub fn upstream_headers(
     mut headers: HeaderMap,
-    client: IpAddr,
+    client: &ClientAddr,
     request_id: &HeaderValue,
 ) -> HeaderMap {
     strip_hop_by_hop(&mut headers);
     headers.remove(header::EXPECT);
+    // Three inserts follow: grow once.
+    headers.reserve(3);
     let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.is_empty() => format!("{prior}, {client}"),
-        _ => client.to_string(),
+        Some(prior) if !prior.is_empty() => {
+            HeaderValue::from_str(&format!("{prior}, {}", client.ip)).ok()
+        }
+        _ => Some(client.header.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
@@ -83,7 +108,7 @@ mod tests {
         h.insert(X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.9"));
         let out = upstream_headers(
             h,
-            "10.0.0.1".parse().unwrap(),
+            &ClientAddr::new("10.0.0.1".parse().unwrap()),
             &HeaderValue::from_static("rid"),
         );
         for gone in [

@@ -13,9 +13,7 @@
 //! Later features (rate limits, caching) hook in between 2 and 4, where the route is known
 //! and nothing has been sent upstream yet.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
@@ -30,14 +28,13 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use passerelle_config::PathTemplate;
-use passerelle_http::PeerAddr;
 use passerelle_http::observe::method_label;
 use passerelle_http::ops::Readiness;
 use passerelle_http::request_id;
 
 use crate::compose::{self, Part};
 use crate::error::ProxyError;
-use crate::proxy;
+use crate::proxy::{self, ClientAddr};
 use crate::routing::{Miss, RouteTable};
 use crate::upstream::{Client, Outgoing, Upstream};
 
@@ -62,12 +59,13 @@ pub struct Route {
 }
 
 /// Metric handles of a route. The histogram is created once; counters once per
-/// (method, status) seen, so the request path does no label hashing after warm-up.
+/// (method, status) seen, then found by a short linear scan: a route sees a handful of
+/// combinations, and comparing two small values beats hashing a key.
 #[derive(Debug)]
 pub(crate) struct RouteMetrics {
     name: Arc<str>,
     duration: metrics::Histogram,
-    counters: RwLock<HashMap<(&'static str, u16), metrics::Counter>>,
+    counters: RwLock<Vec<(&'static str, u16, metrics::Counter)>>,
 }
 
 impl RouteMetrics {
@@ -79,14 +77,19 @@ impl RouteMetrics {
                 "service" => "gateway",
                 "route" => name.to_string(),
             ),
-            counters: RwLock::new(HashMap::new()),
+            counters: RwLock::new(Vec::new()),
         }
     }
 
     fn record(&self, method: &Method, status: StatusCode, elapsed: Duration) {
         self.duration.record(elapsed.as_secs_f64());
-        let key = (method_label(method), status.as_u16());
-        if let Some(c) = self.counters.read().ok().and_then(|m| m.get(&key).cloned()) {
+        let (m, s) = (method_label(method), status.as_u16());
+        let find = |v: &[(&'static str, u16, metrics::Counter)]| {
+            v.iter()
+                .find(|(vm, vs, _)| *vs == s && *vm == m)
+                .map(|(_, _, c)| c.clone())
+        };
+        if let Some(c) = self.counters.read().ok().and_then(|v| find(&v)) {
             c.increment(1);
             return;
         }
@@ -94,12 +97,14 @@ impl RouteMetrics {
             "passerelle_http_requests_total",
             "service" => "gateway",
             "route" => self.name.to_string(),
-            "method" => key.0,
+            "method" => m,
             "status" => status.as_str().to_string(),
         );
         c.increment(1);
-        if let Ok(mut m) = self.counters.write() {
-            m.insert(key, c);
+        if let Ok(mut v) = self.counters.write()
+            && find(&v).is_none()
+        {
+            v.push((m, s, c));
         }
     }
 }
@@ -122,6 +127,18 @@ pub struct Inner {
 pub struct GatewayService {
     pub(crate) inner: Arc<Inner>,
     pub(crate) clients: Arc<[Client]>,
+    /// The connection's client.
+    pub(crate) client: ClientAddr,
+}
+
+impl GatewayService {
+    /// The service of one client connection.
+    pub fn for_client(&self, peer: std::net::SocketAddr) -> Self {
+        Self {
+            client: ClientAddr::new(peer.ip()),
+            ..self.clone()
+        }
+    }
 }
 
 impl std::fmt::Debug for GatewayService {
@@ -142,7 +159,8 @@ impl tower::Service<Request<Incoming>> for GatewayService {
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let inner = self.inner.clone();
         let clients = self.clients.clone();
-        Box::pin(async move { Ok(inner.handle(req, &clients).await) })
+        let client = self.client.clone();
+        Box::pin(async move { Ok(inner.handle(req, &clients, &client).await) })
     }
 }
 
@@ -175,13 +193,20 @@ fn with_query(path: String, query: Option<&str>) -> Result<PathAndQuery, ProxyEr
 }
 
 impl Inner {
-    async fn handle(&self, req: Request<Incoming>, clients: &[Client]) -> Response<Body> {
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        clients: &[Client],
+        client: &ClientAddr,
+    ) -> Response<Body> {
         let start = Instant::now();
         let request_id = request_id::accept_or_generate(req.headers().get(request_id::HEADER));
         let method = req.method().clone();
         let access = self.access_log.then(|| req.uri().path().to_string());
 
-        let (route, result) = self.dispatch(req, clients, &request_id, start).await;
+        let (route, result) = self
+            .dispatch(req, clients, client, &request_id, start)
+            .await;
         let mut res = match result {
             Ok(res) => res,
             Err(e) => e.into_response(),
@@ -258,6 +283,7 @@ impl Inner {
         &self,
         req: Request<Incoming>,
         clients: &[Client],
+        client: &ClientAddr,
         request_id: &HeaderValue,
         start: Instant,
     ) -> (Option<usize>, Result<Response<Body>, ProxyError>) {
@@ -265,25 +291,23 @@ impl Inner {
             Ok(p) => p,
             Err(e) => return (None, Err(e)),
         };
-        let client_ip = req
-            .extensions()
-            .get::<PeerAddr>()
-            .map_or(IpAddr::from([127, 0, 0, 1]), |p| p.0.ip());
         match plan {
-            Plan::Ops(o) => (None, Ok(self.ops(o).await)),
+            // Boxed, like every rare path here, so that the proxy path's state stays small.
+            Plan::Ops(o) => (None, Ok(Box::pin(self.ops(o)).await)),
             Plan::Compose { route, paths } => {
                 let r = &self.routes[route];
                 let Action::Compose(parts) = &r.action else {
                     return (Some(route), Err(ProxyError::NoRoute));
                 };
-                let headers = proxy::upstream_headers(req.headers().clone(), client_ip, request_id);
-                let res = compose::compose(
+                let headers = proxy::upstream_headers(req.headers().clone(), client, request_id);
+                // Boxed so that the proxy path's state machine stays small.
+                let res = Box::pin(compose::compose(
                     parts,
                     clients,
                     paths,
                     compose::part_headers(&headers),
                     start + r.timeout,
-                )
+                ))
                 .await;
                 (Some(route), res)
             }
@@ -301,7 +325,7 @@ impl Inner {
                 let out = Outgoing {
                     method: parts.method,
                     path_and_query: path,
-                    headers: proxy::upstream_headers(parts.headers, client_ip, request_id),
+                    headers: proxy::upstream_headers(parts.headers, client, request_id),
                     body,
                 };
                 let res = match upstream
@@ -329,7 +353,8 @@ impl Inner {
     }
 }
 
-/// Phase 3: the request body, bounded in size and time. A body-less request costs nothing.
+/// Phase 3: the request body, bounded in size and time. A body-less request costs nothing
+/// (and no future: the reading one is boxed, off the common path).
 async fn read_body(
     headers: &http::HeaderMap,
     body: Incoming,
@@ -346,7 +371,11 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ProxyError::BodyTooLarge { limit });
     }
-    match tokio::time::timeout_at(deadline.into(), Limited::new(body, limit).collect()).await {
+    let collect = Box::pin(tokio::time::timeout_at(
+        deadline.into(),
+        Limited::new(body, limit).collect(),
+    ));
+    match collect.await {
         Err(_) => Err(ProxyError::BodyTimeout),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {

@@ -22,4 +22,4 @@ pub mod shutdown;
 pub mod telemetry;
 
 pub use problem::Problem;
-pub use server::{PeerAddr, ServeOptions, serve};
+pub use server::{ServeOptions, serve};

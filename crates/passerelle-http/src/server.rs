@@ -21,10 +21,6 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tower::{Service, ServiceExt};
 
-/// The client's socket address, inserted into every request's extensions.
-#[derive(Debug, Clone, Copy)]
-pub struct PeerAddr(pub SocketAddr);
-
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     /// Connections served at once; more wait in the kernel's accept queue.
@@ -33,6 +29,9 @@ pub struct ServeOptions {
     pub grace: Duration,
     /// Deadline for a client to send a request's headers (slow-loris protection).
     pub header_read_timeout: Duration,
+    /// Also accept HTTP/2 with prior knowledge (h2c). HTTP/1.1-only connections skip the
+    /// protocol sniffing layer.
+    pub http2: bool,
 }
 
 impl Default for ServeOptions {
@@ -41,19 +40,24 @@ impl Default for ServeOptions {
             max_connections: 10_000,
             grace: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(30),
+            http2: true,
         }
     }
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Serves `service` on `listener` until `shutdown` is cancelled, then drains.
-pub async fn serve<S, B>(
+/// Serves on `listener` until `shutdown` is cancelled, then drains. `make_service` builds
+/// the service of each connection from the client's address (a service that needs the
+/// address keeps it; others ignore it), so nothing per connection goes through the
+/// per-request extensions map.
+pub async fn serve<M, S, B>(
     listener: TcpListener,
-    service: S,
+    make_service: M,
     opts: ServeOptions,
     shutdown: CancellationToken,
 ) where
+    M: Fn(SocketAddr) -> S,
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Clone
         + Send
@@ -73,6 +77,11 @@ pub async fn serve<S, B>(
         .timer(TokioTimer::new())
         .max_concurrent_streams(256);
     let builder = Arc::new(builder);
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(opts.header_read_timeout)
+        .keep_alive(true);
 
     let permits = Arc::new(Semaphore::new(opts.max_connections.max(1)));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -103,19 +112,29 @@ pub async fn serve<S, B>(
             },
         };
         let _ = stream.set_nodelay(true);
-        let svc = service.clone();
-        let hyper_svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-            req.extensions_mut().insert(PeerAddr(peer));
-            svc.clone().oneshot(req)
-        });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), hyper_svc);
-        let conn = graceful.watch(conn.into_owned());
-        connections.spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
-            }
-            drop(permit);
-        });
+        let svc = make_service(peer);
+        let hyper_svc =
+            hyper::service::service_fn(move |req: Request<Incoming>| svc.clone().oneshot(req));
+        // No protocol upgrades (WebSocket) are proxied, so the plain connection types do:
+        // the upgradeable ones wrap every read and write in one more layer.
+        let io = TokioIo::new(stream);
+        if opts.http2 {
+            let conn = graceful.watch(builder.serve_connection(io, hyper_svc).into_owned());
+            connections.spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, %peer, "connection ended with an error");
+                }
+                drop(permit);
+            });
+        } else {
+            let conn = graceful.watch(http1.serve_connection(io, hyper_svc));
+            connections.spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, %peer, "connection ended with an error");
+                }
+                drop(permit);
+            });
+        }
     }
     drop(listener);
 

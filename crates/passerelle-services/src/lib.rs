@@ -184,7 +184,7 @@ pub async fn run(
         grace: opts.grace,
         ..ServeOptions::default()
     };
-    passerelle_http::serve(listener, app, serve_opts, token).await;
+    passerelle_http::serve(listener, move |_| app.clone(), serve_opts, token).await;
     tracing::info!(service = kind.name(), instance = %opts.instance, "stopped");
     Ok(())
 }

@@ -49,11 +49,13 @@ pub struct ClientConfig {
     pub max_idle: usize,
 }
 
-/// A keep-alive connection with its read buffer (which may hold bytes of the next message).
+/// A keep-alive connection with its read buffer (which may hold bytes of the next message)
+/// and its write buffer (kept, so that encoding a request allocates nothing).
 #[derive(Debug)]
 struct Conn {
     stream: TcpStream,
     buf: BytesMut,
+    wbuf: Vec<u8>,
     idle_since: Instant,
 }
 
@@ -66,17 +68,19 @@ struct Shared {
 }
 
 impl Shared {
-    fn checkin(&self, endpoint: usize, mut conn: Conn) {
+    /// Returns a connection to its pool. `now` is the start of the exchange that just ended:
+    /// idle times are measured coarsely, without reading the clock again.
+    fn checkin(&self, endpoint: usize, mut conn: Conn, now: Instant) {
         let Some(pool) = self.idle.get(endpoint) else {
             return;
         };
-        conn.idle_since = Instant::now();
+        conn.idle_since = now;
         let mut pool = pool.lock().unwrap_or_else(|p| p.into_inner());
         // The oldest connections are at the front; drop those past their idle time.
         let cutoff = self.cfg.idle_timeout;
         let expired = pool
             .iter()
-            .take_while(|c| c.idle_since.elapsed() > cutoff)
+            .take_while(|c| now.saturating_duration_since(c.idle_since) > cutoff)
             .count();
         pool.drain(..expired);
         if pool.len() < self.cfg.max_idle {
@@ -85,11 +89,11 @@ impl Shared {
     }
 
     /// The most recently used idle connection that is still open.
-    fn checkout(&self, endpoint: usize) -> Option<Conn> {
+    fn checkout(&self, endpoint: usize, now: Instant) -> Option<Conn> {
         let pool = self.idle.get(endpoint)?;
         let mut pool = pool.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(conn) = pool.pop() {
-            if conn.idle_since.elapsed() > self.cfg.idle_timeout {
+            if now.saturating_duration_since(conn.idle_since) > self.cfg.idle_timeout {
                 pool.clear();
                 return None;
             }
@@ -141,24 +145,30 @@ impl Client {
         Ok(Conn {
             stream,
             buf: BytesMut::with_capacity(READ_CHUNK),
+            wbuf: Vec::with_capacity(1024),
             idle_since: Instant::now(),
         })
     }
 
     /// Sends `out` to endpoint number `endpoint` (at `address`) and reads the response head.
     /// The body streams from the connection as the returned response's body is polled.
+    /// `now` is when the attempt started (the caller has just read the clock).
     pub async fn send(
         &self,
         endpoint: usize,
         address: &str,
         authority: &Authority,
         out: &Outgoing,
+        now: Instant,
     ) -> Result<Response<UpstreamBody>, ClientError> {
-        let mut conn = match self.shared.checkout(endpoint) {
+        let mut conn = match self.shared.checkout(endpoint, now) {
             Some(c) => c,
-            None => self.connect(address).await?,
+            // Boxed: connecting (with name resolution) is a large future and a rare path;
+            // inline, it would bloat every request's state.
+            None => Box::pin(self.connect(address)).await?,
         };
-        let mut head = Vec::with_capacity(256 + out.headers.len() * 48);
+        let mut head = std::mem::take(&mut conn.wbuf);
+        head.clear();
         h1::encode_request(
             &mut head,
             &out.method,
@@ -167,21 +177,19 @@ impl Client {
             authority,
             out.body.len(),
         );
-        if out.body.len() <= COALESCE_BODY {
+        let written = if out.body.len() <= COALESCE_BODY {
             head.extend_from_slice(&out.body);
-            conn.stream
-                .write_all(&head)
-                .await
-                .map_err(ClientError::Io)?;
+            conn.stream.write_all(&head).await
         } else {
-            conn.stream
-                .write_all(&head)
-                .await
-                .map_err(ClientError::Io)?;
-            conn.stream
-                .write_all(&out.body)
-                .await
-                .map_err(ClientError::Io)?;
+            match conn.stream.write_all(&head).await {
+                Ok(()) => conn.stream.write_all(&out.body).await,
+                Err(e) => Err(e),
+            }
+        };
+        written.map_err(ClientError::Io)?;
+        // Large one-off bodies do not pin their buffer to the connection.
+        if head.capacity() <= 4 * COALESCE_BODY {
+            conn.wbuf = head;
         }
 
         let head = loop {
@@ -214,6 +222,7 @@ impl Client {
             keep_alive: head.keep_alive,
             pool: self.shared.clone(),
             endpoint,
+            started: now,
         };
         body.finish_if_done();
         let mut res = Response::new(body);
@@ -240,6 +249,7 @@ pub struct UpstreamBody {
     keep_alive: bool,
     pool: Arc<Shared>,
     endpoint: usize,
+    started: Instant,
 }
 
 impl UpstreamBody {
@@ -252,7 +262,7 @@ impl UpstreamBody {
         if done && let Some(conn) = self.conn.take() {
             // Bytes beyond the message mean the upstream broke framing: do not reuse.
             if self.keep_alive && conn.buf.is_empty() {
-                self.pool.checkin(self.endpoint, conn);
+                self.pool.checkin(self.endpoint, conn, self.started);
             }
         }
     }

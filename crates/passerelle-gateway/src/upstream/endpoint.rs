@@ -109,9 +109,10 @@ impl Endpoint {
         InFlight(self)
     }
 
-    /// Feeds the latency estimate (peak-EWMA: rises at once, decays slowly).
-    pub fn observe_latency(&self, rtt: Duration) {
-        let now = self.epoch.elapsed().as_nanos() as u64;
+    /// Feeds the latency estimate (peak-EWMA: rises at once, decays slowly) with a round
+    /// trip that ended at `at` (passed in: the caller has just read the clock).
+    pub fn observe_latency(&self, rtt: Duration, at: Instant) {
+        let now = at.saturating_duration_since(self.epoch).as_nanos() as u64;
         let rtt = rtt.as_nanos() as f64;
         let prev = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed));
         let stamp = self.ewma_stamp_ns.swap(now, Ordering::Relaxed);
@@ -255,9 +256,12 @@ mod tests {
     #[test]
     fn latency_estimate_jumps_up_and_decays_down() {
         let e = Endpoint::new("127.0.0.1:1", Instant::now()).unwrap();
-        e.observe_latency(Duration::from_millis(50));
+        e.observe_latency(Duration::from_millis(50), Instant::now());
         assert_eq!(e.latency_ns(), 50_000_000.0);
-        e.observe_latency(Duration::from_millis(1));
+        e.observe_latency(
+            Duration::from_millis(1),
+            Instant::now() + Duration::from_secs(1),
+        );
         assert!(
             e.latency_ns() <= 50_000_000.0 && e.latency_ns() > 1_000_000.0,
             "decays gradually"

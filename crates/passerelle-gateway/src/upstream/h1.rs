@@ -7,10 +7,10 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery};
 use http::{Method, StatusCode};
 
-/// Largest response head accepted from an upstream.
-pub const MAX_HEAD: usize = 64 * 1024;
-/// Most response headers accepted from an upstream.
-pub const MAX_HEADERS: usize = 128;
+/// Largest response head accepted from an upstream (offsets into it fit in a `u16`).
+pub const MAX_HEAD: usize = 64 * 1024 - 1;
+/// Most response headers accepted from an upstream (hyper's default too).
+pub const MAX_HEADERS: usize = 100;
 /// Longest chunk-size line (with extensions) or trailer line accepted.
 const MAX_LINE: usize = 4096;
 
@@ -86,13 +86,19 @@ pub struct Head {
 }
 
 /// Parses a response head at the start of `buf`. Returns `Ok(None)` when more bytes are
-/// needed; on success the head's bytes are removed from `buf` (the body's first bytes stay).
+/// needed; on success the head's bytes are removed from `buf` (the body's first bytes stay),
+/// and the header values share them rather than copy them.
 /// Interim 1xx responses are consumed and skipped.
 pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, ParseError> {
     loop {
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut res = httparse::Response::new(&mut slots);
-        let len = match res.parse(buf) {
+        // Uninitialized slots: httparse writes only those it fills, so no 3 KiB of zeroing
+        // per response.
+        let mut slots =
+            [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut res, buf, &mut slots);
+        let len = match parsed {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => {
                 return if buf.len() > MAX_HEAD {
@@ -114,19 +120,42 @@ pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Head
             continue;
         }
         let http10 = res.version == Some(0);
-        // Header values are copied out of the read buffer: they are small, and the buffer is
-        // reused for the body.
-        let mut headers = HeaderMap::with_capacity(res.headers.len());
+        // Header values become slices of the head's bytes instead of copies: one shared
+        // buffer for all of them. Offsets are taken first, since the slices borrow `buf`.
+        if len > MAX_HEAD {
+            return Err(ParseError::HeadTooLarge);
+        }
+        let base = buf.as_ptr() as usize;
+        // Offsets fit in u16 since the head is shorter than 64 KiB.
+        let offset = |s: &[u8]| ((s.as_ptr() as usize - base) as u16, s.len() as u16);
+        let mut fields = [((0u16, 0u16), (0u16, 0u16)); MAX_HEADERS];
+        let count = res.headers.len();
+        for (slot, h) in fields.iter_mut().zip(res.headers.iter()) {
+            *slot = (offset(h.name.as_bytes()), offset(h.value));
+        }
+        let head = buf.split_to(len).freeze();
+        // Room for the headers the gateway adds (request id), so no rehash follows.
+        let mut headers = HeaderMap::with_capacity(count + 2);
         let mut content_length: Option<u64> = None;
         let mut chunked = false;
         let mut close = http10;
-        for h in res.headers.iter() {
-            let name = HeaderName::from_bytes(h.name.as_bytes())
-                .map_err(|_| ParseError::Head(format!("header name {:?}", h.name)))?;
-            let value = HeaderValue::from_bytes(h.value)
-                .map_err(|_| ParseError::Head(format!("value of {}", h.name)))?;
+        for &((name_at, name_len), (value_at, value_len)) in &fields[..count] {
+            let (name_at, name_len, value_at, value_len) = (
+                name_at as usize,
+                name_len as usize,
+                value_at as usize,
+                value_len as usize,
+            );
+            let raw_name = &head[name_at..name_at + name_len];
+            let raw_value = &head[value_at..value_at + value_len];
+            let name = HeaderName::from_bytes(raw_name).map_err(|_| {
+                ParseError::Head(format!(
+                    "header name {:?}",
+                    String::from_utf8_lossy(raw_name)
+                ))
+            })?;
             if name == header::CONTENT_LENGTH {
-                let n = std::str::from_utf8(h.value)
+                let n = std::str::from_utf8(raw_value)
                     .ok()
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .ok_or_else(|| ParseError::Head("invalid content-length".into()))?;
@@ -136,24 +165,25 @@ pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Head
                 content_length = Some(n);
             } else if name == header::TRANSFER_ENCODING {
                 // Chunked must be the final coding; anything else is read until close.
-                let last = h.value.rsplit(|&b| b == b',').next().unwrap_or(b"");
+                let last = raw_value.rsplit(|&b| b == b',').next().unwrap_or(b"");
                 chunked = last.trim_ascii().eq_ignore_ascii_case(b"chunked");
                 if !chunked {
                     close = true;
                 }
             } else if name == header::CONNECTION {
-                let v = h.value;
-                if v.split(|&b| b == b',')
-                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-                {
+                let has = |token: &[u8]| {
+                    raw_value
+                        .split(|&b| b == b',')
+                        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+                };
+                if has(b"close") {
                     close = true;
-                } else if http10
-                    && v.split(|&b| b == b',')
-                        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"keep-alive"))
-                {
+                } else if http10 && has(b"keep-alive") {
                     close = false;
                 }
             }
+            let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
+                .map_err(|_| ParseError::Head(format!("value of {name}")))?;
             headers.append(name, value);
         }
         let framing = if *method == Method::HEAD
@@ -178,7 +208,6 @@ pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Head
             close = true;
             Framing::UntilClose
         };
-        buf.advance(len);
         return Ok(Some(Head {
             status,
             headers,

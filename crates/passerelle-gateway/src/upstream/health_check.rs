@@ -49,7 +49,10 @@ pub fn spawn(upstream: Arc<Upstream>, shutdown: CancellationToken) {
                 };
                 async move {
                     let probe = async {
-                        let res = client.send(i, &e.address, &e.authority, &out).await.ok()?;
+                        let res = client
+                            .send(i, &e.address, &e.authority, &out, std::time::Instant::now())
+                            .await
+                            .ok()?;
                         let ok = res.status().is_success();
                         // Reading the (small) body to its end lets the connection be reused.
                         Limited::new(res.into_body(), 64 * 1024)

@@ -280,13 +280,13 @@ impl Upstream {
                 return Err(self.fail(last_failure, attempts - 1));
             };
             let endpoint = &self.endpoints[idx];
-            let try_deadline = deadline.min(Instant::now() + self.config.try_timeout.get());
             let started = Instant::now();
+            let try_deadline = deadline.min(started + self.config.try_timeout.get());
             let result = {
                 let _in_flight = endpoint.start();
                 tokio::time::timeout_at(
                     try_deadline.into(),
-                    client.send(idx, &endpoint.address, &endpoint.authority, out),
+                    client.send(idx, &endpoint.address, &endpoint.authority, out, started),
                 )
                 .await
             };
@@ -305,7 +305,13 @@ impl Upstream {
                     } else {
                         Outcome::Success
                     };
-                    self.observe(idx, outcome, elapsed, AttemptResult::of_status(status));
+                    self.observe(
+                        idx,
+                        outcome,
+                        started,
+                        elapsed,
+                        AttemptResult::of_status(status),
+                    );
                     let retry = gateway_status
                         && is_idempotent(&out.method)
                         && self.may_retry(attempts, deadline, "status");
@@ -329,6 +335,7 @@ impl Upstream {
             self.observe(
                 idx,
                 Outcome::GatewayFailure,
+                started,
                 elapsed,
                 AttemptResult::of_failure(failure),
             );
@@ -364,10 +371,17 @@ impl Upstream {
     }
 
     /// Records an attempt's outcome: latency, outlier detection, metrics.
-    fn observe(&self, idx: usize, outcome: Outcome, elapsed: Duration, result: AttemptResult) {
+    fn observe(
+        &self,
+        idx: usize,
+        outcome: Outcome,
+        started: Instant,
+        elapsed: Duration,
+        result: AttemptResult,
+    ) {
         let endpoint = &self.endpoints[idx];
         if outcome == Outcome::Success {
-            endpoint.observe_latency(elapsed);
+            endpoint.observe_latency(elapsed, started + elapsed);
         }
         self.metrics.attempts[idx][result as usize].increment(1);
         self.metrics.duration.record(elapsed.as_secs_f64());
