@@ -23,7 +23,7 @@ use std::path::Path;
 
 pub use model::*;
 pub use template::{PathTemplate, Piece};
-pub use units::{ByteSize, Dur};
+pub use units::{ByteSize, Dur, IpRange};
 
 /// The documented default configuration, the one `passerelle up` runs without `--config`.
 pub const DEFAULT_CONFIG: &str = include_str!("../../../config/passerelle.toml");
@@ -450,6 +450,8 @@ impl Config {
             }
         }
 
+        self.validate_rate_limits(&mut err);
+
         for (name, svc) in [
             ("users", &self.services.users),
             ("products", &self.services.products),
@@ -502,6 +504,115 @@ impl Config {
             }
         }
         errs
+    }
+
+    fn validate_rate_limits(&self, err: &mut impl FnMut(String, String)) {
+        let rl = &self.rate_limiting;
+        if rl.redis_timeout.get().is_zero() {
+            err(
+                "rate_limiting.redis_timeout".into(),
+                "must be greater than 0".into(),
+            );
+        }
+        if rl.breaker_failures == 0 {
+            err(
+                "rate_limiting.breaker_failures".into(),
+                "must be at least 1".into(),
+            );
+        }
+        if rl.gateway_replicas == 0 {
+            err(
+                "rate_limiting.gateway_replicas".into(),
+                "must be at least 1".into(),
+            );
+        }
+        if rl.local_max_keys == 0 {
+            err(
+                "rate_limiting.local_max_keys".into(),
+                "must be at least 1".into(),
+            );
+        }
+        const MAX_PERIOD: std::time::Duration = std::time::Duration::from_secs(366 * 24 * 3600);
+        for (name, l) in &self.rate_limits {
+            let at = |f: &str| format!("rate_limits.{name}.{f}");
+            if !valid_name(name) {
+                err(
+                    format!("rate_limits.{name}"),
+                    "limit names use letters, digits, '-', '_', '.'".into(),
+                );
+            }
+            if l.limit == 0 || l.limit > 1_000_000_000 {
+                err(at("limit"), "must be between 1 and 1000000000".into());
+            }
+            let p = l.period.get();
+            if p < std::time::Duration::from_millis(1) {
+                err(at("period"), "must be at least 1ms".into());
+            } else if p > MAX_PERIOD {
+                err(at("period"), "must be at most 366 days".into());
+            }
+            match (l.algorithm, l.burst) {
+                (LimitAlgorithm::Gcra, Some(b)) if b == 0 || b > 1_000_000_000 => err(
+                    at("burst"),
+                    "must be between 1 and 1000000000 (requests allowed at once)".into(),
+                ),
+                (LimitAlgorithm::SlidingWindow | LimitAlgorithm::FixedWindow, Some(_)) => err(
+                    at("burst"),
+                    "applies to algorithm = \"gcra\" only; a window allows its whole limit at once"
+                        .into(),
+                ),
+                _ => {}
+            }
+            if l.by.is_empty() {
+                err(
+                    at("by"),
+                    "say what to count by: client_ip, route, api_key, user".into(),
+                );
+            }
+            for (j, k) in l.by.iter().enumerate() {
+                if l.by[..j].contains(k) {
+                    err(format!("rate_limits.{name}.by[{j}]"), "listed twice".into());
+                }
+            }
+        }
+        let known = |n: &String| self.rate_limits.contains_key(n);
+        for (j, n) in rl.default_limits.iter().enumerate() {
+            if !known(n) {
+                err(
+                    format!("rate_limiting.default_limits[{j}]"),
+                    format!("unknown limit {n:?}; define it as [rate_limits.{n}]"),
+                );
+            }
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            for (j, n) in r.rate_limits.iter().flatten().enumerate() {
+                if !known(n) {
+                    err(
+                        format!("routes[{i}].rate_limits[{j}]"),
+                        format!("unknown limit {n:?}; define it as [rate_limits.{n}]"),
+                    );
+                }
+            }
+        }
+        let id = &self.gateway.identity;
+        if id.max_forwarded_hops == 0 || id.max_forwarded_hops > 64 {
+            err(
+                "gateway.identity.max_forwarded_hops".into(),
+                "must be between 1 and 64".into(),
+            );
+        }
+        for (f, h) in [
+            ("user_header", &id.user_header),
+            ("api_key_header", &id.api_key_header),
+        ] {
+            if let Some(h) = h
+                && http::HeaderName::from_bytes(h.as_bytes()).is_err()
+            {
+                err(
+                    format!("gateway.identity.{f}"),
+                    format!("{h:?} is not a valid header name"),
+                );
+            }
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use indexmap::IndexMap;
 use serde::Deserialize;
 
-use crate::units::{ByteSize, Dur};
+use crate::units::{ByteSize, Dur, IpRange};
 
 /// The whole configuration of every role. One type, loaded once, read by all.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -22,6 +22,10 @@ pub struct Config {
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     /// The gateway's routes, matched by path template and method.
     pub routes: Vec<RouteConfig>,
+    /// How the gateway applies rate limits (the limits themselves are in `rate_limits`).
+    pub rate_limiting: RateLimitingConfig,
+    /// Named rate limits that routes refer to.
+    pub rate_limits: BTreeMap<String, LimitConfig>,
     pub services: ServicesConfig,
     pub up: UpConfig,
 }
@@ -112,6 +116,142 @@ pub struct GatewayConfig {
     /// Also accept HTTP/2 over cleartext with prior knowledge (h2c), e.g. from gRPC clients.
     /// Off by default: HTTP/1.1-only connections skip a protocol-sniffing layer.
     pub http2: bool,
+    /// The admin API (rate-limit state, later cache purges). Keep it on loopback or a
+    /// private network; unset, there is none.
+    pub admin_listen: Option<SocketAddr>,
+    pub identity: IdentityConfig,
+}
+
+/// Who the caller is, as far as the gateway can tell before authentication.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// Proxies in front of the gateway (IPs or CIDRs). Only when the socket peer is one of
+    /// them are `X-Forwarded-For` / `Forwarded` read, from the right, skipping trusted hops;
+    /// the first untrusted address is the client. Otherwise the client is the socket peer,
+    /// whatever the headers say.
+    pub trusted_proxies: Vec<IpRange>,
+    /// Forwarded hops examined at most; a longer chain is cut (hostile input stays bounded).
+    pub max_forwarded_hops: usize,
+    /// A header carrying the authenticated user, set by an authenticating proxy in front.
+    /// Honoured only from `trusted_proxies`.
+    pub user_header: Option<String>,
+    /// The header carrying the caller's API key.
+    pub api_key_header: Option<String>,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            trusted_proxies: Vec::new(),
+            max_forwarded_hops: 16,
+            user_header: None,
+            api_key_header: Some("x-api-key".into()),
+        }
+    }
+}
+
+/// What a rate limit counts by. A limit may combine several (client IP *and* route).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitKey {
+    /// The client address (see `gateway.identity.trusted_proxies`).
+    ClientIp,
+    /// The route's name: one budget shared by every caller of the route.
+    Route,
+    /// The caller's API key; callers without one are counted by client IP.
+    ApiKey,
+    /// The authenticated user; callers without one are counted by client IP.
+    User,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitAlgorithm {
+    /// Generic cell rate algorithm: a token bucket that stores one timestamp per key.
+    /// `limit` per `period` sustained, up to `burst` at once.
+    #[default]
+    Gcra,
+    /// Sliding window counter: the current window's count plus the previous window's,
+    /// weighted by how much of it still overlaps the last `period`.
+    SlidingWindow,
+    /// Fixed window aligned on the epoch (a "per day" quota resets at 00:00 UTC).
+    FixedWindow,
+}
+
+/// What a limit does when Redis cannot answer in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisFailurePolicy {
+    /// Allow the request.
+    Open,
+    /// Refuse it with 503.
+    Closed,
+    /// Decide in process with a GCRA holding this gateway's share of the limit.
+    #[default]
+    Local,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitingConfig {
+    pub enabled: bool,
+    /// Limits applied to routes that do not list their own `rate_limits`.
+    pub default_limits: Vec<String>,
+    /// Deadline of one Redis decision; past it the limit's failure policy applies.
+    pub redis_timeout: Dur,
+    /// Consecutive Redis failures that open the circuit breaker...
+    pub breaker_failures: u32,
+    /// ...for this long: no Redis call is tried, failure policies apply at once. Then one
+    /// call probes Redis; its success closes the breaker.
+    pub breaker_open_for: Dur,
+    /// Gateways sharing the limits; a `local` fallback allows `limit / gateway_replicas`.
+    pub gateway_replicas: u32,
+    /// Also send `X-RateLimit-Limit`, `X-RateLimit-Remaining`, `X-RateLimit-Reset`.
+    pub legacy_headers: bool,
+    /// Keys held in process (fallback buckets, keys known to be over their limit).
+    pub local_max_keys: u64,
+}
+
+impl Default for RateLimitingConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            default_limits: Vec::new(),
+            redis_timeout: Dur::millis(20),
+            breaker_failures: 3,
+            breaker_open_for: Dur::secs(1),
+            gateway_replicas: 1,
+            legacy_headers: false,
+            local_max_keys: 100_000,
+        }
+    }
+}
+
+/// One rate limit: `limit` requests per `period`, counted by `by`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitConfig {
+    pub by: Vec<LimitKey>,
+    pub limit: u64,
+    pub period: Dur,
+    /// GCRA only: requests allowed at once on a full bucket (default: `limit`).
+    pub burst: Option<u64>,
+    pub algorithm: LimitAlgorithm,
+    pub on_redis_failure: RedisFailurePolicy,
+}
+
+impl Default for LimitConfig {
+    fn default() -> Self {
+        Self {
+            by: vec![LimitKey::ClientIp],
+            limit: 0,
+            period: Dur::secs(1),
+            burst: None,
+            algorithm: LimitAlgorithm::Gcra,
+            on_redis_failure: RedisFailurePolicy::Local,
+        }
+    }
 }
 
 impl Default for GatewayConfig {
@@ -124,6 +264,8 @@ impl Default for GatewayConfig {
             shutdown_grace: Dur::secs(10),
             worker_threads: 0,
             http2: false,
+            admin_listen: None,
+            identity: IdentityConfig::default(),
         }
     }
 }
@@ -269,6 +411,9 @@ pub struct RouteConfig {
     /// Instead of proxying: call several upstreams concurrently and merge their JSON answers
     /// into one object, one member per part, in the order written.
     pub compose: Option<IndexMap<String, ComposePart>>,
+    /// Names of the limits this route applies (default: `rate_limiting.default_limits`;
+    /// `[]` for none).
+    pub rate_limits: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -233,3 +233,93 @@ fn bad_environment_override_names_the_variable() {
         .to_string();
     assert!(e.contains("unknown field `nope`"), "{e}");
 }
+
+#[test]
+fn default_config_limits_the_demo_routes() {
+    let c = Config::load(None, Vec::new()).unwrap();
+    assert!(c.rate_limiting.enabled);
+    assert_eq!(c.rate_limiting.default_limits, ["per-client"]);
+    let l = &c.rate_limits["per-client"];
+    assert_eq!(
+        (l.limit, l.burst, l.algorithm),
+        (100, Some(200), LimitAlgorithm::Gcra)
+    );
+    assert_eq!(
+        c.routes[0].rate_limits.as_deref(),
+        Some(&["per-client".to_string(), "compose-per-minute".to_string()][..])
+    );
+}
+
+#[test]
+fn bad_rate_limits_are_refused_with_their_line() {
+    let base = "[rate_limits.a]\nby = [\"client_ip\"]\n";
+    check_err(
+        &format!("{base}limit = 10\nperiod = \"0s\"\n"),
+        4,
+        "at least 1ms",
+    );
+    check_err(
+        &format!("{base}limit = 10\nperiod = \"-1s\"\n"),
+        4,
+        "invalid duration",
+    );
+    check_err(&format!("{base}limit = 0\n"), 3, "between 1 and");
+    check_err(&format!("{base}limit = -5\n"), 3, "");
+    check_err(
+        &format!("{base}limit = 10\nburst = 0\n"),
+        4,
+        "between 1 and",
+    );
+    check_err(
+        &format!("{base}limit = 10\nalgorithm = \"leaky\"\n"),
+        4,
+        "unknown variant",
+    );
+    check_err(
+        &format!("{base}limit = 10\nalgorithm = \"fixed_window\"\nburst = 5\n"),
+        5,
+        "\"gcra\" only",
+    );
+    check_err(
+        "[rate_limits.a]\nby = [\"client_ip\", \"cookie\"]\nlimit = 1\n",
+        2,
+        "unknown variant",
+    );
+    check_err(
+        "[rate_limits.a]\nby = []\nlimit = 1\n",
+        2,
+        "say what to count by",
+    );
+    check_err(
+        "[rate_limits.a]\nlimit = 1\non_redis_failure = \"maybe\"\n",
+        3,
+        "unknown variant",
+    );
+    check_err(
+        "[rate_limiting]\ndefault_limits = [\"nope\"]\n",
+        2,
+        "unknown limit \"nope\"",
+    );
+    check_err(
+        "[gateway.identity]\ntrusted_proxies = [\"10.0.0.0/33\"]\n",
+        2,
+        "neither an IP address nor a CIDR",
+    );
+}
+
+#[test]
+fn trusted_proxies_accept_addresses_and_blocks() {
+    let c =
+        load("[gateway.identity]\ntrusted_proxies = [\"10.1.2.3/8\", \"::1\", \"192.0.2.7\"]\n")
+            .unwrap();
+    let t = &c.gateway.identity.trusted_proxies;
+    assert!(t[0].contains(&"10.200.0.1".parse().unwrap()));
+    assert!(
+        t[0].contains(&"::ffff:10.0.0.9".parse().unwrap()),
+        "v4-mapped peers match"
+    );
+    assert!(!t[0].contains(&"11.0.0.1".parse().unwrap()));
+    assert!(t[1].contains(&"::1".parse().unwrap()));
+    assert!(t[2].contains(&"192.0.2.7".parse().unwrap()));
+    assert!(!t[2].contains(&"192.0.2.8".parse().unwrap()));
+}

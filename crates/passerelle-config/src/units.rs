@@ -176,3 +176,45 @@ mod tests {
         check("10", None);
     }
 }
+
+/// An IP address or a CIDR block (`10.0.0.0/8`, `::1`, `192.0.2.7`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IpRange(pub ipnet::IpNet);
+
+impl IpRange {
+    pub fn contains(&self, ip: &std::net::IpAddr) -> bool {
+        // An IPv4 peer may arrive as an IPv4-mapped IPv6 address on a dual-stack socket.
+        match (self.0, ip) {
+            (ipnet::IpNet::V4(net), std::net::IpAddr::V6(v6)) => {
+                v6.to_ipv4_mapped().is_some_and(|v4| net.contains(&v4))
+            }
+            (net, ip) => net.contains(ip),
+        }
+    }
+}
+
+impl fmt::Debug for IpRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl FromStr for IpRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if let Ok(net) = s.parse::<ipnet::IpNet>() {
+            return Ok(IpRange(net.trunc()));
+        }
+        s.parse::<std::net::IpAddr>()
+            .map(|ip| IpRange(ipnet::IpNet::from(ip)))
+            .map_err(|_| format!("{s:?} is neither an IP address nor a CIDR block like 10.0.0.0/8"))
+    }
+}
+
+impl<'de> Deserialize<'de> for IpRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(de::Error::custom)
+    }
+}

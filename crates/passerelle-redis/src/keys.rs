@@ -16,12 +16,15 @@ pub struct KeySchema {
 pub enum Namespace {
     /// Short-lived mutual-exclusion leases (e.g. one refresher per cache key).
     Lease,
+    /// Rate-limit state: one key per (counted identity, limit).
+    RateLimit,
 }
 
 impl Namespace {
     fn as_str(self) -> &'static str {
         match self {
             Namespace::Lease => "lease",
+            Namespace::RateLimit => "rl",
         }
     }
 }
@@ -50,6 +53,19 @@ impl KeySchema {
             self.prefix,
             Namespace::Lease.as_str(),
             sanitize_tag(name)
+        )
+    }
+
+    /// `<prefix>:rl:{<identity>}:<limit>`: the counted identity (e.g. `ip=192.0.2.7`) is the
+    /// hash tag, so every limit that counts the same identity lives in one slot and one
+    /// script decides them together.
+    pub fn rate_limit(&self, identity: &str, limit: &str) -> String {
+        format!(
+            "{}:{}:{{{}}}:{}",
+            self.prefix,
+            Namespace::RateLimit.as_str(),
+            sanitize_tag(identity),
+            limit
         )
     }
 }
@@ -119,5 +135,11 @@ mod tests {
         assert_eq!(k.lease("cache:abc"), "psl:lease:{cache:abc}");
         assert_eq!(k.lease("a{b}"), "psl:lease:{a_b_}");
         assert_eq!(k.pattern(Namespace::Lease), "psl:lease:*");
+        let (a, b) = (
+            k.rate_limit("ip=::1", "per-second"),
+            k.rate_limit("ip=::1", "daily"),
+        );
+        assert_eq!(a, "psl:rl:{ip=::1}:per-second");
+        assert_eq!(hash_slot(&a), hash_slot(&b), "one identity, one slot");
     }
 }

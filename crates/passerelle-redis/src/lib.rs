@@ -16,6 +16,7 @@
 
 pub mod client;
 pub mod keys;
+pub mod rate_limit;
 pub mod scripts;
 
 use std::time::Duration;
@@ -31,6 +32,8 @@ pub enum RedisError {
     Url { url: String, reason: String },
     #[error("redis: {0}")]
     Command(#[from] redis::RedisError),
+    #[error("unexpected answer from Redis: {0}")]
+    Protocol(String),
 }
 
 impl RedisError {
@@ -44,7 +47,7 @@ impl RedisError {
                     || e.is_connection_dropped()
                     || e.is_connection_refusal()
             }
-            RedisError::Url { .. } => false,
+            RedisError::Url { .. } | RedisError::Protocol(_) => false,
         }
     }
 }

@@ -9,3 +9,8 @@ use redis::Script;
 /// Releases a lease if the caller still owns it.
 pub static RELEASE_LEASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/release_lease.lua")));
+
+/// Decides (and consumes, or refunds) the rate limits of one request that share a hash tag:
+/// GCRA, sliding window and fixed window, on Redis's clock. See the script's header.
+pub static RATE_LIMIT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/rate_limit.lua")));

@@ -153,6 +153,39 @@ impl RedisServer {
         }
     }
 
+    /// Runs one command with `redis-cli` against this server and returns its raw output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let mut cmd = std::process::Command::new("redis-cli");
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "--no-auth-warning",
+        ]);
+        if let Some(pw) = &self.opts.password {
+            cmd.args(["-a", pw]);
+        }
+        let out = cmd.args(args).output().expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open but nothing answers, the way a
+    /// stalled or overloaded Redis looks to a client. [`resume`] undoes it.
+    ///
+    /// [`resume`]: RedisServer::resume
+    pub fn pause(&self) {
+        if let Some(pid) = self.pid() {
+            crate::kill(pid, libc::SIGSTOP);
+        }
+    }
+
+    pub fn resume(&self) {
+        if let Some(pid) = self.pid() {
+            crate::kill(pid, libc::SIGCONT);
+        }
+    }
+
     /// Kills the server (SIGKILL, by PID) and reaps it: Redis is down until [`restart`].
     ///
     /// [`restart`]: RedisServer::restart
@@ -175,6 +208,7 @@ impl RedisServer {
     }
 
     fn kill(&mut self) {
+        self.resume();
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
