@@ -19,9 +19,12 @@
 //!
 //! [`run`] serves a gateway: `run(config, listener, shutdown)`.
 
+pub mod admin;
 pub mod compose;
 pub mod error;
+pub mod identity;
 pub mod proxy;
+pub mod rate_limit;
 pub mod routing;
 pub mod service;
 pub mod upstream;
@@ -37,6 +40,8 @@ use passerelle_redis::Redis;
 use tokio_util::sync::CancellationToken;
 
 use crate::compose::Part;
+use crate::identity::IdentityResolver;
+use crate::rate_limit::RateLimiter;
 use crate::routing::RouteTable;
 use crate::service::{Action, GatewayService, Inner, Route, RouteMetrics};
 use crate::upstream::Upstream;
@@ -138,9 +143,21 @@ impl Gateway {
             });
         }
         let upstreams: Vec<Arc<Upstream>> = pools.into_values().collect();
+        let route_limits: Vec<Vec<String>> = config
+            .routes
+            .iter()
+            .map(|r| {
+                r.rate_limits
+                    .clone()
+                    .unwrap_or_else(|| config.rate_limiting.default_limits.clone())
+            })
+            .collect();
+        let rate_limiter = RateLimiter::new(config, &route_limits, redis.as_ref()).map(Arc::new);
         let readiness = readiness(&upstreams, redis);
         Ok(Self {
             inner: Arc::new(Inner {
+                identity: IdentityResolver::new(&config.gateway.identity),
+                rate_limiter,
                 table: RouteTable::new(&config.routes)?,
                 routes,
                 upstreams,
@@ -172,6 +189,11 @@ impl Gateway {
         for up in &self.inner.upstreams {
             upstream::health_check::spawn(up.clone(), shutdown.clone());
         }
+    }
+
+    /// The admin API ([`admin`]), to serve on a private listener.
+    pub fn admin_router(&self) -> axum::Router {
+        admin::router(self.inner.rate_limiter.clone())
     }
 
     /// The pools, by name.
@@ -235,6 +257,28 @@ pub async fn run(
     }
     let gateway = Gateway::new(config, redis)?;
     gateway.start_background(&token);
+    if let Some(addr) = config.gateway.admin_listen {
+        let admin = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            GatewayError::Serve(std::io::Error::new(
+                e.kind(),
+                format!("gateway.admin_listen {addr}: {e}"),
+            ))
+        })?;
+        let bound = admin.local_addr().map_err(GatewayError::Serve)?;
+        tracing::info!(admin = %bound, "admin API serving");
+        let router = gateway.admin_router();
+        let opts = ServeOptions {
+            max_connections: 64,
+            grace: config.gateway.shutdown_grace.get(),
+            ..ServeOptions::default()
+        };
+        tokio::spawn(passerelle_http::serve(
+            admin,
+            move |_| router.clone(),
+            opts,
+            token.clone(),
+        ));
+    }
     let threads = match config.gateway.worker_threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,

@@ -25,7 +25,7 @@ use bytes::Bytes;
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body::Body as _;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use passerelle_config::PathTemplate;
 use passerelle_http::observe::method_label;
@@ -34,7 +34,9 @@ use passerelle_http::request_id;
 
 use crate::compose::{self, Part};
 use crate::error::ProxyError;
+use crate::identity::IdentityResolver;
 use crate::proxy::{self, ClientAddr};
+use crate::rate_limit::{Outcome, RateHeaders, RateLimiter};
 use crate::routing::{Miss, RouteTable};
 use crate::upstream::{Client, Outgoing, Upstream};
 
@@ -112,6 +114,8 @@ impl RouteMetrics {
 /// The gateway's request handling, shared by every connection.
 #[derive(Debug)]
 pub struct Inner {
+    pub(crate) identity: IdentityResolver,
+    pub(crate) rate_limiter: Option<Arc<RateLimiter>>,
     pub(crate) table: RouteTable,
     pub(crate) routes: Vec<Route>,
     pub(crate) upstreams: Vec<Arc<Upstream>>,
@@ -291,8 +295,52 @@ impl Inner {
             Ok(p) => p,
             Err(e) => return (None, Err(e)),
         };
-        match plan {
+        let route = match plan {
             // Boxed, like every rare path here, so that the proxy path's state stays small.
+            Plan::Ops(o) => return (None, Ok(Box::pin(self.ops(o)).await)),
+            Plan::Compose { route, .. } | Plan::Proxy { route, .. } => route,
+        };
+        let limit_headers = match self.rate_limit(route, req.headers(), client).await {
+            Ok(h) => h,
+            Err(refusal) => return (Some(route), Ok(refusal)),
+        };
+        let (route, mut res) = self
+            .forward(plan, req, clients, client, request_id, start)
+            .await;
+        if let (Some(h), Ok(res)) = (&limit_headers, &mut res) {
+            h.apply(res.headers_mut());
+        }
+        (route, res)
+    }
+
+    /// Phase 2½: the route's rate limits. `Err` is the refusal to send instead.
+    async fn rate_limit(
+        &self,
+        route: usize,
+        headers: &http::HeaderMap,
+        client: &ClientAddr,
+    ) -> Result<Option<RateHeaders>, Response<Body>> {
+        let Some(rl) = self.rate_limiter.as_ref().filter(|rl| rl.applies_to(route)) else {
+            return Ok(None);
+        };
+        let caller = self.identity.caller(client.ip, headers);
+        match Box::pin(rl.check(route, &self.routes[route].name, &caller)).await {
+            Outcome::Allowed(h) => Ok(h),
+            Outcome::Refused(res) => Err(res),
+        }
+    }
+
+    /// Phase 4: proxy or compose.
+    async fn forward(
+        &self,
+        plan: Plan,
+        req: Request<Incoming>,
+        clients: &[Client],
+        client: &ClientAddr,
+        request_id: &HeaderValue,
+        start: Instant,
+    ) -> (Option<usize>, Result<Response<Body>, ProxyError>) {
+        match plan {
             Plan::Ops(o) => (None, Ok(Box::pin(self.ops(o)).await)),
             Plan::Compose { route, paths } => {
                 let r = &self.routes[route];
@@ -371,16 +419,47 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ProxyError::BodyTooLarge { limit });
     }
-    let collect = Box::pin(tokio::time::timeout_at(
-        deadline.into(),
-        Limited::new(body, limit).collect(),
-    ));
-    match collect.await {
-        Err(_) => Err(ProxyError::BodyTimeout),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(ProxyError::BodyTooLarge { limit })
+    Box::pin(collect_body(body, limit, deadline)).await
+}
+
+/// Reads a body of at most `limit` bytes by `deadline`. A body found too large while
+/// streaming is drained in the background (bounded in bytes and time) instead of dropped:
+/// closing a socket with unread data resets it, and the client would lose the 413 it is
+/// about to read (what nginx's lingering close avoids).
+async fn collect_body(
+    mut body: Incoming,
+    limit: usize,
+    deadline: Instant,
+) -> Result<Bytes, ProxyError> {
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout_at(deadline.into(), body.frame()).await {
+            Err(_) => return Err(ProxyError::BodyTimeout),
+            Ok(None) => return Ok(buf.freeze()),
+            Ok(Some(Err(e))) => return Err(ProxyError::BodyRead(e.to_string())),
+            Ok(Some(Ok(f))) => f,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers: nothing to forward
+        };
+        if buf.len() + data.len() > limit {
+            tokio::spawn(drain(body));
+            return Err(ProxyError::BodyTooLarge { limit });
         }
-        Ok(Err(e)) => Err(ProxyError::BodyRead(e.to_string())),
+        buf.extend_from_slice(&data);
     }
+}
+
+async fn drain(mut body: Incoming) {
+    const MAX_DRAIN: usize = 16 * 1024 * 1024;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let mut seen = 0;
+        while let Some(Ok(f)) = body.frame().await {
+            seen += f.data_ref().map_or(0, Bytes::len);
+            if seen > MAX_DRAIN {
+                break;
+            }
+        }
+    })
+    .await;
 }

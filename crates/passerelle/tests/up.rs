@@ -40,6 +40,7 @@ fn start_up(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Up {
     ])
     .args(args)
     .env_remove("PASSERELLE_CONFIG")
+    .env("PASSERELLE_GATEWAY__ADMIN_LISTEN", "127.0.0.1:0")
     .env("RUST_LOG", "warn")
     .stdout(Stdio::piped())
     .stderr(Stdio::inherit());
