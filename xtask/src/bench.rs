@@ -19,6 +19,11 @@ use std::time::{Duration, Instant};
 
 use crate::{Result, ensure_packages};
 
+enum Suite {
+    Proxy,
+    RateLimit,
+}
+
 struct Options {
     duration: u64,
     connections: u32,
@@ -304,6 +309,10 @@ fn measure(name: &str, script: &Path, url: &str, o: &Options, cpu_pids: &[u32]) 
 }
 
 pub fn run(args: &[String]) -> Result {
+    let (suite, args) = match args.split_first() {
+        Some((s, rest)) if s == "rate-limit" => (Suite::RateLimit, rest),
+        _ => (Suite::Proxy, args),
+    };
     let o = parse_args(args)?;
     ensure_packages(&[
         ("redis-server", "redis-server"),
@@ -324,34 +333,46 @@ pub fn run(args: &[String]) -> Result {
     let dir = std::env::temp_dir().join(format!("passerelle-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let result = bench(&o, &bin, &dir);
+    let result = match suite {
+        Suite::Proxy => bench(&o, &bin, &dir),
+        Suite::RateLimit => bench_rate_limit(&o, &bin, &dir),
+    };
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-fn bench(o: &Options, bin: &Path, dir: &Path) -> Result {
-    let users_lua = dir.join("users.lua");
-    let api_lua = dir.join("api.lua");
-    std::fs::write(&users_lua, USERS_LUA).map_err(|e| e.to_string())?;
-    std::fs::write(&api_lua, API_LUA).map_err(|e| e.to_string())?;
-
-    // The platform.
+/// Starts `passerelle up` (3 instances per service, admin API on a free port) with an
+/// optional config file and environment overrides; returns it and the gateway's address.
+fn start_platform(
+    bin: &Path,
+    dir: &Path,
+    config: Option<&Path>,
+    env: &[(&str, &str)],
+) -> Result<(Guard, String)> {
     eprintln!("starting passerelle up (release)...");
     let gw_port = free_port()?;
-    let mut child = Command::new(bin)
-        .args([
-            "up",
-            "--listen",
-            &format!("127.0.0.1:{gw_port}"),
-            "--instances",
-            "3",
-            "--data-dir",
-        ])
-        .arg(dir.join("data"))
-        .env("RUST_LOG", "warn")
-        .env_remove("PASSERELLE_CONFIG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+    let mut cmd = Command::new(bin);
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
+    cmd.args([
+        "up",
+        "--listen",
+        &format!("127.0.0.1:{gw_port}"),
+        "--instances",
+        "3",
+        "--data-dir",
+    ])
+    .arg(dir.join("data"))
+    .env("RUST_LOG", "warn")
+    .env("PASSERELLE_GATEWAY__ADMIN_LISTEN", "127.0.0.1:0")
+    .env_remove("PASSERELLE_CONFIG")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
         .spawn()
         .map_err(|e| format!("starting {}: {e}", bin.display()))?;
     let stdout = child.stdout.take().ok_or("no stdout")?;
@@ -369,7 +390,22 @@ fn bench(o: &Options, bin: &Path, dir: &Path) -> Result {
         }
     }
     std::thread::spawn(move || for _ in lines {});
-    let gateway = format!("127.0.0.1:{gw_port}");
+    Ok((up, format!("127.0.0.1:{gw_port}")))
+}
+
+fn bench(o: &Options, bin: &Path, dir: &Path) -> Result {
+    let users_lua = dir.join("users.lua");
+    let api_lua = dir.join("api.lua");
+    std::fs::write(&users_lua, USERS_LUA).map_err(|e| e.to_string())?;
+    std::fs::write(&api_lua, API_LUA).map_err(|e| e.to_string())?;
+
+    // The platform, without rate limits (measured on their own by `bench rate-limit`).
+    let (up, gateway) = start_platform(
+        bin,
+        dir,
+        None,
+        &[("PASSERELLE_RATE_LIMITING__ENABLED", "false")],
+    )?;
     wait_ok(&gateway, "/api/1/2")?;
     let state: String =
         std::fs::read_to_string(dir.join("data/state.json")).map_err(|e| e.to_string())?;
@@ -515,4 +551,151 @@ fn extract_instances(state: &str, service: &str) -> Vec<String> {
             rest.find('"').map(|e| rest[..e].to_string())
         })
         .collect()
+}
+
+/// The rate-limit bench's configuration: one users pool and three routes to it that differ
+/// only in their limits.
+const RATE_LIMIT_CONFIG: &str = r#"
+[rate_limiting]
+enabled = true
+
+[rate_limits.never-trips]
+by = ["client_ip"]
+limit = 1000000000
+period = "1s"
+algorithm = "gcra"
+
+[rate_limits.one-per-hour]
+by = ["client_ip"]
+limit = 1
+period = "1h"
+algorithm = "gcra"
+
+[upstreams.users]
+endpoints = []
+
+[upstreams.products]
+endpoints = []
+
+[[routes]]
+name = "no-limit"
+path = "/free/{id}"
+upstream = "users"
+rewrite = "/users/{id}"
+rate_limits = []
+
+[[routes]]
+name = "limit-never-trips"
+path = "/limited/{id}"
+upstream = "users"
+rewrite = "/users/{id}"
+rate_limits = ["never-trips"]
+
+[[routes]]
+name = "over-limit"
+path = "/over/{id}"
+upstream = "users"
+rewrite = "/users/{id}"
+rate_limits = ["one-per-hour"]
+"#;
+
+fn lua_for(prefix: &str) -> String {
+    format!(
+        "math.randomseed(42)\nrequest = function()\n  return wrk.format(\"GET\", \"/{prefix}/\" .. math.random(1, 10000))\nend\n"
+    )
+}
+
+/// The gateway's `passerelle_rate_limit_redis_calls_total`, read from its /metrics.
+fn redis_calls(addr: &str) -> f64 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return 0.0;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.lines()
+        .find(|l| l.starts_with("passerelle_rate_limit_redis_calls_total"))
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// `cargo xtask bench rate-limit`: the same users route through the gateway with no limit,
+/// with a GCRA limit that never trips (one Redis decision per request), and for a client
+/// over its limit (refused from the local block); Redis calls per request from the
+/// gateway's own counter.
+fn bench_rate_limit(o: &Options, bin: &Path, dir: &Path) -> Result {
+    let config = dir.join("rate-limit.toml");
+    std::fs::write(&config, RATE_LIMIT_CONFIG).map_err(|e| e.to_string())?;
+    let (up, gateway) = start_platform(bin, dir, Some(&config), &[])?;
+    wait_ok(&gateway, "/free/1")?;
+    let scripts: Vec<(&str, &str, PathBuf)> = [
+        ("no limit", "free"),
+        ("GCRA limit, never trips", "limited"),
+        ("client over its limit (429)", "over"),
+    ]
+    .into_iter()
+    .map(|(name, prefix)| {
+        let p = dir.join(format!("{prefix}.lua"));
+        (name, prefix, p)
+    })
+    .collect();
+    for (_, prefix, p) in &scripts {
+        std::fs::write(p, lua_for(prefix)).map_err(|e| e.to_string())?;
+    }
+    let url = format!("http://{gateway}");
+    for (_, _, p) in &scripts {
+        finish(wrk(p, &url, o.threads, o.connections, 2));
+    }
+    eprintln!(
+        "measuring ({}s each, {} connections, {} wrk threads)...",
+        o.duration, o.connections, o.threads
+    );
+    let up_pid = up.child.id();
+    let mut rows = Vec::new();
+    // Alternate the rounds so that drift on a shared machine hits every target alike.
+    let rounds = 2;
+    let mut sums: Vec<(WrkResult, f64, f64)> = vec![(WrkResult::default(), 0.0, 0.0); 3];
+    for _ in 0..rounds {
+        for (i, (name, _, p)) in scripts.iter().enumerate() {
+            let before = redis_calls(&gateway);
+            let row = measure(name, p, &url, o, &[up_pid]);
+            let calls = redis_calls(&gateway) - before;
+            let s = &mut sums[i];
+            s.0.rps += row.result.rps / rounds as f64;
+            s.0.p50_ms += row.result.p50_ms / rounds as f64;
+            s.0.p99_ms = s.0.p99_ms.max(row.result.p99_ms);
+            s.0.requests += row.result.requests;
+            s.0.errors += row.result.errors;
+            s.1 += calls;
+            s.2 += row.cpu_us_per_req.unwrap_or(0.0) / rounds as f64;
+        }
+    }
+    for (i, (name, _, _)) in scripts.iter().enumerate() {
+        rows.push((name, sums[i].clone()));
+    }
+    println!();
+    println!("| gateway /users/{{id}} | req/s | p50 ms | p99 ms | non-2xx | Redis calls/req | gateway CPU µs/req |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for (name, (r, calls, cpu)) in &rows {
+        println!(
+            "| {name} | {:.0} | {:.2} | {:.2} | {} | {:.3} | {:.1} |",
+            r.rps,
+            r.p50_ms,
+            r.p99_ms,
+            r.errors,
+            calls / r.requests.max(1) as f64,
+            cpu
+        );
+    }
+    let (free, limited) = (&rows[0].1.0, &rows[1].1.0);
+    if free.rps > 0.0 {
+        println!();
+        println!(
+            "a limit that never trips costs {:.1}% of throughput (goal: under 10%)",
+            (1.0 - limited.rps / free.rps) * 100.0
+        );
+    }
+    Ok(())
 }

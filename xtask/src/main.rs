@@ -6,7 +6,9 @@
 //!   `passerelle up ARGS`;
 //! - `cargo xtask bench [--duration SECS] [--connections N]` — install redis-server, nginx
 //!   and wrk when missing, start the platform, and print a table of requests/s and latency
-//!   for the gateway, the services directly, and nginx as the reference.
+//!   for the gateway, the services directly, and nginx as the reference;
+//! - `cargo xtask bench rate-limit [...]` — the cost of rate limiting: no limit, a limit
+//!   that never trips, a client over its limit, and Redis calls per request.
 //!
 //! Debian packages are installed with `apt-get` (through `sudo` when not root).
 
@@ -30,7 +32,7 @@ fn main() -> ExitCode {
         ]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test | up [ARGS] | bench [--duration SECS] [--connections N] | deps>"
+                "usage: cargo xtask <test | up [ARGS] | bench [rate-limit] [--duration SECS] [--connections N] [--threads N] | deps>"
             );
             return ExitCode::from(if task == "help" { 0 } else { 2 });
         }

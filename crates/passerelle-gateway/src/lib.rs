@@ -43,7 +43,7 @@ use crate::compose::Part;
 use crate::identity::IdentityResolver;
 use crate::rate_limit::RateLimiter;
 use crate::routing::RouteTable;
-use crate::service::{Action, GatewayService, Inner, Route, RouteMetrics};
+use crate::service::{Action, GatewayService, Inner, Route, RouteMetrics, ThreadLocal};
 use crate::upstream::Upstream;
 
 #[derive(Debug, thiserror::Error)]
@@ -174,12 +174,19 @@ impl Gateway {
     pub fn service(&self) -> GatewayService {
         GatewayService {
             inner: self.inner.clone(),
-            clients: self
-                .inner
-                .upstreams
-                .iter()
-                .map(|u| u.new_client())
-                .collect(),
+            local: Arc::new(ThreadLocal {
+                clients: self
+                    .inner
+                    .upstreams
+                    .iter()
+                    .map(|u| u.new_client())
+                    .collect(),
+                limiter_conn: self
+                    .inner
+                    .rate_limiter
+                    .as_ref()
+                    .and_then(|rl| rl.connection()),
+            }),
             client: proxy::ClientAddr::new(IpAddr::from([127, 0, 0, 1])),
         }
     }

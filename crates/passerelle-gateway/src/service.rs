@@ -33,6 +33,8 @@ use passerelle_http::ops::Readiness;
 use passerelle_http::request_id;
 
 use crate::compose::{self, Part};
+use passerelle_redis::RedisClient;
+
 use crate::error::ProxyError;
 use crate::identity::IdentityResolver;
 use crate::proxy::{self, ClientAddr};
@@ -130,9 +132,16 @@ pub struct Inner {
 #[derive(Clone)]
 pub struct GatewayService {
     pub(crate) inner: Arc<Inner>,
-    pub(crate) clients: Arc<[Client]>,
+    pub(crate) local: Arc<ThreadLocal>,
     /// The connection's client.
     pub(crate) client: ClientAddr,
+}
+
+/// What one serving thread owns: upstream connection pools (indexed like
+/// `Inner::upstreams`) and its Redis connection for rate-limit decisions.
+pub(crate) struct ThreadLocal {
+    pub(crate) clients: Box<[Client]>,
+    pub(crate) limiter_conn: Option<RedisClient>,
 }
 
 impl GatewayService {
@@ -162,9 +171,12 @@ impl tower::Service<Request<Incoming>> for GatewayService {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let inner = self.inner.clone();
-        let clients = self.clients.clone();
+        let local = self.local.clone();
         let client = self.client.clone();
-        Box::pin(async move { Ok(inner.handle(req, &clients, &client).await) })
+        Box::pin(async move {
+            let conn = local.limiter_conn.as_ref();
+            Ok(inner.handle(req, &local.clients, conn, &client).await)
+        })
     }
 }
 
@@ -201,6 +213,7 @@ impl Inner {
         &self,
         req: Request<Incoming>,
         clients: &[Client],
+        conn: Option<&RedisClient>,
         client: &ClientAddr,
     ) -> Response<Body> {
         let start = Instant::now();
@@ -209,7 +222,7 @@ impl Inner {
         let access = self.access_log.then(|| req.uri().path().to_string());
 
         let (route, result) = self
-            .dispatch(req, clients, client, &request_id, start)
+            .dispatch(req, clients, conn, client, &request_id, start)
             .await;
         let mut res = match result {
             Ok(res) => res,
@@ -287,6 +300,7 @@ impl Inner {
         &self,
         req: Request<Incoming>,
         clients: &[Client],
+        conn: Option<&RedisClient>,
         client: &ClientAddr,
         request_id: &HeaderValue,
         start: Instant,
@@ -300,7 +314,7 @@ impl Inner {
             Plan::Ops(o) => return (None, Ok(Box::pin(self.ops(o)).await)),
             Plan::Compose { route, .. } | Plan::Proxy { route, .. } => route,
         };
-        let limit_headers = match self.rate_limit(route, req.headers(), client).await {
+        let limit_headers = match self.rate_limit(conn, route, req.headers(), client).await {
             Ok(h) => h,
             Err(refusal) => return (Some(route), Ok(refusal)),
         };
@@ -316,6 +330,7 @@ impl Inner {
     /// Phase 2½: the route's rate limits. `Err` is the refusal to send instead.
     async fn rate_limit(
         &self,
+        conn: Option<&RedisClient>,
         route: usize,
         headers: &http::HeaderMap,
         client: &ClientAddr,
@@ -324,7 +339,7 @@ impl Inner {
             return Ok(None);
         };
         let caller = self.identity.caller(client.ip, headers);
-        match Box::pin(rl.check(route, &self.routes[route].name, &caller)).await {
+        match Box::pin(rl.check(conn, route, &self.routes[route].name, &caller)).await {
             Outcome::Allowed(h) => Ok(h),
             Outcome::Refused(res) => Err(res),
         }

@@ -32,6 +32,8 @@ impl Role {
 #[derive(Clone)]
 pub struct RedisClient {
     conn: ConnectionManager,
+    client: redis::Client,
+    manager_cfg: ConnectionManagerConfig,
     role: Role,
     endpoint: String,
 }
@@ -72,16 +74,38 @@ impl RedisClient {
             .set_number_of_retries(2)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_cfg).map_err(|e| {
-            RedisError::Url {
-                url: redact(url),
-                reason: e.to_string(),
-            }
+        let conn =
+            ConnectionManager::new_lazy_with_config(client.clone(), manager_cfg.clone()).map_err(
+                |e| RedisError::Url {
+                    url: redact(url),
+                    reason: e.to_string(),
+                },
+            )?;
+        Ok(Self {
+            conn,
+            client,
+            manager_cfg,
+            role,
+            endpoint: redact(url),
+        })
+    }
+
+    /// Another multiplexed connection to the same Redis, for a thread-per-core server: its
+    /// I/O task runs on the runtime of the thread that first uses it, so a command and its
+    /// answer never cross threads. Measured with `cargo xtask bench rate-limit`: sharing one
+    /// connection between serving threads cost a cross-thread wake-up each way per command.
+    pub fn dedicated(&self) -> Result<Self, RedisError> {
+        let conn = ConnectionManager::new_lazy_with_config(
+            self.client.clone(),
+            self.manager_cfg.clone(),
+        )
+        .map_err(|e| RedisError::Url {
+            url: self.endpoint.clone(),
+            reason: e.to_string(),
         })?;
         Ok(Self {
             conn,
-            role,
-            endpoint: redact(url),
+            ..self.clone()
         })
     }
 

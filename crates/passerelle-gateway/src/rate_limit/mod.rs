@@ -343,8 +343,21 @@ impl RateLimiter {
         k
     }
 
-    /// Decides a request to route number `route` (named `route_name`) from `caller`.
-    pub async fn check(&self, route: usize, route_name: &str, caller: &Caller) -> Outcome {
+    /// A Redis connection for one serving thread (see [`RedisClient::dedicated`]).
+    pub fn connection(&self) -> Option<RedisClient> {
+        let (client, _) = self.store.as_ref()?;
+        client.dedicated().ok().or_else(|| Some(client.clone()))
+    }
+
+    /// Decides a request to route number `route` (named `route_name`) from `caller`, over
+    /// `conn` (this thread's connection from [`RateLimiter::connection`]).
+    pub async fn check(
+        &self,
+        conn: Option<&RedisClient>,
+        route: usize,
+        route_name: &str,
+        caller: &Caller,
+    ) -> Outcome {
         let Some(plan) = self.routes.get(route).filter(|p| !p.limits.is_empty()) else {
             return Outcome::Allowed(None);
         };
@@ -391,7 +404,7 @@ impl RateLimiter {
         }
 
         // 3. Redis, every group at once.
-        let verdicts = self.ask_redis(&groups, &to_redis, Mode::Check).await;
+        let verdicts = self.ask_redis(conn, &groups, &to_redis, Mode::Check).await;
 
         // 4. Fallback where Redis did not decide.
         let mut local_admitted: Vec<(String, usize)> = Vec::new();
@@ -486,7 +499,7 @@ impl RateLimiter {
                     .collect();
                 let all: Vec<usize> = (0..refunds.len()).collect();
                 // Rare (limits over different identities, one refusing): one more round trip.
-                let _ = self.ask_redis(&refunds, &all, Mode::Refund).await;
+                let _ = self.ask_redis(conn, &refunds, &all, Mode::Refund).await;
             }
         }
         self.answer(plan, &results)
@@ -496,11 +509,12 @@ impl RateLimiter {
     /// decide (breaker open, error, timeout, no Redis).
     async fn ask_redis(
         &self,
+        conn: Option<&RedisClient>,
         groups: &[Group],
         which: &[usize],
         mode: Mode,
     ) -> Vec<Option<Verdict>> {
-        let Some((client, keys)) = &self.store else {
+        let (Some(client), Some((_, keys))) = (conn, &self.store) else {
             return vec![None; which.len()];
         };
         let permit = self.breaker.permit();
