@@ -676,7 +676,9 @@ fn bench_rate_limit(o: &Options, bin: &Path, dir: &Path) -> Result {
         rows.push((name, sums[i].clone()));
     }
     println!();
-    println!("| gateway /users/{{id}} | req/s | p50 ms | p99 ms | non-2xx | Redis calls/req | gateway CPU µs/req |");
+    println!(
+        "| gateway /users/{{id}} | req/s | p50 ms | p99 ms | non-2xx | Redis calls/req | gateway CPU µs/req |"
+    );
     println!("|---|---:|---:|---:|---:|---:|---:|");
     for (name, (r, calls, cpu)) in &rows {
         println!(

@@ -11,6 +11,9 @@
 //! ```
 //!
 //! - [`routing`]: path templates and methods → a route;
+//! - [`identity`]: who is calling (client IP through trusted proxies, API key, user);
+//! - [`rate_limit`]: the route's limits, decided in Redis, with fallbacks;
+//! - [`admin`]: the admin API (rate-limit state) on its own listener;
 //! - [`service`]: the phases of a request, as a `tower::Service`;
 //! - [`proxy`]: header and path transformations;
 //! - [`compose`]: several upstreams merged into one JSON answer;

@@ -2,7 +2,9 @@
 //!
 //! 1. **request id**: keep the client's sane `X-Request-Id` or make one;
 //! 2. **route**: match path and method ([`crate::routing`]); a miss is a 404 or a 405 with
-//!    `Allow`, unless it is one of the operations endpoints;
+//!    `Allow`, unless it is one of the operations endpoints; then **rate limits**: the
+//!    route's limits for the caller ([`crate::rate_limit`]); a refusal (429, or 503 from a
+//!    `closed` limit without Redis) is the answer;
 //! 3. **request body**: refuse early on `Content-Length` over the route's limit (413), else
 //!    read the body within the limit and the route's deadline (it is kept for retries);
 //! 4. **dispatch**: proxy to the route's pool ([`crate::upstream`]) or compose several
@@ -10,8 +12,8 @@
 //! 5. **response**: hop-by-hop headers removed, request id added;
 //! 6. **observe**: metrics by route and status, access log.
 //!
-//! Later features (rate limits, caching) hook in between 2 and 4, where the route is known
-//! and nothing has been sent upstream yet.
+//! Later features (caching) hook in between 2 and 4, where the route is known and nothing
+//! has been sent upstream yet.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -432,6 +434,8 @@ async fn read_body(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
+        // Refused unread, but drained (bounded) so that the 413 reaches the client.
+        tokio::spawn(drain(body));
         return Err(ProxyError::BodyTooLarge { limit });
     }
     Box::pin(collect_body(body, limit, deadline)).await

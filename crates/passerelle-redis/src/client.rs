@@ -74,13 +74,11 @@ impl RedisClient {
             .set_number_of_retries(2)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_secs(1));
-        let conn =
-            ConnectionManager::new_lazy_with_config(client.clone(), manager_cfg.clone()).map_err(
-                |e| RedisError::Url {
-                    url: redact(url),
-                    reason: e.to_string(),
-                },
-            )?;
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_cfg.clone())
+            .map_err(|e| RedisError::Url {
+                url: redact(url),
+                reason: e.to_string(),
+            })?;
         Ok(Self {
             conn,
             client,
@@ -95,14 +93,12 @@ impl RedisClient {
     /// answer never cross threads. Measured with `cargo xtask bench rate-limit`: sharing one
     /// connection between serving threads cost a cross-thread wake-up each way per command.
     pub fn dedicated(&self) -> Result<Self, RedisError> {
-        let conn = ConnectionManager::new_lazy_with_config(
-            self.client.clone(),
-            self.manager_cfg.clone(),
-        )
-        .map_err(|e| RedisError::Url {
-            url: self.endpoint.clone(),
-            reason: e.to_string(),
-        })?;
+        let conn =
+            ConnectionManager::new_lazy_with_config(self.client.clone(), self.manager_cfg.clone())
+                .map_err(|e| RedisError::Url {
+                    url: self.endpoint.clone(),
+                    reason: e.to_string(),
+                })?;
         Ok(Self {
             conn,
             ..self.clone()
