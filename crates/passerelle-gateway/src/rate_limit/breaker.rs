@@ -67,6 +67,13 @@ impl Breaker {
         }
     }
 
+    /// Gives the probe back unanswered (its request went away): the next caller probes.
+    pub fn abandon(&self, permit: Permit) {
+        if permit == Permit::Probe {
+            self.probing.store(false, Ordering::Release);
+        }
+    }
+
     /// Records a success. Returns true when this closed an open breaker.
     pub fn success(&self, permit: Permit) -> bool {
         self.consecutive.store(0, Ordering::Relaxed);
@@ -113,6 +120,15 @@ mod tests {
         assert_eq!(b.permit(), Permit::Probe);
         assert!(b.success(Permit::Probe), "a good probe closes it");
         assert_eq!(b.permit(), Permit::Call);
+    }
+
+    #[test]
+    fn an_abandoned_probe_lets_the_next_caller_probe() {
+        let b = Breaker::new(1, Duration::ZERO);
+        b.failure(Permit::Call);
+        assert_eq!(b.permit(), Permit::Probe);
+        b.abandon(Permit::Probe);
+        assert_eq!(b.permit(), Permit::Probe, "not stuck open forever");
     }
 
     #[test]

@@ -273,7 +273,13 @@ impl RateLimiter {
                             .iter()
                             .map(|&i| {
                                 let l = &limits[i];
-                                format!("{};w={}", l.quota, ceil_secs(l.params.period).max(1))
+                                let w = ceil_secs(l.params.period).max(1);
+                                if l.quota == l.params.limit {
+                                    format!("{};w={w}", l.quota)
+                                } else {
+                                    // GCRA with a burst: the sustained rate, and the burst.
+                                    format!("{};w={w};burst={}", l.params.limit, l.quota)
+                                }
                             })
                             .collect::<Vec<_>>()
                             .join(", ");
@@ -521,6 +527,17 @@ impl RateLimiter {
         if permit == Permit::Refuse {
             return vec![None; which.len()];
         }
+        // A request may go away mid-call (client disconnect drops this future): a probe
+        // must then be handed back, or the breaker would wait for its answer forever.
+        struct Outstanding<'a>(&'a Breaker, Permit, bool);
+        impl Drop for Outstanding<'_> {
+            fn drop(&mut self) {
+                if !self.2 {
+                    self.0.abandon(self.1);
+                }
+            }
+        }
+        let mut outstanding = Outstanding(&self.breaker, permit, false);
         let start = Instant::now();
         let calls = which.iter().map(|&gi| {
             let g = &groups[gi];
@@ -540,6 +557,7 @@ impl RateLimiter {
         });
         self.redis_calls.increment(which.len() as u64);
         let answers = join_all(calls).await;
+        outstanding.2 = true;
         self.decision_seconds.record(start.elapsed().as_secs_f64());
         let mut failed = None;
         let out = answers
