@@ -33,10 +33,9 @@ use passerelle_config::PathTemplate;
 use passerelle_http::observe::method_label;
 use passerelle_http::ops::Readiness;
 use passerelle_http::request_id;
-
-use crate::compose::{self, Part};
 use passerelle_redis::RedisClient;
 
+use crate::compose::{self, Part};
 use crate::error::ProxyError;
 use crate::identity::IdentityResolver;
 use crate::proxy::{self, ClientAddr};

@@ -219,8 +219,8 @@ pub enum AdminError {
 }
 
 impl RateLimiter {
-    /// Builds the limiter for `route_names` (the gateway's routes, in order). `None` when
-    /// rate limiting is disabled or no route has a limit.
+    /// Builds the limiter; `route_limits` names the limits of each route, in route order.
+    /// `None` when rate limiting is disabled or no route has a limit.
     pub fn new(
         config: &Config,
         route_limits: &[Vec<String>],
