@@ -451,6 +451,7 @@ impl Config {
         }
 
         self.validate_rate_limits(&mut err);
+        self.validate_cache(&mut err);
 
         for (name, svc) in [
             ("users", &self.services.users),
@@ -460,6 +461,12 @@ impl Config {
                 err(
                     format!("services.{name}.max_request_body"),
                     "must be greater than 0".into(),
+                );
+            }
+            if svc.cache_ttl.get() > MAX_CACHE_TTL {
+                err(
+                    format!("services.{name}.cache_ttl"),
+                    "must be at most 1d (\"0s\" turns cache-aside off)".into(),
                 );
             }
         }
@@ -611,6 +618,110 @@ impl Config {
                     format!("gateway.identity.{f}"),
                     format!("{h:?} is not a valid header name"),
                 );
+            }
+        }
+    }
+}
+
+/// Longest freshness (and stale window) a cache entry may have: an entry that outlives a day
+/// is data, not cache.
+const MAX_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+impl Config {
+    fn validate_cache(&self, err: &mut impl FnMut(String, String)) {
+        let c = &self.cache;
+        for (f, d) in [
+            ("redis_timeout", c.redis_timeout),
+            ("lease_ttl", c.lease_ttl),
+            ("l1_max_ttl", c.l1_max_ttl),
+        ] {
+            if d.get().is_zero() {
+                err(format!("cache.{f}"), "must be greater than 0".into());
+            }
+        }
+        if c.breaker_failures == 0 {
+            err("cache.breaker_failures".into(), "must be at least 1".into());
+        }
+        const MAX_ENTRY: u64 = 64 * 1024 * 1024;
+        if c.max_entry_size.get() == 0 || c.max_entry_size.get() > MAX_ENTRY {
+            err(
+                "cache.max_entry_size".into(),
+                "must be between 1B and 64MiB".into(),
+            );
+        }
+        if c.compress_above.get() == 0 {
+            err(
+                "cache.compress_above".into(),
+                "must be greater than 0 (compressing tiny bodies only costs)".into(),
+            );
+        }
+        if !(64..=64 * 1024).contains(&c.max_key_input.get()) {
+            err(
+                "cache.max_key_input".into(),
+                "must be between 64B and 64KiB".into(),
+            );
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            let Some(rc) = &r.cache else { continue };
+            let at = |f: &str| format!("routes[{i}].cache.{f}");
+            if rc.ttl.get() < std::time::Duration::from_secs(1) || rc.ttl.get() > MAX_CACHE_TTL {
+                err(
+                    at("ttl"),
+                    format!("invalid TTL {}: must be between 1s and 1d", rc.ttl),
+                );
+            }
+            for (f, d) in [
+                ("stale_while_revalidate", rc.stale_while_revalidate),
+                ("stale_if_error", rc.stale_if_error),
+            ] {
+                if d.get() > MAX_CACHE_TTL {
+                    err(at(f), "must be at most 1d".into());
+                }
+            }
+            if !r.methods.is_empty() && !r.methods.iter().any(|m| m.eq_ignore_ascii_case("GET"))
+            {
+                err(
+                    format!("routes[{i}].cache"),
+                    "only GET and HEAD responses are cached; this route answers neither".into(),
+                );
+            }
+            const MAX_VARY: usize = 8;
+            if rc.vary.len() > MAX_VARY {
+                err(
+                    at("vary"),
+                    format!("at most {MAX_VARY} headers (each one multiplies the entries)"),
+                );
+            }
+            for (j, h) in rc.vary.iter().enumerate() {
+                if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                    err(format!("routes[{i}].cache.vary[{j}]"), format!("{h:?} is not a header name"));
+                }
+            }
+            const MAX_TAGS: usize = 16;
+            if rc.tags.len() > MAX_TAGS {
+                err(at("tags"), format!("at most {MAX_TAGS} tags"));
+            }
+            let params: Vec<String> = PathTemplate::parse(&r.path)
+                .map(|t| t.params().map(str::to_string).collect())
+                .unwrap_or_default();
+            for (j, tag) in rc.tags.iter().enumerate() {
+                let field = format!("routes[{i}].cache.tags[{j}]");
+                match PathTemplate::parse(tag) {
+                    Err(e) => err(field, e),
+                    Ok(t) => {
+                        for name in t.params() {
+                            if !params.iter().any(|p| p == name) {
+                                err(
+                                    field.clone(),
+                                    format!(
+                                        "{{{name}}} is not a parameter of path {:?}",
+                                        r.path
+                                    ),
+                                );
+                            }
+                        }
+                    }
+                }
             }
         }
     }

@@ -26,6 +26,8 @@ pub struct Config {
     pub rate_limiting: RateLimitingConfig,
     /// Named rate limits that routes refer to.
     pub rate_limits: BTreeMap<String, LimitConfig>,
+    /// The gateway's response cache (routes opt in with their own `cache` table).
+    pub cache: CacheConfig,
     pub services: ServicesConfig,
     pub up: UpConfig,
 }
@@ -414,6 +416,95 @@ pub struct RouteConfig {
     /// Names of the limits this route applies (default: `rate_limiting.default_limits`;
     /// `[]` for none).
     pub rate_limits: Option<Vec<String>>,
+    /// Cache the route's `GET`/`HEAD` responses (absent: not cached).
+    pub cache: Option<RouteCacheConfig>,
+}
+
+/// The response cache: an in-process level (L1) in front of the cache Redis (L2).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Off: routes' `cache` tables are ignored.
+    pub enabled: bool,
+    /// Memory for L1 entries in each gateway process (0: no L1).
+    pub l1_max_size: ByteSize,
+    /// Longest an entry stays in L1: bounds how stale a replica can be if an invalidation
+    /// message is lost (e.g. while its Redis connection is down).
+    pub l1_max_ttl: Dur,
+    /// Bodies larger than this are stored compressed (LZ4).
+    pub compress_above: ByteSize,
+    /// Bodies larger than this are never stored (and counted).
+    pub max_entry_size: ByteSize,
+    /// Path plus query longer than this is not cached: a key stays bounded whatever the
+    /// client sends.
+    pub max_key_input: ByteSize,
+    /// How long one replica may hold the right to fetch a missing key for all.
+    pub lease_ttl: Dur,
+    /// Deadline of one Redis operation; past it the cache is bypassed for that request.
+    pub redis_timeout: Dur,
+    /// Consecutive Redis failures that stop using L2...
+    pub breaker_failures: u32,
+    /// ...for this long, then one call probes it.
+    pub breaker_open_for: Dur,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            l1_max_size: ByteSize::mib(64),
+            l1_max_ttl: Dur::secs(10),
+            compress_above: ByteSize::kib(4),
+            max_entry_size: ByteSize::mib(1),
+            max_key_input: ByteSize::kib(2),
+            lease_ttl: Dur::secs(2),
+            redis_timeout: Dur::millis(50),
+            breaker_failures: 3,
+            breaker_open_for: Dur::secs(1),
+        }
+    }
+}
+
+/// Who may be served a route's cached response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheScope {
+    /// Every caller shares an entry, unless the response says `Cache-Control: private`.
+    #[default]
+    Shared,
+    /// Every entry belongs to one caller (user, else API key, else client IP).
+    Private,
+}
+
+/// A route's cache policy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteCacheConfig {
+    /// Freshness when the response has no `s-maxage`/`max-age`.
+    pub ttl: Dur,
+    /// After freshness ends, serve the stale entry this long while one request refreshes it.
+    pub stale_while_revalidate: Dur,
+    /// After freshness ends, serve the stale entry this long when the origin fails.
+    pub stale_if_error: Dur,
+    /// Request headers that select a variant (part of the key).
+    pub vary: Vec<String>,
+    /// Invalidation tags: resource paths over the route's parameters, e.g. `/users/{id}`.
+    /// A write to that resource drops every entry tagged with it.
+    pub tags: Vec<String>,
+    pub scope: CacheScope,
+}
+
+impl Default for RouteCacheConfig {
+    fn default() -> Self {
+        Self {
+            ttl: Dur::secs(30),
+            stale_while_revalidate: Dur::secs(0),
+            stale_if_error: Dur::secs(0),
+            vary: Vec::new(),
+            tags: Vec::new(),
+            scope: CacheScope::Shared,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -438,6 +529,8 @@ pub struct ServiceConfig {
     pub database_url: Option<String>,
     pub max_request_body: ByteSize,
     pub shutdown_grace: Dur,
+    /// Rows read through the cache Redis live this long there ("0s": no cache-aside).
+    pub cache_ttl: Dur,
 }
 
 impl Default for ServiceConfig {
@@ -446,6 +539,7 @@ impl Default for ServiceConfig {
             database_url: None,
             max_request_body: ByteSize::kib(64),
             shutdown_grace: Dur::secs(10),
+            cache_ttl: Dur::secs(300),
         }
     }
 }

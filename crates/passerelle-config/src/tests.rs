@@ -323,3 +323,44 @@ fn trusted_proxies_accept_addresses_and_blocks() {
     assert!(t[2].contains(&"192.0.2.7".parse().unwrap()));
     assert!(!t[2].contains(&"192.0.2.8".parse().unwrap()));
 }
+
+#[test]
+fn route_cache_settings_are_checked_at_load() {
+    let route = |cache: &str| {
+        format!(
+            "[upstreams.u]\nendpoints = [\"127.0.0.1:1\"]\n\n[[routes]]\nname = \"r\"\npath = \"/users/{{id}}\"\nupstream = \"u\"\n[routes.cache]\n{cache}\n"
+        )
+    };
+    check_err(&route("ttl = \"0s\""), 9, "invalid TTL 0s");
+    check_err(&route("ttl = \"30d\""), 9, "invalid TTL");
+    check_err(&route("ttl = \"soon\""), 9, "invalid duration");
+    check_err(
+        &route("tags = [\"/users/{user_id}\"]"),
+        9,
+        "{user_id} is not a parameter",
+    );
+    check_err(&route("tags = [\"users\"]"), 9, "must start with '/'");
+    check_err(&route("vary = [\"a b\"]"), 9, "not a header name");
+    check_err(
+        &route("vary = [\"a\",\"b\",\"c\",\"d\",\"e\",\"f\",\"g\",\"h\",\"i\"]"),
+        9,
+        "at most 8 headers",
+    );
+    check_err(&route("scope = \"public\""), 9, "unknown variant");
+    let ok = load(&route(
+        "ttl = \"1m\"\nstale_while_revalidate = \"10s\"\ntags = [\"/users/{id}\"]\nvary = [\"accept-language\"]\nscope = \"private\"",
+    ))
+    .unwrap();
+    let c = ok.routes[0].cache.as_ref().unwrap();
+    assert_eq!(c.ttl, Dur::secs(60));
+    assert_eq!(c.scope, CacheScope::Private);
+}
+
+#[test]
+fn cache_sizes_are_checked_at_load() {
+    check_err("[cache]\nmax_entry_size = \"1GiB\"\n", 2, "between 1B and 64MiB");
+    check_err("[cache]\nmax_key_input = 10\n", 2, "between 64B and 64KiB");
+    check_err("[cache]\nlease_ttl = \"0s\"\n", 2, "greater than 0");
+    check_err("[cache]\nl1_max_size = \"lots\"\n", 2, "");
+    check_err("[services.users]\ncache_ttl = \"2d\"\n", 2, "at most 1d");
+}
