@@ -678,8 +678,7 @@ impl Config {
                     err(at(f), "must be at most 1d".into());
                 }
             }
-            if !r.methods.is_empty() && !r.methods.iter().any(|m| m.eq_ignore_ascii_case("GET"))
-            {
+            if !r.methods.is_empty() && !r.methods.iter().any(|m| m.eq_ignore_ascii_case("GET")) {
                 err(
                     format!("routes[{i}].cache"),
                     "only GET and HEAD responses are cached; this route answers neither".into(),
@@ -694,7 +693,10 @@ impl Config {
             }
             for (j, h) in rc.vary.iter().enumerate() {
                 if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
-                    err(format!("routes[{i}].cache.vary[{j}]"), format!("{h:?} is not a header name"));
+                    err(
+                        format!("routes[{i}].cache.vary[{j}]"),
+                        format!("{h:?} is not a header name"),
+                    );
                 }
             }
             const MAX_TAGS: usize = 16;
@@ -713,10 +715,7 @@ impl Config {
                             if !params.iter().any(|p| p == name) {
                                 err(
                                     field.clone(),
-                                    format!(
-                                        "{{{name}}} is not a parameter of path {:?}",
-                                        r.path
-                                    ),
+                                    format!("{{{name}}} is not a parameter of path {:?}", r.path),
                                 );
                             }
                         }

@@ -358,7 +358,11 @@ fn route_cache_settings_are_checked_at_load() {
 
 #[test]
 fn cache_sizes_are_checked_at_load() {
-    check_err("[cache]\nmax_entry_size = \"1GiB\"\n", 2, "between 1B and 64MiB");
+    check_err(
+        "[cache]\nmax_entry_size = \"1GiB\"\n",
+        2,
+        "between 1B and 64MiB",
+    );
     check_err("[cache]\nmax_key_input = 10\n", 2, "between 64B and 64KiB");
     check_err("[cache]\nlease_ttl = \"0s\"\n", 2, "greater than 0");
     check_err("[cache]\nl1_max_size = \"lots\"\n", 2, "");

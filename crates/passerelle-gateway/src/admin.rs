@@ -6,6 +6,9 @@
 //! | `GET /rate-limits` | the configured limits |
 //! | `GET /rate-limits/{limit}/{identity}` | what a request counted as `identity` would get now (consumes nothing) |
 //! | `DELETE /rate-limits/{limit}/{identity}` | forget that state (Redis and this process) |
+//! | `GET /cache` | the response cache's figures (L1 size, breaker) |
+//! | `DELETE /cache/tags/{path}` | purge every entry tagged with a resource path, e.g. `DELETE /cache/tags/users/7` (both levels, every replica) |
+//! | `DELETE /cache/keys/{key}` | purge one entry by the `key` its `Cache-Status` shows |
 //!
 //! An identity is what the limit counts, as the gateway writes it: `ip=192.0.2.7`,
 //! `ip=192.0.2.7|route=users` (write `|` as `%7C`), `key=<api key>`, `user=<id>`; long or
@@ -20,6 +23,8 @@ use axum::routing::get;
 use http::StatusCode;
 use passerelle_http::Problem;
 
+use crate::cache::ResponseCache;
+use crate::cache::key::CacheKey;
 use crate::rate_limit::{AdminError, RateLimiter};
 
 impl From<AdminError> for Problem {
@@ -68,8 +73,43 @@ async fn reset(
     )
 }
 
+type Cache = Option<Arc<ResponseCache>>;
+
+fn cache(c: &Cache) -> Result<&ResponseCache, Problem> {
+    c.as_deref()
+        .ok_or_else(|| Problem::not_found("no route is cached (or cache.enabled = false)"))
+}
+
+fn purge_failed(e: passerelle_redis::RedisError) -> Problem {
+    Problem::new(StatusCode::SERVICE_UNAVAILABLE)
+        .detail(format!("purged this replica's L1, but not Redis: {e}"))
+}
+
+async fn cache_figures(State(c): State<Cache>) -> Result<Response, Problem> {
+    Ok(Json(cache(&c)?.describe()).into_response())
+}
+
+async fn purge_tag(State(c): State<Cache>, Path(tag): Path<String>) -> Result<Response, Problem> {
+    let tag = format!("/{}", tag.trim_start_matches('/'));
+    let deleted = cache(&c)?.purge_tag(&tag).await.map_err(purge_failed)?;
+    Ok(Json(serde_json::json!({ "tag": tag, "deleted": deleted })).into_response())
+}
+
+async fn purge_key(State(c): State<Cache>, Path(key): Path<String>) -> Result<Response, Problem> {
+    let k = CacheKey::from_hex(&key).ok_or_else(|| {
+        Problem::bad_request("a cache key is the 32 hex digits shown as key= in Cache-Status")
+    })?;
+    let deleted = cache(&c)?.purge_key(k).await.map_err(purge_failed)?;
+    Ok(Json(serde_json::json!({ "key": key, "deleted": deleted })).into_response())
+}
+
 /// The admin API as a router.
-pub fn router(limiter: Option<Arc<RateLimiter>>) -> axum::Router {
+pub fn router(limiter: Option<Arc<RateLimiter>>, response_cache: Cache) -> axum::Router {
+    let cache_routes = axum::Router::new()
+        .route("/cache", get(cache_figures))
+        .route("/cache/tags/{*tag}", axum::routing::delete(purge_tag))
+        .route("/cache/keys/{key}", axum::routing::delete(purge_key))
+        .with_state(response_cache);
     axum::Router::new()
         .route("/health", get(|| async { passerelle_http::ops::health() }))
         .route(
@@ -78,6 +118,7 @@ pub fn router(limiter: Option<Arc<RateLimiter>>) -> axum::Router {
         )
         .route("/rate-limits", get(list))
         .route("/rate-limits/{limit}/{*identity}", get(show).delete(reset))
-        .fallback(|| async { Problem::not_found("no such admin endpoint") })
         .with_state(limiter)
+        .merge(cache_routes)
+        .fallback(|| async { Problem::not_found("no such admin endpoint") })
 }

@@ -24,6 +24,9 @@ pub enum ProxyError {
     BadRewrite,
     #[error(transparent)]
     Upstream(#[from] SendError),
+    /// The upstream's response body broke off or came too late.
+    #[error("the upstream's answer broke off: {0}")]
+    UpstreamBody(String),
     /// A part of a composed response could not be produced.
     #[error("{detail}")]
     Part {
@@ -91,6 +94,12 @@ impl From<&ProxyError> for Problem {
             ProxyError::BodyRead(_) => Problem::bad_request(e.to_string()),
             ProxyError::BadRewrite => Problem::new(StatusCode::BAD_REQUEST).detail(e.to_string()),
             ProxyError::Upstream(s) => ProxyError::upstream_problem(s),
+            ProxyError::UpstreamBody(_) => Problem::kind(
+                StatusCode::BAD_GATEWAY,
+                "upstream-reset",
+                "Upstream connection failed",
+            )
+            .detail(e.to_string()),
             ProxyError::Part {
                 status,
                 part,

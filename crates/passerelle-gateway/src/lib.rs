@@ -13,6 +13,8 @@
 //! - [`routing`]: path templates and methods → a route;
 //! - [`identity`]: who is calling (client IP through trusted proxies, API key, user);
 //! - [`rate_limit`]: the route's limits, decided in Redis, with fallbacks;
+//! - [`cache`]: the response cache: in-process L1, Redis L2, collapsing, invalidation;
+//! - [`breaker`]: the circuit breaker in front of Redis (limits and cache);
 //! - [`admin`]: the admin API (rate-limit state) on its own listener;
 //! - [`service`]: the phases of a request, as a `tower::Service`;
 //! - [`proxy`]: header and path transformations;
@@ -23,6 +25,8 @@
 //! [`run`] serves a gateway: `run(config, listener, shutdown)`.
 
 pub mod admin;
+pub mod breaker;
+pub mod cache;
 pub mod compose;
 pub mod error;
 pub mod identity;
@@ -42,6 +46,7 @@ use passerelle_http::ops::Readiness;
 use passerelle_redis::Redis;
 use tokio_util::sync::CancellationToken;
 
+use crate::cache::ResponseCache;
 use crate::compose::Part;
 use crate::identity::IdentityResolver;
 use crate::rate_limit::RateLimiter;
@@ -142,6 +147,12 @@ impl Gateway {
                     .max_request_body
                     .unwrap_or(config.gateway.max_request_body)
                     .as_usize(),
+                cache_tags: r
+                    .cache
+                    .iter()
+                    .flat_map(|c| &c.tags)
+                    .filter_map(|t| PathTemplate::parse(t).ok())
+                    .collect(),
                 metrics: RouteMetrics::new(&r.name),
             });
         }
@@ -156,11 +167,13 @@ impl Gateway {
             })
             .collect();
         let rate_limiter = RateLimiter::new(config, &route_limits, redis.as_ref()).map(Arc::new);
+        let cache = ResponseCache::new(config, redis.as_ref()).map(Arc::new);
         let readiness = readiness(&upstreams, redis);
         Ok(Self {
             inner: Arc::new(Inner {
                 identity: IdentityResolver::new(&config.gateway.identity),
                 rate_limiter,
+                cache,
                 table: RouteTable::new(&config.routes)?,
                 routes,
                 upstreams,
@@ -189,21 +202,26 @@ impl Gateway {
                     .rate_limiter
                     .as_ref()
                     .and_then(|rl| rl.connection()),
+                cache_conn: self.inner.cache.as_ref().and_then(|c| c.connection()),
             }),
             client: proxy::ClientAddr::new(IpAddr::from([127, 0, 0, 1])),
         }
     }
 
-    /// Starts the active health checks; they stop with `shutdown`.
+    /// Starts the active health checks and the cache's invalidation listener; they stop
+    /// with `shutdown`.
     pub fn start_background(&self, shutdown: &CancellationToken) {
         for up in &self.inner.upstreams {
             upstream::health_check::spawn(up.clone(), shutdown.clone());
+        }
+        if let Some(c) = &self.inner.cache {
+            c.spawn_listener(shutdown.clone());
         }
     }
 
     /// The admin API ([`admin`]), to serve on a private listener.
     pub fn admin_router(&self) -> axum::Router {
-        admin::router(self.inner.rate_limiter.clone())
+        admin::router(self.inner.rate_limiter.clone(), self.inner.cache.clone())
     }
 
     /// The pools, by name.

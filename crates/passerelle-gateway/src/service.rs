@@ -12,8 +12,10 @@
 //! 5. **response**: hop-by-hop headers removed, request id added;
 //! 6. **observe**: metrics by route and status, access log.
 //!
-//! Later features (caching) hook in between 2 and 4, where the route is known and nothing
-//! has been sent upstream yet.
+//! Between 2 and 4, a cached route's `GET`/`HEAD` goes to the **cache** phase
+//! ([`crate::cache::stage`]), which answers from L1/L2 or fetches once for every waiter. A
+//! write (`PUT`, `PATCH`, `DELETE`, `POST`) through a cached route drops this replica's L1
+//! entries of the route's tags as soon as it succeeds.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -35,6 +37,7 @@ use passerelle_http::ops::Readiness;
 use passerelle_http::request_id;
 use passerelle_redis::RedisClient;
 
+use crate::cache::ResponseCache;
 use crate::compose::{self, Part};
 use crate::error::ProxyError;
 use crate::identity::IdentityResolver;
@@ -60,6 +63,8 @@ pub struct Route {
     pub action: Action,
     pub timeout: Duration,
     pub max_body: usize,
+    /// Tags of the route's cache policy (empty: not cached or untagged).
+    pub(crate) cache_tags: Vec<PathTemplate>,
     pub(crate) metrics: RouteMetrics,
 }
 
@@ -119,6 +124,7 @@ impl RouteMetrics {
 pub struct Inner {
     pub(crate) identity: IdentityResolver,
     pub(crate) rate_limiter: Option<Arc<RateLimiter>>,
+    pub(crate) cache: Option<Arc<ResponseCache>>,
     pub(crate) table: RouteTable,
     pub(crate) routes: Vec<Route>,
     pub(crate) upstreams: Vec<Arc<Upstream>>,
@@ -139,10 +145,11 @@ pub struct GatewayService {
 }
 
 /// What one serving thread owns: upstream connection pools (indexed like
-/// `Inner::upstreams`) and its Redis connection for rate-limit decisions.
+/// `Inner::upstreams`) and its Redis connections (rate-limit decisions, cache).
 pub(crate) struct ThreadLocal {
     pub(crate) clients: Box<[Client]>,
     pub(crate) limiter_conn: Option<RedisClient>,
+    pub(crate) cache_conn: Option<RedisClient>,
 }
 
 impl GatewayService {
@@ -174,28 +181,29 @@ impl tower::Service<Request<Incoming>> for GatewayService {
         let inner = self.inner.clone();
         let local = self.local.clone();
         let client = self.client.clone();
-        Box::pin(async move {
-            let conn = local.limiter_conn.as_ref();
-            Ok(inner.handle(req, &local.clients, conn, &client).await)
-        })
+        Box::pin(async move { Ok(inner.handle(req, &local, &client).await) })
     }
 }
 
-/// What the routing phase decided.
-enum Plan {
+/// What the routing phase decided. `tags` are the route's cache tags rendered for this
+/// request (empty unless the route is cached with tags).
+#[derive(Clone)]
+pub(crate) enum Plan {
     Proxy {
         route: usize,
         path: PathAndQuery,
+        tags: Vec<String>,
     },
     Compose {
         route: usize,
         paths: Vec<PathAndQuery>,
+        tags: Vec<String>,
     },
     Ops(OpsEndpoint),
 }
 
 #[derive(Clone, Copy)]
-enum OpsEndpoint {
+pub(crate) enum OpsEndpoint {
     Health,
     Ready,
     Metrics,
@@ -211,10 +219,9 @@ fn with_query(path: String, query: Option<&str>) -> Result<PathAndQuery, ProxyEr
 
 impl Inner {
     async fn handle(
-        &self,
+        self: &Arc<Self>,
         req: Request<Incoming>,
-        clients: &[Client],
-        conn: Option<&RedisClient>,
+        local: &Arc<ThreadLocal>,
         client: &ClientAddr,
     ) -> Response<Body> {
         let start = Instant::now();
@@ -222,9 +229,7 @@ impl Inner {
         let method = req.method().clone();
         let access = self.access_log.then(|| req.uri().path().to_string());
 
-        let (route, result) = self
-            .dispatch(req, clients, conn, client, &request_id, start)
-            .await;
+        let (route, result) = self.dispatch(req, local, client, &request_id, start).await;
         let mut res = match result {
             Ok(res) => res,
             Err(e) => e.into_response(),
@@ -272,6 +277,7 @@ impl Inner {
         };
         let route = &self.routes[m.route];
         let param = |n: &str| m.params.get(n);
+        let tags = route.cache_tags.iter().map(|t| t.render(param)).collect();
         match &route.action {
             Action::Proxy { rewrite: None, .. } => Ok(Plan::Proxy {
                 route: m.route,
@@ -279,12 +285,14 @@ impl Inner {
                     .path_and_query()
                     .cloned()
                     .unwrap_or_else(|| PathAndQuery::from_static("/")),
+                tags,
             }),
             Action::Proxy {
                 rewrite: Some(t), ..
             } => Ok(Plan::Proxy {
                 route: m.route,
                 path: with_query(t.render(param), uri.query())?,
+                tags,
             }),
             Action::Compose(parts) => Ok(Plan::Compose {
                 route: m.route,
@@ -292,20 +300,21 @@ impl Inner {
                     .iter()
                     .map(|p| with_query(p.path.render(param), None))
                     .collect::<Result<_, _>>()?,
+                tags,
             }),
         }
     }
 
     /// Phases 2 to 5. Returns the route (for metrics) and the response or error.
     async fn dispatch(
-        &self,
+        self: &Arc<Self>,
         req: Request<Incoming>,
-        clients: &[Client],
-        conn: Option<&RedisClient>,
+        local: &Arc<ThreadLocal>,
         client: &ClientAddr,
         request_id: &HeaderValue,
         start: Instant,
     ) -> (Option<usize>, Result<Response<Body>, ProxyError>) {
+        let (clients, conn) = (&local.clients, local.limiter_conn.as_ref());
         let plan = match self.plan(req.method(), req.uri()) {
             Ok(p) => p,
             Err(e) => return (None, Err(e)),
@@ -319,9 +328,37 @@ impl Inner {
             Ok(h) => h,
             Err(refusal) => return (Some(route), Ok(refusal)),
         };
-        let (route, mut res) = self
-            .forward(plan, req, clients, client, request_id, start)
-            .await;
+        let safe = *req.method() == Method::GET || *req.method() == Method::HEAD;
+        let cache = self.cache.as_ref().filter(|c| c.route(route).is_some());
+        let (route, mut res) = match cache {
+            Some(cache) if safe => {
+                let res =
+                    Box::pin(self.cached(local, cache, plan, req, client, request_id, start)).await;
+                (Some(route), res)
+            }
+            Some(cache) => {
+                let tags = match &plan {
+                    Plan::Proxy { tags, .. } | Plan::Compose { tags, .. } => tags.clone(),
+                    Plan::Ops(_) => Vec::new(),
+                };
+                let out = self
+                    .forward(plan, req, clients, client, request_id, start)
+                    .await;
+                // RFC 9111 §4.4: a successful write invalidates what this replica holds.
+                // Other replicas hear it from the service that owns the data.
+                if matches!(&out.1, Ok(r) if r.status().is_success() || r.status().is_redirection())
+                {
+                    for t in tags {
+                        cache.invalidate_local(&passerelle_redis::Invalidation::Tag(t));
+                    }
+                }
+                out
+            }
+            None => {
+                self.forward(plan, req, clients, client, request_id, start)
+                    .await
+            }
+        };
         if let (Some(h), Ok(res)) = (&limit_headers, &mut res) {
             h.apply(res.headers_mut());
         }
@@ -358,7 +395,7 @@ impl Inner {
     ) -> (Option<usize>, Result<Response<Body>, ProxyError>) {
         match plan {
             Plan::Ops(o) => (None, Ok(Box::pin(self.ops(o)).await)),
-            Plan::Compose { route, paths } => {
+            Plan::Compose { route, paths, .. } => {
                 let r = &self.routes[route];
                 let Action::Compose(parts) = &r.action else {
                     return (Some(route), Err(ProxyError::NoRoute));
@@ -375,7 +412,7 @@ impl Inner {
                 .await;
                 (Some(route), res)
             }
-            Plan::Proxy { route, path } => {
+            Plan::Proxy { route, path, .. } => {
                 let r = &self.routes[route];
                 let Action::Proxy { upstream, .. } = &r.action else {
                     return (Some(route), Err(ProxyError::NoRoute));

@@ -32,7 +32,7 @@ impl Role {
 #[derive(Clone)]
 pub struct RedisClient {
     conn: ConnectionManager,
-    client: redis::Client,
+    pub(crate) client: redis::Client,
     manager_cfg: ConnectionManagerConfig,
     role: Role,
     endpoint: String,

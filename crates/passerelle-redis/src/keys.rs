@@ -18,6 +18,12 @@ pub enum Namespace {
     Lease,
     /// Rate-limit state: one key per (counted identity, limit).
     RateLimit,
+    /// Gateway response cache entries, by key hash.
+    Cache,
+    /// Cache tag sets: the entries tagged with one resource path.
+    CacheTag,
+    /// Service rows read through the cache (cache-aside).
+    Object,
 }
 
 impl Namespace {
@@ -25,6 +31,9 @@ impl Namespace {
         match self {
             Namespace::Lease => "lease",
             Namespace::RateLimit => "rl",
+            Namespace::Cache => "cache",
+            Namespace::CacheTag => "ctag",
+            Namespace::Object => "obj",
         }
     }
 }
@@ -67,6 +76,48 @@ impl KeySchema {
             sanitize_tag(identity),
             limit
         )
+    }
+}
+
+impl KeySchema {
+    /// `<prefix>:cache:{<hash>}`: a response cache entry; `hash` is the hex digest of the
+    /// cache key (fixed length whatever the request). Each entry is its own slot: entries
+    /// are only ever touched one per command.
+    pub fn cache_entry(&self, hash: &str) -> String {
+        format!(
+            "{}:{}:{{{}}}",
+            self.prefix,
+            Namespace::Cache.as_str(),
+            sanitize_tag(hash)
+        )
+    }
+
+    /// `<prefix>:ctag:{<tag>}`: the set of entry hashes tagged `tag` (a resource path such
+    /// as `/users/7`). Read and deleted alone; the entries it names are deleted one `DEL`
+    /// each, so invalidation is cluster-safe.
+    pub fn cache_tag(&self, tag: &str) -> String {
+        format!(
+            "{}:{}:{{{}}}",
+            self.prefix,
+            Namespace::CacheTag.as_str(),
+            sanitize_tag(tag)
+        )
+    }
+
+    /// `<prefix>:obj:{<kind>/<id>}`: one service row, cached by the service that owns it.
+    pub fn object(&self, kind: &str, id: i64) -> String {
+        format!(
+            "{}:{}:{{{}/{id}}}",
+            self.prefix,
+            Namespace::Object.as_str(),
+            sanitize_tag(kind)
+        )
+    }
+
+    /// The pub/sub channel on which cache invalidations reach every gateway's L1. A
+    /// channel, not a key: nothing is stored under it.
+    pub fn invalidation_channel(&self) -> String {
+        format!("{}:invalidate", self.prefix)
     }
 }
 

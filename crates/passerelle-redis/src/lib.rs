@@ -14,6 +14,7 @@
 //! Two roles, possibly the same server: [`Role::Cache`] for evictable data and
 //! [`Role::Durable`] for data that must survive.
 
+pub mod cache;
 pub mod client;
 pub mod keys;
 pub mod rate_limit;
@@ -21,6 +22,7 @@ pub mod scripts;
 
 use std::time::Duration;
 
+pub use cache::Invalidation;
 pub use client::{MemoryInfo, RedisClient, Role, redact};
 pub use keys::{KeySchema, Namespace, hash_slot};
 use passerelle_config::RedisConfig;

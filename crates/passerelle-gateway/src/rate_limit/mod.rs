@@ -11,7 +11,7 @@
 //!    `retry_after` ends, without a Redis call. This is exact: a refusal consumes nothing,
 //!    so Redis would refuse too (other replicas can only push the time later);
 //! 3. **Redis**: every remaining group concurrently, each under `redis_timeout`, behind a
-//!    circuit breaker ([`breaker`]);
+//!    circuit breaker ([`crate::breaker`]);
 //! 4. **fallback** for a group Redis did not decide: each limit's `on_redis_failure`:
 //!    allow, refuse with 503, or decide with an in-process GCRA ([`gcra`]) holding
 //!    `limit / gateway_replicas`;
@@ -20,7 +20,6 @@
 //!    and another refused, the admitted groups are refunded, so a refused request consumes
 //!    nothing anywhere.
 
-pub mod breaker;
 pub mod gcra;
 
 use std::sync::Arc;
@@ -35,8 +34,8 @@ use passerelle_http::Problem;
 use passerelle_redis::rate_limit::{LimitParams, LimitState, Mode, Verdict};
 use passerelle_redis::{KeySchema, Redis, RedisClient, RedisError};
 
-use self::breaker::{Breaker, Permit};
 use self::gcra::{Gcra, LocalBuckets};
+use crate::breaker::{Breaker, Permit};
 use crate::identity::Caller;
 
 pub const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");

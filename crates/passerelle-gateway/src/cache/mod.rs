@@ -1,0 +1,699 @@
+//! The response cache: an in-process L1 in front of the shared Redis L2.
+//!
+//! ```text
+//! request → key ─→ L1 (moka) ─hit→ serve
+//!                    │miss
+//!                    ↓
+//!                  L2 (Redis) ─hit→ fill L1, serve
+//!                    │miss
+//!                    ↓
+//!                  flight (one per key in this process; the others wait for it)
+//!                    ↓
+//!                  lease (one per key across replicas; the others poll L2 for its result)
+//!                    ↓
+//!                  origin → store in L1 and L2 → every waiter served
+//! ```
+//!
+//! - [`key`]: what names an entry, bounded whatever the client sends;
+//! - [`policy`]: RFC 9111 rules: may this be stored, for how long, for whom;
+//! - [`entry`]: the stored response and its wire format (LZ4 above a threshold);
+//! - [`stage`]: the request-side orchestration (the gateway's cache phase).
+//!
+//! Invalidation is by tags (resource paths such as `/users/7`) attached to entries. A
+//! service that writes a row deletes the tagged entries from Redis and publishes the tag;
+//! every gateway's listener ([`ResponseCache::spawn_listener`]) records it. L1 entries are
+//! checked against the record lazily: a hit costs one atomic load while nothing was
+//! invalidated, and an entry whose tags were invalidated after its fill began is dropped.
+//! The same check refuses to store a response fetched before an invalidation it raced
+//! with, so an update is never hidden behind a stale copy.
+//!
+//! Invariant: Redis failing never fails a request. Every Redis call has a deadline and
+//! goes through a circuit breaker; on failure the cache is bypassed and the error counted.
+
+pub mod entry;
+pub mod key;
+pub mod policy;
+pub mod stage;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use http::HeaderName;
+use passerelle_config::{CacheConfig, CacheScope, Config, PathTemplate};
+use passerelle_redis::{Invalidation, KeySchema, Redis, RedisClient};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use self::entry::Entry;
+use self::key::CacheKey;
+use self::policy::RouteDefaults;
+use crate::breaker::{Breaker, Permit};
+
+/// Which level answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    L1,
+    L2,
+}
+
+impl Level {
+    fn as_str(self) -> &'static str {
+        match self {
+            Level::L1 => "l1",
+            Level::L2 => "l2",
+        }
+    }
+}
+
+/// A route's cache policy and its metric handles.
+#[derive(Debug)]
+pub struct RouteCache {
+    name: String,
+    pub defaults: RouteDefaults,
+    pub tags: Vec<PathTemplate>,
+    metrics: RouteCacheMetrics,
+}
+
+#[derive(Debug)]
+struct RouteCacheMetrics {
+    hit_l1: metrics::Counter,
+    hit_l2: metrics::Counter,
+    stale: metrics::Counter,
+    stale_if_error: metrics::Counter,
+    miss: metrics::Counter,
+    collapsed: metrics::Counter,
+    bypass: metrics::Counter,
+    origin: metrics::Counter,
+}
+
+impl RouteCache {
+    fn metrics_route(&self) -> &str {
+        &self.name
+    }
+}
+
+impl RouteCacheMetrics {
+    fn new(route: &str) -> Self {
+        let lookup = |result: &'static str| metrics::counter!("passerelle_cache_lookups_total", "route" => route.to_string(), "result" => result);
+        Self {
+            hit_l1: lookup("hit_l1"),
+            hit_l2: lookup("hit_l2"),
+            stale: lookup("stale"),
+            stale_if_error: lookup("stale_if_error"),
+            miss: lookup("miss"),
+            collapsed: lookup("collapsed"),
+            bypass: lookup("bypass"),
+            origin: metrics::counter!("passerelle_cache_origin_calls_total", "route" => route.to_string()),
+        }
+    }
+}
+
+/// An L1 slot: the entry, and the invalidation generation it is known valid at.
+#[derive(Debug)]
+struct L1Slot {
+    entry: Arc<Entry>,
+    checked_at: AtomicU64,
+}
+
+type L1 = moka::sync::Cache<u128, Arc<L1Slot>>;
+
+/// What one fill (an origin fetch for a key) tells the requests waiting on it.
+#[derive(Debug, Clone)]
+pub enum FlightResult {
+    /// Serve this entry.
+    Entry(Arc<Entry>),
+    /// The origin failed and this stale entry stands in (`stale-if-error`).
+    StaleIfError(Arc<Entry>),
+    /// The answer is private: look up (or fetch) the caller's own entry.
+    Private,
+    /// Nothing to share (not storable, or the fill failed): fetch yourself.
+    Nothing,
+}
+
+type Flights = Mutex<HashMap<u128, watch::Receiver<Option<FlightResult>>>>;
+
+/// Ends a flight: publishes its result (or `Nothing` if it ended without one) and removes
+/// it, so that the next miss starts a new one.
+pub struct FlightGuard {
+    cache: Arc<ResponseCache>,
+    key: CacheKey,
+    tx: watch::Sender<Option<FlightResult>>,
+}
+
+impl FlightGuard {
+    pub fn finish(self, result: FlightResult) {
+        self.tx.send_replace(Some(result));
+    }
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        if let Ok(mut f) = self.cache.flights.lock() {
+            f.remove(&self.key.0);
+        }
+        self.tx.send_if_modified(|v| {
+            if v.is_none() {
+                *v = Some(FlightResult::Nothing);
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+/// This request's part in the flight of its key.
+pub enum Flight {
+    Leader(FlightGuard),
+    Follower(watch::Receiver<Option<FlightResult>>),
+}
+
+/// Tags invalidated recently, with the generation at which each was.
+#[derive(Debug, Default)]
+struct InvalidationLog {
+    tags: HashMap<String, (u64, Instant)>,
+}
+
+/// How many invalidated tags are remembered before old ones are forgotten, and the most
+/// before L1 is flushed instead.
+const LOG_PRUNE_AT: usize = 4096;
+const LOG_MAX: usize = 100_000;
+/// A tag set larger than this is invalidated whole: it stays bounded whatever the traffic.
+const MAX_TAG_SET: u64 = 10_000;
+
+/// The response cache of one gateway process.
+#[derive(Debug)]
+pub struct ResponseCache {
+    compress_above: usize,
+    max_entry: usize,
+    max_key_input: usize,
+    lease_ttl: Duration,
+    redis_timeout: Duration,
+    /// How long an invalidation must be remembered: the longest an L1 entry lives plus the
+    /// longest a fill may take.
+    log_retention: Duration,
+    routes: Vec<Option<RouteCache>>,
+    l1: Option<L1>,
+    redis: Option<Redis>,
+    breaker: Breaker,
+    flights: Flights,
+    log: Mutex<InvalidationLog>,
+    /// Bumped by every invalidation.
+    generation: AtomicU64,
+    /// Entries filled before this generation are invalid (L1 flushed).
+    flushed_below: AtomicU64,
+    /// Unique per process: the owner of the leases it takes.
+    owner: String,
+    redis_errors: metrics::Counter,
+    invalidations: metrics::Counter,
+    stores_l1: metrics::Counter,
+    stores_l2: metrics::Counter,
+    bytes_l2: metrics::Counter,
+    discarded: metrics::Counter,
+    compressed: metrics::Counter,
+}
+
+struct L1Expiry {
+    max: Duration,
+}
+
+impl moka::Expiry<u128, Arc<L1Slot>> for L1Expiry {
+    fn expire_after_create(
+        &self,
+        _key: &u128,
+        slot: &Arc<L1Slot>,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        Some(slot.entry.remaining(entry::now_ms()).min(self.max))
+    }
+}
+
+impl ResponseCache {
+    /// The cache of `config`, or `None` when caching is off or no route asks for it.
+    pub fn new(config: &Config, redis: Option<&Redis>) -> Option<Self> {
+        let cfg: &CacheConfig = &config.cache;
+        if !cfg.enabled || config.routes.iter().all(|r| r.cache.is_none()) {
+            return None;
+        }
+        let routes: Vec<Option<RouteCache>> = config
+            .routes
+            .iter()
+            .map(|r| {
+                let c = r.cache.as_ref()?;
+                Some(RouteCache {
+                    name: r.name.clone(),
+                    defaults: RouteDefaults {
+                        ttl: c.ttl.get(),
+                        stale_while_revalidate: c.stale_while_revalidate.get(),
+                        stale_if_error: c.stale_if_error.get(),
+                        vary: c
+                            .vary
+                            .iter()
+                            .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
+                            .collect(),
+                        private_scope: c.scope == CacheScope::Private,
+                    },
+                    tags: c
+                        .tags
+                        .iter()
+                        .filter_map(|t| PathTemplate::parse(t).ok())
+                        .collect(),
+                    metrics: RouteCacheMetrics::new(&r.name),
+                })
+            })
+            .collect();
+        let longest_request = config
+            .routes
+            .iter()
+            .filter_map(|r| r.timeout)
+            .map(|d| d.get())
+            .chain([config.gateway.request_timeout.get()])
+            .max()
+            .unwrap_or_default();
+        let l1 = (cfg.l1_max_size.get() > 0).then(|| {
+            let evictions = metrics::counter!("passerelle_cache_l1_evictions_total");
+            moka::sync::Cache::builder()
+                .max_capacity(cfg.l1_max_size.get())
+                .weigher(|_k: &u128, v: &Arc<L1Slot>| v.entry.weight())
+                .expire_after(L1Expiry {
+                    max: cfg.l1_max_ttl.get(),
+                })
+                .eviction_listener(move |_k, _v, cause| {
+                    if cause == moka::notification::RemovalCause::Size {
+                        evictions.increment(1);
+                    }
+                })
+                .build()
+        });
+        let mut owner = [0u8; 8];
+        let _ = getrandom::fill(&mut owner);
+        Some(Self {
+            compress_above: cfg.compress_above.as_usize(),
+            max_entry: cfg.max_entry_size.as_usize(),
+            max_key_input: cfg.max_key_input.as_usize(),
+            lease_ttl: cfg.lease_ttl.get(),
+            redis_timeout: cfg.redis_timeout.get(),
+            log_retention: cfg.l1_max_ttl.get() + longest_request + Duration::from_secs(1),
+            routes,
+            l1,
+            redis: redis.cloned(),
+            breaker: Breaker::new(cfg.breaker_failures, cfg.breaker_open_for.get()),
+            flights: Mutex::new(HashMap::new()),
+            log: Mutex::new(InvalidationLog::default()),
+            generation: AtomicU64::new(0),
+            flushed_below: AtomicU64::new(0),
+            owner: owner.iter().map(|b| format!("{b:02x}")).collect(),
+            redis_errors: metrics::counter!("passerelle_cache_redis_errors_total"),
+            invalidations: metrics::counter!("passerelle_cache_invalidations_total"),
+            stores_l1: metrics::counter!("passerelle_cache_stores_total", "level" => "l1"),
+            stores_l2: metrics::counter!("passerelle_cache_stores_total", "level" => "l2"),
+            bytes_l2: metrics::counter!("passerelle_cache_stored_bytes_total", "level" => "l2"),
+            discarded: metrics::counter!("passerelle_cache_discarded_total"),
+            compressed: metrics::counter!("passerelle_cache_compressed_total"),
+        })
+    }
+
+    /// The policy of route `i`, if it is cached.
+    pub fn route(&self, i: usize) -> Option<&RouteCache> {
+        self.routes.get(i).and_then(Option::as_ref)
+    }
+
+    /// A connection for one serving thread (see [`RedisClient::dedicated`]).
+    pub fn connection(&self) -> Option<RedisClient> {
+        let r = self.redis.as_ref()?;
+        r.cache().dedicated().ok()
+    }
+
+    fn keys(&self) -> Option<&KeySchema> {
+        self.redis.as_ref().map(|r| &r.keys)
+    }
+
+    /// The current invalidation generation: a fill records it before asking the origin.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    // ---- L1 ----
+
+    fn l1_get(&self, key: CacheKey) -> Option<Arc<Entry>> {
+        let l1 = self.l1.as_ref()?;
+        let slot = l1.get(&key.0)?;
+        let now_gen = self.generation.load(Ordering::Acquire);
+        let seen = slot.checked_at.load(Ordering::Acquire);
+        if seen == now_gen {
+            return Some(slot.entry.clone());
+        }
+        if self.invalidated_since(&slot.entry.tags, seen) {
+            l1.invalidate(&key.0);
+            return None;
+        }
+        slot.checked_at.fetch_max(now_gen, Ordering::AcqRel);
+        Some(slot.entry.clone())
+    }
+
+    fn l1_put(&self, key: CacheKey, entry: Arc<Entry>, filled_at: u64) {
+        if let Some(l1) = &self.l1 {
+            l1.insert(
+                key.0,
+                Arc::new(L1Slot {
+                    entry,
+                    checked_at: AtomicU64::new(filled_at),
+                }),
+            );
+            self.stores_l1.increment(1);
+        }
+    }
+
+    /// True when one of `tags` was invalidated after generation `since` (or L1 was
+    /// flushed since).
+    fn invalidated_since(&self, tags: &[String], since: u64) -> bool {
+        if since < self.flushed_below.load(Ordering::Acquire) {
+            return true;
+        }
+        if tags.is_empty() {
+            return false;
+        }
+        let Ok(log) = self.log.lock() else {
+            return true;
+        };
+        tags.iter()
+            .any(|t| log.tags.get(t).is_some_and(|(g, _)| *g > since))
+    }
+
+    /// Records invalidations of this process's L1 (from the channel, a purge, or a write
+    /// seen passing through).
+    pub fn invalidate_local(&self, inv: &Invalidation) {
+        self.invalidations.increment(1);
+        match inv {
+            Invalidation::Key(hex) => {
+                if let (Some(l1), Some(k)) = (&self.l1, CacheKey::from_hex(hex)) {
+                    l1.invalidate(&k.0);
+                }
+            }
+            Invalidation::Tag(tag) => {
+                let Ok(mut log) = self.log.lock() else {
+                    self.flush_l1();
+                    return;
+                };
+                let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+                log.tags.insert(tag.clone(), (g, Instant::now()));
+                if log.tags.len() > LOG_PRUNE_AT {
+                    let keep = self.log_retention;
+                    log.tags.retain(|_, (_, at)| at.elapsed() < keep);
+                    if log.tags.len() > LOG_MAX {
+                        log.tags.clear();
+                        drop(log);
+                        self.flush_l1();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forgets every L1 entry, and every fill in progress: used when invalidations may
+    /// have been missed (the channel was down).
+    pub fn flush_l1(&self) {
+        let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        self.flushed_below.store(g, Ordering::Release);
+        if let Some(l1) = &self.l1 {
+            l1.invalidate_all();
+        }
+    }
+
+    // ---- L2 ----
+
+    /// Runs one Redis operation under the deadline and the breaker. `None`: the cache
+    /// goes on without L2 for this request.
+    async fn redis_op<T>(
+        &self,
+        op: impl Future<Output = Result<T, passerelle_redis::RedisError>>,
+    ) -> Option<T> {
+        struct Outstanding<'a>(&'a Breaker, Permit, bool);
+        impl Drop for Outstanding<'_> {
+            fn drop(&mut self) {
+                if !self.2 {
+                    self.0.abandon(self.1);
+                }
+            }
+        }
+        let permit = self.breaker.permit();
+        if permit == Permit::Refuse {
+            return None;
+        }
+        let mut guard = Outstanding(&self.breaker, permit, false);
+        let r = tokio::time::timeout(self.redis_timeout, op).await;
+        guard.2 = true;
+        match r {
+            Ok(Ok(v)) => {
+                self.breaker.success(permit);
+                Some(v)
+            }
+            Ok(Err(e)) => {
+                self.breaker.failure(permit);
+                self.redis_errors.increment(1);
+                tracing::debug!(error = %e, "cache: redis error, bypassing L2");
+                None
+            }
+            Err(_) => {
+                self.breaker.failure(permit);
+                self.redis_errors.increment(1);
+                None
+            }
+        }
+    }
+
+    async fn l2_get(&self, conn: &RedisClient, key: CacheKey) -> Option<Entry> {
+        let keys = self.keys()?;
+        let raw = self.redis_op(conn.cache_get(keys, &key.hex())).await??;
+        match Entry::decode(&raw, self.max_entry) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                tracing::warn!(error = %e, key = %key.hex(), "cache: dropping an unreadable entry");
+                None
+            }
+        }
+    }
+
+    /// L1, then L2 (filling L1 on an L2 hit).
+    pub async fn lookup(
+        &self,
+        conn: Option<&RedisClient>,
+        key: CacheKey,
+    ) -> Option<(Arc<Entry>, Level)> {
+        if let Some(e) = self.l1_get(key) {
+            return Some((e, Level::L1));
+        }
+        let conn = conn?;
+        let gen_before = self.generation();
+        let e = Arc::new(self.l2_get(conn, key).await?);
+        if !self.invalidated_since(&e.tags, gen_before) {
+            self.l1_put(key, e.clone(), gen_before);
+            return Some((e, Level::L2));
+        }
+        None
+    }
+
+    /// Stores a fetched entry in both levels, unless one of its tags was invalidated since
+    /// the fill began (the response may predate the write). Returns whether it was stored.
+    pub async fn store(
+        &self,
+        conn: Option<&RedisClient>,
+        key: CacheKey,
+        entry: Arc<Entry>,
+        filled_at: u64,
+    ) -> bool {
+        if self.invalidated_since(&entry.tags, filled_at) {
+            self.discarded.increment(1);
+            return false;
+        }
+        self.l1_put(key, entry.clone(), filled_at);
+        let (Some(conn), Some(keys)) = (conn, self.keys()) else {
+            return true;
+        };
+        let now = entry::now_ms();
+        let (raw, compressed) = entry.encode(self.compress_above);
+        if compressed {
+            self.compressed.increment(1);
+        }
+        let hex = key.hex();
+        if let Some(largest) = self
+            .redis_op(conn.cache_put(keys, &hex, &raw, entry.remaining(now), &entry.tags))
+            .await
+        {
+            self.stores_l2.increment(1);
+            self.bytes_l2.increment(raw.len() as u64);
+            if largest > MAX_TAG_SET {
+                tracing::warn!(tags = ?entry.tags, largest, "cache: tag set too large, invalidating it");
+                let _ = self
+                    .redis_op(conn.cache_invalidate_tags(keys, &entry.tags))
+                    .await;
+            }
+        }
+        true
+    }
+
+    // ---- collapsing ----
+
+    /// Joins the flight of `key`, or starts it.
+    pub fn flight(self: &Arc<Self>, key: CacheKey) -> Flight {
+        let Ok(mut map) = self.flights.lock() else {
+            // A poisoned map only loses collapsing, never correctness.
+            let (tx, _) = watch::channel(None);
+            return Flight::Leader(FlightGuard {
+                cache: self.clone(),
+                key,
+                tx,
+            });
+        };
+        if let Some(rx) = map.get(&key.0) {
+            return Flight::Follower(rx.clone());
+        }
+        let (tx, rx) = watch::channel(None);
+        map.insert(key.0, rx);
+        Flight::Leader(FlightGuard {
+            cache: self.clone(),
+            key,
+            tx,
+        })
+    }
+
+    /// True when some request of this process is already fetching `key`.
+    pub fn in_flight(&self, key: CacheKey) -> bool {
+        self.flights.lock().is_ok_and(|m| m.contains_key(&key.0))
+    }
+
+    /// Takes the cross-replica lease on `key`. `Some(true)`: ours; `Some(false)`: another
+    /// replica holds it; `None`: Redis unavailable (go on alone).
+    pub async fn lease(&self, conn: Option<&RedisClient>, key: CacheKey) -> Option<bool> {
+        let (conn, keys) = (conn?, self.keys()?);
+        self.redis_op(conn.acquire_lease(
+            keys,
+            &format!("cache:{}", key.hex()),
+            &self.owner,
+            self.lease_ttl,
+        ))
+        .await
+    }
+
+    pub async fn release(&self, conn: Option<&RedisClient>, key: CacheKey) {
+        if let (Some(conn), Some(keys)) = (conn, self.keys()) {
+            let _ = self
+                .redis_op(conn.release_lease(keys, &format!("cache:{}", key.hex()), &self.owner))
+                .await;
+        }
+    }
+
+    /// Another replica holds the lease: poll L2 for its result until the lease would have
+    /// expired or `deadline`.
+    pub async fn wait_for_replica(
+        &self,
+        conn: Option<&RedisClient>,
+        key: CacheKey,
+        deadline: Instant,
+    ) -> Option<Arc<Entry>> {
+        let conn = conn?;
+        let until = (Instant::now() + self.lease_ttl).min(deadline);
+        let mut pause = Duration::from_millis(5);
+        while Instant::now() < until {
+            tokio::time::sleep(pause.min(until.saturating_duration_since(Instant::now()))).await;
+            let gen_before = self.generation();
+            if let Some(e) = self.l2_get(conn, key).await {
+                let e = Arc::new(e);
+                self.l1_put(key, e.clone(), gen_before);
+                return Some(e);
+            }
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+        None
+    }
+
+    // ---- invalidation ----
+
+    /// Listens to the invalidation channel until `shutdown`, resubscribing after a loss.
+    /// L1 is flushed on every (re)subscription: messages sent while the connection was
+    /// down are lost, and an entry they invalidated must not survive.
+    pub fn spawn_listener(self: &Arc<Self>, shutdown: CancellationToken) {
+        let Some(redis) = self.redis.clone() else {
+            return;
+        };
+        let cache = self.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            let mut first = true;
+            loop {
+                let sub = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    s = tokio::time::timeout(Duration::from_secs(2), redis.cache().invalidations(&redis.keys)) => s,
+                };
+                match sub {
+                    Ok(Ok(mut stream)) => {
+                        if !first {
+                            tracing::info!("cache: invalidation channel back; flushing L1");
+                            cache.flush_l1();
+                        }
+                        backoff = Duration::from_millis(100);
+                        loop {
+                            tokio::select! {
+                                _ = shutdown.cancelled() => return,
+                                m = stream.next() => match m {
+                                    Some(inv) => cache.invalidate_local(&inv),
+                                    None => break,
+                                },
+                            }
+                        }
+                        tracing::warn!("cache: invalidation channel lost; resubscribing");
+                        // Until it is back, L1 could miss invalidations.
+                        cache.flush_l1();
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "cache: cannot subscribe to invalidations")
+                    }
+                    Err(_) => tracing::warn!("cache: subscribing to invalidations timed out"),
+                }
+                first = false;
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        });
+    }
+
+    /// Operator purge by tag: both levels, every replica. Returns L2 entries deleted.
+    pub async fn purge_tag(&self, tag: &str) -> Result<u64, passerelle_redis::RedisError> {
+        self.invalidate_local(&Invalidation::Tag(tag.to_string()));
+        match &self.redis {
+            Some(r) => {
+                r.cache()
+                    .cache_invalidate_tags(&r.keys, &[tag.to_string()])
+                    .await
+            }
+            None => Ok(0),
+        }
+    }
+
+    /// Operator purge by key (the hex digest shown in `Cache-Status`).
+    pub async fn purge_key(&self, key: CacheKey) -> Result<u64, passerelle_redis::RedisError> {
+        let hex = key.hex();
+        self.invalidate_local(&Invalidation::Key(hex.clone()));
+        match &self.redis {
+            Some(r) => r.cache().cache_delete(&r.keys, &[hex]).await,
+            None => Ok(0),
+        }
+    }
+
+    /// Figures for the admin API.
+    pub fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "l1_entries": self.l1.as_ref().map_or(0, |l| l.entry_count()),
+            "l1_bytes": self.l1.as_ref().map_or(0, |l| l.weighted_size()),
+            "l2": self.redis.is_some(),
+            "l2_breaker_open": self.breaker.is_open(),
+            "invalidation_generation": self.generation(),
+        })
+    }
+}

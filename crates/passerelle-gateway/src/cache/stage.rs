@@ -1,0 +1,631 @@
+//! The cache phase of a request: look up, serve, or fetch once for every waiter.
+//!
+//! A fetch runs as its own task (the *fill*), detached from the request that started it:
+//! when that client goes away, the requests waiting on the same key still get their answer,
+//! and a stale-while-revalidate refresh has no request at all. The request that started a
+//! fill (the leader) receives its response over a oneshot channel; the others (followers)
+//! watch the flight's result.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
+
+use super::entry::{Entry, Freshness, now_ms};
+use super::key::{CacheKey, KeyInput};
+use super::policy::{self, Storage, Uncacheable};
+use super::{Flight, FlightGuard, FlightResult, Level, ResponseCache, RouteCache};
+use crate::compose;
+use crate::error::ProxyError;
+use crate::proxy::{self, ClientAddr};
+use crate::service::{Action, Inner, Plan, ThreadLocal};
+use crate::upstream::{Client, Outgoing};
+
+/// The `Cache-Status` header (RFC 9211).
+pub const CACHE_STATUS: http::HeaderName = http::HeaderName::from_static("cache-status");
+
+/// How a response came out of the cache; becomes `Cache-Status`.
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome {
+    Hit(Level),
+    /// Served stale while one request refreshes it.
+    Stale(Level),
+    /// The origin failed; a stale entry stood in.
+    StaleIfError,
+    /// Another request (here or on another replica) fetched it.
+    Collapsed,
+    /// Fetched from the origin for this request.
+    Miss {
+        stored: bool,
+    },
+}
+
+/// What a fill hands the request that started it.
+enum Served {
+    Entry(Arc<Entry>, Outcome, CacheKey),
+    Response(Response<Body>),
+    Error(ProxyError),
+}
+
+/// A fetch for one key.
+struct FillJob {
+    route: usize,
+    key: CacheKey,
+    /// The caller's own key, should the answer be private (shared routes only).
+    private_key: Option<CacheKey>,
+    plan: Plan,
+    headers: HeaderMap,
+    deadline: Instant,
+    authorized: bool,
+    stale: Option<Arc<Entry>>,
+    /// A background refresh: nobody waits, and another replica's lease means "done".
+    refresh: bool,
+}
+
+impl Inner {
+    /// The cache phase for a `GET`/`HEAD` on a cached route.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn cached(
+        self: &Arc<Self>,
+        local: &Arc<ThreadLocal>,
+        cache: &Arc<ResponseCache>,
+        plan: Plan,
+        req: Request<Incoming>,
+        client: &ClientAddr,
+        request_id: &HeaderValue,
+        start: Instant,
+    ) -> Result<Response<Body>, ProxyError> {
+        let route = match &plan {
+            Plan::Proxy { route, .. } | Plan::Compose { route, .. } => *route,
+            Plan::Ops(_) => return Err(ProxyError::NoRoute),
+        };
+        let (Some(rc), r) = (cache.route(route), &self.routes[route]) else {
+            return Err(ProxyError::NoRoute);
+        };
+        let conn = local.cache_conn.as_ref();
+        let (parts, _unused_body) = req.into_parts();
+        let head = parts.method == Method::HEAD;
+        let inm = parts.headers.get(header::IF_NONE_MATCH).cloned();
+        let deadline = start + r.timeout;
+        let input = KeyInput {
+            route: &r.name,
+            path: parts.uri.path(),
+            query: parts.uri.query(),
+            vary: &rc.defaults.vary,
+            headers: &parts.headers,
+        };
+        let caller = || {
+            let c = self.identity.caller(client.ip, &parts.headers);
+            let mut s = String::new();
+            if c.user.is_some() {
+                c.user_part(&mut s);
+            } else {
+                c.api_key_part(&mut s);
+            }
+            s
+        };
+        let private_scope = rc.defaults.private_scope;
+        let first = input.key(private_scope.then(caller).as_deref(), cache.max_key_input);
+        let Ok(mut key) = first else {
+            rc.metrics.bypass.increment(1);
+            uncacheable(r.name.as_ref(), Uncacheable::KeyTooLarge);
+            let headers = origin_headers(parts.headers, client, request_id);
+            let mut res = self
+                .fetch_origin(&local.clients, &plan, parts.method, headers, deadline)
+                .await?;
+            set_status(&mut res, "passerelle; fwd=bypass; detail=key-too-large");
+            return Ok(res);
+        };
+        let mut private_key = if private_scope {
+            None
+        } else {
+            input.key(Some(&caller()), cache.max_key_input).ok()
+        };
+        let mut stale = None;
+        let mut passthrough_detail = "uncacheable";
+        for _ in 0..3 {
+            if let Some((e, level)) = cache.lookup(conn, key).await {
+                if e.private_marker {
+                    match private_key.take() {
+                        Some(k) => {
+                            key = k;
+                            continue;
+                        }
+                        None => break,
+                    }
+                }
+                match e.freshness(now_ms()) {
+                    Freshness::Fresh => {
+                        match level {
+                            Level::L1 => rc.metrics.hit_l1.increment(1),
+                            Level::L2 => rc.metrics.hit_l2.increment(1),
+                        }
+                        return Ok(render(&e, Outcome::Hit(level), head, inm.as_ref(), key));
+                    }
+                    Freshness::StaleWhileRevalidate => {
+                        rc.metrics.stale.increment(1);
+                        if let Flight::Leader(guard) = cache.flight(key) {
+                            let job = FillJob {
+                                route,
+                                key,
+                                private_key: None,
+                                plan: plan.clone(),
+                                headers: origin_headers(parts.headers.clone(), client, request_id),
+                                deadline: Instant::now() + r.timeout,
+                                authorized: parts.headers.contains_key(header::AUTHORIZATION),
+                                stale: None,
+                                refresh: true,
+                            };
+                            tokio::spawn(self.clone().fill(
+                                local.clone(),
+                                cache.clone(),
+                                job,
+                                guard,
+                                None,
+                            ));
+                        }
+                        return Ok(render(&e, Outcome::Stale(level), head, inm.as_ref(), key));
+                    }
+                    Freshness::StaleIfError => stale = Some(e),
+                    Freshness::Expired => {}
+                }
+            }
+            match cache.flight(key) {
+                Flight::Follower(mut rx) => {
+                    let waited =
+                        tokio::time::timeout_at(deadline.into(), rx.wait_for(Option::is_some))
+                            .await;
+                    let result = match waited {
+                        Ok(Ok(v)) => v.clone(),
+                        _ => None,
+                    };
+                    match result {
+                        Some(FlightResult::Entry(e)) => {
+                            rc.metrics.collapsed.increment(1);
+                            return Ok(render(&e, Outcome::Collapsed, head, inm.as_ref(), key));
+                        }
+                        Some(FlightResult::StaleIfError(e)) => {
+                            rc.metrics.stale_if_error.increment(1);
+                            return Ok(render(&e, Outcome::StaleIfError, head, inm.as_ref(), key));
+                        }
+                        Some(FlightResult::Private) => match private_key.take() {
+                            Some(k) => {
+                                key = k;
+                                continue;
+                            }
+                            None => break,
+                        },
+                        Some(FlightResult::Nothing) | None => {
+                            passthrough_detail = "not-shared";
+                            break;
+                        }
+                    }
+                }
+                Flight::Leader(guard) => {
+                    rc.metrics.miss.increment(1);
+                    let (tx, rx) = oneshot::channel();
+                    let job = FillJob {
+                        route,
+                        key,
+                        private_key: private_key.take(),
+                        plan,
+                        headers: origin_headers(parts.headers.clone(), client, request_id),
+                        deadline,
+                        authorized: parts.headers.contains_key(header::AUTHORIZATION),
+                        stale,
+                        refresh: false,
+                    };
+                    tokio::spawn(self.clone().fill(
+                        local.clone(),
+                        cache.clone(),
+                        job,
+                        guard,
+                        Some(tx),
+                    ));
+                    return match rx.await {
+                        Ok(Served::Entry(e, outcome, key)) => {
+                            Ok(render(&e, outcome, head, inm.as_ref(), key))
+                        }
+                        Ok(Served::Response(res)) => Ok(res),
+                        Ok(Served::Error(e)) => Err(e),
+                        Err(_) => Err(ProxyError::UpstreamBody("the fetch was abandoned".into())),
+                    };
+                }
+            }
+        }
+        // Nothing to share: this request fetches for itself, uncached.
+        rc.metrics.bypass.increment(1);
+        rc.metrics.origin.increment(1);
+        let headers = origin_headers(parts.headers, client, request_id);
+        let method = if head { Method::HEAD } else { Method::GET };
+        let mut res = self
+            .fetch_origin(&local.clients, &plan, method, headers, deadline)
+            .await?;
+        set_status(
+            &mut res,
+            &format!("passerelle; fwd=uri-miss; detail={passthrough_detail}"),
+        );
+        Ok(res)
+    }
+
+    /// One fetch for `job.key`, shared by everyone waiting on the flight.
+    async fn fill(
+        self: Arc<Self>,
+        local: Arc<ThreadLocal>,
+        cache: Arc<ResponseCache>,
+        job: FillJob,
+        guard: FlightGuard,
+        leader: Option<oneshot::Sender<Served>>,
+    ) {
+        let send = |leader: Option<oneshot::Sender<Served>>, s: Served| {
+            if let Some(tx) = leader {
+                let _ = tx.send(s);
+            }
+        };
+        let Some(rc) = cache.route(job.route) else {
+            return;
+        };
+        let conn = local.cache_conn.as_ref();
+        let filled_at = cache.generation();
+        let lease = cache.lease(conn, job.key).await;
+        if lease == Some(false) {
+            if job.refresh {
+                return; // another replica refreshes it
+            }
+            if let Some(e) = cache.wait_for_replica(conn, job.key, job.deadline).await
+                && !e.private_marker
+            {
+                rc.metrics.collapsed.increment(1);
+                guard.finish(FlightResult::Entry(e.clone()));
+                send(leader, Served::Entry(e, Outcome::Collapsed, job.key));
+                return;
+            }
+        }
+        rc.metrics.origin.increment(1);
+        let fetched = self
+            .fetch_origin(
+                &local.clients,
+                &job.plan,
+                Method::GET,
+                job.headers.clone(),
+                job.deadline,
+            )
+            .await;
+        let failed = match &fetched {
+            Ok(res) => res.status().is_server_error(),
+            Err(_) => true,
+        };
+        if failed
+            && let Some(stale) = job
+                .stale
+                .as_ref()
+                .filter(|e| e.freshness(now_ms()) == Freshness::StaleIfError)
+        {
+            rc.metrics.stale_if_error.increment(1);
+            if lease == Some(true) {
+                cache.release(conn, job.key).await;
+            }
+            guard.finish(FlightResult::StaleIfError(stale.clone()));
+            send(
+                leader,
+                Served::Entry(stale.clone(), Outcome::StaleIfError, job.key),
+            );
+            return;
+        }
+        let admitted = match fetched {
+            Ok(res) => admit(res, rc, cache.max_entry, job.deadline, job.authorized).await,
+            Err(e) => Err(Served::Error(e)),
+        };
+        let (entry, storage) = match admitted {
+            Ok(x) => x,
+            Err(served) => {
+                if lease == Some(true) {
+                    cache.release(conn, job.key).await;
+                }
+                drop(guard); // followers fetch for themselves
+                send(leader, served);
+                return;
+            }
+        };
+        let mut entry = entry;
+        entry.tags = job.plan_tags();
+        let entry = Arc::new(entry);
+        let (result, stored, key) = if storage.private && !rc.defaults.private_scope {
+            let marker = Arc::new(Entry {
+                private_marker: true,
+                body: Bytes::new(),
+                headers: HeaderMap::new(),
+                ..(*entry).clone()
+            });
+            cache.store(conn, job.key, marker, filled_at).await;
+            match job.private_key {
+                Some(pk) => {
+                    let stored = cache.store(conn, pk, entry.clone(), filled_at).await;
+                    (FlightResult::Private, stored, pk)
+                }
+                None => (FlightResult::Private, false, job.key),
+            }
+        } else {
+            let stored = cache.store(conn, job.key, entry.clone(), filled_at).await;
+            let result = if stored {
+                FlightResult::Entry(entry.clone())
+            } else {
+                FlightResult::Nothing
+            };
+            (result, stored, job.key)
+        };
+        if lease == Some(true) {
+            cache.release(conn, job.key).await;
+        }
+        guard.finish(result);
+        send(leader, Served::Entry(entry, Outcome::Miss { stored }, key));
+    }
+
+    /// A body-less request to the route's origin (proxy or composition).
+    pub(crate) async fn fetch_origin(
+        &self,
+        clients: &[Client],
+        plan: &Plan,
+        method: Method,
+        headers: HeaderMap,
+        deadline: Instant,
+    ) -> Result<Response<Body>, ProxyError> {
+        match plan {
+            Plan::Proxy { route, path, .. } => {
+                let Action::Proxy { upstream, .. } = &self.routes[*route].action else {
+                    return Err(ProxyError::NoRoute);
+                };
+                let out = Outgoing {
+                    method,
+                    path_and_query: path.clone(),
+                    headers,
+                    body: Bytes::new(),
+                };
+                let answer = upstream
+                    .send(&clients[upstream.index], &out, deadline)
+                    .await?;
+                let (mut head, body) = answer.response.into_parts();
+                proxy::strip_hop_by_hop(&mut head.headers);
+                Ok(Response::from_parts(head, Body::new(body)))
+            }
+            Plan::Compose { route, paths, .. } => {
+                let Action::Compose(parts) = &self.routes[*route].action else {
+                    return Err(ProxyError::NoRoute);
+                };
+                Box::pin(compose::compose(
+                    parts,
+                    clients,
+                    paths.clone(),
+                    compose::part_headers(&headers),
+                    deadline,
+                ))
+                .await
+            }
+            Plan::Ops(_) => Err(ProxyError::NoRoute),
+        }
+    }
+}
+
+impl FillJob {
+    fn plan_tags(&self) -> Vec<String> {
+        match &self.plan {
+            Plan::Proxy { tags, .. } | Plan::Compose { tags, .. } => tags.clone(),
+            Plan::Ops(_) => Vec::new(),
+        }
+    }
+}
+
+/// The headers a fill sends upstream: the client's, minus conditionals (the fill wants the
+/// full representation to store, not a 304 for one client).
+fn origin_headers(
+    mut headers: HeaderMap,
+    client: &ClientAddr,
+    request_id: &HeaderValue,
+) -> HeaderMap {
+    for h in [
+        header::IF_NONE_MATCH,
+        header::IF_MODIFIED_SINCE,
+        header::IF_MATCH,
+        header::IF_UNMODIFIED_SINCE,
+        header::RANGE,
+    ] {
+        headers.remove(h);
+    }
+    proxy::upstream_headers(headers, client, request_id)
+}
+
+fn uncacheable(route: &str, why: Uncacheable) {
+    metrics::counter!("passerelle_cache_uncacheable_total", "route" => route.to_string(), "reason" => why.as_str())
+        .increment(1);
+}
+
+fn set_status(res: &mut Response<Body>, v: &str) {
+    if let Ok(v) = HeaderValue::from_str(v) {
+        res.headers_mut().insert(CACHE_STATUS, v);
+    }
+}
+
+/// Decides whether an origin response becomes an entry. `Err` is what to send instead
+/// (the response itself when it is not storable, streamed on).
+async fn admit(
+    res: Response<Body>,
+    rc: &RouteCache,
+    max_entry: usize,
+    deadline: Instant,
+    authorized: bool,
+) -> Result<(Entry, Storage), Served> {
+    let route = rc.metrics_route();
+    let storage = match policy::storage(res.status(), res.headers(), authorized, &rc.defaults) {
+        Ok(s) => s,
+        Err(why) => {
+            uncacheable(route, why);
+            let mut res = res;
+            set_status(
+                &mut res,
+                &format!(
+                    "passerelle; fwd=uri-miss; detail={}",
+                    why.as_str().replace('_', "-")
+                ),
+            );
+            return Err(Served::Response(res));
+        }
+    };
+    let declared = res
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let too_large = |mut res: Response<Body>| {
+        uncacheable(route, Uncacheable::TooLarge);
+        set_status(&mut res, "passerelle; fwd=uri-miss; detail=too-large");
+        Served::Response(res)
+    };
+    if declared.is_some_and(|n| n > max_entry as u64) {
+        return Err(too_large(res));
+    }
+    let (head, mut body) = res.into_parts();
+    let mut buf = BytesMut::new();
+    loop {
+        if body.is_end_stream() {
+            break;
+        }
+        let frame = match tokio::time::timeout_at(deadline.into(), body.frame()).await {
+            Err(_) => return Err(Served::Error(ProxyError::UpstreamBody("timed out".into()))),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(Served::Error(ProxyError::UpstreamBody(e.to_string()))),
+            Ok(Some(Ok(f))) => f,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if buf.len() + data.len() > max_entry {
+            // Too large after all: what was read, then the rest, streamed on.
+            buf.extend_from_slice(&data);
+            let prefix =
+                futures_util::stream::once(std::future::ready(Ok::<_, axum::Error>(buf.freeze())));
+            let rest = body.into_data_stream();
+            let body = Body::from_stream(futures_util::StreamExt::chain(prefix, rest));
+            return Err(too_large(Response::from_parts(head, body)));
+        }
+        buf.extend_from_slice(&data);
+    }
+    let body = buf.freeze();
+    let mut headers = head.headers;
+    headers.remove(header::AGE);
+    headers.remove(header::CONTENT_LENGTH);
+    headers.remove(CACHE_STATUS);
+    if !headers.contains_key(header::ETAG)
+        && head.status == StatusCode::OK
+        && let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", hex16(&body)))
+    {
+        // Lets clients revalidate composed and other ETag-less answers with a 304.
+        headers.insert(header::ETAG, v);
+    }
+    let now = now_ms();
+    let ms = |d: Duration| d.as_millis() as u64;
+    let fresh_until = now + ms(storage.fresh_for);
+    Ok((
+        Entry {
+            status: head.status,
+            headers,
+            body,
+            tags: Vec::new(),
+            stored_at: now,
+            fresh_until,
+            stale_while_revalidate_until: fresh_until + ms(storage.stale_while_revalidate),
+            stale_if_error_until: fresh_until + ms(storage.stale_if_error),
+            private_marker: false,
+        },
+        storage,
+    ))
+}
+
+fn hex16(body: &[u8]) -> String {
+    Sha256::digest(body)[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The response for a cached entry: 304 when `If-None-Match` matches its ETag, no body
+/// for `HEAD`, `Age` and `Cache-Status` always.
+pub fn render(
+    e: &Entry,
+    outcome: Outcome,
+    head: bool,
+    inm: Option<&HeaderValue>,
+    key: CacheKey,
+) -> Response<Body> {
+    let now = now_ms();
+    let ttl = (e.fresh_until as i64 - now as i64) / 1000;
+    let status = match outcome {
+        Outcome::Hit(l) => format!(
+            "passerelle; hit; ttl={ttl}; key={}; detail={}",
+            key.hex(),
+            l.as_str()
+        ),
+        Outcome::Stale(l) => format!(
+            "passerelle; hit; ttl={ttl}; key={}; detail={}-stale",
+            key.hex(),
+            l.as_str()
+        ),
+        Outcome::StaleIfError => format!(
+            "passerelle; fwd=uri-miss; ttl={ttl}; key={}; detail=stale-if-error",
+            key.hex()
+        ),
+        Outcome::Collapsed => format!(
+            "passerelle; fwd=uri-miss; collapsed; ttl={ttl}; key={}",
+            key.hex()
+        ),
+        Outcome::Miss { stored: true } => format!(
+            "passerelle; fwd=uri-miss; stored; ttl={ttl}; key={}",
+            key.hex()
+        ),
+        Outcome::Miss { stored: false } => format!("passerelle; fwd=uri-miss; key={}", key.hex()),
+    };
+    let not_modified = match (inm, e.headers.get(header::ETAG)) {
+        (Some(inm), Some(etag)) => e.status == StatusCode::OK && policy::none_match(inm, etag),
+        _ => false,
+    };
+    let mut res = if not_modified {
+        let mut r = Response::new(Body::empty());
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        for h in [
+            header::ETAG,
+            header::CACHE_CONTROL,
+            header::VARY,
+            header::EXPIRES,
+            header::CONTENT_LOCATION,
+            header::DATE,
+        ] {
+            if let Some(v) = e.headers.get(&h) {
+                r.headers_mut().insert(h, v.clone());
+            }
+        }
+        r
+    } else {
+        let mut r = Response::new(if head {
+            Body::empty()
+        } else {
+            Body::from(e.body.clone())
+        });
+        *r.status_mut() = e.status;
+        *r.headers_mut() = e.headers.clone();
+        if head {
+            r.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(e.body.len()));
+        }
+        r
+    };
+    res.headers_mut()
+        .insert(header::AGE, HeaderValue::from(e.age_secs(now)));
+    set_status(&mut res, &status);
+    res
+}

@@ -1,0 +1,244 @@
+//! Cache data in Redis: the gateway's shared response cache (L2), the tag sets that make
+//! event-based invalidation possible, the rows services read through (cache-aside), and
+//! the pub/sub channel that carries invalidations to every gateway's in-process cache.
+//!
+//! Every write carries a TTL. Entries are opaque bytes here: the gateway owns their
+//! format. Invalidation is two steps, both cluster-safe because each command touches one
+//! key: read the tag set, then delete each entry and the set; then publish, so that a
+//! gateway dropping its L1 copy on the message can no longer refill it from L2.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::Pipeline;
+
+use crate::keys::KeySchema;
+use crate::{RedisClient, RedisError};
+
+/// A message on the invalidation channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalidation {
+    /// Every entry tagged with this resource path.
+    Tag(String),
+    /// One entry, by key hash.
+    Key(String),
+}
+
+impl Invalidation {
+    fn encode(&self) -> String {
+        match self {
+            Invalidation::Tag(t) => format!("t:{t}"),
+            Invalidation::Key(k) => format!("k:{k}"),
+        }
+    }
+
+    /// Parses a channel message; `None` for anything else.
+    pub fn decode(payload: &[u8]) -> Option<Self> {
+        let s = std::str::from_utf8(payload).ok()?;
+        if let Some(t) = s.strip_prefix("t:") {
+            Some(Invalidation::Tag(t.to_string()))
+        } else {
+            s.strip_prefix("k:")
+                .map(|k| Invalidation::Key(k.to_string()))
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// Tag sets outlive their entries a little, so that a set never expires before an entry it
+/// names (its TTL is only ever raised).
+const TAG_SET_SLACK: Duration = Duration::from_secs(60);
+
+impl RedisClient {
+    /// One response cache entry.
+    pub async fn cache_get(
+        &self,
+        keys: &KeySchema,
+        hash: &str,
+    ) -> Result<Option<Vec<u8>>, RedisError> {
+        Ok(redis::cmd("GET")
+            .arg(keys.cache_entry(hash))
+            .query_async(&mut self.conn())
+            .await?)
+    }
+
+    /// Stores an entry for `ttl` and adds it to the set of each tag, in one pipeline.
+    /// Returns the largest tag set size afterwards, so that the caller can keep sets
+    /// bounded.
+    pub async fn cache_put(
+        &self,
+        keys: &KeySchema,
+        hash: &str,
+        value: &[u8],
+        ttl: Duration,
+        tags: &[String],
+    ) -> Result<u64, RedisError> {
+        let mut p = Pipeline::new();
+        p.cmd("SET")
+            .arg(keys.cache_entry(hash))
+            .arg(value)
+            .arg("PX")
+            .arg(millis(ttl))
+            .ignore();
+        let set_ttl = millis(ttl + TAG_SET_SLACK);
+        for t in tags {
+            let k = keys.cache_tag(t);
+            p.cmd("SADD").arg(&k).arg(hash).ignore();
+            // NX gives a new set its TTL, GT extends an existing one; never shortened.
+            p.cmd("PEXPIRE").arg(&k).arg(set_ttl).arg("NX").ignore();
+            p.cmd("PEXPIRE").arg(&k).arg(set_ttl).arg("GT").ignore();
+            p.cmd("SCARD").arg(&k);
+        }
+        let sizes: Vec<u64> = p.query_async(&mut self.conn()).await?;
+        Ok(sizes.into_iter().max().unwrap_or(0))
+    }
+
+    /// Deletes every entry tagged with one of `tags`, and the tag sets, then publishes the
+    /// invalidations. Returns how many entries were deleted.
+    pub async fn cache_invalidate_tags(
+        &self,
+        keys: &KeySchema,
+        tags: &[String],
+    ) -> Result<u64, RedisError> {
+        if tags.is_empty() {
+            return Ok(0);
+        }
+        let mut read = Pipeline::new();
+        for t in tags {
+            read.cmd("SMEMBERS").arg(keys.cache_tag(t));
+        }
+        let members: Vec<Vec<String>> = read.query_async(&mut self.conn()).await?;
+        let mut del = Pipeline::new();
+        let mut n = 0;
+        for hash in members.iter().flatten() {
+            del.cmd("DEL").arg(keys.cache_entry(hash));
+            n += 1;
+        }
+        for t in tags {
+            del.cmd("DEL").arg(keys.cache_tag(t)).ignore();
+        }
+        let channel = keys.invalidation_channel();
+        for t in tags {
+            del.cmd("PUBLISH")
+                .arg(&channel)
+                .arg(Invalidation::Tag(t.clone()).encode())
+                .ignore();
+        }
+        let deleted: Vec<u64> = del.query_async(&mut self.conn()).await?;
+        debug_assert_eq!(deleted.len(), n);
+        Ok(deleted.into_iter().sum())
+    }
+
+    /// Deletes entries by key hash and publishes their invalidation. Returns how many existed.
+    pub async fn cache_delete(
+        &self,
+        keys: &KeySchema,
+        hashes: &[String],
+    ) -> Result<u64, RedisError> {
+        let mut p = Pipeline::new();
+        for h in hashes {
+            p.cmd("DEL").arg(keys.cache_entry(h));
+        }
+        let channel = keys.invalidation_channel();
+        for h in hashes {
+            p.cmd("PUBLISH")
+                .arg(&channel)
+                .arg(Invalidation::Key(h.clone()).encode())
+                .ignore();
+        }
+        let deleted: Vec<u64> = p.query_async(&mut self.conn()).await?;
+        Ok(deleted.into_iter().sum())
+    }
+
+    /// Subscribes to the invalidation channel on a connection of its own (a subscribed
+    /// connection can do nothing else). The stream ends when the connection is lost: the
+    /// caller resubscribes, and must assume it missed messages in between.
+    pub async fn invalidations(
+        &self,
+        keys: &KeySchema,
+    ) -> Result<impl futures_util::Stream<Item = Invalidation> + Send + use<>, RedisError> {
+        let mut pubsub = self.client.get_async_pubsub().await?;
+        pubsub.subscribe(keys.invalidation_channel()).await?;
+        Ok(pubsub
+            .into_on_message()
+            .filter_map(|m| std::future::ready(Invalidation::decode(m.get_payload_bytes()))))
+    }
+
+    /// Service rows by id, one `GET` each in one pipeline (not `MGET`: the rows live in
+    /// different cluster slots). `None` where the row is not cached.
+    pub async fn objects_get(
+        &self,
+        keys: &KeySchema,
+        kind: &str,
+        ids: &[i64],
+    ) -> Result<Vec<Option<Vec<u8>>>, RedisError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut p = Pipeline::new();
+        for id in ids {
+            p.cmd("GET").arg(keys.object(kind, *id));
+        }
+        Ok(p.query_async(&mut self.conn()).await?)
+    }
+
+    /// Caches service rows for `ttl`, in one pipeline.
+    pub async fn objects_put(
+        &self,
+        keys: &KeySchema,
+        kind: &str,
+        rows: &[(i64, Vec<u8>)],
+        ttl: Duration,
+    ) -> Result<(), RedisError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut p = Pipeline::new();
+        for (id, value) in rows {
+            p.cmd("SET")
+                .arg(keys.object(kind, *id))
+                .arg(value)
+                .arg("PX")
+                .arg(millis(ttl))
+                .ignore();
+        }
+        p.query_async::<()>(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    /// A row changed: drops its cached copy, then every gateway response tagged with its
+    /// path (`/<kind>/<id>`), on every replica.
+    pub async fn object_changed(
+        &self,
+        keys: &KeySchema,
+        kind: &str,
+        id: i64,
+    ) -> Result<u64, RedisError> {
+        redis::cmd("DEL")
+            .arg(keys.object(kind, id))
+            .query_async::<()>(&mut self.conn())
+            .await?;
+        self.cache_invalidate_tags(keys, &[format!("/{kind}/{id}")])
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalidation_messages_round_trip() {
+        for m in [
+            Invalidation::Tag("/users/7".into()),
+            Invalidation::Key("ab12".into()),
+        ] {
+            assert_eq!(Invalidation::decode(m.encode().as_bytes()), Some(m));
+        }
+        assert_eq!(Invalidation::decode(b"x:1"), None);
+        assert_eq!(Invalidation::decode(&[0xff, 0xfe]), None);
+    }
+}
