@@ -9,11 +9,13 @@
 //! - [`users`] and [`products`]: the two resources, their fields and validation;
 //! - [`api`]: the error type and extractors that turn bad input into precise problems;
 //! - [`db`]: SQLite access, migrations;
+//! - [`cache`]: cache-aside of rows in Redis, and invalidation of the gateway's copies;
 //! - [`validate`]: field rules.
 //!
 //! [`run`] serves one instance: `run(kind, options, listener, shutdown)`.
 
 pub mod api;
+pub mod cache;
 pub mod db;
 pub mod products;
 pub mod resource;
@@ -32,7 +34,10 @@ use passerelle_http::{Problem, ServeOptions};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::set_header::SetResponseHeaderLayer;
 
+use passerelle_redis::Redis;
+
 use crate::api::BodyLimit;
+use crate::cache::ObjectCache;
 use crate::db::{Database, DbError, Migrations};
 use crate::products::Product;
 use crate::resource::{Queries, Resource, ResourceState};
@@ -94,6 +99,9 @@ pub struct ServiceOptions {
     pub access_log: bool,
     /// Pooled read connections (about one per worker thread).
     pub read_connections: u32,
+    /// Cache-aside in Redis, with this TTL (`None`: every read goes to SQLite, and writes
+    /// invalidate nothing).
+    pub cache: Option<(Redis, Duration)>,
 }
 
 /// Opens the service's database, applying migrations.
@@ -118,10 +126,14 @@ pub fn prepare(kind: ServiceKind, url: &str, rows: u64) -> Result<u64, ServiceEr
 
 /// The complete HTTP application of one service instance.
 pub fn app(kind: ServiceKind, db: Database, opts: &ServiceOptions) -> Result<Router, ServiceError> {
-    fn resource_router<R: Resource>(db: Database) -> Router {
+    fn resource_router<R: Resource>(db: Database, opts: &ServiceOptions) -> Router {
         resource::router::<R>(Arc::new(ResourceState {
             db,
             queries: Queries::of::<R>(),
+            cache: opts
+                .cache
+                .clone()
+                .map(|(redis, ttl)| ObjectCache::new(redis, ttl, R::PLURAL)),
         }))
     }
     let served_by = HeaderValue::from_str(&opts.instance)
@@ -137,8 +149,8 @@ pub fn app(kind: ServiceKind, db: Database, opts: &ServiceOptions) -> Result<Rou
         })
     };
     let routes = match kind {
-        ServiceKind::Users => resource_router::<User>(db),
-        ServiceKind::Products => resource_router::<Product>(db),
+        ServiceKind::Users => resource_router::<User>(db, opts),
+        ServiceKind::Products => resource_router::<Product>(db, opts),
     };
     let observe_cfg = Observe {
         service: kind.name(),

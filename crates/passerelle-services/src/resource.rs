@@ -4,6 +4,7 @@
 //! | request | success | notes |
 //! |---|---|---|
 //! | `GET /{plural}?limit=&cursor=` | 200 `{"items": [...], "next_cursor": ...}` | keyset pagination by id, `Link: rel="next"` |
+//! | `GET /{plural}?ids=3,1,2` | 200 `{"items": [...]}` | up to 100 ids, in the order asked, absent ones left out; one cache pipeline, one query for the misses |
 //! | `GET /{plural}/{id}` | 200, `ETag` | 404 when missing |
 //! | `POST /{plural}` | 201, `Location` | 409 on a uniqueness conflict |
 //! | `PUT /{plural}/{id}` | 200 | full replacement; `If-Match` honoured |
@@ -11,7 +12,8 @@
 //! | `DELETE /{plural}/{id}` | 204 | `If-Match` honoured |
 //!
 //! Writes validate first, then run in one transaction: a request either changes the row
-//! completely or not at all.
+//! completely or not at all. Reads of single rows go through the cache ([`crate::cache`])
+//! when one is configured; every successful write invalidates the row before answering.
 
 use std::sync::Arc;
 
@@ -28,6 +30,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use crate::api::{ApiError, FieldError, Id, JsonBody, read_json};
+use crate::cache::{CachedRow, ObjectCache};
 use crate::db::Database;
 
 /// What a table-backed resource must describe about itself.
@@ -92,6 +95,7 @@ pub fn merge_patch(target: &mut Map<String, Value>, patch: Map<String, Value>) {
 pub struct Queries {
     select_one: String,
     select_page: String,
+    select_many: String,
     insert: String,
     insert_with_id: String,
     update: String,
@@ -118,6 +122,9 @@ impl Queries {
         Self {
             select_one: format!("SELECT {cols} FROM {table} WHERE id = ?1"),
             select_page: format!("SELECT {cols} FROM {table} WHERE id > ?1 ORDER BY id LIMIT ?2"),
+            select_many: format!(
+                "SELECT {cols} FROM {table} WHERE id IN (SELECT value FROM json_each(?1))"
+            ),
             insert: format!(
                 "INSERT INTO {table} ({fields}, created_at, updated_at, version) VALUES ({placeholders}, ?{a}, ?{a}, 1) RETURNING {cols}",
                 a = n + 1
@@ -142,6 +149,7 @@ impl Queries {
 pub struct ResourceState {
     pub db: Database,
     pub queries: Queries,
+    pub cache: Option<ObjectCache>,
 }
 
 type Shared = Arc<ResourceState>;
@@ -240,13 +248,104 @@ fn map_write_error<R: Resource>(e: rusqlite::Error) -> ApiError {
     ApiError::from(e)
 }
 
+fn cached_response(row: &CachedRow) -> Response {
+    let mut res = (StatusCode::OK, row.json.clone()).into_response();
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::ETAG, etag(row.version));
+    res
+}
+
+fn to_cached<R: Resource>(r: &R) -> Result<CachedRow, ApiError> {
+    let json = serde_json::to_vec(r)
+        .map_err(|e| ApiError::Internal(format!("serializing a response: {e}")))?;
+    Ok(CachedRow {
+        version: r.version(),
+        json: json.into(),
+    })
+}
+
 async fn fetch<R: Resource>(State(s): State<Shared>, Id(id): Id) -> Result<Response, ApiError> {
+    if let Some(cache) = &s.cache
+        && let Some(Some(row)) = cache.get_many(&[id]).await.pop()
+    {
+        return Ok(cached_response(&row));
+    }
     let row = s.db.read(|c| get_row::<R>(c, &s.queries, id))?;
     let r = row.ok_or(ApiError::NotFound {
         what: R::SINGULAR,
         id,
     })?;
-    Ok(item_response(StatusCode::OK, &r))
+    let row = to_cached(&r)?;
+    if let Some(cache) = &s.cache {
+        cache.put_many(&[(id, row.clone())]).await;
+    }
+    Ok(cached_response(&row))
+}
+
+const MAX_IDS: usize = 100;
+
+/// `GET /{plural}?ids=3,1,2`: cached rows in one pipeline, the misses in one query.
+async fn fetch_many<R: Resource>(s: &Shared, raw: &str) -> Result<Response, ApiError> {
+    let mut ids = Vec::new();
+    for part in raw.split(',') {
+        ids.push(crate::api::parse_id("ids", part.trim())?);
+        if ids.len() > MAX_IDS {
+            return Err(ApiError::BadQuery(format!("at most {MAX_IDS} ids at once")));
+        }
+    }
+    let cached = match &s.cache {
+        Some(c) => c.get_many(&ids).await,
+        None => vec![None; ids.len()],
+    };
+    let missing: Vec<i64> = ids
+        .iter()
+        .zip(&cached)
+        .filter(|(_, c)| c.is_none())
+        .map(|(id, _)| *id)
+        .collect();
+    let mut found = std::collections::HashMap::new();
+    if !missing.is_empty() {
+        let list = serde_json::to_string(&missing)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let rows = s.db.read(|c| {
+            let mut stmt = c.prepare_cached(&s.queries.select_many)?;
+            let rows = stmt.query_map([list], R::from_row)?;
+            rows.collect::<rusqlite::Result<Vec<R>>>()
+        })?;
+        let mut fill = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let row = to_cached(r)?;
+            fill.push((r.id(), row.clone()));
+            found.insert(r.id(), row);
+        }
+        if let Some(c) = &s.cache {
+            c.put_many(&fill).await;
+        }
+    }
+    // `{"items":[...]}` assembled from the rows' JSON as stored: no re-serialization.
+    let mut body = Vec::from(&b"{\"items\":["[..]);
+    let mut first = true;
+    for (id, c) in ids.iter().zip(cached) {
+        let Some(row) = c.or_else(|| found.get(id).cloned()) else {
+            continue;
+        };
+        if !first {
+            body.push(b',');
+        }
+        first = false;
+        body.extend_from_slice(&row.json);
+    }
+    body.extend_from_slice(b"]}");
+    let mut res = (StatusCode::OK, body).into_response();
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(res)
 }
 
 #[derive(Serialize)]
@@ -285,6 +384,14 @@ async fn list<R: Resource>(
 ) -> Result<Response, ApiError> {
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(q.as_deref().unwrap_or(""))
         .map_err(|e| ApiError::BadQuery(e.to_string()))?;
+    if let Some((_, ids)) = pairs.iter().find(|(k, _)| k == "ids") {
+        if pairs.len() > 1 {
+            return Err(ApiError::BadQuery(
+                "ids cannot be combined with other parameters".into(),
+            ));
+        }
+        return fetch_many::<R>(&s, ids).await;
+    }
     let mut limit = DEFAULT_LIMIT;
     let mut after = 0i64;
     for (k, v) in &pairs {
@@ -303,7 +410,7 @@ async fn list<R: Resource>(
             "cursor" => after = decode_cursor(v)?,
             other => {
                 return Err(ApiError::BadQuery(format!(
-                    "unknown query parameter {:?} (known: limit, cursor)",
+                    "unknown query parameter {:?} (known: limit, cursor, ids)",
                     other.chars().take(64).collect::<String>()
                 )));
             }
@@ -354,6 +461,10 @@ async fn create<R: Resource>(
                 .map_err(map_write_error::<R>)
         })
         .await?;
+    if let Some(c) = &s.cache {
+        // A 404 for this id may be cached.
+        c.changed(created.id()).await;
+    }
     let mut res = item_response(StatusCode::CREATED, &created);
     if let Ok(loc) = HeaderValue::from_str(&format!("/{}/{}", R::PLURAL, created.id())) {
         res.headers_mut().insert(header::LOCATION, loc);
@@ -393,6 +504,9 @@ where
             Ok::<_, ApiError>(updated)
         })
         .await?;
+    if let Some(c) = &s.cache {
+        c.changed(id).await;
+    }
     Ok(item_response(StatusCode::OK, &updated))
 }
 
@@ -445,6 +559,9 @@ async fn remove<R: Resource>(
         Ok::<_, ApiError>(())
     })
     .await?;
+    if let Some(c) = &s.cache {
+        c.changed(id).await;
+    }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -31,6 +31,7 @@ async fn start(kind: ServiceKind, rows: u64) -> Running {
         grace: Duration::from_secs(1),
         access_log: false,
         read_connections: 2,
+        cache: None,
     };
     let (listener, addr) = passerelle_testkit::listener().await;
     let (tx, rx) = oneshot::channel::<()>();

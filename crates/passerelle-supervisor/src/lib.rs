@@ -303,11 +303,20 @@ async fn start_services(
                 "--worker-threads".into(),
                 "1".into(),
             ]);
+            // The services read through the cache Redis and invalidate on writes; a managed
+            // Redis's URL (with its generated password) exists only in this process.
+            let env = [
+                ("PASSERELLE_REDIS__CACHE_URL", config.redis.cache_url()),
+                ("PASSERELLE_REDIS__DURABLE_URL", config.redis.durable_url()),
+            ]
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k.to_string(), v.to_string())))
+            .collect();
             let spec = Spec {
                 name: name.clone(),
                 program: opts.exe.clone(),
                 args,
-                env: Vec::new(),
+                env,
                 inherit_output: true,
             };
             let c = child::spawn(&spec).map_err(|e| UpError::Service {

@@ -220,15 +220,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 worker_threads
             };
-            let opts = ServiceOptions {
+            let mut opts = ServiceOptions {
                 database_url,
                 instance: instance.unwrap_or_else(|| format!("{name}@{listen}")),
                 max_request_body: svc.max_request_body.as_usize(),
                 grace: svc.shutdown_grace.get(),
                 access_log: config.telemetry.access_log,
                 read_connections: threads as u32 + 1,
+                cache: None,
             };
+            let cache_ttl = svc.cache_ttl.get();
             runtime(threads)?.block_on(async {
+                // Redis clients belong to the runtime that drives their connections.
+                if !cache_ttl.is_zero() {
+                    opts.cache = passerelle_redis::Redis::from_config(&config.redis)?
+                        .map(|r| (r, cache_ttl));
+                }
                 let listener = bind(listen).await?;
                 passerelle_services::run(kind, opts, listener, passerelle_http::shutdown::signal())
                     .await?;

@@ -42,6 +42,7 @@ pub async fn service_in_process(kind: ServiceKind, db_url: &str, instance: &str)
         grace: Duration::from_secs(1),
         access_log: false,
         read_connections: 2,
+        cache: None,
     };
     tokio::spawn(passerelle_services::run(kind, opts, listener, async {
         let _ = rx.await;
