@@ -59,9 +59,13 @@ impl ObjectCache {
     /// Redis failure every row is `None`.
     pub async fn get_many(&self, ids: &[i64]) -> Vec<Option<CachedRow>> {
         let c = self.redis.cache();
-        let r = tokio::time::timeout(DEADLINE, c.objects_get(&self.redis.keys, self.kind, ids)).await;
+        let r =
+            tokio::time::timeout(DEADLINE, c.objects_get(&self.redis.keys, self.kind, ids)).await;
         let rows = match r {
-            Ok(Ok(v)) => v.into_iter().map(|o| o.and_then(CachedRow::decode)).collect(),
+            Ok(Ok(v)) => v
+                .into_iter()
+                .map(|o| o.and_then(CachedRow::decode))
+                .collect(),
             Ok(Err(e)) => {
                 self.failed("get", e);
                 vec![None; ids.len()]
@@ -71,7 +75,10 @@ impl ObjectCache {
                 vec![None; ids.len()]
             }
         };
-        let hits = rows.iter().filter(|r: &&Option<CachedRow>| r.is_some()).count() as u64;
+        let hits = rows
+            .iter()
+            .filter(|r: &&Option<CachedRow>| r.is_some())
+            .count() as u64;
         metrics::counter!("passerelle_service_cache_lookups_total", "service" => self.kind, "result" => "hit")
             .increment(hits);
         metrics::counter!("passerelle_service_cache_lookups_total", "service" => self.kind, "result" => "miss")
@@ -83,7 +90,12 @@ impl ObjectCache {
     pub async fn put_many(&self, rows: &[(i64, CachedRow)]) {
         let encoded: Vec<(i64, Vec<u8>)> = rows.iter().map(|(id, r)| (*id, r.encode())).collect();
         let c = self.redis.cache();
-        match tokio::time::timeout(DEADLINE, c.objects_put(&self.redis.keys, self.kind, &encoded, self.ttl)).await {
+        match tokio::time::timeout(
+            DEADLINE,
+            c.objects_put(&self.redis.keys, self.kind, &encoded, self.ttl),
+        )
+        .await
+        {
             Ok(Ok(())) => {}
             Ok(Err(e)) => self.failed("put", e),
             Err(_) => self.failed("put", "timeout"),
@@ -95,7 +107,12 @@ impl ObjectCache {
     /// logged at warn, since readers may see the old row until then.
     pub async fn changed(&self, id: i64) {
         let c = self.redis.cache();
-        match tokio::time::timeout(DEADLINE * 5, c.object_changed(&self.redis.keys, self.kind, id)).await {
+        match tokio::time::timeout(
+            DEADLINE * 5,
+            c.object_changed(&self.redis.keys, self.kind, id),
+        )
+        .await
+        {
             Ok(Ok(_)) => {
                 metrics::counter!("passerelle_service_cache_invalidations_total", "service" => self.kind)
                     .increment(1);
@@ -106,7 +123,11 @@ impl ObjectCache {
             }
             Err(_) => {
                 self.failed("invalidate", "timeout");
-                tracing::warn!(service = self.kind, id, "cache invalidation timed out; cached copies expire by TTL");
+                tracing::warn!(
+                    service = self.kind,
+                    id,
+                    "cache invalidation timed out; cached copies expire by TTL"
+                );
             }
         }
     }

@@ -309,8 +309,8 @@ async fn fetch_many<R: Resource>(s: &Shared, raw: &str) -> Result<Response, ApiE
         .collect();
     let mut found = std::collections::HashMap::new();
     if !missing.is_empty() {
-        let list = serde_json::to_string(&missing)
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let list =
+            serde_json::to_string(&missing).map_err(|e| ApiError::Internal(e.to_string()))?;
         let rows = s.db.read(|c| {
             let mut stmt = c.prepare_cached(&s.queries.select_many)?;
             let rows = stmt.query_map([list], R::from_row)?;

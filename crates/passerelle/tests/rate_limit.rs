@@ -6,11 +6,10 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use common::BIN;
+use common::gateway_process;
 use http::Method;
 use passerelle_config::Config;
 use passerelle_testkit::{HttpClient, RedisServer, Reply};
@@ -159,46 +158,6 @@ fn config(redis: &RedisServer, upstream: SocketAddr, trusted: &str, admin: Optio
         Vec::new(),
     )
     .unwrap()
-}
-
-/// A `passerelle gateway` process, killed (by PID) on drop.
-struct GatewayProcess {
-    child: Child,
-    http: HttpClient,
-}
-
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn gateway_process(config_path: &std::path::Path) -> GatewayProcess {
-    let addr = SocketAddr::from(([127, 0, 0, 1], passerelle_testkit::free_port()));
-    let child = Command::new(BIN)
-        .args([
-            "--config",
-            config_path.to_str().unwrap(),
-            "gateway",
-            "--listen",
-        ])
-        .arg(addr.to_string())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let http = HttpClient::new(format!("http://{addr}"));
-    let probe = http.clone();
-    passerelle_testkit::wait_until(Duration::from_secs(20), "gateway health", move || {
-        let http = probe.clone();
-        async move {
-            matches!(http.try_send(Method::GET, "/health", &[], Bytes::new()).await, Ok(r) if r.status == 200)
-        }
-    })
-    .await;
-    GatewayProcess { child, http }
 }
 
 fn hour_now() -> u64 {

@@ -58,7 +58,10 @@ enum Served {
 struct FillJob {
     route: usize,
     key: CacheKey,
-    /// The caller's own key, should the answer be private (shared routes only).
+    /// `key` already names the caller's own entry (private scope, or a private marker
+    /// led here).
+    caller_keyed: bool,
+    /// The caller's own key, should the answer be private (when `key` is shared).
     private_key: Option<CacheKey>,
     plan: Plan,
     headers: HeaderMap,
@@ -113,7 +116,7 @@ impl Inner {
         };
         let private_scope = rc.defaults.private_scope;
         let first = input.key(private_scope.then(caller).as_deref(), cache.max_key_input);
-        let Ok(mut key) = first else {
+        let Ok(shared_key) = first else {
             rc.metrics.bypass.increment(1);
             uncacheable(r.name.as_ref(), Uncacheable::KeyTooLarge);
             let headers = origin_headers(parts.headers, client, request_id);
@@ -123,6 +126,7 @@ impl Inner {
             set_status(&mut res, "passerelle; fwd=bypass; detail=key-too-large");
             return Ok(res);
         };
+        let mut key = shared_key;
         let mut private_key = if private_scope {
             None
         } else {
@@ -155,6 +159,7 @@ impl Inner {
                             let job = FillJob {
                                 route,
                                 key,
+                                caller_keyed: private_scope || key != shared_key,
                                 private_key: None,
                                 plan: plan.clone(),
                                 headers: origin_headers(parts.headers.clone(), client, request_id),
@@ -214,6 +219,7 @@ impl Inner {
                     let job = FillJob {
                         route,
                         key,
+                        caller_keyed: private_scope || key != shared_key,
                         private_key: private_key.take(),
                         plan,
                         headers: origin_headers(parts.headers.clone(), client, request_id),
@@ -337,7 +343,7 @@ impl Inner {
         let mut entry = entry;
         entry.tags = job.plan_tags();
         let entry = Arc::new(entry);
-        let (result, stored, key) = if storage.private && !rc.defaults.private_scope {
+        let (result, stored, key) = if storage.private && !job.caller_keyed {
             let marker = Arc::new(Entry {
                 private_marker: true,
                 body: Bytes::new(),

@@ -55,11 +55,22 @@ pub struct ServiceProcess {
     pub addr: SocketAddr,
     pub name: String,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
 impl ServiceProcess {
     pub async fn spawn(kind: ServiceKind, db_url: &str, name: &str) -> Self {
+        Self::spawn_with_env(kind, db_url, name, &[]).await
+    }
+
+    /// With extra environment, e.g. `PASSERELLE_REDIS__URL` for cache-aside.
+    pub async fn spawn_with_env(
+        kind: ServiceKind,
+        db_url: &str,
+        name: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
         let addr = SocketAddr::from(([127, 0, 0, 1], passerelle_testkit::free_port()));
         let args = vec![
             "service".to_string(),
@@ -77,6 +88,10 @@ impl ServiceProcess {
             addr,
             name: name.to_string(),
             args,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
         };
         p.start().await;
@@ -87,6 +102,7 @@ impl ServiceProcess {
     pub async fn start(&mut self) {
         let child = Command::new(BIN)
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -209,6 +225,47 @@ pub async fn slow_upstream(
             .await;
     });
     (addr, tx)
+}
+
+/// A `passerelle gateway` process (`--config <path>`), killed (by PID) on drop.
+pub struct GatewayProcess {
+    pub child: Child,
+    pub http: HttpClient,
+    pub addr: SocketAddr,
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn gateway_process(config_path: &std::path::Path) -> GatewayProcess {
+    let addr = SocketAddr::from(([127, 0, 0, 1], passerelle_testkit::free_port()));
+    let child = Command::new(BIN)
+        .args([
+            "--config",
+            config_path.to_str().unwrap(),
+            "gateway",
+            "--listen",
+        ])
+        .arg(addr.to_string())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let http = HttpClient::new(format!("http://{addr}"));
+    let probe = http.clone();
+    passerelle_testkit::wait_until(Duration::from_secs(20), "gateway health", move || {
+        let http = probe.clone();
+        async move {
+            matches!(http.try_send(http::Method::GET, "/health", &[], bytes::Bytes::new()).await, Ok(r) if r.status == 200)
+        }
+    })
+    .await;
+    GatewayProcess { child, http, addr }
 }
 
 /// An address where nothing listens (connections are refused).

@@ -1,0 +1,626 @@
+//! The response cache end to end: real redis-server, `passerelle gateway` processes (two
+//! replicas sharing one Redis), a counting origin, and the real users and products services
+//! for invalidation.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{GatewayProcess, ServiceProcess, gateway_process};
+use http::Method;
+use passerelle_services::ServiceKind;
+use passerelle_testkit::{HttpClient, RedisServer, Reply};
+use tokio::sync::oneshot;
+
+/// An origin that counts the requests it gets, per path.
+struct Origin {
+    addr: SocketAddr,
+    hits: Arc<Mutex<HashMap<String, usize>>>,
+    failing: Arc<AtomicBool>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl Origin {
+    fn hits(&self, path: &str) -> usize {
+        self.hits.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+}
+
+async fn origin(delay: Duration) -> Origin {
+    let hits: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let failing = Arc::new(AtomicBool::new(false));
+    let (h, f) = (hits.clone(), failing.clone());
+    let app = axum::Router::new()
+        .route("/health", axum::routing::get(|| async { "ok" }))
+        .fallback(move |uri: http::Uri, headers: http::HeaderMap| {
+            let (hits, failing) = (h.clone(), f.clone());
+            async move {
+                use axum::response::IntoResponse;
+                let path = uri.path().to_string();
+                let n = {
+                    let mut m = hits.lock().unwrap();
+                    let n = m.entry(path.clone()).or_insert(0);
+                    *n += 1;
+                    *n
+                };
+                tokio::time::sleep(delay).await;
+                if failing.load(Ordering::SeqCst) {
+                    return (http::StatusCode::SERVICE_UNAVAILABLE, "down").into_response();
+                }
+                let json = [("content-type", "application/json")];
+                match path.as_str() {
+                    "/big" => (json, format!("\"{}\"", "x".repeat(4096))).into_response(),
+                    "/big-chunked" => {
+                        let chunks = (0..4).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![b'y'; 1024])));
+                        let body = axum::body::Body::from_stream(futures_util::stream::iter(chunks));
+                        (json, body).into_response()
+                    }
+                    "/compressible" => {
+                        let items: Vec<_> = (0..20).map(|i| serde_json::json!({"id": i, "name": "the same name"})).collect();
+                        (json, serde_json::json!({ "items": items }).to_string()).into_response()
+                    }
+                    "/private" | "/mine" => {
+                        let user = headers
+                            .get("x-test-user")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("nobody")
+                            .to_string();
+                        let cc = if path == "/private" { "private, max-age=60" } else { "max-age=60" };
+                        (
+                            [("content-type", "application/json"), ("cache-control", cc)],
+                            serde_json::json!({ "user": user, "n": n }).to_string(),
+                        )
+                            .into_response()
+                    }
+                    _ => (
+                        json,
+                        serde_json::json!({ "path": path, "n": n, "lang": headers.get("accept-language").and_then(|v| v.to_str().ok()) }).to_string(),
+                    )
+                        .into_response(),
+                }
+            }
+        });
+    let (listener, addr) = passerelle_testkit::listener().await;
+    let (tx, rx) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = rx.await;
+            })
+            .await;
+    });
+    Origin {
+        addr,
+        hits,
+        failing,
+        _stop: tx,
+    }
+}
+
+/// Routes over the counting origin. Redis deadlines are generous: on a loaded machine a
+/// tight one would bypass L2 and make origin counts depend on timing.
+fn config_text(redis_url: &str, origin: SocketAddr) -> String {
+    format!(
+        r#"
+[redis]
+url = "{redis_url}"
+
+[gateway]
+worker_threads = 2
+
+[gateway.identity]
+trusted_proxies = ["127.0.0.1"]
+user_header = "x-test-user"
+
+[rate_limiting]
+enabled = false
+
+[cache]
+max_entry_size = "2KiB"
+compress_above = "512B"
+lease_ttl = "5s"
+redis_timeout = "1s"
+breaker_failures = 2
+breaker_open_for = "200ms"
+
+[upstreams.origin]
+endpoints = ["{origin}"]
+
+[[routes]]
+name = "c"
+path = "/c/{{id}}"
+upstream = "origin"
+cache = {{ ttl = "60s", tags = ["/things/{{id}}"] }}
+
+[[routes]]
+name = "sie"
+path = "/sie/{{id}}"
+upstream = "origin"
+cache = {{ ttl = "1s", stale_if_error = "1m" }}
+
+[[routes]]
+name = "big"
+path = "/big"
+upstream = "origin"
+cache = {{ ttl = "60s" }}
+
+[[routes]]
+name = "big-chunked"
+path = "/big-chunked"
+upstream = "origin"
+cache = {{ ttl = "60s" }}
+
+[[routes]]
+name = "compressible"
+path = "/compressible"
+upstream = "origin"
+cache = {{ ttl = "60s" }}
+
+[[routes]]
+name = "private"
+path = "/private"
+upstream = "origin"
+cache = {{ ttl = "60s" }}
+
+[[routes]]
+name = "mine"
+path = "/mine"
+upstream = "origin"
+cache = {{ ttl = "60s", scope = "private" }}
+
+[[routes]]
+name = "vary"
+path = "/vary"
+upstream = "origin"
+cache = {{ ttl = "60s", vary = ["accept-language"] }}
+"#
+    )
+}
+
+struct Setup {
+    redis: RedisServer,
+    origin: Origin,
+    gateways: Vec<GatewayProcess>,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup(replicas: usize, delay: Duration) -> Setup {
+    let redis = RedisServer::start();
+    let origin = origin(delay).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, config_text(&redis.url(), origin.addr)).unwrap();
+    let mut gateways = Vec::new();
+    for _ in 0..replicas {
+        gateways.push(gateway_process(&path).await);
+    }
+    Setup {
+        redis,
+        origin,
+        gateways,
+        _dir: dir,
+    }
+}
+
+fn cache_status(r: &Reply) -> String {
+    r.header("cache-status").unwrap_or("").to_string()
+}
+
+fn entry_key(r: &Reply) -> String {
+    let s = cache_status(r);
+    let k = s.split("key=").nth(1).unwrap();
+    k.split(';').next().unwrap().trim().to_string()
+}
+
+async fn get(http: &HttpClient, path: &str, headers: &[(&str, &str)]) -> Reply {
+    http.send(Method::GET, path, headers, Bytes::new()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_hundred_cold_requests_over_two_replicas_make_one_origin_call() {
+    // The origin is slow, so that every request arrives while the first fetch is running.
+    let s = setup(2, Duration::from_millis(300)).await;
+    let tasks: Vec<_> = (0..500)
+        .map(|i| {
+            let http = s.gateways[i % 2].http.clone();
+            tokio::spawn(async move { get(&http, "/c/cold", &[]).await })
+        })
+        .collect();
+    let mut bodies = std::collections::HashSet::new();
+    let mut statuses: HashMap<String, usize> = HashMap::new();
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        bodies.insert(r.text());
+        let cs = cache_status(&r);
+        let kind = if cs.contains("stored") {
+            "stored"
+        } else if cs.contains("collapsed") {
+            "collapsed"
+        } else if cs.contains("hit") {
+            "hit"
+        } else {
+            "other"
+        };
+        *statuses.entry(kind.to_string()).or_default() += 1;
+    }
+    assert_eq!(
+        s.origin.hits("/c/cold"),
+        1,
+        "exactly one origin call; statuses: {statuses:?}"
+    );
+    assert_eq!(bodies.len(), 1, "everyone got the one response");
+    assert_eq!(statuses.get("stored"), Some(&1), "{statuses:?}");
+    assert_eq!(statuses.get("other"), None, "{statuses:?}");
+
+    // Every entry and tag set in Redis has a TTL.
+    let r = get(&s.gateways[0].http, "/c/cold", &[]).await;
+    let key = format!("psl:cache:{{{}}}", entry_key(&r));
+    let ttl: i64 = s.redis.cli(&["PTTL", &key]).trim().parse().unwrap();
+    assert!(ttl > 0 && ttl <= 60_000, "entry TTL {ttl}");
+    let tag_ttl: i64 = s
+        .redis
+        .cli(&["PTTL", "psl:ctag:{/things/cold}"])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(tag_ttl > 0, "tag set TTL {tag_ttl}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn l1_then_l2_then_other_replica() {
+    let s = setup(2, Duration::ZERO).await;
+    let (a, b) = (&s.gateways[0].http, &s.gateways[1].http);
+    let r = get(a, "/c/1", &[]).await;
+    assert!(
+        cache_status(&r).contains("fwd=uri-miss; stored"),
+        "{}",
+        cache_status(&r)
+    );
+    assert_eq!(r.header("age"), Some("0"));
+    let r = get(a, "/c/1", &[]).await;
+    // Two serving threads: the second request may land on either, L1 is per process.
+    assert!(
+        cache_status(&r).contains("detail=l1"),
+        "{}",
+        cache_status(&r)
+    );
+    let r = get(b, "/c/1", &[]).await;
+    assert!(
+        cache_status(&r).contains("detail=l2"),
+        "the other replica shares: {}",
+        cache_status(&r)
+    );
+    let r = get(b, "/c/1", &[]).await;
+    assert!(
+        cache_status(&r).contains("detail=l1"),
+        "{}",
+        cache_status(&r)
+    );
+    assert_eq!(s.origin.hits("/c/1"), 1);
+
+    // Query order does not split entries; a different value does.
+    get(a, "/c/q?a=1&b=2", &[]).await;
+    let r = get(a, "/c/q?b=2&a=1", &[]).await;
+    assert!(cache_status(&r).contains("hit"), "{}", cache_status(&r));
+    get(a, "/c/q?a=1&b=3", &[]).await;
+    assert_eq!(s.origin.hits("/c/q"), 2);
+
+    // Vary: one entry per language.
+    let fr = get(a, "/vary", &[("accept-language", "fr")]).await;
+    let en = get(a, "/vary", &[("accept-language", "en")]).await;
+    assert_eq!(fr.json()["lang"], "fr");
+    assert_eq!(en.json()["lang"], "en");
+    let fr2 = get(b, "/vary", &[("accept-language", "fr")]).await;
+    assert_eq!(fr2.json()["lang"], "fr");
+    assert!(cache_status(&fr2).contains("hit"));
+    assert_eq!(s.origin.hits("/vary"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn if_none_match_gets_a_304_and_head_no_body() {
+    let s = setup(1, Duration::ZERO).await;
+    let http = &s.gateways[0].http;
+    let r = get(http, "/c/etag", &[]).await;
+    let etag = r
+        .header("etag")
+        .expect("an ETag, generated when the origin has none")
+        .to_string();
+    for _ in 0..2 {
+        let r = get(http, "/c/etag", &[("if-none-match", &etag)]).await;
+        assert_eq!(r.status, 304);
+        assert!(r.body.is_empty());
+        assert_eq!(r.header("etag"), Some(etag.as_str()));
+        assert!(r.header("cache-status").is_some());
+    }
+    let r = get(http, "/c/etag", &[("if-none-match", "\"other\"")]).await;
+    assert_eq!(r.status, 200);
+    assert!(!r.body.is_empty());
+    let r = http.send(Method::HEAD, "/c/etag", &[], Bytes::new()).await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.is_empty());
+    assert!(cache_status(&r).contains("hit"));
+    assert_eq!(s.origin.hits("/c/etag"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_private_response_is_never_served_to_another_caller() {
+    let s = setup(2, Duration::ZERO).await;
+    let (a, b) = (&s.gateways[0].http, &s.gateways[1].http);
+    // The origin marks /private `Cache-Control: private`.
+    let alice = get(a, "/private", &[("x-test-user", "alice")]).await;
+    assert_eq!(alice.json()["user"], "alice");
+    for http in [a, b] {
+        let bob = get(http, "/private", &[("x-test-user", "bob")]).await;
+        assert_eq!(bob.json()["user"], "bob", "bob never sees alice's answer");
+        let anon = get(http, "/private", &[]).await;
+        assert_eq!(anon.json()["user"], "nobody");
+        let again = get(http, "/private", &[("x-test-user", "alice")]).await;
+        assert_eq!(again.json()["user"], "alice");
+        assert!(
+            cache_status(&again).contains("hit"),
+            "alice's own entry: {}",
+            cache_status(&again)
+        );
+    }
+    assert_eq!(s.origin.hits("/private"), 3, "one fetch per caller");
+
+    // A route with scope = "private" keys every entry by caller, whatever the response says.
+    let alice = get(a, "/mine", &[("x-test-user", "alice")]).await;
+    let bob = get(b, "/mine", &[("x-test-user", "bob")]).await;
+    assert_eq!(
+        (alice.json()["user"].clone(), bob.json()["user"].clone()),
+        ("alice".into(), "bob".into())
+    );
+    let again = get(b, "/mine", &[("x-test-user", "alice")]).await;
+    assert_eq!(again.json()["user"], "alice");
+    assert_eq!(s.origin.hits("/mine"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn values_above_the_cap_are_not_cached_and_large_ones_are_compressed() {
+    let s = setup(1, Duration::ZERO).await;
+    let http = &s.gateways[0].http;
+    for path in ["/big", "/big-chunked"] {
+        for _ in 0..2 {
+            let r = get(http, path, &[]).await;
+            assert_eq!(r.status, 200);
+            assert!(r.body.len() >= 4096, "the whole body reaches the client");
+            assert!(
+                cache_status(&r).contains("detail=too-large"),
+                "{}",
+                cache_status(&r)
+            );
+        }
+        assert_eq!(s.origin.hits(path), 2, "{path} is fetched every time");
+    }
+    let metrics = get(http, "/metrics", &[]).await.text();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("passerelle_cache_uncacheable_total") && l.contains("too_large")),
+        "counted"
+    );
+
+    let r = get(http, "/compressible", &[]).await;
+    let size = r.body.len();
+    assert!(size > 512);
+    let stored: usize = s
+        .redis
+        .cli(&["STRLEN", &format!("psl:cache:{{{}}}", entry_key(&r))])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        stored > 0 && stored < size,
+        "stored compressed: {stored} bytes for a {size}-byte body"
+    );
+    let r2 = get(http, "/compressible", &[]).await;
+    assert_eq!(r2.body, r.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_keys_bypass_the_cache() {
+    let s = setup(1, Duration::ZERO).await;
+    let http = &s.gateways[0].http;
+    let long = format!("/c/long?{}", "a=1&".repeat(700));
+    for _ in 0..2 {
+        let r = get(http, &long, &[]).await;
+        assert_eq!(r.status, 200);
+        assert!(
+            cache_status(&r).contains("fwd=bypass; detail=key-too-large"),
+            "{}",
+            cache_status(&r)
+        );
+    }
+    let many = "x".repeat(3000);
+    let r = get(http, "/vary", &[("accept-language", &many)]).await;
+    assert_eq!(r.status, 200);
+    assert!(cache_status(&r).contains("bypass"));
+    assert_eq!(s.origin.hits("/c/long"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stale_if_error_serves_a_recent_copy_when_the_origin_fails() {
+    let s = setup(1, Duration::ZERO).await;
+    let http = &s.gateways[0].http;
+    let first = get(http, "/sie/1", &[]).await;
+    assert_eq!(first.status, 200);
+    s.origin.failing.store(true, Ordering::SeqCst);
+    // Once the 1 s freshness is over, a failing origin is answered with the stale copy.
+    let until = Instant::now() + Duration::from_secs(5);
+    let stale = loop {
+        let r = get(http, "/sie/1", &[]).await;
+        assert_eq!(
+            r.status, 200,
+            "never the origin's 503 while a stale copy exists"
+        );
+        if cache_status(&r).contains("stale-if-error") {
+            break r;
+        }
+        assert!(Instant::now() < until, "no stale-if-error answer after 5 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(stale.body, first.body);
+    // Without a copy, the error goes through.
+    let r = get(http, "/sie/2", &[]).await;
+    assert_eq!(r.status, 503);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_succeed_while_redis_is_down_and_caching_resumes() {
+    let mut s = setup(1, Duration::ZERO).await;
+    let http = s.gateways[0].http.clone();
+    get(&http, "/c/before", &[]).await;
+    s.redis.stop();
+    for i in 0..20 {
+        let r = get(&http, &format!("/c/down-{i}"), &[]).await;
+        assert_eq!(r.status, 200);
+    }
+    let metrics = get(&http, "/metrics", &[]).await.text();
+    let errors: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("passerelle_cache_redis_errors_total"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(errors >= 1.0, "Redis errors are counted");
+    s.redis.restart();
+    // Back: a new key is stored in Redis again (visible with redis-cli).
+    passerelle_testkit::wait_until(Duration::from_secs(10), "caching in Redis again", || {
+        let http = http.clone();
+        let redis = &s.redis;
+        async move {
+            let r = get(&http, "/c/after", &[]).await;
+            assert_eq!(r.status, 200);
+            let key = format!("psl:cache:{{{}}}", entry_key(&r));
+            redis.cli(&["EXISTS", &key]).trim() == "1"
+        }
+    })
+    .await;
+}
+
+/// The real services behind two gateway replicas, reading through Redis and invalidating on
+/// writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_update_is_seen_through_every_replica_and_every_route_that_contains_it() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let redis_url = redis.url();
+    let env = [("PASSERELLE_REDIS__URL", redis_url.as_str())];
+    let users_db = common::seeded_db(dir.path(), ServiceKind::Users, 20);
+    let products_db = common::seeded_db(dir.path(), ServiceKind::Products, 20);
+    let users =
+        ServiceProcess::spawn_with_env(ServiceKind::Users, &users_db, "users-1", &env).await;
+    let products =
+        ServiceProcess::spawn_with_env(ServiceKind::Products, &products_db, "products-1", &env)
+            .await;
+    // The shipped configuration (its cached routes and tags) over these instances.
+    let mut text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../config/passerelle.toml"
+    ))
+    .unwrap();
+    text = text.replace("admin_listen = \"127.0.0.1:9901\"", "admin_listen = \"127.0.0.1:0\"");
+    text = text.replacen(
+        "[upstreams.users]\nendpoints = []",
+        &format!("[upstreams.users]\nendpoints = [\"{}\"]", users.addr),
+        1,
+    );
+    text = text.replacen(
+        "[upstreams.products]\nendpoints = []",
+        &format!("[upstreams.products]\nendpoints = [\"{}\"]", products.addr),
+        1,
+    );
+    text = text.replacen("[redis]\n", &format!("[redis]\nurl = \"{redis_url}\"\n"), 1);
+    text = text.replacen(
+        "[rate_limiting]\nenabled = true",
+        "[rate_limiting]\nenabled = false",
+        1,
+    );
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    let gateways = [gateway_process(&path).await, gateway_process(&path).await];
+    let service = HttpClient::new(format!("http://{}", users.addr));
+
+    let name_via = |http: HttpClient, path: &'static str| async move {
+        let r = get(&http, path, &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        let user = if path.starts_with("/api") {
+            v["user"].clone()
+        } else {
+            v
+        };
+        user["name"].as_str().unwrap().to_string()
+    };
+    let mut delays = Vec::new();
+    for round in 0..10 {
+        // Warm both levels on both replicas, through the user's own route and a composed one.
+        for g in &gateways {
+            for p in ["/users/7", "/api/7/3"] {
+                name_via(g.http.clone(), p).await;
+                let r = get(&g.http, p, &[]).await;
+                assert!(
+                    cache_status(&r).contains("hit"),
+                    "{p}: {}",
+                    cache_status(&r)
+                );
+            }
+        }
+        let new_name = format!("Name {round}");
+        // Even rounds write through a gateway, odd ones straight to the service: either way
+        // every replica must drop its copies.
+        let writer = if round % 2 == 0 {
+            &gateways[round % 4 / 2].http
+        } else {
+            &service
+        };
+        let r = writer
+            .send_json(
+                Method::PATCH,
+                "/users/7",
+                &serde_json::json!({ "name": new_name }),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let written = Instant::now();
+        let mut seen_everywhere = None;
+        while seen_everywhere.is_none() {
+            let mut all = true;
+            for g in &gateways {
+                for p in ["/users/7", "/api/7/3"] {
+                    all &= name_via(g.http.clone(), p).await == new_name;
+                }
+            }
+            if all {
+                seen_everywhere = Some(written.elapsed());
+            } else {
+                assert!(
+                    written.elapsed() < Duration::from_secs(2),
+                    "round {round}: stale after 2 s"
+                );
+            }
+        }
+        delays.push(seen_everywhere.unwrap());
+        // Once seen, never the old value again.
+        for g in &gateways {
+            for p in ["/users/7", "/api/7/3"] {
+                assert_eq!(name_via(g.http.clone(), p).await, new_name);
+            }
+        }
+    }
+    delays.sort();
+    eprintln!(
+        "update visible on both replicas after: median {:?}, max {:?}",
+        delays[delays.len() / 2],
+        delays[delays.len() - 1]
+    );
+    drop(gateways);
+    drop((users, products));
+}
