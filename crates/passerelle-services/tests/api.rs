@@ -18,6 +18,24 @@ struct Running {
 }
 
 async fn start(kind: ServiceKind, rows: u64) -> Running {
+    start_with_cache(kind, rows, None).await
+}
+
+async fn start_with_cache(
+    kind: ServiceKind,
+    rows: u64,
+    redis: Option<&passerelle_testkit::RedisServer>,
+) -> Running {
+    let cache = redis.map(|r| {
+        let cfg = passerelle_config::RedisConfig {
+            url: Some(r.url()),
+            ..Default::default()
+        };
+        (
+            passerelle_redis::Redis::from_config(&cfg).unwrap().unwrap(),
+            Duration::from_secs(60),
+        )
+    });
     let dir = tempfile::tempdir().unwrap();
     let url = format!(
         "sqlite://{}",
@@ -31,7 +49,7 @@ async fn start(kind: ServiceKind, rows: u64) -> Running {
         grace: Duration::from_secs(1),
         access_log: false,
         read_connections: 2,
-        cache: None,
+        cache,
     };
     let (listener, addr) = passerelle_testkit::listener().await;
     let (tx, rx) = oneshot::channel::<()>();
@@ -440,4 +458,101 @@ async fn operations_endpoints() {
         )
         .await;
     assert_eq!(r.header("x-request-id"), Some("trace-me-42"));
+}
+
+#[tokio::test]
+async fn rows_are_read_through_redis_and_dropped_on_every_write() {
+    let mut redis = passerelle_testkit::RedisServer::start();
+    let svc = start_with_cache(ServiceKind::Users, 10, Some(&redis)).await;
+    let key = "psl:obj:{users/7}";
+    let first = svc.http.get("/users/7").await;
+    assert_eq!(first.status, 200);
+    let ttl: i64 = redis.cli(&["PTTL", key]).trim().parse().unwrap();
+    assert!(ttl > 0 && ttl <= 60_000, "cached with a TTL: {ttl}");
+    let again = svc.http.get("/users/7").await;
+    assert_eq!(again.body, first.body, "the cached row is the same JSON");
+    assert_eq!(again.header("etag"), first.header("etag"));
+
+    let r = send(
+        &svc.http,
+        Method::PATCH,
+        "/users/7",
+        "application/merge-patch+json",
+        r#"{"name":"New"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        redis.cli(&["EXISTS", key]).trim(),
+        "0",
+        "a write drops the cached row"
+    );
+    let after = svc.http.get("/users/7").await.json();
+    assert_eq!(after["name"], "New");
+    assert_eq!(after["version"], 2);
+
+    // Several ids: one pipeline for the cached, one query for the rest, in the order asked.
+    let many = svc.http.get("/users?ids=3,7,999,1").await;
+    assert_eq!(many.status, 200);
+    let ids: Vec<i64> = many.json()["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, [3, 7, 1], "absent ids are left out");
+    assert_eq!(redis.cli(&["EXISTS", "psl:obj:{users/3}"]).trim(), "1");
+
+    let r = send(
+        &svc.http,
+        Method::DELETE,
+        "/users/3",
+        "application/json",
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        svc.http.get("/users/3").await.status,
+        404,
+        "no resurrection from the cache"
+    );
+
+    // Redis down: reads and writes still work, from SQLite.
+    redis.stop();
+    assert_eq!(svc.http.get("/users/5").await.status, 200);
+    let r = send(
+        &svc.http,
+        Method::PATCH,
+        "/users/5",
+        "application/merge-patch+json",
+        r#"{"name":"Offline"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(svc.http.get("/users/5").await.json()["name"], "Offline");
+}
+
+#[tokio::test]
+async fn bad_id_lists_are_refused_clearly() {
+    let svc = start(ServiceKind::Products, 5).await;
+    for (q, needle) in [
+        ("ids=1,abc", "ids"),
+        ("ids=", "ids"),
+        ("ids=1,2&limit=5", "cannot be combined"),
+        (
+            &format!(
+                "ids={}",
+                (1..=101)
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )[..],
+            "at most 100",
+        ),
+    ] {
+        let r = svc.http.get(&format!("/products?{q}")).await;
+        let p = r.assert_problem(400);
+        assert!(p.to_string().contains(needle), "{q}: {p}");
+    }
 }

@@ -526,7 +526,10 @@ async fn an_update_is_seen_through_every_replica_and_every_route_that_contains_i
         "/../../config/passerelle.toml"
     ))
     .unwrap();
-    text = text.replace("admin_listen = \"127.0.0.1:9901\"", "admin_listen = \"127.0.0.1:0\"");
+    text = text.replace(
+        "admin_listen = \"127.0.0.1:9901\"",
+        "admin_listen = \"127.0.0.1:0\"",
+    );
     text = text.replacen(
         "[upstreams.users]\nendpoints = []",
         &format!("[upstreams.users]\nendpoints = [\"{}\"]", users.addr),
