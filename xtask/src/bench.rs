@@ -22,12 +22,13 @@ use crate::{Result, ensure_packages};
 enum Suite {
     Proxy,
     RateLimit,
+    Cache,
 }
 
-struct Options {
-    duration: u64,
-    connections: u32,
-    threads: u32,
+pub(crate) struct Options {
+    pub duration: u64,
+    pub connections: u32,
+    pub threads: u32,
 }
 
 fn parse_args(args: &[String]) -> Result<Options> {
@@ -54,9 +55,9 @@ fn parse_args(args: &[String]) -> Result<Options> {
 }
 
 /// A process stopped (by PID) when dropped.
-struct Guard {
+pub(crate) struct Guard {
     name: &'static str,
-    child: Child,
+    pub child: Child,
     signal: &'static str,
 }
 
@@ -109,7 +110,7 @@ fn get_ok(addr: &str, path: &str) -> bool {
     s.read_exact(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.1 200")
 }
 
-fn wait_ok(addr: &str, path: &str) -> Result {
+pub(crate) fn wait_ok(addr: &str, path: &str) -> Result {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !get_ok(addr, path) {
         if Instant::now() > deadline {
@@ -164,12 +165,12 @@ fn ticks_per_second() -> f64 {
 }
 
 #[derive(Debug, Default, Clone)]
-struct WrkResult {
-    rps: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    requests: u64,
-    errors: u64,
+pub(crate) struct WrkResult {
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub requests: u64,
+    pub errors: u64,
 }
 
 fn parse_latency(s: &str) -> Option<f64> {
@@ -214,7 +215,7 @@ fn parse_wrk(out: &str) -> WrkResult {
     r
 }
 
-fn wrk(script: &Path, url: &str, threads: u32, connections: u32, seconds: u64) -> Child {
+pub(crate) fn wrk(script: &Path, url: &str, threads: u32, connections: u32, seconds: u64) -> Child {
     Command::new("wrk")
         .args([
             "-t",
@@ -233,7 +234,7 @@ fn wrk(script: &Path, url: &str, threads: u32, connections: u32, seconds: u64) -
         .unwrap_or_else(|e| panic!("cannot run wrk: {e}"))
 }
 
-fn finish(child: Child) -> WrkResult {
+pub(crate) fn finish(child: Child) -> WrkResult {
     let out = child
         .wait_with_output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
@@ -311,6 +312,7 @@ fn measure(name: &str, script: &Path, url: &str, o: &Options, cpu_pids: &[u32]) 
 pub fn run(args: &[String]) -> Result {
     let (suite, args) = match args.split_first() {
         Some((s, rest)) if s == "rate-limit" => (Suite::RateLimit, rest),
+        Some((s, rest)) if s == "cache" => (Suite::Cache, rest),
         _ => (Suite::Proxy, args),
     };
     let o = parse_args(args)?;
@@ -336,6 +338,7 @@ pub fn run(args: &[String]) -> Result {
     let result = match suite {
         Suite::Proxy => bench(&o, &bin, &dir),
         Suite::RateLimit => bench_rate_limit(&o, &bin, &dir),
+        Suite::Cache => crate::bench_cache::run(&o, &bin, &dir),
     };
     let _ = std::fs::remove_dir_all(&dir);
     result
@@ -343,7 +346,7 @@ pub fn run(args: &[String]) -> Result {
 
 /// Starts `passerelle up` (3 instances per service, admin API on a free port) with an
 /// optional config file and environment overrides; returns it and the gateway's address.
-fn start_platform(
+pub(crate) fn start_platform(
     bin: &Path,
     dir: &Path,
     config: Option<&Path>,

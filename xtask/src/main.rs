@@ -8,11 +8,14 @@
 //!   and wrk when missing, start the platform, and print a table of requests/s and latency
 //!   for the gateway, the services directly, and nginx as the reference;
 //! - `cargo xtask bench rate-limit [...]` — the cost of rate limiting: no limit, a limit
-//!   that never trips, a client over its limit, and Redis calls per request.
+//!   that never trips, a client over its limit, and Redis calls per request;
+//! - `cargo xtask bench cache [...]` — the response cache on a Zipf workload: hit ratio
+//!   by level, origin calls/s with and without it, latency of L1 hits, L2 hits and misses.
 //!
 //! Debian packages are installed with `apt-get` (through `sudo` when not root).
 
 mod bench;
+mod bench_cache;
 
 use std::process::{Command, ExitCode};
 
@@ -32,7 +35,7 @@ fn main() -> ExitCode {
         ]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test | up [ARGS] | bench [rate-limit] [--duration SECS] [--connections N] [--threads N] | deps>"
+                "usage: cargo xtask <test | up [ARGS] | bench [rate-limit | cache] [--duration SECS] [--connections N] [--threads N] | deps>"
             );
             return ExitCode::from(if task == "help" { 0 } else { 2 });
         }

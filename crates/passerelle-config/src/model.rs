@@ -492,6 +492,9 @@ pub struct RouteCacheConfig {
     /// A write to that resource drops every entry tagged with it.
     pub tags: Vec<String>,
     pub scope: CacheScope,
+    /// Keep copies in each gateway's memory too. `false`: every hit reads Redis, and an
+    /// invalidation is visible everywhere as soon as Redis has it (no pub/sub delay).
+    pub l1: bool,
 }
 
 impl Default for RouteCacheConfig {
@@ -503,6 +506,7 @@ impl Default for RouteCacheConfig {
             vary: Vec::new(),
             tags: Vec::new(),
             scope: CacheScope::Shared,
+            l1: true,
         }
     }
 }

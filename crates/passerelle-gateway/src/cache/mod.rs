@@ -72,6 +72,8 @@ impl Level {
 #[derive(Debug)]
 pub struct RouteCache {
     name: String,
+    /// Entries of this route are kept in L1 too.
+    pub l1: bool,
     pub defaults: RouteDefaults,
     pub tags: Vec<PathTemplate>,
     metrics: RouteCacheMetrics,
@@ -245,6 +247,7 @@ impl ResponseCache {
                 let c = r.cache.as_ref()?;
                 Some(RouteCache {
                     name: r.name.clone(),
+                    l1: c.l1,
                     defaults: RouteDefaults {
                         ttl: c.ttl.get(),
                         stale_while_revalidate: c.stale_while_revalidate.get(),
@@ -482,13 +485,17 @@ impl ResponseCache {
         &self,
         conn: Option<&RedisClient>,
         key: CacheKey,
+        use_l1: bool,
     ) -> Option<(Arc<Entry>, Level)> {
-        if let Some(e) = self.l1_get(key) {
+        if use_l1 && let Some(e) = self.l1_get(key) {
             return Some((e, Level::L1));
         }
         let conn = conn?;
         let gen_before = self.generation();
         let e = Arc::new(self.l2_get(conn, key).await?);
+        if !use_l1 {
+            return Some((e, Level::L2));
+        }
         if !self.invalidated_since(&e.tags, gen_before) {
             self.l1_put(key, e.clone(), gen_before);
             return Some((e, Level::L2));
@@ -504,12 +511,15 @@ impl ResponseCache {
         key: CacheKey,
         entry: Arc<Entry>,
         filled_at: u64,
+        use_l1: bool,
     ) -> bool {
         if self.invalidated_since(&entry.tags, filled_at) {
             self.discarded.increment(1);
             return false;
         }
-        self.l1_put(key, entry.clone(), filled_at);
+        if use_l1 {
+            self.l1_put(key, entry.clone(), filled_at);
+        }
         let (Some(conn), Some(keys)) = (conn, self.keys()) else {
             return true;
         };
@@ -593,6 +603,7 @@ impl ResponseCache {
         conn: Option<&RedisClient>,
         key: CacheKey,
         deadline: Instant,
+        use_l1: bool,
     ) -> Option<Arc<Entry>> {
         let conn = conn?;
         let until = (Instant::now() + self.lease_ttl).min(deadline);
@@ -602,7 +613,9 @@ impl ResponseCache {
             let gen_before = self.generation();
             if let Some(e) = self.l2_get(conn, key).await {
                 let e = Arc::new(e);
-                self.l1_put(key, e.clone(), gen_before);
+                if use_l1 && !self.invalidated_since(&e.tags, gen_before) {
+                    self.l1_put(key, e.clone(), gen_before);
+                }
                 return Some(e);
             }
             pause = (pause * 2).min(Duration::from_millis(50));

@@ -135,7 +135,7 @@ impl Inner {
         let mut stale = None;
         let mut passthrough_detail = "uncacheable";
         for _ in 0..3 {
-            if let Some((e, level)) = cache.lookup(conn, key).await {
+            if let Some((e, level)) = cache.lookup(conn, key, rc.l1).await {
                 if e.private_marker {
                     match private_key.take() {
                         Some(k) => {
@@ -285,7 +285,9 @@ impl Inner {
             if job.refresh {
                 return; // another replica refreshes it
             }
-            if let Some(e) = cache.wait_for_replica(conn, job.key, job.deadline).await
+            if let Some(e) = cache
+                .wait_for_replica(conn, job.key, job.deadline, rc.l1)
+                .await
                 && !e.private_marker
             {
                 rc.metrics.collapsed.increment(1);
@@ -350,16 +352,18 @@ impl Inner {
                 headers: HeaderMap::new(),
                 ..(*entry).clone()
             });
-            cache.store(conn, job.key, marker, filled_at).await;
+            cache.store(conn, job.key, marker, filled_at, rc.l1).await;
             match job.private_key {
                 Some(pk) => {
-                    let stored = cache.store(conn, pk, entry.clone(), filled_at).await;
+                    let stored = cache.store(conn, pk, entry.clone(), filled_at, rc.l1).await;
                     (FlightResult::Private, stored, pk)
                 }
                 None => (FlightResult::Private, false, job.key),
             }
         } else {
-            let stored = cache.store(conn, job.key, entry.clone(), filled_at).await;
+            let stored = cache
+                .store(conn, job.key, entry.clone(), filled_at, rc.l1)
+                .await;
             let result = if stored {
                 FlightResult::Entry(entry.clone())
             } else {

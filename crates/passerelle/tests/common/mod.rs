@@ -158,11 +158,13 @@ pub fn fast_pool(endpoints: &[SocketAddr], balance: Balance) -> UpstreamConfig {
 }
 
 /// The shipped default configuration with the two pools pointed at `users` and `products`,
-/// without rate limits (tests of limits turn them on) and without the admin listener (its
-/// fixed port would collide between tests running at once).
+/// without rate limits and response cache (their own tests turn them on: here every request
+/// must reach an instance) and without the admin listener (its fixed port would collide
+/// between tests running at once).
 pub fn config_with(users: UpstreamConfig, products: UpstreamConfig) -> Config {
     let mut c = Config::load(None, Vec::new()).unwrap();
     c.rate_limiting.enabled = false;
+    c.cache.enabled = false;
     c.gateway.admin_listen = None;
     c.upstreams.insert("users".into(), users);
     c.upstreams.insert("products".into(), products);

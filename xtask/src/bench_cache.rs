@@ -1,0 +1,233 @@
+//! `cargo xtask bench cache`: the response cache on the demo users, through one gateway.
+//!
+//! 1. a skewed workload (Zipf, s = 1, over the 10,000 demo users) without the cache, then
+//!    with it from cold: requests/s, latency, origin calls/s, and where hits came from;
+//! 2. a hot set (users 1 to 100) served from L1, from L2 only (a route with `l1 = false`),
+//!    and proxied uncached, to compare what a hit costs with what proxying costs;
+//! 3. misses only (a unique query string per request): origin call plus storing.
+//!
+//! Origin calls and hit levels are read from the gateway's own counters
+//! (`passerelle_cache_lookups_total`, `passerelle_cache_origin_calls_total`).
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::Result;
+use crate::bench::{Options, WrkResult, finish, start_platform, wait_ok, wrk};
+
+const CONFIG: &str = r#"
+[rate_limiting]
+enabled = false
+
+[upstreams.users]
+endpoints = []
+
+[upstreams.products]
+endpoints = []
+
+[[routes]]
+name = "no-cache"
+path = "/nocache/{id}"
+upstream = "users"
+rewrite = "/users/{id}"
+
+[[routes]]
+name = "cached"
+path = "/cached/{id}"
+upstream = "users"
+rewrite = "/users/{id}"
+cache = { ttl = "60s", stale_while_revalidate = "10s", tags = ["/users/{id}"] }
+
+[[routes]]
+name = "l2-only"
+path = "/l2/{id}"
+upstream = "users"
+rewrite = "/users/{id}"
+cache = { ttl = "60s", stale_while_revalidate = "10s", tags = ["/users/{id}"], l1 = false }
+"#;
+
+/// Zipf(s = 1) over ids 1..=n: a CDF built once per wrk thread, a binary search per request.
+fn zipf_lua(prefix: &str, n: u32) -> String {
+    format!(
+        r#"local n = {n}
+local cdf = {{}}
+init = function(args)
+  math.randomseed(math.floor(os.clock() * 1e6) + os.time())
+  local sum = 0
+  for i = 1, n do sum = sum + 1 / i; cdf[i] = sum end
+  for i = 1, n do cdf[i] = cdf[i] / sum end
+end
+request = function()
+  local u = math.random()
+  local lo, hi = 1, n
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    if cdf[mid] < u then lo = mid + 1 else hi = mid end
+  end
+  return wrk.format("GET", "/{prefix}/" .. lo)
+end
+"#
+    )
+}
+
+fn uniform_lua(prefix: &str, n: u32, unique: bool) -> String {
+    let query = if unique {
+        r#" .. "?r=" .. math.random(1, 2000000000)"#
+    } else {
+        ""
+    };
+    format!(
+        "init = function(args)\n  math.randomseed(math.floor(os.clock() * 1e6) + os.time())\nend\nrequest = function()\n  return wrk.format(\"GET\", \"/{prefix}/\" .. math.random(1, {n}){query})\nend\n"
+    )
+}
+
+/// The gateway's counters of one route.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counters {
+    hit_l1: f64,
+    hit_l2: f64,
+    stale: f64,
+    collapsed: f64,
+    miss: f64,
+    origin: f64,
+}
+
+fn counters(addr: &str, route: &str) -> Counters {
+    use std::io::{Read, Write};
+    let mut c = Counters::default();
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return c;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    let route_label = format!("route=\"{route}\"");
+    for line in text.lines().filter(|l| l.contains(&route_label)) {
+        let v: f64 = line
+            .split_whitespace()
+            .last()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        if line.starts_with("passerelle_cache_origin_calls_total") {
+            c.origin += v;
+        } else if line.starts_with("passerelle_cache_lookups_total") {
+            for (label, slot) in [
+                ("hit_l1", &mut c.hit_l1),
+                ("hit_l2", &mut c.hit_l2),
+                ("stale", &mut c.stale),
+                ("collapsed", &mut c.collapsed),
+                ("miss", &mut c.miss),
+            ] {
+                if line.contains(&format!("result=\"{label}\"")) {
+                    *slot += v;
+                }
+            }
+        }
+    }
+    c
+}
+
+struct Row {
+    name: &'static str,
+    r: WrkResult,
+    origin_per_s: f64,
+    /// Share of requests answered by L1, L2, the origin.
+    levels: Option<(f64, f64, f64)>,
+}
+
+pub(crate) fn run(o: &Options, bin: &Path, dir: &Path) -> Result {
+    let config = dir.join("cache.toml");
+    std::fs::write(&config, CONFIG).map_err(|e| e.to_string())?;
+    let (_up, gateway) = start_platform(bin, dir, Some(&config), &[])?;
+    wait_ok(&gateway, "/nocache/1")?;
+    let url = format!("http://{gateway}");
+    let script = |name: &str, text: String| -> Result<std::path::PathBuf> {
+        let p = dir.join(name);
+        std::fs::write(&p, text).map_err(|e| e.to_string())?;
+        Ok(p)
+    };
+    let zipf_nocache = script("zipf-nocache.lua", zipf_lua("nocache", 10_000))?;
+    let zipf_cached = script("zipf-cached.lua", zipf_lua("cached", 10_000))?;
+    let hot_l1 = script("hot-l1.lua", uniform_lua("cached", 100, false))?;
+    let hot_l2 = script("hot-l2.lua", uniform_lua("l2", 100, false))?;
+    let hot_proxy = script("hot-proxy.lua", uniform_lua("nocache", 100, false))?;
+    let misses = script("misses.lua", uniform_lua("cached", 10_000, true))?;
+
+    // Warm the connections, the services and the hot set of the L2-only route (not the
+    // Zipf route: its first run starts cold).
+    finish(wrk(&hot_proxy, &url, o.threads, o.connections, 2));
+    finish(wrk(&hot_l2, &url, o.threads, o.connections, 2));
+    eprintln!(
+        "measuring ({}s each, {} connections, {} wrk threads)...",
+        o.duration, o.connections, o.threads
+    );
+    let run = |name: &'static str, script: &Path, route: Option<&str>| -> Row {
+        let before = route.map(|r| counters(&gateway, r)).unwrap_or_default();
+        let r = finish(wrk(script, &url, o.threads, o.connections, o.duration));
+        let after = route.map(|r| counters(&gateway, r)).unwrap_or_default();
+        let secs = o.duration as f64;
+        let (l1, l2, origin) = (
+            after.hit_l1 - before.hit_l1 + (after.stale - before.stale),
+            after.hit_l2 - before.hit_l2 + (after.collapsed - before.collapsed),
+            after.origin - before.origin,
+        );
+        let total = (l1 + l2 + origin).max(1.0);
+        eprintln!("  {name}: {:.0} req/s", r.rps);
+        Row {
+            name,
+            origin_per_s: if route.is_some() { origin / secs } else { r.rps },
+            levels: route.map(|_| (l1 / total, l2 / total, origin / total)),
+            r,
+        }
+    };
+    let rows = [
+        run("Zipf, no cache", &zipf_nocache, None),
+        run("Zipf, cache (from cold)", &zipf_cached, Some("cached")),
+        run("Zipf, cache (warm)", &zipf_cached, Some("cached")),
+        run("hot set, proxied (no cache)", &hot_proxy, None),
+        run("hot set, L1 hits", &hot_l1, Some("cached")),
+        run("hot set, L2 hits (l1 = false)", &hot_l2, Some("l2-only")),
+        run("misses (unique keys)", &misses, Some("cached")),
+    ];
+    println!();
+    println!(
+        "| workload | req/s | p50 ms | p99 ms | non-2xx | origin calls/s | L1 | L2 | origin |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for row in &rows {
+        let pct = |v: f64| format!("{:.1}%", v * 100.0);
+        let (l1, l2, origin) = row
+            .levels
+            .map_or(("-".into(), "-".into(), "100%".into()), |(a, b, c)| {
+                (pct(a), pct(b), pct(c))
+            });
+        println!(
+            "| {} | {:.0} | {:.2} | {:.2} | {} | {:.0} | {l1} | {l2} | {origin} |",
+            row.name, row.r.rps, row.r.p50_ms, row.r.p99_ms, row.r.errors, row.origin_per_s
+        );
+    }
+    let (nocache, cold, warm) = (&rows[0], &rows[1], &rows[2]);
+    println!();
+    for (label, row) in [("from cold", cold), ("warm", warm)] {
+        if row.origin_per_s >= 1.0 {
+            println!(
+                "origin calls, Zipf: {:.0}/s without the cache, {:.0}/s with it {label}: {:.1}x fewer (goal: 10x)",
+                nocache.origin_per_s,
+                row.origin_per_s,
+                nocache.origin_per_s / row.origin_per_s
+            );
+        } else {
+            println!(
+                "origin calls, Zipf: {:.0}/s without the cache, {:.2}/s with it {label}",
+                nocache.origin_per_s, row.origin_per_s
+            );
+        }
+    }
+    let (proxied, l1) = (&rows[3], &rows[4]);
+    println!(
+        "an L1 hit: p50 {:.2} ms vs {:.2} ms proxied; {:.0} vs {:.0} req/s (goal: cheaper than proxying)",
+        l1.r.p50_ms, proxied.r.p50_ms, l1.r.rps, proxied.r.rps
+    );
+    Ok(())
+}
