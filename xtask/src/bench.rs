@@ -402,12 +402,16 @@ fn bench(o: &Options, bin: &Path, dir: &Path) -> Result {
     std::fs::write(&users_lua, USERS_LUA).map_err(|e| e.to_string())?;
     std::fs::write(&api_lua, API_LUA).map_err(|e| e.to_string())?;
 
-    // The platform, without rate limits (measured on their own by `bench rate-limit`).
+    // The platform, without rate limits and response cache (measured on their own by
+    // `bench rate-limit` and `bench cache`): this compares proxying with nginx.
     let (up, gateway) = start_platform(
         bin,
         dir,
         None,
-        &[("PASSERELLE_RATE_LIMITING__ENABLED", "false")],
+        &[
+            ("PASSERELLE_RATE_LIMITING__ENABLED", "false"),
+            ("PASSERELLE_CACHE__ENABLED", "false"),
+        ],
     )?;
     wait_ok(&gateway, "/api/1/2")?;
     let state: String =

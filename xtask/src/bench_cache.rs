@@ -176,7 +176,11 @@ pub(crate) fn run(o: &Options, bin: &Path, dir: &Path) -> Result {
         eprintln!("  {name}: {:.0} req/s", r.rps);
         Row {
             name,
-            origin_per_s: if route.is_some() { origin / secs } else { r.rps },
+            origin_per_s: if route.is_some() {
+                origin / secs
+            } else {
+                r.rps
+            },
             levels: route.map(|_| (l1 / total, l2 / total, origin / total)),
             r,
         }

@@ -75,31 +75,53 @@ async fn reset(
 
 type Cache = Option<Arc<ResponseCache>>;
 
-fn cache(c: &Cache) -> Result<&ResponseCache, Problem> {
-    c.as_deref()
-        .ok_or_else(|| Problem::not_found("no route is cached (or cache.enabled = false)"))
+/// What a cache admin request can fail with.
+#[derive(Debug, thiserror::Error)]
+enum CacheAdminError {
+    #[error("no route is cached (or cache.enabled = false)")]
+    NotCached,
+    #[error("a cache key is the 32 hex digits shown as key= in Cache-Status")]
+    BadKey,
+    #[error("purged this replica's L1, but not Redis: {0}")]
+    Redis(#[from] passerelle_redis::RedisError),
 }
 
-fn purge_failed(e: passerelle_redis::RedisError) -> Problem {
-    Problem::new(StatusCode::SERVICE_UNAVAILABLE)
-        .detail(format!("purged this replica's L1, but not Redis: {e}"))
+impl IntoResponse for CacheAdminError {
+    fn into_response(self) -> Response {
+        let status = match self {
+            CacheAdminError::NotCached => StatusCode::NOT_FOUND,
+            CacheAdminError::BadKey => StatusCode::BAD_REQUEST,
+            CacheAdminError::Redis(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        Problem::new(status)
+            .detail(self.to_string())
+            .into_response()
+    }
 }
 
-async fn cache_figures(State(c): State<Cache>) -> Result<Response, Problem> {
+fn cache(c: &Cache) -> Result<&ResponseCache, CacheAdminError> {
+    c.as_deref().ok_or(CacheAdminError::NotCached)
+}
+
+async fn cache_figures(State(c): State<Cache>) -> Result<Response, CacheAdminError> {
     Ok(Json(cache(&c)?.describe()).into_response())
 }
 
-async fn purge_tag(State(c): State<Cache>, Path(tag): Path<String>) -> Result<Response, Problem> {
+async fn purge_tag(
+    State(c): State<Cache>,
+    Path(tag): Path<String>,
+) -> Result<Response, CacheAdminError> {
     let tag = format!("/{}", tag.trim_start_matches('/'));
-    let deleted = cache(&c)?.purge_tag(&tag).await.map_err(purge_failed)?;
+    let deleted = cache(&c)?.purge_tag(&tag).await?;
     Ok(Json(serde_json::json!({ "tag": tag, "deleted": deleted })).into_response())
 }
 
-async fn purge_key(State(c): State<Cache>, Path(key): Path<String>) -> Result<Response, Problem> {
-    let k = CacheKey::from_hex(&key).ok_or_else(|| {
-        Problem::bad_request("a cache key is the 32 hex digits shown as key= in Cache-Status")
-    })?;
-    let deleted = cache(&c)?.purge_key(k).await.map_err(purge_failed)?;
+async fn purge_key(
+    State(c): State<Cache>,
+    Path(key): Path<String>,
+) -> Result<Response, CacheAdminError> {
+    let k = CacheKey::from_hex(&key).ok_or(CacheAdminError::BadKey)?;
+    let deleted = cache(&c)?.purge_key(k).await?;
     Ok(Json(serde_json::json!({ "key": key, "deleted": deleted })).into_response())
 }
 

@@ -54,6 +54,8 @@ pub struct MemoryInfo {
     /// 0 means no limit.
     pub maxmemory: u64,
     pub maxmemory_policy: String,
+    /// Keys evicted by `maxmemory` since the server started (`INFO stats`).
+    pub evicted_keys: u64,
 }
 
 impl RedisClient {
@@ -135,10 +137,9 @@ impl RedisClient {
     }
 
     pub async fn memory(&self) -> Result<MemoryInfo, RedisError> {
-        let info: String = redis::cmd("INFO")
-            .arg("memory")
-            .query_async(&mut self.conn())
-            .await?;
+        // The default sections (memory and stats among them): several named sections in one
+        // INFO need Redis 7.
+        let info: String = redis::cmd("INFO").query_async(&mut self.conn()).await?;
         Ok(parse_memory_info(&info))
     }
 
@@ -184,6 +185,7 @@ fn parse_memory_info(info: &str) -> MemoryInfo {
         used_memory: 0,
         maxmemory: 0,
         maxmemory_policy: String::new(),
+        evicted_keys: 0,
     };
     for line in info.lines() {
         if let Some((k, v)) = line.trim_end().split_once(':') {
@@ -191,6 +193,7 @@ fn parse_memory_info(info: &str) -> MemoryInfo {
                 "used_memory" => m.used_memory = v.parse().unwrap_or(0),
                 "maxmemory" => m.maxmemory = v.parse().unwrap_or(0),
                 "maxmemory_policy" => m.maxmemory_policy = v.to_string(),
+                "evicted_keys" => m.evicted_keys = v.parse().unwrap_or(0),
                 _ => {}
             }
         }
@@ -233,8 +236,9 @@ mod tests {
     #[test]
     fn parses_info_memory() {
         let m = parse_memory_info(
-            "# Memory\r\nused_memory:1024\r\nmaxmemory:268435456\r\nmaxmemory_policy:allkeys-lfu\r\n",
+            "# Memory\r\nused_memory:1024\r\nmaxmemory:268435456\r\nmaxmemory_policy:allkeys-lfu\r\n# Stats\r\nevicted_keys:12\r\n",
         );
+        assert_eq!(m.evicted_keys, 12);
         assert_eq!(m.used_memory, 1024);
         assert_eq!(m.maxmemory, 268435456);
         assert_eq!(m.maxmemory_policy, "allkeys-lfu");

@@ -125,7 +125,8 @@ impl Redis {
 
     /// Samples `INFO memory` and reachability into gauges every `every` until `shutdown`:
     /// `passerelle_redis_up`, `passerelle_redis_used_memory_bytes`,
-    /// `passerelle_redis_maxmemory_bytes`, labelled by role.
+    /// `passerelle_redis_maxmemory_bytes`, `passerelle_redis_evicted_keys` (evictions seen),
+    /// labelled by role.
     pub fn spawn_monitor(&self, every: Duration, shutdown: CancellationToken) {
         let clients: Vec<RedisClient> = [self.cache.clone(), self.durable.clone()]
             .into_iter()
@@ -149,6 +150,8 @@ impl Redis {
                                 .set(m.used_memory as f64);
                             metrics::gauge!("passerelle_redis_maxmemory_bytes", "role" => role)
                                 .set(m.maxmemory as f64);
+                            metrics::gauge!("passerelle_redis_evicted_keys", "role" => role)
+                                .set(m.evicted_keys as f64);
                         }
                         Err(e) => {
                             metrics::gauge!("passerelle_redis_up", "role" => role).set(0.0);
