@@ -176,6 +176,12 @@ upstream = "origin"
 cache = {{ ttl = "60s", scope = "private" }}
 
 [[routes]]
+name = "shared-only"
+path = "/shared-only"
+upstream = "origin"
+cache = {{ ttl = "60s", l1 = false }}
+
+[[routes]]
 name = "vary"
 path = "/vary"
 upstream = "origin"
@@ -626,4 +632,103 @@ async fn an_update_is_seen_through_every_replica_and_every_route_that_contains_i
     );
     drop(gateways);
     drop((users, products));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn operators_purge_by_tag_and_by_key_on_every_replica() {
+    let redis = RedisServer::start();
+    let origin = origin(Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut gateways = Vec::new();
+    let mut admins = Vec::new();
+    for i in 0..2 {
+        let port = passerelle_testkit::free_port();
+        let text = config_text(&redis.url(), origin.addr).replace(
+            "[gateway]\nworker_threads = 2",
+            &format!("[gateway]\nworker_threads = 2\nadmin_listen = \"127.0.0.1:{port}\""),
+        );
+        let path = dir.path().join(format!("gateway-{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        gateways.push(gateway_process(&path).await);
+        admins.push(HttpClient::new(format!("http://127.0.0.1:{port}")));
+    }
+    let warm = |path: &'static str| {
+        let gateways = &gateways;
+        async move {
+            for g in gateways {
+                get(&g.http, path, &[]).await;
+                let r = get(&g.http, path, &[]).await;
+                assert!(
+                    cache_status(&r).contains("hit"),
+                    "{path}: {}",
+                    cache_status(&r)
+                );
+            }
+        }
+    };
+    warm("/c/p1").await;
+    assert_eq!(origin.hits("/c/p1"), 1);
+    let r = admins[0]
+        .send(Method::DELETE, "/cache/tags/things/p1", &[], Bytes::new())
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["tag"], "/things/p1");
+    assert_eq!(r.json()["deleted"], 1);
+    // Purged through one replica's admin API: both levels of both replicas.
+    for g in &gateways {
+        passerelle_testkit::wait_until(Duration::from_secs(2), "purge reaches the replica", || {
+            let http = g.http.clone();
+            // The answer of the fetch after the purge (the origin counts it second), never
+            // the purged copy.
+            async move { get(&http, "/c/p1", &[]).await.json()["n"] == 2 }
+        })
+        .await;
+    }
+
+    warm("/c/p2").await;
+    let key = entry_key(&get(&gateways[0].http, "/c/p2", &[]).await);
+    let r = admins[1]
+        .send(
+            Method::DELETE,
+            &format!("/cache/keys/{key}"),
+            &[],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["deleted"], 1);
+    for g in &gateways {
+        passerelle_testkit::wait_until(Duration::from_secs(2), "purge reaches the replica", || {
+            let http = g.http.clone();
+            // The answer of the fetch after the purge (the origin counts it second), never
+            // the purged copy.
+            async move { get(&http, "/c/p2", &[]).await.json()["n"] == 2 }
+        })
+        .await;
+    }
+
+    assert_eq!(origin.hits("/c/p1"), 2, "one refetch for both replicas");
+    assert_eq!(origin.hits("/c/p2"), 2);
+    let r = admins[0]
+        .send(Method::DELETE, "/cache/keys/not-a-key", &[], Bytes::new())
+        .await;
+    r.assert_problem(400);
+    let figures = admins[0].get("/cache").await.json();
+    assert_eq!(figures["l2"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_route_without_l1_always_reads_redis() {
+    let s = setup(1, Duration::ZERO).await;
+    let http = &s.gateways[0].http;
+    get(http, "/shared-only", &[]).await;
+    for _ in 0..3 {
+        let r = get(http, "/shared-only", &[]).await;
+        assert!(
+            cache_status(&r).contains("detail=l2"),
+            "{}",
+            cache_status(&r)
+        );
+    }
+    assert_eq!(s.origin.hits("/shared-only"), 1);
 }
