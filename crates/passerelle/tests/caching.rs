@@ -634,10 +634,10 @@ async fn an_update_is_seen_through_every_replica_and_every_route_that_contains_i
     drop((users, products));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn operators_purge_by_tag_and_by_key_on_every_replica() {
+/// Two replicas, each with its admin API.
+async fn setup_with_admin(delay: Duration) -> (Setup, Vec<HttpClient>) {
     let redis = RedisServer::start();
-    let origin = origin(Duration::ZERO).await;
+    let origin = origin(delay).await;
     let dir = tempfile::tempdir().unwrap();
     let mut gateways = Vec::new();
     let mut admins = Vec::new();
@@ -652,18 +652,28 @@ async fn operators_purge_by_tag_and_by_key_on_every_replica() {
         gateways.push(gateway_process(&path).await);
         admins.push(HttpClient::new(format!("http://127.0.0.1:{port}")));
     }
-    let warm = |path: &'static str| {
-        let gateways = &gateways;
-        async move {
-            for g in gateways {
-                get(&g.http, path, &[]).await;
-                let r = get(&g.http, path, &[]).await;
-                assert!(
-                    cache_status(&r).contains("hit"),
-                    "{path}: {}",
-                    cache_status(&r)
-                );
-            }
+    let s = Setup {
+        redis,
+        origin,
+        gateways,
+        _dir: dir,
+    };
+    (s, admins)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn operators_purge_by_tag_and_by_key_on_every_replica() {
+    let (s, admins) = setup_with_admin(Duration::ZERO).await;
+    let (gateways, origin) = (&s.gateways, &s.origin);
+    let warm = |path: &'static str| async move {
+        for g in gateways {
+            get(&g.http, path, &[]).await;
+            let r = get(&g.http, path, &[]).await;
+            assert!(
+                cache_status(&r).contains("hit"),
+                "{path}: {}",
+                cache_status(&r)
+            );
         }
     };
     warm("/c/p1").await;
@@ -675,7 +685,7 @@ async fn operators_purge_by_tag_and_by_key_on_every_replica() {
     assert_eq!(r.json()["tag"], "/things/p1");
     assert_eq!(r.json()["deleted"], 1);
     // Purged through one replica's admin API: both levels of both replicas.
-    for g in &gateways {
+    for g in gateways {
         passerelle_testkit::wait_until(Duration::from_secs(2), "purge reaches the replica", || {
             let http = g.http.clone();
             // The answer of the fetch after the purge (the origin counts it second), never
@@ -697,7 +707,7 @@ async fn operators_purge_by_tag_and_by_key_on_every_replica() {
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["deleted"], 1);
-    for g in &gateways {
+    for g in gateways {
         passerelle_testkit::wait_until(Duration::from_secs(2), "purge reaches the replica", || {
             let http = g.http.clone();
             // The answer of the fetch after the purge (the origin counts it second), never
@@ -731,4 +741,39 @@ async fn a_route_without_l1_always_reads_redis() {
         );
     }
     assert_eq!(s.origin.hits("/shared-only"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fetch_that_raced_an_invalidation_is_not_kept() {
+    // The origin answers after 300 ms: the invalidation lands while the fetch is out.
+    let (s, admins) = setup_with_admin(Duration::from_millis(300)).await;
+    let a = s.gateways[0].http.clone();
+    let fetch = tokio::spawn(async move { get(&a, "/c/race", &[]).await });
+    passerelle_testkit::wait_until(
+        Duration::from_secs(5),
+        "the origin got the fetch",
+        || async { s.origin.hits("/c/race") == 1 },
+    )
+    .await;
+    // Through the other replica: the invalidation reaches the fetching one by pub/sub.
+    let r = admins[1]
+        .send(Method::DELETE, "/cache/tags/things/race", &[], Bytes::new())
+        .await;
+    assert_eq!(r.status, 200);
+    let first = fetch.await.unwrap();
+    assert_eq!(
+        first.json()["n"],
+        1,
+        "the request itself gets what it fetched"
+    );
+    for g in &s.gateways {
+        let r = get(&g.http, "/c/race", &[]).await;
+        assert_eq!(
+            r.json()["n"],
+            2,
+            "the raced copy was not kept: {}",
+            cache_status(&r)
+        );
+    }
+    assert_eq!(s.origin.hits("/c/race"), 2);
 }

@@ -25,7 +25,9 @@
 //! checked against the record lazily: a hit costs one atomic load while nothing was
 //! invalidated, and an entry whose tags were invalidated after its fill began is dropped.
 //! The same check refuses to store a response fetched before an invalidation it raced
-//! with, so an update is never hidden behind a stale copy.
+//! with, so an update is never hidden behind a stale copy; and since the message may reach
+//! this process only after such a fill stored its entry in Redis, the fills of the last
+//! seconds are remembered, and an invalidation that arrives late deletes what they stored.
 //!
 //! Invariant: Redis failing never fails a request. Every Redis call has a deadline and
 //! goes through a circuit breaker; on failure the cache is bypassed and the error counted.
@@ -185,6 +187,18 @@ const LOG_PRUNE_AT: usize = 4096;
 const LOG_MAX: usize = 100_000;
 /// A tag set larger than this is invalidated whole: it stays bounded whatever the traffic.
 const MAX_TAG_SET: u64 = 10_000;
+/// How long, and how many, stored fills are remembered for late invalidations.
+const RECENT_FILL_WINDOW: Duration = Duration::from_secs(2);
+const RECENT_FILLS_MAX: usize = 10_000;
+
+/// A fill stored in Redis lately: what a late invalidation of one of its tags must delete.
+#[derive(Debug)]
+struct RecentFill {
+    key: CacheKey,
+    tags: Vec<String>,
+    filled_at: u64,
+    at: Instant,
+}
 
 /// The response cache of one gateway process.
 #[derive(Debug)]
@@ -203,6 +217,7 @@ pub struct ResponseCache {
     breaker: Breaker,
     flights: Flights,
     log: Mutex<InvalidationLog>,
+    recent: Mutex<std::collections::VecDeque<RecentFill>>,
     /// Bumped by every invalidation.
     generation: AtomicU64,
     /// Entries filled before this generation are invalid (L1 flushed).
@@ -306,6 +321,7 @@ impl ResponseCache {
             breaker: Breaker::new(cfg.breaker_failures, cfg.breaker_open_for.get()),
             flights: Mutex::new(HashMap::new()),
             log: Mutex::new(InvalidationLog::default()),
+            recent: Mutex::new(std::collections::VecDeque::new()),
             generation: AtomicU64::new(0),
             flushed_below: AtomicU64::new(0),
             owner: owner.iter().map(|b| format!("{b:02x}")).collect(),
@@ -403,6 +419,7 @@ impl ResponseCache {
                 };
                 let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
                 log.tags.insert(tag.clone(), (g, Instant::now()));
+                self.delete_raced_fills(tag, g);
                 if log.tags.len() > LOG_PRUNE_AT {
                     let keep = self.log_retention;
                     log.tags.retain(|_, (_, at)| at.elapsed() < keep);
@@ -414,6 +431,54 @@ impl ResponseCache {
                 }
             }
         }
+    }
+
+    /// Deletes from Redis what recent fills tagged `tag` stored before generation `g`: they
+    /// may hold a response fetched before the write this invalidation announces.
+    fn delete_raced_fills(&self, tag: &str, g: u64) {
+        let Ok(mut recent) = self.recent.lock() else {
+            return;
+        };
+        let mut raced = Vec::new();
+        recent.retain(|f| {
+            let hit = f.filled_at < g && f.tags.iter().any(|t| t == tag);
+            if hit {
+                raced.push(f.key.hex());
+            }
+            !hit
+        });
+        drop(recent);
+        let (Some(redis), false) = (self.redis.clone(), raced.is_empty()) else {
+            return;
+        };
+        self.discarded.increment(raced.len() as u64);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = redis.cache().cache_delete(&redis.keys, &raced).await {
+                    tracing::warn!(error = %e, "cache: could not delete entries that raced a write");
+                }
+            });
+        }
+    }
+
+    fn remember_fill(&self, key: CacheKey, tags: &[String], filled_at: u64) {
+        if tags.is_empty() {
+            return;
+        }
+        let Ok(mut recent) = self.recent.lock() else {
+            return;
+        };
+        while recent.front().is_some_and(|f| {
+            f.at.elapsed() > RECENT_FILL_WINDOW || recent.len() >= RECENT_FILLS_MAX
+        }) {
+            recent.pop_front();
+        }
+        recent.push_back(RecentFill {
+            key,
+            tags: tags.to_vec(),
+            filled_at,
+            at: Instant::now(),
+        });
     }
 
     /// Forgets every L1 entry, and every fill in progress: used when invalidations may
@@ -534,6 +599,7 @@ impl ResponseCache {
             .await
         {
             self.stores_l2.increment(1);
+            self.remember_fill(key, &entry.tags, filled_at);
             self.bytes_l2.increment(raw.len() as u64);
             if largest > MAX_TAG_SET {
                 tracing::warn!(tags = ?entry.tags, largest, "cache: tag set too large, invalidating it");
@@ -678,25 +744,32 @@ impl ResponseCache {
 
     /// Operator purge by tag: both levels, every replica. Returns L2 entries deleted.
     pub async fn purge_tag(&self, tag: &str) -> Result<u64, passerelle_redis::RedisError> {
-        self.invalidate_local(&Invalidation::Tag(tag.to_string()));
-        match &self.redis {
+        let deleted = match &self.redis {
             Some(r) => {
                 r.cache()
                     .cache_invalidate_tags(&r.keys, &[tag.to_string()])
                     .await
             }
             None => Ok(0),
-        }
+        };
+        // Even when Redis failed: this replica at least forgets its copies.
+        self.invalidate_local(&Invalidation::Tag(tag.to_string()));
+        deleted
     }
 
     /// Operator purge by key (the hex digest shown in `Cache-Status`).
     pub async fn purge_key(&self, key: CacheKey) -> Result<u64, passerelle_redis::RedisError> {
         let hex = key.hex();
-        self.invalidate_local(&Invalidation::Key(hex.clone()));
-        match &self.redis {
-            Some(r) => r.cache().cache_delete(&r.keys, &[hex]).await,
+        let deleted = match &self.redis {
+            Some(r) => {
+                r.cache()
+                    .cache_delete(&r.keys, std::slice::from_ref(&hex))
+                    .await
+            }
             None => Ok(0),
-        }
+        };
+        self.invalidate_local(&Invalidation::Key(hex));
+        deleted
     }
 
     /// Figures for the admin API.
