@@ -146,6 +146,12 @@ upstream = "origin"
 cache = {{ ttl = "1s", stale_if_error = "1m" }}
 
 [[routes]]
+name = "swr"
+path = "/swr/{{id}}"
+upstream = "origin"
+cache = {{ ttl = "2s", stale_while_revalidate = "1m" }}
+
+[[routes]]
 name = "big"
 path = "/big"
 upstream = "origin"
@@ -776,4 +782,49 @@ async fn a_fetch_that_raced_an_invalidation_is_not_kept() {
         );
     }
     assert_eq!(s.origin.hits("/c/race"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hot_entry_is_refreshed_while_its_stale_copy_is_served() {
+    let s = setup(1, Duration::ZERO).await;
+    let http = s.gateways[0].http.clone();
+    assert_eq!(get(&http, "/swr/1", &[]).await.json()["n"], 1);
+    // Past its 2 s of freshness: concurrent requests get the stale copy at once, and one of
+    // them triggers the only refresh.
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let burst: Vec<_> = (0..20)
+            .map(|_| {
+                let http = http.clone();
+                tokio::spawn(async move { get(&http, "/swr/1", &[]).await })
+            })
+            .collect();
+        let mut stale = 0;
+        for t in burst {
+            let r = t.await.unwrap();
+            assert_eq!(r.status, 200);
+            if cache_status(&r).contains("-stale") {
+                assert_eq!(r.json()["n"], 1, "the stale copy");
+                stale += 1;
+            }
+        }
+        if stale > 0 {
+            break;
+        }
+        assert!(Instant::now() < until, "never served stale");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    passerelle_testkit::wait_until(Duration::from_secs(5), "the refreshed entry", || {
+        let http = http.clone();
+        async move {
+            let r = get(&http, "/swr/1", &[]).await;
+            r.json()["n"] == 2 && cache_status(&r).contains("hit")
+        }
+    })
+    .await;
+    assert_eq!(
+        s.origin.hits("/swr/1"),
+        2,
+        "one refresh for the whole burst"
+    );
 }
