@@ -87,15 +87,7 @@ async fn origin(delay: Duration) -> Origin {
                 }
             }
         });
-    let (listener, addr) = passerelle_testkit::listener().await;
-    let (tx, rx) = oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = rx.await;
-            })
-            .await;
-    });
+    let (addr, tx) = common::serve(app).await;
     Origin {
         addr,
         hits,

@@ -217,6 +217,11 @@ pub async fn slow_upstream(
                 serde_json::json!({ "served_by": name, "request_id": rid }).to_string(),
             )
         });
+    serve(app).await
+}
+
+/// Serves `app` on a free loopback port until the returned sender is dropped.
+pub async fn serve(app: axum::Router) -> (SocketAddr, oneshot::Sender<()>) {
     let (listener, addr) = passerelle_testkit::listener().await;
     let (tx, rx) = oneshot::channel::<()>();
     tokio::spawn(async move {
