@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use redis::Pipeline;
 
 use crate::keys::KeySchema;
-use crate::{RedisClient, RedisError};
+use crate::{RedisClient, RedisError, scripts};
 
 /// A message on the invalidation channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +63,56 @@ impl RedisClient {
             .arg(keys.cache_entry(hash))
             .query_async(&mut self.conn())
             .await?)
+    }
+
+    /// Reads entry `hash` and tries to take its fill lease for `ttl` (one script, one round
+    /// trip). Returns the entry if present, and whether the lease is now `owner`'s.
+    pub async fn cache_get_or_lease(
+        &self,
+        keys: &KeySchema,
+        hash: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<(Option<Vec<u8>>, bool), RedisError> {
+        let (entry, taken): (Option<Vec<u8>>, i64) = scripts::CACHE_LEASE
+            .key(keys.cache_entry(hash))
+            .key(keys.cache_lease(hash))
+            .arg(owner)
+            .arg(millis(ttl))
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok((entry, taken == 1))
+    }
+
+    /// Entry `hash`, and whether someone still holds its fill lease (one pipeline).
+    pub async fn cache_get_watching_lease(
+        &self,
+        keys: &KeySchema,
+        hash: &str,
+    ) -> Result<(Option<Vec<u8>>, bool), RedisError> {
+        let (entry, leased): (Option<Vec<u8>>, bool) = redis::pipe()
+            .cmd("GET")
+            .arg(keys.cache_entry(hash))
+            .cmd("EXISTS")
+            .arg(keys.cache_lease(hash))
+            .query_async(&mut self.conn())
+            .await?;
+        Ok((entry, leased))
+    }
+
+    /// Gives the fill lease of `hash` back if `owner` still holds it.
+    pub async fn cache_release_lease(
+        &self,
+        keys: &KeySchema,
+        hash: &str,
+        owner: &str,
+    ) -> Result<bool, RedisError> {
+        let n: i64 = scripts::RELEASE_LEASE
+            .key(keys.cache_lease(hash))
+            .arg(owner)
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(n == 1)
     }
 
     /// Stores an entry for `ttl` and adds it to the set of each tag, in one pipeline.

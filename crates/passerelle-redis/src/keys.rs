@@ -92,6 +92,12 @@ impl KeySchema {
         )
     }
 
+    /// `<prefix>:cache:{<hash>}:lease`: who fetches a missing entry for every replica. Same
+    /// hash tag as the entry, so one script reads the entry and takes the lease.
+    pub fn cache_lease(&self, hash: &str) -> String {
+        format!("{}:lease", self.cache_entry(hash))
+    }
+
     /// `<prefix>:ctag:{<tag>}`: the set of entry hashes tagged `tag` (a resource path such
     /// as `/users/7`). Read and deleted alone; the entries it names are deleted one `DEL`
     /// each, so invalidation is cluster-safe.

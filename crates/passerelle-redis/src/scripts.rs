@@ -14,3 +14,7 @@ pub static RELEASE_LEASE: LazyLock<Script> =
 /// GCRA, sliding window and fixed window, on Redis's clock. See the script's header.
 pub static RATE_LIMIT: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/rate_limit.lua")));
+
+/// Reads a cache entry and tries to take its fill lease, in one round trip.
+pub static CACHE_LEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/cache_lease.lua")));

@@ -75,7 +75,12 @@ async fn origin(delay: Duration) -> Origin {
                         let cc = if path == "/private" { "private, max-age=60" } else { "max-age=60" };
                         (
                             [("content-type", "application/json"), ("cache-control", cc)],
-                            serde_json::json!({ "user": user, "n": n }).to_string(),
+                            serde_json::json!({
+                                "user": user,
+                                "auth": headers.get("authorization").and_then(|v| v.to_str().ok()),
+                                "n": n,
+                            })
+                            .to_string(),
                         )
                             .into_response()
                     }
@@ -220,7 +225,12 @@ fn cache_status(r: &Reply) -> String {
 fn entry_key(r: &Reply) -> String {
     let s = cache_status(r);
     let k = s.split("key=").nth(1).unwrap();
-    k.split(';').next().unwrap().trim().to_string()
+    k.split(';')
+        .next()
+        .unwrap()
+        .trim()
+        .trim_matches('"')
+        .to_string()
 }
 
 async fn get(http: &HttpClient, path: &str, headers: &[(&str, &str)]) -> Reply {
@@ -364,8 +374,6 @@ async fn a_private_response_is_never_served_to_another_caller() {
     for http in [a, b] {
         let bob = get(http, "/private", &[("x-test-user", "bob")]).await;
         assert_eq!(bob.json()["user"], "bob", "bob never sees alice's answer");
-        let anon = get(http, "/private", &[]).await;
-        assert_eq!(anon.json()["user"], "nobody");
         let again = get(http, "/private", &[("x-test-user", "alice")]).await;
         assert_eq!(again.json()["user"], "alice");
         assert!(
@@ -373,8 +381,25 @@ async fn a_private_response_is_never_served_to_another_caller() {
             "alice's own entry: {}",
             cache_status(&again)
         );
+        // Callers that differ only by their credentials never share an entry either...
+        for token in ["Bearer one", "Bearer two", "Bearer one"] {
+            let r = get(http, "/private", &[("authorization", token)]).await;
+            assert_eq!(r.json()["auth"], token);
+        }
+        // ...and without any credential (a client IP is not an identity) nothing private
+        // is stored at all.
+        let anon = get(http, "/private", &[]).await;
+        assert_eq!(anon.json()["user"], "nobody");
+        assert_eq!(anon.json()["auth"], serde_json::Value::Null);
+        assert!(
+            !cache_status(&anon).contains("hit"),
+            "{}",
+            cache_status(&anon)
+        );
     }
-    assert_eq!(s.origin.hits("/private"), 3, "one fetch per caller");
+    // Alice, bob and each token once (the second replica reads their entries from L2); the
+    // anonymous caller every time.
+    assert_eq!(s.origin.hits("/private"), 6);
 
     // A route with scope = "private" keys every entry by caller, whatever the response says.
     let alice = get(a, "/mine", &[("x-test-user", "alice")]).await;

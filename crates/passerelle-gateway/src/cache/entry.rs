@@ -14,6 +14,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 const VERSION: u8 = 1;
 const FLAG_COMPRESSED: u8 = 1;
 const FLAG_PRIVATE_MARKER: u8 = 2;
+/// More headers than any response a proxy forwards: data claiming more is not an entry.
+const MAX_HEADERS: u16 = 1024;
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> u64 {
@@ -121,8 +123,9 @@ impl Entry {
             out.put_u64(t);
         }
         out.put_u16(self.status.as_u16());
-        out.put_u16(self.headers.len().min(u16::MAX as usize) as u16);
-        for (k, v) in self.headers.iter().take(u16::MAX as usize) {
+        let n = self.headers.len().min(MAX_HEADERS as usize);
+        out.put_u16(n as u16);
+        for (k, v) in self.headers.iter().take(n) {
             put_bytes(&mut out, k.as_str().as_bytes());
             put_bytes(&mut out, v.as_bytes());
         }
@@ -156,14 +159,20 @@ impl Entry {
         let stale_if_error_until = b.get_u64();
         let status = StatusCode::from_u16(b.get_u16()).map_err(|_| DecodeError("status"))?;
         let n = b.get_u16();
-        let mut headers = HeaderMap::with_capacity(n as usize);
+        if n > MAX_HEADERS {
+            return Err(DecodeError("too many headers"));
+        }
+        let mut headers = HeaderMap::try_with_capacity(n as usize)
+            .map_err(|_| DecodeError("too many headers"))?;
         for _ in 0..n {
             let k = get_bytes(&mut b)?;
             let v = get_bytes(&mut b)?;
-            headers.append(
-                HeaderName::from_bytes(k).map_err(|_| DecodeError("header name"))?,
-                HeaderValue::from_bytes(v).map_err(|_| DecodeError("header value"))?,
-            );
+            headers
+                .try_append(
+                    HeaderName::from_bytes(k).map_err(|_| DecodeError("header name"))?,
+                    HeaderValue::from_bytes(v).map_err(|_| DecodeError("header value"))?,
+                )
+                .map_err(|_| DecodeError("too many headers"))?;
         }
         need(&b, 2)?;
         let n = b.get_u16();
@@ -266,6 +275,13 @@ mod tests {
             assert!(Entry::decode(&raw[..cut], 1 << 20).is_err());
         }
         assert!(Entry::decode(b"\x09garbage", 1 << 20).is_err());
+        // A count of headers no response has: refused, not a panic in HeaderMap.
+        let mut huge = raw[..36].to_vec();
+        huge.extend_from_slice(&[0xff, 0xff]);
+        assert_eq!(
+            Entry::decode(&huge, 1 << 20),
+            Err(DecodeError("too many headers"))
+        );
     }
 
     #[test]

@@ -79,12 +79,14 @@ impl KeyInput<'_> {
     }
 }
 
-/// Query parameters in a canonical order: `b=2&a=1` and `a=1&b=2` are one entry. Empty
-/// pairs (`a=1&&b=2`) are dropped. Values are not decoded: `%41` and `A` stay distinct keys,
-/// which costs a duplicate entry at worst, never a wrong answer.
+/// Query parameters in a canonical order: `b=2&a=1` and `a=1&b=2` are one entry. The sort
+/// is by name and stable, so repeated parameters keep their order (`id=1&id=2` is not
+/// `id=2&id=1`: a backend may read the last one). Empty pairs (`a=1&&b=2`) are dropped.
+/// Values are not decoded: `%41` and `A` stay distinct keys, which costs a duplicate entry
+/// at worst, never a wrong answer.
 pub fn normalized_query(q: &str) -> String {
     let mut pairs: Vec<&str> = q.split('&').filter(|p| !p.is_empty()).collect();
-    pairs.sort_unstable();
+    pairs.sort_by_key(|p| p.split_once('=').map_or(*p, |(name, _)| name));
     pairs.join("&")
 }
 
@@ -115,6 +117,12 @@ mod tests {
         assert_eq!(k("a=1&b=2"), k("b=2&a=1"));
         assert_eq!(k("a=1&b=2"), k("a=1&&b=2&"));
         assert_ne!(k("a=1&b=2"), k("a=1&b=3"));
+        assert_ne!(
+            k("id=1&id=2"),
+            k("id=2&id=1"),
+            "repeated names keep their order"
+        );
+        assert_eq!(k("id=1&x=0&id=2"), k("x=0&id=1&id=2"));
         assert_ne!(
             input("/p", None, &[], &h).key(None, 1024).unwrap(),
             input("/q", None, &[], &h).key(None, 1024).unwrap()

@@ -179,6 +179,8 @@ pub enum Flight {
 #[derive(Debug, Default)]
 struct InvalidationLog {
     tags: HashMap<String, (u64, Instant)>,
+    /// Entries purged by key.
+    keys: HashMap<u128, (u64, Instant)>,
 }
 
 /// How many invalidated tags are remembered before old ones are forgotten, and the most
@@ -243,6 +245,17 @@ impl moka::Expiry<u128, Arc<L1Slot>> for L1Expiry {
         _key: &u128,
         slot: &Arc<L1Slot>,
         _created_at: Instant,
+    ) -> Option<Duration> {
+        Some(slot.entry.remaining(entry::now_ms()).min(self.max))
+    }
+
+    /// A replaced slot (a refresh) lives as long as its new entry, not the old one.
+    fn expire_after_update(
+        &self,
+        _key: &u128,
+        slot: &Arc<L1Slot>,
+        _updated_at: Instant,
+        _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
         Some(slot.entry.remaining(entry::now_ms()).min(self.max))
     }
@@ -365,7 +378,7 @@ impl ResponseCache {
         if seen == now_gen {
             return Some(slot.entry.clone());
         }
-        if self.invalidated_since(&slot.entry.tags, seen) {
+        if self.invalidated_since(key, &slot.entry.tags, seen) {
             l1.invalidate(&key.0);
             return None;
         }
@@ -386,20 +399,22 @@ impl ResponseCache {
         }
     }
 
-    /// True when one of `tags` was invalidated after generation `since` (or L1 was
-    /// flushed since).
-    fn invalidated_since(&self, tags: &[String], since: u64) -> bool {
+    /// True when entry `key` or one of its `tags` was invalidated after generation `since`
+    /// (or L1 was flushed since).
+    fn invalidated_since(&self, key: CacheKey, tags: &[String], since: u64) -> bool {
         if since < self.flushed_below.load(Ordering::Acquire) {
             return true;
         }
-        if tags.is_empty() {
-            return false;
+        if since == self.generation.load(Ordering::Acquire) {
+            return false; // nothing at all was invalidated since
         }
         let Ok(log) = self.log.lock() else {
             return true;
         };
-        tags.iter()
-            .any(|t| log.tags.get(t).is_some_and(|(g, _)| *g > since))
+        log.keys.get(&key.0).is_some_and(|(g, _)| *g > since)
+            || tags
+                .iter()
+                .any(|t| log.tags.get(t).is_some_and(|(g, _)| *g > since))
     }
 
     /// Records invalidations of this process's L1 (from the channel, a purge, or a write
@@ -408,9 +423,21 @@ impl ResponseCache {
         self.invalidations.increment(1);
         match inv {
             Invalidation::Key(hex) => {
-                if let (Some(l1), Some(k)) = (&self.l1, CacheKey::from_hex(hex)) {
+                let Some(k) = CacheKey::from_hex(hex) else {
+                    return;
+                };
+                let Ok(mut log) = self.log.lock() else {
+                    self.flush_l1();
+                    return;
+                };
+                // Logged, not only removed: a lookup reading the old entry from L2 right now
+                // must not put it back.
+                let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+                log.keys.insert(k.0, (g, Instant::now()));
+                if let Some(l1) = &self.l1 {
                     l1.invalidate(&k.0);
                 }
+                self.prune(log);
             }
             Invalidation::Tag(tag) => {
                 let Ok(mut log) = self.log.lock() else {
@@ -420,16 +447,25 @@ impl ResponseCache {
                 let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
                 log.tags.insert(tag.clone(), (g, Instant::now()));
                 self.delete_raced_fills(tag, g);
-                if log.tags.len() > LOG_PRUNE_AT {
-                    let keep = self.log_retention;
-                    log.tags.retain(|_, (_, at)| at.elapsed() < keep);
-                    if log.tags.len() > LOG_MAX {
-                        log.tags.clear();
-                        drop(log);
-                        self.flush_l1();
-                    }
-                }
+                self.prune(log);
             }
+        }
+    }
+
+    /// Forgets invalidations older than any entry or fill they could concern; flushes L1
+    /// rather than growing past `LOG_MAX`.
+    fn prune(&self, mut log: std::sync::MutexGuard<'_, InvalidationLog>) {
+        if log.tags.len() + log.keys.len() <= LOG_PRUNE_AT {
+            return;
+        }
+        let keep = self.log_retention;
+        log.tags.retain(|_, (_, at)| at.elapsed() < keep);
+        log.keys.retain(|_, (_, at)| at.elapsed() < keep);
+        if log.tags.len() + log.keys.len() > LOG_MAX {
+            log.tags.clear();
+            log.keys.clear();
+            drop(log);
+            self.flush_l1();
         }
     }
 
@@ -535,14 +571,8 @@ impl ResponseCache {
 
     async fn l2_get(&self, conn: &RedisClient, key: CacheKey) -> Option<Entry> {
         let keys = self.keys()?;
-        let raw = self.redis_op(conn.cache_get(keys, &key.hex())).await??;
-        match Entry::decode(&raw, self.max_entry) {
-            Ok(e) => Some(e),
-            Err(e) => {
-                tracing::warn!(error = %e, key = %key.hex(), "cache: dropping an unreadable entry");
-                None
-            }
-        }
+        let raw = self.redis_op(conn.cache_get(keys, &key.hex())).await?;
+        self.decode(key, raw)
     }
 
     /// L1, then L2 (filling L1 on an L2 hit).
@@ -561,7 +591,7 @@ impl ResponseCache {
         if !use_l1 {
             return Some((e, Level::L2));
         }
-        if !self.invalidated_since(&e.tags, gen_before) {
+        if !self.invalidated_since(key, &e.tags, gen_before) {
             self.l1_put(key, e.clone(), gen_before);
             return Some((e, Level::L2));
         }
@@ -578,7 +608,7 @@ impl ResponseCache {
         filled_at: u64,
         use_l1: bool,
     ) -> bool {
-        if self.invalidated_since(&entry.tags, filled_at) {
+        if self.invalidated_since(key, &entry.tags, filled_at) {
             self.discarded.increment(1);
             return false;
         }
@@ -594,12 +624,22 @@ impl ResponseCache {
             self.compressed.increment(1);
         }
         let hex = key.hex();
+        // Remembered before the write: an invalidation handled while it is in flight must
+        // find it.
+        self.remember_fill(key, &entry.tags, filled_at);
         if let Some(largest) = self
             .redis_op(conn.cache_put(keys, &hex, &raw, entry.remaining(now), &entry.tags))
             .await
         {
+            if self.invalidated_since(key, &entry.tags, filled_at) {
+                // Invalidated while it was being written: take it back.
+                self.discarded.increment(1);
+                let _ = self
+                    .redis_op(conn.cache_delete(keys, std::slice::from_ref(&hex)))
+                    .await;
+                return false;
+            }
             self.stores_l2.increment(1);
-            self.remember_fill(key, &entry.tags, filled_at);
             self.bytes_l2.increment(raw.len() as u64);
             if largest > MAX_TAG_SET {
                 tracing::warn!(tags = ?entry.tags, largest, "cache: tag set too large, invalidating it");
@@ -641,29 +681,57 @@ impl ResponseCache {
         self.flights.lock().is_ok_and(|m| m.contains_key(&key.0))
     }
 
-    /// Takes the cross-replica lease on `key`. `Some(true)`: ours; `Some(false)`: another
-    /// replica holds it; `None`: Redis unavailable (go on alone).
-    pub async fn lease(&self, conn: Option<&RedisClient>, key: CacheKey) -> Option<bool> {
-        let (conn, keys) = (conn?, self.keys()?);
-        self.redis_op(conn.acquire_lease(
-            keys,
-            &format!("cache:{}", key.hex()),
-            &self.owner,
-            self.lease_ttl,
-        ))
-        .await
+    fn decode(&self, key: CacheKey, raw: Option<Vec<u8>>) -> Option<Entry> {
+        match Entry::decode(&raw?, self.max_entry) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                tracing::warn!(error = %e, key = %key.hex(), "cache: dropping an unreadable entry");
+                None
+            }
+        }
+    }
+
+    /// For a fill: a fresh entry stored meanwhile (by this process or another replica),
+    /// else the cross-replica lease on `key`, in one round trip. The lease is `Some(true)`
+    /// when ours, `Some(false)` when another replica holds it, `None` without Redis (go on
+    /// alone).
+    pub async fn fresh_or_lease(
+        &self,
+        conn: Option<&RedisClient>,
+        key: CacheKey,
+    ) -> (Option<Arc<Entry>>, Option<bool>) {
+        let (Some(conn), Some(keys)) = (conn, self.keys()) else {
+            return (None, None);
+        };
+        let answer = self
+            .redis_op(conn.cache_get_or_lease(keys, &key.hex(), &self.owner, self.lease_ttl))
+            .await;
+        let Some((raw, ours)) = answer else {
+            return (None, None);
+        };
+        let fresh = self
+            .decode(key, raw)
+            .filter(|e| {
+                !e.private_marker && e.freshness(entry::now_ms()) == entry::Freshness::Fresh
+            })
+            .map(Arc::new);
+        if fresh.is_some() && ours {
+            self.release(Some(conn), key).await;
+        }
+        (fresh, Some(ours))
     }
 
     pub async fn release(&self, conn: Option<&RedisClient>, key: CacheKey) {
         if let (Some(conn), Some(keys)) = (conn, self.keys()) {
             let _ = self
-                .redis_op(conn.release_lease(keys, &format!("cache:{}", key.hex()), &self.owner))
+                .redis_op(conn.cache_release_lease(keys, &key.hex(), &self.owner))
                 .await;
         }
     }
 
-    /// Another replica holds the lease: poll L2 for its result until the lease would have
-    /// expired or `deadline`.
+    /// Another replica holds the lease: poll L2 for a fresh entry until the lease is given
+    /// back (the holder could not store one: fetch yourself), it would have expired, or
+    /// `deadline`.
     pub async fn wait_for_replica(
         &self,
         conn: Option<&RedisClient>,
@@ -671,18 +739,28 @@ impl ResponseCache {
         deadline: Instant,
         use_l1: bool,
     ) -> Option<Arc<Entry>> {
-        let conn = conn?;
+        let (conn, keys) = (conn?, self.keys()?);
         let until = (Instant::now() + self.lease_ttl).min(deadline);
         let mut pause = Duration::from_millis(5);
+        let hex = key.hex();
         while Instant::now() < until {
             tokio::time::sleep(pause.min(until.saturating_duration_since(Instant::now()))).await;
             let gen_before = self.generation();
-            if let Some(e) = self.l2_get(conn, key).await {
+            let (raw, leased) = self
+                .redis_op(conn.cache_get_watching_lease(keys, &hex))
+                .await?;
+            let fresh = self.decode(key, raw).filter(|e| {
+                !e.private_marker && e.freshness(entry::now_ms()) == entry::Freshness::Fresh
+            });
+            if let Some(e) = fresh {
                 let e = Arc::new(e);
-                if use_l1 && !self.invalidated_since(&e.tags, gen_before) {
+                if use_l1 && !self.invalidated_since(key, &e.tags, gen_before) {
                     self.l1_put(key, e.clone(), gen_before);
                 }
                 return Some(e);
+            }
+            if !leased {
+                return None;
             }
             pause = (pause * 2).min(Duration::from_millis(50));
         }

@@ -16,6 +16,8 @@ pub struct Directives {
     pub s_maxage: Option<u64>,
     pub stale_while_revalidate: Option<u64>,
     pub stale_if_error: Option<u64>,
+    /// `must-revalidate` or `proxy-revalidate`: never served stale.
+    pub must_revalidate: bool,
 }
 
 impl Directives {
@@ -50,6 +52,7 @@ impl Directives {
                         Some(s) => d.s_maxage = Some(s),
                         None => d.no_cache = true,
                     },
+                    "must-revalidate" | "proxy-revalidate" => d.must_revalidate = true,
                     "stale-while-revalidate" => d.stale_while_revalidate = secs(),
                     "stale-if-error" => d.stale_if_error = secs(),
                     _ => {}
@@ -70,6 +73,8 @@ pub enum Uncacheable {
     Vary,
     TooLarge,
     KeyTooLarge,
+    /// A private route, or a private answer, for a caller without credentials.
+    Anonymous,
 }
 
 impl Uncacheable {
@@ -82,6 +87,7 @@ impl Uncacheable {
             Uncacheable::Vary => "vary",
             Uncacheable::TooLarge => "too_large",
             Uncacheable::KeyTooLarge => "key_too_large",
+            Uncacheable::Anonymous => "anonymous",
         }
     }
 }
@@ -155,22 +161,66 @@ pub fn storage(
             }
         }
     }
-    let lifetime = d.s_maxage.or(d.max_age).map(|s| s.min(MAX_LIFETIME));
-    if lifetime == Some(0) {
-        return Err(Uncacheable::NoCache);
-    }
+    let lifetime = match d.s_maxage.or(d.max_age) {
+        Some(s) => Some(s.min(MAX_LIFETIME)),
+        None => expires_lifetime(headers)?,
+    };
+    // RFC 9111 §4.2.3: the time it already spent in caches upstream counts.
+    let age = headers
+        .get(header::AGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let lifetime = match lifetime {
+        Some(l) if l <= age => return Err(Uncacheable::NoCache),
+        Some(l) => Some(l - age),
+        None => None,
+    };
     // RFC 9111 §3.5: a shared cache stores an answer to an authorized request only when
     // the response allows it explicitly; otherwise it is kept for that caller alone.
     let shared_allowed = !request_authorized || d.public || d.s_maxage.is_some();
     let secs = |o: Option<u64>, default: Duration| {
         o.map_or(default, |s| Duration::from_secs(s.min(MAX_LIFETIME)))
     };
+    // RFC 9111 §4.2.4 and §5.2.2.2: must-revalidate forbids serving it stale, and so does
+    // s-maxage in a shared cache (§5.2.2.10).
+    let no_stale = d.must_revalidate || d.s_maxage.is_some();
+    let stale = |o: Option<u64>, default: Duration| {
+        if no_stale {
+            Duration::ZERO
+        } else {
+            secs(o, default)
+        }
+    };
     Ok(Storage {
         fresh_for: lifetime.map_or(route.ttl, Duration::from_secs),
-        stale_while_revalidate: secs(d.stale_while_revalidate, route.stale_while_revalidate),
-        stale_if_error: secs(d.stale_if_error, route.stale_if_error),
+        stale_while_revalidate: stale(d.stale_while_revalidate, route.stale_while_revalidate),
+        stale_if_error: stale(d.stale_if_error, route.stale_if_error),
         private: route.private_scope || d.private || !shared_allowed,
     })
+}
+
+/// Freshness from `Expires` minus `Date` (RFC 9111 §4.2.1) when the response has no
+/// `max-age`: `Ok(None)` without `Expires`; an invalid or past `Expires` (such as `0`) means
+/// already stale, so not stored.
+fn expires_lifetime(headers: &HeaderMap) -> Result<Option<u64>, Uncacheable> {
+    let Some(expires) = headers.get(header::EXPIRES) else {
+        return Ok(None);
+    };
+    let parse = |v: &http::HeaderValue| {
+        v.to_str()
+            .ok()
+            .and_then(|s| httpdate::parse_http_date(s).ok())
+    };
+    let expires = parse(expires).ok_or(Uncacheable::NoCache)?;
+    let date = headers
+        .get(header::DATE)
+        .and_then(parse)
+        .unwrap_or_else(std::time::SystemTime::now);
+    match expires.duration_since(date) {
+        Ok(d) if d.as_secs() > 0 => Ok(Some(d.as_secs().min(MAX_LIFETIME))),
+        _ => Err(Uncacheable::NoCache),
+    }
 }
 
 /// True when `If-None-Match` names `etag` (weak comparison, RFC 9110 §13.1.2).

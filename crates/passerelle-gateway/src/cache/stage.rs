@@ -104,36 +104,49 @@ impl Inner {
             vary: &rc.defaults.vary,
             headers: &parts.headers,
         };
-        let caller = || {
-            let c = self.identity.caller(client.ip, &parts.headers);
-            let mut s = String::new();
-            if c.user.is_some() {
-                c.user_part(&mut s);
-            } else {
-                c.api_key_part(&mut s);
-            }
-            s
-        };
+        let caller = caller_identity(
+            &self.identity.caller(client.ip, &parts.headers),
+            &parts.headers,
+        );
         let private_scope = rc.defaults.private_scope;
-        let first = input.key(private_scope.then(caller).as_deref(), cache.max_key_input);
-        let Ok(shared_key) = first else {
-            rc.metrics.bypass.increment(1);
-            uncacheable(r.name.as_ref(), Uncacheable::KeyTooLarge);
-            let headers = origin_headers(parts.headers, client, request_id);
-            let mut res = self
-                .fetch_origin(&local.clients, &plan, parts.method, headers, deadline)
-                .await?;
-            set_status(&mut res, "passerelle; fwd=bypass; detail=key-too-large");
-            return Ok(res);
+        let first = match (private_scope, &caller) {
+            (true, None) => Err(Uncacheable::Anonymous),
+            (true, Some(c)) => input
+                .key(Some(c), cache.max_key_input)
+                .map_err(|_| Uncacheable::KeyTooLarge),
+            (false, _) => input
+                .key(None, cache.max_key_input)
+                .map_err(|_| Uncacheable::KeyTooLarge),
+        };
+        let shared_key = match first {
+            Ok(k) => k,
+            Err(why) => {
+                rc.metrics.bypass.increment(1);
+                uncacheable(r.name.as_ref(), why);
+                let headers = origin_headers(parts.headers, client, request_id);
+                let mut res = self
+                    .fetch_origin(&local.clients, &plan, parts.method, headers, deadline)
+                    .await?;
+                let detail = why.as_str().replace('_', "-");
+                set_status(
+                    &mut res,
+                    &format!("passerelle; fwd=bypass; detail={detail}"),
+                );
+                return Ok(res);
+            }
         };
         let mut key = shared_key;
-        let mut private_key = if private_scope {
-            None
-        } else {
-            input.key(Some(&caller()), cache.max_key_input).ok()
+        // Where this caller's own entry lives, should the answer be private. An anonymous
+        // caller has none: a private answer is then never stored.
+        let mut private_key = match (private_scope, &caller) {
+            (false, Some(c)) => input.key(Some(c), cache.max_key_input).ok(),
+            _ => None,
         };
         let mut stale = None;
         let mut passthrough_detail = "uncacheable";
+        // RFC 9111 §5.2.1.5: the client forbids storing this exchange; a stored answer may
+        // still serve it.
+        let request_no_store = policy::Directives::parse(&parts.headers).no_store;
         for _ in 0..3 {
             if let Some((e, level)) = cache.lookup(conn, key, rc.l1).await {
                 if e.private_marker {
@@ -181,6 +194,10 @@ impl Inner {
                     Freshness::StaleIfError => stale = Some(e),
                     Freshness::Expired => {}
                 }
+            }
+            if request_no_store {
+                passthrough_detail = "request-no-store";
+                break;
             }
             match cache.flight(key) {
                 Flight::Follower(mut rx) => {
@@ -280,7 +297,14 @@ impl Inner {
         };
         let conn = local.cache_conn.as_ref();
         let filled_at = cache.generation();
-        let lease = cache.lease(conn, job.key).await;
+        let (fresh, lease) = cache.fresh_or_lease(conn, job.key).await;
+        if let Some(e) = fresh {
+            // Stored meanwhile (a fill that just ended here, or another replica's).
+            rc.metrics.collapsed.increment(1);
+            guard.finish(FlightResult::Entry(e.clone()));
+            send(leader, Served::Entry(e, Outcome::Collapsed, job.key));
+            return;
+        }
         if lease == Some(false) {
             if job.refresh {
                 return; // another replica refreshes it
@@ -288,7 +312,6 @@ impl Inner {
             if let Some(e) = cache
                 .wait_for_replica(conn, job.key, job.deadline, rc.l1)
                 .await
-                && !e.private_marker
             {
                 rc.metrics.collapsed.increment(1);
                 guard.finish(FlightResult::Entry(e.clone()));
@@ -432,6 +455,43 @@ impl FillJob {
     }
 }
 
+/// Who a private entry belongs to: the authenticated user, the API key, and digests of
+/// the credentials the request carries (`Authorization`, `Cookie`). `None` for a caller
+/// with none of these: a client IP is not an identity (NAT, proxies), so an anonymous
+/// caller's private answer is never stored.
+fn caller_identity(c: &crate::identity::Caller, headers: &HeaderMap) -> Option<String> {
+    let mut s = String::new();
+    if c.user.is_some() {
+        c.user_part(&mut s);
+    }
+    if c.api_key.is_some() {
+        if !s.is_empty() {
+            s.push('|');
+        }
+        c.api_key_part(&mut s);
+    }
+    for h in [header::AUTHORIZATION, header::COOKIE] {
+        let mut d = Sha256::new();
+        let mut any = false;
+        for v in headers.get_all(&h) {
+            d.update(v.as_bytes());
+            d.update(b"\n");
+            any = true;
+        }
+        if any {
+            if !s.is_empty() {
+                s.push('|');
+            }
+            s.push_str(h.as_str());
+            s.push('=');
+            for b in &d.finalize()[..16] {
+                s.push_str(&format!("{b:02x}"));
+            }
+        }
+    }
+    (!s.is_empty()).then_some(s)
+}
+
 /// The headers a fill sends upstream: the client's, minus conditionals (the fill wants the
 /// full representation to store, not a 304 for one client).
 fn origin_headers(
@@ -456,8 +516,18 @@ fn uncacheable(route: &str, why: Uncacheable) {
         .increment(1);
 }
 
-fn set_status(res: &mut Response<Body>, v: &str) {
-    if let Ok(v) = HeaderValue::from_str(v) {
+/// Adds this cache's member to `Cache-Status`, after those of caches nearer the origin
+/// (RFC 9211 §2: the list reads from the origin towards the client).
+fn set_status(res: &mut Response<Body>, ours: &str) {
+    let value = match res
+        .headers()
+        .get(CACHE_STATUS)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(upstream) if !upstream.trim().is_empty() => format!("{upstream}, {ours}"),
+        _ => ours.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
         res.headers_mut().insert(CACHE_STATUS, v);
     }
 }
@@ -528,9 +598,13 @@ async fn admit(
     }
     let body = buf.freeze();
     let mut headers = head.headers;
-    headers.remove(header::AGE);
+    // The age it arrived with is carried by `stored_at`, so that `Age` keeps counting it.
+    let upstream_age_ms = headers
+        .remove(header::AGE)
+        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        .saturating_mul(1000);
     headers.remove(header::CONTENT_LENGTH);
-    headers.remove(CACHE_STATUS);
     if !headers.contains_key(header::ETAG)
         && head.status == StatusCode::OK
         && let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", hex16(&body)))
@@ -547,7 +621,7 @@ async fn admit(
             headers,
             body,
             tags: Vec::new(),
-            stored_at: now,
+            stored_at: now.saturating_sub(upstream_age_ms),
             fresh_until,
             stale_while_revalidate_until: fresh_until + ms(storage.stale_while_revalidate),
             stale_if_error_until: fresh_until + ms(storage.stale_if_error),
@@ -577,28 +651,30 @@ pub fn render(
     let ttl = (e.fresh_until as i64 - now as i64) / 1000;
     let status = match outcome {
         Outcome::Hit(l) => format!(
-            "passerelle; hit; ttl={ttl}; key={}; detail={}",
+            "passerelle; hit; ttl={ttl}; key=\"{}\"; detail={}",
             key.hex(),
             l.as_str()
         ),
         Outcome::Stale(l) => format!(
-            "passerelle; hit; ttl={ttl}; key={}; detail={}-stale",
+            "passerelle; hit; ttl={ttl}; key=\"{}\"; detail={}-stale",
             key.hex(),
             l.as_str()
         ),
         Outcome::StaleIfError => format!(
-            "passerelle; fwd=uri-miss; ttl={ttl}; key={}; detail=stale-if-error",
+            "passerelle; fwd=uri-miss; ttl={ttl}; key=\"{}\"; detail=stale-if-error",
             key.hex()
         ),
         Outcome::Collapsed => format!(
-            "passerelle; fwd=uri-miss; collapsed; ttl={ttl}; key={}",
+            "passerelle; fwd=uri-miss; collapsed; ttl={ttl}; key=\"{}\"",
             key.hex()
         ),
         Outcome::Miss { stored: true } => format!(
-            "passerelle; fwd=uri-miss; stored; ttl={ttl}; key={}",
+            "passerelle; fwd=uri-miss; stored; ttl={ttl}; key=\"{}\"",
             key.hex()
         ),
-        Outcome::Miss { stored: false } => format!("passerelle; fwd=uri-miss; key={}", key.hex()),
+        Outcome::Miss { stored: false } => {
+            format!("passerelle; fwd=uri-miss; key=\"{}\"", key.hex())
+        }
     };
     let not_modified = match (inm, e.headers.get(header::ETAG)) {
         (Some(inm), Some(etag)) => e.status == StatusCode::OK && policy::none_match(inm, etag),
