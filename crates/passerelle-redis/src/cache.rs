@@ -48,6 +48,11 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
+/// What a changed row's key holds for a while: not a row (readers treat it as a miss).
+pub const OBJECT_TOMBSTONE: &str = "changed";
+/// Longer than a read of the database and its write-back can take.
+const TOMBSTONE_TTL: Duration = Duration::from_secs(5);
+
 /// Tag sets outlive their entries a little, so that a set never expires before an entry it
 /// names (its TTL is only ever raised).
 const TAG_SET_SLACK: Duration = Duration::from_secs(60);
@@ -235,7 +240,8 @@ impl RedisClient {
         Ok(p.query_async(&mut self.conn()).await?)
     }
 
-    /// Caches service rows for `ttl`, in one pipeline.
+    /// Caches service rows for `ttl`, in one pipeline, each only where nothing is cached
+    /// (`SET NX`): a row read before a write must not replace the write's tombstone.
     pub async fn objects_put(
         &self,
         keys: &KeySchema,
@@ -251,6 +257,7 @@ impl RedisClient {
             p.cmd("SET")
                 .arg(keys.object(kind, *id))
                 .arg(value)
+                .arg("NX")
                 .arg("PX")
                 .arg(millis(ttl))
                 .ignore();
