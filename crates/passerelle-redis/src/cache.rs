@@ -266,16 +266,21 @@ impl RedisClient {
         Ok(())
     }
 
-    /// A row changed: drops its cached copy, then every gateway response tagged with its
-    /// path (`/<kind>/<id>`), on every replica.
+    /// A row changed: replaces its cached copy with a short-lived tombstone (so that a
+    /// reader that fetched the old row just before cannot cache it back: its `SET NX`
+    /// fails), then drops every gateway response tagged with its path (`/<kind>/<id>`), on
+    /// every replica.
     pub async fn object_changed(
         &self,
         keys: &KeySchema,
         kind: &str,
         id: i64,
     ) -> Result<u64, RedisError> {
-        redis::cmd("DEL")
+        redis::cmd("SET")
             .arg(keys.object(kind, id))
+            .arg(OBJECT_TOMBSTONE)
+            .arg("PX")
+            .arg(millis(TOMBSTONE_TTL))
             .query_async::<()>(&mut self.conn())
             .await?;
         self.cache_invalidate_tags(keys, &[format!("/{kind}/{id}")])

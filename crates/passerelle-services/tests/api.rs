@@ -482,14 +482,17 @@ async fn rows_are_read_through_redis_and_dropped_on_every_write() {
     )
     .await;
     assert_eq!(r.status, 200);
+    let tombstone = passerelle_redis::cache::OBJECT_TOMBSTONE;
     assert_eq!(
-        redis.cli(&["EXISTS", key]).trim(),
-        "0",
-        "a write drops the cached row"
+        redis.cli(&["GET", key]).trim(),
+        tombstone,
+        "a write replaces the cached row with a tombstone"
     );
     let after = svc.http.get("/users/7").await.json();
     assert_eq!(after["name"], "New");
     assert_eq!(after["version"], 2);
+    // Reads go to the database meanwhile, and cannot write an (old) row over it.
+    assert_eq!(redis.cli(&["GET", key]).trim(), tombstone);
 
     // Several ids: one pipeline for the cached, one query for the rest, in the order asked.
     let many = svc.http.get("/users?ids=3,7,999,1").await;
