@@ -104,18 +104,24 @@ impl Inner {
             vary: &rc.defaults.vary,
             headers: &parts.headers,
         };
-        let caller = caller_identity(
-            &self.identity.caller(client.ip, &parts.headers),
-            &parts.headers,
-        );
+        // Who the caller is matters only for private entries: worked out on first need, so
+        // that a shared hit costs no identity resolution or credential digest.
+        let caller_cell = std::sync::OnceLock::new();
+        let caller = || {
+            caller_cell
+                .get_or_init(|| {
+                    caller_identity(
+                        &self.identity.caller(client.ip, &parts.headers),
+                        &parts.headers,
+                    )
+                })
+                .as_deref()
+        };
         let private_scope = rc.defaults.private_scope;
-        let first = match (private_scope, &caller) {
+        let first = match (private_scope, private_scope.then(caller).flatten()) {
             (true, None) => Err(Uncacheable::Anonymous),
-            (true, Some(c)) => input
-                .key(Some(c), cache.max_key_input)
-                .map_err(|_| Uncacheable::KeyTooLarge),
-            (false, _) => input
-                .key(None, cache.max_key_input)
+            (_, c) => input
+                .key(c, cache.max_key_input)
                 .map_err(|_| Uncacheable::KeyTooLarge),
         };
         let shared_key = match first {
@@ -136,12 +142,15 @@ impl Inner {
             }
         };
         let mut key = shared_key;
-        // Where this caller's own entry lives, should the answer be private. An anonymous
-        // caller has none: a private answer is then never stored.
-        let mut private_key = match (private_scope, &caller) {
-            (false, Some(c)) => input.key(Some(c), cache.max_key_input).ok(),
-            _ => None,
+        // Where this caller's own entry lives, should the answer be private (`None` once
+        // `key` is that entry). An anonymous caller has none: a private answer is then
+        // never stored.
+        let private_key_of = || {
+            caller()
+                .filter(|_| !private_scope)
+                .and_then(|c| input.key(Some(c), cache.max_key_input).ok())
         };
+        let mut switched = private_scope;
         let mut stale = None;
         let mut passthrough_detail = "uncacheable";
         // RFC 9111 §5.2.1.5: the client forbids storing this exchange; a stored answer may
@@ -150,9 +159,9 @@ impl Inner {
         for _ in 0..3 {
             if let Some((e, level)) = cache.lookup(conn, key, rc.l1).await {
                 if e.private_marker {
-                    match private_key.take() {
+                    match (!switched).then(private_key_of).flatten() {
                         Some(k) => {
-                            key = k;
+                            (key, switched) = (k, true);
                             continue;
                         }
                         None => break,
@@ -172,7 +181,7 @@ impl Inner {
                             let job = FillJob {
                                 route,
                                 key,
-                                caller_keyed: private_scope || key != shared_key,
+                                caller_keyed: switched,
                                 private_key: None,
                                 plan: plan.clone(),
                                 headers: origin_headers(parts.headers.clone(), client, request_id),
@@ -217,13 +226,15 @@ impl Inner {
                             rc.metrics.stale_if_error.increment(1);
                             return Ok(render(&e, Outcome::StaleIfError, head, inm.as_ref(), key));
                         }
-                        Some(FlightResult::Private) => match private_key.take() {
-                            Some(k) => {
-                                key = k;
-                                continue;
+                        Some(FlightResult::Private) => {
+                            match (!switched).then(private_key_of).flatten() {
+                                Some(k) => {
+                                    (key, switched) = (k, true);
+                                    continue;
+                                }
+                                None => break,
                             }
-                            None => break,
-                        },
+                        }
                         Some(FlightResult::Nothing) | None => {
                             passthrough_detail = "not-shared";
                             break;
@@ -236,8 +247,8 @@ impl Inner {
                     let job = FillJob {
                         route,
                         key,
-                        caller_keyed: private_scope || key != shared_key,
-                        private_key: private_key.take(),
+                        caller_keyed: switched,
+                        private_key: (!switched).then(private_key_of).flatten(),
                         plan,
                         headers: origin_headers(parts.headers.clone(), client, request_id),
                         deadline,
