@@ -122,7 +122,8 @@ impl RedisClient {
 
     /// Stores an entry for `ttl` and adds it to the set of each tag, in one pipeline.
     /// Returns the largest tag set size afterwards, so that the caller can keep sets
-    /// bounded.
+    /// bounded. With `release_lease_of = Some(owner)`, the entry's fill lease is given back
+    /// in the same round trip.
     pub async fn cache_put(
         &self,
         keys: &KeySchema,
@@ -130,6 +131,7 @@ impl RedisClient {
         value: &[u8],
         ttl: Duration,
         tags: &[String],
+        release_lease_of: Option<&str>,
     ) -> Result<u64, RedisError> {
         let mut p = Pipeline::new();
         p.cmd("SET")
@@ -146,6 +148,14 @@ impl RedisClient {
             p.cmd("PEXPIRE").arg(&k).arg(set_ttl).arg("NX").ignore();
             p.cmd("PEXPIRE").arg(&k).arg(set_ttl).arg("GT").ignore();
             p.cmd("SCARD").arg(&k);
+        }
+        if let Some(owner) = release_lease_of {
+            p.cmd("EVAL")
+                .arg(scripts::RELEASE_LEASE_SRC)
+                .arg(1)
+                .arg(keys.cache_lease(hash))
+                .arg(owner)
+                .ignore();
         }
         let sizes: Vec<u64> = p.query_async(&mut self.conn()).await?;
         Ok(sizes.into_iter().max().unwrap_or(0))

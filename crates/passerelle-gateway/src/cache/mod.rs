@@ -600,6 +600,7 @@ impl ResponseCache {
 
     /// Stores a fetched entry in both levels, unless one of its tags was invalidated since
     /// the fill began (the response may predate the write). Returns whether it was stored.
+    /// A held lease on `key` (`Some(true)`) is released with the write, and then cleared.
     pub async fn store(
         &self,
         conn: Option<&RedisClient>,
@@ -607,6 +608,7 @@ impl ResponseCache {
         entry: Arc<Entry>,
         filled_at: u64,
         use_l1: bool,
+        lease: &mut Option<bool>,
     ) -> bool {
         if self.invalidated_since(key, &entry.tags, filled_at) {
             self.discarded.increment(1);
@@ -618,6 +620,8 @@ impl ResponseCache {
         let (Some(conn), Some(keys)) = (conn, self.keys()) else {
             return true;
         };
+        // The fill lease on this key, if held, goes back with the write (one round trip).
+        let release = (*lease == Some(true)).then_some(self.owner.as_str());
         let now = entry::now_ms();
         let (raw, compressed) = entry.encode(self.compress_above);
         if compressed {
@@ -627,10 +631,11 @@ impl ResponseCache {
         // Remembered before the write: an invalidation handled while it is in flight must
         // find it.
         self.remember_fill(key, &entry.tags, filled_at);
-        if let Some(largest) = self
-            .redis_op(conn.cache_put(keys, &hex, &raw, entry.remaining(now), &entry.tags))
-            .await
-        {
+        let put = conn.cache_put(keys, &hex, &raw, entry.remaining(now), &entry.tags, release);
+        if let Some(largest) = self.redis_op(put).await {
+            if release.is_some() {
+                *lease = None;
+            }
             if self.invalidated_since(key, &entry.tags, filled_at) {
                 // Invalidated while it was being written: take it back.
                 self.discarded.increment(1);

@@ -308,7 +308,7 @@ impl Inner {
         };
         let conn = local.cache_conn.as_ref();
         let filled_at = cache.generation();
-        let (fresh, lease) = cache.fresh_or_lease(conn, job.key).await;
+        let (fresh, mut lease) = cache.fresh_or_lease(conn, job.key).await;
         if let Some(e) = fresh {
             // Stored meanwhile (a fill that just ended here, or another replica's).
             rc.metrics.collapsed.increment(1);
@@ -386,17 +386,21 @@ impl Inner {
                 headers: HeaderMap::new(),
                 ..(*entry).clone()
             });
-            cache.store(conn, job.key, marker, filled_at, rc.l1).await;
+            cache
+                .store(conn, job.key, marker, filled_at, rc.l1, &mut lease)
+                .await;
             match job.private_key {
                 Some(pk) => {
-                    let stored = cache.store(conn, pk, entry.clone(), filled_at, rc.l1).await;
+                    let stored = cache
+                        .store(conn, pk, entry.clone(), filled_at, rc.l1, &mut None)
+                        .await;
                     (FlightResult::Private, stored, pk)
                 }
                 None => (FlightResult::Private, false, job.key),
             }
         } else {
             let stored = cache
-                .store(conn, job.key, entry.clone(), filled_at, rc.l1)
+                .store(conn, job.key, entry.clone(), filled_at, rc.l1, &mut lease)
                 .await;
             let result = if stored {
                 FlightResult::Entry(entry.clone())
