@@ -4,10 +4,11 @@
 //! own module:
 //!
 //! ```text
-//! server (passerelle-http) → service: request id → routing → body → proxy | compose → response
-//!                                                              │            │
-//!                                                              └─ upstream: balance → attempt → retry
-//!                                                                  health_check (active), endpoint (passive ejection)
+//! server (passerelle-http) → service: request id → routing → rate limits → [cache] → body
+//!                                      → proxy | compose → response
+//!                                          │          │
+//!                                          └─ upstream: balance → attempt → retry
+//!                                             health_check (active), endpoint (passive ejection)
 //! ```
 //!
 //! - [`routing`]: path templates and methods → a route;
@@ -15,7 +16,7 @@
 //! - [`rate_limit`]: the route's limits, decided in Redis, with fallbacks;
 //! - [`cache`]: the response cache: in-process L1, Redis L2, collapsing, invalidation;
 //! - [`breaker`]: the circuit breaker in front of Redis (limits and cache);
-//! - [`admin`]: the admin API (rate-limit state) on its own listener;
+//! - [`admin`]: the admin API (rate-limit state, cache purge) on its own listener;
 //! - [`service`]: the phases of a request, as a `tower::Service`;
 //! - [`proxy`]: header and path transformations;
 //! - [`compose`]: several upstreams merged into one JSON answer;

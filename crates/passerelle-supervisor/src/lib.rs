@@ -222,7 +222,10 @@ pub async fn run(
     println!("  {:<14} {}", "data", data_dir.display());
     println!("  {:<14} http://{gateway_addr}", "gateway");
     if let Some(admin) = config.gateway.admin_listen.filter(|a| a.port() != 0) {
-        println!("  {:<14} http://{admin}  (rate-limit state)", "admin");
+        println!(
+            "  {:<14} http://{admin}  (rate limits, cache purge)",
+            "admin"
+        );
     }
     println!("ready: try  curl http://{gateway_addr}/api/1/2");
 
