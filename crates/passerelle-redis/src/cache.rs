@@ -112,12 +112,7 @@ impl RedisClient {
         hash: &str,
         owner: &str,
     ) -> Result<bool, RedisError> {
-        let n: i64 = scripts::RELEASE_LEASE
-            .key(keys.cache_lease(hash))
-            .arg(owner)
-            .invoke_async(&mut self.conn())
-            .await?;
-        Ok(n == 1)
+        self.release_lease_key(keys.cache_lease(hash), owner).await
     }
 
     /// Stores an entry for `ttl` and adds it to the set of each tag, in one pipeline.

@@ -171,8 +171,17 @@ impl RedisClient {
         name: &str,
         owner: &str,
     ) -> Result<bool, RedisError> {
+        self.release_lease_key(keys.lease(name), owner).await
+    }
+
+    /// Compare-and-delete of the lease stored at `key`.
+    pub(crate) async fn release_lease_key(
+        &self,
+        key: String,
+        owner: &str,
+    ) -> Result<bool, RedisError> {
         let n: i64 = scripts::RELEASE_LEASE
-            .key(keys.lease(name))
+            .key(key)
             .arg(owner)
             .invoke_async(&mut self.conn())
             .await?;
