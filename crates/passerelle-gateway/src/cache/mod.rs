@@ -681,11 +681,6 @@ impl ResponseCache {
         })
     }
 
-    /// True when some request of this process is already fetching `key`.
-    pub fn in_flight(&self, key: CacheKey) -> bool {
-        self.flights.lock().is_ok_and(|m| m.contains_key(&key.0))
-    }
-
     fn decode(&self, key: CacheKey, raw: Option<Vec<u8>>) -> Option<Entry> {
         match Entry::decode(&raw?, self.max_entry) {
             Ok(e) => Some(e),
