@@ -151,6 +151,7 @@ impl Gateway {
                 cache_tags: r
                     .cache
                     .iter()
+                    .filter(|_| config.cache.enabled)
                     .flat_map(|c| &c.tags)
                     .filter_map(|t| PathTemplate::parse(t).ok())
                     .collect(),

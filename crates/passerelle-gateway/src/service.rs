@@ -202,6 +202,16 @@ pub(crate) enum Plan {
     Ops(OpsEndpoint),
 }
 
+impl Plan {
+    /// The cache tags rendered for this request.
+    pub(crate) fn tags(&self) -> &[String] {
+        match self {
+            Plan::Proxy { tags, .. } | Plan::Compose { tags, .. } => tags,
+            Plan::Ops(_) => &[],
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 pub(crate) enum OpsEndpoint {
     Health,
@@ -337,10 +347,7 @@ impl Inner {
                 (Some(route), res)
             }
             Some(cache) => {
-                let tags = match &plan {
-                    Plan::Proxy { tags, .. } | Plan::Compose { tags, .. } => tags.clone(),
-                    Plan::Ops(_) => Vec::new(),
-                };
+                let tags = plan.tags().to_vec();
                 let out = self
                     .forward(plan, req, clients, client, request_id, start)
                     .await;

@@ -377,7 +377,7 @@ impl Inner {
             }
         };
         let mut entry = entry;
-        entry.tags = job.plan_tags();
+        entry.tags = job.plan.tags().to_vec();
         let entry = Arc::new(entry);
         let (result, stored, key) = if storage.private && !job.caller_keyed {
             let marker = Arc::new(Entry {
@@ -457,15 +457,6 @@ impl Inner {
                 .await
             }
             Plan::Ops(_) => Err(ProxyError::NoRoute),
-        }
-    }
-}
-
-impl FillJob {
-    fn plan_tags(&self) -> Vec<String> {
-        match &self.plan {
-            Plan::Proxy { tags, .. } | Plan::Compose { tags, .. } => tags.clone(),
-            Plan::Ops(_) => Vec::new(),
         }
     }
 }
