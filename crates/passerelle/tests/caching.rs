@@ -532,6 +532,36 @@ async fn requests_succeed_while_redis_is_down_and_caching_resumes() {
         }
     })
     .await;
+    // The invalidation channel is back too: once the gateway has resubscribed, a published
+    // invalidation reaches its L1.
+    passerelle_testkit::wait_until(Duration::from_secs(10), "the gateway resubscribed", || {
+        let redis = &s.redis;
+        async move {
+            redis
+                .cli(&["PUBSUB", "NUMSUB", "psl:invalidate"])
+                .lines()
+                .nth(1)
+                == Some("1")
+        }
+    })
+    .await;
+    let before = get(&http, "/c/after", &[]).await.json()["n"].clone();
+    let r = get(&http, "/c/after", &[]).await;
+    assert!(cache_status(&r).contains("hit"), "{}", cache_status(&r));
+    s.redis
+        .cli(&["DEL", &format!("psl:cache:{{{}}}", entry_key(&r))]);
+    s.redis
+        .cli(&["PUBLISH", "psl:invalidate", "t:/things/after"]);
+    passerelle_testkit::wait_until(
+        Duration::from_secs(5),
+        "the invalidation reaches L1",
+        || {
+            let http = http.clone();
+            let before = before.clone();
+            async move { get(&http, "/c/after", &[]).await.json()["n"] != before }
+        },
+    )
+    .await;
 }
 
 /// The real services behind two gateway replicas, reading through Redis and invalidating on
