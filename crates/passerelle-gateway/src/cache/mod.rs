@@ -9,9 +9,9 @@
 //!                    ↓
 //!                  flight (one per key in this process; the others wait for it)
 //!                    ↓
-//!                  lease (one per key across replicas; the others poll L2 for its result)
-//!                    ↓
-//!                  origin → store in L1 and L2 → every waiter served
+//!                  read-and-lease script (a fresh entry stored meanwhile, or the one lease
+//!                    ↓                    per key across replicas; the others poll L2)
+//!                  origin → store in L1 and L2, lease released → every waiter served
 //! ```
 //!
 //! - [`key`]: what names an entry, bounded whatever the client sends;
@@ -19,8 +19,9 @@
 //! - [`entry`]: the stored response and its wire format (LZ4 above a threshold);
 //! - [`stage`]: the request-side orchestration (the gateway's cache phase).
 //!
-//! Invalidation is by tags (resource paths such as `/users/7`) attached to entries. A
-//! service that writes a row deletes the tagged entries from Redis and publishes the tag;
+//! Invalidation is by tags (resource paths such as `/users/7`) attached to entries, and by
+//! key for operator purges. A service that writes a row deletes the tagged entries from
+//! Redis and publishes the tag;
 //! every gateway's listener ([`ResponseCache::spawn_listener`]) records it. L1 entries are
 //! checked against the record lazily: a hit costs one atomic load while nothing was
 //! invalidated, and an entry whose tags were invalidated after its fill began is dropped.
