@@ -130,6 +130,13 @@ breaker_open_for = "200ms"
 [upstreams.origin]
 endpoints = ["{origin}"]
 
+# Counting origin calls: one attempt each, and an origin answering 503 stays in the pool.
+[upstreams.origin.retry]
+retries = 0
+
+[upstreams.origin.outlier_detection]
+enabled = false
+
 [[routes]]
 name = "c"
 path = "/c/{{id}}"
@@ -874,4 +881,36 @@ async fn a_hot_entry_is_refreshed_while_its_stale_copy_is_served() {
         2,
         "one refresh for the whole burst"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_origin_is_called_once_for_all_the_waiters() {
+    // Slow and failing: everyone arrives while the one fetch is out.
+    let s = setup(1, Duration::from_millis(300)).await;
+    s.origin.failing.store(true, Ordering::SeqCst);
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let http = s.gateways[0].http.clone();
+            tokio::spawn(async move { get(&http, "/c/failing", &[]).await })
+        })
+        .collect();
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 503, "the origin's answer, shared");
+        assert_eq!(r.text(), "down");
+        assert_eq!(
+            cache_status(&r).matches("passerelle").count(),
+            1,
+            "{}",
+            cache_status(&r)
+        );
+    }
+    assert_eq!(
+        s.origin.hits("/c/failing"),
+        1,
+        "one call to a failing origin"
+    );
+    // Failures are not stored: the next request asks again.
+    get(&s.gateways[0].http, "/c/failing", &[]).await;
+    assert_eq!(s.origin.hits("/c/failing"), 2);
 }

@@ -132,6 +132,8 @@ pub enum FlightResult {
     Entry(Arc<Entry>),
     /// The origin failed and this stale entry stands in (`stale-if-error`).
     StaleIfError(Arc<Entry>),
+    /// The origin failed: every waiter gets the same failure (never stored).
+    Failed(Arc<Entry>),
     /// The answer is private: look up (or fetch) the caller's own entry.
     Private,
     /// Nothing to share (not storable, or the fill failed): fetch yourself.

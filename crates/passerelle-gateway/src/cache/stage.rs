@@ -226,6 +226,10 @@ impl Inner {
                             rc.metrics.stale_if_error.increment(1);
                             return Ok(render(&e, Outcome::StaleIfError, head, inm.as_ref(), key));
                         }
+                        Some(FlightResult::Failed(e)) => {
+                            rc.metrics.collapsed.increment(1);
+                            return Ok(render(&e, Outcome::Collapsed, head, inm.as_ref(), key));
+                        }
                         Some(FlightResult::Private) => {
                             match (!switched).then(private_key_of).flatten() {
                                 Some(k) => {
@@ -371,8 +375,38 @@ impl Inner {
                 if lease == Some(true) {
                     cache.release(conn, job.key).await;
                 }
-                drop(guard); // followers fetch for themselves
-                send(leader, served);
+                // A failure is shared with the requests waiting on this fetch: sending each
+                // of them to a failing origin in turn is the stampede this prevents.
+                let failure = match served {
+                    Served::Error(e) => Some(axum::response::IntoResponse::into_response(e)),
+                    Served::Response(res) if res.status().is_server_error() => Some(res),
+                    other => {
+                        drop(guard); // not shareable: followers fetch for themselves
+                        send(leader, other);
+                        return;
+                    }
+                };
+                let shared = match failure {
+                    Some(res) => shared_failure(res, cache.max_entry, job.deadline).await,
+                    None => None,
+                };
+                match shared {
+                    Some(e) => {
+                        let e = Arc::new(e);
+                        guard.finish(FlightResult::Failed(e.clone()));
+                        send(
+                            leader,
+                            Served::Entry(e, Outcome::Miss { stored: false }, job.key),
+                        );
+                    }
+                    _ => {
+                        drop(guard);
+                        send(
+                            leader,
+                            Served::Error(ProxyError::UpstreamBody("unreadable failure".into())),
+                        );
+                    }
+                }
                 return;
             }
         };
@@ -536,6 +570,31 @@ fn set_status(res: &mut Response<Body>, ours: &str) {
     if let Ok(v) = HeaderValue::from_str(&value) {
         res.headers_mut().insert(CACHE_STATUS, v);
     }
+}
+
+/// A failed origin answer as an entry that waiters can be served (never stored), when its
+/// body arrives whole, within `max_entry` bytes, by `deadline`.
+async fn shared_failure(res: Response<Body>, max_entry: usize, deadline: Instant) -> Option<Entry> {
+    let (head, body) = res.into_parts();
+    let limited = http_body_util::Limited::new(body, max_entry);
+    let collected = tokio::time::timeout_at(deadline.into(), limited.collect()).await;
+    let bytes = collected.ok()?.ok()?.to_bytes();
+    let mut headers = head.headers;
+    headers.remove(header::CONTENT_LENGTH);
+    // Each waiter's answer gets its own member.
+    headers.remove(CACHE_STATUS);
+    let now = now_ms();
+    Some(Entry {
+        status: head.status,
+        headers,
+        body: bytes,
+        tags: Vec::new(),
+        stored_at: now,
+        fresh_until: now,
+        stale_while_revalidate_until: now,
+        stale_if_error_until: now,
+        private_marker: false,
+    })
 }
 
 /// Decides whether an origin response becomes an entry. `Err` is what to send instead
