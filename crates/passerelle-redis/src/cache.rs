@@ -48,6 +48,14 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
+/// Adds a `PUBLISH` of each invalidation to `p`, after the deletions it announces.
+fn publish(p: &mut Pipeline, keys: &KeySchema, invs: impl Iterator<Item = Invalidation>) {
+    let channel = keys.invalidation_channel();
+    for inv in invs {
+        p.cmd("PUBLISH").arg(&channel).arg(inv.encode()).ignore();
+    }
+}
+
 /// What a changed row's key holds for a while: not a row (readers treat it as a miss).
 pub const OBJECT_TOMBSTONE: &str = "changed";
 /// Longer than a read of the database and its write-back can take.
@@ -180,13 +188,7 @@ impl RedisClient {
         for t in tags {
             del.cmd("DEL").arg(keys.cache_tag(t)).ignore();
         }
-        let channel = keys.invalidation_channel();
-        for t in tags {
-            del.cmd("PUBLISH")
-                .arg(&channel)
-                .arg(Invalidation::Tag(t.clone()).encode())
-                .ignore();
-        }
+        publish(&mut del, keys, tags.iter().cloned().map(Invalidation::Tag));
         let deleted: Vec<u64> = del.query_async(&mut self.conn()).await?;
         debug_assert_eq!(deleted.len(), n);
         Ok(deleted.into_iter().sum())
@@ -202,13 +204,7 @@ impl RedisClient {
         for h in hashes {
             p.cmd("DEL").arg(keys.cache_entry(h));
         }
-        let channel = keys.invalidation_channel();
-        for h in hashes {
-            p.cmd("PUBLISH")
-                .arg(&channel)
-                .arg(Invalidation::Key(h.clone()).encode())
-                .ignore();
-        }
+        publish(&mut p, keys, hashes.iter().cloned().map(Invalidation::Key));
         let deleted: Vec<u64> = p.query_async(&mut self.conn()).await?;
         Ok(deleted.into_iter().sum())
     }

@@ -86,7 +86,9 @@ impl ObjectCache {
         rows
     }
 
-    /// Caches rows read from the database (one pipeline, each with the TTL).
+    /// Caches rows read from the database (one pipeline, each with the TTL), where nothing
+    /// is cached: a row changed meanwhile holds a tombstone that an older read must not
+    /// replace.
     pub async fn put_many(&self, rows: &[(i64, CachedRow)]) {
         let encoded: Vec<(i64, Vec<u8>)> = rows.iter().map(|(id, r)| (*id, r.encode())).collect();
         let c = self.redis.cache();
