@@ -598,3 +598,66 @@ impl Default for ManagedRedisConfig {
         }
     }
 }
+
+/// `as_str()` and `Display` for the enums above, spelled as the configuration file spells them
+/// (the `rename_all = "snake_case"` names), so that whatever the processes print (admin API,
+/// `/ready`, logs) reads like the file an operator wrote rather than like Rust's `Debug`.
+/// The test below checks each spelling against serde's, so the two cannot drift apart.
+macro_rules! config_names {
+    ($($ty:ident { $($variant:ident => $name:literal),+ $(,)? })+) => {
+        $(
+            impl $ty {
+                /// The configuration file's spelling of this value.
+                pub const fn as_str(self) -> &'static str {
+                    match self {
+                        $($ty::$variant => $name,)+
+                    }
+                }
+
+                #[cfg(test)]
+                const ALL: &'static [$ty] = &[$($ty::$variant),+];
+            }
+
+            impl std::fmt::Display for $ty {
+                fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str(self.as_str())
+                }
+            }
+        )+
+
+        #[cfg(test)]
+        mod config_names_tests {
+            use super::*;
+            use serde::de::IntoDeserializer;
+
+            #[test]
+            fn as_str_is_the_spelling_serde_reads() {
+                $(
+                    for v in $ty::ALL {
+                        let de: serde::de::value::StrDeserializer<'_, serde::de::value::Error> =
+                            v.as_str().into_deserializer();
+                        assert_eq!($ty::deserialize(de), Ok(*v), "{}", v.as_str());
+                        assert_eq!(v.to_string(), v.as_str());
+                    }
+                )+
+            }
+        }
+    };
+}
+
+config_names! {
+    LogFormat { Text => "text", Json => "json" }
+    LimitKey { ClientIp => "client_ip", Route => "route", ApiKey => "api_key", User => "user" }
+    LimitAlgorithm {
+        Gcra => "gcra",
+        SlidingWindow => "sliding_window",
+        FixedWindow => "fixed_window",
+    }
+    RedisFailurePolicy { Open => "open", Closed => "closed", Local => "local" }
+    Balance {
+        RoundRobin => "round_robin",
+        LeastConnections => "least_connections",
+        P2cEwma => "p2c_ewma",
+    }
+    CacheScope { Shared => "shared", Private => "private" }
+}

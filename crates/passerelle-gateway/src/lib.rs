@@ -52,7 +52,7 @@ use crate::compose::Part;
 use crate::identity::IdentityResolver;
 use crate::rate_limit::RateLimiter;
 use crate::routing::RouteTable;
-use crate::service::{Action, GatewayService, Inner, Route, RouteMetrics, ThreadLocal};
+use crate::service::{Action, GatewayService, Inner, OwnMetrics, Route, RouteMetrics, ThreadLocal};
 use crate::upstream::Upstream;
 
 #[derive(Debug, thiserror::Error)]
@@ -181,7 +181,7 @@ impl Gateway {
                 upstreams,
                 readiness,
                 access_log: config.telemetry.access_log,
-                unmatched: RouteMetrics::new("unmatched"),
+                own: OwnMetrics::new(),
             }),
         })
     }

@@ -23,8 +23,14 @@ pub struct RouteTable {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Miss {
     NotFound,
-    /// The path exists, the method does not; `Allow` lists what does.
-    MethodNotAllowed(HeaderValue),
+    /// The path exists, the method does not; `allow` lists what does. `route` is the first
+    /// route (in configuration order) on that path: the refusal is counted under its name,
+    /// because the client asked for that resource and an operator looks for it there, not
+    /// among the paths nothing serves.
+    MethodNotAllowed {
+        allow: HeaderValue,
+        route: RouteId,
+    },
 }
 
 /// A matched route and the template's parameters (borrowed from the request path).
@@ -105,10 +111,12 @@ impl RouteTable {
             .collect();
         allow.sort_unstable();
         allow.dedup();
-        Err(Miss::MethodNotAllowed(
-            HeaderValue::from_str(&allow.join(", "))
+        Err(Miss::MethodNotAllowed {
+            allow: HeaderValue::from_str(&allow.join(", "))
                 .unwrap_or_else(|_| HeaderValue::from_static("")),
-        ))
+            // A slot is created with its first route and never emptied.
+            route: m.value.routes[0].1,
+        })
     }
 }
 
@@ -149,9 +157,18 @@ mod tests {
         assert_eq!(check(Method::GET, "/users/7/extra"), Err(Miss::NotFound));
         assert_eq!(
             check(Method::POST, "/users/7"),
-            Err(Miss::MethodNotAllowed(HeaderValue::from_static(
-                "DELETE, GET, HEAD, PUT"
-            )))
+            Err(Miss::MethodNotAllowed {
+                allow: HeaderValue::from_static("DELETE, GET, HEAD, PUT"),
+                route: 0,
+            }),
+            "a 405 names the first route on the path"
+        );
+        assert_eq!(
+            check(Method::DELETE, "/static/x"),
+            Err(Miss::MethodNotAllowed {
+                allow: HeaderValue::from_static("GET, HEAD"),
+                route: 3,
+            })
         );
         let m = t.find(&Method::GET, "/users/42").unwrap();
         assert_eq!(m.params.get("id"), Some("42"));

@@ -10,7 +10,10 @@
 //! 4. **dispatch**: proxy to the route's pool ([`crate::upstream`]) or compose several
 //!    ([`crate::compose`]);
 //! 5. **response**: hop-by-hop headers removed, request id added;
-//! 6. **observe**: metrics by route and status, access log.
+//! 6. **observe**: metrics by route and status, access log. A request is counted under its
+//!    route's name, a 405 under the name of the route on that path, the operations
+//!    endpoints as `health`, `ready` and `metrics`, and only what matched no path at all
+//!    (404) as `unmatched` (see [`Counted`]).
 //!
 //! Between 2 and 4, a cached route's `GET`/`HEAD` goes to the **cache** phase
 //! ([`crate::cache::stage`]), which answers from L1/L2 or fetches once for every waiter. A
@@ -130,8 +133,47 @@ pub struct Inner {
     pub(crate) upstreams: Vec<Arc<Upstream>>,
     pub(crate) readiness: Readiness,
     pub(crate) access_log: bool,
-    /// Metrics of requests that matched no route.
-    pub(crate) unmatched: RouteMetrics,
+    /// Metrics of what no configured route answered.
+    pub(crate) own: OwnMetrics,
+}
+
+/// Metric handles of the requests the gateway answers itself: its operations endpoints,
+/// each under its own name so that probes and scrapes neither hide among nor inflate the
+/// 404s, and the requests whose path matched nothing.
+#[derive(Debug)]
+pub(crate) struct OwnMetrics {
+    health: RouteMetrics,
+    ready: RouteMetrics,
+    metrics: RouteMetrics,
+    unmatched: RouteMetrics,
+}
+
+impl OwnMetrics {
+    pub(crate) fn new() -> Self {
+        Self {
+            health: RouteMetrics::new("health"),
+            ready: RouteMetrics::new("ready"),
+            metrics: RouteMetrics::new("metrics"),
+            unmatched: RouteMetrics::new("unmatched"),
+        }
+    }
+}
+
+/// Whose metrics a request counts in.
+#[derive(Clone, Copy)]
+pub(crate) enum Counted {
+    /// A configured route (index in `Inner::routes`), including a 405 on its path.
+    Route(usize),
+    /// One of the gateway's operations endpoints.
+    Ops(OpsEndpoint),
+    /// No route's path matched (404).
+    Unmatched,
+}
+
+impl From<Option<usize>> for Counted {
+    fn from(route: Option<usize>) -> Self {
+        route.map_or(Counted::Unmatched, Counted::Route)
+    }
 }
 
 /// The gateway as a cloneable `tower::Service`, with the upstream connection pools of one
@@ -248,7 +290,13 @@ impl Inner {
             .insert(request_id::HEADER, request_id.clone());
 
         let elapsed = start.elapsed();
-        let metrics = route.map_or(&self.unmatched, |r| &self.routes[r].metrics);
+        let metrics = match route {
+            Counted::Route(r) => &self.routes[r].metrics,
+            Counted::Ops(OpsEndpoint::Health) => &self.own.health,
+            Counted::Ops(OpsEndpoint::Ready) => &self.own.ready,
+            Counted::Ops(OpsEndpoint::Metrics) => &self.own.metrics,
+            Counted::Unmatched => &self.own.unmatched,
+        };
         metrics.record(&method, res.status(), elapsed);
         if let Some(path) = access {
             tracing::info!(
@@ -264,8 +312,9 @@ impl Inner {
         res
     }
 
-    /// Phase 2: which route, and the upstream path(s) it implies.
-    fn plan(&self, method: &Method, uri: &http::Uri) -> Result<Plan, ProxyError> {
+    /// Phase 2: which route, and the upstream path(s) it implies. A refusal says whose
+    /// metrics it counts in.
+    fn plan(&self, method: &Method, uri: &http::Uri) -> Result<Plan, (Counted, ProxyError)> {
         let path = uri.path();
         let m = match self.table.find(method, path) {
             Ok(m) => m,
@@ -280,8 +329,10 @@ impl Inner {
                     (Some(o), _) if *method == Method::GET || *method == Method::HEAD => {
                         Ok(Plan::Ops(o))
                     }
-                    (_, Miss::NotFound) => Err(ProxyError::NoRoute),
-                    (_, Miss::MethodNotAllowed(allow)) => Err(ProxyError::MethodNotAllowed(allow)),
+                    (_, Miss::NotFound) => Err((Counted::Unmatched, ProxyError::NoRoute)),
+                    (_, Miss::MethodNotAllowed { allow, route }) => {
+                        Err((Counted::Route(route), ProxyError::MethodNotAllowed(allow)))
+                    }
                 };
             }
         };
@@ -301,7 +352,8 @@ impl Inner {
                 rewrite: Some(t), ..
             } => Ok(Plan::Proxy {
                 route: m.route,
-                path: with_query(t.render(param), uri.query())?,
+                path: with_query(t.render(param), uri.query())
+                    .map_err(|e| (Counted::Route(m.route), e))?,
                 tags,
             }),
             Action::Compose(parts) => Ok(Plan::Compose {
@@ -309,13 +361,14 @@ impl Inner {
                 paths: parts
                     .iter()
                     .map(|p| with_query(p.path.render(param), None))
-                    .collect::<Result<_, _>>()?,
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| (Counted::Route(m.route), e))?,
                 tags,
             }),
         }
     }
 
-    /// Phases 2 to 5. Returns the route (for metrics) and the response or error.
+    /// Phases 2 to 5. Returns whose metrics the request counts in, and the response or error.
     async fn dispatch(
         self: &Arc<Self>,
         req: Request<Incoming>,
@@ -323,20 +376,20 @@ impl Inner {
         client: &ClientAddr,
         request_id: &HeaderValue,
         start: Instant,
-    ) -> (Option<usize>, Result<Response<Body>, ProxyError>) {
+    ) -> (Counted, Result<Response<Body>, ProxyError>) {
         let (clients, conn) = (&local.clients, local.limiter_conn.as_ref());
         let plan = match self.plan(req.method(), req.uri()) {
             Ok(p) => p,
-            Err(e) => return (None, Err(e)),
+            Err((counted, e)) => return (counted, Err(e)),
         };
         let route = match plan {
             // Boxed, like every rare path here, so that the proxy path's state stays small.
-            Plan::Ops(o) => return (None, Ok(Box::pin(self.ops(o)).await)),
+            Plan::Ops(o) => return (Counted::Ops(o), Ok(Box::pin(self.ops(o)).await)),
             Plan::Compose { route, .. } | Plan::Proxy { route, .. } => route,
         };
         let limit_headers = match self.rate_limit(conn, route, req.headers(), client).await {
             Ok(h) => h,
-            Err(refusal) => return (Some(route), Ok(refusal)),
+            Err(refusal) => return (Counted::Route(route), Ok(refusal)),
         };
         let safe = *req.method() == Method::GET || *req.method() == Method::HEAD;
         let cache = self.cache.as_ref().filter(|c| c.route(route).is_some());
@@ -369,7 +422,7 @@ impl Inner {
         if let (Some(h), Ok(res)) = (&limit_headers, &mut res) {
             h.apply(res.headers_mut());
         }
-        (route, res)
+        (route.into(), res)
     }
 
     /// Phase 2½: the route's rate limits. `Err` is the refusal to send instead.

@@ -181,15 +181,106 @@ async fn operations_endpoints() {
     );
     f.gw.http.get("/api/1/2").await;
     f.gw.http.get("/nowhere").await;
+    // The path of route "users" (GET, POST), with a method it does not answer.
+    f.gw.http
+        .send(Method::DELETE, "/users", &[], Bytes::new())
+        .await
+        .assert_problem(405);
+    f.gw.http.get("/metrics").await;
     let m = f.gw.http.get("/metrics").await.text();
     for needle in [
         r#"passerelle_http_requests_total{service="gateway",route="user-and-product",method="GET",status="200"}"#,
         r#"passerelle_http_requests_total{service="gateway",route="unmatched",method="GET",status="404"}"#,
+        r#"passerelle_http_requests_total{service="gateway",route="users",method="DELETE",status="405"}"#,
+        r#"passerelle_http_requests_total{service="gateway",route="health",method="GET",status="200"}"#,
+        r#"passerelle_http_requests_total{service="gateway",route="ready",method="GET",status="200"}"#,
+        r#"passerelle_http_requests_total{service="gateway",route="metrics",method="GET",status="200"}"#,
+        r#"passerelle_http_request_duration_seconds_count{service="gateway",route="health"}"#,
         r#"passerelle_upstream_requests_total{upstream="users""#,
         r#"passerelle_upstream_endpoint_available{upstream="users""#,
         "passerelle_http_request_duration_seconds_bucket",
     ] {
         assert!(m.contains(needle), "missing {needle} in:\n{m}");
+    }
+    // Only the one request that matched no path is unmatched: not the probes, not the 405.
+    for line in m.lines().filter(|l| l.contains(r#"route="unmatched""#)) {
+        if line.starts_with("passerelle_http_requests_total{") {
+            assert!(line.contains(r#"status="404""#), "{line}");
+        }
+    }
+}
+
+/// The admin API and `/ready` speak the configuration's language: `gcra`, `client_ip`,
+/// `round_robin`, not Rust's `Gcra`, `ClientIp`, `RoundRobin`.
+#[tokio::test]
+async fn admin_and_ready_use_the_config_spelling() {
+    let dir = tempfile::tempdir().unwrap();
+    let udb = seeded_db(dir.path(), ServiceKind::Users, 1);
+    let users = service_in_process(ServiceKind::Users, &udb, "users-1").await;
+    let mut config = config_with(
+        fast_pool(&[users.addr], Balance::RoundRobin),
+        fast_pool(&[users.addr], Balance::P2cEwma),
+    );
+    // The shipped limits (per-client: gcra by client_ip, local; compose-per-minute:
+    // sliding_window by client_ip and route, open), here without Redis.
+    config.rate_limiting.enabled = true;
+    let admin_port = passerelle_testkit::free_port();
+    config.gateway.admin_listen = Some(([127, 0, 0, 1], admin_port).into());
+    let gw = gateway(config).await;
+    let admin = passerelle_testkit::HttpClient::new(format!("http://127.0.0.1:{admin_port}"));
+    passerelle_testkit::wait_until(std::time::Duration::from_secs(5), "admin API", || {
+        let admin = admin.clone();
+        async move {
+            matches!(admin.try_send(Method::GET, "/health", &[], Bytes::new()).await, Ok(r) if r.status == 200)
+        }
+    })
+    .await;
+
+    let r = admin.get("/rate-limits").await;
+    assert_eq!(r.status, 200);
+    let text = r.text();
+    let list = r.json();
+    let limit = |name: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == name)
+            .unwrap_or_else(|| panic!("no limit {name} in {text}"))
+            .clone()
+    };
+    let per_client = limit("per-client");
+    assert_eq!(per_client["algorithm"], "gcra");
+    assert_eq!(per_client["by"], serde_json::json!(["client_ip"]));
+    assert_eq!(per_client["on_redis_failure"], "local");
+    let compose = limit("compose-per-minute");
+    assert_eq!(compose["algorithm"], "sliding_window");
+    assert_eq!(compose["by"], serde_json::json!(["client_ip", "route"]));
+    assert_eq!(compose["on_redis_failure"], "open");
+
+    let r = gw.http.get("/ready").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let ready = r.json();
+    assert_eq!(
+        ready["checks"]["upstream:users"]["details"]["balance"],
+        "round_robin"
+    );
+    assert_eq!(
+        ready["checks"]["upstream:products"]["details"]["balance"],
+        "p2c_ewma"
+    );
+
+    let both = format!("{text}\n{}", r.text());
+    for camel in [
+        "Gcra",
+        "SlidingWindow",
+        "ClientIp",
+        "Route\"",
+        "Local",
+        "Open",
+        "RoundRobin",
+        "P2cEwma",
+    ] {
+        assert!(!both.contains(camel), "{camel} in:\n{both}");
     }
 }
 

@@ -704,7 +704,7 @@ impl RateLimiter {
         Ok(serde_json::json!({
             "limit": &*l.name,
             "identity": identity,
-            "algorithm": format!("{:?}", l.params.algorithm),
+            "algorithm": l.params.algorithm.as_str(),
             "quota": l.quota,
             "period_ms": l.params.period.as_millis() as u64,
             "would_admit": v.admitted,
@@ -736,12 +736,12 @@ impl RateLimiter {
             .map(|l| {
                 serde_json::json!({
                     "name": &*l.name,
-                    "by": l.by.iter().map(|k| format!("{k:?}")).collect::<Vec<_>>(),
-                    "algorithm": format!("{:?}", l.params.algorithm),
+                    "by": l.by.iter().map(|k| k.as_str()).collect::<Vec<_>>(),
+                    "algorithm": l.params.algorithm.as_str(),
                     "limit": l.params.limit,
                     "period_ms": l.params.period.as_millis() as u64,
                     "quota": l.quota,
-                    "on_redis_failure": format!("{:?}", l.policy),
+                    "on_redis_failure": l.policy.as_str(),
                 })
             })
             .collect()

@@ -410,7 +410,7 @@ impl Upstream {
     /// A JSON snapshot of the pool, for readiness and operators.
     pub fn status(&self) -> serde_json::Value {
         serde_json::json!({
-            "balance": format!("{:?}", self.balancer.policy()),
+            "balance": self.balancer.policy().as_str(),
             "available": self.available(),
             "endpoints": self.endpoints.iter().map(|e| serde_json::json!({
                 "address": e.address,
