@@ -1,26 +1,35 @@
 //! # passerelle-config
 //!
-//! The one configuration type of every role, and the one way to load it:
+//! The one configuration type of every role, and the one way to load it ([`Loader`]), in
+//! layers where each names only what it changes ([`layers`] says how they merge):
 //!
-//! 1. built-in defaults (every field has one);
-//! 2. one TOML file, which replaces the defaults field by field (without `--config`, the
-//!    documented default file shipped in `config/passerelle.toml` is used);
+//! 1. the built-in default, the documented file shipped as `config/passerelle.toml`;
+//! 2. one TOML file (`--config` or `PASSERELLE_CONFIG`): tables merge key by key, arrays
+//!    such as `routes` replace the default's as a whole;
 //! 3. environment overrides `PASSERELLE_<SECTION>__<KEY>[__<KEY>...]`, e.g.
 //!    `PASSERELLE_GATEWAY__LISTEN=0.0.0.0:8080` or
 //!    `PASSERELLE_UPSTREAMS__USERS__ENDPOINTS='["10.0.0.5:7000"]'`. Values are read as TOML
-//!    when they parse as TOML, as strings otherwise.
+//!    when they parse as TOML, as strings otherwise;
+//! 4. command-line flags (`--listen`, `--admin-listen`, ...).
 //!
 //! Loading validates everything a role would otherwise trip over at run time: unknown fields,
-//! bad units, routes pointing at unknown upstreams, conflicting routes. Errors name the file,
-//! the line and the field, and the binary exits with code 64 on them.
+//! bad units, routes pointing at unknown upstreams, conflicting routes. Errors name the layer
+//! that is wrong (file and line, variable, or flag) and the field, and the binary exits with
+//! code 64 on them. [`Loaded`] also carries warnings (no routes, unused upstreams) and where
+//! each value came from, which `passerelle config show` prints.
 
+mod layers;
+mod loader;
 mod model;
+mod show;
 mod template;
 mod units;
 
 use std::fmt;
 use std::path::Path;
 
+pub use layers::{Origin, Provenance};
+pub use loader::{DEFAULT_ORIGIN, Loaded, Loader};
 pub use model::*;
 pub use template::{PathTemplate, Piece};
 pub use units::{ByteSize, Dur, IpRange};
@@ -30,7 +39,6 @@ pub const DEFAULT_CONFIG: &str = include_str!("../../../config/passerelle.toml")
 
 /// Name of the environment variable that points at a config file.
 pub const CONFIG_ENV: &str = "PASSERELLE_CONFIG";
-const ENV_PREFIX: &str = "PASSERELLE_";
 
 /// Exit code for an unusable configuration (`EX_USAGE` from sysexits.h).
 pub const EXIT_CONFIG: i32 = 64;
@@ -83,87 +91,57 @@ impl ConfigError {
 }
 
 impl Config {
-    /// Loads the configuration: `path` if given (else the built-in default file), then the
-    /// environment overrides in `env`, then validation.
+    /// Loads the configuration from its layers: the built-in default, then `path` if given,
+    /// then the environment overrides in `env`; then validates it. See [`Loader`] for flags
+    /// and warnings.
     pub fn load(
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let (origin, text) = match path {
-            Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Io {
-                    path: p.display().to_string(),
-                    source,
-                })?;
-                (p.display().to_string(), text)
-            }
-            None => ("<default config>".to_string(), DEFAULT_CONFIG.to_string()),
-        };
-        Self::from_toml(&origin, &text, env)
+        let mut loader = Loader::new().env(env);
+        if let Some(p) = path {
+            loader = loader.file(p);
+        }
+        loader.load().map(|l| l.config)
     }
 
-    /// Like [`Config::load`] with the text of the file already read.
+    /// A configuration that is exactly `text` plus the environment overrides in `env`, with
+    /// no built-in layer below it (every omitted field takes its type's default): for tests
+    /// and programs that embed a whole configuration.
     pub fn from_toml(
         origin: &str,
         text: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        // Deserializing straight from the text keeps spans, so every type error points at
-        // its line.
-        let file_config: Config = toml::from_str(text).map_err(|e| {
-            ConfigError::Invalid(vec![Diagnostic {
-                origin: origin.to_string(),
-                position: e.span().map(|s| line_col(text, s.start)),
-                field: None,
-                message: e.message().trim_end().to_string(),
-            }])
-        })?;
+        Loader::new()
+            .without_defaults()
+            .text(origin, text)
+            .env(env)
+            .load()
+            .map(|l| l.config)
+    }
 
-        let overrides = env_overrides(env);
-        let config = if overrides.is_empty() {
-            file_config
-        } else {
-            let mut table: toml::Table = toml::from_str(text).map_err(|e| {
-                ConfigError::Invalid(vec![Diagnostic {
-                    origin: origin.to_string(),
-                    position: e.span().map(|s| line_col(text, s.start)),
-                    field: None,
-                    message: e.message().to_string(),
-                }])
-            })?;
-            for o in &overrides {
-                apply_override(&mut table, o)?;
+    /// The names of the upstreams that some route proxies to or composes from.
+    pub fn used_upstreams(&self) -> std::collections::BTreeSet<&str> {
+        let mut used = std::collections::BTreeSet::new();
+        for r in &self.routes {
+            used.extend(r.upstream.as_deref());
+            for part in r.compose.iter().flat_map(|c| c.values()) {
+                used.insert(part.upstream.as_str());
             }
-            let names = overrides
-                .iter()
-                .map(|o| o.var.as_str())
-                .collect::<Vec<_>>()
-                .join(", ");
-            toml::Table::try_into(table).map_err(|e: toml::de::Error| {
-                ConfigError::Invalid(vec![Diagnostic {
-                    origin: format!("environment ({names})"),
-                    position: None,
-                    field: None,
-                    message: e.message().trim_end().to_string(),
-                }])
-            })?
-        };
-
-        let diagnostics: Vec<Diagnostic> = config
-            .validate()
-            .into_iter()
-            .map(|(field, message)| Diagnostic {
-                origin: origin.to_string(),
-                position: locate(text, &field),
-                field: Some(field),
-                message,
-            })
-            .collect();
-        if diagnostics.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError::Invalid(diagnostics))
         }
+        used
+    }
+
+    /// Drops the upstreams no route uses (the gateway would otherwise health-check pools
+    /// that serve nothing, and refuse to start when their endpoints are empty).
+    pub fn drop_unused_upstreams(&mut self) {
+        let used: std::collections::BTreeSet<String> = self
+            .used_upstreams()
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        self.upstreams.retain(|name, _| used.contains(name));
     }
 
     /// Checks what serde cannot: cross references, ranges, route conflicts. Returns
@@ -769,129 +747,6 @@ fn normalized_template(t: &PathTemplate) -> String {
         }
     }
     out
-}
-
-struct Override {
-    var: String,
-    path: Vec<String>,
-    value: toml::Value,
-}
-
-fn env_overrides(env: impl IntoIterator<Item = (String, String)>) -> Vec<Override> {
-    let mut out: Vec<Override> = env
-        .into_iter()
-        .filter_map(|(k, v)| {
-            let rest = k.strip_prefix(ENV_PREFIX)?;
-            if !rest.contains("__") {
-                return None;
-            }
-            let path = rest
-                .split("__")
-                .map(|s| s.to_ascii_lowercase())
-                .collect::<Vec<_>>();
-            if path.iter().any(|s| s.is_empty()) {
-                return None;
-            }
-            let value = toml::from_str::<toml::Table>(&format!("v = {v}"))
-                .ok()
-                .and_then(|mut t| t.remove("v"))
-                .unwrap_or(toml::Value::String(v));
-            Some(Override {
-                var: k,
-                path,
-                value,
-            })
-        })
-        .collect();
-    // Deterministic order regardless of the environment's.
-    out.sort_by(|a, b| a.var.cmp(&b.var));
-    out
-}
-
-fn apply_override(table: &mut toml::Table, o: &Override) -> Result<(), ConfigError> {
-    let fail = |m: &str| {
-        ConfigError::Invalid(vec![Diagnostic {
-            origin: o.var.clone(),
-            position: None,
-            field: Some(o.path.join(".")),
-            message: m.to_string(),
-        }])
-    };
-    let (last, parents) = o.path.split_last().ok_or_else(|| fail("empty path"))?;
-    let mut cur = table;
-    for seg in parents {
-        let next = cur
-            .entry(seg.clone())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        cur = match next {
-            toml::Value::Table(t) => t,
-            toml::Value::Array(a) => {
-                // `ROUTES__0__TIMEOUT`: index into an array of tables.
-                let idx: usize =
-                    last_index(seg, a.len()).ok_or_else(|| fail("array index out of range"))?;
-                match a.get_mut(idx) {
-                    Some(toml::Value::Table(t)) => t,
-                    _ => return Err(fail("not a table")),
-                }
-            }
-            _ => return Err(fail(&format!("{seg:?} is not a section"))),
-        };
-    }
-    cur.insert(last.clone(), o.value.clone());
-    Ok(())
-}
-
-fn last_index(seg: &str, len: usize) -> Option<usize> {
-    seg.parse::<usize>().ok().filter(|i| *i < len)
-}
-
-/// 1-based line and column of a byte offset.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    (line, col)
-}
-
-/// Finds where a dotted field path (`routes[1].compose.user.upstream`) sits in the file, so
-/// that semantic errors point at a line like syntax errors do. Falls back to the nearest
-/// enclosing item that exists (a default value has no line of its own).
-fn locate(text: &str, field: &str) -> Option<(usize, usize)> {
-    use toml::de::{DeTable, DeValue};
-    let root = DeTable::parse(text).ok()?;
-    let mut segs = Vec::new();
-    for part in field.split('.') {
-        match part.split_once('[') {
-            Some((key, idx)) => {
-                segs.push((key.to_string(), None));
-                let i = idx.trim_end_matches(']').parse::<usize>().ok()?;
-                segs.push((String::new(), Some(i)));
-            }
-            None => segs.push((part.to_string(), None)),
-        }
-    }
-    let mut best: Option<usize> = None;
-    let mut table = root.get_ref();
-    let mut value: Option<&toml::Spanned<DeValue>> = None;
-    for (key, idx) in &segs {
-        let next = match (idx, value.map(|v| v.get_ref())) {
-            (Some(i), Some(DeValue::Array(a))) => a.get(*i),
-            (None, Some(DeValue::Table(t))) => t.get(key.as_str()),
-            (None, None) => table.get(key.as_str()),
-            _ => None,
-        };
-        match next {
-            Some(v) => {
-                best = Some(v.span().start);
-                if let DeValue::Table(t) = v.get_ref() {
-                    table = t;
-                }
-                value = Some(v);
-            }
-            None => break,
-        }
-    }
-    best.map(|o| line_col(text, o))
 }
 
 #[cfg(test)]

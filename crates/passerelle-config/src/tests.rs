@@ -368,3 +368,81 @@ fn cache_sizes_are_checked_at_load() {
     check_err("[cache]\nl1_max_size = \"lots\"\n", 2, "");
     check_err("[services.users]\ncache_ttl = \"2d\"\n", 2, "at most 1d");
 }
+
+fn layered(file: &str, env: &[(&str, &str)]) -> Result<Loaded, ConfigError> {
+    Loader::new()
+        .text("my.toml", file)
+        .env(env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+        .load()
+}
+
+#[test]
+fn a_file_layers_on_the_default() {
+    let l = layered("[gateway]\nlisten = \"127.0.0.1:9000\"\n", &[]).unwrap();
+    let default = Config::load(None, Vec::new()).unwrap();
+    assert_eq!(l.config.gateway.listen.port(), 9000);
+    assert_eq!(l.config.routes.len(), default.routes.len(), "routes kept");
+    assert_eq!(l.config.upstreams.len(), 2);
+    assert_eq!(l.config.gateway.max_connections, 10_000, "sibling kept");
+    assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+}
+
+#[test]
+fn routes_in_a_file_replace_the_default_routes() {
+    let file = "[upstreams.orders]\nendpoints = [\"127.0.0.1:7001\"]\n\n\
+                [[routes]]\nname = \"orders\"\npath = \"/orders/{id}\"\nupstream = \"orders\"\n";
+    let l = layered(file, &[]).unwrap();
+    assert_eq!(l.config.routes.len(), 1);
+    assert_eq!(l.config.routes[0].name, "orders");
+    // The demo upstreams are still there, unused: a warning each, and the gateway drops them.
+    let unused: Vec<String> = l.warnings.iter().filter_map(|w| w.field.clone()).collect();
+    assert_eq!(unused, ["upstreams.products", "upstreams.users"]);
+    assert!(l.warnings[0].to_string().contains("no route uses"), "{}", l.warnings[0]);
+    let mut c = l.config;
+    c.drop_unused_upstreams();
+    assert_eq!(c.upstreams.keys().collect::<Vec<_>>(), ["orders"]);
+}
+
+#[test]
+fn a_gateway_with_no_routes_is_a_warning() {
+    let l = layered("routes = []\n", &[]).unwrap();
+    let w = l.warnings.iter().map(|w| w.to_string()).collect::<Vec<_>>();
+    assert!(
+        w.iter()
+            .any(|w| w.starts_with("my.toml:1:") && w.contains("404 to every request")),
+        "{w:?}"
+    );
+}
+
+#[test]
+fn semantic_errors_point_at_the_layer_that_set_the_field() {
+    // The file's route names a missing upstream: the file's line.
+    let file = "\n[[routes]]\nname = \"x\"\npath = \"/x\"\nupstream = \"nope\"\n";
+    let e = layered(file, &[]).unwrap_err().to_string();
+    assert!(e.contains("my.toml:5:") && e.contains("unknown upstream"), "{e}");
+    // A default route broken by an environment override: the variable.
+    let e = layered("", &[("PASSERELLE_ROUTES__0__TIMEOUT", "\"0s\"")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("PASSERELLE_ROUTES__0__TIMEOUT"), "{e}");
+    // A flag of the wrong type: the flag.
+    let e = Loader::new()
+        .flag("--instances", "up.instances", "many")
+        .load()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--instances") && e.contains("invalid type"), "{e}");
+    // A variable that names no setting.
+    let e = layered("", &[("PASSERELLE_GATEWAY__LISTN", "x")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("PASSERELLE_GATEWAY__LISTN") && e.contains("unknown field"), "{e}");
+}
+
+#[test]
+fn a_file_error_in_a_layered_load_names_its_line() {
+    let e = layered("[gateway]\nlisten = \"127.0.0.1:1\"\nmax_conections = 5\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("my.toml:3:") && e.contains("max_conections"), "{e}");
+}
