@@ -321,17 +321,7 @@ pub fn run(args: &[String]) -> Result {
         ("nginx", "nginx-light"),
         ("wrk", "wrk"),
     ])?;
-    crate::run(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args([
-            "build",
-            "--release",
-            "--quiet",
-            "--package",
-            "passerelle",
-        ]),
-    )?;
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let bin = root.join("target/release/passerelle");
+    let bin = crate::release_binary()?;
     let dir = std::env::temp_dir().join(format!("passerelle-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;

@@ -1,23 +1,35 @@
-//! Project automation, in Rust rather than shell (`cargo xtask <task>`):
-//!
-//! - `cargo xtask test`  — install what is missing (redis-server), check formatting and
-//!   lints, run every test (cargo-nextest when present, else `cargo test`);
-//! - `cargo xtask up [ARGS]` — install what is missing, build in release mode, run
-//!   `passerelle up ARGS`;
-//! - `cargo xtask bench [--duration SECS] [--connections N]` — install redis-server, nginx
-//!   and wrk when missing, start the platform, and print a table of requests/s and latency
-//!   for the gateway, the services directly, and nginx as the reference;
-//! - `cargo xtask bench rate-limit [...]` — the cost of rate limiting: no limit, a limit
-//!   that never trips, a client over its limit, and Redis calls per request;
-//! - `cargo xtask bench cache [...]` — the response cache on a Zipf workload: hit ratio
-//!   by level, origin calls/s with and without it, latency of L1 hits, L2 hits and misses.
+//! Project automation, in Rust rather than shell (`cargo xtask <task>`; `cargo xtask help`
+//! lists the tasks and their options). Every task says what it is doing before it does it,
+//! and shows cargo's own progress, so a first build of several minutes never looks hung.
 //!
 //! Debian packages are installed with `apt-get` (through `sudo` when not root).
 
 mod bench;
 mod bench_cache;
 
+use std::path::PathBuf;
 use std::process::{Command, ExitCode};
+
+const USAGE: &str = "\
+usage: cargo xtask <task> [options]
+
+tasks:
+  up [ARGS]      install redis-server if missing, build passerelle in release mode, and run
+                 `passerelle up ARGS` (e.g. --instances 5 --listen 0.0.0.0:8080
+                 --admin-listen 127.0.0.1:9902 --redis-url URL --data-dir DIR; `--` before
+                 ARGS is optional). See `passerelle up --help`.
+  test [--no-lint]
+                 install redis-server if missing, check formatting (cargo fmt), lints
+                 (clippy, warnings denied), then run every test (cargo nextest, or cargo test)
+  install        build passerelle in release mode and install it into ~/.cargo/bin
+                 (cargo install --path crates/passerelle), so `passerelle` is on PATH
+  bench [rate-limit | cache] [--duration SECS] [--connections N] [--threads N]
+                 install wrk, nginx and redis-server if missing, start the platform, and
+                 print a table: the gateway against nginx (default), the cost of rate
+                 limiting (rate-limit), or the response cache on a skewed workload (cache)
+  deps           install the Debian packages the tests need (redis-server, redis-tools)
+  help           this text (also -h, --help)
+";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -25,19 +37,27 @@ fn main() -> ExitCode {
         Some((t, r)) => (t.as_str(), r.to_vec()),
         None => ("help", Vec::new()),
     };
+    // `cargo xtask up -- --instances 5` and `cargo xtask up --instances 5` are the same.
+    let rest = match rest.split_first() {
+        Some((first, tail)) if first == "--" => tail.to_vec(),
+        _ => rest,
+    };
     let result = match task {
         "test" => test(&rest),
         "up" => up(&rest),
+        "install" => install(),
         "bench" => bench::run(&rest),
         "deps" => ensure_packages(&[
             ("redis-server", "redis-server"),
             ("redis-cli", "redis-tools"),
         ]),
-        _ => {
-            eprintln!(
-                "usage: cargo xtask <test | up [ARGS] | bench [rate-limit | cache] [--duration SECS] [--connections N] [--threads N] | deps>"
-            );
-            return ExitCode::from(if task == "help" { 0 } else { 2 });
+        "help" | "-h" | "--help" => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        other => {
+            eprintln!("xtask: unknown task {other:?}\n\n{USAGE}");
+            return ExitCode::from(64);
         }
     };
     match result {
@@ -47,6 +67,11 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Announces a step, so that a person watching knows what the next minutes are for.
+pub fn step(what: &str) {
+    eprintln!("==> {what}");
 }
 
 pub type Result<T = ()> = std::result::Result<T, String>;
@@ -81,7 +106,7 @@ pub fn ensure_packages(wanted: &[(&str, &str)]) -> Result {
     if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("installing {}", missing.join(" "));
+    step(&format!("installing {} (apt-get)", missing.join(" ")));
     let is_root = Command::new("id")
         .arg("-u")
         .output()
@@ -120,14 +145,33 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+/// The workspace's root directory.
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Builds the `passerelle` binary in release mode, showing cargo's progress, and returns its
+/// path.
+pub fn release_binary() -> Result<PathBuf> {
+    step("building passerelle in release mode (the first build takes a few minutes)");
+    run(cargo().args(["build", "--release", "--package", "passerelle"]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    Ok(target.join("release").join("passerelle"))
+}
+
 fn test(args: &[String]) -> Result {
+    step("checking for redis-server and redis-cli");
     ensure_packages(&[
         ("redis-server", "redis-server"),
         ("redis-cli", "redis-tools"),
     ])?;
     let quick = args.iter().any(|a| a == "--no-lint");
     if !quick {
+        step("formatting: cargo fmt --check");
         run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+        step("lints: cargo clippy, warnings denied");
         run(cargo().args([
             "clippy",
             "--workspace",
@@ -143,25 +187,48 @@ fn test(args: &[String]) -> Result {
         .map(|o| o.status.success())
         .unwrap_or(false);
     if nextest {
+        step("tests: cargo nextest run (builds the tests first)");
         run(cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]))?;
-        // nextest does not run doc tests.
+        step("doc tests: cargo test --doc");
         run(cargo().args(["test", "--workspace", "--doc"]))
     } else {
+        step("tests: cargo test (builds the tests first)");
         run(cargo().args(["test", "--workspace", "--no-fail-fast"]))
     }
 }
 
 fn up(args: &[String]) -> Result {
+    step("checking for redis-server");
     ensure_packages(&[("redis-server", "redis-server")])?;
+    let bin = release_binary()?;
+    step(&format!("starting {} up {}", bin.display(), args.join(" ")));
+    let mut cmd = Command::new(&bin);
+    cmd.arg("up").args(args);
+    // Become `passerelle up`, so that Ctrl-C, its exit code and its PID are its own.
+    use std::os::unix::process::CommandExt;
+    let e = cmd.exec();
+    Err(format!("cannot run {}: {e}", bin.display()))
+}
+
+fn install() -> Result {
+    step("installing passerelle: cargo install --path crates/passerelle (release build)");
     run(cargo()
-        .args([
-            "run",
-            "--release",
-            "--quiet",
-            "--package",
-            "passerelle",
-            "--",
-            "up",
-        ])
-        .args(args))
+        .args(["install", "--locked", "--path"])
+        .arg(root().join("crates/passerelle")))?;
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_default();
+    let bin_dir = home.join("bin");
+    let on_path =
+        std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d == bin_dir));
+    eprintln!("installed {}", bin_dir.join("passerelle").display());
+    if !on_path {
+        eprintln!(
+            "{} is not on your PATH; add it (e.g. export PATH=\"{}:$PATH\")",
+            bin_dir.display(),
+            bin_dir.display()
+        );
+    }
+    Ok(())
 }
