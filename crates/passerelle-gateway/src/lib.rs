@@ -83,6 +83,17 @@ pub struct Gateway {
 impl Gateway {
     /// Builds the gateway from the configuration. Every upstream must have endpoints.
     pub fn new(config: &Config, redis: Option<Redis>) -> Result<Self, GatewayError> {
+        Self::with_readiness(config, redis, |r| r)
+    }
+
+    /// Like [`Gateway::new`], with readiness checks added by what embeds the gateway: `up`
+    /// adds the state of the processes it supervises (a managed Redis it gave up on makes
+    /// `/ready` fail, naming it).
+    pub fn with_readiness(
+        config: &Config,
+        redis: Option<Redis>,
+        extend: impl FnOnce(Readiness) -> Readiness,
+    ) -> Result<Self, GatewayError> {
         passerelle_http::metrics::install();
         let mut pools: BTreeMap<&str, Arc<Upstream>> = BTreeMap::new();
         for (index, (name, cfg)) in config.upstreams.iter().enumerate() {
@@ -170,7 +181,7 @@ impl Gateway {
             .collect();
         let rate_limiter = RateLimiter::new(config, &route_limits, redis.as_ref()).map(Arc::new);
         let cache = ResponseCache::new(config, redis.as_ref()).map(Arc::new);
-        let readiness = readiness(&upstreams, redis);
+        let readiness = extend(readiness(&upstreams, redis));
         Ok(Self {
             inner: Arc::new(Inner {
                 identity: IdentityResolver::new(&config.gateway.identity),
@@ -256,7 +267,7 @@ fn readiness(upstreams: &[Arc<Upstream>], redis: Option<Redis>) -> Readiness {
             async move {
                 let mut details = serde_json::Map::new();
                 for (name, res) in redis.readiness().await {
-                    details.insert(name.to_string(), res?);
+                    details.insert(name.to_string(), res.map_err(|e| format!("{name}: {e}"))?);
                 }
                 Ok(serde_json::Value::Object(details))
             }
@@ -280,12 +291,23 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
+    run_with_readiness(config, listener, shutdown, |r| r).await
+}
+
+/// [`run`], with readiness checks added by what embeds the gateway (see
+/// [`Gateway::with_readiness`]).
+pub async fn run_with_readiness(
+    config: &Config,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    extend: impl FnOnce(Readiness) -> Readiness + Send,
+) -> Result<(), GatewayError> {
     let token = passerelle_http::shutdown::token_from(shutdown);
     let redis = Redis::from_config(&config.redis)?;
     if let Some(r) = &redis {
         r.spawn_monitor(std::time::Duration::from_secs(10), token.clone());
     }
-    let gateway = Gateway::new(config, redis)?;
+    let gateway = Gateway::with_readiness(config, redis, extend)?;
     gateway.start_background(&token);
     if let Some(addr) = config.gateway.admin_listen {
         let admin = tokio::net::TcpListener::bind(addr).await.map_err(|e| {

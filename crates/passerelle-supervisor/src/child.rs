@@ -1,4 +1,4 @@
-//! Child processes that must not outlive the supervisor.
+//! Child processes that must not outlive the supervisor, and their supervision.
 //!
 //! Every child is started with two Linux guarantees set between `fork` and `exec`:
 //!
@@ -9,13 +9,23 @@
 //!
 //! The death signal is tied to the *thread* that forked, so children are spawned from the
 //! runtime's worker threads, which live as long as the supervisor.
+//!
+//! [`supervise`] keeps one child running: a child that exits is started again with the same
+//! command (so on the same port, with the same files), waited for until ready, and recorded
+//! in `state.json`; after too many failed restarts in a short time it gives up and says so
+//! ([`RestartPolicy`]).
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
+
+use crate::state::{ChildStatus, StateFile};
 
 /// How to (re)start a child.
 #[derive(Debug, Clone)]
@@ -84,45 +94,430 @@ pub async fn stop(child: &mut Child, grace: Duration) {
     }
 }
 
-/// Keeps a child running until `shutdown`: restarts it when it exits, with a backoff that
-/// resets once the child has stayed up a while. On shutdown, stops it within `grace`.
-pub async fn supervise(spec: Spec, mut child: Child, grace: Duration, shutdown: CancellationToken) {
-    let mut backoff = Duration::from_millis(100);
+/// Resolves `Ok` once a freshly started process serves, `Err` when it stops waiting (each
+/// check bounds its own wait). The supervisor races it against the process exiting.
+pub type ReadyCheck =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+
+/// A [`ReadyCheck`] from an async closure.
+pub fn ready_check<F, Fut>(f: F) -> ReadyCheck
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
+    Arc::new(move || Box::pin(f()))
+}
+
+/// When to restart and when to stop trying.
+///
+/// A restart *fails* when the new process cannot be spawned, exits or times out before it
+/// is ready, or exits again less than `window` after it was started. After `max_failures`
+/// failed restarts within `window`, the supervisor gives up: something is wrong that
+/// restarting does not fix (a port taken by another program, a full disk, a broken binary),
+/// and restarting forever would only hide it. Between attempts it waits `min_backoff`,
+/// doubled at each attempt up to `max_backoff`, and back to `min_backoff` once a process has
+/// lived `window`.
+#[derive(Debug, Clone, Copy)]
+pub struct RestartPolicy {
+    pub max_failures: usize,
+    pub window: Duration,
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        Self {
+            max_failures: 5,
+            window: Duration::from_secs(60),
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Failed restarts within the policy's window.
+#[derive(Debug)]
+struct Failures {
+    policy: RestartPolicy,
+    at: VecDeque<Instant>,
+}
+
+impl Failures {
+    fn new(policy: RestartPolicy) -> Self {
+        Self {
+            policy,
+            at: VecDeque::new(),
+        }
+    }
+
+    fn record(&mut self, now: Instant) {
+        self.at.push_back(now);
+    }
+
+    /// True when `max_failures` restarts failed within the window ending `now`.
+    fn exhausted(&mut self, now: Instant) -> bool {
+        while self
+            .at
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= self.policy.window)
+        {
+            self.at.pop_front();
+        }
+        self.at.len() >= self.policy.max_failures
+    }
+}
+
+/// A child to keep running.
+pub struct Supervised {
+    pub spec: Spec,
+    /// How long a stopping child gets between `SIGTERM` and `SIGKILL`.
+    pub grace: Duration,
+    /// Whether a restarted process serves (a `PING` for Redis, `GET /health` for a service).
+    pub ready: ReadyCheck,
+    pub policy: RestartPolicy,
+    /// What the child is, for the person reading the give-up message, e.g.
+    /// `redis-server (cache role)`.
+    pub what: String,
+}
+
+impl std::fmt::Debug for Supervised {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervised")
+            .field("spec", &self.spec)
+            .field("policy", &self.policy)
+            .finish()
+    }
+}
+
+/// How [`supervise`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// `shutdown`: the child was stopped.
+    Stopped,
+    /// Too many failed restarts; nothing runs any more (the task waited for `shutdown`).
+    GaveUp,
+}
+
+fn describe_exit(status: std::io::Result<std::process::ExitStatus>) -> String {
+    status.map_or_else(|e| e.to_string(), |s| s.to_string())
+}
+
+/// Keeps a child running until `shutdown`: when it exits, starts the same command again
+/// (same port, same files) after a backoff, waits until it is ready, and records every step
+/// in `state` (status, new PID, restart count). Gives up as [`RestartPolicy`] says, loudly:
+/// an error log, a line on stderr, status `failed` in `state.json` (which the gateway's
+/// `/ready` reports). On shutdown, stops the child within `grace`.
+///
+/// Metrics: `passerelle_up_restarts_total{child}` counts processes started again;
+/// `passerelle_up_child_failed{child}` is 1 once the supervisor gave up on the child.
+pub async fn supervise(
+    sup: Supervised,
+    mut child: Child,
+    state: Arc<StateFile>,
+    shutdown: CancellationToken,
+) -> Outcome {
+    let name = sup.spec.name.clone();
+    let policy = sup.policy;
+    let restarts_total = metrics::counter!("passerelle_up_restarts_total", "child" => name.clone());
+    let failed = metrics::gauge!("passerelle_up_child_failed", "child" => name.clone());
+    // Shown at 0 from the start, so that an alert on an increase sees the first one.
+    restarts_total.absolute(0);
+    failed.set(0.0);
+    let mut failures = Failures::new(policy);
+    let mut backoff = policy.min_backoff;
+    let mut restarts: u32 = 0;
     let mut started = Instant::now();
+    // The first process dying is not a failed restart; a restarted one dying soon is.
+    let mut is_restart = false;
     loop {
-        tokio::select! {
+        let pid = child.id();
+        let status = tokio::select! {
             _ = shutdown.cancelled() => {
-                stop(&mut child, grace).await;
-                return;
+                stop(&mut child, sup.grace).await;
+                return Outcome::Stopped;
             }
-            status = child.wait() => {
-                let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
-                tracing::warn!(child = %spec.name, %status, "child exited; restarting");
+            status = child.wait() => describe_exit(status),
+        };
+        let lived = started.elapsed();
+        tracing::warn!(child = %name, pid, %status, "child exited; restarting");
+        state.update_child(&name, |c| {
+            c.pid = None;
+            c.status = ChildStatus::Restarting;
+            c.last_exit = Some(status.clone());
+        });
+        let mut last_failure = status;
+        if lived >= policy.window {
+            backoff = policy.min_backoff;
+        } else if is_restart {
+            failures.record(Instant::now());
+        }
+        // Start processes until one is ready, or give up.
+        loop {
+            if failures.exhausted(Instant::now()) {
+                give_up(&sup, &state, &last_failure);
+                failed.set(1.0);
+                shutdown.cancelled().await;
+                return Outcome::GaveUp;
             }
-        }
-        if started.elapsed() > Duration::from_secs(30) {
-            backoff = Duration::from_millis(100);
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-        match spawn(&spec) {
-            Ok(c) => {
-                child = c;
-                started = Instant::now();
-                tracing::info!(child = %spec.name, pid = child.id().unwrap_or(0), "child restarted");
+            tokio::select! {
+                _ = shutdown.cancelled() => return Outcome::Stopped,
+                _ = tokio::time::sleep(backoff) => {}
             }
-            Err(e) => {
-                tracing::error!(child = %spec.name, error = %e, "cannot restart child");
-                // Keep trying with the growing backoff; a `wait` on the old handle returns
-                // at once, so loop through the sleep again.
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+            backoff = (backoff * 2).min(policy.max_backoff);
+            restarts += 1;
+            restarts_total.increment(1);
+            child = match spawn(&sup.spec) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(child = %name, error = %e, "cannot restart child");
+                    last_failure = format!("cannot start {}: {e}", sup.spec.program.display());
+                    state.update_child(&name, |c| {
+                        c.restarts = restarts;
+                        c.last_exit = Some(last_failure.clone());
+                    });
+                    failures.record(Instant::now());
+                    continue;
+                }
+            };
+            started = Instant::now();
+            let pid = child.id();
+            state.update_child(&name, |c| {
+                c.pid = pid;
+                c.status = ChildStatus::Starting;
+                c.restarts = restarts;
+            });
+            let ready = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    stop(&mut child, sup.grace).await;
+                    return Outcome::Stopped;
+                }
+                r = (sup.ready)() => r,
+                status = child.wait() => Err(format!("exited before it was ready ({})", describe_exit(status))),
+            };
+            match ready {
+                Ok(()) => {
+                    tracing::info!(child = %name, pid, restarts, "child restarted");
+                    state.update_child(&name, |c| c.status = ChildStatus::Running);
+                    is_restart = true;
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(child = %name, pid, error = %e, "restarted child did not become ready");
+                    stop(&mut child, Duration::from_secs(2)).await;
+                    state.update_child(&name, |c| {
+                        c.pid = None;
+                        c.status = ChildStatus::Restarting;
+                        c.last_exit = Some(e.clone());
+                    });
+                    last_failure = e;
+                    failures.record(Instant::now());
                 }
             }
         }
+    }
+}
+
+/// Says loudly that `up` stopped restarting a child: in the log, on stderr (a person
+/// running `up` in a terminal may not read logs), and in `state.json`.
+fn give_up(sup: &Supervised, state: &StateFile, last: &str) {
+    let (name, policy) = (&sup.spec.name, sup.policy);
+    let reason = format!(
+        "{} failed restarts within {}s (last: {last})",
+        policy.max_failures,
+        policy.window.as_secs()
+    );
+    tracing::error!(child = %name, what = %sup.what, %reason, "gave up restarting child; it stays down until `passerelle up` is restarted");
+    eprintln!(
+        "passerelle up: gave up restarting {name}, {}: {reason}. It stays down until `passerelle up` is restarted.",
+        sup.what
+    );
+    state.update_child(name, |c| {
+        c.pid = None;
+        c.status = ChildStatus::Failed;
+        c.reason = Some(reason);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::state::{ChildState, PlatformStatus, STATE_VERSION, ServiceState, State};
+
+    fn state_with(dir: &std::path::Path, name: &str, pid: Option<u32>) -> Arc<StateFile> {
+        StateFile::create(
+            dir,
+            State {
+                version: STATE_VERSION,
+                pid: std::process::id(),
+                status: PlatformStatus::Running,
+                data_dir: dir.to_path_buf(),
+                gateway: "http://127.0.0.1:1".into(),
+                admin: None,
+                redis_cache: None,
+                redis_durable: None,
+                redis: Vec::new(),
+                services: vec![ServiceState {
+                    name: "svc".into(),
+                    instances: vec![ChildState::new(
+                        name,
+                        "127.0.0.1:1",
+                        pid,
+                        ChildStatus::Running,
+                    )],
+                }],
+            },
+        )
+    }
+
+    fn sh(name: &str, script: &str) -> Spec {
+        Spec {
+            name: name.into(),
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            env: Vec::new(),
+            inherit_output: false,
+        }
+    }
+
+    fn fast() -> RestartPolicy {
+        RestartPolicy {
+            max_failures: 5,
+            window: Duration::from_secs(60),
+            min_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(20),
+        }
+    }
+
+    async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !cond() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "timed out: {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn alive(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            !matches!(
+                s.rsplit_once(')')
+                    .and_then(|(_, r)| r.split_whitespace().next()),
+                Some("Z") | None
+            )
+        })
+    }
+
+    #[test]
+    fn failures_count_within_the_window_only() {
+        let mut f = Failures::new(RestartPolicy::default());
+        let t0 = Instant::now();
+        for i in 0..4 {
+            f.record(t0 + Duration::from_secs(i * 10));
+        }
+        assert!(!f.exhausted(t0 + Duration::from_secs(40)));
+        f.record(t0 + Duration::from_secs(50));
+        assert!(f.exhausted(t0 + Duration::from_secs(50)));
+        // A minute after the first, only four remain in the window.
+        assert!(!f.exhausted(t0 + Duration::from_secs(60)));
+    }
+
+    #[tokio::test]
+    async fn a_killed_child_is_restarted_and_its_new_pid_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = sh("svc-1", "exec sleep 30");
+        let first = spawn(&spec).unwrap();
+        let first_pid = first.id().unwrap();
+        let state = state_with(dir.path(), "svc-1", Some(first_pid));
+        let shutdown = CancellationToken::new();
+        let sup = Supervised {
+            spec,
+            grace: Duration::from_secs(2),
+            ready: ready_check(|| async { Ok(()) }),
+            policy: fast(),
+            what: "a test child".into(),
+        };
+        let task = tokio::spawn(supervise(sup, first, state.clone(), shutdown.clone()));
+
+        #[allow(unsafe_code)]
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe {
+            libc::kill(first_pid as libc::pid_t, libc::SIGKILL);
+        }
+        let child = || {
+            crate::state::read(dir.path())
+                .unwrap()
+                .unwrap()
+                .children()
+                .next()
+                .cloned()
+                .unwrap()
+        };
+        wait_for("a new running process", || {
+            let c = child();
+            c.status == ChildStatus::Running && c.pid.is_some_and(|p| p != first_pid)
+        })
+        .await;
+        let c = child();
+        assert_eq!(c.restarts, 1);
+        assert!(c.last_exit.unwrap().contains("SIGKILL"));
+        let new_pid = c.pid.unwrap();
+        assert!(alive(new_pid));
+
+        shutdown.cancel();
+        assert_eq!(task.await.unwrap(), Outcome::Stopped);
+        assert!(!alive(new_pid), "stopped on shutdown");
+    }
+
+    #[tokio::test]
+    async fn gives_up_after_five_failed_restarts_within_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        // Starts once (the marker is absent), then every restart fails at once.
+        let marker = dir.path().join("started-once");
+        let script = format!(
+            "if [ -e {m} ]; then exit 3; fi; touch {m}; exec sleep 30",
+            m = marker.display()
+        );
+        let spec = sh("svc-1", &script);
+        let mut first = spawn(&spec).unwrap();
+        let first_pid = first.id().unwrap();
+        wait_for("the marker", || marker.exists()).await;
+        let state = state_with(dir.path(), "svc-1", Some(first_pid));
+        let shutdown = CancellationToken::new();
+        let sup = Supervised {
+            spec,
+            grace: Duration::from_secs(2),
+            // Never ready: a restarted process must exit for the attempt to end.
+            ready: ready_check(std::future::pending),
+            policy: fast(),
+            what: "a test child".into(),
+        };
+        let _ = first.start_kill();
+        let task = tokio::spawn(supervise(sup, first, state.clone(), shutdown.clone()));
+        wait_for("giving up", || {
+            state.snapshot().children().next().unwrap().status == ChildStatus::Failed
+        })
+        .await;
+        let c = crate::state::read(dir.path())
+            .unwrap()
+            .unwrap()
+            .children()
+            .next()
+            .cloned()
+            .unwrap();
+        assert_eq!(c.restarts, 5);
+        assert_eq!(c.pid, None);
+        let reason = c.reason.unwrap();
+        assert!(
+            reason.contains("5 failed restarts within 60s") && reason.contains("exit status: 3"),
+            "{reason}"
+        );
+        assert!(!task.is_finished(), "waits for shutdown after giving up");
+        shutdown.cancel();
+        assert_eq!(task.await.unwrap(), Outcome::GaveUp);
     }
 }

@@ -5,30 +5,53 @@
 //! Start order: managed Redis (unless a URL is configured) → service databases (migrations,
 //! demo data on first start) → service instances, each a child process of this binary on its
 //! own port, waited for until healthy → the gateway, in this process, balancing over them.
-//! A crashed instance is restarted on the same port; the gateway's health checks bring it
-//! back into rotation.
+//!
+//! Everything `up` starts is supervised ([`child::supervise`]): a managed Redis or a service
+//! instance that dies is started again on the same port with the same files (the durable
+//! Redis replays its AOF, so nothing it acknowledged is lost), with an exponential backoff,
+//! and waited for until it answers (`PING`, `GET /health`). The gateway's Redis clients and
+//! its cache invalidation subscription reconnect by themselves; its health checks bring a
+//! restarted instance back into rotation. After 5 failed restarts within a minute, `up`
+//! stops trying and says so: an error log, a line on stderr, status `failed` in
+//! `state.json`, and the gateway's `/ready` fails, naming the Redis role it lost. Restarts
+//! are logged with the new PID and counted in `passerelle_up_restarts_total{child}`.
+//!
+//! `<data_dir>/state.json` tells what runs now ([`state`]): addresses, live PIDs, a status
+//! and a restart count per child. It is rewritten atomically on every change and removed on
+//! a clean stop; [`status`] checks it against the processes themselves.
 //!
 //! Stop order, on SIGINT/SIGTERM: the gateway drains in-flight requests, then the service
 //! instances get `SIGTERM` (and drain theirs), then Redis (which flushes its AOF). Children
 //! also carry a parent-death signal, so even a `SIGKILL` of this process leaves none behind.
 //!
 //! - [`child`]: spawning, supervising and stopping child processes;
-//! - [`managed_redis`]: the two Redis instances and their configuration.
+//! - [`managed_redis`]: the two Redis instances and their configuration;
+//! - [`state`][mod@state]: `state.json`;
+//! - [`status()`][status()]: `passerelle status`, the state checked.
 
 pub mod child;
 pub mod managed_redis;
+pub mod state;
+mod status;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use passerelle_config::Config;
+use passerelle_http::ops::Readiness;
 use passerelle_redis::Role;
 use passerelle_services::ServiceKind;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::child::Spec;
+use crate::child::{Spec, Supervised};
 use crate::managed_redis::{Credentials, ManagedRedis};
+pub use crate::state::{
+    ChildState, ChildStatus, PlatformStatus, STATE_FILE, ServiceState, State, StateFile,
+};
+pub use crate::status::{ProcessStatus, StatusReport, status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpError {
@@ -42,6 +65,16 @@ pub enum UpError {
     Service { name: String, reason: String },
     #[error(transparent)]
     Gateway(#[from] passerelle_gateway::GatewayError),
+    /// [`status`] found no running platform: no `state.json` in `dir`, or one left by an
+    /// `up` process (`stale_pid`) that is gone.
+    #[error("no platform running in {}{}", dir.display(), match stale_pid {
+        Some(pid) => format!(" (state.json is left over from `passerelle up` PID {pid}, which is gone)"),
+        None => String::new(),
+    })]
+    NotRunning {
+        dir: PathBuf,
+        stale_pid: Option<u32>,
+    },
 }
 
 /// What `up` needs beyond the configuration.
@@ -51,30 +84,6 @@ pub struct UpOptions {
     pub exe: PathBuf,
     /// The config file, passed on to the instances (environment overrides are inherited).
     pub config_path: Option<PathBuf>,
-}
-
-/// Addresses and PIDs of a running platform, written to `<data_dir>/state.json` for tools
-/// (the bench reads it) and printed for people.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct State {
-    pub gateway: String,
-    pub redis_cache: Option<String>,
-    pub redis_durable: Option<String>,
-    pub services: Vec<ServiceState>,
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ServiceState {
-    pub name: String,
-    pub instances: Vec<InstanceState>,
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct InstanceState {
-    pub name: String,
-    pub address: String,
-    /// PID at start; a restarted instance gets a new one.
-    pub pid: u32,
 }
 
 /// A port on 127.0.0.1 that was free a moment ago.
@@ -132,6 +141,53 @@ async fn wait_healthy(addr: SocketAddr, limit: Duration) -> Result<(), String> {
     }
 }
 
+/// The gateway's `/ready` check `up`: fails while a managed Redis is given up on, naming
+/// its role (the platform runs degraded: no cache, rate limits on their fallback, or worse,
+/// and only a restart of `up` brings it back). Its details list every child's status.
+fn supervision_check(readiness: Readiness, state: Arc<StateFile>) -> Readiness {
+    readiness.check("up", move || {
+        let s = state.snapshot();
+        async move {
+            let lost: Vec<String> = s
+                .redis
+                .iter()
+                .filter(|c| c.status == ChildStatus::Failed)
+                .map(|c| {
+                    format!(
+                        "the {} Redis ({}) is down: `up` gave up restarting it after {}",
+                        c.name.strip_prefix("redis-").unwrap_or(&c.name),
+                        c.name,
+                        c.reason.as_deref().unwrap_or("failed restarts")
+                    )
+                })
+                .collect();
+            if !lost.is_empty() {
+                return Err(lost.join("; "));
+            }
+            let children: serde_json::Map<String, serde_json::Value> = s
+                .children()
+                .map(|c| {
+                    (
+                        c.name.clone(),
+                        serde_json::json!({
+                            "status": c.status,
+                            "pid": c.pid,
+                            "restarts": c.restarts,
+                        }),
+                    )
+                })
+                .collect();
+            Ok(serde_json::Value::Object(children))
+        }
+    })
+}
+
+/// Stops supervised children: cancels their supervision and waits until each is stopped.
+async fn stop_all(token: &CancellationToken, tasks: &mut JoinSet<child::Outcome>) {
+    token.cancel();
+    while tasks.join_next().await.is_some() {}
+}
+
 /// Runs the platform until `shutdown`, serving the gateway on `listener`.
 pub async fn run(
     mut config: Config,
@@ -140,88 +196,132 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), UpError> {
     let token = passerelle_http::shutdown::token_from(shutdown);
+    // Before any child: restarts are counted from the start, whatever serves `/metrics`.
+    passerelle_http::metrics::install();
     let data_dir = absolute(&config.up.data_dir);
     std::fs::create_dir_all(&data_dir)
         .map_err(|e| UpError::Setup(format!("creating {}: {e}", data_dir.display())))?;
-    let children = CancellationToken::new();
-    let mut tasks = tokio::task::JoinSet::new();
+    let gateway_addr = listener
+        .local_addr()
+        .map_err(|e| UpError::Setup(e.to_string()))?;
+    let state = StateFile::create(
+        &data_dir,
+        State {
+            version: state::STATE_VERSION,
+            pid: std::process::id(),
+            status: PlatformStatus::Starting,
+            data_dir: data_dir.clone(),
+            gateway: format!("http://{gateway_addr}"),
+            admin: None,
+            redis_cache: None,
+            redis_durable: None,
+            redis: Vec::new(),
+            services: Vec::new(),
+        },
+    );
+    // Services stop before Redis: two sets of supervision tasks.
+    let (services_stop, redis_stop) = (CancellationToken::new(), CancellationToken::new());
+    let (mut services_tasks, mut redis_tasks) = (JoinSet::new(), JoinSet::new());
+    let result = run_platform(
+        &mut config,
+        &opts,
+        listener,
+        &token,
+        &data_dir,
+        &state,
+        (&services_stop, &mut services_tasks),
+        (&redis_stop, &mut redis_tasks),
+    )
+    .await;
+    // Stop in order: the gateway has drained (or never started), then services (drain),
+    // then Redis (flushes).
+    state.update(|s| s.status = PlatformStatus::Stopping);
+    stop_all(&services_stop, &mut services_tasks).await;
+    stop_all(&redis_stop, &mut redis_tasks).await;
+    tracing::info!("stopped");
+    // Nothing runs any more: a state file left now would lie.
+    state.remove();
+    result
+}
 
+/// Starts everything, serves until `token`, and stops the gateway; [`run`] stops the rest
+/// whatever happened here.
+#[allow(clippy::too_many_arguments)]
+async fn run_platform(
+    config: &mut Config,
+    opts: &UpOptions,
+    listener: tokio::net::TcpListener,
+    token: &CancellationToken,
+    data_dir: &Path,
+    state: &Arc<StateFile>,
+    services: (&CancellationToken, &mut JoinSet<child::Outcome>),
+    redis: (&CancellationToken, &mut JoinSet<child::Outcome>),
+) -> Result<(), UpError> {
     // 1. Redis.
-    let mut managed: Vec<ManagedRedis> = Vec::new();
     if config.redis.cache_url().is_none() && config.redis.durable_url().is_none() {
         let redis_dir = data_dir.join("redis");
         std::fs::create_dir_all(&redis_dir).map_err(|e| UpError::Setup(e.to_string()))?;
         let creds = Credentials::load_or_create(&redis_dir)?;
         for role in [Role::Cache, Role::Durable] {
-            let r = ManagedRedis::start(
+            let m = ManagedRedis::start(
                 role,
-                &data_dir,
+                data_dir,
                 &config.up.managed_redis,
                 &creds,
                 &config.redis.key_prefix,
             )
-            .await;
-            match r {
-                Ok(r) => managed.push(r),
-                Err(e) => {
-                    for mut m in managed {
-                        child::stop(&mut m.child, Duration::from_secs(5)).await;
-                    }
-                    return Err(e);
-                }
+            .await?;
+            println!(
+                "  redis {:<8} {}  ({})",
+                role.as_str(),
+                passerelle_redis::redact(&m.app_url),
+                m.summary
+            );
+            match role {
+                Role::Cache => config.redis.cache_url = Some(m.app_url.clone()),
+                Role::Durable => config.redis.durable_url = Some(m.app_url.clone()),
             }
+            let sup = m.supervised();
+            state.update(|s| {
+                s.redis.push(ChildState::new(
+                    &sup.spec.name,
+                    &m.address(),
+                    m.child.id(),
+                    ChildStatus::Running,
+                ))
+            });
+            redis.1.spawn(child::supervise(
+                sup,
+                m.child,
+                state.clone(),
+                redis.0.clone(),
+            ));
         }
-        config.redis.cache_url = Some(managed[0].app_url.clone());
-        config.redis.durable_url = Some(managed[1].app_url.clone());
     }
-    let redis_cache = config.redis.cache_url().map(passerelle_redis::redact);
-    let redis_durable = config.redis.durable_url().map(passerelle_redis::redact);
-    let mut redis_children = Vec::new();
-    for m in managed {
-        let (spec, child, summary, url) = (
-            m.spec,
-            m.child,
-            m.summary,
-            passerelle_redis::redact(&m.app_url),
-        );
-        println!("  redis {:<8} {url}  ({summary})", m.role.as_str());
-        redis_children.push((spec, child));
-    }
+    state.update(|s| {
+        s.redis_cache = config.redis.cache_url().map(passerelle_redis::redact);
+        s.redis_durable = config.redis.durable_url().map(passerelle_redis::redact);
+    });
 
-    // 2. Databases, then 3. instances. From here on, any failure must stop what started.
-    let started = start_services(&mut config, &opts, &data_dir, &children, &mut tasks).await;
-    let services = match started {
-        Ok(s) => s,
-        Err(e) => {
-            children.cancel();
-            while tasks.join_next().await.is_some() {}
-            for (_, mut c) in redis_children {
-                child::stop(&mut c, Duration::from_secs(5)).await;
-            }
-            return Err(e);
-        }
-    };
+    // 2. Databases, then 3. instances.
+    start_services(config, opts, data_dir, state, services.0, services.1).await?;
 
     // 4. The gateway, in this process.
     let gateway_addr = listener
         .local_addr()
         .map_err(|e| UpError::Setup(e.to_string()))?;
-    let state = State {
-        gateway: format!("http://{gateway_addr}"),
-        redis_cache,
-        redis_durable,
-        services,
-    };
-    if let Ok(json) = serde_json::to_string_pretty(&state) {
-        let _ = std::fs::write(data_dir.join("state.json"), json);
-    }
-    for s in &state.services {
+    let admin = config.gateway.admin_listen.filter(|a| a.port() != 0);
+    state.update(|s| {
+        s.admin = admin.map(|a| format!("http://{a}"));
+        s.status = PlatformStatus::Running;
+    });
+    for s in &state.snapshot().services {
         let addrs: Vec<&str> = s.instances.iter().map(|i| i.address.as_str()).collect();
         println!("  {:<14} {}", s.name, addrs.join(" "));
     }
     println!("  {:<14} {}", "data", data_dir.display());
     println!("  {:<14} http://{gateway_addr}", "gateway");
-    if let Some(admin) = config.gateway.admin_listen.filter(|a| a.port() != 0) {
+    if let Some(admin) = admin {
         println!(
             "  {:<14} http://{admin}  (rate limits, cache purge)",
             "admin"
@@ -232,28 +332,27 @@ pub async fn run(
     let gateway_token = CancellationToken::new();
     let gw_stop = gateway_token.clone();
     let gw_config = config.clone();
-    let gateway = tokio::spawn(async move {
-        passerelle_gateway::run(&gw_config, listener, gw_stop.cancelled_owned()).await
+    let gw_state = state.clone();
+    let mut gateway = tokio::spawn(async move {
+        passerelle_gateway::run_with_readiness(
+            &gw_config,
+            listener,
+            gw_stop.cancelled_owned(),
+            move |r| supervision_check(r, gw_state),
+        )
+        .await
     });
-
-    let mut gateway = gateway;
     let gateway_result = tokio::select! {
         _ = token.cancelled() => None,
         r = &mut gateway => Some(r),
     };
-    // Stop in order: gateway (drains), services (drain), Redis (flushes).
     tracing::info!("stopping");
+    state.update(|s| s.status = PlatformStatus::Stopping);
     gateway_token.cancel();
     let gateway_result = match gateway_result {
         Some(r) => r,
         None => gateway.await,
     };
-    children.cancel();
-    while tasks.join_next().await.is_some() {}
-    for (spec, mut c) in redis_children {
-        child::stop(&mut c, Duration::from_secs(10)).await;
-        tracing::info!(child = %spec.name, "stopped");
-    }
     match gateway_result {
         Ok(r) => r.map_err(UpError::from),
         Err(e) => Err(UpError::Setup(format!("gateway task failed: {e}"))),
@@ -264,10 +363,10 @@ async fn start_services(
     config: &mut Config,
     opts: &UpOptions,
     data_dir: &Path,
+    state: &Arc<StateFile>,
     children: &CancellationToken,
-    tasks: &mut tokio::task::JoinSet<()>,
-) -> Result<Vec<ServiceState>, UpError> {
-    let mut states = Vec::new();
+    tasks: &mut JoinSet<child::Outcome>,
+) -> Result<(), UpError> {
     for kind in ServiceKind::ALL {
         let url = database_url(config, kind, data_dir);
         let rows = config.up.seed_rows as u64;
@@ -284,6 +383,12 @@ async fn start_services(
         if seeded > 0 {
             println!("  seeded {seeded} {} (first start)", kind.name());
         }
+        state.update(|s| {
+            s.services.push(ServiceState {
+                name: kind.name().to_string(),
+                instances: Vec::new(),
+            })
+        });
 
         let mut instances = Vec::new();
         for i in 1..=config.up.instances {
@@ -326,43 +431,49 @@ async fn start_services(
                 name: name.clone(),
                 reason: format!("cannot start {}: {e}", opts.exe.display()),
             })?;
-            let pid = c.id().unwrap_or(0);
+            state.update(|s| {
+                if let Some(svc) = s.services.last_mut() {
+                    svc.instances.push(ChildState::new(
+                        &name,
+                        &addr.to_string(),
+                        c.id(),
+                        ChildStatus::Starting,
+                    ));
+                }
+            });
             let grace = match kind {
                 ServiceKind::Users => config.services.users.shutdown_grace.get(),
                 ServiceKind::Products => config.services.products.shutdown_grace.get(),
             };
-            tasks.spawn(child::supervise(
+            let sup = Supervised {
                 spec,
-                c,
-                grace + Duration::from_secs(1),
-                children.clone(),
-            ));
-            instances.push((name, addr, pid));
+                grace: grace + Duration::from_secs(1),
+                ready: child::ready_check(move || wait_healthy(addr, Duration::from_secs(30))),
+                policy: child::RestartPolicy::default(),
+                what: format!("a {} instance on {addr}", kind.name()),
+            };
+            tasks.spawn(child::supervise(sup, c, state.clone(), children.clone()));
+            instances.push((name, addr));
         }
-        for (name, addr, _) in &instances {
+        for (name, addr) in &instances {
             wait_healthy(*addr, Duration::from_secs(30))
                 .await
                 .map_err(|reason| UpError::Service {
                     name: name.clone(),
                     reason,
                 })?;
+            // Restarted meanwhile, the supervisor has already said so.
+            state.update_child(name, |c| {
+                if c.status == ChildStatus::Starting && c.restarts == 0 {
+                    c.status = ChildStatus::Running;
+                }
+            });
         }
         if let Some(up) = config.upstreams.get_mut(kind.name())
             && up.endpoints.is_empty()
         {
-            up.endpoints = instances.iter().map(|(_, a, _)| a.to_string()).collect();
+            up.endpoints = instances.iter().map(|(_, a)| a.to_string()).collect();
         }
-        states.push(ServiceState {
-            name: kind.name().to_string(),
-            instances: instances
-                .into_iter()
-                .map(|(name, addr, pid)| InstanceState {
-                    name,
-                    address: addr.to_string(),
-                    pid,
-                })
-                .collect(),
-        });
     }
-    Ok(states)
+    Ok(())
 }

@@ -151,6 +151,37 @@ pub fn render_config(
 }
 
 impl ManagedRedis {
+    /// `127.0.0.1:<port>`.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// How [`child::supervise`] keeps it running: the same `redis.conf` (same port, same
+    /// directory: the durable instance replays its AOF), ready once the application user's
+    /// `PING` is answered.
+    ///
+    /// The same port is free again at once: redis-server sets `SO_REUSEADDR` on its
+    /// listening socket, so the connections the dead process left in `TIME_WAIT` do not
+    /// block the bind. Should something else hold the port, the new process exits at once;
+    /// that counts as a failed restart, and the backoff and give-up rules apply.
+    pub fn supervised(&self) -> child::Supervised {
+        let (url, role) = (self.app_url.clone(), self.role);
+        child::Supervised {
+            spec: self.spec.clone(),
+            grace: Duration::from_secs(10),
+            ready: child::ready_check(move || {
+                let url = url.clone();
+                async move { wait_ready(&url, role, Duration::from_secs(15)).await }
+            }),
+            policy: child::RestartPolicy::default(),
+            what: format!(
+                "the {} Redis (redis-server, {} role)",
+                role.as_str(),
+                role.as_str()
+            ),
+        }
+    }
+
     /// Starts the instance for `role` under `<data_dir>/redis/<role>` and waits until it
     /// answers the application user's `PING`.
     pub async fn start(
@@ -189,7 +220,14 @@ impl ManagedRedis {
                 "redis://{OPERATOR_USER}:{}@127.0.0.1:{port}",
                 creds.operator_password
             );
-            match wait_ready(&mut child, &app_url, role, Duration::from_secs(15)).await {
+            let ready = tokio::select! {
+                r = wait_ready(&app_url, role, Duration::from_secs(15)) => r,
+                status = child.wait() => Err(format!(
+                    "exited with {}",
+                    status.map_or_else(|e| e.to_string(), |s| s.to_string())
+                )),
+            };
+            match ready {
                 Ok(()) => {
                     let summary = match role {
                         Role::Cache => format!(
@@ -229,28 +267,24 @@ impl ManagedRedis {
 }
 
 /// Waits until the instance answers `PING` as the application user (a readiness check,
-/// polled every 20 ms), or the process exits, or `limit` passes.
-async fn wait_ready(
-    child: &mut Child,
-    url: &str,
-    role: Role,
-    limit: Duration,
-) -> Result<(), String> {
+/// polled every 20 ms), or `limit` passes. While Redis answers `LOADING` (the durable one
+/// replaying its AOF after a restart), it is alive and busy: the wait goes on, however
+/// long the data takes to load. The caller races this against the process exiting.
+async fn wait_ready(url: &str, role: Role, limit: Duration) -> Result<(), String> {
     let cfg = passerelle_config::RedisConfig {
         connect_timeout: passerelle_config::Dur::millis(200),
         command_timeout: passerelle_config::Dur::millis(500),
         ..Default::default()
     };
     let client = RedisClient::connect(url, role, &cfg).map_err(|e| e.to_string())?;
-    let start = Instant::now();
+    let mut start = Instant::now();
     loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("exited with {status}"));
-        }
         match client.ping().await {
             Ok(_) => return Ok(()),
+            Err(e) if e.to_string().contains("LOADING") => start = Instant::now(),
             Err(e) if start.elapsed() > limit => return Err(e.to_string()),
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(_) => {}
         }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
