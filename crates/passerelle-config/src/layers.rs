@@ -119,7 +119,7 @@ pub(crate) struct Override {
 }
 
 impl Override {
-    fn name(&self) -> String {
+    pub(crate) fn name(&self) -> String {
         match &self.origin {
             Origin::Env(v) | Origin::Flag(v) | Origin::File(v) => v.clone(),
             Origin::Default => "<default config>".into(),

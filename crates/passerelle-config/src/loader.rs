@@ -83,6 +83,16 @@ impl Loader {
         self
     }
 
+    /// A flag whose value is a string whatever it looks like (a path, a URL).
+    pub fn flag_str(mut self, flag: &str, field: &str, value: &str) -> Self {
+        self.flags.push(Override {
+            origin: Origin::Flag(flag.to_string()),
+            path: field.split('.').map(str::to_string).collect(),
+            value: toml::Value::String(value.to_string()),
+        });
+        self
+    }
+
     /// Merges the layers, types the result, and validates it.
     pub fn load(self) -> Result<Loaded, ConfigError> {
         let mut table = toml::Table::new();
@@ -133,7 +143,7 @@ impl Loader {
         for o in &overrides {
             o.apply(&mut table, &mut provenance)?;
             config = layers::typed(&table, |message| Diagnostic {
-                origin: o.origin.to_string(),
+                origin: o.name(),
                 position: None,
                 field: Some(o.path.join(".")),
                 message,

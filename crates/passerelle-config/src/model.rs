@@ -118,8 +118,9 @@ pub struct GatewayConfig {
     /// Also accept HTTP/2 over cleartext with prior knowledge (h2c), e.g. from gRPC clients.
     /// Off by default: HTTP/1.1-only connections skip a protocol-sniffing layer.
     pub http2: bool,
-    /// The admin API (rate-limit state, later cache purges). Keep it on loopback or a
-    /// private network; unset, there is none.
+    /// The admin API (rate-limit state, cache purges). Keep it on loopback or a private
+    /// network; `"off"` (or unset) for none.
+    #[serde(deserialize_with = "crate::units::optional_addr")]
     pub admin_listen: Option<SocketAddr>,
     pub identity: IdentityConfig,
 }

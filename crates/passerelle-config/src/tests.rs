@@ -446,3 +446,12 @@ fn a_file_error_in_a_layered_load_names_its_line() {
         .to_string();
     assert!(e.contains("my.toml:3:") && e.contains("max_conections"), "{e}");
 }
+
+#[test]
+fn a_layer_can_switch_the_admin_listener_off() {
+    let l = layered("[gateway]\nadmin_listen = \"off\"\n", &[]).unwrap();
+    assert_eq!(l.config.gateway.admin_listen, None);
+    let l = layered("", &[("PASSERELLE_GATEWAY__ADMIN_LISTEN", "127.0.0.1:0")]).unwrap();
+    assert_eq!(l.config.gateway.admin_listen.map(|a| a.port()), Some(0));
+    check_err("[gateway]\nadmin_listen = \"nowhere\"\n", 2, "or \"off\"");
+}

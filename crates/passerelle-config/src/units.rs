@@ -135,6 +135,22 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+/// An optional listen address: `"off"` (or `""`) means none. A layer can then switch off a
+/// listener that a lower layer (the built-in default) configured, which leaving the key out
+/// cannot do.
+pub(crate) fn optional_addr<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<std::net::SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    match s.trim() {
+        "" | "off" | "none" => Ok(None),
+        a => a
+            .parse()
+            .map(Some)
+            .map_err(|e| de::Error::custom(format!("{a:?}: {e} (or \"off\")"))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,12 +4,12 @@
 //! configuration or command line, 1 on any other failure.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use passerelle_config::{CONFIG_ENV, Config, EXIT_CONFIG};
+use passerelle_config::{CONFIG_ENV, Config, EXIT_CONFIG, Loaded, Loader};
 use passerelle_services::{ServiceKind, ServiceOptions};
 
 /// mimalloc instead of glibc malloc: a proxy allocates and frees many small buffers per
@@ -22,11 +22,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(
     name = "passerelle",
     version,
-    about = "API gateway and microservices platform on Redis"
+    about = "API gateway and microservices platform on Redis",
+    after_help = "Configuration layers, lowest first: the built-in default (`passerelle config default`), \
+                  the --config file, PASSERELLE_<SECTION>__<KEY> variables, flags.\n\
+                  Exit codes: 0 clean stop, 64 unusable command line or configuration, 1 other failures."
 )]
 struct Cli {
-    /// Configuration file (TOML). Without it, the built-in default configuration is used.
-    #[arg(long, global = true, env = CONFIG_ENV)]
+    /// Configuration file (TOML), layered on the built-in default: it only needs what differs.
+    #[arg(long, global = true, env = CONFIG_ENV, value_name = "FILE")]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
@@ -36,24 +39,30 @@ struct Cli {
 enum Command {
     /// Run the whole platform on this machine: managed Redis, service instances, gateway.
     Up {
-        /// Address of the gateway (overrides gateway.listen).
+        /// Address of the gateway (gateway.listen).
         #[arg(long)]
         listen: Option<SocketAddr>,
-        /// Instances of each service (overrides up.instances).
+        /// Address of the admin API (gateway.admin_listen), or "off".
+        #[arg(long, value_name = "ADDR|off")]
+        admin_listen: Option<AdminListen>,
+        /// Instances of each service, 1 to 64 (up.instances).
         #[arg(long)]
         instances: Option<usize>,
-        /// Where data lives (overrides up.data_dir).
+        /// Where data lives (up.data_dir).
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        /// Use this Redis instead of starting one (overrides redis.url).
+        /// Use this Redis instead of starting one (redis.url).
         #[arg(long)]
         redis_url: Option<String>,
     },
     /// Run the API gateway.
     Gateway {
-        /// Address to listen on (overrides gateway.listen).
+        /// Address to listen on (gateway.listen).
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Address of the admin API (gateway.admin_listen), or "off".
+        #[arg(long, value_name = "ADDR|off")]
+        admin_listen: Option<AdminListen>,
     },
     /// Run one instance of a service.
     Service {
@@ -74,6 +83,15 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// What `passerelle up` is running: instances, PIDs, ports, Redis, health.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The platform's data directory (default: up.data_dir).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
@@ -83,10 +101,35 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum ConfigAction {
-    /// Validate a configuration (the --config file, or the built-in default).
-    Check,
+    /// Validate the effective configuration (FILE, else --config, layered on the default)
+    /// and print its summary and warnings.
+    Check {
+        /// The file to check (instead of --config).
+        file: Option<PathBuf>,
+    },
+    /// Print the effective configuration, each value with the layer it came from.
+    Show {
+        /// The file to layer on the default (instead of --config).
+        file: Option<PathBuf>,
+    },
     /// Print the built-in default configuration, the reference of every setting.
     Default,
+}
+
+/// `--admin-listen`: an address, or `off` for no admin API.
+#[derive(Debug, Clone)]
+struct AdminListen(String);
+
+impl std::str::FromStr for AdminListen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "off" {
+            return Ok(Self(s.to_string()));
+        }
+        s.parse::<SocketAddr>()
+            .map(|_| Self(s.to_string()))
+            .map_err(|e| format!("{e} (write host:port, or \"off\")"))
+    }
 }
 
 /// An error that maps to exit code 64.
@@ -101,7 +144,20 @@ impl std::fmt::Display for UsageError {
 impl std::error::Error for UsageError {}
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and version are answers, not errors; every real command-line error is a
+            // usage error, exit 64 like an unusable configuration.
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::from(EXIT_CONFIG as u8),
+            };
+        }
+    };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -116,8 +172,63 @@ fn main() -> ExitCode {
     }
 }
 
-fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
-    Config::load(path, std::env::vars()).map_err(|e| UsageError(e.to_string()).into())
+/// The flags a command sets, as the top configuration layer: `(flag, field, value, is a
+/// string)`. A value that is not a string (`--instances 5`) is read as TOML.
+struct Flags(Vec<(&'static str, &'static str, String, bool)>);
+
+impl Flags {
+    fn new() -> Self {
+        Self(Vec::new())
+    }
+
+    fn set(
+        mut self,
+        flag: &'static str,
+        field: &'static str,
+        value: Option<impl ToString>,
+    ) -> Self {
+        if let Some(v) = value {
+            self.0.push((flag, field, v.to_string(), false));
+        }
+        self
+    }
+
+    /// A value that is a string whatever it looks like (a path, a URL).
+    fn set_str(mut self, flag: &'static str, field: &'static str, value: Option<String>) -> Self {
+        if let Some(v) = value {
+            self.0.push((flag, field, v, true));
+        }
+        self
+    }
+}
+
+/// Loads the configuration from its layers, the command's flags on top.
+fn load(path: Option<&Path>, flags: Flags) -> anyhow::Result<Loaded> {
+    let mut loader = Loader::new().env(std::env::vars());
+    if let Some(p) = path {
+        loader = loader.file(p);
+    }
+    for (flag, field, value, is_str) in &flags.0 {
+        loader = if *is_str {
+            loader.flag_str(flag, field, value)
+        } else {
+            loader.flag(flag, field, value)
+        };
+    }
+    loader.load().map_err(|e| UsageError(e.to_string()).into())
+}
+
+/// Starts logging, reports the configuration's warnings, and drops the upstreams no route
+/// uses: what every role that serves the gateway does with its configuration.
+fn serving_config(loaded: Loaded) -> anyhow::Result<Config> {
+    passerelle_http::telemetry::init(&loaded.config.telemetry)
+        .map_err(|e| UsageError(e.to_string()))?;
+    for w in &loaded.warnings {
+        tracing::warn!("{w}");
+    }
+    let mut config = loaded.config;
+    config.drop_unused_upstreams();
+    Ok(config)
 }
 
 /// The async runtime of a role: single-threaded when one thread is asked for (a service
@@ -143,29 +254,56 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let config_path = cli.config.as_deref();
     match cli.command {
         Command::Config { action } => match action {
             ConfigAction::Default => {
                 print!("{}", passerelle_config::DEFAULT_CONFIG);
                 Ok(())
             }
-            ConfigAction::Check => {
-                let c = load_config(cli.config.as_deref())?;
+            ConfigAction::Check { file } => {
+                let loaded = load(file.as_deref().or(config_path), Flags::new())?;
+                for w in &loaded.warnings {
+                    eprintln!("warning: {w}");
+                }
+                let c = &loaded.config;
+                let used = c.used_upstreams();
                 println!(
-                    "configuration OK: {} routes, {} upstreams",
+                    "configuration OK: {} routes, {} upstreams in use ({}), {} rate limits, {} cached routes",
                     c.routes.len(),
-                    c.upstreams.len()
+                    used.len(),
+                    used.iter().copied().collect::<Vec<_>>().join(", "),
+                    c.rate_limits.len(),
+                    c.routes.iter().filter(|r| r.cache.is_some()).count(),
                 );
                 Ok(())
             }
-        },
-        Command::Gateway { listen } => {
-            let mut config = load_config(cli.config.as_deref())?;
-            if let Some(l) = listen {
-                config.gateway.listen = l;
+            ConfigAction::Show { file } => {
+                let loaded = load(file.as_deref().or(config_path), Flags::new())?;
+                print!("{}", loaded.annotated());
+                for w in &loaded.warnings {
+                    eprintln!("warning: {w}");
+                }
+                Ok(())
             }
-            passerelle_http::telemetry::init(&config.telemetry)
-                .map_err(|e| UsageError(e.to_string()))?;
+        },
+        Command::Status { json, data_dir } => {
+            let data_dir = match data_dir {
+                Some(d) => d,
+                None => load(config_path, Flags::new())?.config.up.data_dir,
+            };
+            status(&data_dir, json)
+        }
+        Command::Gateway {
+            listen,
+            admin_listen,
+        } => {
+            let flags = Flags::new().set("--listen", "gateway.listen", listen).set(
+                "--admin-listen",
+                "gateway.admin_listen",
+                admin_listen.map(|a| a.0),
+            );
+            let config = serving_config(load(config_path, flags)?)?;
             if let Some((name, _)) = config
                 .upstreams
                 .iter()
@@ -197,7 +335,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let kind = ServiceKind::from_name(&name).ok_or_else(|| {
                 UsageError(format!("unknown service {name:?}; known: users, products"))
             })?;
-            let config = load_config(cli.config.as_deref())?;
+            let config = load(config_path, Flags::new())?.config;
             passerelle_http::telemetry::init(&config.telemetry)
                 .map_err(|e| UsageError(e.to_string()))?;
             let svc = match kind {
@@ -244,28 +382,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Up {
             listen,
+            admin_listen,
             instances,
             data_dir,
             redis_url,
         } => {
-            let mut config = load_config(cli.config.as_deref())?;
-            if let Some(l) = listen {
-                config.gateway.listen = l;
-            }
-            if let Some(n) = instances {
-                if !(1..=64).contains(&n) {
-                    return Err(UsageError("--instances must be between 1 and 64".into()).into());
-                }
-                config.up.instances = n;
-            }
-            if let Some(d) = data_dir {
-                config.up.data_dir = d;
-            }
-            if let Some(u) = redis_url {
-                config.redis.url = Some(u);
-            }
-            passerelle_http::telemetry::init(&config.telemetry)
-                .map_err(|e| UsageError(e.to_string()))?;
+            let flags = Flags::new()
+                .set("--listen", "gateway.listen", listen)
+                .set(
+                    "--admin-listen",
+                    "gateway.admin_listen",
+                    admin_listen.map(|a| a.0),
+                )
+                .set("--instances", "up.instances", instances)
+                .set_str(
+                    "--data-dir",
+                    "up.data_dir",
+                    data_dir.map(|d| d.display().to_string()),
+                )
+                .set_str("--redis-url", "redis.url", redis_url);
+            let config = serving_config(load(config_path, flags)?)?;
             let opts = passerelle_supervisor::UpOptions {
                 exe: std::env::current_exe().context("locating the passerelle binary")?,
                 config_path: cli.config.clone(),
@@ -286,4 +422,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
     }
+}
+
+/// `passerelle status`: what the supervisor of `data_dir` reports.
+fn status(data_dir: &Path, json: bool) -> anyhow::Result<()> {
+    let _ = (data_dir, json);
+    anyhow::bail!("status is not available yet")
 }
