@@ -309,6 +309,41 @@ async fn not_ready_when_a_pool_has_no_live_instance() {
     assert_eq!(r["checks"]["upstream:users"]["ok"], true);
 }
 
+/// Logs written to a pipe (a file, a collector) carry no ANSI escape codes.
+#[tokio::test]
+async fn logs_to_a_pipe_have_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let udb = seeded_db(dir.path(), ServiceKind::Users, 1);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], passerelle_testkit::free_port()));
+    let mut child = std::process::Command::new(BIN)
+        .args(["service", "users", "--listen"])
+        .arg(addr.to_string())
+        .args(["--database-url", &udb, "--instance", "users-1"])
+        .args(["--worker-threads", "1"])
+        .env_remove("PASSERELLE_CONFIG")
+        .env_remove("NO_COLOR")
+        .env("RUST_LOG", "info")
+        .env("PASSERELLE_TELEMETRY__ACCESS_LOG", "true")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let http = passerelle_testkit::HttpClient::new(format!("http://{addr}"));
+    passerelle_testkit::wait_until(std::time::Duration::from_secs(20), "service health", || {
+        let http = http.clone();
+        async move {
+            matches!(http.try_send(Method::GET, "/health", &[], Bytes::new()).await, Ok(r) if r.status == 200)
+        }
+    })
+    .await;
+    http.get("/users/1").await;
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("INFO"), "the service logged nothing:\n{err}");
+    assert!(!err.contains('\x1b'), "escape codes in:\n{err:?}");
+}
+
 fn run_bin(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let mut cmd = std::process::Command::new(BIN);
     cmd.args(args).env_remove("PASSERELLE_CONFIG");
