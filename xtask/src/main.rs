@@ -162,10 +162,12 @@ pub fn release_binary() -> Result<PathBuf> {
 }
 
 fn test(args: &[String]) -> Result {
-    step("checking for redis-server and redis-cli");
+    step("checking for redis-server, redis-cli and curl");
     ensure_packages(&[
         ("redis-server", "redis-server"),
         ("redis-cli", "redis-tools"),
+        // The README's tour is run as written, with curl.
+        ("curl", "curl"),
     ])?;
     let quick = args.iter().any(|a| a == "--no-lint");
     if !quick {
