@@ -3,7 +3,10 @@
 //! Metrics are labelled by *route* (the template that matched, e.g. `/users/{id}`, or the
 //! gateway route's name), never by raw path, so that cardinality stays bounded whatever
 //! clients send. The route travels in the response's extensions as a [`RouteLabel`]; a
-//! response without one (no route matched) is counted as `unmatched`.
+//! response without one (no route matched) is counted as `unmatched`. A 405 (the path is a
+//! route's, the method is not) counts under that route. In a service the operations
+//! endpoints are routes like the others (`/health`, `/ready`, `/metrics`); the gateway,
+//! whose routes are labelled by name, counts them as `health`, `ready` and `metrics`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -112,4 +115,39 @@ pub async fn label_route(req: Request, next: Next) -> Response {
         res.extensions_mut().insert(RouteLabel(route));
     }
     res
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use tower::ServiceExt;
+
+    async fn label_of(router: &axum::Router, method: Method, path: &str) -> Option<String> {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let res = router.clone().oneshot(req).await.unwrap();
+        res.extensions()
+            .get::<RouteLabel>()
+            .map(|r| r.0.to_string())
+    }
+
+    /// As in the gateway: a 405 on a route's path counts under that route, only a path that
+    /// matches nothing is `unmatched` (no label).
+    #[tokio::test]
+    async fn a_405_is_labelled_with_its_route_a_404_is_not() {
+        let router = axum::Router::new()
+            .route("/users/{id}", axum::routing::get(|| async { "ok" }))
+            .fallback(|| async { StatusCode::NOT_FOUND })
+            .method_not_allowed_fallback(|| async { StatusCode::METHOD_NOT_ALLOWED })
+            .route_layer(axum::middleware::from_fn(label_route));
+        let users = Some("/users/{id}".to_string());
+        assert_eq!(label_of(&router, Method::GET, "/users/7").await, users);
+        assert_eq!(label_of(&router, Method::POST, "/users/7").await, users);
+        assert_eq!(label_of(&router, Method::GET, "/nope").await, None);
+    }
 }

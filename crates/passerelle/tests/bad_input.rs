@@ -208,6 +208,23 @@ async fn operations_endpoints() {
             assert!(line.contains(r#"status="404""#), "{line}");
         }
     }
+    // Two scrapes list the series they share in the same order (values may differ, and
+    // background health checks may add series in between).
+    let series = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| l.rsplit_once(' ').map_or(l, |(s, _)| s).to_string())
+            .collect()
+    };
+    let (first, second) = (series(&m), series(&f.gw.http.get("/metrics").await.text()));
+    let common = |a: &[String], b: &[String]| -> Vec<String> {
+        a.iter().filter(|s| b.contains(s)).cloned().collect()
+    };
+    assert_eq!(common(&first, &second), common(&second, &first));
+    let families: Vec<&str> = m.lines().filter(|l| l.starts_with("# TYPE ")).collect();
+    let mut sorted = families.clone();
+    sorted.sort_unstable();
+    assert_eq!(families, sorted, "families by name");
 }
 
 /// The admin API and `/ready` speak the configuration's language: `gcra`, `client_ip`,
