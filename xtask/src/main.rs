@@ -33,15 +33,7 @@ tasks:
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (task, rest) = match args.split_first() {
-        Some((t, r)) => (t.as_str(), r.to_vec()),
-        None => ("help", Vec::new()),
-    };
-    // `cargo xtask up -- --instances 5` and `cargo xtask up --instances 5` are the same.
-    let rest = match rest.split_first() {
-        Some((first, tail)) if first == "--" => tail.to_vec(),
-        _ => rest,
-    };
+    let (task, rest) = task_and_args(&args);
     let result = match task {
         "test" => test(&rest),
         "up" => up(&rest),
@@ -66,6 +58,18 @@ fn main() -> ExitCode {
             eprintln!("xtask {task}: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The task and its arguments. `cargo xtask up -- --instances 5` and `cargo xtask up
+/// --instances 5` are the same: a `--` right after the task is dropped.
+fn task_and_args(args: &[String]) -> (&str, Vec<String>) {
+    match args.split_first() {
+        None => ("help", Vec::new()),
+        Some((task, rest)) => match rest.split_first() {
+            Some((first, tail)) if first == "--" => (task, tail.to_vec()),
+            _ => (task, rest.to_vec()),
+        },
     }
 }
 
@@ -233,4 +237,28 @@ fn install() -> Result {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::task_and_args;
+
+    fn split(args: &[&str]) -> (String, Vec<String>) {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let (t, r) = task_and_args(&args);
+        (t.to_string(), r)
+    }
+
+    #[test]
+    fn a_double_dash_after_the_task_is_optional() {
+        let want = (
+            "up".to_string(),
+            vec!["--instances".to_string(), "5".to_string()],
+        );
+        assert_eq!(split(&["up", "--", "--instances", "5"]), want);
+        assert_eq!(split(&["up", "--instances", "5"]), want);
+        assert_eq!(split(&[]).0, "help");
+        // Only right after the task: a later `--` belongs to the command.
+        assert_eq!(split(&["up", "--listen", "--"]).1, ["--listen", "--"]);
+    }
 }
