@@ -7,7 +7,8 @@
 //! | memory | `maxmemory` + an evicting policy (LFU) | `maxmemory` + `noeviction` |
 //! | persistence | none | AOF `everysec` (or `always`) + RDB snapshots |
 //!
-//! Both bind 127.0.0.1 only, disable the default user, and define two ACL users: the
+//! Both bind 127.0.0.1 only, disable the default user (no login as it; its rights serve
+//! only the replay of the AOF, see [`render_config`]), and define two ACL users: the
 //! application's, confined to the key prefix and denied `KEYS`, `FLUSHALL`, `FLUSHDB`,
 //! `CONFIG`, `SELECT` and every other command in `@dangerous` (but `INFO`, which readiness
 //! needs); and an operator's, with every right. Passwords are random, generated once, and
@@ -136,7 +137,14 @@ pub fn render_config(
             let _ = writeln!(c, "save 900 1 300 10 60 10000");
         }
     }
-    let _ = writeln!(c, "user default off");
+    // The default user stays off (nobody can log in as it, a new connection can only
+    // AUTH), but holds every right: Redis replays the AOF as the default user, and
+    // re-checks the ACL of each MULTI/EXEC it replays (an upstream bug, fixed only lately:
+    // redis/redis#14541, valkey-io/valkey#3983; Debian's Redis 7.0 has it). With a
+    // rightless default user, the writes of every transaction and every Lua script
+    // (rate-limit state, leases) were silently dropped when the durable instance restarted,
+    // while plain commands came back.
+    let _ = writeln!(c, "user default off resetpass ~* &* +@all");
     let _ = writeln!(
         c,
         "user {APP_USER} on >{} ~{key_prefix}:* resetchannels &{key_prefix}:* +@all -@dangerous +info -keys -flushall -flushdb -config -select -swapdb -shutdown -debug -monitor",

@@ -1,6 +1,8 @@
 //! `passerelle up` as a user runs it: the real binary, managed Redis, service instances as
-//! child processes. It serves, locks Redis down, restarts crashed instances, and leaves no
-//! process behind however it is stopped.
+//! child processes. It serves, locks Redis down, restarts whatever it started that dies
+//! (instances and Redis, on the same port, with the durable Redis's data), gives up loudly
+//! on what keeps dying, keeps `state.json` true, and leaves no process behind however it is
+//! stopped.
 
 #![allow(clippy::unwrap_used)]
 
@@ -9,16 +11,34 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use common::BIN;
-use passerelle_testkit::{HttpClient, children_of, kill, process_alive};
+use passerelle_testkit::{HttpClient, children_of, kill, process_alive, wait_until};
 
 struct Up {
     child: Child,
     http: HttpClient,
     output: Vec<String>,
+    /// Lines `up` wrote on stderr so far (echoed to the test's stderr as well).
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Up {
+    fn stderr(&self) -> Vec<String> {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Log events (JSON lines, with `PASSERELLE_TELEMETRY__LOG_FORMAT=json`) whose message
+    /// contains `message`.
+    fn logged(&self, message: &str) -> Vec<serde_json::Value> {
+        self.stderr()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["message"].as_str().is_some_and(|m| m.contains(message)))
+            .collect()
+    }
 }
 
 impl Drop for Up {
@@ -43,11 +63,20 @@ fn start_up(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Up {
     .env("PASSERELLE_GATEWAY__ADMIN_LISTEN", "127.0.0.1:0")
     .env("RUST_LOG", "warn")
     .stdout(Stdio::piped())
-    .stderr(Stdio::inherit());
+    .stderr(Stdio::piped());
     for (k, v) in env {
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().unwrap();
+    let stderr = Arc::new(Mutex::new(Vec::new()));
+    let lines = child.stderr.take().unwrap();
+    let collected = stderr.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(lines).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+            collected.lock().unwrap().push(line);
+        }
+    });
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -83,7 +112,65 @@ fn start_up(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Up {
         child,
         http: HttpClient::new(gateway),
         output,
+        stderr,
     }
+}
+
+fn read_state(data_dir: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(data_dir.join("state.json")).ok()?;
+    Some(serde_json::from_str(&text).unwrap())
+}
+
+/// One child's entry in state.json (`redis-cache`, `users-1`, ...).
+fn child_state(data_dir: &Path, name: &str) -> serde_json::Value {
+    let state = read_state(data_dir).expect("state.json");
+    let services = state["services"].as_array().unwrap();
+    state["redis"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(
+            services
+                .iter()
+                .flat_map(|s| s["instances"].as_array().unwrap()),
+        )
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {state:#}"))
+        .clone()
+}
+
+fn pid_of(data_dir: &Path, name: &str) -> u32 {
+    child_state(data_dir, name)["pid"].as_u64().unwrap() as u32
+}
+
+/// Waits until state.json shows `name` running again under a PID other than `old`, on the
+/// same address; returns the new PID.
+async fn wait_restarted(data_dir: &Path, name: &str, old: u32) -> u32 {
+    let address = child_state(data_dir, name)["address"].clone();
+    wait_until(
+        Duration::from_secs(30),
+        &format!("{name} restarted in state.json"),
+        || async move {
+            let c = child_state(data_dir, name);
+            c["status"] == "running" && c["pid"].as_u64().is_some_and(|p| p as u32 != old)
+        },
+    )
+    .await;
+    let c = child_state(data_dir, name);
+    assert_eq!(c["address"], address, "restarted on the same address");
+    c["pid"].as_u64().unwrap() as u32
+}
+
+/// A sample's value in the gateway's Prometheus text, e.g.
+/// `passerelle_up_restarts_total{child="users-1"}`.
+async fn metric(http: &HttpClient, sample: &str) -> Option<f64> {
+    let text = http.get("/metrics").await.text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+}
+
+fn cache_status(r: &passerelle_testkit::Reply) -> String {
+    r.header("cache-status").unwrap_or("").to_string()
 }
 
 fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
@@ -235,11 +322,59 @@ async fn up_serves_locks_down_redis_and_stops_cleanly_on_sigint() {
         .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
     assert!(anonymous.is_err(), "the default user is off");
 
-    // Ctrl-C: everything stops, exit code 0, no process left.
+    // state.json tells the truth: every child running, under the PIDs that run; and
+    // `status` checks it against the processes.
+    assert_eq!(state["status"], "running");
+    assert_eq!(state["pid"], pid);
+    let mut recorded: Vec<u32> = ["redis-cache", "redis-durable", "users-1", "users-2"]
+        .into_iter()
+        .chain(["products-1", "products-2"])
+        .map(|name| {
+            let c = child_state(dir.path(), name);
+            assert_eq!(
+                (&c["status"], &c["restarts"]),
+                (&"running".into(), &0.into())
+            );
+            c["pid"].as_u64().unwrap() as u32
+        })
+        .collect();
+    recorded.sort_unstable();
+    let mut running = children.clone();
+    running.sort_unstable();
+    assert_eq!(recorded, running);
+    let report = passerelle_supervisor::status(dir.path()).unwrap();
+    assert!(report.ok, "{report}");
+    assert_eq!(report.processes.len(), 7, "{report}");
+    let table = report.render();
+    for name in ["gateway", "redis-durable", "products-2"] {
+        assert!(
+            table
+                .lines()
+                .any(|l| l.contains(name) && l.contains("running")),
+            "{table}"
+        );
+    }
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["processes"][1]["role"], "redis");
+    assert_eq!(json["processes"][1]["healthy"], true);
+
+    // Ctrl-C: everything stops, exit code 0, no process left, no state.json left.
     kill(pid, libc::SIGINT);
     let status = wait_exit(&mut up.child, Duration::from_secs(30));
     assert!(status.success(), "{status}");
     wait_all_gone(&children, Duration::from_secs(5));
+    assert!(read_state(dir.path()).is_none(), "state.json removed");
+    let e = passerelle_supervisor::status(dir.path()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            passerelle_supervisor::UpError::NotRunning {
+                stale_pid: None,
+                ..
+            }
+        ),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -256,13 +391,16 @@ async fn up_killed_leaves_no_process_behind() {
     kill(pid, libc::SIGKILL);
     wait_exit(&mut up.child, Duration::from_secs(5));
     wait_all_gone(&children, Duration::from_secs(10));
+    // The state.json a killed `up` leaves is recognised as stale.
+    let e = passerelle_supervisor::status(dir.path()).unwrap_err();
+    assert!(e.to_string().contains("which is gone"), "{e}");
 }
 
 #[tokio::test]
 async fn up_restarts_a_crashed_instance_and_uses_an_external_redis() {
     let redis = passerelle_testkit::RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let up = start_up(
+    let mut up = start_up(
         dir.path(),
         &["--instances", "1", "--redis-url", &redis.url()],
         &[
@@ -284,12 +422,7 @@ async fn up_restarts_a_crashed_instance_and_uses_an_external_redis() {
     assert_eq!(ready["checks"]["redis"]["ok"], true, "{ready}");
 
     // Crash the users instance; the supervisor starts it again and the gateway uses it.
-    let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("state.json")).unwrap())
-            .unwrap();
-    let users_pid = state["services"][0]["instances"][0]["pid"]
-        .as_u64()
-        .unwrap() as u32;
+    let users_pid = pid_of(dir.path(), "users-1");
     kill(users_pid, libc::SIGKILL);
     let http = up.http.clone();
     passerelle_testkit::wait_until(Duration::from_secs(20), "users to be served again", || {
@@ -302,4 +435,389 @@ async fn up_restarts_a_crashed_instance_and_uses_an_external_redis() {
         .filter(|p| !children.contains(p))
         .collect();
     assert_eq!(restarted.len(), 1, "one new instance process");
+
+    // state.json shows the new PID (the one that runs), and counts the restart; so does
+    // the gateway's /metrics.
+    let new_pid = wait_restarted(dir.path(), "users-1", users_pid).await;
+    assert_eq!(restarted, [new_pid]);
+    let c = child_state(dir.path(), "users-1");
+    assert_eq!(c["restarts"], 1);
+    assert!(c["last_exit"].as_str().unwrap().contains("SIGKILL"), "{c}");
+    assert_eq!(
+        metric(&up.http, "passerelle_up_restarts_total{child=\"users-1\"}").await,
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &up.http,
+            "passerelle_up_restarts_total{child=\"products-1\"}"
+        )
+        .await,
+        Some(0.0)
+    );
+    let report = passerelle_supervisor::status(dir.path()).unwrap();
+    let users = report
+        .processes
+        .iter()
+        .find(|p| p.name == "users-1")
+        .unwrap();
+    assert_eq!((users.pid, users.restarts), (Some(new_pid), 1), "{report}");
+    assert!(
+        report
+            .processes
+            .iter()
+            .any(|p| p.role == "redis" && p.status == "external" && p.healthy),
+        "{report}"
+    );
+
+    // A clean stop removes state.json: nothing stale is left for tools to believe.
+    kill(pid, libc::SIGINT);
+    let status = wait_exit(&mut up.child, Duration::from_secs(30));
+    assert!(status.success(), "{status}");
+    assert!(read_state(dir.path()).is_none(), "state.json removed");
+}
+
+/// The `INFO persistence` field `field` of the Redis on `conn`.
+fn persistence_field(conn: &mut redis::Connection, field: &str) -> String {
+    let info: String = redis::cmd("INFO").arg("persistence").query(conn).unwrap();
+    info.lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix(&format!("{field}:"))
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| panic!("no {field} in {info}"))
+}
+
+/// Keys (by `SCAN`) that will still exist in 30 s unless deleted: no TTL, or a longer one.
+/// (Rate-limit states expire as soon as they stop mattering, some within milliseconds.)
+fn lasting_keys(conn: &mut redis::Connection) -> Vec<String> {
+    let keys: Vec<String> = redis::Commands::scan(conn)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    keys.into_iter()
+        .filter(|k| {
+            let ttl: i64 = redis::cmd("PTTL").arg(k).query(conn).unwrap();
+            ttl == -1 || ttl > 30_000
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn up_restarts_a_killed_durable_redis_on_its_port_with_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = start_up(
+        dir.path(),
+        &["--instances", "1"],
+        &[
+            ("PASSERELLE_UP__SEED_ROWS", "100"),
+            ("PASSERELLE_TELEMETRY__LOG_FORMAT", "json"),
+            ("RUST_LOG", "warn,passerelle_supervisor=info"),
+        ],
+    );
+    let pid = up.child.id();
+    // The app writes durable state through the gateway: rate-limit decisions, among them
+    // the composed route's one-minute sliding window.
+    for i in 1..=5 {
+        assert_eq!(up.http.get(&format!("/api/{i}/{i}")).await.status, 200);
+    }
+    let state = read_state(dir.path()).unwrap();
+    let port = redis_port(&state, "redis_durable");
+    let app_pw = password(dir.path(), "app_password");
+    let op_pw = password(dir.path(), "operator_password");
+    let mut app = redis_as("passerelle", &app_pw, port);
+    let _: () = redis::cmd("SET")
+        .arg("psl:test:survives")
+        .arg("acknowledged")
+        .query(&mut app)
+        .unwrap();
+    // The write was acknowledged. A SIGKILL loses only what redis-server had not yet handed
+    // to the kernel: acknowledged writes are appended to the AOF file before the reply is
+    // sent, except when an fsync in the background delays the append (up to 2 s with
+    // `appendfsync everysec`). `aof_buffer_length:0` says nothing is waiting in the
+    // process: everything is in the file (the page cache, which survives the process; fsync
+    // matters only to a machine crash, which this test does not simulate).
+    let mut op = redis_as("operator", &op_pw, port);
+    wait_until(Duration::from_secs(5), "the AOF buffer written", || {
+        let ok = persistence_field(&mut op, "aof_buffer_length") == "0";
+        async move { ok }
+    })
+    .await;
+    let kept = lasting_keys(&mut op);
+    assert!(
+        kept.iter().any(|k| k != "psl:test:survives"),
+        "the app's own durable state too: {kept:?}"
+    );
+    drop((app, op));
+
+    let old = pid_of(dir.path(), "redis-durable");
+    kill(old, libc::SIGKILL);
+    let new = wait_restarted(dir.path(), "redis-durable", old).await;
+    assert!(children_of(pid).contains(&new), "a child of `up`");
+    assert_eq!(child_state(dir.path(), "redis-durable")["restarts"], 1);
+    assert_eq!(
+        redis_port(&read_state(dir.path()).unwrap(), "redis_durable"),
+        port
+    );
+
+    // Same port, same data: the AOF was replayed.
+    let mut app = redis_as("passerelle", &app_pw, port);
+    let v: Option<String> = redis::cmd("GET")
+        .arg("psl:test:survives")
+        .query(&mut app)
+        .unwrap();
+    assert_eq!(v.as_deref(), Some("acknowledged"));
+    let mut op = redis_as("operator", &op_pw, port);
+    for k in &kept {
+        let exists: bool = redis::cmd("EXISTS").arg(k).query(&mut op).unwrap();
+        assert!(exists, "{k} lost in the restart");
+    }
+
+    // The gateway's clients reconnect by themselves: /ready is green again, requests pass.
+    let http = up.http.clone();
+    wait_until(Duration::from_secs(20), "the gateway ready again", || {
+        let http = http.clone();
+        async move { http.get("/ready").await.status == 200 }
+    })
+    .await;
+    assert_eq!(up.http.get("/users/1").await.status, 200);
+    // The restart is logged with the child's name and its new PID, and counted.
+    let restarted = up.logged("child restarted");
+    assert!(
+        restarted
+            .iter()
+            .any(|e| e["child"] == "redis-durable" && e["pid"] == new),
+        "{:#?}",
+        up.stderr()
+    );
+    assert_eq!(
+        metric(
+            &up.http,
+            "passerelle_up_restarts_total{child=\"redis-durable\"}"
+        )
+        .await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_cache_redis_killed_under_traffic_comes_back_and_caching_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = start_up(
+        dir.path(),
+        &["--instances", "1"],
+        &[
+            ("PASSERELLE_UP__SEED_ROWS", "100"),
+            // No L1: a hit can only come from the cache Redis.
+            ("PASSERELLE_CACHE__L1_MAX_SIZE", "0"),
+            // The traffic below is one client as fast as it can: no per-client limit.
+            ("PASSERELLE_RATE_LIMITING__ENABLED", "false"),
+            ("PASSERELLE_TELEMETRY__LOG_FORMAT", "json"),
+            (
+                "RUST_LOG",
+                "warn,passerelle_supervisor=info,passerelle_gateway::cache=info",
+            ),
+        ],
+    );
+    let hit = |http: HttpClient, path: String| async move {
+        let r = http.get(&path).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        cache_status(&r).contains("; hit;")
+    };
+    assert!(!hit(up.http.clone(), "/users/1".into()).await);
+    assert!(hit(up.http.clone(), "/users/1".into()).await, "an L2 hit");
+    let state = read_state(dir.path()).unwrap();
+    let port = redis_port(&state, "redis_cache");
+    let op_pw = password(dir.path(), "operator_password");
+
+    // Traffic all along: every request must succeed, Redis or not.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let (http, stop) = (up.http.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 20_000 {
+                let r = http.get(&format!("/users/{}", i % 50 + 1)).await;
+                if r.status == 200 {
+                    ok += 1;
+                } else {
+                    failed.push((r.status, r.text()));
+                }
+                i += 1;
+            }
+            (ok, failed)
+        })
+    };
+
+    let old = pid_of(dir.path(), "redis-cache");
+    kill(old, libc::SIGKILL);
+    let new = wait_restarted(dir.path(), "redis-cache", old).await;
+    assert_eq!(
+        redis_port(&read_state(dir.path()).unwrap(), "redis_cache"),
+        port
+    );
+
+    // Caching resumes: a fresh key is stored in the new (empty) Redis and then hit.
+    let http = up.http.clone();
+    wait_until(Duration::from_secs(20), "an L2 hit again", || {
+        hit(http.clone(), "/users/77".into())
+    })
+    .await;
+    // The invalidation subscription is back (the gateway's is the channel's subscriber),
+    // and said so once.
+    let mut op = redis_as("operator", &op_pw, port);
+    wait_until(Duration::from_secs(20), "the gateway resubscribed", || {
+        let n: (String, u64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg("psl:invalidate")
+            .query(&mut op)
+            .unwrap();
+        async move { n.1 >= 1 }
+    })
+    .await;
+    wait_until(Duration::from_secs(5), "the comeback logged", || {
+        let n = up.logged("invalidation channel back").len();
+        async move { n >= 1 }
+    })
+    .await;
+    assert_eq!(up.logged("invalidation channel back").len(), 1);
+    assert_eq!(up.logged("invalidation channel lost").len(), 1);
+    assert!(
+        up.logged("cannot subscribe to invalidations").len() <= 1,
+        "retries while Redis is down are not logged at warn: {:#?}",
+        up.stderr()
+    );
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = traffic.await.unwrap();
+    assert!(failed.is_empty(), "failed requests: {failed:?}");
+    assert!(ok > 0);
+    assert!(
+        up.logged("child restarted")
+            .iter()
+            .any(|e| e["child"] == "redis-cache" && e["pid"] == new)
+    );
+    assert_eq!(
+        metric(
+            &up.http,
+            "passerelle_up_restarts_total{child=\"redis-cache\"}"
+        )
+        .await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn up_gives_up_on_a_redis_that_keeps_failing_and_ready_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // A redis-server that starts once per role, then fails every restart: the deterministic
+    // stand-in for a Redis that cannot come back (a broken binary, a taken port, a full
+    // disk).
+    let wrapper = dir.path().join("redis-once.sh");
+    let real =
+        std::env::var("PASSERELLE_TEST_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n\
+             marker=\"$(dirname \"$1\")/started-once\"\n\
+             if [ -e \"$marker\" ]; then echo 'redis-once: no second start' >&2; exit 1; fi\n\
+             touch \"$marker\"\n\
+             exec {real} \"$@\"\n"
+        ),
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let mut up = start_up(
+        dir.path(),
+        &["--instances", "1"],
+        &[
+            ("PASSERELLE_UP__SEED_ROWS", "100"),
+            (
+                "PASSERELLE_UP__MANAGED_REDIS__SERVER_BIN",
+                wrapper.to_str().unwrap(),
+            ),
+        ],
+    );
+    let pid = up.child.id();
+    let old = pid_of(dir.path(), "redis-cache");
+    kill(old, libc::SIGKILL);
+
+    // Five failed restarts (backoff 0.1 + 0.2 + 0.4 + 0.8 + 1.6 s), then `up` gives up.
+    let http = up.http.clone();
+    wait_until(
+        Duration::from_secs(30),
+        "/ready to name the lost Redis",
+        || {
+            let http = http.clone();
+            async move {
+                let r = http.get("/ready").await;
+                r.status == 503
+                    && r.json()["checks"]["up"]["error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("the cache Redis (redis-cache) is down"))
+            }
+        },
+    )
+    .await;
+    let c = child_state(dir.path(), "redis-cache");
+    assert_eq!(c["status"], "failed", "{c}");
+    assert_eq!(c["restarts"], 5, "{c}");
+    assert!(c["pid"].is_null(), "{c}");
+    assert!(
+        c["reason"]
+            .as_str()
+            .unwrap()
+            .contains("5 failed restarts within 60s"),
+        "{c}"
+    );
+    assert!(
+        up.stderr()
+            .iter()
+            .any(|l| l.starts_with("passerelle up: gave up restarting redis-cache")),
+        "a line on stderr: {:#?}",
+        up.stderr()
+    );
+    assert_eq!(
+        metric(
+            &up.http,
+            "passerelle_up_restarts_total{child=\"redis-cache\"}"
+        )
+        .await,
+        Some(5.0)
+    );
+    assert_eq!(
+        metric(
+            &up.http,
+            "passerelle_up_child_failed{child=\"redis-cache\"}"
+        )
+        .await,
+        Some(1.0)
+    );
+    // The rest goes on without it: requests are served (the cache is bypassed), the
+    // durable Redis was left alone.
+    assert_eq!(up.http.get("/users/1").await.status, 200);
+    assert_eq!(
+        child_state(dir.path(), "redis-durable")["status"],
+        "running"
+    );
+    let report = passerelle_supervisor::status(dir.path()).unwrap();
+    assert!(!report.ok);
+    let row = report
+        .processes
+        .iter()
+        .find(|p| p.name == "redis-cache")
+        .unwrap();
+    assert_eq!((row.summary(), row.restarts), ("failed", 5), "{report}");
+
+    // It still stops cleanly.
+    kill(pid, libc::SIGINT);
+    let status = wait_exit(&mut up.child, Duration::from_secs(30));
+    assert!(status.success(), "{status}");
+    assert!(read_state(dir.path()).is_none());
 }
