@@ -239,8 +239,10 @@ async fn admin_and_ready_use_the_config_spelling() {
         fast_pool(&[users.addr], Balance::P2cEwma),
     );
     // The shipped limits (per-client: gcra by client_ip, local; compose-per-minute:
-    // sliding_window by client_ip and route, open), here without Redis.
+    // sliding_window by client_ip and route, open).
     config.rate_limiting.enabled = true;
+    let redis = passerelle_testkit::RedisServer::start();
+    config.redis.url = Some(redis.url());
     let admin_port = passerelle_testkit::free_port();
     config.gateway.admin_listen = Some(([127, 0, 0, 1], admin_port).into());
     let gw = gateway(config).await;
@@ -273,6 +275,11 @@ async fn admin_and_ready_use_the_config_spelling() {
     assert_eq!(compose["algorithm"], "sliding_window");
     assert_eq!(compose["by"], serde_json::json!(["client_ip", "route"]));
     assert_eq!(compose["on_redis_failure"], "open");
+
+    let r = admin.get("/rate-limits/per-client/ip=127.0.0.1").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["algorithm"], "gcra");
+    let text = format!("{text}\n{}", r.text());
 
     let r = gw.http.get("/ready").await;
     assert_eq!(r.status, 200, "{}", r.text());
