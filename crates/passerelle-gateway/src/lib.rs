@@ -313,7 +313,11 @@ pub async fn run_with_readiness(
         let admin = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
             GatewayError::Serve(std::io::Error::new(
                 e.kind(),
-                format!("gateway.admin_listen {addr}: {e}"),
+                format!(
+                    "gateway.admin_listen {addr}: {e} (another gateway or `up` may have it: \
+                     move it with --admin-listen ADDR or PASSERELLE_GATEWAY__ADMIN_LISTEN, \
+                     or turn it off with \"off\")"
+                ),
             ))
         })?;
         let bound = admin.local_addr().map_err(GatewayError::Serve)?;

@@ -111,6 +111,7 @@ url = "{redis_url}"
 
 [gateway]
 worker_threads = 2
+admin_listen = "off"  # layered on the default, whose admin port the replicas would share
 
 [gateway.identity]
 trusted_proxies = ["127.0.0.1"]
@@ -704,8 +705,8 @@ async fn setup_with_admin(delay: Duration) -> (Setup, Vec<HttpClient>) {
     for i in 0..2 {
         let port = passerelle_testkit::free_port();
         let text = config_text(&redis.url(), origin.addr).replace(
-            "[gateway]\nworker_threads = 2",
-            &format!("[gateway]\nworker_threads = 2\nadmin_listen = \"127.0.0.1:{port}\""),
+            "admin_listen = \"off\"",
+            &format!("admin_listen = \"127.0.0.1:{port}\""),
         );
         let path = dir.path().join(format!("gateway-{i}.toml"));
         std::fs::write(&path, text).unwrap();

@@ -24,7 +24,9 @@ fn config_text(
     admin: Option<u16>,
     redis_timeout: &str,
 ) -> String {
-    let admin = admin.map_or(String::new(), |p| {
+    // Without a port, no admin API: the file is layered on the default, whose admin port
+    // would be shared by the gateways of one test.
+    let admin = admin.map_or("admin_listen = \"off\"\n".to_string(), |p| {
         format!("admin_listen = \"127.0.0.1:{p}\"\n")
     });
     format!(
