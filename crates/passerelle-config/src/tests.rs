@@ -397,7 +397,11 @@ fn routes_in_a_file_replace_the_default_routes() {
     // The demo upstreams are still there, unused: a warning each, and the gateway drops them.
     let unused: Vec<String> = l.warnings.iter().filter_map(|w| w.field.clone()).collect();
     assert_eq!(unused, ["upstreams.products", "upstreams.users"]);
-    assert!(l.warnings[0].to_string().contains("no route uses"), "{}", l.warnings[0]);
+    assert!(
+        l.warnings[0].to_string().contains("no route uses"),
+        "{}",
+        l.warnings[0]
+    );
     let mut c = l.config;
     c.drop_unused_upstreams();
     assert_eq!(c.upstreams.keys().collect::<Vec<_>>(), ["orders"]);
@@ -419,7 +423,10 @@ fn semantic_errors_point_at_the_layer_that_set_the_field() {
     // The file's route names a missing upstream: the file's line.
     let file = "\n[[routes]]\nname = \"x\"\npath = \"/x\"\nupstream = \"nope\"\n";
     let e = layered(file, &[]).unwrap_err().to_string();
-    assert!(e.contains("my.toml:5:") && e.contains("unknown upstream"), "{e}");
+    assert!(
+        e.contains("my.toml:5:") && e.contains("unknown upstream"),
+        "{e}"
+    );
     // A default route broken by an environment override: the variable.
     let e = layered("", &[("PASSERELLE_ROUTES__0__TIMEOUT", "\"0s\"")])
         .unwrap_err()
@@ -431,20 +438,32 @@ fn semantic_errors_point_at_the_layer_that_set_the_field() {
         .load()
         .unwrap_err()
         .to_string();
-    assert!(e.contains("--instances") && e.contains("invalid type"), "{e}");
+    assert!(
+        e.contains("--instances") && e.contains("invalid type"),
+        "{e}"
+    );
     // A variable that names no setting.
     let e = layered("", &[("PASSERELLE_GATEWAY__LISTN", "x")])
         .unwrap_err()
         .to_string();
-    assert!(e.contains("PASSERELLE_GATEWAY__LISTN") && e.contains("unknown field"), "{e}");
+    assert!(
+        e.contains("PASSERELLE_GATEWAY__LISTN") && e.contains("unknown field"),
+        "{e}"
+    );
 }
 
 #[test]
 fn a_file_error_in_a_layered_load_names_its_line() {
-    let e = layered("[gateway]\nlisten = \"127.0.0.1:1\"\nmax_conections = 5\n", &[])
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("my.toml:3:") && e.contains("max_conections"), "{e}");
+    let e = layered(
+        "[gateway]\nlisten = \"127.0.0.1:1\"\nmax_conections = 5\n",
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("my.toml:3:") && e.contains("max_conections"),
+        "{e}"
+    );
 }
 
 #[test]
