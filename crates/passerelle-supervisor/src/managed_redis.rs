@@ -96,6 +96,9 @@ pub struct ManagedRedis {
 }
 
 /// The `redis.conf` of one managed instance.
+///
+/// `server_major` is the server's major version, when known: Redis 7 (and Valkey) accept
+/// `shutdown-on-sigterm`, which older servers refuse.
 pub fn render_config(
     role: Role,
     port: u16,
@@ -103,6 +106,7 @@ pub fn render_config(
     cfg: &ManagedRedisConfig,
     creds: &Credentials,
     key_prefix: &str,
+    server_major: Option<u32>,
 ) -> String {
     let mut c = String::new();
     let dir_s = dir.display();
@@ -121,6 +125,13 @@ pub fn render_config(
     let _ = writeln!(c, "latency-monitor-threshold 100");
     let _ = writeln!(c, "slowlog-log-slower-than 10000");
     let _ = writeln!(c, "slowlog-max-len 256");
+    if server_major.is_some_and(|v| v >= 7) {
+        // `SIGTERM` (a stop, or the parent-death signal when `up` is killed) must end the
+        // process even when its final save fails (a full disk, a deleted directory):
+        // otherwise Redis refuses to exit and lives on as an orphan holding the port and
+        // the AOF. What was acknowledged is in the AOF already; the save is only a bonus.
+        let _ = writeln!(c, "shutdown-on-sigterm force");
+    }
     match role {
         Role::Cache => {
             let _ = writeln!(c, "maxmemory {}", cfg.cache_maxmemory.get());
@@ -202,6 +213,7 @@ impl ManagedRedis {
         let dir = data_dir.join("redis").join(role.as_str());
         std::fs::create_dir_all(&dir)
             .map_err(|e| UpError::Setup(format!("creating {}: {e}", dir.display())))?;
+        let server_major = server_major_version(&cfg.server_bin).await;
         let mut last_err = String::new();
         // The port is picked free, then handed over; another process may take it first, in
         // which case redis-server exits at once and we pick again.
@@ -210,7 +222,7 @@ impl ManagedRedis {
             let conf_path = dir.join("redis.conf");
             write_private(
                 &conf_path,
-                &render_config(role, port, &dir, cfg, creds, key_prefix),
+                &render_config(role, port, &dir, cfg, creds, key_prefix, server_major),
             )?;
             let spec = Spec {
                 name: format!("redis-{}", role.as_str()),
@@ -274,6 +286,27 @@ impl ManagedRedis {
     }
 }
 
+/// The major version of the server `bin` (`Redis server v=7.0.15 sha=...`, `Valkey server
+/// v=8.0.2 ...`), or `None` when it cannot tell (then only directives every supported
+/// version knows are written).
+async fn server_major_version(bin: &str) -> Option<u32> {
+    let run = tokio::process::Command::new(bin)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .ok()?
+        .ok()?;
+    parse_major_version(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn parse_major_version(text: &str) -> Option<u32> {
+    let v = text.split_whitespace().find_map(|w| w.strip_prefix("v="))?;
+    v.split('.').next()?.parse().ok()
+}
+
 /// Waits until the instance answers `PING` as the application user (a readiness check,
 /// polled every 20 ms), or `limit` passes. While Redis answers `LOADING` (the durable one
 /// replaying its AOF after a restart), it is alive and busy: the wait goes on, however
@@ -294,5 +327,19 @@ async fn wait_ready(url: &str, role: Role, limit: Duration) -> Result<(), String
             Err(_) => {}
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_server_version() {
+        let redis = "Redis server v=7.0.15 sha=00000000:0 malloc=jemalloc-5.3.0 bits=64 build=ae4d7c971a948f0";
+        assert_eq!(parse_major_version(redis), Some(7));
+        assert_eq!(parse_major_version("Redis server v=6.2.14 sha=0"), Some(6));
+        assert_eq!(parse_major_version("Valkey server v=8.0.2 sha=0"), Some(8));
+        assert_eq!(parse_major_version("redis-once: no second start"), None);
     }
 }

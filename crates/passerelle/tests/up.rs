@@ -42,9 +42,25 @@ impl Up {
 }
 
 impl Drop for Up {
+    /// Kills `up` and makes sure its children are gone too before the test's temporary
+    /// directory is deleted (a Redis whose directory vanished cannot save; Redis 6 then
+    /// refuses to exit on the parent-death signal).
     fn drop(&mut self) {
+        let children = children_of(self.child.id());
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let start = Instant::now();
+        while children.iter().any(|&p| process_alive(p))
+            && start.elapsed() < Duration::from_secs(10)
+        {
+            #[allow(clippy::disallowed_methods)]
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for p in children {
+            if process_alive(p) {
+                kill(p, libc::SIGKILL);
+            }
+        }
     }
 }
 
@@ -722,6 +738,7 @@ async fn up_gives_up_on_a_redis_that_keeps_failing_and_ready_names_it() {
         &wrapper,
         format!(
             "#!/bin/sh\n\
+             if [ \"$1\" = --version ]; then exec {real} --version; fi\n\
              marker=\"$(dirname \"$1\")/started-once\"\n\
              if [ -e \"$marker\" ]; then echo 'redis-once: no second start' >&2; exit 1; fi\n\
              touch \"$marker\"\n\
