@@ -129,17 +129,38 @@ impl RedisClient {
         self.conn.clone()
     }
 
+    /// Sends a command that may safely be sent twice (a read), once more if the connection
+    /// it went out on turned out to be dead.
+    ///
+    /// The connection manager learns that its connection died (Redis restarted) from the
+    /// first command that finds it dead: that command fails (broken pipe), and its failure
+    /// starts the reconnection. Likewise, after an outage, the first command gets the
+    /// error of the last failed reconnection (connection refused) and starts a new one.
+    /// Without a second try, the first readiness check after a Redis restart reported Redis
+    /// down although it was back. Writes are not retried: a command whose connection broke
+    /// may have been executed, and the callers of writes have their own fallbacks. Timeouts
+    /// are not retried either: that would only double the wait on a hung server.
+    async fn idempotent<T: redis::FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+    ) -> Result<T, RedisError> {
+        match cmd.query_async(&mut self.conn()).await {
+            Err(e) if e.is_connection_dropped() => Ok(cmd.query_async(&mut self.conn()).await?),
+            r => Ok(r?),
+        }
+    }
+
     /// Round-trip time of a `PING`.
     pub async fn ping(&self) -> Result<Duration, RedisError> {
         let start = Instant::now();
-        let _: String = redis::cmd("PING").query_async(&mut self.conn()).await?;
+        let _: String = self.idempotent(&redis::cmd("PING")).await?;
         Ok(start.elapsed())
     }
 
     pub async fn memory(&self) -> Result<MemoryInfo, RedisError> {
         // The default sections (memory and stats among them): several named sections in one
         // INFO need Redis 7.
-        let info: String = redis::cmd("INFO").query_async(&mut self.conn()).await?;
+        let info: String = self.idempotent(&redis::cmd("INFO")).await?;
         Ok(parse_memory_info(&info))
     }
 
