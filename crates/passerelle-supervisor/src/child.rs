@@ -177,7 +177,7 @@ pub struct Supervised {
     pub ready: ReadyCheck,
     pub policy: RestartPolicy,
     /// What the child is, for the person reading the give-up message, e.g.
-    /// `redis-server (cache role)`.
+    /// `the managed redis-server of the cache role`.
     pub what: String,
 }
 

@@ -193,11 +193,7 @@ impl ManagedRedis {
                 async move { wait_ready(&url, role, Duration::from_secs(15)).await }
             }),
             policy: child::RestartPolicy::default(),
-            what: format!(
-                "the {} Redis (redis-server, {} role)",
-                role.as_str(),
-                role.as_str()
-            ),
+            what: format!("the managed redis-server of the {} role", role.as_str()),
         }
     }
 
