@@ -122,6 +122,14 @@ impl StatusReport {
     }
 }
 
+impl StatusReport {
+    /// The report as pretty-printed JSON (`passerelle status --json`).
+    pub fn to_json(&self) -> String {
+        // Plain strings, numbers and booleans: serializing cannot fail.
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
 impl std::fmt::Display for StatusReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.render())
@@ -420,7 +428,7 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("users-3: 5 failed restarts"), "{table}");
-        let json = serde_json::to_value(&report).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
         assert_eq!(json["processes"][2]["status"], "running");
         assert_eq!(json["processes"][2]["alive"], false);
     }
