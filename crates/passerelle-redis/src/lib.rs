@@ -136,15 +136,21 @@ impl Redis {
             .collect();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
+            // Logged when reachability changes, not at every sample: a Redis that is down for
+            // an hour is one warning and one "back", the gauge says the rest.
+            let mut down = vec![false; clients.len()];
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tick.tick() => {}
                 }
-                for c in &clients {
+                for (c, down) in clients.iter().zip(down.iter_mut()) {
                     let role = c.role().as_str();
                     match c.memory().await {
                         Ok(m) => {
+                            if std::mem::replace(down, false) {
+                                tracing::info!(redis = c.endpoint(), "redis reachable again");
+                            }
                             metrics::gauge!("passerelle_redis_up", "role" => role).set(1.0);
                             metrics::gauge!("passerelle_redis_used_memory_bytes", "role" => role)
                                 .set(m.used_memory as f64);
@@ -155,7 +161,9 @@ impl Redis {
                         }
                         Err(e) => {
                             metrics::gauge!("passerelle_redis_up", "role" => role).set(0.0);
-                            tracing::warn!(redis = c.endpoint(), error = %e, "redis unreachable");
+                            if !std::mem::replace(down, true) {
+                                tracing::warn!(redis = c.endpoint(), error = %e, "redis unreachable");
+                            }
                         }
                     }
                 }

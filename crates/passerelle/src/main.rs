@@ -258,7 +258,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Config { action } => match action {
             ConfigAction::Default => {
-                print!("{}", passerelle_config::DEFAULT_CONFIG);
+                out(passerelle_config::DEFAULT_CONFIG);
                 Ok(())
             }
             ConfigAction::Check { file } => {
@@ -268,19 +268,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 let c = &loaded.config;
                 let used = c.used_upstreams();
-                println!(
-                    "configuration OK: {} routes, {} upstreams in use ({}), {} rate limits, {} cached routes",
+                out(&format!(
+                    "configuration OK: {} routes, {} upstreams in use ({}), {} rate limits, {} cached routes\n",
                     c.routes.len(),
                     used.len(),
                     used.iter().copied().collect::<Vec<_>>().join(", "),
                     c.rate_limits.len(),
                     c.routes.iter().filter(|r| r.cache.is_some()).count(),
-                );
+                ));
                 Ok(())
             }
             ConfigAction::Show { file } => {
                 let loaded = load(file.as_deref().or(config_path), Flags::new())?;
-                print!("{}", loaded.annotated());
+                out(&loaded.annotated());
                 for w in &loaded.warnings {
                     eprintln!("warning: {w}");
                 }
@@ -424,8 +424,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// `passerelle status`: what the supervisor of `data_dir` reports.
+/// Writes a command's output to stdout. A reader that has seen enough (`| head`) closes the
+/// pipe; that ends the output quietly instead of panicking, as Unix tools do.
+fn out(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush());
+}
+
+/// `passerelle status`: what the supervisor of `data_dir` reports, checked against the
+/// processes. Exit 0 when everything runs and answers, 1 otherwise (so scripts can wait on
+/// it).
 fn status(data_dir: &Path, json: bool) -> anyhow::Result<()> {
-    let _ = (data_dir, json);
-    anyhow::bail!("status is not available yet")
+    let report = passerelle_supervisor::status(data_dir)?;
+    if json {
+        out(&format!("{}\n", report.to_json()));
+    } else {
+        out(&report.to_string());
+    }
+    if !report.ok {
+        anyhow::bail!("not every process is running and healthy");
+    }
+    Ok(())
 }

@@ -400,6 +400,9 @@ fn every_readme_command_shows_what_the_readme_says() {
         if !out.status.success() {
             problems.push(format!("exit status {}", out.status));
         }
+        if stderr.contains("panicked") {
+            problems.push("a panic".into());
+        }
         if !problems.is_empty() {
             failures.push(format!(
                 "README.md:{}: {}\n  {}\n  stdout: {}\n  stderr: {}",
