@@ -28,10 +28,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::BIN;
@@ -255,27 +253,9 @@ fn start_up(dir: &Path, gateway: &str, admin: &str) -> Up {
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
     let up = Up { child };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut seen = Vec::new();
-    loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("`passerelle up` did not get ready: {seen:#?}"));
-        let ready = line.starts_with("ready:");
-        seen.push(line);
-        if ready {
-            return up;
-        }
-    }
+    common::read_until_ready(stdout);
+    up
 }
 
 #[test]

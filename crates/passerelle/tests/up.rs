@@ -11,7 +11,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::BIN;
@@ -93,29 +93,7 @@ fn start_up(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Up {
             collected.lock().unwrap().push(line);
         }
     });
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut output = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| {
-                panic!("`passerelle up` did not get ready; output so far: {output:#?}")
-            });
-        let ready = line.starts_with("ready:");
-        output.push(line);
-        if ready {
-            break;
-        }
-    }
+    let output = common::read_until_ready(child.stdout.take().unwrap());
     let gateway = output
         .iter()
         .find_map(|l| {

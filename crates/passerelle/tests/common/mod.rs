@@ -279,3 +279,31 @@ pub async fn gateway_process(config_path: &std::path::Path) -> GatewayProcess {
 pub fn dead_address() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], passerelle_testkit::free_port()))
 }
+
+/// Reads `passerelle up`'s stdout until its `ready:` line and returns the lines so far (the
+/// summary of what runs where). Panics if it is not ready within 90 s.
+pub fn read_until_ready(stdout: std::process::ChildStdout) -> Vec<String> {
+    use std::io::{BufRead, BufReader};
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut output = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .unwrap_or_else(|_| {
+                panic!("`passerelle up` did not get ready; output so far: {output:#?}")
+            });
+        let ready = line.starts_with("ready:");
+        output.push(line);
+        if ready {
+            return output;
+        }
+    }
+}
