@@ -9,14 +9,15 @@
 //! which layer set it ([`Provenance`]): errors then point at the file and line, the
 //! environment variable or the flag that is wrong, and `passerelle config show` prints where
 //! each effective value came from.
+//!
+//! This module owns merging and provenance, and [`Override::apply`], which sets one value
+//! from outside the files. Reading the environment into overrides is [`crate::env`]'s job;
+//! finding a field's line in a file is [`crate::span`]'s.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use crate::{Config, ConfigError, Diagnostic};
-
-/// Prefix of the environment variables that override settings.
-pub(crate) const ENV_PREFIX: &str = "PASSERELLE_";
 
 /// Where a value came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,80 +185,6 @@ impl Override {
     }
 }
 
-/// The environment's overrides: `PASSERELLE_<SECTION>__<KEY>[__<KEY>...]`, values read as
-/// TOML when they parse as TOML and as strings otherwise. A variable that looks like a
-/// setting but uses single underscores (`PASSERELLE_GATEWAY_LISTEN`) is an error rather than
-/// silently nothing.
-pub(crate) fn env_overrides(
-    env: impl IntoIterator<Item = (String, String)>,
-) -> Result<Vec<Override>, ConfigError> {
-    let sections = top_level_sections();
-    let mut out = Vec::new();
-    let mut errors = Vec::new();
-    for (var, raw) in env {
-        let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
-            continue;
-        };
-        if !rest.contains("__") {
-            let lower = rest.to_ascii_lowercase();
-            if let Some(section) = sections
-                .iter()
-                .find(|s| lower.starts_with(&format!("{s}_")))
-            {
-                let key = &rest[section.len() + 1..];
-                errors.push(Diagnostic {
-                    origin: var.clone(),
-                    position: None,
-                    field: None,
-                    message: format!(
-                        "names no setting; sections and keys are separated by two underscores, \
-                         e.g. {ENV_PREFIX}{}__{key}",
-                        section.to_ascii_uppercase()
-                    ),
-                });
-            }
-            continue;
-        }
-        let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
-        if path.iter().any(|s| s.is_empty()) {
-            errors.push(Diagnostic {
-                origin: var.clone(),
-                position: None,
-                field: None,
-                message: "names no setting (an empty part between underscores)".into(),
-            });
-            continue;
-        }
-        out.push(Override {
-            origin: Origin::Env(var),
-            path,
-            value: parse_value(&raw),
-        });
-    }
-    if !errors.is_empty() {
-        return Err(ConfigError::Invalid(errors));
-    }
-    // Deterministic order regardless of the environment's.
-    out.sort_by_key(Override::name);
-    Ok(out)
-}
-
-/// A value written outside a file: TOML when it parses as one (`5`, `true`, `["a"]`), a
-/// plain string otherwise (`0.0.0.0:8080`).
-pub(crate) fn parse_value(raw: &str) -> toml::Value {
-    toml::from_str::<toml::Table>(&format!("v = {raw}"))
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
-}
-
-/// The names of the configuration's sections, from the default file (which has them all).
-fn top_level_sections() -> Vec<String> {
-    toml::from_str::<toml::Table>(crate::DEFAULT_CONFIG)
-        .map(|t| t.keys().cloned().collect())
-        .unwrap_or_default()
-}
-
 /// Types a merged table, naming `blame` when it does not fit.
 pub(crate) fn typed(
     table: &toml::Table,
@@ -268,48 +195,10 @@ pub(crate) fn typed(
     })
 }
 
-/// 1-based line and column of a byte offset.
-pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    (line, col)
-}
-
-/// Finds where a field path (`routes[1].compose.user.upstream`, or dotted with numeric
-/// indexes) sits in a file, so that semantic errors point at a line as syntax errors do.
-/// Falls back to the nearest enclosing item that exists (a default has no line of its own).
-pub(crate) fn locate(text: &str, field: &str) -> Option<(usize, usize)> {
-    use toml::de::{DeTable, DeValue};
-    let root = DeTable::parse(text).ok()?;
-    let normalized = field.replace('[', ".").replace(']', "");
-    let mut best: Option<usize> = None;
-    let mut table = root.get_ref();
-    let mut value: Option<&toml::Spanned<DeValue>> = None;
-    for seg in normalized.split('.') {
-        let next = match value.map(|v| v.get_ref()) {
-            Some(DeValue::Array(a)) => seg.parse::<usize>().ok().and_then(|i| a.get(i)),
-            Some(DeValue::Table(t)) => t.get(seg),
-            None => table.get(seg),
-            Some(_) => None,
-        };
-        match next {
-            Some(v) => {
-                best = Some(v.span().start);
-                if let DeValue::Table(t) = v.get_ref() {
-                    table = t;
-                }
-                value = Some(v);
-            }
-            None => break,
-        }
-    }
-    best.map(|o| line_col(text, o))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::env::parse_value;
 
     fn table(s: &str) -> toml::Table {
         toml::from_str(s).unwrap()
@@ -371,42 +260,5 @@ mod tests {
             e.contains("PASSERELLE_ROUTES__0__TIMEOUT") && e.contains("1 entries"),
             "{e}"
         );
-    }
-
-    #[test]
-    fn values_are_toml_when_they_parse_and_strings_otherwise() {
-        assert_eq!(parse_value("5").as_integer(), Some(5));
-        assert_eq!(parse_value("true").as_bool(), Some(true));
-        assert_eq!(parse_value("[\"a\"]").as_array().map(Vec::len), Some(1));
-        assert_eq!(parse_value("0.0.0.0:8080").as_str(), Some("0.0.0.0:8080"));
-        assert_eq!(
-            parse_value("redis://u:p@h:1").as_str(),
-            Some("redis://u:p@h:1")
-        );
-    }
-
-    #[test]
-    fn single_underscore_settings_are_refused() {
-        let e = env_overrides([("PASSERELLE_GATEWAY_LISTEN".to_string(), "x".to_string())])
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("PASSERELLE_GATEWAY__LISTEN"), "{e}");
-        // Variables that are not settings are left alone.
-        let ok = env_overrides([
-            ("PASSERELLE_CONFIG".to_string(), "x".to_string()),
-            ("PASSERELLE_TEST_REDIS_SERVER".to_string(), "x".to_string()),
-            ("HOME".to_string(), "/".to_string()),
-        ])
-        .unwrap();
-        assert!(ok.is_empty());
-    }
-
-    #[test]
-    fn locate_finds_nested_and_indexed_fields() {
-        let text = "[gateway]\nlisten = \"x\"\n\n[[routes]]\nname = \"a\"\n[[routes]]\nname = \"b\"\nupstream = \"u\"\n";
-        assert_eq!(locate(text, "gateway.listen").map(|p| p.0), Some(2));
-        assert_eq!(locate(text, "routes[1].upstream").map(|p| p.0), Some(8));
-        assert_eq!(locate(text, "routes.1.upstream").map(|p| p.0), Some(8));
-        assert_eq!(locate(text, "gateway.nope").map(|p| p.0), Some(1));
     }
 }

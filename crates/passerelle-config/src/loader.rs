@@ -4,7 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::layers::{self, Origin, Override, Provenance, env_overrides, line_col, locate, merge};
+use crate::env::{env_overrides, parse_value};
+use crate::layers::{self, Origin, Override, Provenance, merge};
+use crate::span::{line_col, locate};
 use crate::{Config, ConfigError, DEFAULT_CONFIG, Diagnostic};
 
 /// The name errors and `config show` give the built-in default configuration.
@@ -78,7 +80,7 @@ impl Loader {
         self.flags.push(Override {
             origin: Origin::Flag(flag.to_string()),
             path: field.split('.').map(str::to_string).collect(),
-            value: layers::parse_value(value),
+            value: parse_value(value),
         });
         self
     }

@@ -1,6 +1,9 @@
+//! Loading as a whole: the default, layering, environment overrides and where errors point.
+//! Each validation section keeps its own tests next to it, using the helpers here.
+
 use super::*;
 
-fn load(text: &str) -> Result<Config, ConfigError> {
+pub(crate) fn load(text: &str) -> Result<Config, ConfigError> {
     Config::from_toml("test.toml", text, Vec::new())
 }
 
@@ -15,14 +18,21 @@ fn load_env(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
 }
 
 /// Asserts that loading fails with a diagnostic at `line` whose text contains `needle`.
-fn check_err(text: &str, line: usize, needle: &str) {
+pub(crate) fn check_err(text: &str, line: usize, needle: &str) {
     let err = load(text).expect_err("config should be rejected");
     let d = err.diagnostics();
     assert!(
         d.iter()
             .any(|d| d.position.map(|p| p.0) == Some(line) && d.to_string().contains(needle)),
-        "expected an error at line {line} containing {needle:?}, got:\n{err}"
+        "expected an error at line {line} containing {needle:?}, got:\n{err}\nfor:\n{text}"
     );
+}
+
+/// [`check_err`] for each `(text, line, needle)`.
+pub(crate) fn check_errs(cases: &[(&str, usize, &str)]) {
+    for &(text, line, needle) in cases {
+        check_err(text, line, needle);
+    }
 }
 
 #[test]
@@ -56,147 +66,47 @@ fn empty_file_is_all_defaults() {
 
 #[test]
 fn syntax_and_type_errors_name_the_line() {
-    check_err(
-        "[gateway]\nlisten = \"127.0.0.1:80\"\nmax_connections = \"many\"\n",
-        3,
-        "invalid type",
-    );
-    check_err(
-        "[gateway]\nlisten = \"nowhere\"\n",
-        2,
-        "invalid socket address",
-    );
-    check_err(
-        "[gateway]\nrequest_timeout = \"soon\"\n",
-        2,
-        "invalid duration",
-    );
-    check_err(
-        "[gateway]\nmax_request_body = \"1 parsec\"\n",
-        2,
-        "invalid size",
-    );
-    check_err("[gateway]\nlisten = \n", 2, "");
-    check_err(
-        "[gateway]\nlistn = \"127.0.0.1:80\"\n",
-        2,
-        "unknown field `listn`",
-    );
-    check_err(
-        "[upstreams.a]\nbalance = \"random\"\n",
-        2,
-        "unknown variant `random`",
-    );
+    check_errs(&[
+        (
+            "[gateway]\nlisten = \"127.0.0.1:80\"\nmax_connections = \"many\"\n",
+            3,
+            "invalid type",
+        ),
+        (
+            "[gateway]\nlisten = \"nowhere\"\n",
+            2,
+            "invalid socket address",
+        ),
+        (
+            "[gateway]\nrequest_timeout = \"soon\"\n",
+            2,
+            "invalid duration",
+        ),
+        (
+            "[gateway]\nmax_request_body = \"1 parsec\"\n",
+            2,
+            "invalid size",
+        ),
+        ("[gateway]\nlisten = \n", 2, ""),
+        (
+            "[gateway]\nlistn = \"127.0.0.1:80\"\n",
+            2,
+            "unknown field `listn`",
+        ),
+        (
+            "[upstreams.a]\nbalance = \"random\"\n",
+            2,
+            "unknown variant `random`",
+        ),
+    ]);
 }
 
-const TWO_UPSTREAMS: &str = r#"
+pub(crate) const TWO_UPSTREAMS: &str = r#"
 [upstreams.users]
 endpoints = ["127.0.0.1:7001"]
 [upstreams.products]
 endpoints = ["127.0.0.1:7002"]
 "#;
-
-#[test]
-fn semantic_errors_name_field_and_line() {
-    let text = format!(
-        "{TWO_UPSTREAMS}\n[[routes]]\nname = \"u\"\npath = \"/u/{{id}}\"\nupstream = \"userz\"\n"
-    );
-    check_err(&text, 10, "routes[0].upstream: unknown upstream \"userz\"");
-
-    let text = format!(
-        "{TWO_UPSTREAMS}\n[[routes]]\nname = \"c\"\npath = \"/api/{{a}}\"\n[routes.compose]\nuser = {{ upstream = \"users\", path = \"/users/{{b}}\" }}\n"
-    );
-    check_err(&text, 11, "{b} is not a parameter");
-
-    check_err(
-        "[upstreams.x]\nendpoints = [\"http://a:1\"]\n",
-        2,
-        "without scheme",
-    );
-    check_err("[upstreams.x]\nendpoints = [\"a\"]\n", 2, "not host:port");
-    check_err(
-        "[upstreams.x.health_check]\nunhealthy_threshold = 0\n",
-        2,
-        "at least 1",
-    );
-    check_err(
-        "[upstreams.x.outlier_detection]\nbase_ejection_time = \"10s\"\nmax_ejection_time = \"1s\"\n",
-        3,
-        "not be shorter",
-    );
-    check_err("[up]\ninstances = 0\n", 2, "between 1 and 64");
-    check_err(
-        "[up.managed_redis]\ncache_eviction_policy = \"noeviction\"\n",
-        2,
-        "not an evicting policy",
-    );
-    check_err("[redis]\nurl = \"http://x\"\n", 2, "not a redis://");
-    check_err("[redis]\nkey_prefix = \"a{b}\"\n", 2, "key_prefix");
-}
-
-#[test]
-fn route_conflicts_and_methods() {
-    let route = |name: &str, path: &str, methods: &str| {
-        format!(
-            "[[routes]]\nname = \"{name}\"\npath = \"{path}\"\nmethods = {methods}\nupstream = \"users\"\n"
-        )
-    };
-    // Same template, disjoint methods: fine.
-    let ok = format!(
-        "{TWO_UPSTREAMS}{}{}",
-        route("a", "/u/{id}", "[\"GET\"]"),
-        route("b", "/u/{id}", "[\"PUT\"]")
-    );
-    load(&ok).unwrap();
-    // Same shape with other parameter names would route ambiguously.
-    let bad = format!(
-        "{TWO_UPSTREAMS}{}{}",
-        route("a", "/u/{id}", "[\"GET\"]"),
-        route("b", "/u/{x}", "[\"PUT\"]")
-    );
-    assert!(
-        load(&bad)
-            .unwrap_err()
-            .to_string()
-            .contains("same parameter names")
-    );
-    // Same template, overlapping methods: rejected.
-    let bad = format!(
-        "{TWO_UPSTREAMS}{}{}",
-        route("a", "/u/{id}", "[\"GET\"]"),
-        route("b", "/u/{id}", "[]")
-    );
-    let e = load(&bad).unwrap_err().to_string();
-    assert!(
-        e.contains("routes[1].path: conflicts with routes[0]"),
-        "{e}"
-    );
-    // Lower-case or invented methods.
-    let bad = format!("{TWO_UPSTREAMS}{}", route("a", "/u", "[\"get\"]"));
-    assert!(
-        load(&bad)
-            .unwrap_err()
-            .to_string()
-            .contains("routes[0].methods[0]")
-    );
-    // Duplicate names.
-    let bad = format!(
-        "{TWO_UPSTREAMS}{}{}",
-        route("a", "/u", "[]"),
-        route("a", "/v", "[]")
-    );
-    assert!(load(&bad).unwrap_err().to_string().contains("used twice"));
-    // Compose routes answer only GET/HEAD.
-    let bad = format!(
-        "{TWO_UPSTREAMS}[[routes]]\nname = \"c\"\npath = \"/c/{{id}}\"\nmethods = [\"POST\"]\n[routes.compose]\nu = {{ upstream = \"users\", path = \"/users/{{id}}\" }}\n"
-    );
-    assert!(
-        load(&bad)
-            .unwrap_err()
-            .to_string()
-            .contains("only GET and HEAD")
-    );
-}
 
 #[test]
 fn environment_overrides_win() {
@@ -248,125 +158,6 @@ fn default_config_limits_the_demo_routes() {
         c.routes[0].rate_limits.as_deref(),
         Some(&["per-client".to_string(), "compose-per-minute".to_string()][..])
     );
-}
-
-#[test]
-fn bad_rate_limits_are_refused_with_their_line() {
-    let base = "[rate_limits.a]\nby = [\"client_ip\"]\n";
-    check_err(
-        &format!("{base}limit = 10\nperiod = \"0s\"\n"),
-        4,
-        "at least 1ms",
-    );
-    check_err(
-        &format!("{base}limit = 10\nperiod = \"-1s\"\n"),
-        4,
-        "invalid duration",
-    );
-    check_err(&format!("{base}limit = 0\n"), 3, "between 1 and");
-    check_err(&format!("{base}limit = -5\n"), 3, "");
-    check_err(
-        &format!("{base}limit = 10\nburst = 0\n"),
-        4,
-        "between 1 and",
-    );
-    check_err(
-        &format!("{base}limit = 10\nalgorithm = \"leaky\"\n"),
-        4,
-        "unknown variant",
-    );
-    check_err(
-        &format!("{base}limit = 10\nalgorithm = \"fixed_window\"\nburst = 5\n"),
-        5,
-        "\"gcra\" only",
-    );
-    check_err(
-        "[rate_limits.a]\nby = [\"client_ip\", \"cookie\"]\nlimit = 1\n",
-        2,
-        "unknown variant",
-    );
-    check_err(
-        "[rate_limits.a]\nby = []\nlimit = 1\n",
-        2,
-        "say what to count by",
-    );
-    check_err(
-        "[rate_limits.a]\nlimit = 1\non_redis_failure = \"maybe\"\n",
-        3,
-        "unknown variant",
-    );
-    check_err(
-        "[rate_limiting]\ndefault_limits = [\"nope\"]\n",
-        2,
-        "unknown limit \"nope\"",
-    );
-    check_err(
-        "[gateway.identity]\ntrusted_proxies = [\"10.0.0.0/33\"]\n",
-        2,
-        "neither an IP address nor a CIDR",
-    );
-}
-
-#[test]
-fn trusted_proxies_accept_addresses_and_blocks() {
-    let c =
-        load("[gateway.identity]\ntrusted_proxies = [\"10.1.2.3/8\", \"::1\", \"192.0.2.7\"]\n")
-            .unwrap();
-    let t = &c.gateway.identity.trusted_proxies;
-    assert!(t[0].contains(&"10.200.0.1".parse().unwrap()));
-    assert!(
-        t[0].contains(&"::ffff:10.0.0.9".parse().unwrap()),
-        "v4-mapped peers match"
-    );
-    assert!(!t[0].contains(&"11.0.0.1".parse().unwrap()));
-    assert!(t[1].contains(&"::1".parse().unwrap()));
-    assert!(t[2].contains(&"192.0.2.7".parse().unwrap()));
-    assert!(!t[2].contains(&"192.0.2.8".parse().unwrap()));
-}
-
-#[test]
-fn route_cache_settings_are_checked_at_load() {
-    let route = |cache: &str| {
-        format!(
-            "[upstreams.u]\nendpoints = [\"127.0.0.1:1\"]\n\n[[routes]]\nname = \"r\"\npath = \"/users/{{id}}\"\nupstream = \"u\"\n[routes.cache]\n{cache}\n"
-        )
-    };
-    check_err(&route("ttl = \"0s\""), 9, "invalid TTL 0s");
-    check_err(&route("ttl = \"30d\""), 9, "invalid TTL");
-    check_err(&route("ttl = \"soon\""), 9, "invalid duration");
-    check_err(
-        &route("tags = [\"/users/{user_id}\"]"),
-        9,
-        "{user_id} is not a parameter",
-    );
-    check_err(&route("tags = [\"users\"]"), 9, "must start with '/'");
-    check_err(&route("vary = [\"a b\"]"), 9, "not a header name");
-    check_err(
-        &route("vary = [\"a\",\"b\",\"c\",\"d\",\"e\",\"f\",\"g\",\"h\",\"i\"]"),
-        9,
-        "at most 8 headers",
-    );
-    check_err(&route("scope = \"public\""), 9, "unknown variant");
-    let ok = load(&route(
-        "ttl = \"1m\"\nstale_while_revalidate = \"10s\"\ntags = [\"/users/{id}\"]\nvary = [\"accept-language\"]\nscope = \"private\"",
-    ))
-    .unwrap();
-    let c = ok.routes[0].cache.as_ref().unwrap();
-    assert_eq!(c.ttl, Dur::secs(60));
-    assert_eq!(c.scope, CacheScope::Private);
-}
-
-#[test]
-fn cache_sizes_are_checked_at_load() {
-    check_err(
-        "[cache]\nmax_entry_size = \"1GiB\"\n",
-        2,
-        "between 1B and 64MiB",
-    );
-    check_err("[cache]\nmax_key_input = 10\n", 2, "between 64B and 64KiB");
-    check_err("[cache]\nlease_ttl = \"0s\"\n", 2, "greater than 0");
-    check_err("[cache]\nl1_max_size = \"lots\"\n", 2, "");
-    check_err("[services.users]\ncache_ttl = \"2d\"\n", 2, "at most 1d");
 }
 
 fn layered(file: &str, env: &[(&str, &str)]) -> Result<Loaded, ConfigError> {
