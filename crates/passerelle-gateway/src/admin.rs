@@ -1,8 +1,12 @@
 //! The admin API, on its own listener (`gateway.admin_listen`, loopback by default, like
-//! Envoy's admin port or Kong's Admin API): read and reset rate-limit state.
+//! Envoy's admin port or Kong's Admin API): what an operator needs and the public must not
+//! see.
 //!
 //! | request | answer |
 //! |---|---|
+//! | `GET /health` | 200 while the gateway serves |
+//! | `GET /ready` | every readiness check with its details (pools and their endpoints, Redis memory and latency, what `up` supervises), evaluated now |
+//! | `GET /metrics` | the gateway's Prometheus metrics |
 //! | `GET /rate-limits` | the configured limits |
 //! | `GET /rate-limits/{limit}/{identity}` | what a request counted as `identity` would get now (consumes nothing) |
 //! | `DELETE /rate-limits/{limit}/{identity}` | forget that state (Redis and this process) |
@@ -22,6 +26,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use http::StatusCode;
 use passerelle_http::Problem;
+use passerelle_http::ops::Readiness;
 
 use crate::cache::ResponseCache;
 use crate::cache::key::CacheKey;
@@ -126,7 +131,11 @@ async fn purge_key(
 }
 
 /// The admin API as a router.
-pub fn router(limiter: Option<Arc<RateLimiter>>, response_cache: Cache) -> axum::Router {
+pub fn router(
+    readiness: Readiness,
+    limiter: Option<Arc<RateLimiter>>,
+    response_cache: Cache,
+) -> axum::Router {
     let cache_routes = axum::Router::new()
         .route("/cache", get(cache_figures))
         .route("/cache/tags/{*tag}", axum::routing::delete(purge_tag))
@@ -134,6 +143,13 @@ pub fn router(limiter: Option<Arc<RateLimiter>>, response_cache: Cache) -> axum:
         .with_state(response_cache);
     axum::Router::new()
         .route("/health", get(|| async { passerelle_http::ops::health() }))
+        .route(
+            "/ready",
+            get(move || {
+                let r = readiness.clone();
+                async move { passerelle_http::ops::ready(&r).await }
+            }),
+        )
         .route(
             "/metrics",
             get(|| async { passerelle_http::ops::metrics() }),

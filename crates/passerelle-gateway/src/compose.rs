@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, Limited};
 use passerelle_config::PathTemplate;
 
 use crate::error::ProxyError;
-use crate::upstream::{Client, Failure, Outgoing, Upstream};
+use crate::upstream::{Client, Clients, Failure, Outgoing, Upstream};
 
 /// Largest body accepted from one part.
 const MAX_PART_BODY: usize = 1024 * 1024;
@@ -153,7 +153,7 @@ async fn call_part(
 /// Calls every part concurrently and merges the answers.
 pub async fn compose(
     parts: &[Part],
-    clients: &[Client],
+    clients: &Clients,
     paths: Vec<PathAndQuery>,
     headers: HeaderMap,
     deadline: Instant,
@@ -161,7 +161,7 @@ pub async fn compose(
     let calls = parts.iter().zip(paths).map(|(part, path)| {
         call_part(
             part,
-            &clients[part.upstream.index],
+            clients.of(&part.upstream),
             path,
             headers.clone(),
             deadline,

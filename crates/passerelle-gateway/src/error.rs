@@ -6,12 +6,17 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 use passerelle_http::Problem;
 
+use crate::rate_limit::Refusal;
 use crate::upstream::{Failure, SendError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("no route matches this path")]
     NoRoute,
+    /// The rate-limit stage refused the request (boxed: refusals are rare, and every
+    /// `Result` on the request path carries this type).
+    #[error("rate limited")]
+    RateLimited(Box<Refusal>),
     #[error("method not allowed")]
     MethodNotAllowed(HeaderValue),
     #[error("request body larger than {limit} bytes")]
@@ -80,6 +85,36 @@ impl From<&ProxyError> for Problem {
     fn from(e: &ProxyError) -> Problem {
         match e {
             ProxyError::NoRoute => Problem::not_found("no route matches this path"),
+            ProxyError::RateLimited(r) => match &**r {
+                Refusal::OverLimit {
+                    limit,
+                    rate,
+                    retry_after,
+                    ..
+                } => Problem::kind(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate-limited",
+                "Too Many Requests",
+            )
+            .detail(format!(
+                "rate limit {:?} ({rate}) exceeded; retry in {retry_after} s",
+                &**limit
+            ))
+            .with("limit", &**limit)
+            .with("retry_after", *retry_after)
+            .header(header::RETRY_AFTER, HeaderValue::from(*retry_after)),
+                Refusal::Unavailable { limit } => Problem::kind(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "rate-limiter-unavailable",
+                "Rate limiter unavailable",
+            )
+            .detail(format!(
+                "rate limit {:?} cannot be checked right now and does not admit requests unchecked",
+                &**limit
+            ))
+            .with("limit", &**limit)
+            .header(header::RETRY_AFTER, HeaderValue::from_static("1")),
+            },
             ProxyError::MethodNotAllowed(allow) => Problem::new(StatusCode::METHOD_NOT_ALLOWED)
                 .detail("this route does not answer that method; see the Allow header")
                 .header(header::ALLOW, allow.clone()),
@@ -139,6 +174,12 @@ impl IntoResponse for ProxyError {
                 "upstream request failed"
             );
         }
-        Problem::from(&self).into_response()
+        let mut res = Problem::from(&self).into_response();
+        if let ProxyError::RateLimited(r) = &self
+            && let Refusal::OverLimit { headers, .. } = &**r
+        {
+            headers.apply(res.headers_mut());
+        }
+        res
     }
 }

@@ -1,38 +1,51 @@
 //! # passerelle-gateway
 //!
-//! The single entry point of the platform. A request flows through small stages, each in its
-//! own module:
+//! The single entry point of the platform. Each configured route is compiled once into a
+//! [`route::Route`] that owns everything about it; a request then goes through an ordered
+//! list of stages, each in its own module (the list itself is in [`service`]):
 //!
 //! ```text
-//! server (passerelle-http) → service: request id → routing → rate limits → [cache] → body
-//!                                      → proxy | compose → response
-//!                                          │          │
-//!                                          └─ upstream: balance → attempt → retry
-//!                                             health_check (active), endpoint (passive ejection)
+//! server (passerelle-http) → request id → ops → route → authentication → rate limit
+//!                          → [cache] → body → origin → response → observe
+//!                                                │
+//!                                                └─ proxy | compose → upstream: balance →
+//!                                                   attempt → retry; health_check (active),
+//!                                                   endpoint (passive ejection)
 //! ```
 //!
-//! - [`routing`]: path templates and methods → a route;
+//! - [`routing`]: path templates and methods → a route; [`route`]: the compiled route;
+//! - [`auth`]: who may call a route (a placeholder policy for now);
 //! - [`identity`]: who is calling (client IP through trusted proxies, API key, user);
 //! - [`rate_limit`]: the route's limits, decided in Redis, with fallbacks;
 //! - [`cache`]: the response cache: in-process L1, Redis L2, collapsing, invalidation;
-//! - [`breaker`]: the circuit breaker in front of Redis (limits and cache);
-//! - [`admin`]: the admin API (rate-limit state, cache purge) on its own listener;
-//! - [`service`]: the phases of a request, as a `tower::Service`;
-//! - [`proxy`]: header and path transformations;
+//! - [`origin`]: where a route's answers come from, for the uncached path and cache fills;
 //! - [`compose`]: several upstreams merged into one JSON answer;
+//! - [`proxy`]: header and path transformations;
 //! - [`upstream`]: pools, balancing, retries, health;
+//! - [`observe`]: request metrics by route;
+//! - [`breaker`]: the circuit breaker in front of Redis (limits and cache);
+//! - [`admin`]: the admin API (detailed readiness, metrics, rate-limit state, cache purge)
+//!   on its own listener;
 //! - [`error`]: every failure and the problem+json it becomes.
+//!
+//! No module of this crate imports a module that imports it back: `service` assembles the
+//! stages; `route` knows the components that give a route its parts; the stages know
+//! nothing of `service` or `route` (the cache is handed an [`origin::OriginCall`]).
 //!
 //! [`run`] serves a gateway: `run(config, listener, shutdown)`.
 
 pub mod admin;
+pub mod auth;
 pub mod breaker;
 pub mod cache;
 pub mod compose;
 pub mod error;
 pub mod identity;
+pub mod observe;
+pub mod origin;
 pub mod proxy;
 pub mod rate_limit;
+pub mod route;
 pub mod routing;
 pub mod service;
 pub mod upstream;
@@ -40,20 +53,25 @@ pub mod upstream;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use passerelle_config::{Config, PathTemplate};
+use passerelle_config::Config;
 use passerelle_http::ServeOptions;
-use passerelle_http::ops::Readiness;
+use passerelle_http::ops::{Readiness, ReadySnapshot};
 use passerelle_redis::Redis;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::ResponseCache;
-use crate::compose::Part;
 use crate::identity::IdentityResolver;
+use crate::observe::OwnMetrics;
 use crate::rate_limit::RateLimiter;
-use crate::routing::RouteTable;
-use crate::service::{Action, GatewayService, Inner, OwnMetrics, Route, RouteMetrics, ThreadLocal};
-use crate::upstream::Upstream;
+use crate::route::{Components, Route};
+use crate::routing::{Entry, RouteTable};
+use crate::service::{GatewayService, Inner, ThreadHandles};
+use crate::upstream::{Clients, Upstream};
+
+/// How often the public `/ready` state is refreshed.
+const READY_REFRESH: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -95,7 +113,7 @@ impl Gateway {
         extend: impl FnOnce(Readiness) -> Readiness,
     ) -> Result<Self, GatewayError> {
         passerelle_http::metrics::install();
-        let mut pools: BTreeMap<&str, Arc<Upstream>> = BTreeMap::new();
+        let mut pools: BTreeMap<String, Arc<Upstream>> = BTreeMap::new();
         for (index, (name, cfg)) in config.upstreams.iter().enumerate() {
             if cfg.endpoints.is_empty() {
                 return Err(GatewayError::NoEndpoints(name.clone()));
@@ -104,125 +122,60 @@ impl Gateway {
                 name: name.clone(),
                 reason: e.to_string(),
             })?;
-            pools.insert(name.as_str(), Arc::new(up));
+            pools.insert(name.clone(), Arc::new(up));
         }
-        let pool = |route: &str, name: &str| {
-            pools
-                .get(name)
-                .cloned()
-                .ok_or_else(|| GatewayError::UnknownUpstream {
-                    route: route.to_string(),
-                    upstream: name.to_string(),
-                })
-        };
-        let template = |route: &str, t: &str| {
-            PathTemplate::parse(t).map_err(|reason| GatewayError::Route {
-                route: route.to_string(),
-                reason,
-            })
+        let limiter = RateLimiter::new(config, redis.as_ref()).map(Arc::new);
+        let cache = ResponseCache::new(config, redis.as_ref()).map(Arc::new);
+        let components = Components {
+            pools: &pools,
+            limiter: limiter.as_deref(),
+            cache: cache.as_deref(),
         };
         let mut routes = Vec::with_capacity(config.routes.len());
         for r in &config.routes {
-            let action = match (&r.upstream, &r.compose) {
-                (Some(up), _) => Action::Proxy {
-                    upstream: pool(&r.name, up)?,
-                    rewrite: r
-                        .rewrite
-                        .as_deref()
-                        .map(|t| template(&r.name, t))
-                        .transpose()?,
-                },
-                (None, Some(parts)) => Action::Compose(
-                    parts
-                        .iter()
-                        .map(|(name, p)| {
-                            Ok(Part::new(
-                                name,
-                                pool(&r.name, &p.upstream)?,
-                                template(&r.name, &p.path)?,
-                            ))
-                        })
-                        .collect::<Result<_, GatewayError>>()?,
-                ),
-                (None, None) => {
-                    return Err(GatewayError::Route {
-                        route: r.name.clone(),
-                        reason: "neither upstream nor compose".into(),
-                    });
-                }
-            };
-            routes.push(Route {
-                name: Arc::from(r.name.as_str()),
-                action,
-                timeout: r.timeout.unwrap_or(config.gateway.request_timeout).get(),
-                max_body: r
-                    .max_request_body
-                    .unwrap_or(config.gateway.max_request_body)
-                    .as_usize(),
-                cache_tags: r
-                    .cache
-                    .iter()
-                    .filter(|_| config.cache.enabled)
-                    .flat_map(|c| &c.tags)
-                    .filter_map(|t| PathTemplate::parse(t).ok())
-                    .collect(),
-                metrics: RouteMetrics::new(&r.name),
-            });
+            routes.push(Arc::new(Route::compile(config, r, &components)?));
         }
+        let table = RouteTable::new(config.routes.iter().zip(routes).map(|(r, route)| Entry {
+            name: &r.name,
+            path: &r.path,
+            methods: &r.methods,
+            route,
+        }))?;
         let upstreams: Vec<Arc<Upstream>> = pools.into_values().collect();
-        let route_limits: Vec<Vec<String>> = config
-            .routes
-            .iter()
-            .map(|r| {
-                r.rate_limits
-                    .clone()
-                    .unwrap_or_else(|| config.rate_limiting.default_limits.clone())
-            })
-            .collect();
-        let rate_limiter = RateLimiter::new(config, &route_limits, redis.as_ref()).map(Arc::new);
-        let cache = ResponseCache::new(config, redis.as_ref()).map(Arc::new);
         let readiness = extend(readiness(&upstreams, redis));
         Ok(Self {
             inner: Arc::new(Inner {
                 identity: IdentityResolver::new(&config.gateway.identity),
-                rate_limiter,
-                cache,
-                table: RouteTable::new(&config.routes)?,
-                routes,
+                table,
                 upstreams,
+                limiter,
+                cache,
                 readiness,
+                ready: ReadySnapshot::default(),
                 access_log: config.telemetry.access_log,
                 own: OwnMetrics::new(),
             }),
         })
     }
 
-    /// The gateway as a `tower::Service` for [`passerelle_http::serve`], with its own
-    /// upstream connection pools: call it once per serving thread, then
-    /// [`GatewayService::for_client`] per connection.
+    /// The gateway as a `tower::Service` for [`passerelle_http::serve`], with each
+    /// component's handle for one serving thread (its own upstream connections and Redis
+    /// connections): call it once per serving thread, then [`GatewayService::for_client`]
+    /// per connection.
     pub fn service(&self) -> GatewayService {
         GatewayService {
             inner: self.inner.clone(),
-            local: Arc::new(ThreadLocal {
-                clients: self
-                    .inner
-                    .upstreams
-                    .iter()
-                    .map(|u| u.new_client())
-                    .collect(),
-                limiter_conn: self
-                    .inner
-                    .rate_limiter
-                    .as_ref()
-                    .and_then(|rl| rl.connection()),
-                cache_conn: self.inner.cache.as_ref().and_then(|c| c.connection()),
+            thread: Arc::new(ThreadHandles {
+                clients: Arc::new(Clients::for_thread(&self.inner.upstreams)),
+                limiter: self.inner.limiter.as_ref().map(RateLimiter::for_thread),
+                cache: self.inner.cache.as_ref().map(ResponseCache::for_thread),
             }),
             client: proxy::ClientAddr::new(IpAddr::from([127, 0, 0, 1])),
         }
     }
 
-    /// Starts the active health checks and the cache's invalidation listener; they stop
-    /// with `shutdown`.
+    /// Starts the active health checks, the cache's invalidation listener and the readiness
+    /// refresh; they stop with `shutdown`.
     pub fn start_background(&self, shutdown: &CancellationToken) {
         for up in &self.inner.upstreams {
             upstream::health_check::spawn(up.clone(), shutdown.clone());
@@ -230,11 +183,18 @@ impl Gateway {
         if let Some(c) = &self.inner.cache {
             c.spawn_listener(shutdown.clone());
         }
+        self.inner
+            .readiness
+            .spawn_refresh(&self.inner.ready, READY_REFRESH, shutdown.clone());
     }
 
     /// The admin API ([`admin`]), to serve on a private listener.
     pub fn admin_router(&self) -> axum::Router {
-        admin::router(self.inner.rate_limiter.clone(), self.inner.cache.clone())
+        admin::router(
+            self.inner.readiness.clone(),
+            self.inner.limiter.clone(),
+            self.inner.cache.clone(),
+        )
     }
 
     /// The pools, by name.

@@ -4,11 +4,18 @@
 //!
 //! Readiness is a list of named async checks run concurrently, each bounded by a timeout, so a
 //! hung dependency makes `/ready` say so quickly instead of hanging the probe.
+//!
+//! A process that faces the public (the gateway) answers `/ready` from a [`ReadySnapshot`]
+//! refreshed in the background: a probe costs a read, a flood of probes costs Redis
+//! nothing, and the answer says ready or not and which checks fail, never their details
+//! (addresses, Redis `INFO`, user names), which stay on the private admin listener.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
@@ -81,6 +88,90 @@ impl Readiness {
     }
 }
 
+/// Whether every check passed, and the names of those that failed.
+pub type ReadyState = (bool, Vec<String>);
+
+/// The last readiness evaluation (`None` before the first one ended).
+#[derive(Debug, Clone, Default)]
+pub struct ReadySnapshot {
+    state: Arc<RwLock<Option<ReadyState>>>,
+}
+
+impl Readiness {
+    /// Evaluates the checks now and then every `every` until `shutdown`, keeping the result
+    /// in `snapshot`.
+    pub fn spawn_refresh(
+        &self,
+        snapshot: &ReadySnapshot,
+        every: Duration,
+        shutdown: CancellationToken,
+    ) {
+        let (checks, out) = (self.clone(), snapshot.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let (ok, report) = checks.evaluate().await;
+                out.set(ok, failing(&report));
+            }
+        });
+    }
+}
+
+impl ReadySnapshot {
+    fn set(&self, ok: bool, failing: Vec<String>) {
+        if let Ok(mut s) = self.state.write() {
+            *s = Some((ok, failing));
+        }
+    }
+
+    /// The last result; `None` before the first evaluation ended.
+    pub fn get(&self) -> Option<ReadyState> {
+        self.state.read().ok().and_then(|s| s.clone())
+    }
+}
+
+/// The names of the failed checks of a report made by [`Readiness::evaluate`].
+fn failing(report: &Value) -> Vec<String> {
+    report["checks"]
+        .as_object()
+        .map(|checks| {
+            checks
+                .iter()
+                .filter(|(_, v)| v["ok"] != Value::Bool(true))
+                .map(|(k, _)| k.clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `GET /ready` for the public: 200 `{"status":"ready"}`, or 503 with the names of the
+/// failing checks, from the snapshot (evaluated once here if none was taken yet, so that
+/// the first probe after start is truthful).
+pub async fn ready_public(snapshot: &ReadySnapshot, readiness: &Readiness) -> Response {
+    let (ok, failing) = match snapshot.get() {
+        Some(s) => s,
+        None => {
+            let (ok, report) = readiness.evaluate().await;
+            let f = failing(&report);
+            snapshot.set(ok, f.clone());
+            (ok, f)
+        }
+    };
+    if ok {
+        json_response(StatusCode::OK, &json!({ "status": "ready" }))
+    } else {
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({ "status": "not_ready", "failing": failing }),
+        )
+    }
+}
+
 /// `GET /health`: 200 while the process serves requests.
 pub fn health() -> Response {
     json_response(StatusCode::OK, &json!({ "status": "ok" }))
@@ -131,4 +222,66 @@ pub fn router(readiness: Readiness) -> axum::Router {
             }),
         )
         .route("/metrics", get(|| async { metrics() }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checks(redis_ok: bool) -> Readiness {
+        Readiness::new()
+            .check("upstream:users", || async {
+                Ok(json!({ "endpoints": ["10.0.0.5:7000"] }))
+            })
+            .check("redis", move || async move {
+                if redis_ok {
+                    Ok(json!({ "used_memory": 1 }))
+                } else {
+                    Err("redis://app:secret@10.0.0.7:6379 refused".to_string())
+                }
+            })
+    }
+
+    async fn body(res: Response) -> (StatusCode, String) {
+        let status = res.status();
+        let bytes = axum::body::to_bytes(res.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        (status, String::from_utf8(bytes.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn public_ready_says_ready_or_names_what_fails_without_details() {
+        let (status, text) =
+            body(ready_public(&ReadySnapshot::default(), &checks(true)).await).await;
+        assert_eq!(
+            (status, text.as_str()),
+            (StatusCode::OK, r#"{"status":"ready"}"#)
+        );
+
+        let (status, text) =
+            body(ready_public(&ReadySnapshot::default(), &checks(false)).await).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(text, r#"{"failing":["redis"],"status":"not_ready"}"#);
+        assert!(!text.contains("10.0.0"), "no internal address: {text}");
+    }
+
+    #[tokio::test]
+    async fn public_ready_answers_from_the_last_evaluation() {
+        let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = runs.clone();
+        let r = Readiness::new().check("redis", move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async { Ok(Value::Null) }
+        });
+        let snapshot = ReadySnapshot::default();
+        for _ in 0..100 {
+            assert_eq!(ready_public(&snapshot, &r).await.status(), StatusCode::OK);
+        }
+        assert_eq!(
+            runs.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "one evaluation, not one per probe"
+        );
+    }
 }

@@ -315,20 +315,6 @@ async fn run_platform(
         s.admin = admin.map(|a| format!("http://{a}"));
         s.status = PlatformStatus::Running;
     });
-    for s in &state.snapshot().services {
-        let addrs: Vec<&str> = s.instances.iter().map(|i| i.address.as_str()).collect();
-        println!("  {:<14} {}", s.name, addrs.join(" "));
-    }
-    println!("  {:<14} {}", "data", data_dir.display());
-    println!("  {:<14} http://{gateway_addr}", "gateway");
-    if let Some(admin) = admin {
-        println!(
-            "  {:<14} http://{admin}  (rate limits, cache purge)",
-            "admin"
-        );
-    }
-    println!("ready: try  curl http://{gateway_addr}/api/1/2");
-
     let gateway_token = CancellationToken::new();
     let gw_stop = gateway_token.clone();
     let gw_config = config.clone();
@@ -342,6 +328,47 @@ async fn run_platform(
         )
         .await
     });
+    // "ready:" means ready: both the gateway and its admin API answer (the admin listener
+    // is bound by the gateway as it starts, and may fail, e.g. on a port in use).
+    let serving = async {
+        wait_healthy(gateway_addr, Duration::from_secs(30)).await?;
+        match admin {
+            Some(a) => wait_healthy(a, Duration::from_secs(30)).await,
+            None => Ok(()),
+        }
+    };
+    let early = tokio::select! {
+        _ = token.cancelled() => None,
+        r = &mut gateway => Some(r),
+        r = serving => {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "the gateway did not answer its health check");
+            }
+            None
+        }
+    };
+    if let Some(r) = early {
+        return match r {
+            Ok(r) => r.map_err(UpError::from),
+            Err(e) => Err(UpError::Setup(format!("gateway task failed: {e}"))),
+        };
+    }
+    for s in &state.snapshot().services {
+        let addrs: Vec<&str> = s.instances.iter().map(|i| i.address.as_str()).collect();
+        println!("  {:<14} {}", s.name, addrs.join(" "));
+    }
+    println!("  {:<14} {}", "data", data_dir.display());
+    println!("  {:<14} http://{gateway_addr}", "gateway");
+    if let Some(admin) = admin {
+        println!(
+            "  {:<14} http://{admin}  (readiness detail, metrics, rate limits, cache purge)",
+            "admin"
+        );
+    }
+    if !token.is_cancelled() {
+        println!("ready: try  curl http://{gateway_addr}/api/1/2");
+    }
+
     let gateway_result = tokio::select! {
         _ = token.cancelled() => None,
         r = &mut gateway => Some(r),

@@ -173,12 +173,25 @@ async fn request_ids_are_kept_generated_and_passed_upstream() {
 async fn operations_endpoints() {
     let f = platform().await;
     assert_eq!(f.gw.http.get("/health").await.status, 200);
+    // The public /ready says ready, and nothing about the inside...
     let r = f.gw.http.get("/ready").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), r#"{"status":"ready"}"#);
+    // ...which the admin listener details.
+    let r = f.gw.admin.get("/ready").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(
         r.json()["checks"]["upstream:users"]["details"]["available"],
         1
     );
+    // Metrics are on the admin listener only; on the public one, /metrics is a path like
+    // any other (here: no route).
+    assert_eq!(f.gw.http.get("/metrics").await.status, 404);
+    // The ops paths are the gateway's, whatever the routes: other methods are refused.
+    f.gw.http
+        .send(Method::POST, "/health", &[], Bytes::new())
+        .await
+        .assert_problem(405);
     f.gw.http.get("/api/1/2").await;
     f.gw.http.get("/nowhere").await;
     // The path of route "users" (GET, POST), with a method it does not answer.
@@ -186,15 +199,13 @@ async fn operations_endpoints() {
         .send(Method::DELETE, "/users", &[], Bytes::new())
         .await
         .assert_problem(405);
-    f.gw.http.get("/metrics").await;
-    let m = f.gw.http.get("/metrics").await.text();
+    let m = f.gw.admin.get("/metrics").await.text();
     for needle in [
         r#"passerelle_http_requests_total{service="gateway",route="user-and-product",method="GET",status="200"}"#,
         r#"passerelle_http_requests_total{service="gateway",route="unmatched",method="GET",status="404"}"#,
         r#"passerelle_http_requests_total{service="gateway",route="users",method="DELETE",status="405"}"#,
         r#"passerelle_http_requests_total{service="gateway",route="health",method="GET",status="200"}"#,
         r#"passerelle_http_requests_total{service="gateway",route="ready",method="GET",status="200"}"#,
-        r#"passerelle_http_requests_total{service="gateway",route="metrics",method="GET",status="200"}"#,
         r#"passerelle_http_request_duration_seconds_count{service="gateway",route="health"}"#,
         r#"passerelle_upstream_requests_total{upstream="users""#,
         r#"passerelle_upstream_endpoint_available{upstream="users""#,
@@ -216,7 +227,7 @@ async fn operations_endpoints() {
             .map(|l| l.rsplit_once(' ').map_or(l, |(s, _)| s).to_string())
             .collect()
     };
-    let (first, second) = (series(&m), series(&f.gw.http.get("/metrics").await.text()));
+    let (first, second) = (series(&m), series(&f.gw.admin.get("/metrics").await.text()));
     let common = |a: &[String], b: &[String]| -> Vec<String> {
         a.iter().filter(|s| b.contains(s)).cloned().collect()
     };
@@ -281,7 +292,7 @@ async fn admin_and_ready_use_the_config_spelling() {
     assert_eq!(r.json()["algorithm"], "gcra");
     let text = format!("{text}\n{}", r.text());
 
-    let r = gw.http.get("/ready").await;
+    let r = gw.admin.get("/ready").await;
     assert_eq!(r.status, 200, "{}", r.text());
     let ready = r.json();
     assert_eq!(
@@ -328,7 +339,9 @@ async fn not_ready_when_a_pool_has_no_live_instance() {
         },
     )
     .await;
-    let r = gw.http.get("/ready").await.json();
+    let public = gw.http.get("/ready").await.json();
+    assert_eq!(public["failing"], serde_json::json!(["upstream:products"]));
+    let r = gw.admin.get("/ready").await.json();
     assert_eq!(r["checks"]["upstream:products"]["ok"], false);
     assert_eq!(r["checks"]["upstream:users"]["ok"], true);
 }

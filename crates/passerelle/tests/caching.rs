@@ -111,7 +111,6 @@ url = "{redis_url}"
 
 [gateway]
 worker_threads = 2
-admin_listen = "off"  # layered on the default, whose admin port the replicas would share
 
 [gateway.identity]
 trusted_proxies = ["127.0.0.1"]
@@ -438,7 +437,7 @@ async fn values_above_the_cap_are_not_cached_and_large_ones_are_compressed() {
         }
         assert_eq!(s.origin.hits(path), 2, "{path} is fetched every time");
     }
-    let metrics = get(http, "/metrics", &[]).await.text();
+    let metrics = get(&s.gateways[0].admin, "/metrics", &[]).await.text();
     assert!(
         metrics.lines().any(|l| l.starts_with("passerelle_cache_uncacheable_total") && l.contains("too_large")),
         "counted"
@@ -519,7 +518,7 @@ async fn requests_succeed_while_redis_is_down_and_caching_resumes() {
         let r = get(&http, &format!("/c/down-{i}"), &[]).await;
         assert_eq!(r.status, 200);
     }
-    let metrics = get(&http, "/metrics", &[]).await.text();
+    let metrics = get(&s.gateways[0].admin, "/metrics", &[]).await.text();
     let errors: f64 = metrics
         .lines()
         .find(|l| l.starts_with("passerelle_cache_redis_errors_total"))
@@ -695,30 +694,10 @@ async fn an_update_is_seen_through_every_replica_and_every_route_that_contains_i
     drop((users, products));
 }
 
-/// Two replicas, each with its admin API.
+/// Two replicas, and their admin APIs.
 async fn setup_with_admin(delay: Duration) -> (Setup, Vec<HttpClient>) {
-    let redis = RedisServer::start();
-    let origin = origin(delay).await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut gateways = Vec::new();
-    let mut admins = Vec::new();
-    for i in 0..2 {
-        let port = passerelle_testkit::free_port();
-        let text = config_text(&redis.url(), origin.addr).replace(
-            "admin_listen = \"off\"",
-            &format!("admin_listen = \"127.0.0.1:{port}\""),
-        );
-        let path = dir.path().join(format!("gateway-{i}.toml"));
-        std::fs::write(&path, text).unwrap();
-        gateways.push(gateway_process(&path).await);
-        admins.push(HttpClient::new(format!("http://127.0.0.1:{port}")));
-    }
-    let s = Setup {
-        redis,
-        origin,
-        gateways,
-        _dir: dir,
-    };
+    let s = setup(2, delay).await;
+    let admins = s.gateways.iter().map(|g| g.admin.clone()).collect();
     (s, admins)
 }
 

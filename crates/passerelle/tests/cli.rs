@@ -284,7 +284,7 @@ async fn the_gateway_ignores_unused_upstreams_and_takes_its_admin_address_from_a
     let r = gw.get("/people/2").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["id"], 2);
-    let ready = gw.get("/ready").await.json();
+    let ready = admin.get("/ready").await.json();
     assert!(ready["checks"].get("upstream:people").is_some(), "{ready}");
     assert!(ready["checks"].get("upstream:users").is_none(), "{ready}");
     passerelle_testkit::kill(child.id(), libc::SIGTERM);

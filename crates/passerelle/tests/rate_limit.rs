@@ -421,7 +421,7 @@ async fn redis_down_follows_each_policy_quickly_and_recovers() {
             "{outage}: {slowest:?}"
         );
         // Operators see it.
-        let metrics = gw.http.get("/metrics").await.text();
+        let metrics = gw.admin.get("/metrics").await.text();
         assert!(
             metrics.contains("passerelle_rate_limit_fallback_active 1"),
             "{outage}"
@@ -456,7 +456,7 @@ async fn redis_down_follows_each_policy_quickly_and_recovers() {
     .await;
     let r = gw.http.get("/local").await;
     assert_eq!(r.header("ratelimit-limit"), Some("5"));
-    let metrics = gw.http.get("/metrics").await.text();
+    let metrics = gw.admin.get("/metrics").await.text();
     assert!(metrics.contains("passerelle_rate_limit_fallback_active 0"));
 }
 

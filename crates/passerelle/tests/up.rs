@@ -20,6 +20,8 @@ use passerelle_testkit::{HttpClient, children_of, kill, process_alive, wait_unti
 struct Up {
     child: Child,
     http: HttpClient,
+    /// The gateway's admin API (detailed `/ready`, `/metrics`).
+    admin: HttpClient,
     output: Vec<String>,
     /// Lines `up` wrote on stderr so far (echoed to the test's stderr as well).
     stderr: Arc<Mutex<Vec<String>>>,
@@ -66,6 +68,7 @@ impl Drop for Up {
 
 /// Starts `passerelle up` and waits for its "ready:" line.
 fn start_up(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Up {
+    let admin_port = passerelle_testkit::free_port();
     let mut cmd = Command::new(BIN);
     cmd.args([
         "up",
@@ -76,7 +79,10 @@ fn start_up(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Up {
     ])
     .args(args)
     .env_remove("PASSERELLE_CONFIG")
-    .env("PASSERELLE_GATEWAY__ADMIN_LISTEN", "127.0.0.1:0")
+    .env(
+        "PASSERELLE_GATEWAY__ADMIN_LISTEN",
+        format!("127.0.0.1:{admin_port}"),
+    )
     .env("RUST_LOG", "warn")
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
@@ -105,6 +111,7 @@ fn start_up(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Up {
     Up {
         child,
         http: HttpClient::new(gateway),
+        admin: HttpClient::new(format!("http://127.0.0.1:{admin_port}")),
         output,
         stderr,
     }
@@ -412,7 +419,7 @@ async fn up_restarts_a_crashed_instance_and_uses_an_external_redis() {
         2,
         "no managed Redis when a URL is given: {children:?}"
     );
-    let ready = up.http.get("/ready").await.json();
+    let ready = up.admin.get("/ready").await.json();
     assert_eq!(ready["checks"]["redis"]["ok"], true, "{ready}");
 
     // Crash the users instance; the supervisor starts it again and the gateway uses it.
@@ -438,12 +445,12 @@ async fn up_restarts_a_crashed_instance_and_uses_an_external_redis() {
     assert_eq!(c["restarts"], 1);
     assert!(c["last_exit"].as_str().unwrap().contains("SIGKILL"), "{c}");
     assert_eq!(
-        metric(&up.http, "passerelle_up_restarts_total{child=\"users-1\"}").await,
+        metric(&up.admin, "passerelle_up_restarts_total{child=\"users-1\"}").await,
         Some(1.0)
     );
     assert_eq!(
         metric(
-            &up.http,
+            &up.admin,
             "passerelle_up_restarts_total{child=\"products-1\"}"
         )
         .await,
@@ -571,7 +578,7 @@ async fn up_restarts_a_killed_durable_redis_on_its_port_with_its_data() {
     // The gateway's clients reconnect by themselves: /ready is green again at the first
     // asking (its check finds the dead connection and tries once more on a new one), and
     // requests pass.
-    let r = up.http.get("/ready").await;
+    let r = up.admin.get("/ready").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(up.http.get("/users/1").await.status, 200);
     // The restart is logged with the child's name and its new PID, and counted.
@@ -585,7 +592,7 @@ async fn up_restarts_a_killed_durable_redis_on_its_port_with_its_data() {
     );
     assert_eq!(
         metric(
-            &up.http,
+            &up.admin,
             "passerelle_up_restarts_total{child=\"redis-durable\"}"
         )
         .await,
@@ -693,7 +700,7 @@ async fn up_cache_redis_killed_under_traffic_comes_back_and_caching_resumes() {
     );
     assert_eq!(
         metric(
-            &up.http,
+            &up.admin,
             "passerelle_up_restarts_total{child=\"redis-cache\"}"
         )
         .await,
@@ -741,15 +748,16 @@ async fn up_gives_up_on_a_redis_that_keeps_failing_and_ready_names_it() {
     let old = pid_of(dir.path(), "redis-cache");
     kill(old, libc::SIGKILL);
 
-    // Five failed restarts (backoff 0.1 + 0.2 + 0.4 + 0.8 + 1.6 s), then `up` gives up.
-    let http = up.http.clone();
+    // Five failed restarts (backoff 0.1 + 0.2 + 0.4 + 0.8 + 1.6 s), then `up` gives up:
+    // the admin /ready says why, the public one that `up` is the failing check.
+    let admin = up.admin.clone();
     wait_until(
         Duration::from_secs(30),
         "/ready to name the lost Redis",
         || {
-            let http = http.clone();
+            let admin = admin.clone();
             async move {
-                let r = http.get("/ready").await;
+                let r = admin.get("/ready").await;
                 r.status == 503
                     && r.json()["checks"]["up"]["error"]
                         .as_str()
@@ -757,6 +765,18 @@ async fn up_gives_up_on_a_redis_that_keeps_failing_and_ready_names_it() {
             }
         },
     )
+    .await;
+    let http = up.http.clone();
+    wait_until(Duration::from_secs(5), "the public /ready to fail", || {
+        let http = http.clone();
+        async move {
+            let r = http.get("/ready").await;
+            r.status == 503
+                && r.json()["failing"]
+                    .as_array()
+                    .is_some_and(|f| f.contains(&"up".into()))
+        }
+    })
     .await;
     let c = child_state(dir.path(), "redis-cache");
     assert_eq!(c["status"], "failed", "{c}");
@@ -778,7 +798,7 @@ async fn up_gives_up_on_a_redis_that_keeps_failing_and_ready_names_it() {
     );
     assert_eq!(
         metric(
-            &up.http,
+            &up.admin,
             "passerelle_up_restarts_total{child=\"redis-cache\"}"
         )
         .await,
@@ -786,7 +806,7 @@ async fn up_gives_up_on_a_redis_that_keeps_failing_and_ready_names_it() {
     );
     assert_eq!(
         metric(
-            &up.http,
+            &up.admin,
             "passerelle_up_child_failed{child=\"redis-cache\"}"
         )
         .await,

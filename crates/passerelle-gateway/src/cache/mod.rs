@@ -17,7 +17,8 @@
 //! - [`key`]: what names an entry, bounded whatever the client sends;
 //! - [`policy`]: RFC 9111 rules: may this be stored, for how long, for whom;
 //! - [`entry`]: the stored response and its wire format (LZ4 above a threshold);
-//! - [`stage`]: the request-side orchestration (the gateway's cache phase).
+//! - [`stage`]: the request-side orchestration (the gateway's cache stage), over a
+//!   [`CacheHandle`] (the shared cache and one serving thread's Redis connection).
 //!
 //! Invalidation is by tags (resource paths such as `/users/7`) attached to entries, and by
 //! key for operator purges. A service that writes a row deletes the tagged entries from
@@ -45,7 +46,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use http::HeaderName;
-use passerelle_config::{CacheConfig, CacheScope, Config, PathTemplate};
+use passerelle_config::{CacheConfig, CacheScope, Config, PathTemplate, RouteConfig};
 use passerelle_redis::{Invalidation, KeySchema, Redis, RedisClient};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -71,10 +72,11 @@ impl Level {
     }
 }
 
-/// A route's cache policy and its metric handles.
+/// A route's cache policy and its metric handles, compiled once into the route.
 #[derive(Debug)]
 pub struct RouteCache {
-    name: String,
+    /// The route's name (metrics, and part of every key).
+    pub name: String,
     /// Entries of this route are kept in L1 too.
     pub l1: bool,
     pub defaults: RouteDefaults,
@@ -95,8 +97,45 @@ struct RouteCacheMetrics {
 }
 
 impl RouteCache {
-    fn metrics_route(&self) -> &str {
-        &self.name
+    /// The policy of a route that has a `cache` table; `None` for the others.
+    pub fn new(r: &RouteConfig) -> Option<Self> {
+        let c = r.cache.as_ref()?;
+        Some(RouteCache {
+            name: r.name.clone(),
+            l1: c.l1,
+            defaults: RouteDefaults {
+                ttl: c.ttl.get(),
+                stale_while_revalidate: c.stale_while_revalidate.get(),
+                stale_if_error: c.stale_if_error.get(),
+                vary: c
+                    .vary
+                    .iter()
+                    .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
+                    .collect(),
+                private_scope: c.scope == CacheScope::Private,
+            },
+            tags: c
+                .tags
+                .iter()
+                .filter_map(|t| PathTemplate::parse(t).ok())
+                .collect(),
+            metrics: RouteCacheMetrics::new(&r.name),
+        })
+    }
+}
+
+/// One serving thread's view of the cache: the shared cache and the thread's own Redis
+/// connection (see [`RedisClient::dedicated`]). Cheap to clone: a fill task takes one.
+#[derive(Debug, Clone)]
+pub struct CacheHandle {
+    pub(crate) cache: Arc<ResponseCache>,
+    pub(crate) conn: Option<RedisClient>,
+}
+
+impl CacheHandle {
+    /// The shared cache.
+    pub fn cache(&self) -> &Arc<ResponseCache> {
+        &self.cache
     }
 }
 
@@ -275,7 +314,6 @@ pub struct ResponseCache {
     /// How long an invalidation must be remembered: the longest an L1 entry lives plus the
     /// longest a fill may take.
     log_retention: Duration,
-    routes: Vec<Option<RouteCache>>,
     l1: Option<L1>,
     redis: Option<Redis>,
     breaker: Breaker,
@@ -330,34 +368,6 @@ impl ResponseCache {
         if !cfg.enabled || config.routes.iter().all(|r| r.cache.is_none()) {
             return None;
         }
-        let routes: Vec<Option<RouteCache>> = config
-            .routes
-            .iter()
-            .map(|r| {
-                let c = r.cache.as_ref()?;
-                Some(RouteCache {
-                    name: r.name.clone(),
-                    l1: c.l1,
-                    defaults: RouteDefaults {
-                        ttl: c.ttl.get(),
-                        stale_while_revalidate: c.stale_while_revalidate.get(),
-                        stale_if_error: c.stale_if_error.get(),
-                        vary: c
-                            .vary
-                            .iter()
-                            .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
-                            .collect(),
-                        private_scope: c.scope == CacheScope::Private,
-                    },
-                    tags: c
-                        .tags
-                        .iter()
-                        .filter_map(|t| PathTemplate::parse(t).ok())
-                        .collect(),
-                    metrics: RouteCacheMetrics::new(&r.name),
-                })
-            })
-            .collect();
         let longest_request = config
             .routes
             .iter()
@@ -390,7 +400,6 @@ impl ResponseCache {
             lease_ttl: cfg.lease_ttl.get(),
             redis_timeout: cfg.redis_timeout.get(),
             log_retention: cfg.l1_max_ttl.get() + longest_request + Duration::from_secs(1),
-            routes,
             l1,
             redis: redis.cloned(),
             breaker: Breaker::new(cfg.breaker_failures, cfg.breaker_open_for.get()),
@@ -410,15 +419,12 @@ impl ResponseCache {
         })
     }
 
-    /// The policy of route `i`, if it is cached.
-    pub fn route(&self, i: usize) -> Option<&RouteCache> {
-        self.routes.get(i).and_then(Option::as_ref)
-    }
-
-    /// A connection for one serving thread (see [`RedisClient::dedicated`]).
-    pub fn connection(&self) -> Option<RedisClient> {
-        let r = self.redis.as_ref()?;
-        r.cache().dedicated().ok()
+    /// The handle of one serving thread, with its own Redis connection.
+    pub fn for_thread(self: &Arc<Self>) -> CacheHandle {
+        CacheHandle {
+            cache: self.clone(),
+            conn: self.redis.as_ref().and_then(|r| r.cache().dedicated().ok()),
+        }
     }
 
     fn keys(&self) -> Option<&KeySchema> {

@@ -1,4 +1,8 @@
-//! The cache phase of a request: look up, serve, or fetch once for every waiter.
+//! The cache stage of a request: look up, serve, or fetch once for every waiter.
+//!
+//! It is handed the request, the route's policy ([`RouteCache`]) and an [`OriginCall`] to
+//! fetch from on a miss, and knows nothing else of the gateway: the same stage serves a
+//! proxied route and a composed one.
 //!
 //! A fetch runs as its own task (the *fill*), detached from the request that started it:
 //! when that client goes away, the requests waiting on the same key still get their answer,
@@ -11,22 +15,20 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 use http_body::Body as _;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
 use super::entry::{Entry, Freshness, now_ms};
 use super::key::{CacheKey, KeyInput};
 use super::policy::{self, Storage, Uncacheable};
-use super::{Flight, FlightGuard, FlightResult, Level, ResponseCache, RouteCache};
-use crate::compose;
+use super::{CacheHandle, Flight, FlightGuard, FlightResult, Level, RouteCache};
 use crate::error::ProxyError;
+use crate::identity::IdentityResolver;
+use crate::origin::OriginCall;
 use crate::proxy::{self, ClientAddr};
-use crate::service::{Action, Inner, Plan, ThreadLocal};
-use crate::upstream::{Client, Outgoing};
 
 /// The `Cache-Status` header (RFC 9211).
 pub const CACHE_STATUS: http::HeaderName = http::HeaderName::from_static("cache-status");
@@ -54,16 +56,34 @@ enum Served {
     Error(ProxyError),
 }
 
+/// A `GET` or `HEAD` on a cached route, as the cache stage needs it.
+pub struct CacheRequest<'a> {
+    /// The route's cache policy.
+    pub policy: &'a Arc<RouteCache>,
+    /// The request's head (its body, if any, is not read: a `GET`'s body means nothing).
+    pub parts: http::request::Parts,
+    /// The route's cache tags rendered for this request.
+    pub tags: Vec<String>,
+    /// The route's timeout; the request's deadline is `start + timeout`.
+    pub timeout: Duration,
+    pub start: Instant,
+    pub client: &'a ClientAddr,
+    pub request_id: &'a HeaderValue,
+    /// Who the caller is, worked out only when a private entry needs it.
+    pub identity: &'a IdentityResolver,
+}
+
 /// A fetch for one key.
 struct FillJob {
-    route: usize,
+    policy: Arc<RouteCache>,
+    origin: OriginCall,
+    tags: Vec<String>,
     key: CacheKey,
     /// `key` already names the caller's own entry (private scope, or a private marker
     /// led here).
     caller_keyed: bool,
     /// The caller's own key, should the answer be private (when `key` is shared).
     private_key: Option<CacheKey>,
-    plan: Plan,
     headers: HeaderMap,
     deadline: Instant,
     authorized: bool,
@@ -72,33 +92,31 @@ struct FillJob {
     refresh: bool,
 }
 
-impl Inner {
-    /// The cache phase for a `GET`/`HEAD` on a cached route.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn cached(
-        self: &Arc<Self>,
-        local: &Arc<ThreadLocal>,
-        cache: &Arc<ResponseCache>,
-        plan: Plan,
-        req: Request<Incoming>,
-        client: &ClientAddr,
-        request_id: &HeaderValue,
-        start: Instant,
+impl CacheHandle {
+    /// The cache stage for a `GET`/`HEAD` on a cached route: an answer from L1 or L2, or
+    /// from `origin` fetched once for every request waiting on the same key.
+    pub async fn serve(
+        &self,
+        req: CacheRequest<'_>,
+        origin: OriginCall,
     ) -> Result<Response<Body>, ProxyError> {
-        let route = match &plan {
-            Plan::Proxy { route, .. } | Plan::Compose { route, .. } => *route,
-            Plan::Ops(_) => return Err(ProxyError::NoRoute),
-        };
-        let (Some(rc), r) = (cache.route(route), &self.routes[route]) else {
-            return Err(ProxyError::NoRoute);
-        };
-        let conn = local.cache_conn.as_ref();
-        let (parts, _unused_body) = req.into_parts();
+        let CacheRequest {
+            policy: rc,
+            parts,
+            tags,
+            timeout,
+            start,
+            client,
+            request_id,
+            identity,
+        } = req;
+        let cache = &self.cache;
+        let conn = self.conn.as_ref();
         let head = parts.method == Method::HEAD;
         let inm = parts.headers.get(header::IF_NONE_MATCH).cloned();
-        let deadline = start + r.timeout;
+        let deadline = start + timeout;
         let input = KeyInput {
-            route: &r.name,
+            route: &rc.name,
             path: parts.uri.path(),
             query: parts.uri.query(),
             vary: &rc.defaults.vary,
@@ -110,10 +128,7 @@ impl Inner {
         let caller = || {
             caller_cell
                 .get_or_init(|| {
-                    caller_identity(
-                        &self.identity.caller(client.ip, &parts.headers),
-                        &parts.headers,
-                    )
+                    caller_identity(&identity.caller(client.ip, &parts.headers), &parts.headers)
                 })
                 .as_deref()
         };
@@ -128,11 +143,9 @@ impl Inner {
             Ok(k) => k,
             Err(why) => {
                 rc.metrics.bypass.increment(1);
-                uncacheable(r.name.as_ref(), why);
+                uncacheable(&rc.name, why);
                 let headers = origin_headers(parts.headers, client, request_id);
-                let mut res = self
-                    .fetch_origin(&local.clients, &plan, parts.method, headers, deadline)
-                    .await?;
+                let mut res = origin.fetch(parts.method, headers, deadline).await?;
                 let detail = why.as_str().replace('_', "-");
                 set_status(
                     &mut res,
@@ -179,24 +192,19 @@ impl Inner {
                         rc.metrics.stale.increment(1);
                         if let Flight::Leader(guard) = cache.flight(key) {
                             let job = FillJob {
-                                route,
+                                policy: rc.clone(),
+                                origin: origin.clone(),
+                                tags: tags.clone(),
                                 key,
                                 caller_keyed: switched,
                                 private_key: None,
-                                plan: plan.clone(),
                                 headers: origin_headers(parts.headers.clone(), client, request_id),
-                                deadline: Instant::now() + r.timeout,
+                                deadline: Instant::now() + timeout,
                                 authorized: parts.headers.contains_key(header::AUTHORIZATION),
                                 stale: None,
                                 refresh: true,
                             };
-                            tokio::spawn(self.clone().fill(
-                                local.clone(),
-                                cache.clone(),
-                                job,
-                                guard,
-                                None,
-                            ));
+                            tokio::spawn(self.clone().fill(job, guard, None));
                         }
                         return Ok(render(&e, Outcome::Stale(level), head, inm.as_ref(), key));
                     }
@@ -249,24 +257,19 @@ impl Inner {
                     rc.metrics.miss.increment(1);
                     let (tx, rx) = oneshot::channel();
                     let job = FillJob {
-                        route,
+                        policy: rc.clone(),
+                        origin,
+                        tags,
                         key,
                         caller_keyed: switched,
                         private_key: (!switched).then(private_key_of).flatten(),
-                        plan,
                         headers: origin_headers(parts.headers.clone(), client, request_id),
                         deadline,
                         authorized: parts.headers.contains_key(header::AUTHORIZATION),
                         stale,
                         refresh: false,
                     };
-                    tokio::spawn(self.clone().fill(
-                        local.clone(),
-                        cache.clone(),
-                        job,
-                        guard,
-                        Some(tx),
-                    ));
+                    tokio::spawn(self.clone().fill(job, guard, Some(tx)));
                     return match rx.await {
                         Ok(Served::Entry(e, outcome, key)) => {
                             Ok(render(&e, outcome, head, inm.as_ref(), key))
@@ -283,9 +286,7 @@ impl Inner {
         rc.metrics.origin.increment(1);
         let headers = origin_headers(parts.headers, client, request_id);
         let method = if head { Method::HEAD } else { Method::GET };
-        let mut res = self
-            .fetch_origin(&local.clients, &plan, method, headers, deadline)
-            .await?;
+        let mut res = origin.fetch(method, headers, deadline).await?;
         set_status(
             &mut res,
             &format!("passerelle; fwd=uri-miss; detail={passthrough_detail}"),
@@ -294,23 +295,15 @@ impl Inner {
     }
 
     /// One fetch for `job.key`, shared by everyone waiting on the flight.
-    async fn fill(
-        self: Arc<Self>,
-        local: Arc<ThreadLocal>,
-        cache: Arc<ResponseCache>,
-        job: FillJob,
-        guard: FlightGuard,
-        leader: Option<oneshot::Sender<Served>>,
-    ) {
+    async fn fill(self, job: FillJob, guard: FlightGuard, leader: Option<oneshot::Sender<Served>>) {
+        let cache = &self.cache;
         let send = |leader: Option<oneshot::Sender<Served>>, s: Served| {
             if let Some(tx) = leader {
                 let _ = tx.send(s);
             }
         };
-        let Some(rc) = cache.route(job.route) else {
-            return;
-        };
-        let conn = local.cache_conn.as_ref();
+        let rc = &*job.policy;
+        let conn = self.conn.as_ref();
         let filled_at = cache.generation();
         let (fresh, mut lease) = cache.fresh_or_lease(conn, job.key).await;
         if let Some(e) = fresh {
@@ -335,14 +328,9 @@ impl Inner {
             }
         }
         rc.metrics.origin.increment(1);
-        let fetched = self
-            .fetch_origin(
-                &local.clients,
-                &job.plan,
-                Method::GET,
-                job.headers.clone(),
-                job.deadline,
-            )
+        let fetched = job
+            .origin
+            .fetch(Method::GET, job.headers.clone(), job.deadline)
             .await;
         let failed = match &fetched {
             Ok(res) => res.status().is_server_error(),
@@ -411,7 +399,7 @@ impl Inner {
             }
         };
         let mut entry = entry;
-        entry.tags = job.plan.tags().to_vec();
+        entry.tags = job.tags.clone();
         let entry = Arc::new(entry);
         let (result, stored, key) = if storage.private && !job.caller_keyed {
             let marker = Arc::new(Entry {
@@ -448,50 +436,6 @@ impl Inner {
         }
         guard.finish(result);
         send(leader, Served::Entry(entry, Outcome::Miss { stored }, key));
-    }
-
-    /// A body-less request to the route's origin (proxy or composition).
-    pub(crate) async fn fetch_origin(
-        &self,
-        clients: &[Client],
-        plan: &Plan,
-        method: Method,
-        headers: HeaderMap,
-        deadline: Instant,
-    ) -> Result<Response<Body>, ProxyError> {
-        match plan {
-            Plan::Proxy { route, path, .. } => {
-                let Action::Proxy { upstream, .. } = &self.routes[*route].action else {
-                    return Err(ProxyError::NoRoute);
-                };
-                let out = Outgoing {
-                    method,
-                    path_and_query: path.clone(),
-                    headers,
-                    body: Bytes::new(),
-                };
-                let answer = upstream
-                    .send(&clients[upstream.index], &out, deadline)
-                    .await?;
-                let (mut head, body) = answer.response.into_parts();
-                proxy::strip_hop_by_hop(&mut head.headers);
-                Ok(Response::from_parts(head, Body::new(body)))
-            }
-            Plan::Compose { route, paths, .. } => {
-                let Action::Compose(parts) = &self.routes[*route].action else {
-                    return Err(ProxyError::NoRoute);
-                };
-                Box::pin(compose::compose(
-                    parts,
-                    clients,
-                    paths.clone(),
-                    compose::part_headers(&headers),
-                    deadline,
-                ))
-                .await
-            }
-            Plan::Ops(_) => Err(ProxyError::NoRoute),
-        }
     }
 }
 
@@ -606,7 +550,7 @@ async fn admit(
     deadline: Instant,
     authorized: bool,
 ) -> Result<(Entry, Storage), Served> {
-    let route = rc.metrics_route();
+    let route = rc.name.as_str();
     let storage = match policy::storage(res.status(), res.headers(), authorized, &rc.defaults) {
         Ok(s) => s,
         Err(why) => {

@@ -25,12 +25,9 @@ pub mod gcra;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::response::IntoResponse;
 use futures_util::future::join_all;
-use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use passerelle_config::{Config, LimitAlgorithm, LimitKey, RedisFailurePolicy};
-use passerelle_http::Problem;
 use passerelle_redis::rate_limit::{LimitParams, LimitState, Mode, Verdict};
 use passerelle_redis::{KeySchema, Redis, RedisClient, RedisError};
 
@@ -99,9 +96,9 @@ impl LimitCounters {
     }
 }
 
-/// The limits of one route.
+/// The limits of one route, compiled once into the route ([`RateLimiter::route_limits`]).
 #[derive(Debug, Default)]
-struct RoutePlan {
+pub struct RouteLimits {
     limits: Vec<usize>,
     /// `RateLimit-Policy`, e.g. `100;w=1, 600;w=60`.
     policy: Option<HeaderValue>,
@@ -125,7 +122,6 @@ impl moka::Expiry<String, Blocked> for BlockExpiry {
 /// The gateway's rate limiter, shared by every serving thread.
 pub struct RateLimiter {
     limits: Vec<Limit>,
-    routes: Vec<RoutePlan>,
     store: Option<(RedisClient, KeySchema)>,
     breaker: Breaker,
     timeout: Duration,
@@ -148,11 +144,44 @@ impl std::fmt::Debug for RateLimiter {
 
 /// What the limiter says about a request.
 #[derive(Debug)]
-pub enum Outcome {
+pub enum Decision {
     /// Go on; add these headers to the response.
     Allowed(Option<RateHeaders>),
-    /// Answer this instead (429, or 503 from a `closed` limit without Redis).
-    Refused(Response<Body>),
+    /// Refused; [`crate::error::ProxyError::RateLimited`] turns it into the answer.
+    Refused(Refusal),
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone)]
+pub enum Refusal {
+    /// A limit is exhausted: 429 naming it, with `Retry-After` (whole seconds, at least 1)
+    /// and the `RateLimit-*` headers.
+    OverLimit {
+        limit: Arc<str>,
+        /// `N per period`, for the message.
+        rate: String,
+        retry_after: u64,
+        headers: RateHeaders,
+    },
+    /// A `closed` limit could not be checked (Redis unavailable): 503.
+    Unavailable { limit: Arc<str> },
+}
+
+/// One serving thread's view of the limiter: the shared state and the thread's own Redis
+/// connection, so that decisions on one thread never queue behind another's.
+#[derive(Debug, Clone)]
+pub struct LimiterHandle {
+    limiter: Arc<RateLimiter>,
+    conn: Option<RedisClient>,
+}
+
+impl LimiterHandle {
+    /// Decides a request to a route with `limits` (named `route_name`) from `caller`.
+    pub async fn check(&self, limits: &RouteLimits, route_name: &str, caller: &Caller) -> Decision {
+        self.limiter
+            .check(self.conn.as_ref(), limits, route_name, caller)
+            .await
+    }
 }
 
 /// The `RateLimit-*` headers of an admitted request.
@@ -218,15 +247,16 @@ pub enum AdminError {
 }
 
 impl RateLimiter {
-    /// Builds the limiter; `route_limits` names the limits of each route, in route order.
-    /// `None` when rate limiting is disabled or no route has a limit.
-    pub fn new(
-        config: &Config,
-        route_limits: &[Vec<String>],
-        redis: Option<&Redis>,
-    ) -> Option<Self> {
+    /// Builds the limiter, or `None` when rate limiting is disabled or no route has a limit.
+    pub fn new(config: &Config, redis: Option<&Redis>) -> Option<Self> {
         let rl = &config.rate_limiting;
-        if !rl.enabled || route_limits.iter().all(Vec::is_empty) {
+        let any = config.routes.iter().any(|r| {
+            !r.rate_limits
+                .as_ref()
+                .unwrap_or(&rl.default_limits)
+                .is_empty()
+        });
+        if !rl.enabled || !any {
             return None;
         }
         let replicas = u64::from(rl.gateway_replicas.max(1));
@@ -261,36 +291,6 @@ impl RateLimiter {
                 }
             })
             .collect();
-        let index = |n: &String| limits.iter().position(|l| &*l.name == n.as_str());
-        let routes = route_limits
-            .iter()
-            .map(|names| {
-                let idx: Vec<usize> = names.iter().filter_map(index).collect();
-                let policy = (!idx.is_empty())
-                    .then(|| {
-                        let text = idx
-                            .iter()
-                            .map(|&i| {
-                                let l = &limits[i];
-                                let w = ceil_secs(l.params.period).max(1);
-                                if l.quota == l.params.limit {
-                                    format!("{};w={w}", l.quota)
-                                } else {
-                                    // GCRA with a burst: the sustained rate, and the burst.
-                                    format!("{};w={w};burst={}", l.params.limit, l.quota)
-                                }
-                            })
-                            .collect::<Vec<_>>()
-                            .join(", ");
-                        HeaderValue::from_str(&text).ok()
-                    })
-                    .flatten();
-                RoutePlan {
-                    limits: idx,
-                    policy,
-                }
-            })
-            .collect();
         let store = redis.map(|r| (r.durable().clone(), r.keys.clone()));
         if store.is_none() {
             tracing::warn!(
@@ -299,7 +299,6 @@ impl RateLimiter {
         }
         Some(Self {
             limits,
-            routes,
             store,
             breaker: Breaker::new(rl.breaker_failures, rl.breaker_open_for.get()),
             timeout: rl.redis_timeout.get(),
@@ -316,9 +315,47 @@ impl RateLimiter {
         })
     }
 
-    /// Whether `route` has any limit.
-    pub fn applies_to(&self, route: usize) -> bool {
-        self.routes.get(route).is_some_and(|r| !r.limits.is_empty())
+    /// The compiled limits of a route naming `names` (unknown names were refused when the
+    /// configuration was loaded); `None` when it has none.
+    pub fn route_limits(&self, names: &[String]) -> Option<RouteLimits> {
+        let idx: Vec<usize> = names
+            .iter()
+            .filter_map(|n| self.limits.iter().position(|l| &*l.name == n.as_str()))
+            .collect();
+        if idx.is_empty() {
+            return None;
+        }
+        let text = idx
+            .iter()
+            .map(|&i| {
+                let l = &self.limits[i];
+                let w = ceil_secs(l.params.period).max(1);
+                if l.quota == l.params.limit {
+                    format!("{};w={w}", l.quota)
+                } else {
+                    // GCRA with a burst: the sustained rate, and the burst.
+                    format!("{};w={w};burst={}", l.params.limit, l.quota)
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        Some(RouteLimits {
+            limits: idx,
+            policy: HeaderValue::from_str(&text).ok(),
+        })
+    }
+
+    /// The handle of one serving thread, with its own Redis connection (see
+    /// [`RedisClient::dedicated`]).
+    pub fn for_thread(self: &Arc<Self>) -> LimiterHandle {
+        let conn = self
+            .store
+            .as_ref()
+            .map(|(client, _)| client.dedicated().unwrap_or_else(|_| client.clone()));
+        LimiterHandle {
+            limiter: self.clone(),
+            conn,
+        }
     }
 
     fn identity(&self, limit: &Limit, caller: &Caller, route: &str) -> String {
@@ -348,24 +385,15 @@ impl RateLimiter {
         k
     }
 
-    /// A Redis connection for one serving thread (see [`RedisClient::dedicated`]).
-    pub fn connection(&self) -> Option<RedisClient> {
-        let (client, _) = self.store.as_ref()?;
-        client.dedicated().ok().or_else(|| Some(client.clone()))
-    }
-
-    /// Decides a request to route number `route` (named `route_name`) from `caller`, over
-    /// `conn` (this thread's connection from [`RateLimiter::connection`]).
+    /// Decides a request to a route with `plan` (named `route_name`) from `caller`, over
+    /// `conn` (a serving thread's connection).
     pub async fn check(
         &self,
         conn: Option<&RedisClient>,
-        route: usize,
+        plan: &RouteLimits,
         route_name: &str,
         caller: &Caller,
-    ) -> Outcome {
-        let Some(plan) = self.routes.get(route).filter(|p| !p.limits.is_empty()) else {
-            return Outcome::Allowed(None);
-        };
+    ) -> Decision {
         let mut groups: Vec<Group> = Vec::with_capacity(plan.limits.len());
         for &i in &plan.limits {
             let id = self.identity(&self.limits[i], caller, route_name);
@@ -592,7 +620,7 @@ impl RateLimiter {
     }
 
     /// Step 5: the answer from every limit's result.
-    fn answer(&self, plan: &RoutePlan, results: &[Option<LimitResult>]) -> Outcome {
+    fn answer(&self, plan: &RouteLimits, results: &[Option<LimitResult>]) -> Decision {
         let mut refusal: Option<(usize, LimitState)> = None;
         let mut tightest: Option<(usize, LimitState)> = None;
         let mut unavailable = None;
@@ -620,47 +648,29 @@ impl RateLimiter {
         }
         if let Some((i, state)) = refusal {
             let l = &self.limits[i];
-            let retry = ceil_secs(state.retry_after).max(1);
-            let headers = RateHeaders {
-                quota: l.quota,
-                remaining: 0,
-                reset: state.reset,
-                policy: plan.policy.clone(),
-                legacy: self.legacy_headers,
-            };
-            let problem = Problem::kind(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate-limited",
-                "Too Many Requests",
-            )
-            .detail(format!(
-                "rate limit {:?} ({} per {}) exceeded; retry in {retry} s",
-                &*l.name,
-                l.params.limit,
-                humantime_period(l.params.period),
-            ))
-            .with("limit", &*l.name)
-            .with("retry_after", retry)
-            .header(header::RETRY_AFTER, HeaderValue::from(retry));
-            let mut res = problem.into_response();
-            headers.apply(res.headers_mut());
-            return Outcome::Refused(res);
+            return Decision::Refused(Refusal::OverLimit {
+                limit: l.name.clone(),
+                rate: format!(
+                    "{} per {}",
+                    l.params.limit,
+                    humantime_period(l.params.period)
+                ),
+                retry_after: ceil_secs(state.retry_after).max(1),
+                headers: RateHeaders {
+                    quota: l.quota,
+                    remaining: 0,
+                    reset: state.reset,
+                    policy: plan.policy.clone(),
+                    legacy: self.legacy_headers,
+                },
+            });
         }
         if let Some(i) = unavailable {
-            let problem = Problem::kind(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "rate-limiter-unavailable",
-                "Rate limiter unavailable",
-            )
-            .detail(format!(
-                "rate limit {:?} cannot be checked right now and does not admit requests unchecked",
-                &*self.limits[i].name
-            ))
-            .with("limit", &*self.limits[i].name)
-            .header(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            return Outcome::Refused(problem.into_response());
+            return Decision::Refused(Refusal::Unavailable {
+                limit: self.limits[i].name.clone(),
+            });
         }
-        Outcome::Allowed(tightest.map(|(i, state)| RateHeaders {
+        Decision::Allowed(tightest.map(|(i, state)| RateHeaders {
             quota: self.limits[i].quota,
             remaining: state.remaining,
             reset: state.reset,

@@ -186,6 +186,30 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
+/// One serving thread's keep-alive connections to every pool, indexed by
+/// [`Upstream::index`]: each thread owns its own, so no lock is shared on the request path.
+pub struct Clients(Box<[Client]>);
+
+impl Clients {
+    /// New (empty) connection pools to each of `pools`, for one serving thread.
+    pub fn for_thread(pools: &[Arc<Upstream>]) -> Self {
+        Self(pools.iter().map(|u| u.new_client()).collect())
+    }
+
+    /// This thread's connections to `upstream`.
+    pub fn of(&self, upstream: &Upstream) -> &Client {
+        &self.0[upstream.index]
+    }
+}
+
+impl std::fmt::Debug for Clients {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Clients")
+            .field("pools", &self.0.len())
+            .finish()
+    }
+}
+
 /// Requests that tried more than this many endpoints stop tracking (retries are capped at 10).
 const MAX_TRIED: usize = 12;
 

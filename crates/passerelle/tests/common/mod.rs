@@ -175,11 +175,19 @@ pub fn config_with(users: UpstreamConfig, products: UpstreamConfig) -> Config {
 pub struct Gateway {
     pub addr: SocketAddr,
     pub http: HttpClient,
+    /// Its admin API (detailed `/ready`, `/metrics`, rate limits, cache).
+    pub admin: HttpClient,
     _stop: oneshot::Sender<()>,
 }
 
-pub async fn gateway(config: Config) -> Gateway {
+/// Runs `config` in this process, with its admin API on `gateway.admin_listen` or, when
+/// that is off, on a free port.
+pub async fn gateway(mut config: Config) -> Gateway {
     let (listener, addr) = passerelle_testkit::listener().await;
+    let admin_addr = *config
+        .gateway
+        .admin_listen
+        .get_or_insert_with(|| SocketAddr::from(([127, 0, 0, 1], passerelle_testkit::free_port())));
     let (tx, rx) = oneshot::channel::<()>();
     tokio::spawn(async move {
         passerelle_gateway::run(&config, listener, async {
@@ -188,11 +196,26 @@ pub async fn gateway(config: Config) -> Gateway {
         .await
         .unwrap();
     });
+    let admin = HttpClient::new(format!("http://{admin_addr}"));
+    wait_healthy(&admin, "admin API").await;
     Gateway {
         addr,
         http: HttpClient::new(format!("http://{addr}")),
+        admin,
         _stop: tx,
     }
+}
+
+/// Waits until `GET /health` answers 200 (a readiness check, not a sleep).
+pub async fn wait_healthy(http: &HttpClient, what: &str) {
+    let probe = http.clone();
+    passerelle_testkit::wait_until(Duration::from_secs(20), what, move || {
+        let http = probe.clone();
+        async move {
+            matches!(http.try_send(http::Method::GET, "/health", &[], bytes::Bytes::new()).await, Ok(r) if r.status == 200)
+        }
+    })
+    .await;
 }
 
 /// A real HTTP server that answers every request after `delay` with a JSON body naming
@@ -234,10 +257,13 @@ pub async fn serve(app: axum::Router) -> (SocketAddr, oneshot::Sender<()>) {
     (addr, tx)
 }
 
-/// A `passerelle gateway` process (`--config <path>`), killed (by PID) on drop.
+/// A `passerelle gateway` process (`--config <path>`, its admin API on a free port),
+/// killed (by PID) on drop.
 pub struct GatewayProcess {
     pub child: Child,
     pub http: HttpClient,
+    /// Its admin API (detailed `/ready`, `/metrics`, rate limits, cache).
+    pub admin: HttpClient,
     pub addr: SocketAddr,
 }
 
@@ -250,29 +276,32 @@ impl Drop for GatewayProcess {
 
 pub async fn gateway_process(config_path: &std::path::Path) -> GatewayProcess {
     let addr = SocketAddr::from(([127, 0, 0, 1], passerelle_testkit::free_port()));
+    let admin = SocketAddr::from(([127, 0, 0, 1], passerelle_testkit::free_port()));
     let child = Command::new(BIN)
         .args([
             "--config",
             config_path.to_str().unwrap(),
             "gateway",
             "--listen",
+            &addr.to_string(),
+            "--admin-listen",
+            &admin.to_string(),
         ])
-        .arg(addr.to_string())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
     let http = HttpClient::new(format!("http://{addr}"));
-    let probe = http.clone();
-    passerelle_testkit::wait_until(Duration::from_secs(20), "gateway health", move || {
-        let http = probe.clone();
-        async move {
-            matches!(http.try_send(http::Method::GET, "/health", &[], bytes::Bytes::new()).await, Ok(r) if r.status == 200)
-        }
-    })
-    .await;
-    GatewayProcess { child, http, addr }
+    let admin = HttpClient::new(format!("http://{admin}"));
+    wait_healthy(&http, "gateway health").await;
+    wait_healthy(&admin, "gateway admin API").await;
+    GatewayProcess {
+        child,
+        http,
+        admin,
+        addr,
+    }
 }
 
 /// An address where nothing listens (connections are refused).

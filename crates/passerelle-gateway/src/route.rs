@@ -1,0 +1,119 @@
+//! A compiled route: everything the gateway knows about one configured route, in one place.
+//!
+//! Each stage of the request path finds its part of the route here: the matcher its path
+//! and methods, authentication its policy, the limiter its limits, the cache its policy, the
+//! body stage its limit, the origin stage its origin and timeout, the observe stage its
+//! metric handles. Adding a route feature means adding a field here and a stage that reads
+//! it, not another array indexed in parallel.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use passerelle_config::{Config, PathTemplate, RouteConfig};
+
+use crate::GatewayError;
+use crate::auth::AuthPolicy;
+use crate::cache::{ResponseCache, RouteCache};
+use crate::compose::Part;
+use crate::observe::RouteMetrics;
+use crate::origin::Origin;
+use crate::rate_limit::{RateLimiter, RouteLimits};
+use crate::upstream::Upstream;
+
+/// One route, compiled.
+#[derive(Debug)]
+pub struct Route {
+    pub name: Arc<str>,
+    /// The path template, as configured.
+    pub path: String,
+    /// The configured methods (empty: all).
+    pub methods: Vec<String>,
+    pub auth: AuthPolicy,
+    /// Its rate limits (`None`: not limited, or the limiter is off).
+    pub limits: Option<RouteLimits>,
+    /// Its cache policy (`None`: not cached, or the cache is off).
+    pub cache: Option<Arc<RouteCache>>,
+    /// Largest request body accepted.
+    pub max_body: usize,
+    /// Overall deadline of a request, retries included.
+    pub timeout: Duration,
+    pub origin: Arc<Origin>,
+    pub metrics: RouteMetrics,
+}
+
+/// What routes are compiled against: the pools by name, and the components that give each
+/// route its part (absent when switched off).
+pub struct Components<'a> {
+    pub pools: &'a BTreeMap<String, Arc<Upstream>>,
+    pub limiter: Option<&'a RateLimiter>,
+    pub cache: Option<&'a ResponseCache>,
+}
+
+impl Route {
+    /// Compiles `r` of `config`.
+    pub fn compile(config: &Config, r: &RouteConfig, c: &Components) -> Result<Self, GatewayError> {
+        let pool = |name: &str| {
+            c.pools
+                .get(name)
+                .cloned()
+                .ok_or_else(|| GatewayError::UnknownUpstream {
+                    route: r.name.clone(),
+                    upstream: name.to_string(),
+                })
+        };
+        let template = |t: &str| {
+            PathTemplate::parse(t).map_err(|reason| GatewayError::Route {
+                route: r.name.clone(),
+                reason,
+            })
+        };
+        let origin = match (&r.upstream, &r.compose) {
+            (Some(up), _) => Origin::Proxy {
+                upstream: pool(up)?,
+                rewrite: r.rewrite.as_deref().map(template).transpose()?,
+            },
+            (None, Some(parts)) => Origin::Compose(
+                parts
+                    .iter()
+                    .map(|(name, p)| Ok(Part::new(name, pool(&p.upstream)?, template(&p.path)?)))
+                    .collect::<Result<_, GatewayError>>()?,
+            ),
+            (None, None) => {
+                return Err(GatewayError::Route {
+                    route: r.name.clone(),
+                    reason: "neither upstream nor compose".into(),
+                });
+            }
+        };
+        let limit_names = r
+            .rate_limits
+            .as_ref()
+            .unwrap_or(&config.rate_limiting.default_limits);
+        Ok(Self {
+            name: Arc::from(r.name.as_str()),
+            path: r.path.clone(),
+            methods: r.methods.clone(),
+            auth: AuthPolicy::default(),
+            limits: c.limiter.and_then(|l| l.route_limits(limit_names)),
+            cache: c.cache.and_then(|_| RouteCache::new(r)).map(Arc::new),
+            max_body: r
+                .max_request_body
+                .unwrap_or(config.gateway.max_request_body)
+                .as_usize(),
+            timeout: r.timeout.unwrap_or(config.gateway.request_timeout).get(),
+            origin: Arc::new(origin),
+            metrics: RouteMetrics::new(&r.name),
+        })
+    }
+
+    /// The route's cache tags rendered with this request's parameters (empty when the route
+    /// is not cached or has no tags).
+    pub fn cache_tags<'p>(&self, param: impl Fn(&str) -> Option<&'p str>) -> Vec<String> {
+        self.cache
+            .iter()
+            .flat_map(|c| &c.tags)
+            .map(|t| t.render(&param))
+            .collect()
+    }
+}
