@@ -183,3 +183,23 @@ impl IntoResponse for ProxyError {
         res
     }
 }
+
+/// Why a gateway could not be built or served (configuration that slipped past validation,
+/// a listener that cannot be bound).
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("upstream {0:?} has no endpoints; list its instances in upstreams.{0}.endpoints")]
+    NoEndpoints(String),
+    #[error("upstream {name:?}: invalid endpoint: {reason}")]
+    Endpoint { name: String, reason: String },
+    #[error("route {route:?} refers to unknown upstream {upstream:?}")]
+    UnknownUpstream { route: String, upstream: String },
+    #[error("route {route:?}: {reason}")]
+    Route { route: String, reason: String },
+    #[error(transparent)]
+    Routing(#[from] crate::routing::RouteError),
+    #[error(transparent)]
+    Redis(#[from] passerelle_redis::RedisError),
+    #[error("serving: {0}")]
+    Serve(std::io::Error),
+}

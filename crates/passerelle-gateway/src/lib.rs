@@ -61,6 +61,8 @@ use passerelle_http::ops::{Readiness, ReadySnapshot};
 use passerelle_redis::Redis;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::error::GatewayError;
+
 use crate::cache::ResponseCache;
 use crate::identity::IdentityResolver;
 use crate::observe::OwnMetrics;
@@ -72,24 +74,6 @@ use crate::upstream::{Clients, Upstream};
 
 /// How often the public `/ready` state is refreshed.
 const READY_REFRESH: Duration = Duration::from_secs(1);
-
-#[derive(Debug, thiserror::Error)]
-pub enum GatewayError {
-    #[error("upstream {0:?} has no endpoints; list its instances in upstreams.{0}.endpoints")]
-    NoEndpoints(String),
-    #[error("upstream {name:?}: invalid endpoint: {reason}")]
-    Endpoint { name: String, reason: String },
-    #[error("route {route:?} refers to unknown upstream {upstream:?}")]
-    UnknownUpstream { route: String, upstream: String },
-    #[error("route {route:?}: {reason}")]
-    Route { route: String, reason: String },
-    #[error(transparent)]
-    Routing(#[from] routing::RouteError),
-    #[error(transparent)]
-    Redis(#[from] passerelle_redis::RedisError),
-    #[error("serving: {0}")]
-    Serve(std::io::Error),
-}
 
 /// A built gateway: routes resolved, pools created. Background tasks (health checks) start
 /// with [`Gateway::start_background`].

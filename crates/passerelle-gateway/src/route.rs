@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use passerelle_config::{Config, PathTemplate, RouteConfig};
 
-use crate::GatewayError;
 use crate::auth::AuthPolicy;
 use crate::cache::{ResponseCache, RouteCache};
 use crate::compose::Part;
+use crate::error::GatewayError;
 use crate::observe::RouteMetrics;
 use crate::origin::Origin;
 use crate::rate_limit::{RateLimiter, RouteLimits};
