@@ -9,6 +9,11 @@
 //! body straight from the upstream socket into the client's response; the connection goes
 //! back to its endpoint's pool when the body ends. One client exists per serving thread, so
 //! its pools are never contended. The wire format is in [`super::h1`].
+//!
+//! A pooled connection may turn out dead only once the request is on it (the upstream
+//! closed it while idle, and the close had not reached the runtime, or crossed the request
+//! on the wire). When nothing at all came back, an idempotent request is sent once more on
+//! a new connection, within the same attempt; other requests fail with the I/O error.
 
 use std::io;
 use std::pin::Pin;
@@ -161,52 +166,24 @@ impl Client {
         out: &Outgoing,
         now: Instant,
     ) -> Result<Response<UpstreamBody>, ClientError> {
-        let mut conn = match self.shared.checkout(endpoint, now) {
-            Some(c) => c,
-            // Boxed: connecting (with name resolution) is a large future and a rare path;
-            // inline, it would bloat every request's state.
-            None => Box::pin(self.connect(address)).await?,
-        };
-        let mut head = std::mem::take(&mut conn.wbuf);
-        head.clear();
-        h1::encode_request(
-            &mut head,
-            &out.method,
-            &out.path_and_query,
-            &out.headers,
-            authority,
-            out.body.len(),
-        );
-        let written = if out.body.len() <= COALESCE_BODY {
-            head.extend_from_slice(&out.body);
-            conn.stream.write_all(&head).await
-        } else {
-            match conn.stream.write_all(&head).await {
-                Ok(()) => conn.stream.write_all(&out.body).await,
-                Err(e) => Err(e),
-            }
-        };
-        written.map_err(ClientError::Io)?;
-        // Large one-off bodies do not pin their buffer to the connection.
-        if head.capacity() <= 4 * COALESCE_BODY {
-            conn.wbuf = head;
-        }
-
-        let head = loop {
-            if !conn.buf.is_empty()
-                && let Some(h) = h1::parse_response(&mut conn.buf, &out.method)?
-            {
-                break h;
-            }
-            conn.buf.reserve(READ_CHUNK);
-            let n = tokio::io::AsyncReadExt::read_buf(&mut conn.stream, &mut conn.buf)
-                .await
-                .map_err(ClientError::Io)?;
-            if n == 0 {
-                return Err(ClientError::Io(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "connection closed before a complete response head",
-                )));
+        let mut pooled = self.shared.checkout(endpoint, now);
+        let (conn, head) = loop {
+            let reused = pooled.is_some();
+            let mut conn = match pooled.take() {
+                Some(c) => c,
+                // Boxed: connecting (with name resolution) is a large future and a rare path;
+                // inline, it would bloat every request's state.
+                None => Box::pin(self.connect(address)).await?,
+            };
+            match exchange(&mut conn, authority, out).await {
+                Ok(head) => break (conn, head),
+                // A pooled connection the upstream had closed: its close not yet seen when
+                // the connection was checked out (the runtime had not polled for I/O since
+                // it arrived), or crossing the request on the wire. Nothing came back, so an
+                // idempotent request goes once more, on a new connection (as other HTTP
+                // clients do); `reused` is false from then on.
+                Err(Failed::Silent(_)) if reused && is_idempotent(&out.method) => continue,
+                Err(Failed::Silent(e) | Failed::Answered(e)) => return Err(e),
             }
         };
 
@@ -229,6 +206,74 @@ impl Client {
         *res.status_mut() = head.status;
         *res.headers_mut() = head.headers;
         Ok(res)
+    }
+}
+
+/// How an exchange on one connection failed.
+enum Failed {
+    /// The connection failed before any byte of a response came back.
+    Silent(ClientError),
+    /// Something came back: a broken or invalid response.
+    Answered(ClientError),
+}
+
+/// Writes the request on `conn` and reads the response head.
+async fn exchange(
+    conn: &mut Conn,
+    authority: &Authority,
+    out: &Outgoing,
+) -> Result<h1::Head, Failed> {
+    let mut head = std::mem::take(&mut conn.wbuf);
+    head.clear();
+    h1::encode_request(
+        &mut head,
+        &out.method,
+        &out.path_and_query,
+        &out.headers,
+        authority,
+        out.body.len(),
+    );
+    let written = if out.body.len() <= COALESCE_BODY {
+        head.extend_from_slice(&out.body);
+        conn.stream.write_all(&head).await
+    } else {
+        match conn.stream.write_all(&head).await {
+            Ok(()) => conn.stream.write_all(&out.body).await,
+            Err(e) => Err(e),
+        }
+    };
+    written.map_err(|e| Failed::Silent(ClientError::Io(e)))?;
+    // Large one-off bodies do not pin their buffer to the connection.
+    if head.capacity() <= 4 * COALESCE_BODY {
+        conn.wbuf = head;
+    }
+
+    let mut received = false;
+    loop {
+        if !conn.buf.is_empty()
+            && let Some(h) = h1::parse_response(&mut conn.buf, &out.method)
+                .map_err(|e| Failed::Answered(e.into()))?
+        {
+            return Ok(h);
+        }
+        conn.buf.reserve(READ_CHUNK);
+        let read = tokio::io::AsyncReadExt::read_buf(&mut conn.stream, &mut conn.buf).await;
+        let error = match read {
+            Ok(0) => io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed before a complete response head",
+            ),
+            Ok(_) => {
+                received = true;
+                continue;
+            }
+            Err(e) => e,
+        };
+        return Err(if received {
+            Failed::Answered(ClientError::Io(error))
+        } else {
+            Failed::Silent(ClientError::Io(error))
+        });
     }
 }
 
