@@ -724,3 +724,7 @@ pub fn render(
     set_status(&mut res, &status);
     res
 }
+
+#[cfg(test)]
+#[path = "stage_tests.rs"]
+mod tests;

@@ -772,3 +772,6 @@ fn humantime_period(d: Duration) -> String {
         s => format!("{s} s"),
     }
 }
+
+#[cfg(test)]
+mod tests;

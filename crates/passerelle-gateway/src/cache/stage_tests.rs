@@ -1,0 +1,259 @@
+//! The cache stage on its own: a real `redis-server` as L2, a counting HTTP origin, and the
+//! stage's handles, with no gateway around them.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::Path;
+use passerelle_config::Config;
+use passerelle_redis::Redis;
+use passerelle_testkit::RedisServer;
+
+use super::*;
+use crate::cache::ResponseCache;
+use crate::origin::{Origin, Target};
+use crate::upstream::{Clients, Upstream};
+
+/// An origin that counts the requests it gets, by path. `/items/{id}` is public,
+/// `/private/{id}` says `Cache-Control: private`, `/slow/{id}` answers after 200 ms.
+#[derive(Clone, Default)]
+struct Counting(Arc<Mutex<HashMap<String, usize>>>);
+
+impl Counting {
+    fn hits(&self, path: &str) -> usize {
+        self.0.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+
+    async fn serve(&self) -> SocketAddr {
+        let count = |c: Counting, path: String| {
+            *c.0.lock().unwrap().entry(path).or_default() += 1;
+        };
+        let (a, b, d) = (self.clone(), self.clone(), self.clone());
+        let app = axum::Router::new()
+            .route("/health", axum::routing::get(|| async { "ok" }))
+            .route(
+                "/items/{id}",
+                axum::routing::get(move |Path(id): Path<String>| async move {
+                    count(a, format!("/items/{id}"));
+                    (
+                        [("content-type", "application/json")],
+                        format!("{{\"id\":\"{id}\"}}"),
+                    )
+                }),
+            )
+            .route(
+                "/private/{id}",
+                axum::routing::get(move |Path(id): Path<String>| async move {
+                    count(b, format!("/private/{id}"));
+                    (
+                        [("cache-control", "private, max-age=60")],
+                        format!("{{\"id\":\"{id}\"}}"),
+                    )
+                }),
+            )
+            .route(
+                "/slow/{id}",
+                axum::routing::get(move |Path(id): Path<String>| async move {
+                    count(d, format!("/slow/{id}"));
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    format!("{{\"id\":\"{id}\"}}")
+                }),
+            );
+        let (listener, addr) = passerelle_testkit::listener().await;
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        addr
+    }
+}
+
+/// One gateway replica's view: its cache handle and what a route gives the stage.
+struct Replica {
+    handle: CacheHandle,
+    policy: Arc<RouteCache>,
+    origin: Arc<Origin>,
+    clients: Arc<Clients>,
+    identity: IdentityResolver,
+}
+
+fn config(redis: &RedisServer, origin: SocketAddr) -> Config {
+    Config::from_toml(
+        "test.toml",
+        &format!(
+            "[redis]\nurl = \"{}\"\n[cache]\nredis_timeout = \"500ms\"\nbreaker_failures = 1\nbreaker_open_for = \"50ms\"\n\
+             [upstreams.o]\nendpoints = [\"{origin}\"]\n[upstreams.o.retry]\nretries = 0\n\
+             [[routes]]\nname = \"r\"\npath = \"/{{kind}}/{{id}}\"\nupstream = \"o\"\n\
+             [routes.cache]\nttl = \"30s\"\n",
+            redis.url()
+        ),
+        Vec::new(),
+    )
+    .unwrap()
+}
+
+impl Replica {
+    fn new(cfg: &Config) -> Self {
+        let redis = Redis::from_config(&cfg.redis).unwrap();
+        let cache = Arc::new(ResponseCache::new(cfg, redis.as_ref()).unwrap());
+        let up = Arc::new(Upstream::new("o", 0, &cfg.upstreams["o"]).unwrap());
+        Self {
+            handle: cache.for_thread(),
+            policy: Arc::new(RouteCache::new(&cfg.routes[0]).unwrap()),
+            origin: Arc::new(Origin::Proxy {
+                upstream: up.clone(),
+                rewrite: None,
+            }),
+            clients: Arc::new(Clients::for_thread(&[up])),
+            identity: IdentityResolver::new(&cfg.gateway.identity),
+        }
+    }
+
+    async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Response<Body> {
+        let mut req = http::Request::get(path);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let (parts, ()) = req.body(()).unwrap().into_parts();
+        let client = ClientAddr::new(IpAddr::from([127, 0, 0, 1]));
+        let request_id = HeaderValue::from_static("test");
+        let req = CacheRequest {
+            policy: &self.policy,
+            parts,
+            tags: Vec::new(),
+            timeout: Duration::from_secs(5),
+            start: Instant::now(),
+            client: &client,
+            request_id: &request_id,
+            identity: &self.identity,
+        };
+        let origin = OriginCall {
+            origin: self.origin.clone(),
+            target: Target::Proxy(path.parse().unwrap()),
+            clients: self.clients.clone(),
+        };
+        self.handle.serve(req, origin).await.unwrap()
+    }
+}
+
+fn status_of(res: &Response<Body>) -> String {
+    res.headers()
+        .get(CACHE_STATUS)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+#[tokio::test]
+async fn a_miss_is_stored_then_served_from_l1_here_and_from_l2_on_another_replica() {
+    let redis = RedisServer::start();
+    let origin = Counting::default();
+    let cfg = config(&redis, origin.serve().await);
+    let (a, b) = (Replica::new(&cfg), Replica::new(&cfg));
+
+    let first = a.get("/items/1", &[]).await;
+    assert_eq!(first.status(), StatusCode::OK);
+    assert!(
+        status_of(&first).contains("fwd=uri-miss; stored"),
+        "{}",
+        status_of(&first)
+    );
+    let second = a.get("/items/1", &[]).await;
+    assert!(
+        status_of(&second).contains("detail=l1"),
+        "{}",
+        status_of(&second)
+    );
+    let other = b.get("/items/1", &[]).await;
+    assert!(
+        status_of(&other).contains("detail=l2"),
+        "{}",
+        status_of(&other)
+    );
+    assert_eq!(origin.hits("/items/1"), 1);
+    let body = axum::body::to_bytes(other.into_body(), 1024).await.unwrap();
+    assert_eq!(&body[..], br#"{"id":"1"}"#);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_misses_make_one_origin_call() {
+    let redis = RedisServer::start();
+    let origin = Counting::default();
+    let cfg = config(&redis, origin.serve().await);
+    let a = Arc::new(Replica::new(&cfg));
+    let calls = (0..50).map(|_| {
+        let a = a.clone();
+        tokio::spawn(async move { a.get("/slow/7", &[]).await.status() })
+    });
+    for s in futures_util::future::join_all(calls).await {
+        assert_eq!(s.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(origin.hits("/slow/7"), 1);
+}
+
+#[tokio::test]
+async fn an_etag_match_is_a_304_and_a_private_answer_stays_with_its_caller() {
+    let redis = RedisServer::start();
+    let origin = Counting::default();
+    let cfg = config(&redis, origin.serve().await);
+    let a = Replica::new(&cfg);
+
+    let etag = a.get("/items/2", &[]).await.headers()[header::ETAG].clone();
+    let res = a
+        .get("/items/2", &[("if-none-match", etag.to_str().unwrap())])
+        .await;
+    assert_eq!(res.status(), StatusCode::NOT_MODIFIED);
+
+    // Two callers told apart by their credentials each get their own copy, and an
+    // anonymous caller's private answer is never stored.
+    for who in ["Bearer alice", "Bearer bob", "Bearer alice"] {
+        let res = a.get("/private/3", &[("authorization", who)]).await;
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    assert_eq!(
+        origin.hits("/private/3"),
+        2,
+        "alice's second read was hers, from the cache"
+    );
+    a.get("/private/4", &[]).await;
+    a.get("/private/4", &[]).await;
+    assert_eq!(origin.hits("/private/4"), 2);
+}
+
+#[tokio::test]
+async fn without_redis_the_origin_answers_and_caching_resumes_when_it_is_back() {
+    let mut redis = RedisServer::start();
+    let origin = Counting::default();
+    let cfg = config(&redis, origin.serve().await);
+    let a = Replica::new(&cfg);
+    redis.stop();
+    for i in 0..5 {
+        let started = Instant::now();
+        let res = a.get(&format!("/items/down-{i}"), &[]).await;
+        assert_eq!(res.status(), StatusCode::OK);
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "no hang on a dead Redis"
+        );
+    }
+    redis.restart();
+    // Once Redis is back, what one replica fetches the other finds there (a new key each
+    // try, so that neither answers from its own memory).
+    let b = Replica::new(&cfg);
+    let tries = std::sync::atomic::AtomicUsize::new(0);
+    passerelle_testkit::wait_until(Duration::from_secs(10), "L2 again", || {
+        let (a, b) = (&a, &b);
+        let path = format!(
+            "/items/back-{}",
+            tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        async move {
+            a.get(&path, &[]).await;
+            status_of(&b.get(&path, &[]).await).contains("detail=l2")
+        }
+    })
+    .await;
+}
