@@ -15,6 +15,7 @@
 //!
 //! - [`routing`]: path templates and methods → a route; [`route`]: the compiled route;
 //! - [`auth`]: who may call a route (a placeholder policy for now);
+//! - [`body`]: the request body, bounded in size and time;
 //! - [`identity`]: who is calling (client IP through trusted proxies, API key, user);
 //! - [`rate_limit`]: the route's limits, decided in Redis, with fallbacks;
 //! - [`cache`]: the response cache: in-process L1, Redis L2, collapsing, invalidation;
@@ -36,6 +37,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod body;
 pub mod breaker;
 pub mod cache;
 pub mod compose;

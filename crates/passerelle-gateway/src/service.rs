@@ -11,7 +11,7 @@
 //! | 4 | authentication | [`crate::auth`] | admitted, or refused |
 //! | 5 | rate limit | [`crate::rate_limit`] | allowed with `RateLimit-*` headers, or refused (429, 503) |
 //! | 6 | cache | [`crate::cache::stage`] | a `GET`/`HEAD` on a cached route: answered from L1/L2, or fetched once for every waiter |
-//! | 7 | body | [`read_body`] | the body within the route's limit and deadline (413, 408) |
+//! | 7 | body | [`crate::body`] | the body within the route's limit and deadline (413, 408) |
 //! | 8 | origin | [`crate::origin`] | proxied to the route's pool, or composed from several |
 //! | 9 | response | [`Inner::handle`] | errors as problem+json, rate-limit headers, request id |
 //! | 10 | observe | [`crate::observe`] | counted by route and status, timed, access log |
@@ -23,20 +23,17 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::response::IntoResponse;
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderValue, Method, Request, Response, header};
-use http_body::Body as _;
-use http_body_util::BodyExt;
+use http::{HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
 use passerelle_http::ops::{Readiness, ReadySnapshot};
 use passerelle_http::request_id;
 
-use crate::auth;
 use crate::cache::stage::CacheRequest;
 use crate::cache::{CacheHandle, ResponseCache};
 use crate::error::ProxyError;
@@ -48,6 +45,7 @@ use crate::rate_limit::{Decision, LimiterHandle, RateHeaders, RateLimiter};
 use crate::route::Route;
 use crate::routing::{Miss, RouteTable};
 use crate::upstream::{Clients, Upstream};
+use crate::{auth, body};
 
 /// The gateway's request handling, shared by every connection and thread.
 #[derive(Debug)]
@@ -324,7 +322,7 @@ impl Inner {
         let body = match &*route.origin {
             Origin::Compose(_) => Bytes::new(),
             Origin::Proxy { .. } => {
-                read_body(&parts.headers, body, route.max_body, deadline).await?
+                body::read(&parts.headers, body, route.max_body, deadline).await?
             }
         };
         let headers = proxy::upstream_headers(parts.headers, client, request_id);
@@ -355,69 +353,4 @@ impl Inner {
             }
         })
     }
-}
-
-/// Stage 7: the request body, bounded in size and time. A body-less request costs nothing
-/// (and no future: the reading one is boxed, off the common path).
-async fn read_body(
-    headers: &http::HeaderMap,
-    body: Incoming,
-    limit: usize,
-    deadline: Instant,
-) -> Result<Bytes, ProxyError> {
-    if body.is_end_stream() {
-        return Ok(Bytes::new());
-    }
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        // Refused unread, but drained (bounded) so that the 413 reaches the client.
-        tokio::spawn(drain(body));
-        return Err(ProxyError::BodyTooLarge { limit });
-    }
-    Box::pin(collect_body(body, limit, deadline)).await
-}
-
-/// Reads a body of at most `limit` bytes by `deadline`. A body found too large while
-/// streaming is drained in the background (bounded in bytes and time) instead of dropped:
-/// closing a socket with unread data resets it, and the client would lose the 413 it is
-/// about to read (what nginx's lingering close avoids).
-async fn collect_body(
-    mut body: Incoming,
-    limit: usize,
-    deadline: Instant,
-) -> Result<Bytes, ProxyError> {
-    let mut buf = bytes::BytesMut::new();
-    loop {
-        let frame = match tokio::time::timeout_at(deadline.into(), body.frame()).await {
-            Err(_) => return Err(ProxyError::BodyTimeout),
-            Ok(None) => return Ok(buf.freeze()),
-            Ok(Some(Err(e))) => return Err(ProxyError::BodyRead(e.to_string())),
-            Ok(Some(Ok(f))) => f,
-        };
-        let Ok(data) = frame.into_data() else {
-            continue; // trailers: nothing to forward
-        };
-        if buf.len() + data.len() > limit {
-            tokio::spawn(drain(body));
-            return Err(ProxyError::BodyTooLarge { limit });
-        }
-        buf.extend_from_slice(&data);
-    }
-}
-
-async fn drain(mut body: Incoming) {
-    const MAX_DRAIN: usize = 16 * 1024 * 1024;
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        let mut seen = 0;
-        while let Some(Ok(f)) = body.frame().await {
-            seen += f.data_ref().map_or(0, Bytes::len);
-            if seen > MAX_DRAIN {
-                break;
-            }
-        }
-    })
-    .await;
 }
