@@ -17,13 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{Result, ensure_packages};
-
-enum Suite {
-    Proxy,
-    RateLimit,
-    Cache,
-}
+use crate::Result;
 
 pub(crate) struct Options {
     pub duration: u64,
@@ -31,7 +25,7 @@ pub(crate) struct Options {
     pub threads: u32,
 }
 
-fn parse_args(args: &[String]) -> Result<Options> {
+pub(crate) fn parse_args(args: &[String]) -> Result<Options> {
     let mut o = Options {
         duration: 10,
         connections: 64,
@@ -309,31 +303,6 @@ fn measure(name: &str, script: &Path, url: &str, o: &Options, cpu_pids: &[u32]) 
     }
 }
 
-pub fn run(args: &[String]) -> Result {
-    let (suite, args) = match args.split_first() {
-        Some((s, rest)) if s == "rate-limit" => (Suite::RateLimit, rest),
-        Some((s, rest)) if s == "cache" => (Suite::Cache, rest),
-        _ => (Suite::Proxy, args),
-    };
-    let o = parse_args(args)?;
-    ensure_packages(&[
-        ("redis-server", "redis-server"),
-        ("nginx", "nginx-light"),
-        ("wrk", "wrk"),
-    ])?;
-    let bin = crate::release_binary()?;
-    let dir = std::env::temp_dir().join(format!("passerelle-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let result = match suite {
-        Suite::Proxy => bench(&o, &bin, &dir),
-        Suite::RateLimit => bench_rate_limit(&o, &bin, &dir),
-        Suite::Cache => crate::bench_cache::run(&o, &bin, &dir),
-    };
-    let _ = std::fs::remove_dir_all(&dir);
-    result
-}
-
 /// Starts `passerelle up` (3 instances per service, admin API on a free port) with an
 /// optional config file and environment overrides; returns it and the gateway's address.
 pub(crate) fn start_platform(
@@ -386,7 +355,7 @@ pub(crate) fn start_platform(
     Ok((up, format!("127.0.0.1:{gw_port}")))
 }
 
-fn bench(o: &Options, bin: &Path, dir: &Path) -> Result {
+pub(crate) fn bench(o: &Options, bin: &Path, dir: &Path) -> Result {
     let users_lua = dir.join("users.lua");
     let api_lua = dir.join("api.lua");
     std::fs::write(&users_lua, USERS_LUA).map_err(|e| e.to_string())?;
@@ -622,7 +591,7 @@ fn redis_calls(addr: &str) -> f64 {
 /// with a GCRA limit that never trips (one Redis decision per request), and for a client
 /// over its limit (refused from the local block); Redis calls per request from the
 /// gateway's own counter.
-fn bench_rate_limit(o: &Options, bin: &Path, dir: &Path) -> Result {
+pub(crate) fn bench_rate_limit(o: &Options, bin: &Path, dir: &Path) -> Result {
     let config = dir.join("rate-limit.toml");
     std::fs::write(&config, RATE_LIMIT_CONFIG).map_err(|e| e.to_string())?;
     let (up, gateway) = start_platform(bin, dir, Some(&config), &[])?;

@@ -38,7 +38,7 @@ fn main() -> ExitCode {
         "test" => test(&rest),
         "up" => up(&rest),
         "install" => install(),
-        "bench" => bench::run(&rest),
+        "bench" => bench(&rest),
         "deps" => ensure_packages(&[
             ("redis-server", "redis-server"),
             ("redis-cli", "redis-tools"),
@@ -214,6 +214,30 @@ fn up(args: &[String]) -> Result {
     use std::os::unix::process::CommandExt;
     let e = cmd.exec();
     Err(format!("cannot run {}: {e}", bin.display()))
+}
+
+/// `cargo xtask bench [rate-limit | cache] [OPTIONS]`: the suite's table, measured on the
+/// release binary, in a scratch directory removed afterwards.
+fn bench(args: &[String]) -> Result {
+    type Suite = fn(&bench::Options, &std::path::Path, &std::path::Path) -> Result;
+    let (suite, args): (Suite, &[String]) = match args.split_first() {
+        Some((s, rest)) if s == "rate-limit" => (bench::bench_rate_limit, rest),
+        Some((s, rest)) if s == "cache" => (bench_cache::run, rest),
+        _ => (bench::bench, args),
+    };
+    let o = bench::parse_args(args)?;
+    ensure_packages(&[
+        ("redis-server", "redis-server"),
+        ("nginx", "nginx-light"),
+        ("wrk", "wrk"),
+    ])?;
+    let bin = release_binary()?;
+    let dir = std::env::temp_dir().join(format!("passerelle-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let result = suite(&o, &bin, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
 
 fn install() -> Result {
