@@ -254,7 +254,7 @@ async fn the_gateway_ignores_unused_upstreams_and_takes_its_admin_address_from_a
     .unwrap();
     let port = passerelle_testkit::free_port();
     let admin_port = passerelle_testkit::free_port();
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args([
             "--config",
             file.to_str().unwrap(),
@@ -270,6 +270,8 @@ async fn the_gateway_ignores_unused_upstreams_and_takes_its_admin_address_from_a
         .stderr(std::process::Stdio::inherit())
         .spawn()
         .unwrap();
+    // Stopped by PID when the test ends, passed or failed.
+    let _child = Killed(child);
     let gw = passerelle_testkit::HttpClient::new(format!("http://127.0.0.1:{port}"));
     let admin = passerelle_testkit::HttpClient::new(format!("http://127.0.0.1:{admin_port}"));
     for http in [&gw, &admin] {
@@ -287,6 +289,14 @@ async fn the_gateway_ignores_unused_upstreams_and_takes_its_admin_address_from_a
     let ready = admin.get("/ready").await.json();
     assert!(ready["checks"].get("upstream:people").is_some(), "{ready}");
     assert!(ready["checks"].get("upstream:users").is_none(), "{ready}");
-    passerelle_testkit::kill(child.id(), libc::SIGTERM);
-    let _ = child.wait();
+}
+
+/// A child process killed and reaped on drop.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
