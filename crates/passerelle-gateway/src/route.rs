@@ -103,7 +103,7 @@ impl Route {
                 .as_usize(),
             timeout: r.timeout.unwrap_or(config.gateway.request_timeout).get(),
             origin: Arc::new(origin),
-            metrics: RouteMetrics::new(&r.name),
+            metrics: RouteMetrics::new(crate::observe::SERVICE, &r.name),
         })
     }
 

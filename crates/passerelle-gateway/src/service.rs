@@ -7,6 +7,7 @@
 //! |---|---|---|---|
 //! | 1 | request id | `passerelle_http::request_id` | the client's sane `X-Request-Id`, or a new one |
 //! | 2 | ops | [`OpsEndpoint`] | `/health`, `/ready`: answered before routing, so no route shadows them |
+//! | 2½ | path | [`crate::normalize`] | one spelling per path (unreserved escapes decoded, `//` and dot segments removed); 400 for `%2F` or a climb above the root |
 //! | 3 | route | [`crate::routing`], [`crate::route`] | the compiled [`Route`] and the request's [`Target`]; 404, or 405 with `Allow` |
 //! | 4 | authentication | [`crate::auth`] | admitted, or refused |
 //! | 5 | rate limit | [`crate::rate_limit`] | allowed with `RateLimit-*` headers, or refused (429, 503) |
@@ -45,7 +46,7 @@ use crate::rate_limit::{Decision, LimiterHandle, RateHeaders, RateLimiter};
 use crate::route::Route;
 use crate::routing::{Miss, RouteTable};
 use crate::upstream::{Clients, Upstream};
-use crate::{auth, body};
+use crate::{auth, body, normalize};
 
 /// The gateway's request handling, shared by every connection and thread.
 #[derive(Debug)]
@@ -175,14 +176,14 @@ impl Inner {
         };
         metrics.record(&method, res.status(), elapsed);
         if let Some(path) = access {
-            tracing::info!(
-                target: "access",
-                method = %method,
-                path,
-                route = metrics.name(),
-                status = res.status().as_u16(),
-                micros = elapsed.as_micros() as u64,
-                request_id = request_id.to_str().unwrap_or(""),
+            passerelle_http::observe::access_log(
+                crate::observe::SERVICE,
+                &method,
+                &path,
+                metrics.name(),
+                res.status(),
+                elapsed,
+                &request_id,
             );
         }
         res
@@ -202,6 +203,12 @@ impl Inner {
             // Boxed, like every rare path here, so that the proxy path's state stays small.
             return (Counted::Ops(o), Box::pin(self.ops(o, req.method())).await);
         }
+
+        // 2½. Path normalization: one spelling per resource for every stage below.
+        let req = match normalize::request(req) {
+            Ok(r) => r,
+            Err(e) => return (Counted::Unmatched, Err(e)),
+        };
 
         // 3. Route.
         let (parts, body) = req.into_parts();

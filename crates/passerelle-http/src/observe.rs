@@ -8,7 +8,7 @@
 //! endpoints are routes like the others (`/health`, `/ready`, `/metrics`); the gateway,
 //! whose routes are labelled by name, counts them as `health`, `ready` and `metrics`.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
@@ -40,6 +40,29 @@ pub fn method_label(m: &Method) -> &'static str {
     }
 }
 
+fn requests_counter(
+    service: &'static str,
+    route: &str,
+    method: &'static str,
+    status: StatusCode,
+) -> metrics::Counter {
+    metrics::counter!(
+        "passerelle_http_requests_total",
+        "service" => service,
+        "route" => route.to_string(),
+        "method" => method,
+        "status" => status.as_str().to_string(),
+    )
+}
+
+fn duration_histogram(service: &'static str, route: &str) -> metrics::Histogram {
+    metrics::histogram!(
+        "passerelle_http_request_duration_seconds",
+        "service" => service,
+        "route" => route.to_string(),
+    )
+}
+
 /// Records one finished request: `passerelle_http_requests_total` and
 /// `passerelle_http_request_duration_seconds`.
 pub fn record(
@@ -49,21 +72,80 @@ pub fn record(
     status: StatusCode,
     elapsed: Duration,
 ) {
-    let route = route.to_string();
-    metrics::counter!(
-        "passerelle_http_requests_total",
-        "service" => service,
-        "route" => route.clone(),
-        "method" => method_label(method),
-        "status" => status.as_str().to_string(),
-    )
-    .increment(1);
-    metrics::histogram!(
-        "passerelle_http_request_duration_seconds",
-        "service" => service,
-        "route" => route,
-    )
-    .record(elapsed.as_secs_f64());
+    requests_counter(service, route, method_label(method), status).increment(1);
+    duration_histogram(service, route).record(elapsed.as_secs_f64());
+}
+
+/// The same metrics as [`record`], with the handles of one route created once: a proxy
+/// counts every request, and looking a counter up by its labels each time costs more than
+/// the rest of the bookkeeping. Counters are created once per (method, status) seen, then
+/// found by a short linear scan: a route sees a handful of combinations, and comparing two
+/// small values beats hashing a key.
+#[derive(Debug)]
+pub struct RouteMetrics {
+    service: &'static str,
+    name: Arc<str>,
+    duration: metrics::Histogram,
+    counters: RwLock<Vec<(&'static str, u16, metrics::Counter)>>,
+}
+
+impl RouteMetrics {
+    pub fn new(service: &'static str, route: &str) -> Self {
+        Self {
+            service,
+            name: Arc::from(route),
+            duration: duration_histogram(service, route),
+            counters: RwLock::new(Vec::new()),
+        }
+    }
+
+    /// The route name this counts under.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn record(&self, method: &Method, status: StatusCode, elapsed: Duration) {
+        self.duration.record(elapsed.as_secs_f64());
+        let (m, s) = (method_label(method), status.as_u16());
+        let find = |v: &[(&'static str, u16, metrics::Counter)]| {
+            v.iter()
+                .find(|(vm, vs, _)| *vs == s && *vm == m)
+                .map(|(_, _, c)| c.clone())
+        };
+        if let Some(c) = self.counters.read().ok().and_then(|v| find(&v)) {
+            c.increment(1);
+            return;
+        }
+        let c = requests_counter(self.service, &self.name, m, status);
+        c.increment(1);
+        if let Ok(mut v) = self.counters.write()
+            && find(&v).is_none()
+        {
+            v.push((m, s, c));
+        }
+    }
+}
+
+/// One access-log line (target `access`, at info level), the same in every role.
+pub fn access_log(
+    service: &'static str,
+    method: &Method,
+    path: &str,
+    route: &str,
+    status: StatusCode,
+    elapsed: Duration,
+    request_id: &http::HeaderValue,
+) {
+    tracing::info!(
+        target: "access",
+        service,
+        method = %method,
+        path,
+        route,
+        status = status.as_u16(),
+        micros = elapsed.as_micros() as u64,
+        request_id = request_id.to_str().unwrap_or(""),
+    );
 }
 
 /// Settings of [`observe`].
@@ -89,15 +171,14 @@ pub async fn observe(State(o): State<Observe>, mut req: Request, next: Next) -> 
         .unwrap_or_else(|| Arc::from("unmatched"));
     record(o.service, &route, &method, res.status(), elapsed);
     if let Some(path) = path {
-        tracing::info!(
-            target: "access",
-            service = o.service,
-            method = %method,
-            path,
-            route = &*route,
-            status = res.status().as_u16(),
-            micros = elapsed.as_micros() as u64,
-            request_id = id.to_str().unwrap_or(""),
+        access_log(
+            o.service,
+            &method,
+            &path,
+            &route,
+            res.status(),
+            elapsed,
+            &id,
         );
     }
     res.headers_mut().insert(request_id::HEADER, id);

@@ -172,17 +172,26 @@ mod tests {
 
     #[test]
     fn slots_match_redis_cluster_spec() {
-        // Reference values from the Redis Cluster specification / CLUSTER KEYSLOT.
+        // Reference values: the Redis Cluster specification's examples, checked with
+        // `CLUSTER KEYSLOT` on a redis-server 7 with cluster-enabled.
         assert_eq!(hash_slot("123456789"), 12739);
         assert_eq!(hash_slot("foo"), 12182);
+        assert_eq!(hash_slot("{user1000}.following"), 3443);
         assert_eq!(
-            hash_slot("{user1000}.following"),
-            hash_slot("{user1000}.followers")
+            hash_slot("{user1000}.followers"),
+            12218,
+            "same tag, same slot"
         );
         assert_eq!(
             hash_slot("foo{}{bar}"),
-            hash_slot("foo{}{bar}"),
-            "empty tag hashes whole key"
+            8363,
+            "an empty tag hashes the whole key"
+        );
+        assert_eq!(hash_slot("foo{{bar}}zap"), 4015, "the tag is `{{bar`");
+        assert_eq!(
+            hash_slot("foo{bar}{zap}"),
+            5061,
+            "the first tag counts: `bar`"
         );
     }
 

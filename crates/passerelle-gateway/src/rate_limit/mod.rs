@@ -653,7 +653,7 @@ impl RateLimiter {
                 rate: format!(
                     "{} per {}",
                     l.params.limit,
-                    humantime_period(l.params.period)
+                    humantime::format_duration(l.params.period)
                 ),
                 retry_after: ceil_secs(state.retry_after).max(1),
                 headers: RateHeaders {
@@ -755,21 +755,6 @@ impl RateLimiter {
                 })
             })
             .collect()
-    }
-}
-
-fn humantime_period(d: Duration) -> String {
-    let s = d.as_secs();
-    match s {
-        _ if d.subsec_nanos() != 0 => format!("{} ms", d.as_millis()),
-        86400 => "day".into(),
-        3600 => "hour".into(),
-        60 => "minute".into(),
-        1 => "second".into(),
-        s if s % 86400 == 0 => format!("{} days", s / 86400),
-        s if s % 3600 == 0 => format!("{} h", s / 3600),
-        s if s % 60 == 0 => format!("{} min", s / 60),
-        s => format!("{s} s"),
     }
 }
 
