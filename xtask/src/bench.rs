@@ -303,16 +303,26 @@ fn measure(name: &str, script: &Path, url: &str, o: &Options, cpu_pids: &[u32]) 
     }
 }
 
+/// A running `passerelle up`, stopped when dropped.
+pub(crate) struct Platform {
+    pub up: Guard,
+    /// The gateway's public address (`127.0.0.1:port`).
+    pub gateway: String,
+    /// Its admin address, where `/metrics` is.
+    pub admin: String,
+}
+
 /// Starts `passerelle up` (3 instances per service, admin API on a free port) with an
-/// optional config file and environment overrides; returns it and the gateway's address.
+/// optional config file and environment overrides.
 pub(crate) fn start_platform(
     bin: &Path,
     dir: &Path,
     config: Option<&Path>,
     env: &[(&str, &str)],
-) -> Result<(Guard, String)> {
+) -> Result<Platform> {
     eprintln!("starting passerelle up (release)...");
     let gw_port = free_port()?;
+    let admin = format!("127.0.0.1:{}", free_port()?);
     let mut cmd = Command::new(bin);
     if let Some(c) = config {
         cmd.arg("--config").arg(c);
@@ -327,7 +337,7 @@ pub(crate) fn start_platform(
     ])
     .arg(dir.join("data"))
     .env("RUST_LOG", "warn")
-    .env("PASSERELLE_GATEWAY__ADMIN_LISTEN", "127.0.0.1:0")
+    .env("PASSERELLE_GATEWAY__ADMIN_LISTEN", &admin)
     .env_remove("PASSERELLE_CONFIG")
     .stdout(Stdio::piped())
     .stderr(Stdio::inherit());
@@ -352,7 +362,11 @@ pub(crate) fn start_platform(
         }
     }
     std::thread::spawn(move || for _ in lines {});
-    Ok((up, format!("127.0.0.1:{gw_port}")))
+    Ok(Platform {
+        up,
+        gateway: format!("127.0.0.1:{gw_port}"),
+        admin,
+    })
 }
 
 pub(crate) fn bench(o: &Options, bin: &Path, dir: &Path) -> Result {
@@ -363,7 +377,7 @@ pub(crate) fn bench(o: &Options, bin: &Path, dir: &Path) -> Result {
 
     // The platform, without rate limits and response cache (measured on their own by
     // `bench rate-limit` and `bench cache`): this compares proxying with nginx.
-    let (up, gateway) = start_platform(
+    let platform = start_platform(
         bin,
         dir,
         None,
@@ -372,7 +386,8 @@ pub(crate) fn bench(o: &Options, bin: &Path, dir: &Path) -> Result {
             ("PASSERELLE_CACHE__ENABLED", "false"),
         ],
     )?;
-    wait_ok(&gateway, "/api/1/2")?;
+    let gateway = &platform.gateway;
+    wait_ok(gateway, "/api/1/2")?;
     let state: String =
         std::fs::read_to_string(dir.join("data/state.json")).map_err(|e| e.to_string())?;
     let users: Vec<String> = extract_instances(&state, "users");
@@ -410,8 +425,8 @@ pub(crate) fn bench(o: &Options, bin: &Path, dir: &Path) -> Result {
 
     // Warm up every path (connection pools, page cache), briefly.
     for (script, addr) in [
-        (&api_lua, &gateway),
-        (&users_lua, &gateway),
+        (&api_lua, gateway),
+        (&users_lua, gateway),
         (&users_lua, &nginx),
     ] {
         finish(wrk(
@@ -427,7 +442,7 @@ pub(crate) fn bench(o: &Options, bin: &Path, dir: &Path) -> Result {
         "measuring ({}s each, {} connections, {} wrk threads)...",
         o.duration, o.connections, o.threads
     );
-    let up_pid = up.child.id();
+    let up_pid = platform.up.child.id();
     let mut rows = vec![
         measure(
             "gateway  /api/{u}/{p}  (compose)",
@@ -502,20 +517,18 @@ pub(crate) fn bench(o: &Options, bin: &Path, dir: &Path) -> Result {
 
 /// Instance addresses of a service from state.json, without a JSON dependency: the file is
 /// ours and its shape is fixed (`"address": "127.0.0.1:port"` inside the service's block).
+/// The addresses of `service`'s instances in `up`'s state.json.
 fn extract_instances(state: &str, service: &str) -> Vec<String> {
-    let Some(start) = state.find(&format!("\"name\": \"{service}\"")) else {
+    let Ok(state) = serde_json::from_str::<serde_json::Value>(state) else {
         return Vec::new();
     };
-    let block = &state[start..];
-    let end = block[1..]
-        .find("\"name\": \"products\"")
-        .map_or(block.len(), |e| e + 1);
-    block[..end]
-        .match_indices("\"address\": \"")
-        .filter_map(|(i, m)| {
-            let rest = &block[i + m.len()..];
-            rest.find('"').map(|e| rest[..e].to_string())
-        })
+    state["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["name"] == service)
+        .flat_map(|s| s["instances"].as_array().into_iter().flatten())
+        .filter_map(|i| i["address"].as_str().map(str::to_string))
         .collect()
 }
 
@@ -571,7 +584,8 @@ fn lua_for(prefix: &str) -> String {
     )
 }
 
-/// The gateway's `passerelle_rate_limit_redis_calls_total`, read from its /metrics.
+/// The gateway's `passerelle_rate_limit_redis_calls_total`, read from the admin listener's
+/// /metrics.
 fn redis_calls(addr: &str) -> f64 {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect(addr) else {
@@ -594,7 +608,8 @@ fn redis_calls(addr: &str) -> f64 {
 pub(crate) fn bench_rate_limit(o: &Options, bin: &Path, dir: &Path) -> Result {
     let config = dir.join("rate-limit.toml");
     std::fs::write(&config, RATE_LIMIT_CONFIG).map_err(|e| e.to_string())?;
-    let (up, gateway) = start_platform(bin, dir, Some(&config), &[])?;
+    let platform = start_platform(bin, dir, Some(&config), &[])?;
+    let (gateway, admin) = (&platform.gateway, &platform.admin);
     wait_ok(&gateway, "/free/1")?;
     let scripts: Vec<(&str, &str, PathBuf)> = [
         ("no limit", "free"),
@@ -618,16 +633,16 @@ pub(crate) fn bench_rate_limit(o: &Options, bin: &Path, dir: &Path) -> Result {
         "measuring ({}s each, {} connections, {} wrk threads)...",
         o.duration, o.connections, o.threads
     );
-    let up_pid = up.child.id();
+    let up_pid = platform.up.child.id();
     let mut rows = Vec::new();
     // Alternate the rounds so that drift on a shared machine hits every target alike.
     let rounds = 2;
     let mut sums: Vec<(WrkResult, f64, f64)> = vec![(WrkResult::default(), 0.0, 0.0); 3];
     for _ in 0..rounds {
         for (i, (name, _, p)) in scripts.iter().enumerate() {
-            let before = redis_calls(&gateway);
+            let before = redis_calls(admin);
             let row = measure(name, p, &url, o, &[up_pid]);
-            let calls = redis_calls(&gateway) - before;
+            let calls = redis_calls(admin) - before;
             let s = &mut sums[i];
             s.0.rps += row.result.rps / rounds as f64;
             s.0.p50_ms += row.result.p50_ms / rounds as f64;

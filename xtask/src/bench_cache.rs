@@ -139,7 +139,8 @@ struct Row {
 pub(crate) fn run(o: &Options, bin: &Path, dir: &Path) -> Result {
     let config = dir.join("cache.toml");
     std::fs::write(&config, CONFIG).map_err(|e| e.to_string())?;
-    let (_up, gateway) = start_platform(bin, dir, Some(&config), &[])?;
+    let platform = start_platform(bin, dir, Some(&config), &[])?;
+    let (gateway, admin) = (&platform.gateway, &platform.admin);
     wait_ok(&gateway, "/nocache/1")?;
     let url = format!("http://{gateway}");
     let script = |name: &str, text: String| -> Result<std::path::PathBuf> {
@@ -163,9 +164,9 @@ pub(crate) fn run(o: &Options, bin: &Path, dir: &Path) -> Result {
         o.duration, o.connections, o.threads
     );
     let run = |name: &'static str, script: &Path, route: Option<&str>| -> Row {
-        let before = route.map(|r| counters(&gateway, r)).unwrap_or_default();
+        let before = route.map(|r| counters(admin, r)).unwrap_or_default();
         let r = finish(wrk(script, &url, o.threads, o.connections, o.duration));
-        let after = route.map(|r| counters(&gateway, r)).unwrap_or_default();
+        let after = route.map(|r| counters(admin, r)).unwrap_or_default();
         let secs = o.duration as f64;
         let (l1, l2, origin) = (
             after.hit_l1 - before.hit_l1 + (after.stale - before.stale),
