@@ -610,7 +610,7 @@ pub(crate) fn bench_rate_limit(o: &Options, bin: &Path, dir: &Path) -> Result {
     std::fs::write(&config, RATE_LIMIT_CONFIG).map_err(|e| e.to_string())?;
     let platform = start_platform(bin, dir, Some(&config), &[])?;
     let (gateway, admin) = (&platform.gateway, &platform.admin);
-    wait_ok(&gateway, "/free/1")?;
+    wait_ok(gateway, "/free/1")?;
     let scripts: Vec<(&str, &str, PathBuf)> = [
         ("no limit", "free"),
         ("GCRA limit, never trips", "limited"),

@@ -141,7 +141,7 @@ pub(crate) fn run(o: &Options, bin: &Path, dir: &Path) -> Result {
     std::fs::write(&config, CONFIG).map_err(|e| e.to_string())?;
     let platform = start_platform(bin, dir, Some(&config), &[])?;
     let (gateway, admin) = (&platform.gateway, &platform.admin);
-    wait_ok(&gateway, "/nocache/1")?;
+    wait_ok(gateway, "/nocache/1")?;
     let url = format!("http://{gateway}");
     let script = |name: &str, text: String| -> Result<std::path::PathBuf> {
         let p = dir.join(name);
