@@ -251,6 +251,9 @@ pub async fn run_with_readiness(
     let token = passerelle_http::shutdown::token_from(shutdown);
     let redis = Redis::from_config(&config.redis)?;
     if let Some(r) = &redis {
+        // Too old a Redis is refused now, with a clear error (one reachable later is
+        // checked by readiness).
+        r.check_version(config.redis.connect_timeout.get()).await?;
         r.spawn_monitor(std::time::Duration::from_secs(10), token.clone());
     }
     let gateway = Gateway::with_readiness(config, redis, extend)?;

@@ -127,6 +127,12 @@ impl RedisClient {
     /// Returns the largest tag set size afterwards, so that the caller can keep sets
     /// bounded. With `release_lease_of = Some(owner)`, the entry's fill lease is given back
     /// in the same round trip.
+    ///
+    /// Each tag is one atomic script ([`scripts::CACHE_TAG`]: `SADD` and the set's TTL
+    /// together, one key, so any cluster slot), and the tags come before the entry: an
+    /// entry is never in Redis without every tag that names it, so an invalidation cannot
+    /// miss it. Scripts go by SHA; on `NOSCRIPT` the whole pipeline is sent once more (every
+    /// command in it is idempotent).
     pub async fn cache_put(
         &self,
         keys: &KeySchema,
@@ -137,30 +143,29 @@ impl RedisClient {
         release_lease_of: Option<&str>,
     ) -> Result<u64, RedisError> {
         let mut p = Pipeline::new();
+        let set_ttl = millis(ttl + TAG_SET_SLACK);
+        for t in tags {
+            let mut tag = scripts::CACHE_TAG.prepare_invoke();
+            tag.key(keys.cache_tag(t)).arg(hash).arg(set_ttl);
+            p.invoke_script(&tag);
+        }
         p.cmd("SET")
             .arg(keys.cache_entry(hash))
             .arg(value)
             .arg("PX")
             .arg(millis(ttl))
             .ignore();
-        let set_ttl = millis(ttl + TAG_SET_SLACK);
-        for t in tags {
-            let k = keys.cache_tag(t);
-            p.cmd("SADD").arg(&k).arg(hash).ignore();
-            // NX gives a new set its TTL, GT extends an existing one; never shortened.
-            p.cmd("PEXPIRE").arg(&k).arg(set_ttl).arg("NX").ignore();
-            p.cmd("PEXPIRE").arg(&k).arg(set_ttl).arg("GT").ignore();
-            p.cmd("SCARD").arg(&k);
-        }
         if let Some(owner) = release_lease_of {
-            p.cmd("EVAL")
-                .arg(scripts::RELEASE_LEASE_SRC)
-                .arg(1)
-                .arg(keys.cache_lease(hash))
-                .arg(owner)
-                .ignore();
+            let mut release = scripts::RELEASE_LEASE.prepare_invoke();
+            release.key(keys.cache_lease(hash)).arg(owner);
+            p.invoke_script(&release).ignore();
         }
-        let sizes: Vec<u64> = p.query_async(&mut self.conn()).await?;
+        let sizes: Vec<u64> = scripts::query_pipeline(
+            &mut self.conn(),
+            &p,
+            &[&scripts::CACHE_TAG, &scripts::RELEASE_LEASE],
+        )
+        .await?;
         Ok(sizes.into_iter().max().unwrap_or(0))
     }
 

@@ -2,6 +2,8 @@
 //! multiplexed connection (`redis::aio::ConnectionManager`) that pipelines concurrent
 //! commands over one socket and reconnects by itself. Nothing opens a connection per request.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use passerelle_config::RedisConfig;
@@ -36,6 +38,50 @@ pub struct RedisClient {
     manager_cfg: ConnectionManagerConfig,
     role: Role,
     endpoint: String,
+    /// The server was found recent enough ([`RedisClient::check_version`]): not asked again.
+    version_ok: Arc<AtomicBool>,
+}
+
+/// The oldest Redis passerelle runs on: the cache's tag sets use `PEXPIRE ... NX` and
+/// `PEXPIRE ... GT` (Redis 7.0). Checked at start and by readiness ([`Redis::check_version`]).
+///
+/// [`Redis::check_version`]: crate::Redis::check_version
+pub const MIN_VERSION: Version = Version {
+    major: 7,
+    minor: 0,
+    patch: 0,
+};
+
+/// A Redis server's version (`redis_version` in `INFO server`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Version {
+    pub major: u32,
+    pub minor: u32,
+    pub patch: u32,
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
+
+impl Version {
+    /// `redis_version` of an `INFO` answer; `None` when absent or unreadable.
+    pub fn from_info(info: &str) -> Option<Self> {
+        let v = info
+            .lines()
+            .find_map(|l| l.trim_end().strip_prefix("redis_version:"))?;
+        let mut parts = v.split('.').map(|p| p.parse::<u32>());
+        let major = parts.next()?.ok()?;
+        let minor = parts.next().unwrap_or(Ok(0)).ok()?;
+        let patch = parts.next().unwrap_or(Ok(0)).ok()?;
+        Some(Self {
+            major,
+            minor,
+            patch,
+        })
+    }
 }
 
 impl std::fmt::Debug for RedisClient {
@@ -87,6 +133,7 @@ impl RedisClient {
             manager_cfg,
             role,
             endpoint: redact(url),
+            version_ok: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -155,6 +202,31 @@ impl RedisClient {
         let start = Instant::now();
         let _: String = self.idempotent(&redis::cmd("PING")).await?;
         Ok(start.elapsed())
+    }
+
+    /// The server's version (`INFO server`).
+    pub async fn server_version(&self) -> Result<Version, RedisError> {
+        let info: String = self.idempotent(redis::cmd("INFO").arg("server")).await?;
+        Version::from_info(&info)
+            .ok_or_else(|| RedisError::Protocol("INFO server without redis_version".into()))
+    }
+
+    /// Refuses a server older than [`MIN_VERSION`] with [`RedisError::Unsupported`]. Asks
+    /// the server until it has once answered with a good version, then never again (one
+    /// flag shared by the clones of this client): cheap enough for every readiness check.
+    pub async fn check_version(&self) -> Result<(), RedisError> {
+        if self.version_ok.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let version = self.server_version().await?;
+        if version < MIN_VERSION {
+            return Err(RedisError::Unsupported {
+                endpoint: self.endpoint.clone(),
+                version: version.to_string(),
+            });
+        }
+        self.version_ok.store(true, Ordering::Release);
+        Ok(())
     }
 
     pub async fn memory(&self) -> Result<MemoryInfo, RedisError> {
@@ -261,6 +333,130 @@ mod tests {
         );
         assert_eq!(redact("redis://:s3cret@h:1"), "redis://:***@h:1");
         assert_eq!(redact("rediss://h:1"), "rediss://h:1");
+    }
+
+    #[test]
+    fn parses_and_compares_versions() {
+        let v = |s: &str| {
+            Version::from_info(&format!(
+                "# Server\r\nredis_version:{s}\r\nredis_mode:standalone\r\n"
+            ))
+        };
+        assert_eq!(
+            v("7.0.15"),
+            Some(Version {
+                major: 7,
+                minor: 0,
+                patch: 15
+            })
+        );
+        assert!(v("6.2.14").unwrap() < MIN_VERSION);
+        assert!(v("7.0.0").unwrap() >= MIN_VERSION);
+        assert!(v("7.2.4").unwrap() >= MIN_VERSION);
+        assert!(v("255.255.255").unwrap() >= MIN_VERSION, "unstable builds");
+        assert_eq!(v("7").map(|v| v.to_string()).as_deref(), Some("7.0.0"));
+        assert_eq!(v("seven"), None);
+        assert_eq!(Version::from_info("# Server\r\n"), None);
+    }
+
+    /// A server that says it is Redis 6.2: answers `INFO` with that version, `PING` with
+    /// `PONG`, and anything else (the client's connection setup) with an error.
+    async fn fake_old_redis() -> std::net::SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut pending = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let n = match sock.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        pending.extend_from_slice(&buf[..n]);
+                        while let Some((name, used)) = first_word(&pending) {
+                            pending.drain(..used);
+                            let reply = match name.to_ascii_uppercase().as_str() {
+                                "INFO" => {
+                                    let info = "# Server\r\nredis_version:6.2.14\r\n";
+                                    format!("${}\r\n{info}\r\n", info.len())
+                                }
+                                "PING" => "+PONG\r\n".to_string(),
+                                _ => "-ERR unknown command\r\n".to_string(),
+                            };
+                            if sock.write_all(reply.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// The command name of the first complete RESP command in `b`, and its length.
+    fn first_word(b: &[u8]) -> Option<(String, usize)> {
+        fn line(b: &[u8], at: usize) -> Option<(&[u8], usize)> {
+            let end = b.get(at..)?.windows(2).position(|w| w == b"\r\n")? + at;
+            Some((&b[at..end], end + 2))
+        }
+        let (head, mut at) = line(b, 0)?;
+        let n: usize = std::str::from_utf8(head.strip_prefix(b"*")?)
+            .ok()?
+            .parse()
+            .ok()?;
+        let mut name = None;
+        for _ in 0..n {
+            let (len, next) = line(b, at)?;
+            let len: usize = std::str::from_utf8(len.strip_prefix(b"$")?)
+                .ok()?
+                .parse()
+                .ok()?;
+            let arg = b.get(next..next + len)?;
+            name.get_or_insert_with(|| String::from_utf8_lossy(arg).into_owned());
+            at = next + len + 2;
+        }
+        (b.len() >= at).then(|| (name.unwrap_or_default(), at))
+    }
+
+    #[tokio::test]
+    async fn a_server_older_than_7_is_refused_with_a_clear_error() {
+        let url = format!("redis://{}", fake_old_redis().await);
+        let cfg = RedisConfig {
+            url: Some(url.clone()),
+            ..RedisConfig::default()
+        };
+        let redis = crate::Redis::from_config(&cfg)
+            .expect("valid url")
+            .expect("configured");
+        let err = redis
+            .check_version(Duration::from_secs(5))
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            err.to_string(),
+            format!("Redis 7.0 or newer is required; {url} runs 6.2.14")
+        );
+        let ready = redis.readiness().await;
+        let why = ready[0].1.as_ref().expect_err("not ready");
+        assert!(why.contains("Redis 7.0 or newer is required"), "{why}");
+        // A Redis that cannot be reached at start is no reason to refuse: checked later.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let down = crate::Redis::from_config(&RedisConfig {
+            url: Some(format!("redis://127.0.0.1:{port}")),
+            ..RedisConfig::default()
+        })
+        .expect("valid url")
+        .expect("configured");
+        assert!(down.check_version(Duration::from_secs(2)).await.is_ok());
     }
 
     #[test]

@@ -9,11 +9,16 @@
 //! - one multiplexed, self-reconnecting connection per Redis per process ([`client`]);
 //! - multi-step operations as Lua scripts invoked by SHA, reloaded on `NOSCRIPT` ([`scripts`]);
 //! - batches as pipelines; TTLs on temporary data;
-//! - health and memory exposed to readiness and metrics ([`Redis::spawn_monitor`]).
+//! - health and memory exposed to readiness and metrics ([`Redis::spawn_monitor`]);
+//! - a server older than [`MIN_VERSION`] (7.0) refused with a clear error, at start
+//!   ([`Redis::check_version`]) and by readiness;
+//! - for optional uses of Redis (the caches), a deadline and a circuit breaker on every
+//!   call ([`breaker::Guard`]).
 //!
 //! Two roles, possibly the same server: [`Role::Cache`] for evictable data and
 //! [`Role::Durable`] for data that must survive.
 
+pub mod breaker;
 pub mod cache;
 pub mod client;
 pub mod keys;
@@ -23,7 +28,7 @@ pub mod scripts;
 use std::time::Duration;
 
 pub use cache::Invalidation;
-pub use client::{MemoryInfo, RedisClient, Role, redact};
+pub use client::{MIN_VERSION, MemoryInfo, RedisClient, Role, Version, redact};
 pub use keys::{KeySchema, Namespace, hash_slot};
 use passerelle_config::RedisConfig;
 use tokio_util::sync::CancellationToken;
@@ -36,6 +41,16 @@ pub enum RedisError {
     Command(#[from] redis::RedisError),
     #[error("unexpected answer from Redis: {0}")]
     Protocol(String),
+    #[error(
+        "Redis {}.{} or newer is required; {endpoint} runs {version}",
+        MIN_VERSION.major,
+        MIN_VERSION.minor
+    )]
+    Unsupported { endpoint: String, version: String },
+    #[error("redis: no answer within {} ms", .0.as_millis())]
+    Timeout(Duration),
+    #[error("redis: not called, the circuit breaker is open after repeated failures")]
+    BreakerOpen,
 }
 
 impl RedisError {
@@ -49,7 +64,10 @@ impl RedisError {
                     || e.is_connection_dropped()
                     || e.is_connection_refusal()
             }
-            RedisError::Url { .. } | RedisError::Protocol(_) => false,
+            RedisError::Timeout(_) | RedisError::BreakerOpen => true,
+            RedisError::Url { .. } | RedisError::Protocol(_) | RedisError::Unsupported { .. } => {
+                false
+            }
         }
     }
 }
@@ -102,11 +120,34 @@ impl Redis {
         }
     }
 
-    /// Readiness: every Redis answers `PING`; memory use is reported alongside.
+    /// At start: refuses a server older than [`MIN_VERSION`] ([`RedisError::Unsupported`]).
+    /// A Redis that does not answer within `within` is no error here (a process starts
+    /// without its Redis, as always): readiness checks its version once it answers, and
+    /// fails with the same error until it is recent enough.
+    pub async fn check_version(&self, within: Duration) -> Result<(), RedisError> {
+        for (_, client) in self.distinct() {
+            match tokio::time::timeout(within, client.check_version()).await {
+                Ok(Err(e @ RedisError::Unsupported { .. })) => return Err(e),
+                Ok(Err(e)) => {
+                    tracing::debug!(redis = client.endpoint(), error = %e, "redis version not checked at start: unreachable")
+                }
+                Err(_) => tracing::debug!(
+                    redis = client.endpoint(),
+                    "redis version not checked at start: no answer"
+                ),
+                Ok(Ok(())) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Readiness: every Redis answers `PING` and is recent enough ([`MIN_VERSION`], asked
+    /// once); memory use is reported alongside.
     pub async fn readiness(&self) -> Vec<(&'static str, Result<serde_json::Value, String>)> {
         let mut out = Vec::new();
         for (name, client) in self.distinct() {
             let r = async {
+                client.check_version().await.map_err(|e| e.to_string())?;
                 let rtt = client.ping().await.map_err(|e| e.to_string())?;
                 let mem = client.memory().await.map_err(|e| e.to_string())?;
                 Ok(serde_json::json!({
@@ -139,15 +180,23 @@ impl Redis {
             // Logged when reachability changes, not at every sample: a Redis that is down for
             // an hour is one warning and one "back", the gauge says the rest.
             let mut down = vec![false; clients.len()];
+            let mut too_old = vec![false; clients.len()];
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tick.tick() => {}
                 }
-                for (c, down) in clients.iter().zip(down.iter_mut()) {
+                for ((c, down), too_old) in
+                    clients.iter().zip(down.iter_mut()).zip(too_old.iter_mut())
+                {
                     let role = c.role().as_str();
                     match c.memory().await {
                         Ok(m) => {
+                            if let Err(e @ RedisError::Unsupported { .. }) = c.check_version().await
+                                && !std::mem::replace(too_old, true)
+                            {
+                                tracing::error!(redis = c.endpoint(), error = %e, "redis too old");
+                            }
                             if std::mem::replace(down, false) {
                                 tracing::info!(redis = c.endpoint(), "redis reachable again");
                             }

@@ -1,17 +1,17 @@
-//! The Lua scripts, loaded once per process and invoked by SHA (`EVALSHA`). When Redis
-//! answers `NOSCRIPT` (restart, failover, `SCRIPT FLUSH`), `redis::Script` loads the script
-//! and retries transparently. Each script is atomic and costs one round trip.
+//! The Lua scripts, loaded once per process and invoked by SHA (`EVALSHA`), never by
+//! source. When Redis answers `NOSCRIPT` (restart, failover, `SCRIPT FLUSH`), the script is
+//! loaded and the call retried: transparently by `redis::Script` for a call on its own,
+//! and by [`query_pipeline`] for scripts inside a pipeline. Each script is atomic and costs
+//! one round trip.
 
 use std::sync::LazyLock;
 
-use redis::Script;
-
-/// The source of [`RELEASE_LEASE`], for a pipeline (`EVAL`: a pipeline cannot retry a
-/// `NOSCRIPT` the way `Script` does).
-pub(crate) const RELEASE_LEASE_SRC: &str = include_str!("lua/release_lease.lua");
+use redis::aio::ConnectionManager;
+use redis::{ErrorKind, FromRedisValue, Pipeline, Script, ServerErrorKind};
 
 /// Releases a lease if the caller still owns it.
-pub static RELEASE_LEASE: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE_LEASE_SRC));
+pub static RELEASE_LEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/release_lease.lua")));
 
 /// Decides (and consumes, or refunds) the rate limits of one request that share a hash tag:
 /// GCRA, sliding window and fixed window, on Redis's clock. See the script's header.
@@ -21,3 +21,29 @@ pub static RATE_LIMIT: LazyLock<Script> =
 /// Reads a cache entry and tries to take its fill lease, in one round trip.
 pub static CACHE_LEASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/cache_lease.lua")));
+
+/// Adds an entry to a tag set and keeps the set's TTL, atomically (see the script).
+pub static CACHE_TAG: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/cache_tag.lua")));
+
+/// Sends a pipeline whose scripts are invoked by SHA (`Pipeline::invoke_script`). A pipeline
+/// cannot reload a script halfway, so on `NOSCRIPT` every script in `scripts` is loaded and
+/// the whole pipeline sent once more: it must be safe to run twice (each of its commands
+/// idempotent), since the commands around the failed `EVALSHA` did run.
+pub(crate) async fn query_pipeline<T: FromRedisValue>(
+    conn: &mut ConnectionManager,
+    pipeline: &Pipeline,
+    scripts: &[&Script],
+) -> Result<T, redis::RedisError> {
+    match pipeline.query_async(conn).await {
+        Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            let mut load = Pipeline::new();
+            for s in scripts {
+                load.load_script(s).ignore();
+            }
+            load.query_async::<()>(conn).await?;
+            pipeline.query_async(conn).await
+        }
+        r => r,
+    }
+}

@@ -1,6 +1,6 @@
 //! Cache operations against a real redis-server: entries with TTLs, tag sets, the
 //! read-and-lease script, invalidation by tag with its pub/sub message, and the services'
-//! rows with tombstones.
+//! rows with tombstones; scripts by SHA, and the server's version.
 
 #![allow(clippy::unwrap_used)]
 
@@ -129,4 +129,99 @@ async fn a_changed_row_leaves_a_tombstone_that_write_backs_cannot_replace() {
                 .to_vec()
         )]
     );
+}
+
+/// Calls of each command since the server started (`INFO commandstats`).
+fn calls(server: &RedisServer, command: &str) -> u64 {
+    server
+        .cli(&["INFO", "commandstats"])
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_store_sends_its_scripts_by_sha_and_reloads_them_after_a_flush() {
+    let server = RedisServer::start();
+    let r = redis(&server);
+    let (c, k) = (r.cache(), &r.keys);
+    let tags = vec!["/users/1".to_string(), "/products/2".to_string()];
+    for round in 0..3 {
+        let hash = format!("{round:032x}");
+        assert_eq!(
+            c.cache_get_or_lease(k, &hash, "me", Duration::from_secs(5))
+                .await
+                .unwrap(),
+            (None, true)
+        );
+        if round == 1 {
+            // What a restart or a failover does to the script cache.
+            assert_eq!(server.cli(&["SCRIPT", "FLUSH"]).trim(), "OK");
+        }
+        let largest = c
+            .cache_put(k, &hash, b"v", Duration::from_secs(30), &tags, Some("me"))
+            .await
+            .unwrap();
+        assert_eq!(largest, round + 1);
+        assert_eq!(
+            c.cache_get_watching_lease(k, &hash).await.unwrap(),
+            (Some(b"v".to_vec()), false),
+            "round {round}: stored, tagged and the lease given back"
+        );
+    }
+    assert_eq!(calls(&server, "eval"), 0, "no script source on the wire");
+    assert!(calls(&server, "evalsha") >= 9, "tags and releases by SHA");
+}
+
+#[tokio::test]
+async fn a_tag_set_gets_its_member_and_its_ttl_in_one_atomic_step() {
+    let server = RedisServer::start();
+    let r = redis(&server);
+    let (c, k) = (r.cache(), &r.keys);
+    // Watch every command the server runs, and where from: a script's commands are
+    // marked `lua`.
+    let client = redis::Client::open(server.url()).unwrap();
+    let monitor = client.get_async_monitor().await.unwrap();
+    let mut seen = Box::pin(monitor.into_on_message::<String>());
+    let tags = vec!["/users/9".to_string()];
+    c.cache_put(k, "aa", b"1", Duration::from_secs(30), &tags, None)
+        .await
+        .unwrap();
+    c.cache_put(k, "bb", b"2", Duration::from_secs(60), &tags, None)
+        .await
+        .unwrap();
+    // A marker after the writes: everything they sent was seen before it.
+    server.cli(&["ECHO", "done"]);
+    let mut tag_commands = Vec::new();
+    while let Ok(Some(line)) = tokio::time::timeout(Duration::from_secs(5), seen.next()).await {
+        if line.contains("\"ECHO\"") {
+            break;
+        }
+        if line.contains("\"SADD\"") || line.contains("\"PEXPIRE\"") {
+            tag_commands.push(line);
+        }
+    }
+    assert_eq!(tag_commands.len(), 6, "{tag_commands:#?}");
+    for l in &tag_commands {
+        assert!(l.contains(" lua] "), "not inside the script: {l}");
+    }
+    let members = server.cli(&["SMEMBERS", &k.cache_tag("/users/9")]);
+    assert_eq!(members.lines().count(), 2, "{members}");
+    let tag_ttl: i64 = server
+        .cli(&["PTTL", &k.cache_tag("/users/9")])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(tag_ttl > 60_000, "extended by the longer entry: {tag_ttl}");
+}
+
+#[tokio::test]
+async fn the_test_server_is_recent_enough() {
+    let server = RedisServer::start();
+    let r = redis(&server);
+    let v = r.cache().server_version().await.unwrap();
+    assert!(v >= passerelle_redis::MIN_VERSION, "{v}");
+    r.check_version(Duration::from_secs(5)).await.unwrap();
+    assert!(r.readiness().await[0].1.is_ok());
 }
