@@ -32,7 +32,9 @@
 //! seconds are remembered, and an invalidation that arrives late deletes what they stored.
 //!
 //! Invariant: Redis failing never fails a request. Every Redis call has a deadline and
-//! goes through a circuit breaker; on failure the cache is bypassed and the error counted.
+//! goes through a circuit breaker (one [`Guard`] for all of this process's cache calls:
+//! lookups, fills, operator purges and the deletion of raced fills alike); on failure the
+//! cache is bypassed and the error counted.
 
 pub mod entry;
 pub mod key;
@@ -47,14 +49,14 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use http::HeaderName;
 use passerelle_config::{CacheConfig, CacheScope, Config, PathTemplate, RouteConfig};
-use passerelle_redis::{Invalidation, KeySchema, Redis, RedisClient};
+use passerelle_redis::breaker::Guard;
+use passerelle_redis::{Invalidation, KeySchema, Redis, RedisClient, RedisError};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use self::entry::Entry;
 use self::key::CacheKey;
 use self::policy::RouteDefaults;
-use crate::breaker::{Breaker, Permit};
 
 /// Which level answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -310,13 +312,13 @@ pub struct ResponseCache {
     max_entry: usize,
     max_key_input: usize,
     lease_ttl: Duration,
-    redis_timeout: Duration,
     /// How long an invalidation must be remembered: the longest an L1 entry lives plus the
     /// longest a fill may take.
     log_retention: Duration,
     l1: Option<L1>,
     redis: Option<Redis>,
-    breaker: Breaker,
+    /// The deadline and breaker of every Redis call (shared with the clean-up tasks).
+    guard: Arc<Guard>,
     flights: Flights,
     log: Mutex<InvalidationLog>,
     recent: Mutex<std::collections::VecDeque<RecentFill>>,
@@ -398,11 +400,14 @@ impl ResponseCache {
             max_entry: cfg.max_entry_size.as_usize(),
             max_key_input: cfg.max_key_input.as_usize(),
             lease_ttl: cfg.lease_ttl.get(),
-            redis_timeout: cfg.redis_timeout.get(),
             log_retention: cfg.l1_max_ttl.get() + longest_request + Duration::from_secs(1),
             l1,
             redis: redis.cloned(),
-            breaker: Breaker::new(cfg.breaker_failures, cfg.breaker_open_for.get()),
+            guard: Arc::new(Guard::new(
+                cfg.redis_timeout.get(),
+                cfg.breaker_failures,
+                cfg.breaker_open_for.get(),
+            )),
             flights: Mutex::new(HashMap::new()),
             log: Mutex::new(InvalidationLog::default()),
             recent: Mutex::new(std::collections::VecDeque::new()),
@@ -556,9 +561,14 @@ impl ResponseCache {
             return;
         };
         self.discarded.increment(raced.len() as u64);
+        let (guard, errors) = (self.guard.clone(), self.redis_errors.clone());
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                if let Err(e) = redis.cache().cache_delete(&redis.keys, &raced).await {
+                let deleted = guard
+                    .call(redis.cache().cache_delete(&redis.keys, &raced))
+                    .await;
+                if let Err(e) = deleted {
+                    count_error(&errors, &e);
                     tracing::warn!(error = %e, "cache: could not delete entries that raced a write");
                 }
             });
@@ -599,42 +609,27 @@ impl ResponseCache {
 
     /// Runs one Redis operation under the deadline and the breaker. `None`: the cache
     /// goes on without L2 for this request.
-    async fn redis_op<T>(
-        &self,
-        op: impl Future<Output = Result<T, passerelle_redis::RedisError>>,
-    ) -> Option<T> {
-        struct Outstanding<'a>(&'a Breaker, Permit, bool);
-        impl Drop for Outstanding<'_> {
-            fn drop(&mut self) {
-                if !self.2 {
-                    self.0.abandon(self.1);
-                }
-            }
-        }
-        let permit = self.breaker.permit();
-        if permit == Permit::Refuse {
-            return None;
-        }
-        let mut guard = Outstanding(&self.breaker, permit, false);
-        let r = tokio::time::timeout(self.redis_timeout, op).await;
-        guard.2 = true;
-        match r {
-            Ok(Ok(v)) => {
-                self.breaker.success(permit);
-                Some(v)
-            }
-            Ok(Err(e)) => {
-                self.breaker.failure(permit);
-                self.redis_errors.increment(1);
+    async fn redis_op<T>(&self, op: impl Future<Output = Result<T, RedisError>>) -> Option<T> {
+        match self.guarded(op).await {
+            Ok(v) => Some(v),
+            Err(e) => {
                 tracing::debug!(error = %e, "cache: redis error, bypassing L2");
                 None
             }
-            Err(_) => {
-                self.breaker.failure(permit);
-                self.redis_errors.increment(1);
-                None
-            }
         }
+    }
+
+    /// [`Guard::call`], with the error counted (a call the open breaker did not make is not
+    /// an error).
+    async fn guarded<T>(
+        &self,
+        op: impl Future<Output = Result<T, RedisError>>,
+    ) -> Result<T, RedisError> {
+        let r = self.guard.call(op).await;
+        if let Err(e) = &r {
+            count_error(&self.redis_errors, e);
+        }
+        r
     }
 
     async fn l2_get(&self, conn: &RedisClient, key: CacheKey) -> Option<Entry> {
@@ -918,12 +913,14 @@ impl ResponseCache {
         });
     }
 
-    /// Operator purge by tag: both levels, every replica. Returns L2 entries deleted.
-    pub async fn purge_tag(&self, tag: &str) -> Result<u64, passerelle_redis::RedisError> {
+    /// Operator purge by tag: both levels, every replica. Returns L2 entries deleted. Under
+    /// the cache's deadline and breaker, like every cache call: an operator never waits on
+    /// a stalled Redis.
+    pub async fn purge_tag(&self, tag: &str) -> Result<u64, RedisError> {
         let deleted = match &self.redis {
             Some(r) => {
-                r.cache()
-                    .cache_invalidate_tags(&r.keys, &[tag.to_string()])
+                let tags = [tag.to_string()];
+                self.guarded(r.cache().cache_invalidate_tags(&r.keys, &tags))
                     .await
             }
             None => Ok(0),
@@ -934,12 +931,11 @@ impl ResponseCache {
     }
 
     /// Operator purge by key (the hex digest shown in `Cache-Status`).
-    pub async fn purge_key(&self, key: CacheKey) -> Result<u64, passerelle_redis::RedisError> {
+    pub async fn purge_key(&self, key: CacheKey) -> Result<u64, RedisError> {
         let hex = key.hex();
         let deleted = match &self.redis {
             Some(r) => {
-                r.cache()
-                    .cache_delete(&r.keys, std::slice::from_ref(&hex))
+                self.guarded(r.cache().cache_delete(&r.keys, std::slice::from_ref(&hex)))
                     .await
             }
             None => Ok(0),
@@ -954,9 +950,16 @@ impl ResponseCache {
             "l1_entries": self.l1.as_ref().map_or(0, |l| l.entry_count()),
             "l1_bytes": self.l1.as_ref().map_or(0, |l| l.weighted_size()),
             "l2": self.redis.is_some(),
-            "l2_breaker_open": self.breaker.is_open(),
+            "l2_breaker_open": self.guard.is_open(),
             "invalidation_generation": self.generation(),
         })
+    }
+}
+
+/// Counts a Redis error of the cache; a call the open breaker did not make is none.
+fn count_error(errors: &metrics::Counter, e: &RedisError) {
+    if !matches!(e, RedisError::BreakerOpen) {
+        errors.increment(1);
     }
 }
 

@@ -81,13 +81,24 @@ struct Replica {
 }
 
 fn config(redis: &RedisServer, origin: SocketAddr) -> Config {
+    config_with(
+        redis,
+        origin,
+        "redis_timeout = \"500ms\"\nbreaker_failures = 1\nbreaker_open_for = \"50ms\"",
+        "",
+    )
+}
+
+/// The test route over `origin`, with these `[cache]` settings and these more settings of
+/// the route's `[routes.cache]` table.
+fn config_with(redis: &RedisServer, origin: SocketAddr, cache: &str, route: &str) -> Config {
     Config::from_toml(
         "test.toml",
         &format!(
-            "[redis]\nurl = \"{}\"\n[cache]\nredis_timeout = \"500ms\"\nbreaker_failures = 1\nbreaker_open_for = \"50ms\"\n\
+            "[redis]\nurl = \"{}\"\ncommand_timeout = \"10s\"\n[cache]\n{cache}\n\
              [upstreams.o]\nendpoints = [\"{origin}\"]\n[upstreams.o.retry]\nretries = 0\n\
              [[routes]]\nname = \"r\"\npath = \"/{{kind}}/{{id}}\"\nupstream = \"o\"\n\
-             [routes.cache]\nttl = \"30s\"\n",
+             [routes.cache]\nttl = \"30s\"\n{route}\n",
             redis.url()
         ),
         Vec::new(),
@@ -256,4 +267,43 @@ async fn without_redis_the_origin_answers_and_caching_resumes_when_it_is_back() 
         }
     })
     .await;
+}
+
+#[tokio::test]
+async fn purges_keep_the_cache_deadline_and_breaker() {
+    let redis = RedisServer::start();
+    let origin = Counting::default();
+    let cfg = config_with(
+        &redis,
+        origin.serve().await,
+        "redis_timeout = \"200ms\"\nbreaker_failures = 1\nbreaker_open_for = \"1m\"",
+        "",
+    );
+    let a = Replica::new(&cfg);
+    let cache = a.handle.cache().clone();
+    assert_eq!(cache.purge_tag("/items/1").await.unwrap(), 0);
+    // A stalled Redis (the client's own command timeout is 10 s): the purge gives up at the
+    // cache's deadline, and its failure counts against the breaker...
+    redis.pause();
+    let started = Instant::now();
+    let err = cache.purge_tag("/items/1").await.unwrap_err();
+    assert!(
+        matches!(err, passerelle_redis::RedisError::Timeout(_)),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(cache.describe()["l2_breaker_open"], true);
+    // ...which, open, spares the next purge the wait.
+    let started = Instant::now();
+    let err = cache.purge_key(CacheKey(7)).await.unwrap_err();
+    assert!(
+        matches!(err, passerelle_redis::RedisError::BreakerOpen),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_millis(100));
+    redis.resume();
 }
