@@ -536,6 +536,14 @@ pub struct ServiceConfig {
     pub shutdown_grace: Dur,
     /// Rows read through the cache Redis live this long there ("0s": no cache-aside).
     pub cache_ttl: Dur,
+    /// Deadline of one cache-aside call; past it the database answers (reads) or the row is
+    /// not written back. A write's invalidation gets five times as long.
+    pub cache_redis_timeout: Dur,
+    /// Consecutive cache-aside failures that stop calling Redis...
+    pub cache_breaker_failures: u32,
+    /// ...for this long, then one call probes it (a write's invalidation is tried even
+    /// meanwhile: it must not be skipped).
+    pub cache_breaker_open_for: Dur,
 }
 
 impl Default for ServiceConfig {
@@ -545,6 +553,9 @@ impl Default for ServiceConfig {
             max_request_body: ByteSize::kib(64),
             shutdown_grace: Dur::secs(10),
             cache_ttl: Dur::secs(300),
+            cache_redis_timeout: Dur::millis(100),
+            cache_breaker_failures: 3,
+            cache_breaker_open_for: Dur::secs(1),
         }
     }
 }

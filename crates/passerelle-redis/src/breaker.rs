@@ -142,6 +142,26 @@ impl Guard {
         &self,
         op: impl Future<Output = Result<T, RedisError>>,
     ) -> Result<T, RedisError> {
+        self.run(op, self.timeout, false).await
+    }
+
+    /// Like [`Guard::call`] with deadline `timeout`, but made even while the breaker is
+    /// open: for the rare call that must not be skipped (the invalidation that follows a
+    /// write). Its outcome is recorded all the same: a success closes the breaker.
+    pub async fn call_always<T>(
+        &self,
+        timeout: Duration,
+        op: impl Future<Output = Result<T, RedisError>>,
+    ) -> Result<T, RedisError> {
+        self.run(op, timeout, true).await
+    }
+
+    async fn run<T>(
+        &self,
+        op: impl Future<Output = Result<T, RedisError>>,
+        timeout: Duration,
+        always: bool,
+    ) -> Result<T, RedisError> {
         struct Outstanding<'a>(&'a Breaker, Permit, bool);
         impl Drop for Outstanding<'_> {
             fn drop(&mut self) {
@@ -150,12 +170,13 @@ impl Guard {
                 }
             }
         }
-        let permit = self.breaker.permit();
-        if permit == Permit::Refuse {
-            return Err(RedisError::BreakerOpen);
-        }
+        let permit = match self.breaker.permit() {
+            Permit::Refuse if always => Permit::Call,
+            Permit::Refuse => return Err(RedisError::BreakerOpen),
+            p => p,
+        };
         let mut outstanding = Outstanding(&self.breaker, permit, false);
-        let r = tokio::time::timeout(self.timeout, op).await;
+        let r = tokio::time::timeout(timeout, op).await;
         outstanding.2 = true;
         match r {
             Ok(Ok(v)) => {
@@ -168,7 +189,7 @@ impl Guard {
             }
             Err(_) => {
                 self.breaker.failure(permit);
-                Err(RedisError::Timeout(self.timeout))
+                Err(RedisError::Timeout(timeout))
             }
         }
     }
@@ -237,5 +258,10 @@ mod tests {
         assert!(matches!(refused, Err(RedisError::BreakerOpen)));
         assert!(refused.unwrap_err().is_unavailable());
         assert!(!called.load(Ordering::Relaxed), "not called while open");
+        // What must not be skipped is called all the same, and its success closes it.
+        g.call_always(Duration::from_secs(1), async { Ok(()) })
+            .await
+            .unwrap();
+        assert!(!g.is_open());
     }
 }

@@ -2,16 +2,59 @@
 //! back with a TTL; every write of a row drops its copy and, through the tag of its path
 //! (`/users/7`), every gateway response that contains it, on every replica.
 //!
-//! Redis is an accelerator here, never a dependency: each call has a short deadline, and a
-//! failure means "ask the database" (and is counted).
+//! Redis is an accelerator here, never a dependency: each call has a deadline and goes
+//! through a circuit breaker (the gateway's cache policy: [`passerelle_redis::breaker`]),
+//! both set per service (`services.<name>.cache_redis_timeout`, `cache_breaker_failures`,
+//! `cache_breaker_open_for`). A failure means "ask the database", and is counted:
+//! `passerelle_service_cache_errors_total{service,op}` (errors and timeouts),
+//! `passerelle_service_cache_skipped_total{service,op}` (not called: the breaker was open),
+//! `passerelle_service_cache_breaker_open{service}` (1 while open).
+//!
+//! A write's invalidation is the exception to the breaker: skipping it would leave the old
+//! row cached for its whole TTL, so it is tried even while the breaker is open, with five
+//! times the deadline (it is three round trips), and its success closes the breaker.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use passerelle_redis::Redis;
+use passerelle_config::ServiceConfig;
+use passerelle_redis::breaker::Guard;
+use passerelle_redis::{Redis, RedisError};
 
-/// Deadline of one cache call: past it the database answers instead.
-const DEADLINE: Duration = Duration::from_millis(100);
+/// How a service uses the cache Redis: its `services.<name>` cache settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheAside {
+    /// How long a row stays cached.
+    pub ttl: Duration,
+    /// Deadline of one call (a write's invalidation gets five times as long).
+    pub redis_timeout: Duration,
+    /// Consecutive failures that open the breaker...
+    pub breaker_failures: u32,
+    /// ...for this long.
+    pub breaker_open_for: Duration,
+}
+
+impl CacheAside {
+    pub fn from_config(svc: &ServiceConfig) -> Self {
+        Self {
+            ttl: svc.cache_ttl.get(),
+            redis_timeout: svc.cache_redis_timeout.get(),
+            breaker_failures: svc.cache_breaker_failures,
+            breaker_open_for: svc.cache_breaker_open_for.get(),
+        }
+    }
+}
+
+impl Default for CacheAside {
+    /// The defaults of `services.<name>`.
+    fn default() -> Self {
+        Self::from_config(&ServiceConfig::default())
+    }
+}
+
+/// How much longer than one call's deadline a write's invalidation may take.
+const INVALIDATION_DEADLINE_FACTOR: u32 = 5;
 
 /// A cached row: its version (the ETag) and its JSON.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,44 +79,69 @@ impl CachedRow {
     }
 }
 
-/// The cache-aside of one service.
+/// The cache-aside of one service. Clones share the breaker.
 #[derive(Debug, Clone)]
 pub struct ObjectCache {
     redis: Redis,
     ttl: Duration,
     kind: &'static str,
+    guard: Arc<Guard>,
+    breaker_open: metrics::Gauge,
 }
 
 impl ObjectCache {
-    pub fn new(redis: Redis, ttl: Duration, kind: &'static str) -> Self {
-        Self { redis, ttl, kind }
+    pub fn new(redis: Redis, settings: &CacheAside, kind: &'static str) -> Self {
+        Self {
+            redis,
+            ttl: settings.ttl,
+            kind,
+            guard: Arc::new(Guard::new(
+                settings.redis_timeout,
+                settings.breaker_failures,
+                settings.breaker_open_for,
+            )),
+            breaker_open: metrics::gauge!("passerelle_service_cache_breaker_open", "service" => kind),
+        }
     }
 
-    fn failed(&self, op: &'static str, e: impl std::fmt::Display) {
-        metrics::counter!("passerelle_service_cache_errors_total", "service" => self.kind, "op" => op)
-            .increment(1);
-        tracing::debug!(op, error = %e, "cache-aside: redis unavailable, using the database");
+    /// Whether the breaker stops cache calls now.
+    pub fn breaker_open(&self) -> bool {
+        self.guard.is_open()
+    }
+
+    /// Counts a failed (or skipped) call and passes its result on.
+    fn counted<T>(&self, op: &'static str, r: Result<T, RedisError>) -> Result<T, RedisError> {
+        self.breaker_open
+            .set(if self.guard.is_open() { 1.0 } else { 0.0 });
+        match &r {
+            Ok(_) => {}
+            Err(RedisError::BreakerOpen) => {
+                metrics::counter!("passerelle_service_cache_skipped_total", "service" => self.kind, "op" => op)
+                    .increment(1);
+            }
+            Err(e) => {
+                metrics::counter!("passerelle_service_cache_errors_total", "service" => self.kind, "op" => op)
+                    .increment(1);
+                tracing::debug!(op, error = %e, "cache-aside: redis unavailable, using the database");
+            }
+        }
+        r
     }
 
     /// The cached rows of `ids` (one pipeline), `None` where absent or unreadable. On a
-    /// Redis failure every row is `None`.
+    /// Redis failure (or while the breaker is open) every row is `None`.
     pub async fn get_many(&self, ids: &[i64]) -> Vec<Option<CachedRow>> {
         let c = self.redis.cache();
-        let r =
-            tokio::time::timeout(DEADLINE, c.objects_get(&self.redis.keys, self.kind, ids)).await;
-        let rows = match r {
-            Ok(Ok(v)) => v
+        let r = self
+            .guard
+            .call(c.objects_get(&self.redis.keys, self.kind, ids))
+            .await;
+        let rows = match self.counted("get", r) {
+            Ok(v) => v
                 .into_iter()
                 .map(|o| o.and_then(CachedRow::decode))
                 .collect(),
-            Ok(Err(e)) => {
-                self.failed("get", e);
-                vec![None; ids.len()]
-            }
-            Err(_) => {
-                self.failed("get", "timeout");
-                vec![None; ids.len()]
-            }
+            Err(_) => vec![None; ids.len()],
         };
         let hits = rows
             .iter()
@@ -92,44 +160,31 @@ impl ObjectCache {
     pub async fn put_many(&self, rows: &[(i64, CachedRow)]) {
         let encoded: Vec<(i64, Vec<u8>)> = rows.iter().map(|(id, r)| (*id, r.encode())).collect();
         let c = self.redis.cache();
-        match tokio::time::timeout(
-            DEADLINE,
-            c.objects_put(&self.redis.keys, self.kind, &encoded, self.ttl),
-        )
-        .await
-        {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => self.failed("put", e),
-            Err(_) => self.failed("put", "timeout"),
-        }
+        let r = self
+            .guard
+            .call(c.objects_put(&self.redis.keys, self.kind, &encoded, self.ttl))
+            .await;
+        let _ = self.counted("put", r);
     }
 
     /// Row `id` changed (or appeared, or went away): drop its copy and every gateway
-    /// response tagged with its path. A failure leaves copies to expire by TTL; it is
-    /// logged at warn, since readers may see the old row until then.
+    /// response tagged with its path. Tried even while the breaker is open (see the module
+    /// doc). A failure leaves copies to expire by TTL; it is logged at warn, since readers
+    /// may see the old row until then.
     pub async fn changed(&self, id: i64) {
         let c = self.redis.cache();
-        match tokio::time::timeout(
-            DEADLINE * 5,
-            c.object_changed(&self.redis.keys, self.kind, id),
-        )
-        .await
-        {
-            Ok(Ok(_)) => {
+        let deadline = self.guard.timeout() * INVALIDATION_DEADLINE_FACTOR;
+        let r = self
+            .guard
+            .call_always(deadline, c.object_changed(&self.redis.keys, self.kind, id))
+            .await;
+        match self.counted("invalidate", r) {
+            Ok(_) => {
                 metrics::counter!("passerelle_service_cache_invalidations_total", "service" => self.kind)
                     .increment(1);
             }
-            Ok(Err(e)) => {
-                self.failed("invalidate", &e);
+            Err(e) => {
                 tracing::warn!(service = self.kind, id, error = %e, "cache invalidation failed; cached copies expire by TTL");
-            }
-            Err(_) => {
-                self.failed("invalidate", "timeout");
-                tracing::warn!(
-                    service = self.kind,
-                    id,
-                    "cache invalidation timed out; cached copies expire by TTL"
-                );
             }
         }
     }
@@ -148,5 +203,62 @@ mod tests {
         assert_eq!(CachedRow::decode(r.encode()), Some(r));
         assert_eq!(CachedRow::decode(b"garbage".to_vec()), None);
         assert_eq!(CachedRow::decode(b"x\n{}".to_vec()), None);
+    }
+
+    fn row(version: i64) -> CachedRow {
+        CachedRow {
+            version,
+            json: Bytes::from(format!("{{\"id\":1,\"v\":{version}}}")),
+        }
+    }
+
+    #[tokio::test]
+    async fn calls_keep_the_configured_deadline_and_breaker() {
+        let server = passerelle_testkit::RedisServer::start();
+        let redis = Redis::from_config(&passerelle_config::RedisConfig {
+            url: Some(server.url()),
+            // The client's own bound is far away: what bounds a call is the service's.
+            command_timeout: passerelle_config::Dur::secs(10),
+            ..Default::default()
+        })
+        .unwrap()
+        .unwrap();
+        let settings = CacheAside {
+            ttl: Duration::from_secs(60),
+            redis_timeout: Duration::from_millis(400),
+            breaker_failures: 2,
+            breaker_open_for: Duration::from_secs(60),
+        };
+        let cache = ObjectCache::new(redis, &settings, "users");
+        cache.put_many(&[(1, row(1))]).await;
+        assert_eq!(cache.get_many(&[1, 2]).await, vec![Some(row(1)), None]);
+
+        server.pause();
+        let started = std::time::Instant::now();
+        assert_eq!(cache.get_many(&[1]).await, vec![None]);
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(350) && waited < Duration::from_secs(3),
+            "the configured deadline: {waited:?}"
+        );
+        assert!(!cache.breaker_open());
+        cache.put_many(&[(1, row(1))]).await;
+        assert!(cache.breaker_open(), "two failures in a row");
+        let started = std::time::Instant::now();
+        assert_eq!(cache.get_many(&[1]).await, vec![None]);
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "not called while open"
+        );
+
+        // A write's invalidation is tried all the same, and being answered closes it.
+        server.resume();
+        cache.changed(1).await;
+        assert!(!cache.breaker_open());
+        assert_eq!(
+            cache.get_many(&[1]).await,
+            vec![None],
+            "the write's tombstone"
+        );
     }
 }

@@ -37,6 +37,7 @@ use tower_http::set_header::SetResponseHeaderLayer;
 use passerelle_redis::Redis;
 
 use crate::api::BodyLimit;
+pub use crate::cache::CacheAside;
 use crate::cache::ObjectCache;
 use crate::db::{Database, DbError, Migrations};
 use crate::products::Product;
@@ -86,6 +87,8 @@ pub enum ServiceError {
     Seed(String),
     #[error("invalid instance name {0:?}")]
     Instance(String),
+    #[error(transparent)]
+    Redis(#[from] passerelle_redis::RedisError),
 }
 
 #[derive(Debug, Clone)]
@@ -99,9 +102,9 @@ pub struct ServiceOptions {
     pub access_log: bool,
     /// Pooled read connections (about one per worker thread).
     pub read_connections: u32,
-    /// Cache-aside in Redis, with this TTL (`None`: every read goes to SQLite, and writes
-    /// invalidate nothing).
-    pub cache: Option<(Redis, Duration)>,
+    /// Cache-aside in Redis, with these settings (`None`: every read goes to SQLite, and
+    /// writes invalidate nothing).
+    pub cache: Option<(Redis, CacheAside)>,
 }
 
 /// Opens the service's database, applying migrations.
@@ -133,7 +136,7 @@ pub fn app(kind: ServiceKind, db: Database, opts: &ServiceOptions) -> Result<Rou
             cache: opts
                 .cache
                 .clone()
-                .map(|(redis, ttl)| ObjectCache::new(redis, ttl, R::PLURAL)),
+                .map(|(redis, settings)| ObjectCache::new(redis, &settings, R::PLURAL)),
         }))
     }
     let served_by = HeaderValue::from_str(&opts.instance)
@@ -182,6 +185,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServiceError> {
     passerelle_http::metrics::install();
+    if let Some((redis, _)) = &opts.cache {
+        // Too old a Redis is refused now, with a clear error (one down now is not).
+        redis.check_version(Duration::from_secs(1)).await?;
+    }
     let db = open_database(kind, &opts.database_url, opts.read_connections)?;
     let app = app(kind, db, &opts)?;
     let token = passerelle_http::shutdown::token_from(shutdown);

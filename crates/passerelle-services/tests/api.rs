@@ -33,7 +33,10 @@ async fn start_with_cache(
         };
         (
             passerelle_redis::Redis::from_config(&cfg).unwrap().unwrap(),
-            Duration::from_secs(60),
+            passerelle_services::CacheAside {
+                ttl: Duration::from_secs(60),
+                ..Default::default()
+            },
         )
     });
     let dir = tempfile::tempdir().unwrap();

@@ -367,12 +367,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 read_connections: threads as u32 + 1,
                 cache: None,
             };
-            let cache_ttl = svc.cache_ttl.get();
+            let cache_aside = passerelle_services::CacheAside::from_config(svc);
             runtime(threads)?.block_on(async {
                 // Redis clients belong to the runtime that drives their connections.
-                if !cache_ttl.is_zero() {
+                if !cache_aside.ttl.is_zero() {
                     opts.cache = passerelle_redis::Redis::from_config(&config.redis)?
-                        .map(|r| (r, cache_ttl));
+                        .map(|r| (r, cache_aside));
                 }
                 let listener = bind(listen).await?;
                 passerelle_services::run(kind, opts, listener, passerelle_http::shutdown::signal())

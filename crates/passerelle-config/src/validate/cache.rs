@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::problems::{AT_LEAST_ONE, POSITIVE, Problems};
-use crate::{CacheConfig, Config, PathTemplate, RouteCacheConfig, RouteConfig};
+use crate::{CacheConfig, Config, PathTemplate, RouteCacheConfig, RouteConfig, ServiceConfig};
 
 /// Longest freshness (and stale window) a cache entry may have: an entry that outlives a day
 /// is data, not cache.
@@ -18,6 +18,12 @@ const MAX_TAGS: usize = 16;
 
 pub(super) fn check(config: &Config, p: &mut Problems) {
     check_settings(&config.cache, p);
+    for (name, svc) in [
+        ("users", &config.services.users),
+        ("products", &config.services.products),
+    ] {
+        check_cache_aside(name, svc, p);
+    }
     for (i, r) in config.routes.iter().enumerate() {
         if let Some(rc) = &r.cache {
             check_route(i, r, rc, p);
@@ -52,6 +58,20 @@ fn check_settings(c: &CacheConfig, p: &mut Problems) {
         (64..=64 * 1024).contains(&c.max_key_input.get()),
         "cache.max_key_input",
         "must be between 64B and 64KiB",
+    );
+}
+
+/// A service's cache-aside calls: a deadline and a breaker, like the gateway's cache.
+fn check_cache_aside(name: &str, svc: &ServiceConfig, p: &mut Problems) {
+    p.check(
+        !svc.cache_redis_timeout.get().is_zero(),
+        format!("services.{name}.cache_redis_timeout"),
+        POSITIVE,
+    );
+    p.check(
+        svc.cache_breaker_failures > 0,
+        format!("services.{name}.cache_breaker_failures"),
+        AT_LEAST_ONE,
     );
 }
 
@@ -169,6 +189,16 @@ mod tests {
             ("[cache]\nmax_key_input = 10\n", 2, "between 64B and 64KiB"),
             ("[cache]\nlease_ttl = \"0s\"\n", 2, "greater than 0"),
             ("[cache]\nl1_max_size = \"lots\"\n", 2, ""),
+            (
+                "[services.users]\ncache_redis_timeout = \"0s\"\n",
+                2,
+                "services.users.cache_redis_timeout: must be greater than 0",
+            ),
+            (
+                "[services.products]\ncache_breaker_failures = 0\n",
+                2,
+                "services.products.cache_breaker_failures",
+            ),
         ]);
     }
 }
