@@ -27,6 +27,10 @@ pub enum ProxyError {
     BodyRead(String),
     #[error("the route's path rewrite produced an invalid path")]
     BadRewrite,
+    /// The request path has no canonical form (`crate::normalize`): an encoded slash, a
+    /// climb above the root, a malformed escape.
+    #[error("{0}")]
+    BadPath(String),
     #[error(transparent)]
     Upstream(#[from] SendError),
     /// The upstream's response body broke off or came too late.
@@ -128,6 +132,10 @@ impl From<&ProxyError> for Problem {
             }
             ProxyError::BodyRead(_) => Problem::bad_request(e.to_string()),
             ProxyError::BadRewrite => Problem::new(StatusCode::BAD_REQUEST).detail(e.to_string()),
+            ProxyError::BadPath(detail) => {
+                Problem::kind(StatusCode::BAD_REQUEST, "invalid-path", "Invalid path")
+                    .detail(detail.clone())
+            }
             ProxyError::Upstream(s) => ProxyError::upstream_problem(s),
             ProxyError::UpstreamBody(_) => Problem::kind(
                 StatusCode::BAD_GATEWAY,

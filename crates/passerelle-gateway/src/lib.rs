@@ -5,7 +5,7 @@
 //! list of stages, each in its own module (the list itself is in [`service`]):
 //!
 //! ```text
-//! server (passerelle-http) → request id → ops → route → authentication → rate limit
+//! server (passerelle-http) → request id → ops → path → route → authentication → rate limit
 //!                          → [cache] → body → origin → response → observe
 //!                                                │
 //!                                                └─ proxy | compose → upstream: balance →
@@ -13,6 +13,7 @@
 //!                                                   endpoint (passive ejection)
 //! ```
 //!
+//! - [`normalize`]: one spelling per request path, before routing;
 //! - [`routing`]: path templates and methods → a route; [`route`]: the compiled route;
 //! - [`auth`]: who may call a route (a placeholder policy for now);
 //! - [`body`]: the request body, bounded in size and time;
@@ -43,6 +44,7 @@ pub mod cache;
 pub mod compose;
 pub mod error;
 pub mod identity;
+pub mod normalize;
 pub mod observe;
 pub mod origin;
 pub mod proxy;
