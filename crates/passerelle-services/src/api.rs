@@ -6,6 +6,15 @@
 //! 400 malformed syntax (JSON, query, id), 404 missing, 409 uniqueness conflict,
 //! 412 failed `If-Match`, 413 body too large, 415 not JSON, 422 well-formed but invalid,
 //! 503 database momentarily busy, 500 anything else (logged, details hidden).
+//!
+//! Ids are canonical: a resource has one URL. An id is a positive decimal integer written
+//! without sign or leading zeros (`12`); anything that is not digits is a 400 (`abc`, `-1`,
+//! `+12`), and digits with a leading zero (`012`, `0012`) are a 404: a well-formed name that
+//! no resource has. They are never read as `12`, so no spelling other than `/users/12` can
+//! be cached with user 12's row, and a write's invalidation of `/users/12` reaches every
+//! copy. (A 404 rather than a 301 to the canonical URL: it cannot go stale, costs nothing,
+//! says nothing about whether `12` exists, and a write is never redirected.) In an `ids=`
+//! list, such an id is left out like an absent one.
 
 use axum::body::Body;
 use axum::extract::{FromRequest, FromRequestParts, Request};
@@ -40,6 +49,9 @@ pub enum ApiError {
     NotFound { what: &'static str, id: i64 },
     #[error("{param} must be a positive integer, got {value:?}")]
     InvalidId { param: String, value: String },
+    /// Digits, but not an id's one spelling (a leading zero): nothing has this name.
+    #[error("nothing is found under {param} {value:?}: ids are written without leading zeros")]
+    NonCanonicalId { param: String, value: String },
     #[error("invalid query: {0}")]
     BadQuery(String),
     #[error("request body is not valid JSON: {0}")]
@@ -88,6 +100,11 @@ impl From<ApiError> for Problem {
             }
             ApiError::InvalidId { param, .. } => {
                 Problem::kind(StatusCode::BAD_REQUEST, "invalid-id", "Invalid id")
+                    .detail(detail)
+                    .with("param", param)
+            }
+            ApiError::NonCanonicalId { param, .. } => {
+                Problem::kind(StatusCode::NOT_FOUND, "not-found", "Not Found")
                     .detail(detail)
                     .with("param", param)
             }
@@ -149,13 +166,25 @@ impl IntoResponse for ApiError {
 #[derive(Debug, Clone, Copy)]
 pub struct Id(pub i64);
 
-/// Parses a positive integer id (digits only, at most `i64::MAX`).
+/// Parses an id in its one canonical spelling (see the module documentation): digits only
+/// (else [`ApiError::InvalidId`], 400), no leading zero (else [`ApiError::NonCanonicalId`],
+/// 404), from 1 to `i64::MAX` (else 400).
 pub fn parse_id(param: &str, raw: &str) -> Result<i64, ApiError> {
+    let value = || raw.chars().take(64).collect();
     let bad = || ApiError::InvalidId {
         param: param.to_string(),
-        value: raw.chars().take(64).collect(),
+        value: value(),
     };
-    if raw.is_empty() || raw.len() > 19 || !raw.bytes().all(|b| b.is_ascii_digit()) {
+    if raw.is_empty() || !raw.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    if raw.len() > 1 && raw.starts_with('0') {
+        return Err(ApiError::NonCanonicalId {
+            param: param.to_string(),
+            value: value(),
+        });
+    }
+    if raw.len() > 19 {
         return Err(bad());
     }
     match raw.parse::<i64>() {
@@ -278,23 +307,52 @@ fn strip_position(msg: &str) -> String {
 mod tests {
     use super::*;
 
+    /// `raw` parses to `expected`: the id, or the status of the problem.
+    #[track_caller]
+    fn check(raw: &str, expected: Result<i64, u16>) {
+        let got = parse_id("id", raw).map_err(|e| Problem::from(e).status.as_u16());
+        assert_eq!(got, expected, "{raw:?}");
+    }
+
     #[test]
     fn ids() {
-        assert_eq!(parse_id("id", "1").unwrap(), 1);
-        assert_eq!(parse_id("id", "9223372036854775807").unwrap(), i64::MAX);
+        check("1", Ok(1));
+        check("12", Ok(12));
+        check("10", Ok(10));
+        check("9223372036854775807", Ok(i64::MAX));
+        // Not an integer, or not a positive one: 400.
         for bad in [
             "0",
             "-1",
+            "-0",
             "abc",
             "1.5",
             "",
             " 1",
+            "1 ",
             "9223372036854775808",
+            "99999999999999999999",
             "+1",
+            "+12",
             "1e3",
+            "0x1",
+            "١٢",
         ] {
-            assert!(parse_id("id", bad).is_err(), "{bad:?}");
+            check(bad, Err(400));
         }
+        // Digits, but not the canonical spelling: no resource has this name, 404.
+        for other in [
+            "012",
+            "00",
+            "0012",
+            "01",
+            "09223372036854775807",
+            "000000000000000000000001",
+        ] {
+            check(other, Err(404));
+        }
+        let p = Problem::from(parse_id("id", "012").unwrap_err());
+        assert!(p.detail.unwrap().contains("leading zeros"));
     }
 
     #[test]

@@ -5,11 +5,14 @@
 //! |---|---|---|
 //! | `GET /{plural}?limit=&cursor=` | 200 `{"items": [...], "next_cursor": ...}` | keyset pagination by id, `Link: rel="next"` |
 //! | `GET /{plural}?ids=3,1,2` | 200 `{"items": [...]}` | up to 100 ids, in the order asked, absent ones left out; one cache pipeline, one query for the misses |
-//! | `GET /{plural}/{id}` | 200, `ETag` | 404 when missing |
+//! | `GET /{plural}/{id}` | 200, `ETag` | 404 when missing, and for a non-canonical id (`012`; see [`crate::api`]) |
 //! | `POST /{plural}` | 201, `Location` | 409 on a uniqueness conflict |
-//! | `PUT /{plural}/{id}` | 200 | full replacement; `If-Match` honoured |
+//! | `PUT /{plural}/{id}` | 200 | full replacement; `If-Match` honoured (strong comparison) |
 //! | `PATCH /{plural}/{id}` | 200 | JSON merge patch (RFC 7396); `If-Match` honoured |
 //! | `DELETE /{plural}/{id}` | 204 | `If-Match` honoured |
+//!
+//! `If-Match` (RFC 9110 §13.1.1) is `*`, which any existing row matches, or a list of
+//! entity tags compared strongly: a weak tag (`W/"4"`) never matches, so it gets a 412.
 //!
 //! Writes validate first, then run in one transaction: a request either changes the row
 //! completely or not at all. Reads of single rows go through the cache ([`crate::cache`])
@@ -200,21 +203,21 @@ fn item_response<R: Resource>(status: StatusCode, r: &R) -> Response {
     res
 }
 
-/// `If-Match` must name the current version (or be `*`), else 412.
+/// `If-Match` must be `*` or name the current version by its strong tag (RFC 9110
+/// §13.1.1: a weak tag never matches), else 412. Every `If-Match` line counts.
 fn check_if_match(headers: &HeaderMap, version: i64) -> Result<(), ApiError> {
-    let Some(v) = headers.get(header::IF_MATCH) else {
+    let mut lines = headers.get_all(header::IF_MATCH).iter().peekable();
+    if lines.peek().is_none() {
         return Ok(());
-    };
-    let v = v.to_str().map_err(|_| ApiError::PreconditionFailed)?;
-    let current = format!("\"{version}\"");
-    if v.trim() == "*"
-        || v.split(',')
-            .any(|t| t.trim().trim_start_matches("W/") == current)
-    {
-        Ok(())
-    } else {
-        Err(ApiError::PreconditionFailed)
     }
+    let current = format!("\"{version}\"");
+    for v in lines {
+        let v = v.to_str().map_err(|_| ApiError::PreconditionFailed)?;
+        if v.trim() == "*" || v.split(',').any(|t| t.trim() == current) {
+            return Ok(());
+        }
+    }
+    Err(ApiError::PreconditionFailed)
 }
 
 fn get_row<R: Resource>(
@@ -291,10 +294,15 @@ const MAX_IDS: usize = 100;
 /// `GET /{plural}?ids=3,1,2`: cached rows in one pipeline, the misses in one query.
 async fn fetch_many<R: Resource>(s: &Shared, raw: &str) -> Result<Response, ApiError> {
     let mut ids = Vec::new();
-    for part in raw.split(',') {
-        ids.push(crate::api::parse_id("ids", part.trim())?);
-        if ids.len() > MAX_IDS {
+    for (n, part) in raw.split(',').enumerate() {
+        if n == MAX_IDS {
             return Err(ApiError::BadQuery(format!("at most {MAX_IDS} ids at once")));
+        }
+        match crate::api::parse_id("ids", part.trim()) {
+            Ok(id) => ids.push(id),
+            // A spelling no row has (`012`) is left out, like an id no row has.
+            Err(ApiError::NonCanonicalId { .. }) => {}
+            Err(e) => return Err(e),
         }
     }
     let cached = match &s.cache {

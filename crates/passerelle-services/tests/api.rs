@@ -104,7 +104,15 @@ async fn get_one_and_bad_ids() {
 
     let p = s.http.get("/users/9999").await.assert_problem(404);
     assert_eq!(p["detail"], "user 9999 not found");
-    for bad in ["abc", "0", "-3", "1.5", "99999999999999999999"] {
+    for bad in [
+        "abc",
+        "0",
+        "-3",
+        "+7",
+        "%2B7",
+        "1.5",
+        "99999999999999999999",
+    ] {
         let p = s
             .http
             .get(&format!("/users/{bad}"))
@@ -112,6 +120,29 @@ async fn get_one_and_bad_ids() {
             .assert_problem(400);
         assert_eq!(p["param"], "id", "{bad}");
     }
+    // One spelling per user: a leading zero names nothing, for reads and writes alike.
+    for other in ["/users/07", "/users/007", "/users/00"] {
+        let p = s.http.get(other).await.assert_problem(404);
+        assert_eq!(p["param"], "id", "{other}");
+        assert!(
+            p["detail"].as_str().unwrap().contains("leading zeros"),
+            "{p}"
+        );
+    }
+    s.http
+        .send(Method::DELETE, "/users/07", &[], Bytes::new())
+        .await
+        .assert_problem(404);
+    let r = send(
+        &s.http,
+        Method::PATCH,
+        "/users/07",
+        "application/merge-patch+json",
+        r#"{"name": "Nobody"}"#,
+    )
+    .await;
+    r.assert_problem(404);
+    assert_eq!(s.http.get("/users/7").await.json()["version"], 1);
     s.http.get("/nothing/here").await.assert_problem(404);
     let r = s
         .http
@@ -561,4 +592,102 @@ async fn bad_id_lists_are_refused_clearly() {
         let p = r.assert_problem(400);
         assert!(p.to_string().contains(needle), "{q}: {p}");
     }
+}
+
+/// `If-Match` uses the strong comparison (RFC 9110 §13.1.1): a weak tag never matches, `*`
+/// matches any existing row.
+#[tokio::test]
+async fn if_match_compares_strongly() {
+    let s = start(ServiceKind::Users, 3).await;
+    let patch = |if_match: &'static [&'static str], name: &'static str| {
+        let http = s.http.clone();
+        async move {
+            let mut headers = vec![("content-type", "application/merge-patch+json")];
+            headers.extend(if_match.iter().map(|v| ("if-match", *v)));
+            http.send(
+                Method::PATCH,
+                "/users/2",
+                &headers,
+                Bytes::from(format!(r#"{{"name": "{name}"}}"#)),
+            )
+            .await
+        }
+    };
+    let name = || async { s.http.get("/users/2").await.json()["name"].clone() };
+    let before = name().await;
+    // The current version is 1: its weak tag does not match, alone or in a list.
+    for weak in [
+        &["W/\"1\""][..],
+        &["W/\"1\", \"7\""],
+        &["w/\"1\""],
+        &["W/\"1\"", "W/\"1\""],
+    ] {
+        patch(weak, "Weak").await.assert_problem(412);
+    }
+    assert_eq!(name().await, before, "a refused write changes nothing");
+    let r = patch(&["\"1\""], "Strong").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("etag"), Some("\"2\""));
+    // Version 2 now: a strong tag anywhere in the list, or on another line, matches.
+    let r = patch(&["W/\"2\", \"2\""], "Listed").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = patch(&["\"9\"", "\"3\""], "Second line").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // `*` matches whatever version exists...
+    let r = patch(&["*"], "Any").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(name().await, "Any");
+    // ...and a weak tag fails a delete too; `*` deletes.
+    s.http
+        .send(
+            Method::DELETE,
+            "/users/2",
+            &[("if-match", "W/\"5\"")],
+            Bytes::new(),
+        )
+        .await
+        .assert_problem(412);
+    let r = s
+        .http
+        .send(
+            Method::DELETE,
+            "/users/2",
+            &[("if-match", "*")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, 204);
+    // `*` does not match a row that is not there.
+    s.http
+        .send(
+            Method::DELETE,
+            "/users/2",
+            &[("if-match", "*")],
+            Bytes::new(),
+        )
+        .await
+        .assert_problem(404);
+}
+
+/// In an `ids=` list a non-canonical id is left out like an absent one.
+#[tokio::test]
+async fn id_lists_leave_non_canonical_ids_out() {
+    let svc = start(ServiceKind::Products, 5).await;
+    let ids = |q: &'static str| {
+        let http = svc.http.clone();
+        async move {
+            let r = http.get(&format!("/products?ids={q}")).await;
+            assert_eq!(r.status, 200, "{q}: {}", r.text());
+            r.json()["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["id"].as_i64().unwrap())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(ids("3,1").await, [3, 1]);
+    assert_eq!(ids("3,01,1,002").await, [3, 1]);
+    assert_eq!(ids("01").await, Vec::<i64>::new());
+    svc.http.get("/products?ids=1,%2B2").await.assert_problem(400);
 }
