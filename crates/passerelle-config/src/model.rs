@@ -489,6 +489,10 @@ pub struct RouteCacheConfig {
     pub stale_if_error: Dur,
     /// Request headers that select a variant (part of the key).
     pub vary: Vec<String>,
+    /// Query parameters that are part of the key (sorted in it). A request with any other
+    /// parameter bypasses the cache: forwarded, never stored. Default: none, so any query
+    /// bypasses.
+    pub query: Vec<String>,
     /// Invalidation tags: resource paths over the route's parameters, e.g. `/users/{id}`.
     /// A write to that resource drops every entry tagged with it.
     pub tags: Vec<String>,
@@ -505,6 +509,7 @@ impl Default for RouteCacheConfig {
             stale_while_revalidate: Dur::secs(0),
             stale_if_error: Dur::secs(0),
             vary: Vec::new(),
+            query: Vec::new(),
             tags: Vec::new(),
             scope: CacheScope::Shared,
             l1: true,

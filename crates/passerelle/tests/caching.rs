@@ -141,7 +141,7 @@ enabled = false
 name = "c"
 path = "/c/{{id}}"
 upstream = "origin"
-cache = {{ ttl = "60s", tags = ["/things/{{id}}"] }}
+cache = {{ ttl = "60s", tags = ["/things/{{id}}"], query = ["a", "b"] }}
 
 [[routes]]
 name = "sie"
@@ -333,6 +333,17 @@ async fn l1_then_l2_then_other_replica() {
     assert!(cache_status(&r).contains("hit"), "{}", cache_status(&r));
     get(a, "/c/q?a=1&b=3", &[]).await;
     assert_eq!(s.origin.hits("/c/q"), 2);
+    // A parameter the route does not key on: forwarded every time, never stored.
+    for _ in 0..2 {
+        let r = get(a, "/c/q?a=1&b=2&utm=x", &[]).await;
+        assert_eq!(
+            cache_status(&r),
+            "passerelle; fwd=bypass; detail=query",
+            "{}",
+            cache_status(&r)
+        );
+    }
+    assert_eq!(s.origin.hits("/c/q"), 4);
 
     // Vary: one entry per language.
     let fr = get(a, "/vary", &[("accept-language", "fr")]).await;

@@ -15,6 +15,8 @@ const MAX_ENTRY: u64 = 64 * 1024 * 1024;
 const MAX_VARY: usize = 8;
 /// Most tags a route's entries may carry.
 const MAX_TAGS: usize = 16;
+/// Most query parameters a route may key on: each one multiplies the entries.
+const MAX_QUERY: usize = 16;
 
 pub(super) fn check(config: &Config, p: &mut Problems) {
     check_settings(&config.cache, p);
@@ -110,10 +112,39 @@ fn check_route(i: usize, r: &RouteConfig, rc: &RouteCacheConfig, p: &mut Problem
             );
         }
     }
+    check_query(i, rc, p);
     if rc.tags.len() > MAX_TAGS {
         p.add(at("tags"), format!("at most {MAX_TAGS} tags"));
     }
     check_tags(i, r, rc, p);
+}
+
+/// The query parameters a route keys on: names as they appear in a query string (not
+/// decoded), each once.
+fn check_query(i: usize, rc: &RouteCacheConfig, p: &mut Problems) {
+    if rc.query.len() > MAX_QUERY {
+        p.add(
+            format!("routes[{i}].cache.query"),
+            format!("at most {MAX_QUERY} parameters (each one multiplies the entries)"),
+        );
+    }
+    for (j, name) in rc.query.iter().enumerate() {
+        let field = format!("routes[{i}].cache.query[{j}]");
+        if name.is_empty()
+            || name
+                .bytes()
+                .any(|b| matches!(b, b'&' | b'=' | b'#' | b'?' | b'%') || !b.is_ascii_graphic())
+        {
+            p.add(
+                field,
+                format!(
+                    "{name:?} is not a query parameter name (printable ASCII, without & = # ? %)"
+                ),
+            );
+        } else if rc.query[..j].contains(name) {
+            p.add(field, format!("{name:?} is listed twice"));
+        }
+    }
 }
 
 /// Each tag is a template over the route's path parameters: `/users/{id}` on `/users/{id}`.
@@ -166,15 +197,19 @@ mod tests {
                 "at most 8 headers",
             ),
             ("scope = \"public\"", "unknown variant"),
+            ("query = [\"a=b\"]", "not a query parameter name"),
+            ("query = [\"\"]", "not a query parameter name"),
+            ("query = [\"limit\", \"limit\"]", "listed twice"),
         ] {
             check_err(&route(cache), 9, needle);
         }
         let ok = load(&route(
-            "ttl = \"1m\"\nstale_while_revalidate = \"10s\"\ntags = [\"/users/{id}\"]\nvary = [\"accept-language\"]\nscope = \"private\"",
+            "ttl = \"1m\"\nstale_while_revalidate = \"10s\"\ntags = [\"/users/{id}\"]\nvary = [\"accept-language\"]\nscope = \"private\"\nquery = [\"limit\", \"cursor\"]",
         ))
         .unwrap();
         let c = ok.routes[0].cache.as_ref().unwrap();
         assert_eq!(c.ttl, Dur::secs(60));
+        assert_eq!(c.query, ["limit", "cursor"]);
         assert_eq!(c.scope, CacheScope::Private);
     }
 

@@ -1,8 +1,15 @@
-//! Cache keys. A key names one stored response: route, method, path, normalized query, the
-//! values of the headers the route varies on, and the caller when the entry is private.
-//! It is hashed to 128 bits, so whatever the request, a key is 32 hex characters in Redis
-//! and 16 bytes in memory; inputs too large to be a sane key are refused before hashing,
-//! so a hostile client cannot make the gateway hash megabytes per request.
+//! Cache keys. A key names one stored response: route, method, path, the query parameters
+//! the route keys on (sorted), the values of the headers the route varies on, and the
+//! caller when the entry is private. It is hashed to 128 bits, so whatever the request, a
+//! key is 32 hex characters in Redis and 16 bytes in memory; inputs too large to be a sane
+//! key are refused before hashing, so a hostile client cannot make the gateway hash
+//! megabytes per request.
+//!
+//! A route names the query parameters that are part of its key (`routes[].cache.query`,
+//! none by default). A request with any other parameter gets no key: it bypasses the cache
+//! (forwarded, never stored). So a client cannot mint new entries at will (`?x=1`, `?x=2`,
+//! ... each an origin call), and nothing the key does not cover (an unkeyed parameter the
+//! origin reads) can end up in an entry served to requests without it.
 
 use http::{HeaderMap, HeaderName};
 use sha2::{Digest, Sha256};
@@ -30,6 +37,8 @@ impl CacheKey {
 pub enum KeyError {
     /// Path plus query (or the varied header values) exceed `cache.max_key_input`.
     TooLarge,
+    /// The query has a parameter the route does not key on.
+    UnkeyedQuery,
 }
 
 /// The parts of a request that make its key.
@@ -38,6 +47,8 @@ pub struct KeyInput<'a> {
     pub route: &'a str,
     pub path: &'a str,
     pub query: Option<&'a str>,
+    /// The query parameters that are part of the key (the route's `cache.query`).
+    pub keyed_query: &'a [String],
     pub vary: &'a [HeaderName],
     pub headers: &'a HeaderMap,
 }
@@ -58,7 +69,7 @@ impl KeyInput<'_> {
         };
         field(self.route.as_bytes());
         field(self.path.as_bytes());
-        field(normalized_query(query).as_bytes());
+        field(keyed_query(query, self.keyed_query)?.as_bytes());
         let mut vary_bytes = 0;
         for name in self.vary {
             field(name.as_str().as_bytes());
@@ -79,21 +90,39 @@ impl KeyInput<'_> {
     }
 }
 
-/// Query parameters in a canonical order: `b=2&a=1` and `a=1&b=2` are one entry. The sort
-/// is by name and stable, so repeated parameters keep their order (`id=1&id=2` is not
-/// `id=2&id=1`: a backend may read the last one). Empty pairs (`a=1&&b=2`) are dropped.
-/// Values are not decoded: `%41` and `A` stay distinct keys, which costs a duplicate entry
-/// at worst, never a wrong answer.
-pub fn normalized_query(q: &str) -> String {
+/// The query as a key part: its parameters in a canonical order, so that `b=2&a=1` and
+/// `a=1&b=2` are one entry; an error if one is not in `keyed` (the request bypasses the
+/// cache). The sort is by name and stable, so repeated parameters keep their order
+/// (`id=1&id=2` is not `id=2&id=1`: a backend may read the last one). Empty pairs
+/// (`a=1&&b=2`) are dropped. Names and values are not decoded: `%41` and `A` are different
+/// (an encoded name is not the keyed name, so it bypasses), which costs a duplicate entry
+/// or a bypass at worst, never a wrong answer.
+pub fn keyed_query(q: &str, keyed: &[String]) -> Result<String, KeyError> {
+    fn name(pair: &str) -> &str {
+        pair.split_once('=').map_or(pair, |(name, _)| name)
+    }
     let mut pairs: Vec<&str> = q.split('&').filter(|p| !p.is_empty()).collect();
-    pairs.sort_by_key(|p| p.split_once('=').map_or(*p, |(name, _)| name));
-    pairs.join("&")
+    if pairs
+        .iter()
+        .any(|p| !keyed.iter().any(|k| k.as_str() == name(p)))
+    {
+        return Err(KeyError::UnkeyedQuery);
+    }
+    pairs.sort_by_key(|p| name(p));
+    Ok(pairs.join("&"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    /// The query parameters the test route keys on.
+    fn keyed() -> &'static [String] {
+        static KEYED: std::sync::LazyLock<Vec<String>> =
+            std::sync::LazyLock::new(|| ["a", "b", "id", "x"].map(String::from).to_vec());
+        &KEYED
+    }
 
     fn input<'a>(
         path: &'a str,
@@ -105,9 +134,39 @@ mod tests {
             route: "r",
             path,
             query,
+            keyed_query: keyed(),
             vary,
             headers,
         }
+    }
+
+    #[test]
+    fn a_parameter_the_route_does_not_key_on_gets_no_key() {
+        let h = HeaderMap::new();
+        let k = |q| input("/p", Some(q), &[], &h).key(None, 1024);
+        assert!(k("a=1&b=2").is_ok());
+        assert_eq!(k("a=1&limit=2"), Err(KeyError::UnkeyedQuery));
+        assert_eq!(k("cachebuster"), Err(KeyError::UnkeyedQuery));
+        assert_eq!(
+            k("%61=1"),
+            Err(KeyError::UnkeyedQuery),
+            "names are not decoded"
+        );
+        assert_eq!(k(""), k("&"), "no parameter at all");
+        assert_eq!(
+            input("/p", None, &[], &h).key(None, 1024),
+            k(""),
+            "an empty query is no query"
+        );
+        let none = KeyInput {
+            keyed_query: &[],
+            ..input("/p", Some("a=1"), &[], &h)
+        };
+        assert_eq!(
+            none.key(None, 1024),
+            Err(KeyError::UnkeyedQuery),
+            "by default, any parameter bypasses"
+        );
     }
 
     #[test]

@@ -81,6 +81,8 @@ pub struct RouteCache {
     pub name: String,
     /// Entries of this route are kept in L1 too.
     pub l1: bool,
+    /// The query parameters that are part of the key; a request with any other bypasses.
+    pub query: Vec<String>,
     pub defaults: RouteDefaults,
     pub tags: Vec<PathTemplate>,
     metrics: RouteCacheMetrics,
@@ -105,6 +107,7 @@ impl RouteCache {
         Some(RouteCache {
             name: r.name.clone(),
             l1: c.l1,
+            query: c.query.clone(),
             defaults: RouteDefaults {
                 ttl: c.ttl.get(),
                 stale_while_revalidate: c.stale_while_revalidate.get(),

@@ -73,6 +73,8 @@ pub enum Uncacheable {
     Vary,
     TooLarge,
     KeyTooLarge,
+    /// A query parameter the route does not key on (`routes[].cache.query`).
+    Query,
     /// A private route, or a private answer, for a caller without credentials.
     Anonymous,
 }
@@ -87,6 +89,7 @@ impl Uncacheable {
             Uncacheable::Vary => "vary",
             Uncacheable::TooLarge => "too_large",
             Uncacheable::KeyTooLarge => "key_too_large",
+            Uncacheable::Query => "query",
             Uncacheable::Anonymous => "anonymous",
         }
     }

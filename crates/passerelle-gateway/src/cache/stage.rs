@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
 use super::entry::{Entry, Freshness, now_ms};
-use super::key::{CacheKey, KeyInput};
+use super::key::{CacheKey, KeyError, KeyInput};
 use super::policy::{self, Storage, Uncacheable};
 use super::{CacheHandle, Flight, FlightGuard, FlightResult, Level, RouteCache};
 use crate::error::ProxyError;
@@ -119,6 +119,7 @@ impl CacheHandle {
             route: &rc.name,
             path: parts.uri.path(),
             query: parts.uri.query(),
+            keyed_query: &rc.query,
             vary: &rc.defaults.vary,
             headers: &parts.headers,
         };
@@ -135,9 +136,10 @@ impl CacheHandle {
         let private_scope = rc.defaults.private_scope;
         let first = match (private_scope, private_scope.then(caller).flatten()) {
             (true, None) => Err(Uncacheable::Anonymous),
-            (_, c) => input
-                .key(c, cache.max_key_input)
-                .map_err(|_| Uncacheable::KeyTooLarge),
+            (_, c) => input.key(c, cache.max_key_input).map_err(|e| match e {
+                KeyError::TooLarge => Uncacheable::KeyTooLarge,
+                KeyError::UnkeyedQuery => Uncacheable::Query,
+            }),
         };
         let shared_key = match first {
             Ok(k) => k,

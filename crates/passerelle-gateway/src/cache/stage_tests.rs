@@ -307,3 +307,32 @@ async fn purges_keep_the_cache_deadline_and_breaker() {
     assert!(started.elapsed() < Duration::from_millis(100));
     redis.resume();
 }
+
+#[tokio::test]
+async fn only_the_query_parameters_a_route_keys_on_are_cached() {
+    let redis = RedisServer::start();
+    let origin = Counting::default();
+    let cfg = config_with(
+        &redis,
+        origin.serve().await,
+        "redis_timeout = \"500ms\"",
+        "query = [\"limit\", \"cursor\"]",
+    );
+    let a = Replica::new(&cfg);
+    // Keyed parameters, in any order: one entry.
+    a.get("/items/1?limit=5&cursor=a", &[]).await;
+    let r = a.get("/items/1?cursor=a&limit=5", &[]).await;
+    assert!(status_of(&r).contains("hit"), "{}", status_of(&r));
+    assert_eq!(origin.hits("/items/1"), 1);
+    // Any other parameter (a cache buster, a typo): forwarded every time, never stored,
+    // and the keyed entry is not touched.
+    for q in ["x=1", "x=2", "limit=5&cursor=a&x=1", "Limit=5"] {
+        let r = a.get(&format!("/items/1?{q}"), &[]).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(status_of(&r), "passerelle; fwd=bypass; detail=query", "{q}");
+    }
+    assert_eq!(origin.hits("/items/1"), 5);
+    let r = a.get("/items/1?limit=5&cursor=a", &[]).await;
+    assert!(status_of(&r).contains("hit"), "{}", status_of(&r));
+    assert_eq!(origin.hits("/items/1"), 5);
+}
