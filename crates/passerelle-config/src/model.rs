@@ -297,6 +297,10 @@ pub struct UpstreamConfig {
     /// Idle keep-alive connections kept per instance.
     pub max_idle_per_endpoint: usize,
     pub idle_timeout: Dur,
+    /// A response body that receives no byte for this long fails, and the client's
+    /// response is cut off (an upstream stalled mid-body must not hold connections for
+    /// ever); `0s` turns it off, e.g. for a pool that serves server-sent events.
+    pub body_idle_timeout: Dur,
     pub health_check: HealthCheckConfig,
     pub outlier_detection: OutlierConfig,
     pub retry: RetryConfig,
@@ -311,6 +315,7 @@ impl Default for UpstreamConfig {
             try_timeout: Dur::secs(5),
             max_idle_per_endpoint: 256,
             idle_timeout: Dur::secs(60),
+            body_idle_timeout: Dur::secs(30),
             health_check: HealthCheckConfig::default(),
             outlier_detection: OutlierConfig::default(),
             retry: RetryConfig::default(),

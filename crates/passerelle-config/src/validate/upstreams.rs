@@ -120,6 +120,22 @@ mod tests {
     }
 
     #[test]
+    fn body_idle_timeout_defaults_to_30s_and_zero_turns_it_off() {
+        use crate::tests::load;
+        use std::time::Duration;
+        let c = load("[upstreams.x]\nendpoints = [\"a:1\"]\n").unwrap();
+        assert_eq!(
+            c.upstreams["x"].body_idle_timeout.get(),
+            Duration::from_secs(30)
+        );
+        let c = load("[upstreams.x]\nendpoints = [\"a:1\"]\nbody_idle_timeout = \"0s\"\n").unwrap();
+        assert!(
+            c.upstreams["x"].body_idle_timeout.get().is_zero(),
+            "allowed: no limit"
+        );
+    }
+
+    #[test]
     fn endpoints_are_host_and_port() {
         for (endpoint, ok) in [
             ("127.0.0.1:7001", true),

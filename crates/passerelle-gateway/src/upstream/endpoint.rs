@@ -1,6 +1,7 @@
 //! One instance of an upstream and what the gateway knows about it: whether the active
 //! health check passes, whether passive outlier detection has ejected it and until when,
-//! how many requests are in flight, and a peak-EWMA of its latency.
+//! how many requests are in flight, a peak-EWMA of its latency, and how long it keeps an
+//! idle keep-alive connection open, as learned from the connections it closed.
 //!
 //! All state is atomics: every request reads it, and a lock here would serialize the
 //! gateway. Races between concurrent updates are benign (a failure counted one request
@@ -45,7 +46,38 @@ pub struct Endpoint {
     ewma_stamp_ns: AtomicU64,
     health_successes: AtomicU32,
     health_failures: AtomicU32,
+    /// Learned idle limit of keep-alive connections, in milliseconds (0: nothing learned).
+    idle_limit_ms: AtomicU64,
+    /// When it was learned, in milliseconds since `epoch`.
+    idle_limit_at_ms: AtomicU64,
 }
+
+/// How long before an idle deadline (announced or learned) a pooled connection is retired:
+/// a tenth of it, and at least this much. The peer's clock starts when it has sent its
+/// response, ours when we sent the request, and a request sent just before the peer's
+/// deadline can cross its close on the wire; a close that crosses a POST fails it.
+pub const IDLE_MARGIN_MIN: Duration = Duration::from_millis(250);
+
+/// The idle time up to which a connection is reused when its peer closes connections idle
+/// for `limit`: `limit` less [`IDLE_MARGIN_MIN`] or a tenth of it, whichever is more (a 1 s
+/// limit gives 750 ms, 5 s gives 4.5 s, 60 s gives 54 s).
+pub fn retire_before(limit: Duration) -> Duration {
+    limit.saturating_sub((limit / 10).max(IDLE_MARGIN_MIN))
+}
+
+/// A learned idle limit is never below this. The same observation is made when an upstream
+/// restarts (every idle connection closed at once, some of them idle for a few
+/// milliseconds); without a floor, one restart under load would end connection reuse.
+/// Under load connections are idle for far less than this, so a limit learned from a
+/// restart costs nothing there, and at low traffic it costs a connect per request until it
+/// expires.
+pub const IDLE_LIMIT_FLOOR: Duration = Duration::from_millis(100);
+
+/// A learned idle limit is forgotten after this long. The upstream may be redeployed with a
+/// longer keep-alive, or the observation may have been a restart: forgetting costs at most
+/// one more observed close, which is nearly always seen before a request is written on the
+/// connection.
+pub const IDLE_LIMIT_TTL: Duration = Duration::from_secs(300);
 
 impl Load for Endpoint {
     fn in_flight(&self) -> u32 {
@@ -82,6 +114,8 @@ impl Endpoint {
             ewma_stamp_ns: AtomicU64::new(0),
             health_successes: AtomicU32::new(0),
             health_failures: AtomicU32::new(0),
+            idle_limit_ms: AtomicU64::new(0),
+            idle_limit_at_ms: AtomicU64::new(0),
         })
     }
 
@@ -124,6 +158,43 @@ impl Endpoint {
             prev * w + rtt * (1.0 - w)
         };
         self.ewma_ns.store(next.to_bits(), Ordering::Relaxed);
+    }
+
+    fn ms_at(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// How long a keep-alive connection to this endpoint may sit idle and still be reused,
+    /// as learned by [`Self::observe_idle_close`]; `None` when nothing was learned (or it
+    /// expired). `now` is the caller's clock reading.
+    pub fn idle_limit(&self, now: Instant) -> Option<Duration> {
+        let limit = self.idle_limit_ms.load(Ordering::Relaxed);
+        if limit == 0 {
+            return None;
+        }
+        let at = self.idle_limit_at_ms.load(Ordering::Relaxed);
+        if self.ms_at(now).saturating_sub(at) > IDLE_LIMIT_TTL.as_millis() as u64 {
+            return None;
+        }
+        Some(Duration::from_millis(limit))
+    }
+
+    /// Records that a keep-alive connection idle for `idle` was found closed by the peer
+    /// (seen at checkout, or by the request written on it). Upstreams that close idle
+    /// connections without announcing when (nginx's `keepalive_timeout`, most servers)
+    /// are learned this way: the close happened at most `idle` after the connection went
+    /// idle, so connections are reused only up to the smallest such idle time, less a
+    /// margin ([`retire_before`]), and never below [`IDLE_LIMIT_FLOOR`]. Shared by every
+    /// serving thread: what one learns, all apply. Races between threads are benign (one
+    /// observation lost; the next close teaches it again).
+    pub fn observe_idle_close(&self, idle: Duration, now: Instant) {
+        let candidate = retire_before(idle).max(IDLE_LIMIT_FLOOR).as_millis() as u64;
+        let current = self.idle_limit_ms.load(Ordering::Relaxed);
+        if current == 0 || candidate < current || self.idle_limit(now).is_none() {
+            self.idle_limit_ms.store(candidate, Ordering::Relaxed);
+            self.idle_limit_at_ms
+                .store(self.ms_at(now), Ordering::Relaxed);
+        }
     }
 
     /// Passive outlier detection. Returns true when this outcome ejected the endpoint.
@@ -251,6 +322,43 @@ mod tests {
         assert_eq!(e.record_health(true, 2, 2), None);
         assert_eq!(e.record_health(true, 2, 2), Some(true));
         assert!(e.is_available());
+    }
+
+    #[test]
+    fn retirement_margin_is_a_tenth_and_at_least_250_ms() {
+        let ms = Duration::from_millis;
+        assert_eq!(retire_before(Duration::from_secs(1)), ms(750));
+        assert_eq!(retire_before(Duration::from_secs(5)), ms(4500));
+        assert_eq!(retire_before(Duration::from_secs(60)), ms(54_000));
+        assert_eq!(retire_before(ms(200)), Duration::ZERO);
+    }
+
+    #[test]
+    fn idle_limit_is_the_smallest_observed_close_less_a_margin_and_expires() {
+        let t0 = Instant::now();
+        let e = Endpoint::new("127.0.0.1:1", t0).unwrap();
+        let ms = Duration::from_millis;
+        assert_eq!(e.idle_limit(t0), None);
+        e.observe_idle_close(ms(2000), t0);
+        assert_eq!(e.idle_limit(t0), Some(ms(1750)));
+        e.observe_idle_close(ms(3000), t0);
+        assert_eq!(
+            e.idle_limit(t0),
+            Some(ms(1750)),
+            "a later close teaches nothing"
+        );
+        e.observe_idle_close(ms(400), t0);
+        assert_eq!(e.idle_limit(t0), Some(ms(150)));
+        e.observe_idle_close(ms(5), t0);
+        assert_eq!(
+            e.idle_limit(t0),
+            Some(IDLE_LIMIT_FLOOR),
+            "never below the floor"
+        );
+        let later = t0 + IDLE_LIMIT_TTL + Duration::from_secs(1);
+        assert_eq!(e.idle_limit(later), None, "forgotten");
+        e.observe_idle_close(ms(2000), later);
+        assert_eq!(e.idle_limit(later), Some(ms(1750)), "learned afresh");
     }
 
     #[test]

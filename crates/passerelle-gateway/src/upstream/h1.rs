@@ -2,6 +2,8 @@
 //! parsing a response head (httparse), deciding how the body is framed (RFC 9112 §6.3), and
 //! decoding chunked bodies. No I/O here; [`super::client`] drives the sockets.
 
+use std::time::Duration;
+
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery};
@@ -83,6 +85,9 @@ pub struct Head {
     pub framing: Framing,
     /// Whether the connection may carry another request after this response.
     pub keep_alive: bool,
+    /// How long the upstream says it keeps the connection open while idle
+    /// (`Keep-Alive: timeout=N`, RFC 2068 §19.7.1.1, still sent by Node, Apache and others).
+    pub keep_alive_timeout: Option<Duration>,
 }
 
 /// Parses a response head at the start of `buf`. Returns `Ok(None)` when more bytes are
@@ -139,6 +144,7 @@ pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Head
         let mut content_length: Option<u64> = None;
         let mut chunked = false;
         let mut close = http10;
+        let mut keep_alive_timeout = None;
         for &((name_at, name_len), (value_at, value_len)) in &fields[..count] {
             let (name_at, name_len, value_at, value_len) = (
                 name_at as usize,
@@ -181,6 +187,8 @@ pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Head
                 } else if http10 && has(b"keep-alive") {
                     close = false;
                 }
+            } else if name.as_str() == "keep-alive" {
+                keep_alive_timeout = keep_alive_timeout.or(parse_keep_alive_timeout(raw_value));
             }
             let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
                 .map_err(|_| ParseError::Head(format!("value of {name}")))?;
@@ -213,8 +221,26 @@ pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Head
             headers,
             framing,
             keep_alive: !close && framing != Framing::UntilClose,
+            keep_alive_timeout,
         }));
     }
+}
+
+/// The `timeout` parameter of a `Keep-Alive` header value (`timeout=5, max=100`), in whole
+/// seconds as the header defines it. Anything unreadable counts as absent: the header is
+/// advice, and the client's own idle limits still apply.
+fn parse_keep_alive_timeout(value: &[u8]) -> Option<Duration> {
+    value.split(|&b| b == b',').find_map(|param| {
+        let (key, secs) = param.split_at(param.iter().position(|&b| b == b'=')?);
+        if !key.trim_ascii().eq_ignore_ascii_case(b"timeout") {
+            return None;
+        }
+        let secs = std::str::from_utf8(secs[1..].trim_ascii()).ok()?;
+        secs.trim_matches('"')
+            .parse::<u64>()
+            .ok()
+            .map(Duration::from_secs)
+    })
 }
 
 /// Incremental decoder of a chunked body.
@@ -410,6 +436,34 @@ mod tests {
             b"ok",
             "the body's first bytes stay in the buffer"
         );
+    }
+
+    #[test]
+    fn reads_the_keep_alive_timeout() {
+        let timeout = |raw: &str| {
+            parse(raw, Method::GET)
+                .0
+                .unwrap()
+                .unwrap()
+                .keep_alive_timeout
+        };
+        let cl = "content-length: 0\r\n\r\n";
+        for (header, want) in [
+            ("keep-alive: timeout=5, max=100", Some(5)),
+            ("Keep-Alive: max=100,timeout=1", Some(1)),
+            ("keep-alive: Timeout = \"2\"", Some(2)),
+            ("keep-alive: max=100", None),
+            ("keep-alive: timeout=soon", None),
+            ("keep-alive: timeout", None),
+            ("x-keep-alive: timeout=5", None),
+        ] {
+            assert_eq!(
+                timeout(&format!("HTTP/1.1 200 OK\r\n{header}\r\n{cl}")),
+                want.map(Duration::from_secs),
+                "{header}"
+            );
+        }
+        assert_eq!(timeout(&format!("HTTP/1.1 200 OK\r\n{cl}")), None);
     }
 
     #[test]

@@ -50,7 +50,7 @@ pub fn spawn(upstream: Arc<Upstream>, shutdown: CancellationToken) {
                 async move {
                     let probe = async {
                         let res = client
-                            .send(i, &e.address, &e.authority, &out, std::time::Instant::now())
+                            .send(i, e, &out, std::time::Instant::now())
                             .await
                             .ok()?;
                         let ok = res.status().is_success();

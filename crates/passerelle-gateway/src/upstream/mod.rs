@@ -13,6 +13,10 @@
 //!   so a sick pool does not get its load multiplied.
 //!
 //! Each attempt has its own deadline (`try_timeout`), bounded by the request's overall one.
+//! Within an attempt, the [`client`] may send the request once more on a new connection
+//! when a pooled one turns out to have been closed by the upstream (see its documentation):
+//! that is not a retry, since the endpoint did nothing wrong, and it costs neither the
+//! budget nor the endpoint's outlier-detection record.
 
 pub mod balance;
 pub mod client;
@@ -253,6 +257,9 @@ impl Upstream {
                 connect_timeout: self.config.connect_timeout.get(),
                 idle_timeout: self.config.idle_timeout.get(),
                 max_idle: self.config.max_idle_per_endpoint,
+                // Zero turns the limit off.
+                body_idle_timeout: Some(self.config.body_idle_timeout.get())
+                    .filter(|t| !t.is_zero()),
             },
         )
     }
@@ -310,7 +317,7 @@ impl Upstream {
                 let _in_flight = endpoint.start();
                 tokio::time::timeout_at(
                     try_deadline.into(),
-                    client.send(idx, &endpoint.address, &endpoint.authority, out, started),
+                    client.send(idx, endpoint, out, started),
                 )
                 .await
             };
@@ -441,6 +448,7 @@ impl Upstream {
                 "healthy": e.is_healthy(),
                 "ejected": e.is_ejected(),
                 "in_flight": balance::Load::in_flight(e),
+                "learned_idle_limit_ms": e.idle_limit(Instant::now()).map(|d| d.as_millis() as u64),
             })).collect::<Vec<_>>(),
         })
     }
