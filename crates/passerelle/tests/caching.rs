@@ -432,6 +432,36 @@ async fn a_private_response_is_never_served_to_another_caller() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_request_with_authorization_changes_nothing_for_anonymous_callers() {
+    let s = setup(2, Duration::ZERO).await;
+    let (a, b) = (&s.gateways[0].http, &s.gateways[1].http);
+    // The answer to alice's `Authorization` (the origin does not say `public`) is hers...
+    let alice = [("authorization", "Bearer alice")];
+    let r = get(a, "/c/shared-url", &alice).await;
+    assert!(cache_status(&r).contains("stored"), "{}", cache_status(&r));
+    // ...and anonymous callers still share the URL's entry, on both replicas: one fetch.
+    for http in [a, b, a, b] {
+        let r = get(http, "/c/shared-url", &[]).await;
+        assert_eq!(r.status, 200);
+        assert!(
+            !cache_status(&r).contains("fwd=uri-miss; detail"),
+            "{}",
+            cache_status(&r)
+        );
+    }
+    let r = get(b, "/c/shared-url", &[]).await;
+    assert!(cache_status(&r).contains("hit"), "{}", cache_status(&r));
+    assert_eq!(s.origin.hits("/c/shared-url"), 2);
+    let r = get(b, "/c/shared-url", &alice).await;
+    assert!(
+        cache_status(&r).contains("hit"),
+        "alice's own: {}",
+        cache_status(&r)
+    );
+    assert_eq!(s.origin.hits("/c/shared-url"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn values_above_the_cap_are_not_cached_and_large_ones_are_compressed() {
     let s = setup(1, Duration::ZERO).await;
     let http = &s.gateways[0].http;

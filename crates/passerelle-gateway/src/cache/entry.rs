@@ -24,8 +24,9 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// One cached response, or the marker saying "this key's responses are private: look up
-/// the caller's own entry".
+/// One cached response, or the marker saying "this URL's answers to callers with
+/// credentials are private: look up the caller's own entry" (only ever in the credentialed
+/// view, see the [module doc](super)).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
     pub status: StatusCode,

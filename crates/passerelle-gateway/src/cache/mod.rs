@@ -20,6 +20,26 @@
 //! - [`stage`]: the request-side orchestration (the gateway's cache stage), over a
 //!   [`CacheHandle`] (the shared cache and one serving thread's Redis connection).
 //!
+//! Who shares an entry. A route's answers are shared (scope `shared`) unless the answer
+//! says it is private (`Cache-Control: private`, or an answer to `Authorization` without
+//! `public` or `s-maxage`, RFC 9111 §3.5), or the route's scope is `private` (every entry
+//! is one caller's). On a shared route each URL has two views that never share an entry:
+//! one for callers without credentials, one for callers with credentials (an
+//! authenticated user, an API key, `Authorization` or `Cookie`). So a URL that answers
+//! publicly to anonymous callers and privately to signed-in ones serves each the right
+//! answer: the anonymous callers share the public one, and the others never see it.
+//!
+//! - A caller without credentials reads and fills the anonymous view. A private answer to
+//!   it is served but not stored (a client IP is not an identity), and the view is left
+//!   as it was.
+//! - A caller with credentials reads the credentialed view. An answer that is not private
+//!   is stored there, for every caller with credentials. A private one is stored under
+//!   the caller's own key (its credentials, hashed), and the view holds a marker that
+//!   sends the next callers with credentials to their own entries, until it expires.
+//!
+//! So a private answer never evicts, replaces or blocks what callers without credentials
+//! share: one request with `Authorization` changes nothing for them.
+//!
 //! Invalidation is by tags (resource paths such as `/users/7`) attached to entries, and by
 //! key for operator purges. A service that writes a row deletes the tagged entries from
 //! Redis and publishes the tag;

@@ -82,7 +82,8 @@ struct FillJob {
     /// `key` already names the caller's own entry (private scope, or a private marker
     /// led here).
     caller_keyed: bool,
-    /// The caller's own key, should the answer be private (when `key` is shared).
+    /// The caller's own key, should the answer be private (when `key` is the credentialed
+    /// view; `None` for a caller without credentials, whose private answer is not stored).
     private_key: Option<CacheKey>,
     headers: HeaderMap,
     deadline: Instant,
@@ -123,8 +124,8 @@ impl CacheHandle {
             vary: &rc.defaults.vary,
             headers: &parts.headers,
         };
-        // Who the caller is matters only for private entries: worked out on first need, so
-        // that a shared hit costs no identity resolution or credential digest.
+        // Who the caller is: whether it has credentials chooses the view (below), and its
+        // credentials name its private entries. Worked out once, on first need.
         let caller_cell = std::sync::OnceLock::new();
         let caller = || {
             caller_cell
@@ -134,13 +135,21 @@ impl CacheHandle {
                 .as_deref()
         };
         let private_scope = rc.defaults.private_scope;
-        let first = match (private_scope, private_scope.then(caller).flatten()) {
+        // The entry to look up first: the caller's own on a private route; else the URL's
+        // view for callers with credentials, or the one for callers without (see the
+        // module doc: the two never share).
+        let first = match (private_scope, caller()) {
             (true, None) => Err(Uncacheable::Anonymous),
-            (_, c) => input.key(c, cache.max_key_input).map_err(|e| match e {
+            (true, Some(c)) => Ok(Some(c)),
+            (false, Some(_)) => Ok(Some(CREDENTIALED_VIEW)),
+            (false, None) => Ok(None),
+        }
+        .and_then(|c| {
+            input.key(c, cache.max_key_input).map_err(|e| match e {
                 KeyError::TooLarge => Uncacheable::KeyTooLarge,
                 KeyError::UnkeyedQuery => Uncacheable::Query,
-            }),
-        };
+            })
+        });
         let shared_key = match first {
             Ok(k) => k,
             Err(why) => {
@@ -158,8 +167,8 @@ impl CacheHandle {
         };
         let mut key = shared_key;
         // Where this caller's own entry lives, should the answer be private (`None` once
-        // `key` is that entry). An anonymous caller has none: a private answer is then
-        // never stored.
+        // `key` is that entry). A caller without credentials has none: a private answer is
+        // then never stored.
         let private_key_of = || {
             caller()
                 .filter(|_| !private_scope)
@@ -404,22 +413,27 @@ impl CacheHandle {
         entry.tags = job.tags.clone();
         let entry = Arc::new(entry);
         let (result, stored, key) = if storage.private && !job.caller_keyed {
-            let marker = Arc::new(Entry {
-                private_marker: true,
-                body: Bytes::new(),
-                headers: HeaderMap::new(),
-                ..(*entry).clone()
-            });
-            cache
-                .store(conn, job.key, marker, filled_at, rc.l1, &mut lease)
-                .await;
             match job.private_key {
+                // A caller with credentials: its answer under its own key, and a marker in
+                // the credentialed view sending the next callers with credentials to their
+                // own entries. The view of callers without credentials is not touched.
                 Some(pk) => {
+                    let marker = Arc::new(Entry {
+                        private_marker: true,
+                        body: Bytes::new(),
+                        headers: HeaderMap::new(),
+                        ..(*entry).clone()
+                    });
+                    cache
+                        .store(conn, job.key, marker, filled_at, rc.l1, &mut lease)
+                        .await;
                     let stored = cache
                         .store(conn, pk, entry.clone(), filled_at, rc.l1, &mut None)
                         .await;
                     (FlightResult::Private, stored, pk)
                 }
+                // A caller without credentials (or a background refresh): nothing stored,
+                // and the shared entry, if any, stays for those it serves.
                 None => (FlightResult::Private, false, job.key),
             }
         } else {
@@ -440,6 +454,10 @@ impl CacheHandle {
         send(leader, Served::Entry(entry, Outcome::Miss { stored }, key));
     }
 }
+
+/// What stands for the caller in the key of a URL's view for callers with credentials:
+/// no [`caller_identity`] is ever this (those start with a field name).
+const CREDENTIALED_VIEW: &str = "\0credentialed";
 
 /// Who a private entry belongs to: the authenticated user, the API key, and digests of
 /// the credentials the request carries (`Authorization`, `Cookie`). `None` for a caller

@@ -19,7 +19,9 @@ use crate::origin::{Origin, Target};
 use crate::upstream::{Clients, Upstream};
 
 /// An origin that counts the requests it gets, by path. `/items/{id}` is public,
-/// `/private/{id}` says `Cache-Control: private`, `/slow/{id}` answers after 200 ms.
+/// `/private/{id}` says `Cache-Control: private`, `/slow/{id}` answers after 200 ms,
+/// `/mixed/{id}` answers publicly without `Authorization` and privately (naming the
+/// credentials) with it.
 #[derive(Clone, Default)]
 struct Counting(Arc<Mutex<HashMap<String, usize>>>);
 
@@ -32,7 +34,7 @@ impl Counting {
         let count = |c: Counting, path: String| {
             *c.0.lock().unwrap().entry(path).or_default() += 1;
         };
-        let (a, b, d) = (self.clone(), self.clone(), self.clone());
+        let (a, b, d, m) = (self.clone(), self.clone(), self.clone(), self.clone());
         let app = axum::Router::new()
             .route("/health", axum::routing::get(|| async { "ok" }))
             .route(
@@ -54,6 +56,25 @@ impl Counting {
                         format!("{{\"id\":\"{id}\"}}"),
                     )
                 }),
+            )
+            .route(
+                "/mixed/{id}",
+                axum::routing::get(
+                    move |Path(id): Path<String>, headers: http::HeaderMap| async move {
+                        count(m, format!("/mixed/{id}"));
+                        let auth = headers
+                            .get("authorization")
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string);
+                        let cc = if auth.is_some() {
+                            "private, max-age=60"
+                        } else {
+                            "public, max-age=60"
+                        };
+                        let body = serde_json::json!({ "id": id, "for": auth }).to_string();
+                        ([("cache-control", cc)], body)
+                    },
+                ),
             )
             .route(
                 "/slow/{id}",
@@ -335,4 +356,67 @@ async fn only_the_query_parameters_a_route_keys_on_are_cached() {
     let r = a.get("/items/1?limit=5&cursor=a", &[]).await;
     assert!(status_of(&r).contains("hit"), "{}", status_of(&r));
     assert_eq!(origin.hits("/items/1"), 5);
+}
+
+async fn body_of(res: Response<Body>) -> serde_json::Value {
+    let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+#[tokio::test]
+async fn an_answer_for_one_caller_never_turns_shared_caching_off() {
+    let redis = RedisServer::start();
+    let origin = Counting::default();
+    let cfg = config(&redis, origin.serve().await);
+    let (a, b) = (Replica::new(&cfg), Replica::new(&cfg));
+    // A caller with credentials comes first: the answer to its `Authorization` (no
+    // `public`) is its own.
+    let alice = [("authorization", "Bearer alice")];
+    let r = a.get("/items/5", &alice).await;
+    assert!(status_of(&r).contains("stored"), "{}", status_of(&r));
+    // Callers without credentials share as ever, on every replica: one fetch, then hits.
+    let r = a.get("/items/5", &[]).await;
+    assert!(status_of(&r).contains("stored"), "{}", status_of(&r));
+    for replica in [&a, &b] {
+        for _ in 0..3 {
+            let r = replica.get("/items/5", &[]).await;
+            assert!(status_of(&r).contains("hit"), "{}", status_of(&r));
+        }
+    }
+    assert_eq!(origin.hits("/items/5"), 2);
+    // Alice still reads her own copy, anywhere; bob gets his.
+    let r = b.get("/items/5", &alice).await;
+    assert!(status_of(&r).contains("hit"), "{}", status_of(&r));
+    b.get("/items/5", &[("authorization", "Bearer bob")]).await;
+    assert_eq!(origin.hits("/items/5"), 3);
+}
+
+#[tokio::test]
+async fn a_url_public_to_anonymous_callers_and_private_to_others_serves_each_their_answer() {
+    let redis = RedisServer::start();
+    let origin = Counting::default();
+    let cfg = config(&redis, origin.serve().await);
+    let a = Replica::new(&cfg);
+    let alice = [("authorization", "Bearer alice")];
+    // The public answer first, then alice: she never gets the anonymous one.
+    assert_eq!(
+        body_of(a.get("/mixed/1", &[]).await).await["for"],
+        serde_json::Value::Null
+    );
+    for _ in 0..2 {
+        assert_eq!(
+            body_of(a.get("/mixed/1", &alice).await).await["for"],
+            "Bearer alice"
+        );
+        assert_eq!(
+            body_of(a.get("/mixed/1", &[("authorization", "Bearer bob")]).await).await["for"],
+            "Bearer bob"
+        );
+        let anon = a.get("/mixed/1", &[]).await;
+        assert!(status_of(&anon).contains("hit"), "{}", status_of(&anon));
+        assert_eq!(body_of(anon).await["for"], serde_json::Value::Null);
+    }
+    assert_eq!(origin.hits("/mixed/1"), 3, "once for each of them");
 }
