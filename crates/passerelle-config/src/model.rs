@@ -424,6 +424,9 @@ pub struct RouteConfig {
     pub rate_limits: Option<Vec<String>>,
     /// Cache the route's `GET`/`HEAD` responses (absent: not cached).
     pub cache: Option<RouteCacheConfig>,
+    /// Answers are long-lived streams (server-sent events): the upstream's
+    /// `body_idle_timeout` does not cut them off. Not with `cache` or `compose`.
+    pub streaming: bool,
 }
 
 /// The response cache: an in-process level (L1) in front of the cache Redis (L2).

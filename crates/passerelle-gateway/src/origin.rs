@@ -24,9 +24,11 @@ use crate::upstream::{Clients, Outgoing, Upstream};
 #[derive(Debug)]
 pub enum Origin {
     /// One pool; the request path, or `rewrite` rendered from the route's parameters.
+    /// A `streaming` route's answers are not cut off by the pool's `body_idle_timeout`.
     Proxy {
         upstream: Arc<Upstream>,
         rewrite: Option<PathTemplate>,
+        streaming: bool,
     },
     /// Several pools called concurrently, their JSON answers merged.
     Compose(Vec<Part>),
@@ -76,7 +78,14 @@ impl Origin {
         deadline: Instant,
     ) -> Result<Response<Body>, ProxyError> {
         match (self, target) {
-            (Origin::Proxy { upstream, .. }, Target::Proxy(path)) => {
+            (
+                Origin::Proxy {
+                    upstream,
+                    streaming,
+                    ..
+                },
+                Target::Proxy(path),
+            ) => {
                 let out = Outgoing {
                     method,
                     path_and_query: path.clone(),
@@ -84,7 +93,10 @@ impl Origin {
                     body,
                 };
                 let answer = upstream.send(clients.of(upstream), &out, deadline).await?;
-                let (mut head, body) = answer.response.into_parts();
+                let (mut head, mut body) = answer.response.into_parts();
+                if *streaming {
+                    body.set_idle_timeout(None);
+                }
                 proxy::strip_hop_by_hop(&mut head.headers);
                 Ok(Response::from_parts(head, Body::new(body)))
             }
@@ -165,6 +177,7 @@ mod tests {
         let plain = Origin::Proxy {
             upstream: pool(),
             rewrite: None,
+            streaming: false,
         };
         match plain.target(&uri, params(&[("id", "7")])).unwrap() {
             Target::Proxy(p) => assert_eq!(p.as_str(), "/people/7?x=1"),
@@ -173,6 +186,7 @@ mod tests {
         let rewritten = Origin::Proxy {
             upstream: pool(),
             rewrite: Some(PathTemplate::parse("/users/{id}").unwrap()),
+            streaming: false,
         };
         match rewritten.target(&uri, params(&[("id", "7")])).unwrap() {
             Target::Proxy(p) => assert_eq!(p.as_str(), "/users/7?x=1", "the query follows"),
@@ -209,6 +223,7 @@ mod tests {
         let origin = Origin::Proxy {
             upstream: up.clone(),
             rewrite: None,
+            streaming: false,
         };
         let clients = Clients::for_thread(&[up]);
         let target = Target::Proxy(PathAndQuery::from_static("/users/1"));

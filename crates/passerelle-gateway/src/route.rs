@@ -72,6 +72,7 @@ impl Route {
             (Some(up), _) => Origin::Proxy {
                 upstream: pool(up)?,
                 rewrite: r.rewrite.as_deref().map(template).transpose()?,
+                streaming: r.streaming,
             },
             (None, Some(parts)) => Origin::Compose(
                 parts

@@ -31,12 +31,17 @@ struct Running {
 }
 
 async fn gateway(routes: &str, upstream: SocketAddr) -> Running {
+    gateway_with(routes, upstream, "").await
+}
+
+/// With `pool` settings added to the upstream's table.
+async fn gateway_with(routes: &str, upstream: SocketAddr, pool: &str) -> Running {
     let admin_port = passerelle_testkit::free_port();
     let config = Config::from_toml(
         "test.toml",
         &format!(
             "[gateway]\nadmin_listen = \"127.0.0.1:{admin_port}\"\nworker_threads = 1\n\
-             [upstreams.echo]\nendpoints = [\"{upstream}\"]\n\
+             [upstreams.echo]\nendpoints = [\"{upstream}\"]\n{pool}\
              [upstreams.echo.health_check]\nenabled = false\n{routes}"
         ),
         Vec::new(),
@@ -119,4 +124,53 @@ async fn a_path_is_rewritten_with_the_route_parameters() {
     assert_eq!(g.http.get("/people/9").await.json()["path"], "/users/9");
     let r = g.http.get("/nothing/here").await;
     r.assert_problem(404);
+}
+
+/// An upstream that sends half a body, pauses 400 ms, then the rest.
+async fn pausing() -> SocketAddr {
+    let app = axum::Router::new().fallback(|| async {
+        let stream = futures_util::stream::unfold(0u8, |n| async move {
+            match n {
+                0 => Some((
+                    Ok::<_, std::convert::Infallible>(bytes::Bytes::from("first,")),
+                    1,
+                )),
+                1 => {
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                    Some((Ok(bytes::Bytes::from("second")), 2))
+                }
+                _ => None,
+            }
+        });
+        axum::body::Body::from_stream(stream)
+    });
+    let (listener, addr) = passerelle_testkit::listener().await;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_stalled_body_is_cut_off_unless_the_route_streams() {
+    let routes = "[[routes]]\nname = \"plain\"\npath = \"/plain\"\nupstream = \"echo\"\n\
+                  [[routes]]\nname = \"events\"\npath = \"/events\"\nupstream = \"echo\"\nstreaming = true\n";
+    let g = gateway_with(routes, pausing().await, "body_idle_timeout = \"150ms\"\n").await;
+    let events = g
+        .http
+        .try_send(http::Method::GET, "/events", &[], bytes::Bytes::new())
+        .await;
+    assert_eq!(
+        events.unwrap().text(),
+        "first,second",
+        "a streaming route waits"
+    );
+    let plain = g
+        .http
+        .try_send(http::Method::GET, "/plain", &[], bytes::Bytes::new())
+        .await;
+    assert!(
+        plain.is_err() || plain.is_ok_and(|r| r.text() != "first,second"),
+        "a stalled body is cut off"
+    );
 }

@@ -32,6 +32,12 @@ pub(super) fn check(routes: &[RouteConfig], upstreams: &Upstreams, p: &mut Probl
         if let Some(t) = r.timeout {
             p.check(!t.get().is_zero(), route.at("timeout"), POSITIVE);
         }
+        if r.streaming && (r.cache.is_some() || r.compose.is_some()) {
+            p.add(
+                route.at("streaming"),
+                "a streaming route is proxied as it comes: not cached, not composed",
+            );
+        }
         if let Some(shape) = &route.shape {
             check_conflicts(routes, i, shape, &methods, &claimed, p);
             claimed.push(Claim {
@@ -285,6 +291,16 @@ mod tests {
                 assert!(e.contains(needle), "{needle:?} not in:\n{e}");
             }
         }
+    }
+
+    #[test]
+    fn a_streaming_route_is_neither_cached_nor_composed() {
+        let r = "[[routes]]\nname = \"events\"\npath = \"/events\"\nupstream = \"users\"\nstreaming = true\n";
+        check(r, None);
+        check(
+            &format!("{r}[routes.cache]\nttl = \"1s\"\n"),
+            Some("routes[0].streaming: a streaming route is proxied as it comes"),
+        );
     }
 
     #[test]

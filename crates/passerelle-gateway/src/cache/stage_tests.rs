@@ -138,6 +138,7 @@ impl Replica {
             origin: Arc::new(Origin::Proxy {
                 upstream: up.clone(),
                 rewrite: None,
+                streaming: false,
             }),
             clients: Arc::new(Clients::for_thread(&[up])),
             identity: IdentityResolver::new(&cfg.gateway.identity),
