@@ -354,6 +354,25 @@ async fn l1_then_l2_then_other_replica() {
     assert_eq!(fr2.json()["lang"], "fr");
     assert!(cache_status(&fr2).contains("hit"));
     assert_eq!(s.origin.hits("/vary"), 2);
+
+    // L1's size is a metric (set every second).
+    let admin = s.gateways[0].admin.clone();
+    passerelle_testkit::wait_until(Duration::from_secs(5), "L1 gauges", || {
+        let admin = admin.clone();
+        async move {
+            let metrics = get(&admin, "/metrics", &[]).await.text();
+            let gauge = |name: &str| -> f64 {
+                metrics
+                    .lines()
+                    .find(|l| l.starts_with(name))
+                    .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+                    .unwrap_or(0.0)
+            };
+            gauge("passerelle_cache_l1_entries ") >= 4.0
+                && gauge("passerelle_cache_l1_bytes ") >= 4.0 * 1024.0
+        }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -269,6 +269,9 @@ struct RecentFill {
     at: Instant,
 }
 
+/// How often L1's pending maintenance runs and its gauges are set.
+const L1_UPKEEP_EVERY: Duration = Duration::from_secs(1);
+
 /// How often the invalidation listener repeats, while Redis stays down, that it cannot
 /// subscribe.
 const OUTAGE_REMINDER: Duration = Duration::from_secs(60);
@@ -358,6 +361,8 @@ pub struct ResponseCache {
     bytes_l2: metrics::Counter,
     discarded: metrics::Counter,
     compressed: metrics::Counter,
+    l1_bytes: metrics::Gauge,
+    l1_entries: metrics::Gauge,
 }
 
 struct L1Expiry {
@@ -444,6 +449,8 @@ impl ResponseCache {
             bytes_l2: metrics::counter!("passerelle_cache_stored_bytes_total", "level" => "l2"),
             discarded: metrics::counter!("passerelle_cache_discarded_total"),
             compressed: metrics::counter!("passerelle_cache_compressed_total"),
+            l1_bytes: metrics::gauge!("passerelle_cache_l1_bytes"),
+            l1_entries: metrics::gauge!("passerelle_cache_l1_entries"),
         })
     }
 
@@ -855,14 +862,29 @@ impl ResponseCache {
 
     // ---- invalidation ----
 
-    /// Listens to the invalidation channel until `shutdown`, resubscribing after a loss.
-    /// L1 is flushed on every (re)subscription: messages sent while the connection was
-    /// down are lost, and an entry they invalidated must not survive.
+    /// Starts the cache's background tasks until `shutdown`: L1's upkeep (see
+    /// [`ResponseCache::l1_upkeep`], every second) and the invalidation listener.
+    ///
+    /// The listener listens to the invalidation channel, resubscribing after a loss. L1 is
+    /// flushed on every (re)subscription: messages sent while the connection was down are
+    /// lost, and an entry they invalidated must not survive.
     ///
     /// While Redis is down the listener retries with a backoff (up to 2 s) but logs only
     /// the changes of state: the loss (warn), the comeback (info, with how long it was
     /// down), and a reminder once a minute in between; each failed attempt is a debug line.
     pub fn spawn_listener(self: &Arc<Self>, shutdown: CancellationToken) {
+        if self.l1.is_some() {
+            let (cache, shutdown) = (self.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(L1_UPKEEP_EVERY);
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tick.tick() => cache.l1_upkeep(),
+                    }
+                }
+            });
+        }
         let Some(redis) = self.redis.clone() else {
             return;
         };
@@ -965,6 +987,19 @@ impl ResponseCache {
         };
         self.invalidate_local(&Invalidation::Key(hex));
         deleted
+    }
+
+    /// Runs L1's pending maintenance (moka applies evictions and expirations lazily, on
+    /// later calls: an idle cache would keep what it should have let go) and sets the
+    /// gauges of its size: `passerelle_cache_l1_bytes` (the weighted size, i.e. the memory
+    /// its entries hold, see [`Entry::weight`]) and `passerelle_cache_l1_entries`.
+    pub fn l1_upkeep(&self) {
+        let Some(l1) = &self.l1 else {
+            return;
+        };
+        l1.run_pending_tasks();
+        self.l1_bytes.set(l1.weighted_size() as f64);
+        self.l1_entries.set(l1.entry_count() as f64);
     }
 
     /// Figures for the admin API.

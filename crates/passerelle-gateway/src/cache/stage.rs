@@ -411,7 +411,7 @@ impl CacheHandle {
         };
         let mut entry = entry;
         entry.tags = job.tags.clone();
-        let entry = Arc::new(entry);
+        let entry = Arc::new(entry.compact());
         let (result, stored, key) = if storage.private && !job.caller_keyed {
             match job.private_key {
                 // A caller with credentials: its answer under its own key, and a marker in
