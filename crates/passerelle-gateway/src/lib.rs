@@ -25,7 +25,7 @@
 //! - [`proxy`]: header and path transformations;
 //! - [`upstream`]: pools, balancing, retries, health;
 //! - [`observe`]: request metrics by route;
-//! - [`breaker`]: the circuit breaker in front of Redis (limits and cache);
+//! - [`control`]: what replicas tell each other (invalidations, rate-limit resets);
 //! - [`admin`]: the admin API (detailed readiness, metrics, rate-limit state, cache purge)
 //!   on its own listener;
 //! - [`error`]: every failure and the problem+json it becomes.
@@ -42,6 +42,7 @@ pub mod body;
 pub mod breaker;
 pub mod cache;
 pub mod compose;
+pub mod control;
 pub mod error;
 pub mod identity;
 pub mod normalize;
@@ -130,7 +131,7 @@ impl Gateway {
             route,
         }))?;
         let upstreams: Vec<Arc<Upstream>> = pools.into_values().collect();
-        let readiness = extend(readiness(&upstreams, redis));
+        let readiness = extend(readiness(&upstreams, redis.clone()));
         Ok(Self {
             inner: Arc::new(Inner {
                 identity: IdentityResolver::new(&config.gateway.identity),
@@ -140,6 +141,7 @@ impl Gateway {
                 cache,
                 readiness,
                 ready: ReadySnapshot::default(),
+                redis,
                 access_log: config.telemetry.access_log,
                 own: OwnMetrics::new(),
             }),
@@ -162,15 +164,21 @@ impl Gateway {
         }
     }
 
-    /// Starts the active health checks, the cache's invalidation listener and the readiness
-    /// refresh; they stop with `shutdown`.
+    /// Starts the active health checks, the cache's upkeep, the control listener
+    /// ([`control`]) and the readiness refresh; they stop with `shutdown`.
     pub fn start_background(&self, shutdown: &CancellationToken) {
         for up in &self.inner.upstreams {
             upstream::health_check::spawn(up.clone(), shutdown.clone());
         }
         if let Some(c) = &self.inner.cache {
-            c.spawn_listener(shutdown.clone());
+            c.spawn_upkeep(shutdown.clone());
         }
+        control::spawn(
+            self.inner.redis.clone(),
+            self.inner.cache.clone(),
+            self.inner.limiter.clone(),
+            shutdown.clone(),
+        );
         self.inner
             .readiness
             .spawn_refresh(&self.inner.ready, READY_REFRESH, shutdown.clone());

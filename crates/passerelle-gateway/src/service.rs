@@ -60,6 +60,8 @@ pub struct Inner {
     pub(crate) readiness: Readiness,
     /// ...and their last result, refreshed in the background, for the public `/ready`.
     pub(crate) ready: ReadySnapshot,
+    /// The Redis the components share, for the control listener.
+    pub(crate) redis: Option<passerelle_redis::Redis>,
     pub(crate) access_log: bool,
     /// Metrics of what no configured route answered.
     pub(crate) own: OwnMetrics,

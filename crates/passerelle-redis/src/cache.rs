@@ -22,6 +22,9 @@ pub enum Invalidation {
     Tag(String),
     /// One entry, by key hash.
     Key(String),
+    /// An operator reset one rate limit's state for one identity: every gateway forgets its
+    /// local block of it (the channel carries the gateways' control messages too).
+    RateLimitReset { limit: String, identity: String },
 }
 
 impl Invalidation {
@@ -29,6 +32,8 @@ impl Invalidation {
         match self {
             Invalidation::Tag(t) => format!("t:{t}"),
             Invalidation::Key(k) => format!("k:{k}"),
+            // Limit names have no newline (validated), identities are built by the gateway.
+            Invalidation::RateLimitReset { limit, identity } => format!("r:{limit}\n{identity}"),
         }
     }
 
@@ -37,6 +42,12 @@ impl Invalidation {
         let s = std::str::from_utf8(payload).ok()?;
         if let Some(t) = s.strip_prefix("t:") {
             Some(Invalidation::Tag(t.to_string()))
+        } else if let Some(r) = s.strip_prefix("r:") {
+            let (limit, identity) = r.split_once('\n')?;
+            Some(Invalidation::RateLimitReset {
+                limit: limit.to_string(),
+                identity: identity.to_string(),
+            })
         } else {
             s.strip_prefix("k:")
                 .map(|k| Invalidation::Key(k.to_string()))
@@ -214,6 +225,14 @@ impl RedisClient {
         Ok(deleted.into_iter().sum())
     }
 
+    /// Publishes one message on the invalidation channel (for every gateway).
+    pub async fn announce(&self, keys: &KeySchema, inv: Invalidation) -> Result<(), RedisError> {
+        let mut p = redis::pipe();
+        publish(&mut p, keys, std::iter::once(inv));
+        p.query_async::<()>(&mut self.conn()).await?;
+        Ok(())
+    }
+
     /// Subscribes to the invalidation channel on a connection of its own (a subscribed
     /// connection can do nothing else). The stream ends when the connection is lost: the
     /// caller resubscribes, and must assume it missed messages in between.
@@ -303,10 +322,15 @@ mod tests {
         for m in [
             Invalidation::Tag("/users/7".into()),
             Invalidation::Key("ab12".into()),
+            Invalidation::RateLimitReset {
+                limit: "per-client".into(),
+                identity: "ip=192.0.2.7|route=users".into(),
+            },
         ] {
             assert_eq!(Invalidation::decode(m.encode().as_bytes()), Some(m));
         }
         assert_eq!(Invalidation::decode(b"x:1"), None);
+        assert_eq!(Invalidation::decode(b"r:no-identity"), None);
         assert_eq!(Invalidation::decode(&[0xff, 0xfe]), None);
     }
 }

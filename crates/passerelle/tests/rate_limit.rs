@@ -511,3 +511,62 @@ async fn operators_read_and_reset_a_key() {
         .assert_problem(404);
     admin.get("/nowhere").await.assert_problem(404);
 }
+
+/// An operator's reset through one replica frees the client on every replica at once, not
+/// only in Redis and on the replica that received it: the others forget their local block
+/// (which would otherwise refuse the client until its Retry-After, an hour here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reset_through_one_replica_frees_the_client_on_all() {
+    let redis = RedisServer::start();
+    let (upstream, _stop) = common::slow_upstream("u", Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, config_text(&redis.url(), upstream, "", None, "2s")).unwrap();
+    let gateways = [
+        gateway_process(&path).await,
+        gateway_process(&path).await,
+        gateway_process(&path).await,
+    ];
+    // per-ip: 3 per hour. Spend them, then get refused by every replica (each now holds a
+    // local block, and answers from it without asking Redis).
+    for _ in 0..3 {
+        assert_eq!(gateways[0].http.get("/ip/1").await.status, 200);
+    }
+    for g in &gateways {
+        assert_refusal(&g.http.get("/ip/1").await, "per-ip");
+    }
+    // Every replica listens to the control channel (subscribed as it starts).
+    passerelle_testkit::wait_until(Duration::from_secs(5), "three subscribers", || {
+        let out = redis.cli(&["PUBSUB", "NUMSUB", "psl:invalidate"]);
+        async move {
+            out.lines()
+                .nth(1)
+                .and_then(|n| n.trim().parse::<u32>().ok())
+                == Some(3)
+        }
+    })
+    .await;
+    let r = gateways[0]
+        .admin
+        .send(
+            Method::DELETE,
+            "/rate-limits/per-ip/ip=127.0.0.1",
+            &[],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(gateways[0].http.get("/ip/1").await.status, 200);
+    for g in &gateways[1..] {
+        let http = g.http.clone();
+        passerelle_testkit::wait_until(
+            Duration::from_secs(5),
+            "the reset to reach a replica",
+            || {
+                let http = http.clone();
+                async move { http.get("/ip/1").await.status == 200 }
+            },
+        )
+        .await;
+    }
+}

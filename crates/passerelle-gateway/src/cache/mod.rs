@@ -43,7 +43,7 @@
 //! Invalidation is by tags (resource paths such as `/users/7`) attached to entries, and by
 //! key for operator purges. A service that writes a row deletes the tagged entries from
 //! Redis and publishes the tag;
-//! every gateway's listener ([`ResponseCache::spawn_listener`]) records it. L1 entries are
+//! every gateway's control listener (`crate::control`) records it. L1 entries are
 //! checked against the record lazily: a hit costs one atomic load while nothing was
 //! invalidated, and an entry whose tags were invalidated after its fill began is dropped.
 //! The same check refuses to store a response fetched before an invalidation it raced
@@ -66,7 +66,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use http::HeaderName;
 use passerelle_config::{CacheConfig, CacheScope, Config, PathTemplate, RouteConfig};
 use passerelle_redis::breaker::Guard;
@@ -272,65 +271,6 @@ struct RecentFill {
 /// How often L1's pending maintenance runs and its gauges are set.
 const L1_UPKEEP_EVERY: Duration = Duration::from_secs(1);
 
-/// How often the invalidation listener repeats, while Redis stays down, that it cannot
-/// subscribe.
-const OUTAGE_REMINDER: Duration = Duration::from_secs(60);
-
-/// The invalidation channel's outage, for logging state changes rather than every retry.
-#[derive(Debug, Default)]
-struct Outage {
-    /// When the channel was lost or the first subscription failed.
-    since: Option<Instant>,
-    last_report: Option<Instant>,
-    attempts: u64,
-}
-
-/// What to log for a failed subscription.
-#[derive(Debug, PartialEq, Eq)]
-enum Report {
-    /// The outage begins (the channel was up, or never was): warn.
-    First,
-    /// A minute since the last report: warn again, with the outage's length.
-    Reminder(Duration, u64),
-    /// Anything else: debug.
-    Quiet,
-}
-
-impl Outage {
-    /// The channel was lost (already reported).
-    fn begin(&mut self) {
-        let now = Instant::now();
-        self.since = Some(now);
-        self.last_report = Some(now);
-        self.attempts = 0;
-    }
-
-    /// A subscription attempt failed.
-    fn failed(&mut self) -> Report {
-        let now = Instant::now();
-        self.attempts += 1;
-        let Some(since) = self.since else {
-            self.since = Some(now);
-            self.last_report = Some(now);
-            return Report::First;
-        };
-        match self.last_report {
-            Some(at) if now.duration_since(at) < OUTAGE_REMINDER => Report::Quiet,
-            _ => {
-                self.last_report = Some(now);
-                Report::Reminder(now.duration_since(since), self.attempts)
-            }
-        }
-    }
-
-    /// A subscription succeeded: how long the outage lasted and the attempts it took.
-    fn end(&mut self) -> Option<(Duration, u64)> {
-        let since = self.since.take()?;
-        self.last_report = None;
-        Some((since.elapsed(), std::mem::take(&mut self.attempts)))
-    }
-}
-
 /// The response cache of one gateway process.
 #[derive(Debug)]
 pub struct ResponseCache {
@@ -523,6 +463,9 @@ impl ResponseCache {
     /// Records invalidations of this process's L1 (from the channel, a purge, or a write
     /// seen passing through).
     pub fn invalidate_local(&self, inv: &Invalidation) {
+        if matches!(inv, Invalidation::RateLimitReset { .. }) {
+            return; // not the cache's
+        }
         self.invalidations.increment(1);
         match inv {
             Invalidation::Key(hex) => {
@@ -552,6 +495,7 @@ impl ResponseCache {
                 self.delete_raced_fills(tag, g);
                 self.prune(log);
             }
+            Invalidation::RateLimitReset { .. } => {}
         }
     }
 
@@ -862,98 +806,21 @@ impl ResponseCache {
 
     // ---- invalidation ----
 
-    /// Starts the cache's background tasks until `shutdown`: L1's upkeep (see
-    /// [`ResponseCache::l1_upkeep`], every second) and the invalidation listener.
-    ///
-    /// The listener listens to the invalidation channel, resubscribing after a loss. L1 is
-    /// flushed on every (re)subscription: messages sent while the connection was down are
-    /// lost, and an entry they invalidated must not survive.
-    ///
-    /// While Redis is down the listener retries with a backoff (up to 2 s) but logs only
-    /// the changes of state: the loss (warn), the comeback (info, with how long it was
-    /// down), and a reminder once a minute in between; each failed attempt is a debug line.
-    pub fn spawn_listener(self: &Arc<Self>, shutdown: CancellationToken) {
-        if self.l1.is_some() {
-            let (cache, shutdown) = (self.clone(), shutdown.clone());
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(L1_UPKEEP_EVERY);
-                loop {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tick.tick() => cache.l1_upkeep(),
-                    }
-                }
-            });
-        }
-        let Some(redis) = self.redis.clone() else {
+    /// Runs L1's pending maintenance (and sets its gauges) every second until `shutdown`.
+    /// Invalidations reach [`ResponseCache::invalidate_local`] through the gateway's
+    /// control channel (`crate::control`).
+    pub fn spawn_upkeep(self: &Arc<Self>, shutdown: CancellationToken) {
+        if self.l1.is_none() {
             return;
-        };
+        }
         let cache = self.clone();
         tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(100);
-            let mut first = true;
-            let mut outage = Outage::default();
+            let mut tick = tokio::time::interval(L1_UPKEEP_EVERY);
             loop {
-                let sub = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    s = tokio::time::timeout(Duration::from_secs(2), redis.cache().invalidations(&redis.keys)) => s,
-                };
-                let error = match sub {
-                    Ok(Ok(mut stream)) => {
-                        if !first {
-                            match outage.end() {
-                                Some((down_for, attempts)) => tracing::info!(
-                                    down_ms = down_for.as_millis() as u64,
-                                    attempts,
-                                    "cache: invalidation channel back; L1 flushed"
-                                ),
-                                None => {
-                                    tracing::info!("cache: invalidation channel back; L1 flushed")
-                                }
-                            }
-                            cache.flush_l1();
-                        }
-                        first = false;
-                        backoff = Duration::from_millis(100);
-                        loop {
-                            tokio::select! {
-                                _ = shutdown.cancelled() => return,
-                                m = stream.next() => match m {
-                                    Some(inv) => cache.invalidate_local(&inv),
-                                    None => break,
-                                },
-                            }
-                        }
-                        tracing::warn!(
-                            "cache: invalidation channel lost; L1 flushed, resubscribing"
-                        );
-                        outage.begin();
-                        // Until it is back, L1 could miss invalidations.
-                        cache.flush_l1();
-                        None
-                    }
-                    Ok(Err(e)) => Some(e.to_string()),
-                    Err(_) => Some("no answer within 2s".to_string()),
-                };
-                if let Some(error) = error {
-                    first = false;
-                    match outage.failed() {
-                        Report::First => {
-                            tracing::warn!(%error, "cache: cannot subscribe to invalidations; retrying (L1 entries live at most cache.l1_max_ttl meanwhile)")
-                        }
-                        Report::Reminder(down_for, attempts) => {
-                            tracing::warn!(%error, down_s = down_for.as_secs(), attempts, "cache: still cannot subscribe to invalidations")
-                        }
-                        Report::Quiet => {
-                            tracing::debug!(%error, "cache: cannot subscribe to invalidations")
-                        }
-                    }
-                }
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tick.tick() => cache.l1_upkeep(),
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         });
     }
@@ -1018,28 +885,5 @@ impl ResponseCache {
 fn count_error(errors: &metrics::Counter, e: &RedisError) {
     if !matches!(e, RedisError::BreakerOpen) {
         errors.increment(1);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_outage_is_reported_on_state_changes_only() {
-        let mut o = Outage::default();
-        assert_eq!(o.failed(), Report::First);
-        for _ in 0..100 {
-            assert_eq!(o.failed(), Report::Quiet);
-        }
-        // A minute later (as if the last report were that old), one reminder.
-        o.last_report = None;
-        assert!(matches!(o.failed(), Report::Reminder(_, 102)));
-        assert_eq!(o.failed(), Report::Quiet);
-        assert_eq!(o.end().map(|(_, n)| n), Some(103));
-        assert_eq!(o.end(), None, "reported once");
-        // A lost channel was already reported: its retries are quiet.
-        o.begin();
-        assert_eq!(o.failed(), Report::Quiet);
     }
 }

@@ -123,6 +123,8 @@ impl moka::Expiry<String, Blocked> for BlockExpiry {
 pub struct RateLimiter {
     limits: Vec<Limit>,
     store: Option<(RedisClient, KeySchema)>,
+    /// Where a reset is announced to every replica (the cache Redis's control channel).
+    channel: Option<(RedisClient, KeySchema)>,
     breaker: Breaker,
     timeout: Duration,
     local: LocalBuckets,
@@ -300,6 +302,7 @@ impl RateLimiter {
         Some(Self {
             limits,
             store,
+            channel: redis.map(|r| (r.cache().clone(), r.keys.clone())),
             breaker: Breaker::new(rl.breaker_failures, rl.breaker_open_for.get()),
             timeout: rl.redis_timeout.get(),
             local: LocalBuckets::new(rl.local_max_keys, longest),
@@ -727,16 +730,34 @@ impl RateLimiter {
         }))
     }
 
-    /// Forgets one limit's state for one identity, in Redis and in this process.
+    /// Forgets one limit's state for one identity: in Redis, in this process, and (through
+    /// the control channel) in every other replica's local blocks.
     pub async fn reset(&self, limit: &str, identity: &str) -> Result<bool, AdminError> {
         let l = self.limit_named(limit)?;
-        let key = Self::block_key(&l.name, identity);
+        self.forget_local(&l.name, identity);
+        let existed = match &self.store {
+            Some((client, keys)) => client.rate_limit_reset(keys, identity, &l.name).await?,
+            None => true,
+        };
+        if let Some((client, keys)) = &self.channel {
+            let inv = passerelle_redis::Invalidation::RateLimitReset {
+                limit: l.name.to_string(),
+                identity: identity.to_string(),
+            };
+            if let Err(e) = client.announce(keys, inv).await {
+                // Redis is reset; the other replicas' blocks end by their Retry-After.
+                tracing::warn!(limit, identity, error = %e, "rate-limit reset not announced to the other replicas");
+            }
+        }
+        Ok(existed)
+    }
+
+    /// Forgets this process's local state (block, fallback bucket) of one limit for one
+    /// identity: what a reset on another replica asks of this one.
+    pub fn forget_local(&self, limit: &str, identity: &str) {
+        let key = Self::block_key(limit, identity);
         self.blocked.invalidate(&key);
         self.local.forget(&key);
-        match &self.store {
-            Some((client, keys)) => Ok(client.rate_limit_reset(keys, identity, &l.name).await?),
-            None => Ok(true),
-        }
     }
 
     /// The configured limits, for the admin API.
