@@ -689,5 +689,8 @@ async fn id_lists_leave_non_canonical_ids_out() {
     assert_eq!(ids("3,1").await, [3, 1]);
     assert_eq!(ids("3,01,1,002").await, [3, 1]);
     assert_eq!(ids("01").await, Vec::<i64>::new());
-    svc.http.get("/products?ids=1,%2B2").await.assert_problem(400);
+    svc.http
+        .get("/products?ids=1,%2B2")
+        .await
+        .assert_problem(400);
 }
