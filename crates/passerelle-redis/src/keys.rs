@@ -179,7 +179,7 @@ mod tests {
         assert_eq!(hash_slot("{user1000}.following"), 3443);
         assert_eq!(
             hash_slot("{user1000}.followers"),
-            12218,
+            3443,
             "same tag, same slot"
         );
         assert_eq!(

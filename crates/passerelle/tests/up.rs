@@ -615,7 +615,7 @@ async fn up_cache_redis_killed_under_traffic_comes_back_and_caching_resumes() {
             ("PASSERELLE_TELEMETRY__LOG_FORMAT", "json"),
             (
                 "RUST_LOG",
-                "warn,passerelle_supervisor=info,passerelle_gateway::cache=info",
+                "warn,passerelle_supervisor=info,passerelle_gateway::control=info",
             ),
         ],
     );
