@@ -67,11 +67,12 @@ impl Origin {
     }
 
     /// Sends one request to `target` over `clients` by `deadline`. Composition sends no
-    /// body (its parts are `GET`s).
+    /// body (its parts are `GET`s). The target is moved into the request(s): the uncached
+    /// path copies nothing.
     pub async fn send(
         &self,
         clients: &Clients,
-        target: &Target,
+        target: Target,
         method: Method,
         headers: HeaderMap,
         body: Bytes,
@@ -88,7 +89,7 @@ impl Origin {
             ) => {
                 let out = Outgoing {
                     method,
-                    path_and_query: path.clone(),
+                    path_and_query: path,
                     headers,
                     body,
                 };
@@ -105,7 +106,7 @@ impl Origin {
                 Box::pin(compose::compose(
                     parts,
                     clients,
-                    paths.clone(),
+                    paths,
                     compose::part_headers(&headers),
                     deadline,
                 ))
@@ -137,7 +138,7 @@ impl OriginCall {
         self.origin
             .send(
                 &self.clients,
-                &self.target,
+                self.target.clone(),
                 method,
                 headers,
                 Bytes::new(),
@@ -231,7 +232,7 @@ mod tests {
         let e = origin
             .send(
                 &clients,
-                &target,
+                target,
                 Method::GET,
                 HeaderMap::new(),
                 Bytes::new(),

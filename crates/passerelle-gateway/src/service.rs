@@ -268,7 +268,7 @@ impl Inner {
             (Some(_), Some(cache)) => {
                 let out = self
                     .forward(
-                        route, &target, parts, body, thread, client, request_id, start,
+                        route, target, parts, body, thread, client, request_id, start,
                     )
                     .await;
                 // A successful write invalidates what this replica holds; other replicas
@@ -284,7 +284,7 @@ impl Inner {
             }
             _ => {
                 self.forward(
-                    route, &target, parts, body, thread, client, request_id, start,
+                    route, target, parts, body, thread, client, request_id, start,
                 )
                 .await
             }
@@ -318,7 +318,7 @@ impl Inner {
     async fn forward(
         &self,
         route: &Route,
-        target: &Target,
+        target: Target,
         parts: Parts,
         body: Incoming,
         thread: &ThreadHandles,
