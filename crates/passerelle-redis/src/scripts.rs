@@ -1,7 +1,7 @@
 //! The Lua scripts, loaded once per process and invoked by SHA (`EVALSHA`), never by
 //! source. When Redis answers `NOSCRIPT` (restart, failover, `SCRIPT FLUSH`), the script is
 //! loaded and the call retried: transparently by `redis::Script` for a call on its own,
-//! and by [`query_pipeline`] for scripts inside a pipeline. Each script is atomic and costs
+//! and by `query_pipeline` for scripts inside a pipeline. Each script is atomic and costs
 //! one round trip.
 
 use std::sync::LazyLock;

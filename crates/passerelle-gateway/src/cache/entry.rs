@@ -234,22 +234,23 @@ impl Entry {
     }
 }
 
-/// What an L1 entry costs in memory, as [`Entry::weight`] counts it.
-///
-/// Every heap allocation of the entry is counted at its allocator size class
-/// ([`allocated`]): the entry itself (in its `Arc`), the header map (its index and bucket
-/// arrays, at their capacity, and an allocation for each header name and value), the body
-/// and the tags; `Bytes` held by the entry (body, header values) each get the 32-byte
-/// shared header that the first clone (every response served) allocates. To that is added
-/// [`L1_OVERHEAD`], what L1 itself spends per entry.
-///
-/// Measured (a counting allocator over glibc's `malloc_usable_size`, 30,000 entries of a
-/// `/users/{id}` answer: 4 headers, a 120-byte body, one tag): moka and the slot take 454
-/// bytes an entry, the entry 1,250 bytes, and serving it once 30 to 190 bytes more (the
-/// shared `Bytes` headers): 1,900 bytes in all, where the weight used to count 495. This
-/// weight counts 2,080 for it: the allocator model rounds up, never down.
-/// `tests/l1_footprint.rs` checks it with a counting allocator.
 pub mod footprint {
+    //! What an L1 entry costs in memory, as [`Entry::weight`] counts it.
+    //!
+    //! Every heap allocation of the entry is counted at its allocator size class
+    //! ([`allocated`]): the entry itself (in its `Arc`), the header map (its index and bucket
+    //! arrays, at their capacity, and an allocation for each header name and value), the body
+    //! and the tags; `Bytes` held by the entry (body, header values) each get the 32-byte
+    //! shared header that the first clone (every response served) allocates. To that is added
+    //! [`L1_OVERHEAD`], what L1 itself spends per entry.
+    //!
+    //! Measured (a counting allocator over glibc's `malloc_usable_size`, 30,000 entries of a
+    //! `/users/{id}` answer: 4 headers, a 120-byte body, one tag): moka and the slot take 454
+    //! bytes an entry, the entry 1,250 bytes, and serving it once 30 to 190 bytes more (the
+    //! shared `Bytes` headers): 1,900 bytes in all, where the weight used to count 495. This
+    //! weight counts 2,080 for it: the allocator model rounds up, never down.
+    //! `tests/l1_footprint.rs` checks it with a counting allocator.
+
     use std::mem::size_of;
 
     use http::{HeaderName, HeaderValue, header};
