@@ -24,6 +24,8 @@ struct Origin {
     addr: SocketAddr,
     hits: Arc<Mutex<HashMap<String, usize>>>,
     failing: Arc<AtomicBool>,
+    /// Open: answers go out; closed: every request is held until it opens.
+    gate: tokio::sync::watch::Sender<bool>,
     _stop: oneshot::Sender<()>,
 }
 
@@ -31,16 +33,50 @@ impl Origin {
     fn hits(&self, path: &str) -> usize {
         self.hits.lock().unwrap().get(path).copied().unwrap_or(0)
     }
+
+    /// Holds every answer until [`Origin::release`].
+    fn hold(&self) {
+        self.gate.send_replace(false);
+    }
+
+    fn release(&self) {
+        self.gate.send_replace(true);
+    }
+}
+
+/// Waits until `n` requests in all are waiting for a fetch in `gateways` (their
+/// `passerelle_cache_waiting_requests`): the overlap a collapsing test needs, counted rather
+/// than hoped for with a slow origin.
+async fn wait_for_waiting(gateways: &[GatewayProcess], n: f64) {
+    let admins: Vec<HttpClient> = gateways.iter().map(|g| g.admin.clone()).collect();
+    passerelle_testkit::wait_until(Duration::from_secs(30), "every request waiting", || {
+        let admins = admins.clone();
+        async move {
+            let mut total = 0.0;
+            for a in &admins {
+                let m = a.get("/metrics").await.text();
+                total += m
+                    .lines()
+                    .find_map(|l| l.strip_prefix("passerelle_cache_waiting_requests "))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .unwrap_or(0.0);
+            }
+            total >= n
+        }
+    })
+    .await;
 }
 
 async fn origin(delay: Duration) -> Origin {
     let hits: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
     let failing = Arc::new(AtomicBool::new(false));
+    let (gate, gate_rx) = tokio::sync::watch::channel(true);
     let (h, f) = (hits.clone(), failing.clone());
     let app = axum::Router::new()
         .route("/health", axum::routing::get(|| async { "ok" }))
         .fallback(move |uri: http::Uri, headers: http::HeaderMap| {
             let (hits, failing) = (h.clone(), f.clone());
+            let mut gate = gate_rx.clone();
             async move {
                 use axum::response::IntoResponse;
                 let path = uri.path().to_string();
@@ -50,6 +86,7 @@ async fn origin(delay: Duration) -> Origin {
                     *n += 1;
                     *n
                 };
+                let _ = gate.wait_for(|open| *open).await;
                 tokio::time::sleep(delay).await;
                 if failing.load(Ordering::SeqCst) {
                     return (http::StatusCode::SERVICE_UNAVAILABLE, "down").into_response();
@@ -97,6 +134,7 @@ async fn origin(delay: Duration) -> Origin {
         addr,
         hits,
         failing,
+        gate,
         _stop: tx,
     }
 }
@@ -246,14 +284,17 @@ async fn get(http: &HttpClient, path: &str, headers: &[(&str, &str)]) -> Reply {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn five_hundred_cold_requests_over_two_replicas_make_one_origin_call() {
-    // The origin is slow, so that every request arrives while the first fetch is running.
-    let s = setup(2, Duration::from_millis(300)).await;
+    // The origin holds its answer until every request is in, waiting for the one fetch.
+    let s = setup(2, Duration::ZERO).await;
+    s.origin.hold();
     let tasks: Vec<_> = (0..500)
         .map(|i| {
             let http = s.gateways[i % 2].http.clone();
             tokio::spawn(async move { get(&http, "/c/cold", &[]).await })
         })
         .collect();
+    wait_for_waiting(&s.gateways, 500.0).await;
+    s.origin.release();
     let mut bodies = std::collections::HashSet::new();
     let mut statuses: HashMap<String, usize> = HashMap::new();
     for t in tasks {
@@ -279,7 +320,11 @@ async fn five_hundred_cold_requests_over_two_replicas_make_one_origin_call() {
     );
     assert_eq!(bodies.len(), 1, "everyone got the one response");
     assert_eq!(statuses.get("stored"), Some(&1), "{statuses:?}");
-    assert_eq!(statuses.get("other"), None, "{statuses:?}");
+    assert_eq!(
+        statuses.get("collapsed"),
+        Some(&499),
+        "everyone else waited for that fetch: {statuses:?}"
+    );
 
     // Every entry and tag set in Redis has a TTL.
     let r = get(&s.gateways[0].http, "/c/cold", &[]).await;
@@ -845,8 +890,9 @@ async fn a_route_without_l1_always_reads_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_fetch_that_raced_an_invalidation_is_not_kept() {
-    // The origin answers after 300 ms: the invalidation lands while the fetch is out.
-    let (s, admins) = setup_with_admin(Duration::from_millis(300)).await;
+    // The origin holds its answer until the invalidation has reached the fetching replica.
+    let (s, admins) = setup_with_admin(Duration::ZERO).await;
+    s.origin.hold();
     let a = s.gateways[0].http.clone();
     let fetch = tokio::spawn(async move { get(&a, "/c/race", &[]).await });
     passerelle_testkit::wait_until(
@@ -860,6 +906,23 @@ async fn a_fetch_that_raced_an_invalidation_is_not_kept() {
         .send(Method::DELETE, "/cache/tags/things/race", &[], Bytes::new())
         .await;
     assert_eq!(r.status, 200);
+    let fetching = admins[0].clone();
+    passerelle_testkit::wait_until(
+        Duration::from_secs(10),
+        "the invalidation at the fetching replica",
+        || {
+            let fetching = fetching.clone();
+            async move {
+                let m = fetching.get("/metrics").await.text();
+                m.lines()
+                    .find_map(|l| l.strip_prefix("passerelle_cache_invalidations_total "))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .is_some_and(|n| n >= 1.0)
+            }
+        },
+    )
+    .await;
+    s.origin.release();
     let first = fetch.await.unwrap();
     assert_eq!(
         first.json()["n"],
@@ -925,15 +988,18 @@ async fn a_hot_entry_is_refreshed_while_its_stale_copy_is_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failing_origin_is_called_once_for_all_the_waiters() {
-    // Slow and failing: everyone arrives while the one fetch is out.
-    let s = setup(1, Duration::from_millis(300)).await;
+    // Failing, and holding its answer until every request waits for the one fetch.
+    let s = setup(1, Duration::ZERO).await;
     s.origin.failing.store(true, Ordering::SeqCst);
+    s.origin.hold();
     let tasks: Vec<_> = (0..50)
         .map(|_| {
             let http = s.gateways[0].http.clone();
             tokio::spawn(async move { get(&http, "/c/failing", &[]).await })
         })
         .collect();
+    wait_for_waiting(&s.gateways, 50.0).await;
+    s.origin.release();
     for t in tasks {
         let r = t.await.unwrap();
         assert_eq!(r.status, 503, "the origin's answer, shared");

@@ -300,6 +300,9 @@ pub struct ResponseCache {
     stores_l2: metrics::Counter,
     bytes_l2: metrics::Counter,
     discarded: metrics::Counter,
+    /// Requests waiting for a fetch (a fill of theirs, or another request's): how many a
+    /// slow origin is holding up, and what a test waits on to know every request is in.
+    pub(crate) waiting: metrics::Gauge,
     compressed: metrics::Counter,
     l1_bytes: metrics::Gauge,
     l1_entries: metrics::Gauge,
@@ -388,6 +391,7 @@ impl ResponseCache {
             stores_l2: metrics::counter!("passerelle_cache_stores_total", "level" => "l2"),
             bytes_l2: metrics::counter!("passerelle_cache_stored_bytes_total", "level" => "l2"),
             discarded: metrics::counter!("passerelle_cache_discarded_total"),
+            waiting: metrics::gauge!("passerelle_cache_waiting_requests"),
             compressed: metrics::counter!("passerelle_cache_compressed_total"),
             l1_bytes: metrics::gauge!("passerelle_cache_l1_bytes"),
             l1_entries: metrics::gauge!("passerelle_cache_l1_entries"),

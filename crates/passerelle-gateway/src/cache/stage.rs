@@ -229,9 +229,10 @@ impl CacheHandle {
             }
             match cache.flight(key) {
                 Flight::Follower(mut rx) => {
-                    let waited =
-                        tokio::time::timeout_at(deadline.into(), rx.wait_for(Option::is_some))
-                            .await;
+                    let waited = {
+                        let _waiting = Waiting::on(&cache.waiting);
+                        tokio::time::timeout_at(deadline.into(), rx.wait_for(Option::is_some)).await
+                    };
                     let result = match waited {
                         Ok(Ok(v)) => v.clone(),
                         _ => None,
@@ -281,7 +282,11 @@ impl CacheHandle {
                         refresh: false,
                     };
                     tokio::spawn(self.clone().fill(job, guard, Some(tx)));
-                    return match rx.await {
+                    let served = {
+                        let _waiting = Waiting::on(&cache.waiting);
+                        rx.await
+                    };
+                    return match served {
                         Ok(Served::Entry(e, outcome, key)) => {
                             Ok(render(&e, outcome, head, inm.as_ref(), key))
                         }
@@ -458,6 +463,23 @@ impl CacheHandle {
 /// What stands for the caller in the key of a URL's view for callers with credentials:
 /// no [`caller_identity`] is ever this (those start with a field name).
 const CREDENTIALED_VIEW: &str = "\0credentialed";
+
+/// One request counted in `passerelle_cache_waiting_requests` while it waits for a fetch,
+/// uncounted when it stops waiting, however it stops (a client that goes away included).
+struct Waiting<'a>(&'a metrics::Gauge);
+
+impl<'a> Waiting<'a> {
+    fn on(gauge: &'a metrics::Gauge) -> Self {
+        gauge.increment(1.0);
+        Self(gauge)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
 
 /// Who a private entry belongs to: the authenticated user, the API key, and digests of
 /// the credentials the request carries (`Authorization`, `Cookie`). `None` for a caller
