@@ -13,9 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{GatewayProcess, ServiceProcess, gateway_process};
+use common::{GatewayProcess, gateway_process};
 use http::Method;
-use passerelle_services::ServiceKind;
 use passerelle_testkit::{HttpClient, RedisServer, Reply};
 use tokio::sync::oneshot;
 
@@ -682,43 +681,8 @@ async fn requests_succeed_while_redis_is_down_and_caching_resumes() {
 async fn an_update_is_seen_through_every_replica_and_every_route_that_contains_it() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let redis_url = redis.url();
-    let env = [("PASSERELLE_REDIS__URL", redis_url.as_str())];
-    let users_db = common::seeded_db(dir.path(), ServiceKind::Users, 20);
-    let products_db = common::seeded_db(dir.path(), ServiceKind::Products, 20);
-    let users =
-        ServiceProcess::spawn_with_env(ServiceKind::Users, &users_db, "users-1", &env).await;
-    let products =
-        ServiceProcess::spawn_with_env(ServiceKind::Products, &products_db, "products-1", &env)
-            .await;
     // The shipped configuration (its cached routes and tags) over these instances.
-    let mut text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../config/passerelle.toml"
-    ))
-    .unwrap();
-    text = text.replace(
-        "admin_listen = \"127.0.0.1:9901\"",
-        "admin_listen = \"127.0.0.1:0\"",
-    );
-    text = text.replacen(
-        "[upstreams.users]\nendpoints = []",
-        &format!("[upstreams.users]\nendpoints = [\"{}\"]", users.addr),
-        1,
-    );
-    text = text.replacen(
-        "[upstreams.products]\nendpoints = []",
-        &format!("[upstreams.products]\nendpoints = [\"{}\"]", products.addr),
-        1,
-    );
-    text = text.replacen("[redis]\n", &format!("[redis]\nurl = \"{redis_url}\"\n"), 1);
-    text = text.replacen(
-        "[rate_limiting]\nenabled = true",
-        "[rate_limiting]\nenabled = false",
-        1,
-    );
-    let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, text).unwrap();
+    let (users, products, path) = common::shipped_platform(dir.path(), &redis.url()).await;
     let gateways = [gateway_process(&path).await, gateway_process(&path).await];
     let service = HttpClient::new(format!("http://{}", users.addr));
 

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::{GatewayProcess, ServiceProcess, gateway_process};
 use http::Method;
-use passerelle_services::ServiceKind;
 use passerelle_testkit::{HttpClient, RedisServer, Reply};
 
 /// Spellings of `/users/12` the gateway normalizes to it.
@@ -45,47 +44,7 @@ struct Platform {
 async fn platform() -> Platform {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let redis_url = redis.url();
-    let env = [("PASSERELLE_REDIS__URL", redis_url.as_str())];
-    let users_db = common::seeded_db(dir.path(), ServiceKind::Users, 20);
-    let products_db = common::seeded_db(dir.path(), ServiceKind::Products, 20);
-    let users =
-        ServiceProcess::spawn_with_env(ServiceKind::Users, &users_db, "users-1", &env).await;
-    let products =
-        ServiceProcess::spawn_with_env(ServiceKind::Products, &products_db, "products-1", &env)
-            .await;
-    let mut text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../config/passerelle.toml"
-    ))
-    .unwrap();
-    for (from, to) in [
-        (
-            "admin_listen = \"127.0.0.1:9901\"".to_string(),
-            "admin_listen = \"127.0.0.1:0\"".to_string(),
-        ),
-        (
-            "[upstreams.users]\nendpoints = []".to_string(),
-            format!("[upstreams.users]\nendpoints = [\"{}\"]", users.addr),
-        ),
-        (
-            "[upstreams.products]\nendpoints = []".to_string(),
-            format!("[upstreams.products]\nendpoints = [\"{}\"]", products.addr),
-        ),
-        (
-            "[redis]\n".to_string(),
-            format!("[redis]\nurl = \"{redis_url}\"\n"),
-        ),
-        (
-            "[rate_limiting]\nenabled = true".to_string(),
-            "[rate_limiting]\nenabled = false".to_string(),
-        ),
-    ] {
-        assert!(text.contains(&from), "the shipped config changed: {from}");
-        text = text.replacen(&from, &to, 1);
-    }
-    let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, text).unwrap();
+    let (users, products, path) = common::shipped_platform(dir.path(), &redis.url()).await;
     let gateway = gateway_process(&path).await;
     Platform {
         gateway,

@@ -182,10 +182,15 @@ fn assert_refusal(r: &Reply, limit: &str) -> u64 {
     retry
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn three_gateways_admit_together_exactly_the_limit() {
+/// Three `passerelle gateway` processes sharing one Redis, in front of one stand-in
+/// upstream; the last element keeps the upstream and the config's directory alive.
+async fn three_gateways() -> (
+    RedisServer,
+    [common::GatewayProcess; 3],
+    (tokio::sync::oneshot::Sender<()>, tempfile::TempDir),
+) {
     let redis = RedisServer::start();
-    let (upstream, _stop) = common::slow_upstream("u", Duration::ZERO).await;
+    let (upstream, stop) = common::slow_upstream("u", Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, config_text(&redis.url(), upstream, "", None, "2s")).unwrap();
@@ -194,6 +199,12 @@ async fn three_gateways_admit_together_exactly_the_limit() {
         gateway_process(&path).await,
         gateway_process(&path).await,
     ];
+    (redis, gateways, (stop, dir))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_gateways_admit_together_exactly_the_limit() {
+    let (_redis, gateways, _keep) = three_gateways().await;
 
     for (route, limit_name, limit) in [
         ("gcra", "gcra-shared", 50usize),
@@ -517,16 +528,7 @@ async fn operators_read_and_reset_a_key() {
 /// (which would otherwise refuse the client until its Retry-After, an hour here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_reset_through_one_replica_frees_the_client_on_all() {
-    let redis = RedisServer::start();
-    let (upstream, _stop) = common::slow_upstream("u", Duration::ZERO).await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, config_text(&redis.url(), upstream, "", None, "2s")).unwrap();
-    let gateways = [
-        gateway_process(&path).await,
-        gateway_process(&path).await,
-        gateway_process(&path).await,
-    ];
+    let (redis, gateways, _keep) = three_gateways().await;
     // per-ip: 3 per hour. Spend them, then get refused by every replica (each now holds a
     // local block, and answers from it without asking Redis).
     for _ in 0..3 {

@@ -336,3 +336,32 @@ pub fn read_until_ready(stdout: std::process::ChildStdout) -> Vec<String> {
         }
     }
 }
+
+/// Real users and products services (20 rows each) reading through the Redis at
+/// `redis_url`, and a configuration file for gateways in front of them: a few lines layered
+/// on the shipped default, which brings its routes, cached routes and tags (rate limits
+/// off: these tests count requests, not clients).
+pub async fn shipped_platform(
+    dir: &Path,
+    redis_url: &str,
+) -> (ServiceProcess, ServiceProcess, std::path::PathBuf) {
+    let env = [("PASSERELLE_REDIS__URL", redis_url)];
+    let users_db = seeded_db(dir, ServiceKind::Users, 20);
+    let products_db = seeded_db(dir, ServiceKind::Products, 20);
+    let users =
+        ServiceProcess::spawn_with_env(ServiceKind::Users, &users_db, "users-1", &env).await;
+    let products =
+        ServiceProcess::spawn_with_env(ServiceKind::Products, &products_db, "products-1", &env)
+            .await;
+    let path = dir.join("gateway.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[redis]\nurl = \"{redis_url}\"\n\n[rate_limiting]\nenabled = false\n\n\
+             [upstreams.users]\nendpoints = [\"{}\"]\n\n[upstreams.products]\nendpoints = [\"{}\"]\n",
+            users.addr, products.addr
+        ),
+    )
+    .unwrap();
+    (users, products, path)
+}
