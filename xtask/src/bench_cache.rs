@@ -36,7 +36,9 @@ name = "cached"
 path = "/cached/{id}"
 upstream = "users"
 rewrite = "/users/{id}"
-cache = { ttl = "60s", stale_while_revalidate = "10s", tags = ["/users/{id}"] }
+# `r` is keyed so that the misses workload (a unique `?r=` per request) misses; any other
+# parameter would bypass the cache.
+cache = { ttl = "60s", stale_while_revalidate = "10s", tags = ["/users/{id}"], query = ["r"] }
 
 [[routes]]
 name = "l2-only"
