@@ -124,25 +124,29 @@ impl CacheHandle {
             vary: &rc.defaults.vary,
             headers: &parts.headers,
         };
-        // Who the caller is: whether it has credentials chooses the view (below), and its
-        // credentials name its private entries. Worked out once, on first need.
+        // Who the caller is. Whether it has credentials chooses the view (below): a few
+        // header lookups. What its credentials are (digests) names its private entries:
+        // worked out once, only when a private entry is looked up or stored.
+        let who = identity.caller(client.ip, &parts.headers);
+        let credentialed = who.user.is_some()
+            || who.api_key.is_some()
+            || parts.headers.contains_key(header::AUTHORIZATION)
+            || parts.headers.contains_key(header::COOKIE);
         let caller_cell = std::sync::OnceLock::new();
         let caller = || {
             caller_cell
-                .get_or_init(|| {
-                    caller_identity(&identity.caller(client.ip, &parts.headers), &parts.headers)
-                })
+                .get_or_init(|| caller_identity(&who, &parts.headers))
                 .as_deref()
         };
         let private_scope = rc.defaults.private_scope;
         // The entry to look up first: the caller's own on a private route; else the URL's
         // view for callers with credentials, or the one for callers without (see the
         // module doc: the two never share).
-        let first = match (private_scope, caller()) {
-            (true, None) => Err(Uncacheable::Anonymous),
-            (true, Some(c)) => Ok(Some(c)),
-            (false, Some(_)) => Ok(Some(CREDENTIALED_VIEW)),
-            (false, None) => Ok(None),
+        let first = match (private_scope, credentialed) {
+            (true, false) => Err(Uncacheable::Anonymous),
+            (true, true) => Ok(caller()),
+            (false, true) => Ok(Some(CREDENTIALED_VIEW)),
+            (false, false) => Ok(None),
         }
         .and_then(|c| {
             input.key(c, cache.max_key_input).map_err(|e| match e {
