@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{GatewayProcess, gateway_process};
+use common::{GatewayProcess, cache_status, entry_key, gateway_process};
 use http::Method;
 use passerelle_testkit::{HttpClient, RedisServer, Reply};
 use tokio::sync::oneshot;
@@ -260,21 +260,6 @@ async fn setup(replicas: usize, delay: Duration) -> Setup {
         gateways,
         _dir: dir,
     }
-}
-
-fn cache_status(r: &Reply) -> String {
-    r.header("cache-status").unwrap_or("").to_string()
-}
-
-fn entry_key(r: &Reply) -> String {
-    let s = cache_status(r);
-    let k = s.split("key=").nth(1).unwrap();
-    k.split(';')
-        .next()
-        .unwrap()
-        .trim()
-        .trim_matches('"')
-        .to_string()
 }
 
 async fn get(http: &HttpClient, path: &str, headers: &[(&str, &str)]) -> Reply {

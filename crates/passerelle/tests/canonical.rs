@@ -11,7 +11,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{GatewayProcess, ServiceProcess, gateway_process};
+use common::{GatewayProcess, ServiceProcess, cache_status, entry_key, gateway_process};
 use http::Method;
 use passerelle_testkit::{HttpClient, RedisServer, Reply};
 
@@ -56,25 +56,6 @@ async fn platform() -> Platform {
 
 async fn get(http: &HttpClient, path: &str) -> Reply {
     http.send(Method::GET, path, &[], Bytes::new()).await
-}
-
-fn cache_status(r: &Reply) -> &str {
-    r.header("cache-status").unwrap_or("")
-}
-
-/// The entry key a `Cache-Status` names (`key="…"`).
-fn entry_key(r: &Reply) -> String {
-    let s = cache_status(r);
-    let k = s
-        .split("key=")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no key: {s}"));
-    k.split(';')
-        .next()
-        .unwrap()
-        .trim()
-        .trim_matches('"')
-        .to_string()
 }
 
 /// The user's name in a 200 answer of `/users/{id}` or `/api/{u}/{p}`.

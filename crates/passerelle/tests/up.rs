@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::BIN;
+use common::{BIN, cache_status};
 use passerelle_testkit::{HttpClient, children_of, kill, process_alive, wait_until};
 
 struct Up {
@@ -168,10 +168,6 @@ async fn metric(http: &HttpClient, sample: &str) -> Option<f64> {
     let text = http.get("/metrics").await.text();
     text.lines()
         .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
-}
-
-fn cache_status(r: &passerelle_testkit::Reply) -> String {
-    r.header("cache-status").unwrap_or("").to_string()
 }
 
 fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use passerelle_config::{Balance, Config, Dur, UpstreamConfig};
 use passerelle_services::{ServiceKind, ServiceOptions};
-use passerelle_testkit::HttpClient;
+use passerelle_testkit::{HttpClient, Reply as HttpReply};
 use tokio::sync::oneshot;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_passerelle");
@@ -364,4 +364,24 @@ pub async fn shipped_platform(
     )
     .unwrap();
     (users, products, path)
+}
+
+/// The response's `Cache-Status` (empty when absent).
+pub fn cache_status(r: &HttpReply) -> String {
+    r.header("cache-status").unwrap_or("").to_string()
+}
+
+/// The cache key a response's `Cache-Status` names (`key="…"`).
+pub fn entry_key(r: &HttpReply) -> String {
+    let s = cache_status(r);
+    let k = s
+        .split("key=")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no key in Cache-Status: {s}"));
+    k.split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .trim_matches('"')
+        .to_string()
 }
