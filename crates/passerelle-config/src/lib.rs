@@ -18,10 +18,12 @@
 //! code 64 on them. [`Loaded`] also carries warnings (no routes, unused upstreams) and where
 //! each value came from, which `passerelle config show` prints.
 
+mod auth;
 mod env;
 mod layers;
 mod loader;
 mod model;
+mod secret;
 mod show;
 mod span;
 mod template;
@@ -33,7 +35,9 @@ use std::path::Path;
 
 pub use layers::{Origin, Provenance};
 pub use loader::{DEFAULT_ORIGIN, Loaded, Loader};
+pub use auth::*;
 pub use model::*;
+pub use secret::{Secret, is_secret_key, redact_url};
 pub use template::{PathTemplate, Piece};
 pub use units::{ByteSize, Dur, IpRange};
 

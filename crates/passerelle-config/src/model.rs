@@ -30,6 +30,7 @@ pub struct Config {
     pub cache: CacheConfig,
     pub services: ServicesConfig,
     pub up: UpConfig,
+    pub auth: crate::auth::AuthConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -427,6 +428,9 @@ pub struct RouteConfig {
     /// Answers are long-lived streams (server-sent events): the upstream's
     /// `body_idle_timeout` does not cut them off. Not with `cache` or `compose`.
     pub streaming: bool,
+    /// Who may call: absent, anyone (public); else the schemes accepted and the scopes
+    /// required.
+    pub auth: Option<crate::auth::RouteAuthConfig>,
 }
 
 /// The response cache: an in-process level (L1) in front of the cache Redis (L2).

@@ -45,7 +45,7 @@ impl Loaded {
             let _ = writeln!(out, "\n[{header}]");
         }
         for (k, v) in plain {
-            let line = format!("{} = {}", key(k), v);
+            let line = format!("{} = {}", key(k), masked(k, v));
             let origin = self.origin_text(&join(field, k));
             let pad = COMMENT_COLUMN.saturating_sub(line.chars().count()).max(1);
             let _ = writeln!(out, "{line}{:pad$}# {origin}", "");
@@ -77,6 +77,18 @@ impl Loaded {
             Some(o) => o.to_string(),
             None => Origin::Default.to_string(),
         }
+    }
+}
+
+/// A value as `show` may print it: secrets (by key name, see [`crate::is_secret_key`]) as
+/// `"***"`, URLs with their password replaced.
+fn masked(k: &str, v: &toml::Value) -> toml::Value {
+    use toml::Value;
+    match v {
+        Value::String(s) if crate::is_secret_key(k) && !s.is_empty() => Value::String("***".into()),
+        Value::String(s) if k.ends_with("url") => Value::String(crate::secret::redact_url(s)),
+        Value::Array(items) => Value::Array(items.iter().map(|i| masked(k, i)).collect()),
+        other => other.clone(),
     }
 }
 

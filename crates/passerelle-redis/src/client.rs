@@ -305,20 +305,7 @@ fn parse_memory_info(info: &str) -> MemoryInfo {
 
 /// `redis://user:secret@host:6379` → `redis://user:***@host:6379`.
 pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    match rest.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            if userinfo.contains(':') {
-                format!("{scheme}://{user}:***@{host}")
-            } else {
-                format!("{scheme}://***@{host}")
-            }
-        }
-        None => url.to_string(),
-    }
+    passerelle_config::redact_url(url)
 }
 
 #[cfg(test)]

@@ -1,0 +1,1 @@
+//! JWT verification (see the crate documentation).
