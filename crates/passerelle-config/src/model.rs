@@ -63,7 +63,12 @@ impl Default for TelemetryConfig {
 
 /// Where Redis is. Without any URL, `passerelle up` starts and manages Redis itself; the
 /// `gateway` and `service` roles then run without Redis features.
-#[derive(Debug, Clone, Deserialize)]
+///
+/// Credentials go either in the URLs (`redis://user:pass@host`) or in `username` and
+/// `password`/`password_file`, which then apply to every URL; a URL that carries its own
+/// user or password beside them is a configuration error (which one would win is a
+/// guess an operator should not have to make).
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
     /// One Redis for both roles (`redis://user:pass@host:port`, `rediss://` for TLS).
@@ -72,6 +77,14 @@ pub struct RedisConfig {
     pub cache_url: Option<String>,
     /// Redis for durable data (audit, preferences, rate limits). Falls back to `url`.
     pub durable_url: Option<String>,
+    /// The ACL user passerelle logs in as (absent: `default`).
+    pub username: Option<String>,
+    /// Its password; prefer `password_file` or `PASSERELLE_REDIS__PASSWORD`.
+    pub password: Option<crate::secret::Secret>,
+    /// A file whose first line is the password (a secret mount).
+    pub password_file: Option<PathBuf>,
+    /// Certificates for `rediss://` URLs.
+    pub tls: RedisTlsConfig,
     /// Prefix of every key passerelle writes; isolation is by prefix, never by `SELECT`.
     pub key_prefix: String,
     pub connect_timeout: Dur,
@@ -80,12 +93,56 @@ pub struct RedisConfig {
     pub command_timeout: Dur,
 }
 
+/// TLS towards Redis (`rediss://` URLs): which CA to trust and the client certificate to
+/// present. Without `ca_file`, the server's certificate must chain to a public root.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisTlsConfig {
+    /// PEM file of the CA (or CAs) that signed the server's certificate; only these are
+    /// trusted.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain), for a server with `tls-auth-clients yes`.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+}
+
+impl RedisTlsConfig {
+    /// Whether any file is configured.
+    pub fn is_set(&self) -> bool {
+        self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some()
+    }
+}
+
+/// By hand, so that a URL's password never reaches a log through `{:?}`.
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let url = |u: &Option<String>| u.as_deref().map(crate::secret::redact_url);
+        f.debug_struct("RedisConfig")
+            .field("url", &url(&self.url))
+            .field("cache_url", &url(&self.cache_url))
+            .field("durable_url", &url(&self.durable_url))
+            .field("username", &self.username)
+            .field("password", &self.password)
+            .field("password_file", &self.password_file)
+            .field("tls", &self.tls)
+            .field("key_prefix", &self.key_prefix)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("command_timeout", &self.command_timeout)
+            .finish()
+    }
+}
+
 impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: None,
             cache_url: None,
             durable_url: None,
+            username: None,
+            password: None,
+            password_file: None,
+            tls: RedisTlsConfig::default(),
             key_prefix: "psl".into(),
             connect_timeout: Dur::secs(1),
             command_timeout: Dur::millis(500),
@@ -99,6 +156,12 @@ impl RedisConfig {
     }
     pub fn durable_url(&self) -> Option<&str> {
         self.durable_url.as_deref().or(self.url.as_deref())
+    }
+    /// The password: `password`, else the first line of `password_file`, else none. The
+    /// error names the file, never its content.
+    pub fn resolve_password(&self) -> Result<Option<crate::secret::Secret>, String> {
+        crate::secret::Secret::resolve(self.password.as_ref(), self.password_file.as_deref())
+            .map_err(|e| format!("redis.password_file: {e}"))
     }
 }
 
@@ -123,6 +186,12 @@ pub struct GatewayConfig {
     /// network; `"off"` (or unset) for none.
     #[serde(deserialize_with = "crate::units::optional_addr")]
     pub admin_listen: Option<SocketAddr>,
+    /// The bearer token every admin request but `/health` must carry. Required with an
+    /// admin listener (`up` generates one into `<data_dir>/secrets/admin-token`); prefer
+    /// `admin_token_file` or `PASSERELLE_GATEWAY__ADMIN_TOKEN` to writing it here.
+    pub admin_token: Option<crate::secret::Secret>,
+    /// A file whose first line is the admin token (a secret mount).
+    pub admin_token_file: Option<PathBuf>,
     pub identity: IdentityConfig,
 }
 
@@ -269,6 +338,8 @@ impl Default for GatewayConfig {
             worker_threads: 0,
             http2: false,
             admin_listen: None,
+            admin_token: None,
+            admin_token_file: None,
             identity: IdentityConfig::default(),
         }
     }

@@ -25,6 +25,9 @@ pub enum Invalidation {
     /// An operator reset one rate limit's state for one identity: every gateway forgets its
     /// local block of it (the channel carries the gateways' control messages too).
     RateLimitReset { limit: String, identity: String },
+    /// An API key changed (revoked, created, migrated): every gateway forgets what it
+    /// cached about this digest.
+    ApiKey(String),
 }
 
 impl Invalidation {
@@ -34,6 +37,7 @@ impl Invalidation {
             Invalidation::Key(k) => format!("k:{k}"),
             // Limit names have no newline (validated), identities are built by the gateway.
             Invalidation::RateLimitReset { limit, identity } => format!("r:{limit}\n{identity}"),
+            Invalidation::ApiKey(d) => format!("a:{d}"),
         }
     }
 
@@ -42,6 +46,8 @@ impl Invalidation {
         let s = std::str::from_utf8(payload).ok()?;
         if let Some(t) = s.strip_prefix("t:") {
             Some(Invalidation::Tag(t.to_string()))
+        } else if let Some(d) = s.strip_prefix("a:") {
+            Some(Invalidation::ApiKey(d.to_string()))
         } else if let Some(r) = s.strip_prefix("r:") {
             let (limit, identity) = r.split_once('\n')?;
             Some(Invalidation::RateLimitReset {

@@ -24,6 +24,9 @@ pub enum Namespace {
     CacheTag,
     /// Service rows read through the cache (cache-aside).
     Object,
+    /// API keys (durable): records by digest, the id index, the listing, the revocation
+    /// generation.
+    ApiKey,
 }
 
 impl Namespace {
@@ -34,6 +37,7 @@ impl Namespace {
             Namespace::Cache => "cache",
             Namespace::CacheTag => "ctag",
             Namespace::Object => "obj",
+            Namespace::ApiKey => "ak",
         }
     }
 }
@@ -118,6 +122,34 @@ impl KeySchema {
             Namespace::Object.as_str(),
             sanitize_tag(kind)
         )
+    }
+
+    /// `<prefix>:ak:{keys}:h:<digest>`: one API key's record (a hash), by the HMAC of the
+    /// key. Every API key key shares the tag `{keys}`, so creating, revoking and migrating
+    /// a key are single scripts; the volume (operator-issued keys) fits one slot easily.
+    pub fn api_key(&self, digest: &str) -> String {
+        format!("{}h:{digest}", self.api_key_record_prefix())
+    }
+
+    /// What [`KeySchema::api_key`] puts before the digest (a script builds the record key
+    /// from a digest it read).
+    pub fn api_key_record_prefix(&self) -> String {
+        format!("{}:{}:{{keys}}:", self.prefix, Namespace::ApiKey.as_str())
+    }
+
+    /// `<prefix>:ak:{keys}:id:<id>`: the digest of the key with this public id.
+    pub fn api_key_id(&self, id: &str) -> String {
+        format!("{}id:{}", self.api_key_record_prefix(), sanitize_tag(id))
+    }
+
+    /// `<prefix>:ak:{keys}:ids`: every key id, scored by creation time (for listing).
+    pub fn api_key_listing(&self) -> String {
+        format!("{}ids", self.api_key_record_prefix())
+    }
+
+    /// `<prefix>:ak:{keys}:gen`: bumped by every revocation; gateways poll it.
+    pub fn api_key_generation(&self) -> String {
+        format!("{}gen", self.api_key_record_prefix())
     }
 
     /// The pub/sub channel on which cache invalidations reach every gateway's L1. A

@@ -18,6 +18,7 @@
 //! Two roles, possibly the same server: [`Role::Cache`] for evictable data and
 //! [`Role::Durable`] for data that must survive.
 
+pub mod api_keys;
 pub mod breaker;
 pub mod cache;
 pub mod client;

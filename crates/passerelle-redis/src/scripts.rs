@@ -26,6 +26,22 @@ pub static CACHE_LEASE: LazyLock<Script> =
 pub static CACHE_TAG: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/cache_tag.lua")));
 
+/// Stores a new API key, its id index and its listing entry (see the script).
+pub static API_KEY_CREATE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/api_key_create.lua")));
+
+/// Marks an API key revoked and bumps the revocation generation.
+pub static API_KEY_REVOKE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/api_key_revoke.lua")));
+
+/// Moves a key's record to its digest under the newest secret.
+pub static API_KEY_MIGRATE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/api_key_migrate.lua")));
+
+/// Records a key's last use if the key still exists.
+pub static API_KEY_TOUCH: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/api_key_touch.lua")));
+
 /// Sends a pipeline whose scripts are invoked by SHA (`Pipeline::invoke_script`). A pipeline
 /// cannot reload a script halfway, so on `NOSCRIPT` every script in `scripts` is loaded and
 /// the whole pipeline sent once more: it must be safe to run twice (each of its commands
