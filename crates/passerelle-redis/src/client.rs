@@ -1,12 +1,21 @@
 //! Connections. One [`RedisClient`] per Redis per process, shared by every task: it is a
 //! multiplexed connection (`redis::aio::ConnectionManager`) that pipelines concurrent
 //! commands over one socket and reconnects by itself. Nothing opens a connection per request.
+//!
+//! Logging in: the URL's user and password, or `redis.username` and
+//! `redis.password`/`password_file` (the configuration refuses both at once). TLS:
+//! `rediss://` URLs, trusting `redis.tls.ca_file` only when it is set (else the public
+//! roots), and presenting `redis.tls.cert_file`/`key_file` when set. No error or log line
+//! shows a password: URLs are shown redacted ([`redact`]), and a refused login or a failed
+//! TLS handshake is reported as [`RedisError::Auth`] or [`RedisError::Tls`], naming the
+//! settings to check, which start-up treats as fatal ([`RedisClient::check_version`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use passerelle_config::RedisConfig;
+use passerelle_config::{RedisConfig, RedisTlsConfig};
+use redis::IntoConnectionInfo;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::keys::KeySchema;
@@ -108,14 +117,7 @@ impl RedisClient {
     /// Creates the client without connecting: the process starts even when Redis is down,
     /// and the first command (or the readiness check) connects.
     pub fn connect(url: &str, role: Role, cfg: &RedisConfig) -> Result<Self, RedisError> {
-        if url.starts_with("rediss://") {
-            // rustls needs a process-wide crypto provider; installing twice is harmless.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        }
-        let client = redis::Client::open(url).map_err(|e| RedisError::Url {
-            url: redact(url),
-            reason: e.to_string(),
-        })?;
+        let client = build_client(url, cfg)?;
         let manager_cfg = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.connect_timeout.get()))
             .set_response_timeout(Some(cfg.command_timeout.get()))
@@ -214,11 +216,13 @@ impl RedisClient {
     /// Refuses a server older than [`MIN_VERSION`] with [`RedisError::Unsupported`]. Asks
     /// the server until it has once answered with a good version, then never again (one
     /// flag shared by the clones of this client): cheap enough for every readiness check.
+    /// A refused login is [`RedisError::Auth`], a failed TLS handshake [`RedisError::Tls`]:
+    /// configuration errors that waiting will not cure, unlike a Redis that is down.
     pub async fn check_version(&self) -> Result<(), RedisError> {
         if self.version_ok.load(Ordering::Acquire) {
             return Ok(());
         }
-        let version = self.server_version().await?;
+        let version = self.server_version().await.map_err(|e| self.classify(e))?;
         if version < MIN_VERSION {
             return Err(RedisError::Unsupported {
                 endpoint: self.endpoint.clone(),
@@ -280,6 +284,111 @@ impl RedisClient {
             .await?;
         Ok(n == 1)
     }
+}
+
+impl RedisClient {
+    /// `e`, or [`RedisError::Auth`] / [`RedisError::Tls`] when it is a refused login or a
+    /// failed TLS handshake: their message names this endpoint (redacted) and the settings
+    /// to check. Redis's own messages carry no password (`WRONGPASS invalid
+    /// username-password pair ...`), nor do rustls's.
+    fn classify(&self, e: RedisError) -> RedisError {
+        let RedisError::Command(inner) = &e else {
+            return e;
+        };
+        let auth = inner.kind() == redis::ErrorKind::AuthenticationFailed
+            || matches!(inner.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"));
+        if auth {
+            return RedisError::Auth {
+                endpoint: self.endpoint.clone(),
+                reason: inner.to_string(),
+            };
+        }
+        if let Some(tls) = tls_failure(inner) {
+            return RedisError::Tls {
+                endpoint: self.endpoint.clone(),
+                reason: tls,
+            };
+        }
+        e
+    }
+}
+
+/// The rustls error behind a connection failure, if that is what it is.
+fn tls_failure(e: &redis::RedisError) -> Option<String> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && let Some(inner) = io.get_ref()
+            && let Some(tls) = inner.downcast_ref::<rustls::Error>()
+        {
+            return Some(tls.to_string());
+        }
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(tls.to_string());
+        }
+        source = err.source();
+    }
+    None
+}
+
+/// The `redis::Client` for `url`: the configured user and password set beside the URL's
+/// address, and, for `rediss://`, the configured CA and client certificate. The URL is
+/// parsed before anything else is added, so a parse error shows only the redacted URL.
+fn build_client(url: &str, cfg: &RedisConfig) -> Result<redis::Client, RedisError> {
+    let bad_url = |reason: String| RedisError::Url {
+        url: redact(url),
+        reason,
+    };
+    let mut info = url
+        .into_connection_info()
+        .map_err(|e| bad_url(e.detail().unwrap_or("unreadable").to_string()))?;
+    let mut settings = info.redis_settings().clone();
+    if let Some(user) = &cfg.username {
+        settings = settings.set_username(user);
+    }
+    if let Some(password) = cfg.resolve_password().map_err(RedisError::Setup)? {
+        settings = settings.set_password(password.expose());
+    }
+    info = info.set_redis_settings(settings);
+    if !url.starts_with("rediss://") {
+        return redis::Client::open(info).map_err(|e| bad_url(e.to_string()));
+    }
+    // rustls needs a process-wide crypto provider; installing twice is harmless.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    if !cfg.tls.is_set() {
+        return redis::Client::open(info).map_err(|e| bad_url(e.to_string()));
+    }
+    let certs = tls_certificates(&cfg.tls)?;
+    redis::Client::build_with_tls(info, certs)
+        .map_err(|e| RedisError::Setup(format!("redis.tls: {e}")))
+}
+
+/// Reads the configured PEM files; an error names the setting and the file.
+fn tls_certificates(tls: &RedisTlsConfig) -> Result<redis::TlsCertificates, RedisError> {
+    let read = |field: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| {
+            RedisError::Setup(format!(
+                "redis.tls.{field}: reading {}: {e}",
+                path.display()
+            ))
+        })
+    };
+    let root_cert = tls
+        .ca_file
+        .as_deref()
+        .map(|p| read("ca_file", p))
+        .transpose()?;
+    let client_tls = match (&tls.cert_file, &tls.key_file) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read("cert_file", cert)?,
+            client_key: read("key_file", key)?,
+        }),
+        _ => None,
+    };
+    Ok(redis::TlsCertificates {
+        client_tls,
+        root_cert,
+    })
 }
 
 fn parse_memory_info(info: &str) -> MemoryInfo {

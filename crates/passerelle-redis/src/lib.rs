@@ -52,6 +52,21 @@ pub enum RedisError {
     Timeout(Duration),
     #[error("redis: not called, the circuit breaker is open after repeated failures")]
     BreakerOpen,
+    /// The server refused the login (see [`RedisClient::check_version`]).
+    #[error(
+        "Redis at {endpoint} refused the login: {reason} (check redis.username and \
+         redis.password or redis.password_file, or the URL's user and password)"
+    )]
+    Auth { endpoint: String, reason: String },
+    /// The TLS handshake failed (see [`RedisClient::check_version`]).
+    #[error(
+        "TLS with Redis at {endpoint} failed: {reason} (check redis.tls.ca_file, and \
+         redis.tls.cert_file and key_file if the server asks for a client certificate)"
+    )]
+    Tls { endpoint: String, reason: String },
+    /// A credential or certificate file could not be read, and the like.
+    #[error("{0}")]
+    Setup(String),
 }
 
 impl RedisError {
@@ -65,10 +80,14 @@ impl RedisError {
                     || e.is_connection_dropped()
                     || e.is_connection_refusal()
             }
-            RedisError::Timeout(_) | RedisError::BreakerOpen => true,
-            RedisError::Url { .. } | RedisError::Protocol(_) | RedisError::Unsupported { .. } => {
-                false
-            }
+            RedisError::Timeout(_)
+            | RedisError::BreakerOpen
+            | RedisError::Auth { .. }
+            | RedisError::Tls { .. } => true,
+            RedisError::Url { .. }
+            | RedisError::Protocol(_)
+            | RedisError::Unsupported { .. }
+            | RedisError::Setup(_) => false,
         }
     }
 }
@@ -121,14 +140,20 @@ impl Redis {
         }
     }
 
-    /// At start: refuses a server older than [`MIN_VERSION`] ([`RedisError::Unsupported`]).
+    /// At start: refuses a server older than [`MIN_VERSION`] ([`RedisError::Unsupported`]),
+    /// a refused login ([`RedisError::Auth`]) and a failed TLS handshake
+    /// ([`RedisError::Tls`]): configuration errors, which no wait cures.
     /// A Redis that does not answer within `within` is no error here (a process starts
     /// without its Redis, as always): readiness checks its version once it answers, and
     /// fails with the same error until it is recent enough.
     pub async fn check_version(&self, within: Duration) -> Result<(), RedisError> {
         for (_, client) in self.distinct() {
             match tokio::time::timeout(within, client.check_version()).await {
-                Ok(Err(e @ RedisError::Unsupported { .. })) => return Err(e),
+                Ok(Err(
+                    e @ (RedisError::Unsupported { .. }
+                    | RedisError::Auth { .. }
+                    | RedisError::Tls { .. }),
+                )) => return Err(e),
                 Ok(Err(e)) => {
                     tracing::debug!(redis = client.endpoint(), error = %e, "redis version not checked at start: unreachable")
                 }
