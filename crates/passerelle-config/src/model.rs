@@ -193,6 +193,79 @@ pub struct GatewayConfig {
     /// A file whose first line is the admin token (a secret mount).
     pub admin_token_file: Option<PathBuf>,
     pub identity: IdentityConfig,
+    /// Largest request head (request line and header fields) read from a client: the read
+    /// buffer of a connection never grows past it, so it also bounds the memory an
+    /// unfinished head holds. Larger heads get 431, a longer request line 414.
+    pub max_header_size: ByteSize,
+    /// Most header fields in a request head; more get 431. At 100 (hyper's own bound) the
+    /// parser works on the stack; another value costs one allocation per request.
+    pub max_headers: usize,
+    /// Longest request target (path and query); longer gets 414.
+    pub max_uri_length: ByteSize,
+    /// A client must send a whole request head within this, counted from the connection's
+    /// start for the first request and from the next request's first byte after that;
+    /// later gets 408 and the connection is closed (slow clients).
+    pub header_read_timeout: Dur,
+    /// A keep-alive connection with no request in flight is closed after this long without
+    /// the start of a new request (HTTP/2: without an open stream).
+    pub idle_timeout: Dur,
+    /// TLS termination on the public listener (absent: plain HTTP).
+    pub tls: Option<GatewayTlsConfig>,
+    /// Headers added to every answer of the public listener.
+    pub security_headers: SecurityHeadersConfig,
+}
+
+/// TLS on the public listener (`[gateway.tls]`): rustls, TLS 1.2 and 1.3, HTTP/2 and
+/// HTTP/1.1 by ALPN.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayTlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of the leaf.
+    pub key_file: PathBuf,
+    /// How often the two files are checked; a changed pair is loaded without a restart
+    /// (new connections get it, open ones keep theirs). A pair that does not load is logged
+    /// and the previous one kept.
+    pub reload_interval: Dur,
+    /// Offer HTTP/2 by ALPN (`h2`, then `http/1.1`).
+    pub http2: bool,
+}
+
+impl Default for GatewayTlsConfig {
+    fn default() -> Self {
+        Self {
+            cert_file: PathBuf::new(),
+            key_file: PathBuf::new(),
+            reload_interval: Dur::secs(5),
+            http2: true,
+        }
+    }
+}
+
+/// Security headers on the gateway's answers (`[gateway.security_headers]`). Each is added
+/// when the answer does not carry it already (an upstream's own choice stands); an empty
+/// value sends nothing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityHeadersConfig {
+    /// `Strict-Transport-Security` value, sent only when the gateway terminates TLS, e.g.
+    /// `"max-age=31536000; includeSubDomains"`. Off by default: browsers remember it.
+    pub hsts: String,
+    /// `X-Content-Type-Options: nosniff`.
+    pub nosniff: bool,
+    /// `Referrer-Policy` value, e.g. `"no-referrer"`.
+    pub referrer_policy: String,
+}
+
+impl Default for SecurityHeadersConfig {
+    fn default() -> Self {
+        Self {
+            hsts: String::new(),
+            nosniff: true,
+            referrer_policy: "no-referrer".into(),
+        }
+    }
 }
 
 /// Who the caller is, as far as the gateway can tell before authentication.
@@ -341,6 +414,13 @@ impl Default for GatewayConfig {
             admin_token: None,
             admin_token_file: None,
             identity: IdentityConfig::default(),
+            max_header_size: ByteSize::kib(32),
+            max_headers: 100,
+            max_uri_length: ByteSize::kib(8),
+            header_read_timeout: Dur::secs(10),
+            idle_timeout: Dur::secs(60),
+            tls: None,
+            security_headers: SecurityHeadersConfig::default(),
         }
     }
 }
@@ -502,6 +582,31 @@ pub struct RouteConfig {
     /// Who may call: absent, anyone (public); else the schemes accepted and the scopes
     /// required.
     pub auth: Option<crate::auth::RouteAuthConfig>,
+    /// Cross-origin calls from browsers (absent: no CORS; `OPTIONS` is routed like any
+    /// method).
+    pub cors: Option<RouteCorsConfig>,
+}
+
+/// A route's CORS policy: the gateway answers preflights itself and adds the
+/// `Access-Control-*` headers to the route's answers.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteCorsConfig {
+    /// Origins allowed to call (`"https://app.example.com"`, exactly as browsers send them),
+    /// or `["*"]` for any (not with `credentials`). `"null"` (sandboxed pages, `file:`)
+    /// only when listed.
+    pub origins: Vec<String>,
+    /// Methods allowed cross-origin (default: the route's methods).
+    pub methods: Vec<String>,
+    /// Request headers allowed beyond the CORS-safelisted ones (case-insensitive).
+    pub headers: Vec<String>,
+    /// Response headers scripts may read beyond the safelisted ones.
+    pub expose_headers: Vec<String>,
+    /// Cookies and `Authorization` may be sent (`Access-Control-Allow-Credentials`).
+    pub credentials: bool,
+    /// How long browsers may cache a preflight (`Access-Control-Max-Age`; absent: their
+    /// default, 5 s).
+    pub max_age: Option<Dur>,
 }
 
 /// The response cache: an in-process level (L1) in front of the cache Redis (L2).

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashSet};
 use indexmap::IndexMap;
 
 use super::problems::{POSITIVE, Problems, valid_name};
-use crate::{ComposePart, PathTemplate, RouteConfig, UpstreamConfig};
+use crate::{ComposePart, PathTemplate, RouteConfig, RouteCorsConfig, UpstreamConfig};
 
 type Upstreams = BTreeMap<String, UpstreamConfig>;
 
@@ -31,6 +31,9 @@ pub(super) fn check(routes: &[RouteConfig], upstreams: &Upstreams, p: &mut Probl
         }
         if let Some(t) = r.timeout {
             p.check(!t.get().is_zero(), route.at("timeout"), POSITIVE);
+        }
+        if let Some(cors) = &r.cors {
+            check_cors(&route, cors, &methods, p);
         }
         if r.streaming && (r.cache.is_some() || r.compose.is_some()) {
             p.add(
@@ -179,6 +182,123 @@ impl<'a> Route<'a> {
             }
         }
     }
+}
+
+/// A route's `cors` table: origins browsers can send, methods the route answers, header
+/// names, and no wildcard with credentials (browsers refuse `*` then: the route would
+/// silently not work cross-origin).
+fn check_cors(route: &Route, c: &RouteCorsConfig, methods: &[String], p: &mut Problems) {
+    let at = |f: &str| route.at(&format!("cors.{f}"));
+    let any_origin = c.origins.iter().any(|o| o == "*");
+    if c.origins.is_empty() {
+        p.add(
+            at("origins"),
+            "list the origins allowed to call, e.g. [\"https://app.example.com\"], or [\"*\"]",
+        );
+    } else if any_origin && c.origins.len() > 1 {
+        p.add(
+            at("origins"),
+            "\"*\" already allows every origin; list it alone",
+        );
+    }
+    for (j, o) in c.origins.iter().enumerate() {
+        if let Err(m) = check_origin(o) {
+            p.add(at(&format!("origins[{j}]")), m);
+        }
+    }
+    if c.credentials {
+        for (f, list) in [
+            ("origins", &c.origins),
+            ("methods", &c.methods),
+            ("headers", &c.headers),
+            ("expose_headers", &c.expose_headers),
+        ] {
+            if list.iter().any(|v| v == "*") {
+                p.add(
+                    at(f),
+                    "\"*\" with credentials = true: browsers refuse credentialed answers to a \
+                     wildcard; list the values",
+                );
+            }
+        }
+    }
+    for (j, m) in c.methods.iter().enumerate() {
+        if m == "*" {
+            continue;
+        }
+        if http::Method::from_bytes(m.as_bytes()).is_err()
+            || !m.chars().all(|c| c.is_ascii_uppercase())
+        {
+            p.add(
+                at(&format!("methods[{j}]")),
+                format!("{m:?} is not an HTTP method (write it in capitals)"),
+            );
+        } else if !methods.is_empty()
+            && !methods.iter().any(|r| r == m)
+            && !(m == "HEAD" && methods.iter().any(|r| r == "GET"))
+        {
+            p.add(
+                at(&format!("methods[{j}]")),
+                format!("the route does not answer {m}"),
+            );
+        }
+    }
+    for (f, list) in [
+        ("headers", &c.headers),
+        ("expose_headers", &c.expose_headers),
+    ] {
+        for (j, h) in list.iter().enumerate() {
+            if h != "*" && http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                p.add(
+                    at(&format!("{f}[{j}]")),
+                    format!("{h:?} is not a valid header name"),
+                );
+            }
+        }
+    }
+    if let Some(age) = c.max_age {
+        p.check(
+            age.get() <= std::time::Duration::from_secs(86_400),
+            at("max_age"),
+            "browsers keep a preflight at most a day (Chrome: 2 hours); use at most \"24h\"",
+        );
+    }
+}
+
+/// That `o` is an origin as browsers send it: `scheme://host[:port]`, no path, or `"*"`,
+/// or `"null"`.
+fn check_origin(o: &str) -> Result<(), String> {
+    if o == "*" || o == "null" {
+        return Ok(());
+    }
+    let example = "write scheme://host[:port], e.g. \"https://app.example.com\"";
+    let Some((scheme, rest)) = o.split_once("://") else {
+        return Err(format!("{o:?} is not an origin; {example}"));
+    };
+    let scheme_ok = scheme
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+    if !scheme_ok || rest.is_empty() {
+        return Err(format!("{o:?} is not an origin; {example}"));
+    }
+    if rest.contains(['/', '?', '#']) {
+        return Err(format!(
+            "{o:?}: an origin has no path, not even \"/\"; {example}"
+        ));
+    }
+    if o.contains('*') {
+        return Err(format!(
+            "{o:?}: no wildcards inside an origin; list each origin, or use \"*\" alone"
+        ));
+    }
+    if http::HeaderValue::from_str(o).is_err() || o.contains(char::is_whitespace) {
+        return Err(format!("{o:?} is not an origin; {example}"));
+    }
+    Ok(())
 }
 
 /// A path shape already taken by an earlier route, for the methods it answers (none: all).
@@ -356,6 +476,64 @@ mod tests {
             &route("a", "/e/{a}{b}", "[]"),
             Some("routes[0].path: cannot be routed next to the others"),
         );
+    }
+
+    #[test]
+    fn cors_tables_are_checked() {
+        let route = |cors: &str| {
+            format!(
+                "[[routes]]\nname = \"u\"\npath = \"/u\"\nmethods = [\"GET\", \"POST\"]\nupstream = \"users\"\n[routes.cors]\n{cors}"
+            )
+        };
+        check(
+            &route(
+                "origins = [\"https://app.example.com\", \"http://localhost:3000\", \"null\"]\nmethods = [\"GET\", \"HEAD\"]\nheaders = [\"content-type\", \"X-Trace\"]\ncredentials = true\nmax_age = \"10m\"\n",
+            ),
+            None,
+        );
+        check(&route("origins = [\"*\"]\n"), None);
+        for (cors, needle) in [
+            (
+                "origins = [\"*\"]\ncredentials = true\n",
+                "routes[0].cors.origins: \"*\" with credentials",
+            ),
+            (
+                "origins = [\"https://a.example\"]\nheaders = [\"*\"]\ncredentials = true\n",
+                "routes[0].cors.headers: \"*\" with credentials",
+            ),
+            ("origins = []\n", "routes[0].cors.origins: list the origins"),
+            (
+                "origins = [\"https://a.example/\"]\n",
+                "an origin has no path",
+            ),
+            ("origins = [\"a.example\"]\n", "is not an origin"),
+            (
+                "origins = [\"https://*.example\"]\n",
+                "no wildcards inside an origin",
+            ),
+            (
+                "origins = [\"*\", \"https://a.example\"]\n",
+                "list it alone",
+            ),
+            (
+                "origins = [\"*\"]\nmethods = [\"DELETE\"]\n",
+                "routes[0].cors.methods[0]: the route does not answer DELETE",
+            ),
+            (
+                "origins = [\"*\"]\nmethods = [\"get\"]\n",
+                "write it in capitals",
+            ),
+            (
+                "origins = [\"*\"]\nheaders = [\"x y\"]\n",
+                "routes[0].cors.headers[0]",
+            ),
+            (
+                "origins = [\"*\"]\nmax_age = \"2d\"\n",
+                "routes[0].cors.max_age",
+            ),
+        ] {
+            check(&route(cors), Some(needle));
+        }
     }
 
     #[test]
