@@ -313,17 +313,23 @@ impl RedisClient {
     }
 }
 
-/// The rustls error behind a connection failure, if that is what it is.
+/// The rustls error behind a connection failure, if that is what it is. redis-rs keeps the
+/// I/O error behind an `Arc<dyn Error>`, and `io::Error::source` skips the error it wraps,
+/// so each link is looked into rather than only followed.
 fn tls_failure(e: &redis::RedisError) -> Option<String> {
+    type Shared = std::sync::Arc<dyn std::error::Error + Send + Sync>;
+    fn rustls_in<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+        if let Some(shared) = err.downcast_ref::<Shared>() {
+            return rustls_in(shared.as_ref());
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return io.get_ref().and_then(|inner| rustls_in(inner));
+        }
+        err.downcast_ref::<rustls::Error>()
+    }
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
-        if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && let Some(inner) = io.get_ref()
-            && let Some(tls) = inner.downcast_ref::<rustls::Error>()
-        {
-            return Some(tls.to_string());
-        }
-        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+        if let Some(tls) = rustls_in(err) {
             return Some(tls.to_string());
         }
         source = err.source();

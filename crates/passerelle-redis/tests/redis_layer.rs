@@ -23,6 +23,7 @@ async fn connects_with_password_and_reports_health() {
             ("maxmemory".into(), "64mb".into()),
             ("maxmemory-policy".into(), "allkeys-lfu".into()),
         ],
+        ..Default::default()
     });
     let redis = Redis::from_config(&config(&server.url()))
         .unwrap()

@@ -12,7 +12,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 pub use http_client::{HttpClient, Reply};
-pub use redis_server::{RedisOptions, RedisServer};
+pub use redis_server::{RedisOptions, RedisServer, TlsFiles};
 
 /// A port that was free a moment ago on 127.0.0.1. Prefer binding port 0 and handing the
 /// listener over; use this only for processes that must be told their port.

@@ -1,4 +1,6 @@
-//! A real `redis-server` for tests, on a free loopback port, with its data in a temp dir.
+//! A real `redis-server` for tests, on a free loopback port, with its data in a temp dir:
+//! plain, with a password, with an ACL user (the default user off), or TLS-only with
+//! certificates generated for the run ([`TlsFiles`]).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -11,8 +13,75 @@ use std::time::{Duration, Instant};
 pub struct RedisOptions {
     /// `requirepass` for the default user.
     pub password: Option<String>,
+    /// An ACL user `(name, password)` with every right; the default user is then off, so
+    /// only this user can log in.
+    pub acl_user: Option<(String, String)>,
+    /// TLS only (no plaintext port): a CA, a server certificate for `127.0.0.1` and
+    /// `localhost`, and a client certificate are generated in the server's directory
+    /// ([`RedisServer::tls`]), and clients must present a certificate signed by that CA.
+    pub tls: bool,
     /// Extra `--directive value` pairs, e.g. `("maxmemory", "8mb")`.
     pub extra: Vec<(String, String)>,
+}
+
+/// PEM files for TLS: a CA, and a certificate with its key signed by it.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+impl TlsFiles {
+    /// A fresh CA in `dir`, and a server and a client certificate signed by it:
+    /// `(server, client)`. The server's is valid for `127.0.0.1` and `localhost`.
+    pub fn generate(dir: &Path) -> (TlsFiles, TlsFiles) {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            format!("passerelle test CA {}", unique()),
+        );
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("CA key"))
+            .expect("CA certificate");
+        let ca_file = dir.join("ca.pem");
+        std::fs::write(&ca_file, ca.pem()).expect("write ca.pem");
+        let issue = |name: &str, sans: Vec<String>| {
+            let key = KeyPair::generate().expect("key");
+            let mut params = CertificateParams::new(sans).expect("params");
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            let cert = params.signed_by(&key, &ca).expect("certificate");
+            let (cert_file, key_file) = (
+                dir.join(format!("{name}.pem")),
+                dir.join(format!("{name}.key")),
+            );
+            std::fs::write(&cert_file, cert.pem()).expect("write certificate");
+            std::fs::write(&key_file, key.serialize_pem()).expect("write key");
+            TlsFiles {
+                ca_file: ca_file.clone(),
+                cert_file,
+                key_file,
+            }
+        };
+        let server = issue("server", vec!["127.0.0.1".into(), "localhost".into()]);
+        let client = issue("client", Vec::new());
+        (server, client)
+    }
+}
+
+/// A name no other CA of this test run has: rustls tells an unknown CA apart from a bad
+/// signature by the issuer's name.
+fn unique() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A running `redis-server`, killed (by PID) when dropped.
@@ -21,6 +90,8 @@ pub struct RedisServer {
     port: u16,
     dir: tempfile::TempDir,
     opts: RedisOptions,
+    /// With [`RedisOptions::tls`]: the server's files and the client's.
+    tls: Option<(TlsFiles, TlsFiles)>,
 }
 
 impl std::fmt::Debug for RedisServer {
@@ -44,11 +115,14 @@ impl RedisServer {
     }
 
     pub fn start_with(opts: RedisOptions) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir for redis");
+        let tls = opts.tls.then(|| TlsFiles::generate(dir.path()));
         let mut s = Self {
             child: None,
             port: 0,
-            dir: tempfile::tempdir().expect("temp dir for redis"),
+            dir,
             opts,
+            tls,
         };
         // The port is picked free and handed over; if another process grabs it in between,
         // redis-server exits at once and we try another one.
@@ -65,7 +139,22 @@ impl RedisServer {
 
     fn spawn_on_port(&mut self) -> Result<(), String> {
         let mut cmd = Command::new(server_bin());
-        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        match &self.tls {
+            Some((server, _)) => {
+                cmd.args(["--port", "0", "--tls-port", &self.port.to_string()])
+                    .arg("--tls-cert-file")
+                    .arg(&server.cert_file)
+                    .arg("--tls-key-file")
+                    .arg(&server.key_file)
+                    .arg("--tls-ca-cert-file")
+                    .arg(&server.ca_file)
+                    .args(["--tls-auth-clients", "yes"]);
+            }
+            None => {
+                cmd.args(["--port", &self.port.to_string()]);
+            }
+        }
+        cmd.args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -73,6 +162,12 @@ impl RedisServer {
             .arg(self.dir.path().join("redis.log"));
         if let Some(pw) = &self.opts.password {
             cmd.arg("--requirepass").arg(pw);
+        }
+        if let Some((user, pw)) = &self.opts.acl_user {
+            cmd.args(["--user", "default", "off"]);
+            cmd.args(["--user", user, "on"])
+                .arg(format!(">{pw}"))
+                .args(["~*", "&*", "+@all"]);
         }
         for (k, v) in &self.opts.extra {
             cmd.arg(format!("--{k}")).arg(v);
@@ -105,14 +200,24 @@ impl RedisServer {
         }
     }
 
-    /// Sends `PING` (after `AUTH` when a password is set) over a raw socket.
+    /// Sends `PING` (after `AUTH` when a password or user is set) over a raw socket, or
+    /// through `redis-cli --tls` for a TLS server.
     pub fn ping(&self) -> bool {
+        if self.tls.is_some() {
+            return self.cli(&["PING"]).contains("PONG");
+        }
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
             return false;
         };
         let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
         let mut req = String::new();
-        if let Some(pw) = &self.opts.password {
+        if let Some((user, pw)) = &self.opts.acl_user {
+            req.push_str(&format!(
+                "*3\r\n$4\r\nAUTH\r\n${}\r\n{user}\r\n${}\r\n{pw}\r\n",
+                user.len(),
+                pw.len()
+            ));
+        } else if let Some(pw) = &self.opts.password {
             req.push_str(&format!("*2\r\n$4\r\nAUTH\r\n${}\r\n{}\r\n", pw.len(), pw));
         }
         req.push_str("*1\r\n$4\r\nPING\r\n");
@@ -145,12 +250,35 @@ impl RedisServer {
         self.dir.path()
     }
 
-    /// `redis://[:password@]127.0.0.1:<port>`.
+    /// `redis[s]://[user:password@]127.0.0.1:<port>` (`rediss` for a TLS server, which
+    /// also needs [`RedisServer::tls`]'s client files).
     pub fn url(&self) -> String {
-        match &self.opts.password {
-            Some(pw) => format!("redis://:{pw}@127.0.0.1:{}", self.port),
-            None => format!("redis://127.0.0.1:{}", self.port),
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        match (&self.opts.acl_user, &self.opts.password) {
+            (Some((user, pw)), _) => format!("{scheme}://{user}:{pw}@127.0.0.1:{}", self.port),
+            (None, Some(pw)) => format!("{scheme}://:{pw}@127.0.0.1:{}", self.port),
+            (None, None) => format!("{scheme}://127.0.0.1:{}", self.port),
         }
+    }
+
+    /// `redis[s]://127.0.0.1:<port>`: no credentials, for a client given them apart.
+    pub fn bare_url(&self) -> String {
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// With [`RedisOptions::tls`]: the files a client needs (the CA, a client certificate
+    /// and its key).
+    pub fn tls(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref().map(|(_, client)| client)
     }
 
     /// Runs one command with `redis-cli` against this server and returns its raw output.
@@ -163,8 +291,19 @@ impl RedisServer {
             &self.port.to_string(),
             "--no-auth-warning",
         ]);
-        if let Some(pw) = &self.opts.password {
+        if let Some((user, pw)) = &self.opts.acl_user {
+            cmd.args(["--user", user, "--pass", pw]);
+        } else if let Some(pw) = &self.opts.password {
             cmd.args(["-a", pw]);
+        }
+        if let Some((_, client)) = &self.tls {
+            cmd.arg("--tls")
+                .arg("--cacert")
+                .arg(&client.ca_file)
+                .arg("--cert")
+                .arg(&client.cert_file)
+                .arg("--key")
+                .arg(&client.key_file);
         }
         let out = cmd.args(args).output().expect("redis-cli runs");
         String::from_utf8_lossy(&out.stdout).into_owned()
