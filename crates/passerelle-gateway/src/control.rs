@@ -5,10 +5,12 @@
 //! |---|---|---|
 //! | tag / key invalidation | a service's write, an operator's purge on any replica | L1 drops the entries ([`ResponseCache::invalidate_local`]) |
 //! | rate-limit reset | an operator's `DELETE /rate-limits/…` on any replica | the local block of that limit and identity is forgotten ([`RateLimiter::forget_local`]) |
+//! | API key change | a key created or revoked (admin API, `passerelle keys`) | the key's cached lookup is dropped ([`KeyStore::forget`]) |
 //!
-//! The channel is resubscribed after a loss. L1 is flushed on every loss and resubscription:
-//! messages sent while the connection was down are lost, and an entry they invalidated must
-//! not survive. (A lost reset only leaves a local block until its `Retry-After`, which Redis
+//! The channel is resubscribed after a loss. L1 and the API key cache are flushed on every
+//! loss and resubscription: messages sent while the connection was down are lost, and an
+//! entry they invalidated must not survive (the API key cache also polls the revocation
+//! generation, for a message lost while the channel seemed up). (A lost reset only leaves a local block until its `Retry-After`, which Redis
 //! would no longer enforce: the client is admitted again at the latest then.) While Redis is
 //! down the listener retries with a backoff (up to 2 s) but logs only the changes of state:
 //! the loss (warn), the comeback (info, with how long it was down), and a reminder once a
@@ -21,6 +23,7 @@ use futures_util::StreamExt;
 use passerelle_redis::{Invalidation, Redis};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::KeyStore;
 use crate::cache::ResponseCache;
 use crate::rate_limit::RateLimiter;
 
@@ -89,19 +92,23 @@ pub fn spawn(
     redis: Option<Redis>,
     cache: Option<Arc<ResponseCache>>,
     limiter: Option<Arc<RateLimiter>>,
+    keys: Option<Arc<KeyStore>>,
     shutdown: CancellationToken,
 ) {
     let Some(redis) = redis else {
         return;
     };
-    if cache.is_none() && limiter.is_none() {
+    if cache.is_none() && limiter.is_none() && keys.is_none() {
         return;
     }
     let flush = {
-        let cache = cache.clone();
+        let (cache, keys) = (cache.clone(), keys.clone());
         move || {
             if let Some(c) = &cache {
                 c.flush_l1();
+            }
+            if let Some(k) = &keys {
+                k.forget_all();
             }
         }
     };
@@ -109,6 +116,12 @@ pub fn spawn(
         Invalidation::RateLimitReset { limit, identity } => {
             if let Some(l) = &limiter {
                 l.forget_local(&limit, &identity);
+            }
+        }
+        Invalidation::ApiKey(digest) => {
+            if let Some(k) = &keys {
+                let k = k.clone();
+                tokio::spawn(async move { k.forget(&digest).await });
             }
         }
         inv => {

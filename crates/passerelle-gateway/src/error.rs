@@ -13,6 +13,9 @@ use crate::upstream::{Failure, SendError};
 pub enum ProxyError {
     #[error("no route matches this path")]
     NoRoute,
+    /// The authentication stage refused the request.
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
     /// The rate-limit stage refused the request (boxed: refusals are rare, and every
     /// `Result` on the request path carries this type).
     #[error("rate limited")]
@@ -89,6 +92,7 @@ impl From<&ProxyError> for Problem {
     fn from(e: &ProxyError) -> Problem {
         match e {
             ProxyError::NoRoute => Problem::not_found("no route matches this path"),
+            ProxyError::Auth(a) => Problem::from(a),
             ProxyError::RateLimited(r) => match &**r {
                 Refusal::OverLimit {
                     limit,
@@ -210,4 +214,6 @@ pub enum GatewayError {
     Redis(#[from] passerelle_redis::RedisError),
     #[error("serving: {0}")]
     Serve(std::io::Error),
+    #[error("{0}")]
+    Auth(String),
 }

@@ -1,16 +1,19 @@
-//! Who is calling: the client address (through trusted proxies only), the API key and the
-//! authenticated user, and the bounded string that names a caller to the rate limiter.
+//! Who is calling: the client address (through trusted proxies only), the verified API key
+//! and user, and the bounded string that names a caller to the rate limiter.
 //!
 //! The rule that matters: a client must not be able to choose its own identity. The socket
 //! peer is the client unless it is a configured trusted proxy; only then are
 //! `Forwarded` / `X-Forwarded-For` read, from the right (the end the trusted proxy wrote),
 //! skipping further trusted hops, and the first untrusted address is the client. What a
 //! client writes at the left of the chain is never reached. The user header is honoured
-//! only from trusted proxies for the same reason.
+//! only from trusted proxies for the same reason. The API key and the user of an
+//! authenticated request are the ones the authentication stage verified
+//! ([`Caller::verified`]), never a header's raw value.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
-use http::{HeaderMap, HeaderName, HeaderValue, header};
+use http::{HeaderMap, HeaderName, header};
 use passerelle_config::{IdentityConfig, IpRange};
 use sha2::{Digest, Sha256};
 
@@ -26,15 +29,16 @@ pub struct IdentityResolver {
     trusted: Vec<IpRange>,
     max_hops: usize,
     user_header: Option<HeaderName>,
-    api_key_header: Option<HeaderName>,
 }
 
 /// The caller of one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     pub ip: IpAddr,
-    pub api_key: Option<HeaderValue>,
-    pub user: Option<HeaderValue>,
+    /// The verified API key's id.
+    pub api_key: Option<Arc<str>>,
+    /// The verified user, or the one a trusted proxy named.
+    pub user: Option<Arc<str>>,
 }
 
 impl IdentityResolver {
@@ -47,21 +51,22 @@ impl IdentityResolver {
             trusted: cfg.trusted_proxies.clone(),
             max_hops: cfg.max_forwarded_hops.max(1),
             user_header: name(&cfg.user_header),
-            api_key_header: name(&cfg.api_key_header),
         }
     }
 
-    fn is_trusted(&self, ip: &IpAddr) -> bool {
+    /// Whether `ip` is one of the configured trusted proxies.
+    pub fn is_trusted(&self, ip: &IpAddr) -> bool {
         self.trusted.iter().any(|r| r.contains(ip))
     }
 
     pub fn caller(&self, peer: IpAddr, headers: &HeaderMap) -> Caller {
         let from_proxy = self.is_trusted(&peer);
-        let non_empty = |h: &Option<HeaderName>| {
-            h.as_ref()
+        let user = || {
+            self.user_header
+                .as_ref()
                 .and_then(|h| headers.get(h))
                 .filter(|v| !v.is_empty())
-                .cloned()
+                .map(|v| Arc::from(String::from_utf8_lossy(v.as_bytes())))
         };
         Caller {
             ip: if from_proxy {
@@ -69,12 +74,8 @@ impl IdentityResolver {
             } else {
                 peer
             },
-            api_key: non_empty(&self.api_key_header),
-            user: if from_proxy {
-                non_empty(&self.user_header)
-            } else {
-                None
-            },
+            api_key: None,
+            user: if from_proxy { user() } else { None },
         }
     }
 
@@ -117,6 +118,16 @@ impl IdentityResolver {
 }
 
 impl Caller {
+    /// The caller as the authentication stage verified it: its key and its user replace
+    /// anything a header said.
+    pub fn verified(mut self, principal: Option<&passerelle_auth::Principal>) -> Self {
+        if let Some(p) = principal {
+            self.api_key = p.key_id.clone();
+            self.user = Some(p.subject.clone());
+        }
+        self
+    }
+
     /// `ip=<address>`.
     pub fn ip_part(&self, out: &mut String) {
         use std::fmt::Write;
@@ -275,25 +286,49 @@ mod tests {
         assert_eq!(r.caller(peer, &h).ip, "10.9.9.9".parse::<IpAddr>().unwrap());
     }
 
+    fn principal(subject: &str, key: &str) -> passerelle_auth::Principal {
+        passerelle_auth::Principal {
+            subject: Arc::from(subject),
+            key_id: Some(Arc::from(key)),
+            scopes: passerelle_auth::Scopes::default(),
+            tier: None,
+            expires: None,
+        }
+    }
+
     #[test]
     fn identity_parts_are_bounded() {
         let r = resolver(&[]);
         let peer: IpAddr = "192.0.2.1".parse().unwrap();
         let huge = "k".repeat(8000);
-        let c = r.caller(peer, &headers(&[("x-api-key", &huge)]));
+        let c = r
+            .caller(peer, &HeaderMap::new())
+            .verified(Some(&principal(&huge, "AbCd1234")));
+        let mut s = String::new();
+        c.user_part(&mut s);
+        assert!(s.starts_with("user=h:") && s.len() == 5 + 2 + 32, "{s}");
         let mut s = String::new();
         c.api_key_part(&mut s);
-        assert!(s.starts_with("key=h:") && s.len() == 4 + 2 + 32, "{s}");
-        let c = r.caller(peer, &headers(&[("x-api-key", "abc-123")]));
+        assert_eq!(s, "key=AbCd1234");
+        let c = r
+            .caller(peer, &HeaderMap::new())
+            .verified(Some(&principal("a}b{c", "k")));
         let mut s = String::new();
-        c.api_key_part(&mut s);
-        assert_eq!(s, "key=abc-123");
-        let c = r.caller(peer, &headers(&[("x-api-key", "a}b{c")]));
-        let mut s = String::new();
-        c.api_key_part(&mut s);
-        assert!(s.starts_with("key=h:"), "braces never reach a key: {s}");
+        c.user_part(&mut s);
+        assert!(s.starts_with("user=h:"), "braces never reach a key: {s}");
         let mut s = String::new();
         r.caller(peer, &HeaderMap::new()).user_part(&mut s);
         assert_eq!(s, "ip=192.0.2.1", "anonymous callers count by address");
+    }
+
+    #[test]
+    fn an_unverified_api_key_header_is_nobody() {
+        let r = resolver(&[]);
+        let peer: IpAddr = "192.0.2.1".parse().unwrap();
+        let c = r.caller(peer, &headers(&[("x-api-key", "psl_live_made_up")]));
+        assert_eq!(c.api_key, None);
+        let mut s = String::new();
+        c.api_key_part(&mut s);
+        assert_eq!(s, "ip=192.0.2.1");
     }
 }

@@ -15,7 +15,8 @@
 //!
 //! - [`normalize`]: one spelling per request path, before routing;
 //! - [`routing`]: path templates and methods → a route; [`route`]: the compiled route;
-//! - [`auth`]: who may call a route (a placeholder policy for now);
+//! - [`auth`]: who is calling (API keys, JWTs) and may they call the route; the identity
+//!   headers a client sent, removed in every spelling; the signed assertion for upstreams;
 //! - [`body`]: the request body, bounded in size and time;
 //! - [`identity`]: who is calling (client IP through trusted proxies, API key, user);
 //! - [`rate_limit`]: the route's limits, decided in Redis, with fallbacks;
@@ -114,6 +115,10 @@ impl Gateway {
             pools.insert(name.clone(), Arc::new(up));
         }
         let limiter = RateLimiter::new(config, redis.as_ref()).map(Arc::new);
+        let auth = Arc::new(
+            auth::Authenticator::new(config, redis.as_ref())
+                .map_err(|e| GatewayError::Auth(e.to_string()))?,
+        );
         let cache = ResponseCache::new(config, redis.as_ref()).map(Arc::new);
         let components = Components {
             pools: &pools,
@@ -135,6 +140,7 @@ impl Gateway {
         Ok(Self {
             inner: Arc::new(Inner {
                 identity: IdentityResolver::new(&config.gateway.identity),
+                auth,
                 table,
                 upstreams,
                 limiter,
@@ -177,8 +183,22 @@ impl Gateway {
             self.inner.redis.clone(),
             self.inner.cache.clone(),
             self.inner.limiter.clone(),
+            self.inner.auth.keys().cloned(),
             shutdown.clone(),
         );
+        if let Some(keys) = self.inner.auth.keys() {
+            keys.spawn_generation_poll(shutdown.clone());
+        }
+        if let Some(jwt) = self.inner.auth.jwt() {
+            let maintain = jwt.maintain();
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = maintain => {}
+                }
+            });
+        }
         self.inner
             .readiness
             .spawn_refresh(&self.inner.ready, READY_REFRESH, shutdown.clone());

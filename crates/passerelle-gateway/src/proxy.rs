@@ -29,13 +29,20 @@ pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-p
 pub struct ClientAddr {
     pub ip: IpAddr,
     pub header: HeaderValue,
+    /// The peer is a configured trusted proxy: its `X-Forwarded-For` / `Forwarded` are
+    /// kept and extended; anyone else's are dropped (`crate::auth::headers`).
+    pub trusted: bool,
 }
 
 impl ClientAddr {
     pub fn new(ip: IpAddr) -> Self {
         let header = HeaderValue::from_str(&ip.to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        Self { ip, header }
+        Self {
+            ip,
+            header,
+            trusted: false,
+        }
     }
 }
 
@@ -61,8 +68,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Prepares a client's headers for the upstream: hop-by-hop removed, `Expect` removed (the
-/// body is already read), `X-Forwarded-For` extended with the client address,
-/// `X-Forwarded-Proto` set, `X-Request-Id` set.
+/// body is already read), `X-Forwarded-For` extended with the client address (a chain is
+/// only left there by a trusted proxy: the authentication stage drops an untrusted
+/// client's), `X-Forwarded-Proto` set, `X-Request-Id` set.
 pub fn upstream_headers(
     mut headers: HeaderMap,
     client: &ClientAddr,

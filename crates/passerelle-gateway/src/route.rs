@@ -32,6 +32,9 @@ pub struct Route {
     pub auth: AuthPolicy,
     /// Its rate limits (`None`: not limited, or the limiter is off).
     pub limits: Option<RouteLimits>,
+    /// Its limits for a caller whose API key has a tier: the route's and the tier's, decided
+    /// together (the tightest refuses).
+    pub tier_limits: BTreeMap<Arc<str>, RouteLimits>,
     /// Its cache policy (`None`: not cached, or the cache is off).
     pub cache: Option<Arc<RouteCache>>,
     /// Largest request body accepted.
@@ -95,8 +98,23 @@ impl Route {
             name: Arc::from(r.name.as_str()),
             path: r.path.clone(),
             methods: r.methods.clone(),
-            auth: AuthPolicy::default(),
+            auth: AuthPolicy::of(r.auth.as_ref()),
             limits: c.limiter.and_then(|l| l.route_limits(limit_names)),
+            tier_limits: c
+                .limiter
+                .map(|l| {
+                    config
+                        .auth
+                        .tiers
+                        .iter()
+                        .filter_map(|(tier, t)| {
+                            let names: Vec<String> =
+                                limit_names.iter().chain(&t.rate_limits).cloned().collect();
+                            Some((Arc::from(tier.as_str()), l.route_limits(&names)?))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
             cache: c.cache.and_then(|_| RouteCache::new(r)).map(Arc::new),
             max_body: r
                 .max_request_body
@@ -106,6 +124,12 @@ impl Route {
             origin: Arc::new(origin),
             metrics: RouteMetrics::new(crate::observe::SERVICE, &r.name),
         })
+    }
+
+    /// The limits that apply to a caller of `tier`.
+    pub fn limits_for(&self, tier: Option<&str>) -> Option<&RouteLimits> {
+        tier.and_then(|t| self.tier_limits.get(t))
+            .or(self.limits.as_ref())
     }
 
     /// The route's cache tags rendered with this request's parameters (empty when the route

@@ -9,7 +9,7 @@
 //! | 2 | ops | [`OpsEndpoint`] | `/health`, `/ready`: answered before routing, so no route shadows them |
 //! | 2½ | path | [`crate::normalize`] | one spelling per path (unreserved escapes decoded, `//` and dot segments removed); 400 for `%2F` or a climb above the root |
 //! | 3 | route | [`crate::routing`], [`crate::route`] | the compiled [`Route`] and the request's [`Target`]; 404, or 405 with `Allow` |
-//! | 4 | authentication | [`crate::auth`] | admitted, or refused |
+//! | 4 | authentication | [`crate::auth`] | the verified caller on a protected route, or refused (401, 403, 503); identity headers the client sent removed in every spelling; the caller's signed assertion added for the upstream |
 //! | 5 | rate limit | [`crate::rate_limit`] | allowed with `RateLimit-*` headers, or refused (429, 503) |
 //! | 6 | cache | [`crate::cache::stage`] | a `GET`/`HEAD` on a cached route: answered from L1/L2, or fetched once for every waiter |
 //! | 7 | body | [`crate::body`] | the body within the route's limit and deadline (413, 408) |
@@ -52,6 +52,7 @@ use crate::{auth, body, normalize};
 #[derive(Debug)]
 pub struct Inner {
     pub(crate) identity: IdentityResolver,
+    pub(crate) auth: Arc<auth::Authenticator>,
     pub(crate) table: RouteTable<Arc<Route>>,
     pub(crate) upstreams: Vec<Arc<Upstream>>,
     pub(crate) limiter: Option<Arc<RateLimiter>>,
@@ -89,7 +90,10 @@ impl GatewayService {
     /// The service of one client connection.
     pub fn for_client(&self, peer: std::net::SocketAddr) -> Self {
         Self {
-            client: ClientAddr::new(peer.ip()),
+            client: ClientAddr {
+                trusted: self.inner.identity.is_trusted(&peer.ip()),
+                ..ClientAddr::new(peer.ip())
+            },
             ..self.clone()
         }
     }
@@ -234,12 +238,26 @@ impl Inner {
         let counted = Counted::Route(route);
 
         // 4. Authentication.
-        if let Err(e) = auth::check(&route.auth, &parts) {
-            return (counted, Err(e));
+        let mut parts = parts;
+        let principal = match &route.auth {
+            auth::AuthPolicy::Public => None,
+            policy => match Box::pin(self.auth.authenticate(policy, &parts)).await {
+                Ok(p) => p,
+                Err(e) => return (counted, Err(ProxyError::Auth(e))),
+            },
+        };
+        self.auth
+            .identity_headers()
+            .strip(&mut parts.headers, client.trusted);
+        if let Some((name, value)) = principal.as_ref().and_then(|p| self.auth.assert(p)) {
+            parts.headers.insert(name, value);
         }
 
         // 5. Rate limit.
-        let rate_headers = match self.rate_limit(route, &parts, thread, client).await {
+        let rate_headers = match self
+            .rate_limit(route, &parts, principal.as_ref(), thread, client)
+            .await
+        {
             Ok(h) => h,
             Err(e) => return (counted, Err(e)),
         };
@@ -300,13 +318,18 @@ impl Inner {
         &self,
         route: &Route,
         parts: &Parts,
+        principal: Option<&passerelle_auth::Principal>,
         thread: &ThreadHandles,
         client: &ClientAddr,
     ) -> Result<Option<RateHeaders>, ProxyError> {
-        let (Some(limits), Some(limiter)) = (&route.limits, &thread.limiter) else {
+        let tier = principal.and_then(|p| p.tier.as_deref());
+        let (Some(limits), Some(limiter)) = (route.limits_for(tier), &thread.limiter) else {
             return Ok(None);
         };
-        let caller = self.identity.caller(client.ip, &parts.headers);
+        let caller = self
+            .identity
+            .caller(client.ip, &parts.headers)
+            .verified(principal);
         match Box::pin(limiter.check(limits, &route.name, &caller)).await {
             Decision::Allowed(h) => Ok(h),
             Decision::Refused(r) => Err(ProxyError::RateLimited(Box::new(r))),

@@ -2,16 +2,18 @@
 //! an id index for revocation, a listing, and a revocation generation.
 //!
 //! Every key shares the hash tag `{keys}` ([`KeySchema::api_key`]), so each operation is
-//! one script on one slot. A revocation is two signals: a `PUBLISH` on the control channel
-//! (the fast path, milliseconds) and the generation counter it bumps, which every gateway
-//! polls, so a lost message delays a revocation by at most the poll interval.
+//! one script on one slot. A revocation is two signals: the generation counter it bumps,
+//! which every gateway polls, and a message on the control channel (the fast path,
+//! milliseconds), which the caller sends with [`crate::Redis::announce`] once the change
+//! is stored: the channel lives on the cache Redis, the keys on the durable one. A lost
+//! message delays a revocation by at most the poll interval.
 
 use std::collections::HashMap;
 
 use redis::Value;
 
 use crate::keys::KeySchema;
-use crate::{Invalidation, RedisClient, RedisError, scripts};
+use crate::{RedisClient, RedisError, scripts};
 
 /// One key's record, as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -100,12 +102,6 @@ impl RedisClient {
             inv.arg(f).arg(v);
         }
         let created: i64 = inv.invoke_async(&mut self.conn()).await?;
-        if created == 1 {
-            // A gateway may hold a negative entry for this digest (someone tried the key
-            // before it existed): let it look again.
-            self.announce(keys, Invalidation::ApiKey(digest.to_string()))
-                .await?;
-        }
         Ok(created == 1)
     }
 
@@ -146,14 +142,14 @@ impl RedisClient {
         Ok(())
     }
 
-    /// Revokes the key with public id `id`, bumps the generation and tells every gateway.
-    /// `false` when no key has this id.
+    /// Revokes the key with public id `id` and bumps the generation; the digest it was
+    /// stored under (to announce), or `None` when no key has this id.
     pub async fn api_key_revoke(
         &self,
         keys: &KeySchema,
         id: &str,
         now_ms: u64,
-    ) -> Result<bool, RedisError> {
+    ) -> Result<Option<String>, RedisError> {
         let digest: Option<String> = scripts::API_KEY_REVOKE
             .key(keys.api_key_id(id))
             .key(keys.api_key_generation())
@@ -161,13 +157,7 @@ impl RedisClient {
             .arg(now_ms)
             .invoke_async(&mut self.conn())
             .await?;
-        let Some(digest) = digest else {
-            return Ok(false);
-        };
-        // The generation is bumped already: a gateway that misses this message still
-        // drops the key at its next poll.
-        self.announce(keys, Invalidation::ApiKey(digest)).await?;
-        Ok(true)
+        Ok(digest)
     }
 
     /// The record of the key with public id `id`.

@@ -128,6 +128,11 @@ impl Redis {
         &self.durable
     }
 
+    /// Tells every gateway's control listener (on the cache Redis's channel).
+    pub async fn announce(&self, inv: Invalidation) -> Result<(), RedisError> {
+        self.cache.announce(&self.keys, inv).await
+    }
+
     /// The distinct clients (one when both roles share a server), with their role names.
     fn distinct(&self) -> Vec<(&'static str, &RedisClient)> {
         if self.cache.endpoint() == self.durable.endpoint() {

@@ -45,7 +45,11 @@ async fn a_key_is_created_found_migrated_and_revoked() {
         k.api_key_listing(),
         k.api_key_generation(),
     ] {
-        assert_eq!(hash_slot(&key), slot, "{key}: every API key key in one slot");
+        assert_eq!(
+            hash_slot(&key),
+            slot,
+            "{key}: every API key key in one slot"
+        );
     }
 
     assert!(c.api_key_create(k, D1, &record("AbCd1234")).await.unwrap());
@@ -69,23 +73,42 @@ async fn a_key_is_created_found_migrated_and_revoked() {
 
     c.api_key_touch(k, D2, 5_000).await.unwrap();
     c.api_key_touch(k, D1, 5_000).await.unwrap();
-    assert_eq!(c.api_key_lookup(k, &[D1]).await.unwrap(), None, "no record recreated");
     assert_eq!(
-        c.api_key_by_id(k, "AbCd1234").await.unwrap().unwrap().last_used,
+        c.api_key_lookup(k, &[D1]).await.unwrap(),
+        None,
+        "no record recreated"
+    );
+    assert_eq!(
+        c.api_key_by_id(k, "AbCd1234")
+            .await
+            .unwrap()
+            .unwrap()
+            .last_used,
         5_000
     );
 
-    let mut messages = Box::pin(r.durable().invalidations(k).await.unwrap());
+    let mut messages = Box::pin(r.cache().invalidations(k).await.unwrap());
     assert_eq!(c.api_key_generation(k).await.unwrap(), 0);
-    assert!(c.api_key_revoke(k, "AbCd1234", 9_000).await.unwrap());
-    assert!(!c.api_key_revoke(k, "nosuchid", 9_000).await.unwrap());
+    let digest = c.api_key_revoke(k, "AbCd1234", 9_000).await.unwrap();
+    assert_eq!(
+        digest.as_deref(),
+        Some(D2),
+        "the digest it is stored under now"
+    );
+    assert_eq!(c.api_key_revoke(k, "nosuchid", 9_000).await.unwrap(), None);
     assert_eq!(c.api_key_generation(k).await.unwrap(), 1);
+    r.announce(Invalidation::ApiKey(D2.to_string()))
+        .await
+        .unwrap();
     assert_eq!(
         messages.next().await.unwrap(),
         Invalidation::ApiKey(D2.to_string())
     );
     let revoked = c.api_key_lookup(k, &[D2]).await.unwrap().unwrap().1;
-    assert_eq!(revoked.revoked, 9_000, "kept for the listing, marked revoked");
+    assert_eq!(
+        revoked.revoked, 9_000,
+        "kept for the listing, marked revoked"
+    );
 }
 
 #[tokio::test]

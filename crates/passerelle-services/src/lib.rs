@@ -17,6 +17,7 @@
 pub mod api;
 pub mod cache;
 pub mod db;
+pub mod identity;
 pub mod products;
 pub mod resource;
 pub mod users;
@@ -105,6 +106,8 @@ pub struct ServiceOptions {
     /// Cache-aside in Redis, with these settings (`None`: every read goes to SQLite, and
     /// writes invalidate nothing).
     pub cache: Option<(Redis, CacheAside)>,
+    /// Writes need an identity asserted by the gateway (`None`: writes are not checked).
+    pub identity: Option<identity::Assertions>,
 }
 
 /// Opens the service's database, applying migrations.
@@ -154,6 +157,16 @@ pub fn app(kind: ServiceKind, db: Database, opts: &ServiceOptions) -> Result<Rou
     let routes = match kind {
         ServiceKind::Users => resource_router::<User>(db, opts),
         ServiceKind::Products => resource_router::<Product>(db, opts),
+    };
+    let routes = match &opts.identity {
+        Some(a) => routes.route_layer(axum::middleware::from_fn_with_state(
+            Arc::new(identity::IdentityCheck {
+                assertions: a.clone(),
+                write_scope: Arc::from(format!("{}:write", kind.name())),
+            }),
+            identity::require_writer,
+        )),
+        None => routes,
     };
     let observe_cfg = Observe {
         service: kind.name(),

@@ -53,6 +53,7 @@ async fn start_with_cache(
         access_log: false,
         read_connections: 2,
         cache,
+        identity: None,
     };
     let (listener, addr) = passerelle_testkit::listener().await;
     let (tx, rx) = oneshot::channel::<()>();

@@ -366,6 +366,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 access_log: config.telemetry.access_log,
                 read_connections: threads as u32 + 1,
                 cache: None,
+                identity: assertions(&config)?,
             };
             let cache_aside = passerelle_services::CacheAside::from_config(svc);
             runtime(threads)?.block_on(async {
@@ -448,4 +449,23 @@ fn status(data_dir: &Path, json: bool) -> anyhow::Result<()> {
         anyhow::bail!("not every process is running and healthy");
     }
     Ok(())
+}
+
+/// How a service recognises the gateway's identity assertions (`None` without a secret:
+/// writes then go unchecked, as there is no gateway to trust).
+fn assertions(
+    config: &Config,
+) -> anyhow::Result<Option<passerelle_services::identity::Assertions>> {
+    let id = &config.auth.identity;
+    let secrets = passerelle_config::Secret::resolve_list(&id.secrets, id.secrets_file.as_deref())
+        .map_err(anyhow::Error::msg)?;
+    let Some(signer) = passerelle_auth::assertion::Signer::new(&secrets) else {
+        return Ok(None);
+    };
+    let header = http::HeaderName::from_bytes(id.header.as_bytes())
+        .map_err(|e| anyhow::anyhow!("auth.identity.header: {e}"))?;
+    Ok(Some(passerelle_services::identity::Assertions {
+        signer,
+        header,
+    }))
 }

@@ -1,38 +1,342 @@
-//! The authentication stage, between routing and rate limiting: who may call a route.
+//! The authentication stage, between routing and rate limiting: who is calling, and may
+//! they call this route.
 //!
-//! Every route carries an [`AuthPolicy`]. Today the only policy is [`AuthPolicy::Anonymous`]
-//! (anyone may call); API keys and signed tokens hook in here, so that the limiter and the
-//! cache after this stage see a verified identity rather than whatever a client sent.
+//! A route is public or names the schemes it accepts and the scopes it requires
+//! ([`AuthPolicy`]). Credentials are read from `Authorization: Bearer …` (an API key when it
+//! starts with `psl_`, a JWT otherwise) or from the API key header (`X-Api-Key`). What the
+//! stage produces is a verified [`Principal`]: the limiter counts `api_key` and `user` by it
+//! and the origin stage passes it upstream as a signed assertion ([`Authenticator::assert`]),
+//! so nothing a client writes becomes an identity unverified.
+//!
+//! Answers follow RFC 6750: 401 with `WWW-Authenticate: Bearer realm="passerelle"` for a
+//! missing credential, plus `error="invalid_token"` for a bad one; 403 with
+//! `error="insufficient_scope"` naming the scope; 503 when the key store or a key provider
+//! cannot be reached (refused, never admitted unchecked). Details say what is wrong with the
+//! credential ("revoked API key", "token expired"), never anything internal.
+//!
+//! - [`keys`]: API keys: checksum, then an in-process cache (valid and unknown keys), then
+//!   the durable Redis; revocations reach every replica by message and by a polled
+//!   generation.
+//! - [`headers`]: identity headers a client sent, removed in every spelling.
+
+pub mod headers;
+pub mod keys;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::request::Parts;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use passerelle_auth::assertion::Signer;
+use passerelle_auth::jwt::Verifier;
+use passerelle_auth::{Principal, api_key::ApiKey};
+use passerelle_config::{AuthScheme, Config, RouteAuthConfig, Secret};
+use passerelle_http::Problem;
+use passerelle_redis::Redis;
 
-use crate::error::ProxyError;
+pub use headers::IdentityHeaders;
+pub use keys::KeyStore;
+
+const REALM: &str = "Bearer realm=\"passerelle\"";
 
 /// Who may call a route.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub enum AuthPolicy {
-    /// No credential required.
+    /// No credential required (and none verified).
     #[default]
-    Anonymous,
+    Public,
+    Required(Arc<Requirement>),
 }
 
-/// Admits or refuses a request under `policy`.
-pub fn check(policy: &AuthPolicy, _request: &Parts) -> Result<(), ProxyError> {
-    match policy {
-        AuthPolicy::Anonymous => Ok(()),
+/// What a protected route asks of its callers.
+#[derive(Debug)]
+pub struct Requirement {
+    pub api_key: bool,
+    pub jwt: bool,
+    /// Every one must be held.
+    pub scopes: Vec<String>,
+}
+
+impl AuthPolicy {
+    pub fn of(cfg: Option<&RouteAuthConfig>) -> Self {
+        match cfg {
+            None => AuthPolicy::Public,
+            Some(c) => AuthPolicy::Required(Arc::new(Requirement {
+                api_key: c.schemes.contains(&AuthScheme::ApiKey),
+                jwt: c.schemes.contains(&AuthScheme::Jwt),
+                scopes: c.scopes.clone(),
+            })),
+        }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Why a request was not admitted. Each becomes one problem.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AuthError {
+    #[error("this route requires credentials")]
+    Missing,
+    /// A credential of a scheme the route does not accept.
+    #[error("this route does not accept {0}")]
+    SchemeNotAccepted(&'static str),
+    /// A credential that does not prove anything: malformed, unknown, revoked, expired, a
+    /// bad signature. The detail is safe to show.
+    #[error("{0}")]
+    Invalid(&'static str),
+    #[error("the credentials lack the scope {0:?}")]
+    InsufficientScope(String),
+    /// The key store or a key provider cannot be reached: the request is refused, not
+    /// admitted unchecked.
+    #[error("{0} is unavailable")]
+    Unavailable(&'static str),
+}
 
-    #[test]
-    fn an_anonymous_route_admits_a_request_without_credentials() {
-        let (parts, ()) = http::Request::get("/users/1")
-            .body(())
-            .unwrap()
-            .into_parts();
-        assert!(check(&AuthPolicy::Anonymous, &parts).is_ok());
+impl From<&AuthError> for Problem {
+    fn from(e: &AuthError) -> Problem {
+        let challenge = |extra: String| {
+            HeaderValue::from_str(&format!("{REALM}{extra}"))
+                .unwrap_or_else(|_| HeaderValue::from_static(REALM))
+        };
+        match e {
+            AuthError::Missing | AuthError::SchemeNotAccepted(_) => {
+                Problem::kind(StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized")
+                    .detail(e.to_string())
+                    .header(header::WWW_AUTHENTICATE, challenge(String::new()))
+            }
+            AuthError::Invalid(detail) => Problem::kind(
+                StatusCode::UNAUTHORIZED,
+                "invalid-credentials",
+                "Invalid credentials",
+            )
+            .detail(*detail)
+            .header(
+                header::WWW_AUTHENTICATE,
+                challenge(format!(
+                    ", error=\"invalid_token\", error_description=\"{detail}\""
+                )),
+            ),
+            AuthError::InsufficientScope(scope) => {
+                Problem::kind(StatusCode::FORBIDDEN, "insufficient-scope", "Forbidden")
+                    .detail(e.to_string())
+                    .with("scope", scope.as_str())
+                    .header(
+                        header::WWW_AUTHENTICATE,
+                        challenge(format!(", error=\"insufficient_scope\", scope=\"{scope}\"")),
+                    )
+            }
+            AuthError::Unavailable(_) => Problem::kind(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "auth-unavailable",
+                "Authentication unavailable",
+            )
+            .detail(format!(
+                "{e}; credentials cannot be checked right now, retry shortly"
+            ))
+            .header(header::RETRY_AFTER, HeaderValue::from_static("1")),
+        }
     }
+}
+
+/// A credential as presented, before verification.
+enum Credential<'a> {
+    ApiKey(&'a str),
+    Jwt(&'a str),
+}
+
+/// Why the authenticator could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthSetupError {
+    #[error("auth: {0}")]
+    Secret(String),
+    #[error("auth.jwt: {0}")]
+    Jwt(String),
+}
+
+/// Verifies credentials and signs assertions; shared by every serving thread.
+#[derive(Debug)]
+pub struct Authenticator {
+    api_key_header: Option<HeaderName>,
+    keys: Option<Arc<KeyStore>>,
+    jwt: Option<Verifier>,
+    signer: Option<Signer>,
+    assertion_header: HeaderName,
+    assertion_ttl: Duration,
+    headers: IdentityHeaders,
+}
+
+impl Authenticator {
+    pub fn new(config: &Config, redis: Option<&Redis>) -> Result<Self, AuthSetupError> {
+        let a = &config.auth;
+        let key_secrets =
+            Secret::resolve_list(&a.api_keys.secrets, a.api_keys.secrets_file.as_deref())
+                .map_err(AuthSetupError::Secret)?;
+        let keys = match (
+            redis,
+            passerelle_auth::api_key::KeyHasher::new(&key_secrets),
+        ) {
+            (Some(r), Ok(hasher)) => Some(Arc::new(KeyStore::new(&a.api_keys, hasher, r))),
+            _ => None,
+        };
+        let jwt = if a.jwt.is_empty() {
+            None
+        } else {
+            Some(
+                Verifier::new(&a.jwt, a.clock_skew.get(), a.token_cache_size)
+                    .map_err(|e| AuthSetupError::Jwt(e.to_string()))?,
+            )
+        };
+        let assertion_secrets =
+            Secret::resolve_list(&a.identity.secrets, a.identity.secrets_file.as_deref())
+                .map_err(AuthSetupError::Secret)?;
+        let assertion_header = HeaderName::from_bytes(a.identity.header.as_bytes())
+            .map_err(|e| AuthSetupError::Secret(format!("auth.identity.header: {e}")))?;
+        Ok(Self {
+            api_key_header: config
+                .gateway
+                .identity
+                .api_key_header
+                .as_deref()
+                .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
+            keys,
+            jwt,
+            signer: Signer::new(&assertion_secrets),
+            headers: IdentityHeaders::new(config, &assertion_header),
+            assertion_header,
+            assertion_ttl: a.identity.ttl.get(),
+        })
+    }
+
+    /// The API key store (for the admin API and the revocation upkeep), when API keys are
+    /// enabled (a secret and a durable Redis).
+    pub fn keys(&self) -> Option<&Arc<KeyStore>> {
+        self.keys.as_ref()
+    }
+
+    pub fn jwt(&self) -> Option<&Verifier> {
+        self.jwt.as_ref()
+    }
+
+    /// The identity headers removed from every request.
+    pub fn identity_headers(&self) -> &IdentityHeaders {
+        &self.headers
+    }
+
+    /// Stage 4: the verified caller of a protected route (`None` on a public one).
+    pub async fn authenticate(
+        &self,
+        policy: &AuthPolicy,
+        parts: &Parts,
+    ) -> Result<Option<Principal>, AuthError> {
+        let AuthPolicy::Required(req) = policy else {
+            return Ok(None);
+        };
+        let principal = match self.credential(&parts.headers)? {
+            None => return Err(AuthError::Missing),
+            Some(Credential::ApiKey(_)) if !req.api_key => {
+                return Err(AuthError::SchemeNotAccepted("API keys"));
+            }
+            Some(Credential::Jwt(_)) if !req.jwt => {
+                return Err(AuthError::SchemeNotAccepted("bearer tokens"));
+            }
+            Some(Credential::ApiKey(k)) => {
+                let key = ApiKey::parse(k).map_err(|_| AuthError::Invalid("malformed API key"))?;
+                let store = self
+                    .keys
+                    .as_ref()
+                    .ok_or(AuthError::Unavailable("the API key store"))?;
+                store.verify(&key).await?
+            }
+            Some(Credential::Jwt(t)) => {
+                let v = self
+                    .jwt
+                    .as_ref()
+                    .ok_or(AuthError::Invalid("no token issuer is configured"))?;
+                v.verify(t).await.map_err(|e| {
+                    if e.is_provider_down() {
+                        AuthError::Unavailable("the token issuer's key set")
+                    } else {
+                        AuthError::Invalid(e.detail())
+                    }
+                })?
+            }
+        };
+        if let Some(scope) = principal.scopes.missing(&req.scopes) {
+            return Err(AuthError::InsufficientScope(scope.to_string()));
+        }
+        Ok(Some(principal))
+    }
+
+    /// The credential a request presents. Two different credentials (a bearer token and
+    /// an API key header that disagree) are refused rather than one silently chosen.
+    fn credential<'h>(&self, headers: &'h HeaderMap) -> Result<Option<Credential<'h>>, AuthError> {
+        let bearer = match headers.get(header::AUTHORIZATION) {
+            None => None,
+            Some(v) => {
+                let s = v
+                    .to_str()
+                    .map_err(|_| AuthError::Invalid("malformed Authorization header"))?;
+                let (scheme, rest) = s.split_once(' ').unwrap_or((s, ""));
+                if !scheme.eq_ignore_ascii_case("bearer") {
+                    // Basic and other schemes are not ours: they may be for the upstream.
+                    None
+                } else {
+                    let t = rest.trim();
+                    if t.is_empty() {
+                        return Err(AuthError::Invalid("empty bearer token"));
+                    }
+                    Some(t)
+                }
+            }
+        };
+        let header_key = match self.api_key_header.as_ref().map(|h| headers.get_all(h)) {
+            Some(all) => {
+                let mut it = all.iter();
+                match (it.next(), it.next()) {
+                    (None, _) => None,
+                    (Some(_), Some(_)) => return Err(AuthError::Invalid("more than one API key")),
+                    (Some(v), None) => Some(
+                        v.to_str()
+                            .map_err(|_| AuthError::Invalid("malformed API key"))?
+                            .trim(),
+                    ),
+                }
+            }
+            None => None,
+        };
+        Ok(match (bearer, header_key) {
+            (Some(b), Some(k)) if b != k => {
+                return Err(AuthError::Invalid("two different credentials"));
+            }
+            (Some(b), _) if b.starts_with(passerelle_auth::api_key::PREFIX) => {
+                Some(Credential::ApiKey(b))
+            }
+            (Some(b), _) => Some(Credential::Jwt(b)),
+            (None, Some(k)) => Some(Credential::ApiKey(k)),
+            (None, None) => None,
+        })
+    }
+
+    /// The assertion header for `principal` (signed, valid `auth.identity.ttl`), when a
+    /// secret is configured; `None` otherwise (upstreams then get no identity at all).
+    pub fn assert(&self, principal: &Principal) -> Option<(HeaderName, HeaderValue)> {
+        let signer = self.signer.as_ref()?;
+        let until = unix_now() + self.assertion_ttl.as_secs();
+        let v = signer.sign(principal, until);
+        HeaderValue::from_str(&v)
+            .ok()
+            .map(|v| (self.assertion_header.clone(), v))
+    }
+}
+
+/// Seconds since the epoch.
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Milliseconds since the epoch.
+pub(crate) fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

@@ -467,7 +467,10 @@ impl ResponseCache {
     /// Records invalidations of this process's L1 (from the channel, a purge, or a write
     /// seen passing through).
     pub fn invalidate_local(&self, inv: &Invalidation) {
-        if matches!(inv, Invalidation::RateLimitReset { .. }) {
+        if matches!(
+            inv,
+            Invalidation::RateLimitReset { .. } | Invalidation::ApiKey(_)
+        ) {
             return; // not the cache's
         }
         self.invalidations.increment(1);
@@ -499,7 +502,7 @@ impl ResponseCache {
                 self.delete_raced_fills(tag, g);
                 self.prune(log);
             }
-            Invalidation::RateLimitReset { .. } => {}
+            Invalidation::RateLimitReset { .. } | Invalidation::ApiKey(_) => {}
         }
     }
 

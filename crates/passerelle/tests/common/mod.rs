@@ -43,6 +43,7 @@ pub async fn service_in_process(kind: ServiceKind, db_url: &str, instance: &str)
         access_log: false,
         read_connections: 2,
         cache: None,
+        identity: None,
     };
     tokio::spawn(passerelle_services::run(kind, opts, listener, async {
         let _ = rx.await;
