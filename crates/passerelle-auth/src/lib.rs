@@ -10,10 +10,12 @@
 //!   a JWKS file or a JWKS URL, and a cache of verified tokens.
 //! - [`assertion`]: the identity the gateway hands to upstreams, signed with a secret the
 //!   services share, so that a client reaching a service directly cannot claim one.
+//! - [`dev`]: the development issuer `passerelle up` sets up (a key pair, minted tokens).
 //! - [`Principal`]: the verified caller every scheme produces.
 
 pub mod api_key;
 pub mod assertion;
+pub mod dev;
 pub mod jwt;
 mod principal;
 

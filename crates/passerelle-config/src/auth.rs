@@ -196,4 +196,7 @@ pub struct RouteAuthConfig {
     pub schemes: Vec<AuthScheme>,
     /// Scopes the caller must hold, every one.
     pub scopes: Vec<String>,
+    /// The methods that need credentials (empty: every method the route answers), so one
+    /// route can keep its reads public and its writes protected.
+    pub methods: Vec<String>,
 }

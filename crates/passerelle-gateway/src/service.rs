@@ -239,12 +239,13 @@ impl Inner {
 
         // 4. Authentication.
         let mut parts = parts;
-        let principal = match &route.auth {
-            auth::AuthPolicy::Public => None,
-            policy => match Box::pin(self.auth.authenticate(policy, &parts)).await {
+        let principal = if route.auth.applies(&parts.method) {
+            match Box::pin(self.auth.authenticate(&route.auth, &parts)).await {
                 Ok(p) => p,
                 Err(e) => return (counted, Err(ProxyError::Auth(e))),
-            },
+            }
+        } else {
+            None
         };
         self.auth
             .identity_headers()

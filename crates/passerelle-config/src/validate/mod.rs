@@ -13,6 +13,7 @@
 //! rule for names) is in `problems.rs`, below all of them, so that this file only says in
 //! which order the sections are checked.
 
+mod auth;
 mod cache;
 mod gateway;
 mod problems;
@@ -41,6 +42,7 @@ impl Config {
         // diagnostics have always come out in this order.
         gateway::check_identity(&self.gateway.identity, p);
         cache::check(self, p);
+        auth::check(self, p);
         services::check(&self.services, p);
         up::check(&self.up, p);
         problems.0

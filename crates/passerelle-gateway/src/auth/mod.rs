@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::request::Parts;
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use passerelle_auth::assertion::Signer;
 use passerelle_auth::jwt::Verifier;
 use passerelle_auth::{Principal, api_key::ApiKey};
@@ -55,9 +55,19 @@ pub struct Requirement {
     pub jwt: bool,
     /// Every one must be held.
     pub scopes: Vec<String>,
+    /// The methods that need credentials (`None`: all).
+    pub methods: Option<Vec<Method>>,
 }
 
 impl AuthPolicy {
+    /// Whether a request with `method` must present credentials.
+    pub fn applies(&self, method: &Method) -> bool {
+        match self {
+            AuthPolicy::Public => false,
+            AuthPolicy::Required(r) => r.methods.as_ref().is_none_or(|ms| ms.contains(method)),
+        }
+    }
+
     pub fn of(cfg: Option<&RouteAuthConfig>) -> Self {
         match cfg {
             None => AuthPolicy::Public,
@@ -65,6 +75,12 @@ impl AuthPolicy {
                 api_key: c.schemes.contains(&AuthScheme::ApiKey),
                 jwt: c.schemes.contains(&AuthScheme::Jwt),
                 scopes: c.scopes.clone(),
+                methods: (!c.methods.is_empty()).then(|| {
+                    c.methods
+                        .iter()
+                        .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
+                        .collect()
+                }),
             })),
         }
     }
@@ -229,6 +245,9 @@ impl Authenticator {
         let AuthPolicy::Required(req) = policy else {
             return Ok(None);
         };
+        if !policy.applies(&parts.method) {
+            return Ok(None);
+        }
         let principal = match self.credential(&parts.headers)? {
             None => return Err(AuthError::Missing),
             Some(Credential::ApiKey(_)) if !req.api_key => {
