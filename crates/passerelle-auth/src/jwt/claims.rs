@@ -36,16 +36,13 @@ pub(crate) fn check(
         }
     }
     let exp = numeric_date(claims, "exp")?;
-    if let Some(exp) = exp {
-        // RFC 7519 §4.1.4: expired "on or after" exp.
-        if now >= exp.saturating_add(rules.skew) {
-            return Err(JwtError::Expired);
-        }
+    // RFC 7519 §4.1.4: expired "on or after" exp.
+    if exp.is_some_and(|exp| now >= exp.saturating_add(rules.skew)) {
+        return Err(JwtError::Expired);
     }
-    if let Some(nbf) = numeric_date(claims, "nbf")? {
-        if nbf > now.saturating_add(rules.skew) {
-            return Err(JwtError::NotYetValid);
-        }
+    match numeric_date(claims, "nbf")? {
+        Some(nbf) if nbf > now.saturating_add(rules.skew) => return Err(JwtError::NotYetValid),
+        _ => {}
     }
     // Not compared with anything, but a token whose iat is a string is not well-formed.
     numeric_date(claims, "iat")?;
@@ -94,7 +91,7 @@ fn numeric_date(claims: &Map<String, Value>, name: &'static str) -> Result<Optio
     }
     match n.as_f64() {
         // Beyond 2^53 a float is imprecise anyway; such dates are millennia away.
-        Some(f) if f.is_finite() && f >= 0.0 && f < 9.0e15 => Ok(Some(f.floor() as u64)),
+        Some(f) if (0.0..9.0e15).contains(&f) => Ok(Some(f.floor() as u64)),
         _ => Err(invalid()),
     }
 }

@@ -164,10 +164,11 @@ impl Key {
             }
         };
         let kid = field("kid")?.map(str::to_string);
-        if let Some(usage) = field("use")? {
-            if usage != "sig" {
+        match field("use")? {
+            Some(usage) if usage != "sig" => {
                 return Err(format!("\"use\": \"{usage}\" (not a signing key)"));
             }
+            _ => {}
         }
         if let Some(ops) = obj.get("key_ops") {
             let verifies = ops
