@@ -26,11 +26,14 @@
 //!
 //! - [`child`]: spawning, supervising and stopping child processes;
 //! - [`managed_redis`]: the two Redis instances and their configuration;
+//! - [`secrets`]: secrets generated on first start (the admin token), kept in
+//!   `<data_dir>/secrets/`;
 //! - [`state`][mod@state]: `state.json`;
 //! - [`status()`][status()]: `passerelle status`, the state checked.
 
 pub mod child;
 pub mod managed_redis;
+pub mod secrets;
 pub mod state;
 mod status;
 
@@ -124,9 +127,10 @@ async fn wait_healthy(addr: SocketAddr, limit: Duration) -> Result<(), String> {
     loop {
         let probe = async {
             let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-            s.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-                .await
-                .ok()?;
+            // The Host names the listener: the admin API refuses any other (DNS rebinding).
+            let probe =
+                format!("GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+            s.write_all(probe.as_bytes()).await.ok()?;
             let mut buf = [0u8; 12];
             s.read_exact(&mut buf).await.ok()?;
             Some(buf.starts_with(b"HTTP/1.1 200"))
@@ -180,6 +184,27 @@ fn supervision_check(readiness: Readiness, state: Arc<StateFile>) -> Readiness {
             Ok(serde_json::Value::Object(children))
         }
     })
+}
+
+/// The file name of the admin token under `<data_dir>/secrets/`.
+pub const ADMIN_TOKEN: &str = "admin-token";
+
+/// The admin token `up` gives its gateway: the configured one (`gateway.admin_token` or
+/// `admin_token_file`), else one generated on first start into
+/// `<data_dir>/secrets/admin-token`. Returns where an operator finds it (a file), if in one.
+fn admin_token(config: &mut Config, data_dir: &Path) -> Result<Option<PathBuf>, UpError> {
+    let gw = &mut config.gateway;
+    if gw.admin_listen.is_none() {
+        return Ok(None);
+    }
+    if gw.admin_token.is_some() || gw.admin_token_file.is_some() {
+        return Ok(gw.admin_token_file.clone());
+    }
+    let dir = secrets::dir(data_dir);
+    gw.admin_token = Some(secrets::load_or_create(&dir, ADMIN_TOKEN, || {
+        secrets::random_hex(32)
+    })?);
+    Ok(Some(dir.join(ADMIN_TOKEN)))
 }
 
 /// Stops supervised children: cancels their supervision and waits until each is stopped.
@@ -257,6 +282,9 @@ async fn run_platform(
     services: (&CancellationToken, &mut JoinSet<child::Outcome>),
     redis: (&CancellationToken, &mut JoinSet<child::Outcome>),
 ) -> Result<(), UpError> {
+    // 0. The admin token, before anything starts.
+    let admin_token_file = admin_token(config, data_dir)?;
+
     // 1. Redis.
     if config.redis.cache_url().is_none() && config.redis.durable_url().is_none() {
         let redis_dir = data_dir.join("redis");
@@ -364,6 +392,19 @@ async fn run_platform(
             "  {:<14} http://{admin}  (readiness detail, metrics, rate limits, cache purge)",
             "admin"
         );
+        // How to use the token, never the token itself.
+        match &admin_token_file {
+            Some(file) => println!(
+                "  {:<14} {}  (curl -H \"Authorization: Bearer $(cat {})\" http://{admin}/ready)",
+                "admin token",
+                file.display(),
+                file.display()
+            ),
+            None => println!(
+                "  {:<14} as configured (gateway.admin_token)",
+                "admin token"
+            ),
+        }
     }
     if !token.is_cancelled() {
         println!("ready: try  curl http://{gateway_addr}/api/1/2");

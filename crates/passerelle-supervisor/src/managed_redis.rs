@@ -12,7 +12,9 @@
 //! application's, confined to the key prefix and denied `KEYS`, `FLUSHALL`, `FLUSHDB`,
 //! `CONFIG`, `SELECT` and every other command in `@dangerous` (but `INFO`, which readiness
 //! needs); and an operator's, with every right. Passwords are random, generated once, and
-//! kept in `<data_dir>/redis/credentials.toml` (mode 0600).
+//! kept in `<data_dir>/redis/credentials.toml` (mode 0600; written with
+//! [`crate::secrets::write_private`]). The passwords reach the gateway and the services in
+//! their Redis URLs, which every log line, `state.json` and `status` show redacted.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -25,6 +27,7 @@ use tokio::process::Child;
 
 use crate::UpError;
 use crate::child::{self, Spec};
+use crate::secrets::{random_hex, write_private};
 
 pub const APP_USER: &str = "passerelle";
 pub const OPERATOR_USER: &str = "operator";
@@ -36,31 +39,6 @@ pub struct Credentials {
     pub operator_password: String,
 }
 
-fn random_secret() -> Result<String, UpError> {
-    let mut buf = [0u8; 24];
-    getrandom::fill(&mut buf)
-        .map_err(|e| UpError::Setup(format!("no randomness for passwords: {e}")))?;
-    Ok(buf.iter().fold(String::with_capacity(48), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    }))
-}
-
-/// Writes `contents` to `path` readable by the owner only.
-fn write_private(path: &Path, contents: &str) -> Result<(), UpError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let err = |e: std::io::Error| UpError::Setup(format!("writing {}: {e}", path.display()));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(err)?;
-    f.write_all(contents.as_bytes()).map_err(err)
-}
-
 impl Credentials {
     /// Loads the credentials file, creating it with fresh passwords on first start.
     pub fn load_or_create(dir: &Path) -> Result<Self, UpError> {
@@ -70,8 +48,8 @@ impl Credentials {
                 .map_err(|e| UpError::Setup(format!("{}: {e}", path.display())));
         }
         let c = Self {
-            app_password: random_secret()?,
-            operator_password: random_secret()?,
+            app_password: random_hex(24)?,
+            operator_password: random_hex(24)?,
         };
         let text = toml::to_string(&c).map_err(|e| UpError::Setup(e.to_string()))?;
         write_private(

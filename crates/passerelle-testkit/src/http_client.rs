@@ -60,6 +60,8 @@ impl Reply {
 pub struct HttpClient {
     client: Client<HttpConnector, Full<Bytes>>,
     base: String,
+    /// Sent with every request unless the request names the same header itself.
+    defaults: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for HttpClient {
@@ -78,6 +80,28 @@ impl HttpClient {
         Self {
             client: Client::builder(TokioExecutor::new()).build(connector),
             base: base.into(),
+            defaults: Vec::new(),
+        }
+    }
+
+    /// The same client, sending `name: value` with every request that does not set `name`
+    /// itself (so a test can still send a wrong one).
+    pub fn with_header(mut self, name: &str, value: &str) -> Self {
+        self.defaults
+            .push((name.to_ascii_lowercase(), value.to_string()));
+        self
+    }
+
+    /// The same client, with `Authorization: Bearer <token>` (an admin API's token).
+    pub fn with_bearer(self, token: &str) -> Self {
+        self.with_header("authorization", &format!("Bearer {token}"))
+    }
+
+    /// The same client, without its default headers.
+    pub fn without_defaults(&self) -> Self {
+        Self {
+            defaults: Vec::new(),
+            ..self.clone()
         }
     }
 
@@ -123,6 +147,11 @@ impl HttpClient {
         let mut req = Request::builder()
             .method(method)
             .uri(format!("{}{}", self.base, path));
+        for (k, v) in &self.defaults {
+            if !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case(k)) {
+                req = req.header(k.as_str(), v.as_str());
+            }
+        }
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
