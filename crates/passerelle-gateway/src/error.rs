@@ -214,6 +214,9 @@ pub enum GatewayError {
     Redis(#[from] passerelle_redis::RedisError),
     #[error("serving: {0}")]
     Serve(std::io::Error),
+    /// The admin listener cannot start (no token, say).
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminSetupError),
     #[error("{0}")]
     Auth(String),
 }

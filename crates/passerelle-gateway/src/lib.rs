@@ -279,6 +279,8 @@ pub async fn run_with_readiness(
     extend: impl FnOnce(Readiness) -> Readiness + Send,
 ) -> Result<(), GatewayError> {
     let token = passerelle_http::shutdown::token_from(shutdown);
+    // Before anything starts: an admin listener without a token is a configuration error.
+    let admin_token = admin::token(&config.gateway)?;
     let redis = Redis::from_config(&config.redis)?;
     if let Some(r) = &redis {
         // Too old a Redis is refused now, with a clear error (one reachable later is
@@ -288,7 +290,7 @@ pub async fn run_with_readiness(
     }
     let gateway = Gateway::with_readiness(config, redis, extend)?;
     gateway.start_background(&token);
-    if let Some(addr) = config.gateway.admin_listen {
+    if let (Some(addr), Some(admin_token)) = (config.gateway.admin_listen, admin_token) {
         let admin = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
             GatewayError::Serve(std::io::Error::new(
                 e.kind(),
@@ -301,7 +303,10 @@ pub async fn run_with_readiness(
         })?;
         let bound = admin.local_addr().map_err(GatewayError::Serve)?;
         tracing::info!(admin = %bound, "admin API serving");
-        let router = gateway.admin_router();
+        let router = admin::protect(
+            gateway.admin_router(),
+            admin::AdminAccess::new(&admin_token, bound),
+        );
         let opts = ServeOptions {
             max_connections: 64,
             grace: config.gateway.shutdown_grace.get(),
