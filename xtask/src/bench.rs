@@ -303,6 +303,17 @@ fn measure(name: &str, script: &Path, url: &str, o: &Options, cpu_pids: &[u32]) 
     }
 }
 
+/// The admin token of the benches' `up` (a local platform that lives for one bench).
+pub(crate) const ADMIN_TOKEN: &str = "xtask-bench-admin-token-7d2e41c9";
+
+/// `GET /metrics` for the admin listener at `addr`: its own address as Host, and the token.
+pub(crate) fn metrics_request(addr: &str) -> String {
+    format!(
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\
+         Connection: close\r\n\r\n"
+    )
+}
+
 /// A running `passerelle up`, stopped when dropped.
 pub(crate) struct Platform {
     pub up: Guard,
@@ -338,6 +349,7 @@ pub(crate) fn start_platform(
     .arg(dir.join("data"))
     .env("RUST_LOG", "warn")
     .env("PASSERELLE_GATEWAY__ADMIN_LISTEN", &admin)
+    .env("PASSERELLE_GATEWAY__ADMIN_TOKEN", ADMIN_TOKEN)
     .env_remove("PASSERELLE_CONFIG")
     .stdout(Stdio::piped())
     .stderr(Stdio::inherit());
@@ -592,7 +604,7 @@ fn redis_calls(addr: &str) -> f64 {
         return 0.0;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n");
+    let _ = s.write_all(metrics_request(addr).as_bytes());
     let mut text = String::new();
     let _ = s.read_to_string(&mut text);
     text.lines()

@@ -101,7 +101,7 @@ fn counters(addr: &str, route: &str) -> Counters {
         return c;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n");
+    let _ = s.write_all(crate::bench::metrics_request(addr).as_bytes());
     let mut text = String::new();
     let _ = s.read_to_string(&mut text);
     let route_label = format!("route=\"{route}\"");
