@@ -103,7 +103,9 @@ impl Verifier {
     }
 
     /// Verifies a compact JWT (what follows `Bearer `). A token verified before and still
-    /// valid costs one SHA-256 and a cache lookup.
+    /// valid costs one SHA-256 and a cache lookup. Runs within a Tokio runtime: a JWKS fetch
+    /// it starts is spawned there, so that the caller going away does not cancel it for the
+    /// requests waiting on the same fetch.
     pub async fn verify(&self, token: &str) -> Result<Principal, JwtError> {
         let hash = TokenCache::hash(token);
         let now = unix_now();
