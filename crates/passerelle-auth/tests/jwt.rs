@@ -989,10 +989,7 @@ async fn the_last_good_set_serves_until_max_stale() {
     );
     assert_eq!(server.hits(), 2);
     assert!(v.verify(&sign(&ec, Some("k1"), &claims())).await.is_ok());
-    assert!(
-        fetched.elapsed() < Duration::from_millis(1500),
-        "test too slow"
-    );
+    assert!(fetched.elapsed() < Duration::from_secs(3), "test too slow");
 
     // Past max_stale, the provider is down.
     let down = eventually(Duration::from_secs(5), || {
