@@ -1,9 +1,16 @@
-//! The accept loop every role uses: bounded connections, HTTP/1.1 and HTTP/2 (h2c), and a
-//! graceful shutdown with a deadline.
+//! The accept loop every role uses: bounded connections, HTTP/1.1, HTTP/2 (by ALPN over
+//! TLS, or h2c with prior knowledge), the front door's limits and deadlines, and a graceful
+//! shutdown with a deadline.
 //!
 //! The caller binds the listener (tests bind `127.0.0.1:0`) and owns the shutdown signal.
 //! On shutdown the loop stops accepting, asks every connection to finish its in-flight
 //! requests and close, waits up to the grace period, then drops whatever is left.
+//!
+//! Each connection is served by hyper's HTTP/1 or HTTP/2 connection, chosen by ALPN on
+//! TLS, or by reading the first bytes when h2c is on, over a [`crate::conn::Guard`]: the
+//! head deadline (408), the idle deadline, and problem+json in place of hyper's bare
+//! answers to the heads it refuses (431, 414, 400). hyper's `max_header_size` and
+//! `max_buf_size` bound a head, and so what an unfinished one holds in memory.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -14,12 +21,21 @@ use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
+use hyper_util::server::graceful::Watcher;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tower::{Service, ServiceExt};
+
+use crate::conn::{Activity, FrontDoor, Guard, InFlight, Tracked};
+use crate::tls::{ALPN_H2, Tls};
+
+/// hyper's smallest read buffer.
+const MIN_BUF_SIZE: usize = 8192;
+/// hyper's default (and stack-allocated) number of header fields.
+const HYPER_MAX_HEADERS: usize = 100;
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -27,11 +43,24 @@ pub struct ServeOptions {
     pub max_connections: usize,
     /// How long in-flight requests may run after shutdown begins.
     pub grace: Duration,
-    /// Deadline for a client to send a request's headers (slow-loris protection).
+    /// Deadline for a client to send a request's head (slow-loris protection): from the
+    /// connection's start for the first request, from the first byte for the next ones. A
+    /// late head gets 408 and the connection is closed. Over TLS, the handshake too.
     pub header_read_timeout: Duration,
-    /// Also accept HTTP/2 with prior knowledge (h2c). HTTP/1.1-only connections skip the
-    /// protocol sniffing layer.
+    /// A keep-alive connection with no request in flight is closed after this long without
+    /// the start of a new request.
+    pub idle_timeout: Duration,
+    /// Largest request head (request line and fields), in bytes; more gets 431 (414 when
+    /// the request line alone does not fit). It also bounds a connection's read buffer.
+    pub max_header_size: usize,
+    /// Most header fields in a request; more gets 431. 100 is hyper's own bound, parsed on
+    /// the stack; any other value costs an allocation per request.
+    pub max_headers: usize,
+    /// Also accept HTTP/2 with prior knowledge (h2c). HTTP/1.1-only connections skip
+    /// reading ahead to tell the two apart.
     pub http2: bool,
+    /// Terminate TLS ([`Tls`]); HTTP/2 is then chosen by ALPN.
+    pub tls: Option<Tls>,
 }
 
 impl Default for ServeOptions {
@@ -40,12 +69,47 @@ impl Default for ServeOptions {
             max_connections: 10_000,
             grace: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(30),
+            // As long as hyper's header timeout used to keep idle connections: the gateway's
+            // upstream client has learned to retire its connections to services before.
+            idle_timeout: Duration::from_secs(30),
+            max_header_size: 32 * 1024,
+            max_headers: HYPER_MAX_HEADERS,
             http2: true,
+            tls: None,
         }
     }
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// hyper's two connection builders, configured once per listener.
+struct Builders {
+    http1: hyper::server::conn::http1::Builder,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+}
+
+impl Builders {
+    fn new(opts: &ServeOptions) -> Self {
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            // The guard keeps the head and idle deadlines: hyper's header timeout would also
+            // cut idle connections, and closes without an answer.
+            .header_read_timeout(None)
+            .keep_alive(true)
+            .max_header_size(opts.max_header_size)
+            .max_buf_size(opts.max_header_size.max(MIN_BUF_SIZE));
+        if opts.max_headers != HYPER_MAX_HEADERS {
+            http1.max_headers(opts.max_headers);
+        }
+        let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(256)
+            .max_header_list_size(u32::try_from(opts.max_header_size).unwrap_or(u32::MAX));
+        Self { http1, http2 }
+    }
+}
 
 /// Serves on `listener` until `shutdown` is cancelled, then drains. `make_service` builds
 /// the service of each connection from the client's address (a service that needs the
@@ -63,26 +127,16 @@ pub async fn serve<M, S, B>(
         + Send
         + 'static,
     S::Future: Send + 'static,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(opts.header_read_timeout)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(256);
-    let builder = Arc::new(builder);
-    let mut http1 = hyper::server::conn::http1::Builder::new();
-    http1
-        .timer(TokioTimer::new())
-        .header_read_timeout(opts.header_read_timeout)
-        .keep_alive(true);
-
+    let builders = Arc::new(Builders::new(&opts));
+    let door = Arc::new(FrontDoor::new(
+        opts.header_read_timeout,
+        opts.idle_timeout,
+        opts.max_header_size,
+        opts.max_headers,
+    ));
     let permits = Arc::new(Semaphore::new(opts.max_connections.max(1)));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut connections = JoinSet::new();
@@ -112,29 +166,26 @@ pub async fn serve<M, S, B>(
             },
         };
         let _ = stream.set_nodelay(true);
-        let svc = make_service(peer);
-        let hyper_svc =
-            hyper::service::service_fn(move |req: Request<Incoming>| svc.clone().oneshot(req));
-        // No protocol upgrades (WebSocket) are proxied, so the plain connection types do:
-        // the upgradeable ones wrap every read and write in one more layer.
-        let io = TokioIo::new(stream);
-        if opts.http2 {
-            let conn = graceful.watch(builder.serve_connection(io, hyper_svc).into_owned());
-            connections.spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, %peer, "connection ended with an error");
-                }
-                drop(permit);
-            });
-        } else {
-            let conn = graceful.watch(http1.serve_connection(io, hyper_svc));
-            connections.spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, %peer, "connection ended with an error");
-                }
-                drop(permit);
-            });
-        }
+        let conn = Connection {
+            svc: make_service(peer),
+            peer,
+            builders: builders.clone(),
+            door: door.clone(),
+            watcher: graceful.watcher(),
+            http2: opts.http2,
+            handshake_timeout: opts.header_read_timeout,
+        };
+        let tls = opts.tls.clone();
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            tokio::select! {
+                _ = conn.run(stream, tls) => {}
+                // Still in the handshake or the first bytes when shutdown began (a served
+                // connection drains through its watcher instead).
+                _ = shutdown.cancelled() => {}
+            }
+            drop(permit);
+        });
     }
     drop(listener);
 
@@ -149,4 +200,96 @@ pub async fn serve<M, S, B>(
         tracing::warn!(grace = ?opts.grace, "grace period over; closing remaining connections");
     }
     connections.shutdown().await;
+}
+
+/// One accepted connection, before its protocol is known.
+struct Connection<S> {
+    svc: S,
+    peer: SocketAddr,
+    builders: Arc<Builders>,
+    door: Arc<FrontDoor>,
+    watcher: Watcher,
+    http2: bool,
+    handshake_timeout: Duration,
+}
+
+impl<S, B> Connection<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    /// TLS handshake (bounded by the head deadline) or h2c sniffing, then hyper.
+    async fn run(self, tcp: TcpStream, tls: Option<Tls>) {
+        let activity = Arc::new(Activity::default());
+        match tls {
+            Some(tls) => {
+                let stream =
+                    match tokio::time::timeout(self.handshake_timeout, tls.accept(tcp)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, peer = %self.peer, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(peer = %self.peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                let h2 = stream.get_ref().1.alpn_protocol() == Some(ALPN_H2);
+                let io = Guard::new(stream, self.door.clone(), activity.clone(), h2);
+                self.serve(io, h2, activity).await;
+            }
+            None => {
+                let mut io = Guard::new(tcp, self.door.clone(), activity.clone(), false);
+                let h2 = if self.http2 {
+                    match io.sniff_h2().await {
+                        Ok(h2) => h2,
+                        Err(e) => {
+                            tracing::debug!(error = %e, peer = %self.peer, "connection ended before a request");
+                            return;
+                        }
+                    }
+                } else {
+                    false
+                };
+                self.serve(io, h2, activity).await;
+            }
+        }
+    }
+
+    async fn serve<IO>(self, io: Guard<IO>, h2: bool, activity: Arc<Activity>)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let svc = self.svc;
+        // Each request holds the connection busy until its answer's body is done.
+        let hyper_svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let in_flight = InFlight::enter(&activity);
+            let call = svc.clone().oneshot(req);
+            async move {
+                let res = call.await?;
+                Ok::<_, Infallible>(res.map(|body| Tracked::new(body, in_flight)))
+            }
+        });
+        let io = TokioIo::new(io);
+        // No protocol upgrades (WebSocket) are proxied, so the plain connection types do:
+        // the upgradeable ones wrap every read and write in one more layer.
+        let result = if h2 {
+            self.watcher
+                .watch(self.builders.http2.serve_connection(io, hyper_svc))
+                .await
+        } else {
+            self.watcher
+                .watch(self.builders.http1.serve_connection(io, hyper_svc))
+                .await
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, peer = %self.peer, "connection ended with an error");
+        }
+    }
 }

@@ -233,10 +233,7 @@ fn check_cors(route: &Route, c: &RouteCorsConfig, methods: &[String], p: &mut Pr
                 at(&format!("methods[{j}]")),
                 format!("{m:?} is not an HTTP method (write it in capitals)"),
             );
-        } else if !methods.is_empty()
-            && !methods.iter().any(|r| r == m)
-            && !(m == "HEAD" && methods.iter().any(|r| r == "GET"))
-        {
+        } else if !route_answers(methods, m) {
             p.add(
                 at(&format!("methods[{j}]")),
                 format!("the route does not answer {m}"),
@@ -263,6 +260,12 @@ fn check_cors(route: &Route, c: &RouteCorsConfig, methods: &[String], p: &mut Pr
             "browsers keep a preflight at most a day (Chrome: 2 hours); use at most \"24h\"",
         );
     }
+}
+
+/// Whether a route with `methods` (empty: all) answers `m` (a `GET` route answers `HEAD`).
+fn route_answers(methods: &[String], m: &str) -> bool {
+    let has = |x: &str| methods.iter().any(|r| r == x);
+    methods.is_empty() || has(m) || (m == "HEAD" && has("GET"))
 }
 
 /// That `o` is an origin as browsers send it: `scheme://host[:port]`, no path, or `"*"`,
