@@ -41,6 +41,7 @@ async fn gateway_with(routes: &str, upstream: SocketAddr, pool: &str) -> Running
         "test.toml",
         &format!(
             "[gateway]\nadmin_listen = \"127.0.0.1:{admin_port}\"\nworker_threads = 1\n\
+             admin_token = \"pipeline-admin-token-0f3e\"\n\
              [upstreams.echo]\nendpoints = [\"{upstream}\"]\n{pool}\
              [upstreams.echo.health_check]\nenabled = false\n{routes}"
         ),
@@ -56,7 +57,8 @@ async fn gateway_with(routes: &str, upstream: SocketAddr, pool: &str) -> Running
         .await
         .unwrap();
     });
-    let admin = HttpClient::new(format!("http://127.0.0.1:{admin_port}"));
+    let admin = HttpClient::new(format!("http://127.0.0.1:{admin_port}"))
+        .with_bearer("pipeline-admin-token-0f3e");
     let probe = admin.clone();
     passerelle_testkit::wait_until(Duration::from_secs(10), "admin API", move || {
         let a = probe.clone();

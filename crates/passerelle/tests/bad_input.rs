@@ -257,7 +257,8 @@ async fn admin_and_ready_use_the_config_spelling() {
     let admin_port = passerelle_testkit::free_port();
     config.gateway.admin_listen = Some(([127, 0, 0, 1], admin_port).into());
     let gw = gateway(config).await;
-    let admin = passerelle_testkit::HttpClient::new(format!("http://127.0.0.1:{admin_port}"));
+    let admin = passerelle_testkit::HttpClient::new(format!("http://127.0.0.1:{admin_port}"))
+        .with_bearer(ADMIN_TOKEN);
     passerelle_testkit::wait_until(std::time::Duration::from_secs(5), "admin API", || {
         let admin = admin.clone();
         async move {

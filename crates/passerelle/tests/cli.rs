@@ -265,6 +265,7 @@ async fn the_gateway_ignores_unused_upstreams_and_takes_its_admin_address_from_a
             &format!("127.0.0.1:{admin_port}"),
         ])
         .env_remove("PASSERELLE_CONFIG")
+        .env("PASSERELLE_GATEWAY__ADMIN_TOKEN", common::ADMIN_TOKEN)
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::inherit())
@@ -273,7 +274,8 @@ async fn the_gateway_ignores_unused_upstreams_and_takes_its_admin_address_from_a
     // Stopped by PID when the test ends, passed or failed.
     let _child = Killed(child);
     let gw = passerelle_testkit::HttpClient::new(format!("http://127.0.0.1:{port}"));
-    let admin = passerelle_testkit::HttpClient::new(format!("http://127.0.0.1:{admin_port}"));
+    let admin = passerelle_testkit::HttpClient::new(format!("http://127.0.0.1:{admin_port}"))
+        .with_bearer(common::ADMIN_TOKEN);
     for http in [&gw, &admin] {
         passerelle_testkit::wait_until(std::time::Duration::from_secs(20), "listening", || {
             let http = http.clone();

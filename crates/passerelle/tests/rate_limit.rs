@@ -441,7 +441,8 @@ async fn redis_down_follows_each_policy_quickly_and_recovers() {
             "passerelle_rate_limit_fallback_total{limit=\"when-down-closed\",policy=\"closed\"}"
         ));
         // Reset the local bucket between outages through the admin API.
-        let admin = HttpClient::new(format!("http://127.0.0.1:{admin_port}"));
+        let admin = HttpClient::new(format!("http://127.0.0.1:{admin_port}"))
+            .with_bearer(common::ADMIN_TOKEN);
         let r = admin
             .send(
                 Method::DELETE,

@@ -111,7 +111,12 @@ fn start_up(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Up {
     Up {
         child,
         http: HttpClient::new(gateway),
-        admin: HttpClient::new(format!("http://127.0.0.1:{admin_port}")),
+        // `up` wrote its admin token before it got ready.
+        admin: HttpClient::new(format!("http://127.0.0.1:{admin_port}")).with_bearer(
+            std::fs::read_to_string(data_dir.join("secrets/admin-token"))
+                .unwrap()
+                .trim(),
+        ),
         output,
         stderr,
     }

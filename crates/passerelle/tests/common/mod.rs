@@ -16,6 +16,9 @@ use tokio::sync::oneshot;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_passerelle");
 
+/// The admin token of the gateways these helpers start (their `.admin` clients send it).
+pub const ADMIN_TOKEN: &str = "test-admin-token-5d1c0b6e9a";
+
 /// A seeded SQLite database for `kind` in `dir`; returns its URL.
 pub fn seeded_db(dir: &Path, kind: ServiceKind, rows: u64) -> String {
     let url = format!(
@@ -184,6 +187,12 @@ pub struct Gateway {
 /// Runs `config` in this process, with its admin API on `gateway.admin_listen` or, when
 /// that is off, on a free port.
 pub async fn gateway(mut config: Config) -> Gateway {
+    let token = config
+        .gateway
+        .admin_token
+        .get_or_insert_with(|| passerelle_config::Secret::new(ADMIN_TOKEN))
+        .expose()
+        .to_string();
     let (listener, addr) = passerelle_testkit::listener().await;
     let admin_addr = *config
         .gateway
@@ -197,7 +206,7 @@ pub async fn gateway(mut config: Config) -> Gateway {
         .await
         .unwrap();
     });
-    let admin = HttpClient::new(format!("http://{admin_addr}"));
+    let admin = HttpClient::new(format!("http://{admin_addr}")).with_bearer(&token);
     wait_healthy(&admin, "admin API").await;
     Gateway {
         addr,
@@ -289,12 +298,13 @@ pub async fn gateway_process(config_path: &std::path::Path) -> GatewayProcess {
             &admin.to_string(),
         ])
         .env("RUST_LOG", "warn")
+        .env("PASSERELLE_GATEWAY__ADMIN_TOKEN", ADMIN_TOKEN)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
     let http = HttpClient::new(format!("http://{addr}"));
-    let admin = HttpClient::new(format!("http://{admin}"));
+    let admin = HttpClient::new(format!("http://{admin}")).with_bearer(ADMIN_TOKEN);
     wait_healthy(&http, "gateway health").await;
     wait_healthy(&admin, "gateway admin API").await;
     GatewayProcess {
