@@ -5,15 +5,19 @@
 //! list of stages, each in its own module (the list itself is in [`service`]):
 //!
 //! ```text
-//! server (passerelle-http) → request id → ops → path → route → authentication → rate limit
-//!                          → [cache] → body → origin → response → observe
+//! server (passerelle-http) → request id → front → ops → path → route → [CORS preflight]
+//!                          → authentication → rate limit → [cache] → body → origin
+//!                          → response → observe
 //!                                                │
 //!                                                └─ proxy | compose → upstream: balance →
 //!                                                   attempt → retry; health_check (active),
 //!                                                   endpoint (passive ejection)
 //! ```
 //!
+//! - [`front`]: the request target's length and `Host`, before anything else; the
+//!   security headers of every answer;
 //! - [`normalize`]: one spelling per request path, before routing;
+//! - [`cors`]: a route's CORS policy: preflights answered, `Access-Control-*` on answers;
 //! - [`routing`]: path templates and methods → a route; [`route`]: the compiled route;
 //! - [`auth`]: who is calling (API keys, JWTs) and may they call the route; the identity
 //!   headers a client sent, removed in every spelling; the signed assertion for upstreams;
@@ -44,7 +48,9 @@ pub mod breaker;
 pub mod cache;
 pub mod compose;
 pub mod control;
+pub mod cors;
 pub mod error;
+pub mod front;
 pub mod identity;
 pub mod normalize;
 pub mod observe;
@@ -137,9 +143,14 @@ impl Gateway {
         }))?;
         let upstreams: Vec<Arc<Upstream>> = pools.into_values().collect();
         let readiness = extend(readiness(&upstreams, redis.clone()));
+        let front = front::FrontDoor::new(&config.gateway, config.gateway.tls.is_some())
+            .map_err(|reason| GatewayError::Serve(std::io::Error::other(reason)))?;
+        let cors = config.routes.iter().any(|r| r.cors.is_some());
         Ok(Self {
             inner: Arc::new(Inner {
                 identity: IdentityResolver::new(&config.gateway.identity),
+                front,
+                cors,
                 auth,
                 table,
                 upstreams,
@@ -204,13 +215,18 @@ impl Gateway {
             .spawn_refresh(&self.inner.ready, READY_REFRESH, shutdown.clone());
     }
 
-    /// The admin API ([`admin`]), to serve on a private listener.
+    /// The admin API ([`admin`], with [`auth::admin_api`]'s `/keys`), to serve on a
+    /// private listener.
     pub fn admin_router(&self) -> axum::Router {
         admin::router(
             self.inner.readiness.clone(),
             self.inner.limiter.clone(),
             self.inner.cache.clone(),
         )
+        .merge(auth::admin_api::routes(
+            self.inner.auth.keys().cloned(),
+            self.inner.auth.tiers().to_vec(),
+        ))
     }
 
     /// The pools, by name.
@@ -289,6 +305,15 @@ pub async fn run_with_readiness(
         r.spawn_monitor(std::time::Duration::from_secs(10), token.clone());
     }
     let gateway = Gateway::with_readiness(config, redis, extend)?;
+    // TLS: the pair must load now; then it is reloaded when its files change.
+    let tls = match &config.gateway.tls {
+        Some(t) => {
+            let tls = passerelle_http::Tls::new(&t.cert_file, &t.key_file, t.http2)?;
+            tls.spawn_reload(t.reload_interval.get(), token.clone());
+            Some(tls)
+        }
+        None => None,
+    };
     gateway.start_background(&token);
     if let (Some(addr), Some(admin_token)) = (config.gateway.admin_listen, admin_token) {
         let admin = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
@@ -332,7 +357,11 @@ pub async fn run_with_readiness(
         max_connections: config.gateway.max_connections.div_ceil(threads),
         grace: config.gateway.shutdown_grace.get(),
         http2: config.gateway.http2,
-        ..ServeOptions::default()
+        header_read_timeout: config.gateway.header_read_timeout.get(),
+        idle_timeout: config.gateway.idle_timeout.get(),
+        max_header_size: config.gateway.max_header_size.as_usize(),
+        max_headers: config.gateway.max_headers,
+        tls,
     };
     let mut workers = Vec::with_capacity(threads);
     for i in 0..threads {

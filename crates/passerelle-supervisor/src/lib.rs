@@ -31,6 +31,7 @@
 //! - [`state`][mod@state]: `state.json`;
 //! - [`status()`][status()]: `passerelle status`, the state checked.
 
+pub mod auth_setup;
 pub mod child;
 pub mod managed_redis;
 pub mod secrets;
@@ -331,8 +332,15 @@ async fn run_platform(
         s.redis_durable = config.redis.durable_url().map(passerelle_redis::redact);
     });
 
+    // Secrets for authentication (API key HMAC, identity assertions, the development
+    // token issuer), created on first start where the configuration names none.
+    let auth_env = auth_setup::prepare(config, data_dir)?;
+
     // 2. Databases, then 3. instances.
-    start_services(config, opts, data_dir, state, services.0, services.1).await?;
+    start_services(
+        config, opts, data_dir, state, &auth_env, services.0, services.1,
+    )
+    .await?;
 
     // 4. The gateway, in this process.
     let gateway_addr = listener
@@ -406,6 +414,33 @@ async fn run_platform(
             ),
         }
     }
+    if let Some(redis) = passerelle_redis::Redis::from_config(&config.redis)
+        .map_err(|e| UpError::Setup(e.to_string()))?
+    {
+        match auth_setup::demo_key(config, &redis, data_dir).await {
+            Ok(Some(path)) => println!(
+                "  {:<14} {}  (owner demo, {}): curl -H \"X-Api-Key: $(cat {})\" ...",
+                "api key",
+                path.display(),
+                auth_setup::DEMO_SCOPES.join(" "),
+                path.display()
+            ),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "no demo API key"),
+        }
+    }
+    if config
+        .auth
+        .jwt
+        .iter()
+        .any(|j| j.issuer == passerelle_auth::dev::DEV_ISSUER)
+    {
+        println!(
+            "  {:<14} passerelle auth token --sub 7 --scope users:write  (signed with {})",
+            "token",
+            auth_setup::dev_key_path(data_dir).display()
+        );
+    }
     if !token.is_cancelled() {
         println!("ready: try  curl http://{gateway_addr}/api/1/2");
     }
@@ -432,6 +467,7 @@ async fn start_services(
     opts: &UpOptions,
     data_dir: &Path,
     state: &Arc<StateFile>,
+    extra_env: &[(String, String)],
     children: &CancellationToken,
     tasks: &mut JoinSet<child::Outcome>,
 ) -> Result<(), UpError> {
@@ -487,6 +523,7 @@ async fn start_services(
             ]
             .into_iter()
             .filter_map(|(k, v)| v.map(|v| (k.to_string(), v.to_string())))
+            .chain(extra_env.iter().cloned())
             .collect();
             let spec = Spec {
                 name: name.clone(),

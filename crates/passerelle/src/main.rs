@@ -7,6 +7,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod admin_client;
+mod keys_cli;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use passerelle_config::{CONFIG_ENV, Config, EXIT_CONFIG, Loaded, Loader};
@@ -96,6 +99,26 @@ enum Command {
     Config {
         #[command(subcommand)]
         action: ConfigAction,
+    },
+    /// API keys: create, list and revoke them (through the admin API of the running
+    /// platform), rotate their HMAC secret.
+    Keys {
+        /// The admin API (host:port; default: the running `up`'s, else gateway.admin_listen).
+        #[arg(long, global = true, value_name = "ADDR")]
+        admin: Option<String>,
+        /// The platform's data directory (default: up.data_dir).
+        #[arg(long, global = true)]
+        data_dir: Option<PathBuf>,
+        #[command(subcommand)]
+        action: keys_cli::KeysAction,
+    },
+    /// Development tokens, signed by the issuer `passerelle up` sets up.
+    Auth {
+        /// The platform's data directory (default: up.data_dir).
+        #[arg(long, global = true)]
+        data_dir: Option<PathBuf>,
+        #[command(subcommand)]
+        action: keys_cli::AuthAction,
     },
 }
 
@@ -287,6 +310,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
         },
+        Command::Keys {
+            admin,
+            data_dir,
+            action,
+        } => {
+            let flags = Flags::new().set_str(
+                "--data-dir",
+                "up.data_dir",
+                data_dir.map(|d| d.display().to_string()),
+            );
+            let config = load(config_path, flags)?.config;
+            runtime(1)?.block_on(keys_cli::keys(&config, admin.as_deref(), action))
+        }
+        Command::Auth { data_dir, action } => {
+            let data_dir = match data_dir {
+                Some(d) => d,
+                None => load(config_path, Flags::new())?.config.up.data_dir,
+            };
+            keys_cli::token(&data_dir, action)
+        }
         Command::Status { json, data_dir } => {
             let data_dir = match data_dir {
                 Some(d) => d,

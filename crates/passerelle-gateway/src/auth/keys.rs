@@ -7,18 +7,25 @@
 //! publishes (milliseconds) and, should that message be lost (a reconnect), by the
 //! revocation generation each replica polls every `revocation_poll`: that poll interval
 //! plus one Redis round trip is the bound on a revoked key's life.
+//!
+//! The same store issues, lists and revokes keys for the admin API and `up`'s demo key.
+//! The HMAC secrets are re-read when their file changes (a rotation, `passerelle keys
+//! rotate-secret`), checked at each generation poll.
 
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
 
 use moka::Expiry;
 use moka::future::Cache;
-use passerelle_auth::api_key::{ApiKey, KeyDigest, KeyHasher};
+use passerelle_auth::api_key::{ApiKey, KeyDigest, KeyHasher, KeyKind};
 use passerelle_auth::{Principal, Scopes};
-use passerelle_config::ApiKeysConfig;
-use passerelle_redis::api_keys::StoredKey;
-use passerelle_redis::{KeySchema, Redis, RedisClient};
+use passerelle_config::{ApiKeysConfig, Secret};
+use passerelle_redis::api_keys::{KeyPage, StoredKey};
+use passerelle_redis::{Invalidation, KeySchema, Redis, RedisClient, RedisError};
 use tokio_util::sync::CancellationToken;
 
 use super::{AuthError, unix_millis};
@@ -56,7 +63,11 @@ impl Expiry<KeyDigest, Known> for Lifetimes {
 
 /// The API keys of one gateway process.
 pub struct KeyStore {
-    hasher: KeyHasher,
+    hasher: ArcSwap<KeyHasher>,
+    /// Where the secrets come from, and its modification time when last read.
+    secrets_file: Option<PathBuf>,
+    secrets_mtime: Mutex<Option<SystemTime>>,
+    all: Redis,
     redis: RedisClient,
     schema: KeySchema,
     cache: Cache<KeyDigest, Known>,
@@ -76,8 +87,16 @@ impl std::fmt::Debug for KeyStore {
 
 impl KeyStore {
     pub fn new(cfg: &ApiKeysConfig, hasher: KeyHasher, redis: &Redis) -> Self {
+        let secrets_file = cfg
+            .secrets
+            .is_empty()
+            .then(|| cfg.secrets_file.clone())
+            .flatten();
         Self {
-            hasher,
+            hasher: ArcSwap::from_pointee(hasher),
+            secrets_mtime: Mutex::new(secrets_file.as_deref().and_then(mtime)),
+            secrets_file,
+            all: redis.clone(),
             redis: redis.durable().clone(),
             schema: redis.keys.clone(),
             cache: Cache::builder()
@@ -95,7 +114,7 @@ impl KeyStore {
 
     /// The verified caller behind `key`.
     pub async fn verify(&self, key: &ApiKey) -> Result<Principal, AuthError> {
-        let digest = self.hasher.current(key);
+        let digest = self.hasher.load().current(key);
         let known = self
             .cache
             .try_get_with(digest.clone(), self.load(key, &digest))
@@ -118,7 +137,7 @@ impl KeyStore {
     /// A cache miss: the record under the key's digest for each secret, newest first; a
     /// record found under an older secret moves to the newest one's digest.
     async fn load(&self, key: &ApiKey, digest: &KeyDigest) -> Result<Known, AuthError> {
-        let all = self.hasher.all(key);
+        let all = self.hasher.load().all(key);
         let refs: Vec<&str> = all.iter().map(KeyDigest::as_str).collect();
         let found = self
             .redis
@@ -193,6 +212,7 @@ impl KeyStore {
                     _ = shutdown.cancelled() => return,
                     _ = tick.tick() => {}
                 }
+                me.reload_secrets();
                 match me.redis.api_key_generation(&me.schema).await {
                     Ok(g) => {
                         let seen = me.generation.swap(g, Ordering::Relaxed);
@@ -205,6 +225,122 @@ impl KeyStore {
                 }
             }
         });
+    }
+}
+
+fn mtime(p: &std::path::Path) -> Option<SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+/// Why a key could not be issued, listed or revoked.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyAdminError {
+    #[error("no randomness for a key: {0}")]
+    Random(String),
+    #[error(transparent)]
+    Redis(#[from] RedisError),
+    #[error("no key id is free (this should not happen twice)")]
+    IdCollision,
+}
+
+/// What a new key is for.
+#[derive(Debug, Clone, Default)]
+pub struct NewKey {
+    pub owner: String,
+    pub scopes: Vec<String>,
+    pub tier: Option<String>,
+    /// Unix ms; `None`: never expires.
+    pub expires: Option<u64>,
+    pub name: Option<String>,
+}
+
+impl KeyStore {
+    /// Re-reads the secrets file when it changed: the new hasher verifies from now on,
+    /// and every cached lookup goes (their digests were under the old list).
+    fn reload_secrets(&self) {
+        let Some(file) = &self.secrets_file else {
+            return;
+        };
+        let now = mtime(file);
+        let Ok(mut seen) = self.secrets_mtime.lock() else {
+            return;
+        };
+        if *seen == now {
+            return;
+        }
+        match Secret::resolve_list(&[], Some(file)).map(|s| KeyHasher::new(&s)) {
+            Ok(Ok(h)) => {
+                self.hasher.store(Arc::new(h));
+                *seen = now;
+                self.forget_all();
+                tracing::info!(file = %file.display(), "API key secrets reloaded");
+            }
+            Ok(Err(_)) | Err(_) => {
+                // A file being rewritten, or emptied by mistake: keep the secrets we have.
+                tracing::warn!(file = %file.display(), "API key secrets file unreadable or empty; keeping the previous secrets");
+            }
+        }
+    }
+
+    /// Issues a key: generated, stored under its digest, announced (a replica holding a
+    /// negative entry for it looks again). The whole key is in the result, once.
+    pub async fn issue(&self, new: &NewKey) -> Result<(ApiKey, StoredKey), KeyAdminError> {
+        for _ in 0..3 {
+            let key = ApiKey::generate(KeyKind::Live)
+                .map_err(|e| KeyAdminError::Random(e.to_string()))?;
+            let digest = self.hasher.load().current(&key);
+            let stored = StoredKey {
+                id: key.id().to_string(),
+                owner: new.owner.clone(),
+                scopes: Scopes::new(new.scopes.iter().cloned())
+                    .iter()
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                tier: new.tier.clone().unwrap_or_default(),
+                created: super::unix_millis(),
+                expires: new.expires.unwrap_or(0),
+                name: new.name.clone().unwrap_or_default(),
+                ..StoredKey::default()
+            };
+            if self
+                .redis
+                .api_key_create(&self.schema, digest.as_str(), &stored)
+                .await?
+            {
+                self.cache.invalidate(&digest).await;
+                self.all
+                    .announce(Invalidation::ApiKey(digest.as_str().to_string()))
+                    .await?;
+                return Ok((key, stored));
+            }
+        }
+        Err(KeyAdminError::IdCollision)
+    }
+
+    /// Revokes key `id` everywhere: stored, then announced. `false`: no such key.
+    pub async fn revoke(&self, id: &str) -> Result<bool, KeyAdminError> {
+        let Some(digest) = self
+            .redis
+            .api_key_revoke(&self.schema, id, super::unix_millis())
+            .await?
+        else {
+            return Ok(false);
+        };
+        self.forget(&digest).await;
+        // The generation is bumped already: a replica that misses this message drops the
+        // key at its next poll.
+        self.all.announce(Invalidation::ApiKey(digest)).await?;
+        Ok(true)
+    }
+
+    /// The key with public id `id`.
+    pub async fn get(&self, id: &str) -> Result<Option<StoredKey>, KeyAdminError> {
+        Ok(self.redis.api_key_by_id(&self.schema, id).await?)
+    }
+
+    /// A page of keys in creation order.
+    pub async fn list(&self, offset: u64, limit: u64) -> Result<KeyPage, KeyAdminError> {
+        Ok(self.redis.api_key_list(&self.schema, offset, limit).await?)
     }
 }
 

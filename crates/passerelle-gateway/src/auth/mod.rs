@@ -18,7 +18,9 @@
 //!   the durable Redis; revocations reach every replica by message and by a polled
 //!   generation.
 //! - [`headers`]: identity headers a client sent, removed in every spelling.
+//! - [`admin_api`]: `/keys` on the admin API.
 
+pub mod admin_api;
 pub mod headers;
 pub mod keys;
 
@@ -35,7 +37,7 @@ use passerelle_http::Problem;
 use passerelle_redis::Redis;
 
 pub use headers::IdentityHeaders;
-pub use keys::KeyStore;
+pub use keys::{KeyAdminError, KeyStore, NewKey};
 
 const REALM: &str = "Bearer realm=\"passerelle\"";
 
@@ -177,6 +179,8 @@ pub struct Authenticator {
     assertion_header: HeaderName,
     assertion_ttl: Duration,
     headers: IdentityHeaders,
+    /// The configured rate-limit tiers (a key may only carry one of these).
+    tiers: Vec<String>,
 }
 
 impl Authenticator {
@@ -218,6 +222,7 @@ impl Authenticator {
             headers: IdentityHeaders::new(config, &assertion_header),
             assertion_header,
             assertion_ttl: a.identity.ttl.get(),
+            tiers: a.tiers.keys().cloned().collect(),
         })
     }
 
@@ -225,6 +230,10 @@ impl Authenticator {
     /// enabled (a secret and a durable Redis).
     pub fn keys(&self) -> Option<&Arc<KeyStore>> {
         self.keys.as_ref()
+    }
+
+    pub fn tiers(&self) -> &[String] {
+        &self.tiers
     }
 
     pub fn jwt(&self) -> Option<&Verifier> {
