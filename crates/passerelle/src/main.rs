@@ -347,9 +347,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 admin_listen.map(|a| a.0),
             );
             let config = serving_config(load(config_path, flags)?)?;
-            // An admin listener without a token is a configuration error (exit 64).
-            passerelle_gateway::admin::token(&config.gateway)
-                .map_err(|e| UsageError(e.to_string()))?;
             if let Some((name, _)) = config
                 .upstreams
                 .iter()
@@ -361,6 +358,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ))
                 .into());
             }
+            // An admin listener without a token is a configuration error (exit 64).
+            passerelle_gateway::admin::token(&config.gateway)
+                .map_err(|e| UsageError(e.to_string()))?;
             // The gateway serves on its own threads (gateway.worker_threads); this runtime
             // only runs signals, health checks and monitoring.
             runtime(1)?.block_on(async {

@@ -478,7 +478,8 @@ async fn operators_read_and_reset_a_key() {
     let (upstream, _stop) = common::slow_upstream("u", Duration::ZERO).await;
     let admin_port = passerelle_testkit::free_port();
     let gw = common::gateway(config(&redis, upstream, "", Some(admin_port))).await;
-    let admin = HttpClient::new(format!("http://127.0.0.1:{admin_port}"));
+    let admin =
+        HttpClient::new(format!("http://127.0.0.1:{admin_port}")).with_bearer(common::ADMIN_TOKEN);
     passerelle_testkit::wait_until(Duration::from_secs(5), "admin API", {
         let admin = admin.clone();
         move || {
