@@ -503,3 +503,57 @@ async fn an_acl_user_carries_rate_limits_and_the_cache_through_the_gateway() {
         "no failed login"
     );
 }
+
+/// A gateway against a TLS-only Redis: it starts with the CA and a client certificate, and
+/// refuses to start, saying why, when the CA is not the one that signed the server's.
+#[tokio::test]
+async fn a_gateway_over_rediss_starts_with_the_right_ca_and_refuses_an_unknown_one() {
+    let redis = RedisServer::start_with(RedisOptions {
+        tls: true,
+        ..Default::default()
+    });
+    let files = redis.tls().unwrap().clone();
+    let other = redis.dir().join("other");
+    std::fs::create_dir(&other).unwrap();
+    let (_, stranger) = passerelle_testkit::TlsFiles::generate(&other);
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = dead_address().to_string();
+    let env = |ca: &Path| {
+        vec![
+            ("PASSERELLE_REDIS__URL", redis.bare_url()),
+            ("PASSERELLE_REDIS__TLS__CA_FILE", ca.display().to_string()),
+            (
+                "PASSERELLE_REDIS__TLS__CERT_FILE",
+                files.cert_file.display().to_string(),
+            ),
+            (
+                "PASSERELLE_REDIS__TLS__KEY_FILE",
+                files.key_file.display().to_string(),
+            ),
+            ("PASSERELLE_GATEWAY__ADMIN_LISTEN", "off".to_string()),
+            (
+                "PASSERELLE_UPSTREAMS__USERS__ENDPOINTS",
+                format!("[\"{upstream}\"]"),
+            ),
+            (
+                "PASSERELLE_UPSTREAMS__PRODUCTS__ENDPOINTS",
+                format!("[\"{upstream}\"]"),
+            ),
+        ]
+    };
+    let (mut ok, ok_err, http) = gateway_with_env(dir.path(), &env(&files.ca_file)).await;
+    assert!(ok.0.try_wait().unwrap().is_none(), "{}", text(&ok_err));
+    // The rate limiter decides in Redis over TLS: the default limit's headers come back.
+    let r = http.get("/users/1").await;
+    assert!(r.header("ratelimit-limit").is_some(), "{:?}", r.headers);
+    drop(ok);
+    let (mut refused, err, _) = gateway_with_env(dir.path(), &env(&stranger.ca_file)).await;
+    let status = refused.0.wait().unwrap();
+    let stderr = text(&err);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("TLS with Redis at rediss://127.0.0.1:"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("redis.tls.ca_file"), "{stderr}");
+}
