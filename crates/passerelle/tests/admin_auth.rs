@@ -274,7 +274,7 @@ async fn an_admin_listener_without_a_usable_token_refuses_to_start() {
     let (code, stderr) = run_gateway(
         dir.path(),
         &base.replace(
-            &format!("admin_listen = \"127.0.0.1:"),
+            "admin_listen = \"127.0.0.1:",
             "admin_listen = \"off\"\n# was 127.0.0.1:",
         ),
         &[],

@@ -69,8 +69,11 @@ fn passerelle(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
     )
 }
 
+/// A request: method, path, headers.
+type Request<'a> = (Method, &'a str, &'a [(&'a str, &'a str)]);
+
 /// Every answer `http` gives to `requests` (status line, headers and body).
-async fn answers(http: &HttpClient, requests: &[(Method, &str, &[(&str, &str)])]) -> String {
+async fn answers(http: &HttpClient, requests: &[Request<'_>]) -> String {
     let mut out = String::new();
     for (method, path, headers) in requests {
         let r = http
