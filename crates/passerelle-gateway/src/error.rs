@@ -34,6 +34,15 @@ pub enum ProxyError {
     /// climb above the root, a malformed escape.
     #[error("{0}")]
     BadPath(String),
+    /// The request target is longer than `gateway.max_uri_length` (stage 1½).
+    #[error("the request target is longer than {limit} bytes")]
+    UriTooLong { limit: usize },
+    /// `Host` missing (HTTP/1.1), repeated or malformed (stage 1½, RFC 9112 §3.2).
+    #[error("{0}")]
+    BadHost(&'static str),
+    /// A CORS preflight the route's policy does not allow (origin, method or header).
+    #[error("{0}")]
+    CorsRefused(String),
     #[error(transparent)]
     Upstream(#[from] SendError),
     /// The upstream's response body broke off or came too late.
@@ -140,6 +149,21 @@ impl From<&ProxyError> for Problem {
                 Problem::kind(StatusCode::BAD_REQUEST, "invalid-path", "Invalid path")
                     .detail(detail.clone())
             }
+            ProxyError::UriTooLong { limit } => {
+                Problem::kind(StatusCode::URI_TOO_LONG, "uri-too-long", "URI Too Long")
+                    .detail(e.to_string())
+                    .with("limit", *limit)
+            }
+            ProxyError::BadHost(_) => {
+                Problem::kind(StatusCode::BAD_REQUEST, "invalid-host", "Bad Request")
+                    .detail(e.to_string())
+            }
+            ProxyError::CorsRefused(_) => Problem::kind(
+                StatusCode::FORBIDDEN,
+                "cors-refused",
+                "Cross-origin request refused",
+            )
+            .detail(e.to_string()),
             ProxyError::Upstream(s) => ProxyError::upstream_problem(s),
             ProxyError::UpstreamBody(_) => Problem::kind(
                 StatusCode::BAD_GATEWAY,
@@ -214,6 +238,11 @@ pub enum GatewayError {
     Redis(#[from] passerelle_redis::RedisError),
     #[error("serving: {0}")]
     Serve(std::io::Error),
+    #[error("gateway.tls: {0}")]
+    Tls(#[from] passerelle_http::TlsError),
+    /// A front-door setting that slipped past validation.
+    #[error("{0}")]
+    Front(String),
     /// The admin listener cannot start (no token, say).
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminSetupError),

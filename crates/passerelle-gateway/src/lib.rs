@@ -144,7 +144,7 @@ impl Gateway {
         let upstreams: Vec<Arc<Upstream>> = pools.into_values().collect();
         let readiness = extend(readiness(&upstreams, redis.clone()));
         let front = front::FrontDoor::new(&config.gateway, config.gateway.tls.is_some())
-            .map_err(|reason| GatewayError::Serve(std::io::Error::other(reason)))?;
+            .map_err(GatewayError::Front)?;
         let cors = config.routes.iter().any(|r| r.cors.is_some());
         Ok(Self {
             inner: Arc::new(Inner {

@@ -15,6 +15,7 @@ use passerelle_config::{Config, PathTemplate, RouteConfig};
 use crate::auth::AuthPolicy;
 use crate::cache::{ResponseCache, RouteCache};
 use crate::compose::Part;
+use crate::cors::RouteCors;
 use crate::error::GatewayError;
 use crate::observe::RouteMetrics;
 use crate::origin::Origin;
@@ -43,6 +44,8 @@ pub struct Route {
     pub timeout: Duration,
     pub origin: Arc<Origin>,
     pub metrics: RouteMetrics,
+    /// Its CORS policy (`None`: no CORS; `OPTIONS` routed like any method).
+    pub cors: Option<RouteCors>,
 }
 
 /// What routes are compiled against: the pools by name, and the components that give each
@@ -123,6 +126,15 @@ impl Route {
             timeout: r.timeout.unwrap_or(config.gateway.request_timeout).get(),
             origin: Arc::new(origin),
             metrics: RouteMetrics::new(crate::observe::SERVICE, &r.name),
+            cors: r
+                .cors
+                .as_ref()
+                .map(|c| RouteCors::new(c, &r.methods))
+                .transpose()
+                .map_err(|reason| GatewayError::Route {
+                    route: r.name.clone(),
+                    reason,
+                })?,
         })
     }
 

@@ -6,15 +6,17 @@
 //! | # | stage | where | outcome |
 //! |---|---|---|---|
 //! | 1 | request id | `passerelle_http::request_id` | the client's sane `X-Request-Id`, or a new one |
+//! | 1½ | front | [`crate::front`] | the request target within `max_uri_length` (414); `Host` as HTTP/1.1 requires it (400) |
 //! | 2 | ops | [`OpsEndpoint`] | `/health`, `/ready`: answered before routing, so no route shadows them |
 //! | 2½ | path | [`crate::normalize`] | one spelling per path (unreserved escapes decoded, `//` and dot segments removed); 400 for `%2F` or a climb above the root |
 //! | 3 | route | [`crate::routing`], [`crate::route`] | the compiled [`Route`] and the request's [`Target`]; 404, or 405 with `Allow` |
+//! | 3½ | CORS preflight | [`crate::cors`] | on a route with a CORS policy: answered here (204, or 403), not authenticated, not rate-limited |
 //! | 4 | authentication | [`crate::auth`] | the verified caller on a protected route, or refused (401, 403, 503); identity headers the client sent removed in every spelling; the caller's signed assertion added for the upstream |
 //! | 5 | rate limit | [`crate::rate_limit`] | allowed with `RateLimit-*` headers, or refused (429, 503) |
 //! | 6 | cache | [`crate::cache::stage`] | a `GET`/`HEAD` on a cached route: answered from L1/L2, or fetched once for every waiter |
 //! | 7 | body | [`crate::body`] | the body within the route's limit and deadline (413, 408) |
 //! | 8 | origin | [`crate::origin`] | proxied to the route's pool, or composed from several |
-//! | 9 | response | [`Inner::handle`] | errors as problem+json, rate-limit headers, request id |
+//! | 9 | response | [`Inner::handle`] | errors as problem+json, rate-limit headers, request id, the route's CORS headers, security headers |
 //! | 10 | observe | [`crate::observe`] | counted by route and status, timed, access log |
 //!
 //! A write (`PUT`, `PATCH`, `DELETE`, `POST`) through a cached route drops this replica's
@@ -46,12 +48,16 @@ use crate::rate_limit::{Decision, LimiterHandle, RateHeaders, RateLimiter};
 use crate::route::Route;
 use crate::routing::{Miss, RouteTable};
 use crate::upstream::{Clients, Upstream};
-use crate::{auth, body, normalize};
+use crate::{auth, body, cors, front, normalize};
 
 /// The gateway's request handling, shared by every connection and thread.
 #[derive(Debug)]
 pub struct Inner {
     pub(crate) identity: IdentityResolver,
+    /// Stage 1½ and the security headers.
+    pub(crate) front: front::FrontDoor,
+    /// Some route has a CORS policy: only then is `Origin` looked at.
+    pub(crate) cors: bool,
     pub(crate) auth: Arc<auth::Authenticator>,
     pub(crate) table: RouteTable<Arc<Route>>,
     pub(crate) upstreams: Vec<Arc<Upstream>>,
@@ -164,6 +170,12 @@ impl Inner {
         let request_id = request_id::accept_or_generate(req.headers().get(request_id::HEADER));
         let method = req.method().clone();
         let access = self.access_log.then(|| req.uri().path().to_string());
+        // Who calls cross-origin (a shared copy of the value, no allocation).
+        let origin = if self.cors {
+            req.headers().get(http::header::ORIGIN).cloned()
+        } else {
+            None
+        };
 
         let (counted, result) = self.stages(req, thread, client, &request_id, start).await;
 
@@ -171,6 +183,12 @@ impl Inner {
         let mut res = result.unwrap_or_else(IntoResponse::into_response);
         res.headers_mut()
             .insert(request_id::HEADER, request_id.clone());
+        if let Counted::Route(r) = counted
+            && let Some(c) = &r.cors
+        {
+            c.apply(origin.as_ref(), res.headers_mut());
+        }
+        self.front.secure(res.headers_mut());
 
         // 10. Observe.
         let elapsed = start.elapsed();
@@ -204,6 +222,11 @@ impl Inner {
         request_id: &HeaderValue,
         start: Instant,
     ) -> Answer<'a> {
+        // 1½. Front door: the request target's length and `Host`.
+        if let Err(e) = self.front.check(&req) {
+            return (Counted::Unmatched, Err(e));
+        }
+
         // 2. Ops endpoints, before any route can claim their paths.
         if let Some(o) = OpsEndpoint::of(req.uri().path()) {
             // Boxed, like every rare path here, so that the proxy path's state stays small.
@@ -218,6 +241,13 @@ impl Inner {
 
         // 3. Route.
         let (parts, body) = req.into_parts();
+        // 3½. A CORS preflight, for the route that would serve the method it asks for.
+        if self.cors
+            && let Some(requested) = cors::preflight_method(&parts.method, &parts.headers)
+            && let Some(answer) = self.preflight(&requested, &parts)
+        {
+            return answer;
+        }
         let (route, target, tags) = match self.table.find(&parts.method, parts.uri.path()) {
             Ok(m) => {
                 let route: &Route = m.route;
@@ -370,6 +400,22 @@ impl Inner {
                 deadline,
             )
             .await
+    }
+
+    /// Stage 3½: the answer to a preflight asking for `requested` on this path, when the
+    /// route serving it (or the first on the path, when none does) has a CORS policy;
+    /// `None` otherwise (the `OPTIONS` request is then routed as usual).
+    fn preflight(&self, requested: &Method, parts: &Parts) -> Option<Answer<'_>> {
+        let (route, served): (&Route, bool) = match self.table.find(requested, parts.uri.path()) {
+            Ok(m) => (m.route, true),
+            Err(Miss::MethodNotAllowed { route, .. }) => (route, false),
+            Err(Miss::NotFound) => return None,
+        };
+        let policy = route.cors.as_ref()?;
+        Some((
+            Counted::Route(route),
+            policy.preflight(requested, served, &parts.headers),
+        ))
     }
 
     /// Stage 2: `/health` and the public `/ready` (details are on the admin listener).

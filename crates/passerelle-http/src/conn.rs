@@ -22,7 +22,9 @@
 //! hyper writes and only before any request of that head reached the service, and writes
 //! a problem+json answer in its place (431, 414 when the request line alone did not fit,
 //! 400), so that every refusal has the same shape. The hard memory bound stays hyper's: a
-//! connection's read buffer never grows past the head limit.
+//! connection's read buffer stops growing once it holds the head limit (its allocation may
+//! reach about twice that, as the buffer doubles), and the head is refused then. Whether
+//! the refusal is 431 or 414 depends on where the request line ended in what was read.
 //!
 //! The guard costs no allocation and no timer operation per request, only a clock read
 //! when an answer ends and one when the next head starts: deadlines are compared when
@@ -144,6 +146,7 @@ impl<B: http_body::Body + Unpin> http_body::Body for Tracked<B> {
 /// The limits a guard enforces and the answers it writes, built once per listener.
 #[derive(Debug)]
 pub(crate) struct FrontDoor {
+    max_header_size: usize,
     header_read_timeout: Duration,
     idle_timeout: Duration,
     /// Complete answers (head without `Date`, then body), by refusal.
@@ -192,6 +195,7 @@ impl FrontDoor {
             u64::try_from(header_read_timeout.as_millis()).unwrap_or(u64::MAX),
         );
         Self {
+            max_header_size,
             header_read_timeout,
             idle_timeout,
             too_large: answer(&too_large),
@@ -205,16 +209,15 @@ impl FrontDoor {
     /// answer to a head it refused: one of its three statuses, then only `connection`,
     /// `content-length: 0` and `date`, and nothing after the head. Anything else (a
     /// service's answer) is not touched.
-    fn replacement(&self, bare: &[u8], request_line_seen: bool) -> Option<Vec<u8>> {
+    fn replacement(&self, bare: &[u8], line_end: Option<usize>) -> Option<Vec<u8>> {
         let (answer, rest) = if let Some(rest) =
             bare.strip_prefix(b"HTTP/1.1 431 Request Header Fields Too Large\r\n".as_slice())
         {
-            // A head that filled the buffer before its first line ended is a request line
-            // (a URI) too long, not too many headers.
-            let a = if request_line_seen {
-                &self.too_large
-            } else {
-                &self.uri_too_long
+            // A head whose first line alone is over the limit is a request line (a URI)
+            // too long, not too many headers.
+            let a = match line_end {
+                Some(end) if end < self.max_header_size => &self.too_large,
+                _ => &self.uri_too_long,
             };
             (a, rest)
         } else if let Some(rest) = bare.strip_prefix(b"HTTP/1.1 414 URI Too Long\r\n".as_slice()) {
@@ -325,8 +328,10 @@ pub(crate) struct Guard<IO> {
     seen_completed: u64,
     /// Bytes arrived while a request was in flight: the next head may have started then.
     read_while_busy: bool,
-    /// The current head's request line has ended (a line feed arrived).
-    request_line_seen: bool,
+    /// Bytes of the current head read so far...
+    head_read: usize,
+    /// ...and where its request line ends (its first line feed), once it has.
+    line_end: Option<usize>,
     timer: Pin<Box<Sleep>>,
     replay: Replay,
     rewrite: Option<Rewrite>,
@@ -350,7 +355,8 @@ impl<IO> Guard<IO> {
             since: now,
             seen_completed: 0,
             read_while_busy: false,
-            request_line_seen: false,
+            head_read: 0,
+            line_end: None,
             timer: Box::pin(tokio::time::sleep_until(now + timeout)),
             replay: Replay::default(),
             rewrite: None,
@@ -367,8 +373,8 @@ impl<IO> Guard<IO> {
             self.since = self.activity.last_completed_at();
             if std::mem::take(&mut self.read_while_busy) {
                 self.phase = Phase::Head;
-                // Unknown where that head's first line ends: assume it did.
-                self.request_line_seen = true;
+                // Unknown where that head's first line ends: assume it fits.
+                self.line_end = Some(0);
             } else {
                 self.phase = Phase::Idle;
             }
@@ -385,17 +391,18 @@ impl<IO> Guard<IO> {
             return;
         }
         self.refresh();
-        match self.phase {
-            Phase::Idle => {
-                self.phase = Phase::Head;
-                self.since = Instant::now();
-                self.request_line_seen = bytes.contains(&b'\n');
-            }
-            Phase::Head => {
-                if !self.request_line_seen {
-                    self.request_line_seen = bytes.contains(&b'\n');
-                }
-            }
+        if self.phase == Phase::Idle {
+            self.phase = Phase::Head;
+            self.since = Instant::now();
+            self.head_read = 0;
+            self.line_end = None;
+        }
+        if self.line_end.is_none() {
+            self.line_end = bytes
+                .iter()
+                .position(|&b| b == b'\n')
+                .map(|i| self.head_read + i);
+            self.head_read += bytes.len();
         }
     }
 }
@@ -547,7 +554,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guard<IO> {
             return this.poll_rewrite(cx, buf.len());
         }
         if this.hypers_own(buf)
-            && let Some(bytes) = this.door.replacement(buf, this.request_line_seen)
+            && let Some(bytes) = this.door.replacement(buf, this.line_end)
         {
             this.rewrite = Some(Rewrite { bytes, written: 0 });
             return this.poll_rewrite(cx, buf.len());
@@ -569,7 +576,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guard<IO> {
         if let Some(first) = bufs.iter().find(|b| !b.is_empty())
             && first.len() == total
             && this.hypers_own(first)
-            && let Some(bytes) = this.door.replacement(first, this.request_line_seen)
+            && let Some(bytes) = this.door.replacement(first, this.line_end)
         {
             this.rewrite = Some(Rewrite { bytes, written: 0 });
             return this.poll_rewrite(cx, total);
@@ -612,7 +619,7 @@ mod tests {
         let bare = format!(
             "HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\n{DATE}\r\n\r\n"
         );
-        let a = d.replacement(bare.as_bytes(), true).unwrap();
+        let a = d.replacement(bare.as_bytes(), Some(100)).unwrap();
         let text = String::from_utf8(a.clone()).unwrap();
         assert!(
             text.starts_with(&format!(
@@ -636,19 +643,20 @@ mod tests {
             .unwrap();
         assert_eq!(len, text.split_once("\r\n\r\n").unwrap().1.len());
 
-        // No line feed yet when the buffer filled: the request line was too long.
-        assert_eq!(
-            body(&d.replacement(bare.as_bytes(), false).unwrap())["status"],
-            414
-        );
+        // No line feed yet when the buffer filled, or one past the limit: the request
+        // line was too long.
+        for line_end in [None, Some(40_000)] {
+            let a = d.replacement(bare.as_bytes(), line_end).unwrap();
+            assert_eq!(body(&a)["status"], 414);
+        }
         let bare = format!("HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n{DATE}\r\n\r\n");
         assert_eq!(
-            body(&d.replacement(bare.as_bytes(), true).unwrap())["status"],
+            body(&d.replacement(bare.as_bytes(), Some(10)).unwrap())["status"],
             400
         );
         let bare = format!("HTTP/1.1 414 URI Too Long\r\ncontent-length: 0\r\n{DATE}\r\n\r\n");
         assert_eq!(
-            body(&d.replacement(bare.as_bytes(), true).unwrap())["status"],
+            body(&d.replacement(bare.as_bytes(), Some(10)).unwrap())["status"],
             414
         );
     }
@@ -668,7 +676,10 @@ mod tests {
             format!("HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n{DATE}\r\n\r\n"),
             format!("HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n{DATE}\r\n"),
         ] {
-            assert!(d.replacement(other.as_bytes(), true).is_none(), "{other}");
+            assert!(
+                d.replacement(other.as_bytes(), Some(10)).is_none(),
+                "{other}"
+            );
         }
     }
 }

@@ -170,10 +170,16 @@ async fn heads_over_the_limits_get_problems() {
     let r = send_raw(s.addr, &get_with(&format!("{count}connection: close\r\n"))).await;
     assert_eq!(r.status, 200, "{r:?}");
 
-    // A request line that alone does not fit the head.
+    // A request line that alone does not fit the head, or just fits it.
     let long = format!("GET /{} HTTP/1.1\r\nhost: test\r\n\r\n", "a".repeat(40_000));
     let p = send_raw(s.addr, long.as_bytes()).await.problem(414);
     assert_eq!(p["type"], "urn:passerelle:problem:uri-too-long");
+    let long = format!(
+        "GET /{} HTTP/1.1\r\nhost: test\r\nx-big: {}\r\n\r\n",
+        "a".repeat(30_000),
+        "b".repeat(5_000)
+    );
+    send_raw(s.addr, long.as_bytes()).await.problem(431);
 
     // Not HTTP.
     let p = send_raw(s.addr, b"HELLO THERE\r\n\r\n").await.problem(400);
