@@ -199,6 +199,7 @@ fn parse_hop(hop: &str) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
 
     fn resolver(trusted: &[&str]) -> IdentityResolver {
         IdentityResolver::new(&IdentityConfig {
@@ -271,7 +272,7 @@ mod tests {
         // No header: the proxy itself.
         assert_eq!(r.caller(peer, &HeaderMap::new()).ip, peer);
         let c = r.caller(peer, &headers(&[("x-user", "u-7")]));
-        assert_eq!(c.user.as_ref().unwrap(), "u-7");
+        assert_eq!(c.user.as_deref(), Some("u-7"));
     }
 
     #[test]

@@ -40,8 +40,12 @@ pub enum KeysAction {
         #[arg(long)]
         json: bool,
     },
-    /// Revoke a key by id: every gateway refuses it within auth.api_keys.revocation_poll.
-    Revoke { id: String },
+    /// Revoke a key, by id or by the key itself: every gateway refuses it within
+    /// auth.api_keys.revocation_poll.
+    Revoke {
+        #[arg(value_name = "ID|KEY")]
+        id: String,
+    },
     /// Put a new HMAC secret first in the secrets file; older ones keep verifying (keys
     /// move to the new one as they are used) until dropped.
     RotateSecret {
@@ -214,6 +218,10 @@ pub async fn keys(
             }
         }
         KeysAction::Revoke { id } => {
+            let id = match passerelle_auth::api_key::ApiKey::parse(id.trim()) {
+                Ok(key) => key.id().to_string(),
+                Err(_) => id,
+            };
             admin
                 .call(Method::DELETE, &format!("/keys/{id}"), None)
                 .await?

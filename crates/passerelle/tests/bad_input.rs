@@ -60,7 +60,7 @@ async fn bodies_are_bounded_and_checked() {
     // Over the gateway's 1 MiB limit: refused before anything goes upstream.
     let huge = Bytes::from(vec![b'x'; 2 * 1024 * 1024]);
     let p =
-        f.gw.http
+        f.gw.writer
             .send(Method::POST, "/users", &json, huge)
             .await
             .assert_problem(413);
@@ -76,13 +76,14 @@ async fn bodies_are_bounded_and_checked() {
         .build_http();
     let req = http::Request::post(format!("http://{}/users", f.gw.addr))
         .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {}", common::write_token()))
         .body(body)
         .unwrap();
     let res = client.request(req).await.unwrap();
     assert_eq!(res.status(), 413);
 
     // Under the gateway's limit, the service's own rules apply and pass through intact.
-    f.gw.http
+    f.gw.writer
         .send(
             Method::POST,
             "/users",
@@ -91,7 +92,7 @@ async fn bodies_are_bounded_and_checked() {
         )
         .await
         .assert_problem(400);
-    f.gw.http
+    f.gw.writer
         .send(
             Method::POST,
             "/users",
@@ -101,7 +102,7 @@ async fn bodies_are_bounded_and_checked() {
         .await
         .assert_problem(415);
     let p =
-        f.gw.http
+        f.gw.writer
             .send(
                 Method::POST,
                 "/users",
@@ -115,7 +116,7 @@ async fn bodies_are_bounded_and_checked() {
         r#"{{"username":"abc","email":"a@b.co","name":"{}"}}"#,
         "n".repeat(100_000)
     );
-    f.gw.http
+    f.gw.writer
         .send(Method::POST, "/users", &json, Bytes::from(big))
         .await
         .assert_problem(413);

@@ -700,7 +700,7 @@ async fn an_update_is_seen_through_every_replica_and_every_route_that_contains_i
         // Even rounds write through a gateway, odd ones straight to the service: either way
         // every replica must drop its copies.
         let writer = if round % 2 == 0 {
-            &gateways[round % 4 / 2].http
+            &gateways[round % 4 / 2].writer
         } else {
             &service
         };

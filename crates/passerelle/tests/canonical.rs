@@ -11,7 +11,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{GatewayProcess, ServiceProcess, cache_status, entry_key, gateway_process};
+use common::{
+    GatewayProcess, ServiceProcess, cache_status, entry_key, gateway_process, write_token,
+};
 use http::Method;
 use passerelle_testkit::{HttpClient, RedisServer, Reply};
 
@@ -84,6 +86,8 @@ async fn warm(http: &HttpClient, paths: &[&str]) {
 /// services' through Redis.
 async fn patch_user_12(http: &HttpClient, path: &str, new_name: &str) {
     let r = http
+        .clone()
+        .with_bearer(&write_token())
         .send_json(
             Method::PATCH,
             path,
@@ -170,8 +174,14 @@ async fn after_a_delete_no_spelling_answers_the_old_row() {
     let all: Vec<&str> = USER_12.iter().chain(&NOT_USER_12).copied().collect();
     warm(http, &all).await;
     warm(http, &["/api/12/1", "/api/012/1"]).await;
+    let bearer = format!("Bearer {}", write_token());
     let r = http
-        .send(Method::DELETE, "/users/12", &[], Bytes::new())
+        .send(
+            Method::DELETE,
+            "/users/12",
+            &[("authorization", &bearer)],
+            Bytes::new(),
+        )
         .await;
     assert_eq!(r.status, 204, "{}", r.text());
     let deleted = Instant::now();

@@ -29,9 +29,9 @@ const ALWAYS: [&str; 9] = [
 #[derive(Debug, Clone)]
 pub struct IdentityHeaders {
     folded: Vec<String>,
-    /// The forwarding headers a trusted proxy may send as written (canonical spelling
-    /// only).
-    from_proxies: [HeaderName; 2],
+    /// What a trusted proxy may send as written (canonical spelling only): the forwarding
+    /// chain the gateway extends, and the user header of an authenticating proxy.
+    from_proxies: Vec<HeaderName>,
 }
 
 /// `X_Auth.User` → `x-auth-user`: the name many servers see.
@@ -59,12 +59,21 @@ impl IdentityHeaders {
         folded.extend(config.auth.identity.strip_headers.iter().map(|h| fold(h)));
         folded.sort();
         folded.dedup();
+        let mut from_proxies = vec![
+            HeaderName::from_static("x-forwarded-for"),
+            HeaderName::from_static("forwarded"),
+        ];
+        from_proxies.extend(
+            config
+                .gateway
+                .identity
+                .user_header
+                .as_deref()
+                .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
+        );
         Self {
             folded,
-            from_proxies: [
-                HeaderName::from_static("x-forwarded-for"),
-                HeaderName::from_static("forwarded"),
-            ],
+            from_proxies,
         }
     }
 
@@ -75,8 +84,9 @@ impl IdentityHeaders {
     }
 
     /// Removes every identity header from `headers`. From a trusted proxy, the canonical
-    /// `X-Forwarded-For` and `Forwarded` stay (the gateway extends the chain); every other
-    /// spelling goes. Allocates nothing when there is nothing to remove.
+    /// `X-Forwarded-For` and `Forwarded` (the gateway extends the chain) and the user
+    /// header (the proxy authenticated the user) stay; every other spelling goes.
+    /// Allocates nothing when there is nothing to remove.
     pub fn strip(&self, headers: &mut HeaderMap, trusted_peer: bool) {
         let doomed = |k: &HeaderName| {
             self.is_identity(k) && !(trusted_peer && self.from_proxies.contains(k))
@@ -136,7 +146,8 @@ mod tests {
             "x-auth-username",
         ]);
         id.strip(&mut h, false);
-        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
         assert_eq!(left, ["accept", "x-auth-username"]);
     }
 
@@ -150,7 +161,8 @@ mod tests {
             "x-real-ip",
         ]);
         id.strip(&mut h, true);
-        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
-        assert_eq!(left, ["x-forwarded-for", "forwarded"]);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["forwarded", "x-forwarded-for"]);
     }
 }

@@ -19,6 +19,53 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_passerelle");
 /// The admin token of the gateways these helpers start (their `.admin` clients send it).
 pub const ADMIN_TOKEN: &str = "test-admin-token-5d1c0b6e9a";
 
+/// The token issuer of test gateways (HS256 with a fixed secret): writes, which the shipped
+/// configuration protects, are sent with [`write_token`] (the `.writer` clients).
+pub const TEST_ISSUER: &str = "passerelle-test";
+const TEST_JWT_SECRET: &str = "test-jwt-secret-that-is-long-enough-for-hs256";
+
+/// The test issuer, as configured.
+pub fn test_issuer() -> passerelle_config::JwtIssuerConfig {
+    passerelle_config::JwtIssuerConfig {
+        issuer: TEST_ISSUER.into(),
+        algorithms: vec!["HS256".into()],
+        keys: vec![passerelle_config::JwtKeyConfig {
+            secret: Some(passerelle_config::Secret::new(TEST_JWT_SECRET)),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// The test issuer in TOML, for configuration files.
+pub fn test_issuer_toml() -> String {
+    format!(
+        "[[auth.jwt]]\nissuer = \"{TEST_ISSUER}\"\nalgorithms = [\"HS256\"]\nkeys = [{{ secret = \"{TEST_JWT_SECRET}\" }}]\n"
+    )
+}
+
+/// A token of the test issuer for `sub` holding `scopes` (space-separated), valid an hour.
+pub fn token(sub: &str, scopes: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = serde_json::json!({
+        "iss": TEST_ISSUER, "sub": sub, "scope": scopes, "iat": now, "exp": now + 3600,
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(TEST_JWT_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// A token that may write users and products.
+pub fn write_token() -> String {
+    token("tester", "users:write products:write")
+}
+
 /// A seeded SQLite database for `kind` in `dir`; returns its URL.
 pub fn seeded_db(dir: &Path, kind: ServiceKind, rows: u64) -> String {
     let url = format!(
@@ -167,6 +214,7 @@ pub fn fast_pool(endpoints: &[SocketAddr], balance: Balance) -> UpstreamConfig {
 /// between tests running at once).
 pub fn config_with(users: UpstreamConfig, products: UpstreamConfig) -> Config {
     let mut c = Config::load(None, Vec::new()).unwrap();
+    c.auth.jwt = vec![test_issuer()];
     c.rate_limiting.enabled = false;
     c.cache.enabled = false;
     c.gateway.admin_listen = None;
@@ -181,6 +229,8 @@ pub struct Gateway {
     pub http: HttpClient,
     /// Its admin API (detailed `/ready`, `/metrics`, rate limits, cache).
     pub admin: HttpClient,
+    /// The gateway, with a token that may write (see [`write_token`]).
+    pub writer: HttpClient,
     _stop: oneshot::Sender<()>,
 }
 
@@ -211,6 +261,7 @@ pub async fn gateway(mut config: Config) -> Gateway {
     Gateway {
         addr,
         http: HttpClient::new(format!("http://{addr}")),
+        writer: HttpClient::new(format!("http://{addr}")).with_bearer(&write_token()),
         admin,
         _stop: tx,
     }
@@ -274,6 +325,9 @@ pub struct GatewayProcess {
     pub http: HttpClient,
     /// Its admin API (detailed `/ready`, `/metrics`, rate limits, cache).
     pub admin: HttpClient,
+    /// The gateway, with a token that may write (when the configuration has
+    /// [`test_issuer_toml`]).
+    pub writer: HttpClient,
     pub addr: SocketAddr,
 }
 
@@ -309,6 +363,7 @@ pub async fn gateway_process(config_path: &std::path::Path) -> GatewayProcess {
     wait_healthy(&admin, "gateway admin API").await;
     GatewayProcess {
         child,
+        writer: http.clone().with_bearer(&write_token()),
         http,
         admin,
         addr,
@@ -369,8 +424,10 @@ pub async fn shipped_platform(
         &path,
         format!(
             "[redis]\nurl = \"{redis_url}\"\n\n[rate_limiting]\nenabled = false\n\n\
-             [upstreams.users]\nendpoints = [\"{}\"]\n\n[upstreams.products]\nendpoints = [\"{}\"]\n",
-            users.addr, products.addr
+             [upstreams.users]\nendpoints = [\"{}\"]\n\n[upstreams.products]\nendpoints = [\"{}\"]\n\n{}",
+            users.addr,
+            products.addr,
+            test_issuer_toml()
         ),
     )
     .unwrap();
