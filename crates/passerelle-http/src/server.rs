@@ -174,16 +174,11 @@ pub async fn serve<M, S, B>(
             watcher: graceful.watcher(),
             http2: opts.http2,
             handshake_timeout: opts.header_read_timeout,
+            shutdown: shutdown.clone(),
         };
         let tls = opts.tls.clone();
-        let shutdown = shutdown.clone();
         connections.spawn(async move {
-            tokio::select! {
-                _ = conn.run(stream, tls) => {}
-                // Still in the handshake or the first bytes when shutdown began (a served
-                // connection drains through its watcher instead).
-                _ = shutdown.cancelled() => {}
-            }
+            conn.run(stream, tls).await;
             drop(permit);
         });
     }
@@ -211,6 +206,9 @@ struct Connection<S> {
     watcher: Watcher,
     http2: bool,
     handshake_timeout: Duration,
+    /// Ends a connection still in its TLS handshake or first bytes when shutdown begins (a
+    /// served one drains through its watcher instead).
+    shutdown: CancellationToken,
 }
 
 impl<S, B> Connection<S>
@@ -228,8 +226,9 @@ where
         let activity = Arc::new(Activity::default());
         match tls {
             Some(tls) => {
-                let stream =
-                    match tokio::time::timeout(self.handshake_timeout, tls.accept(tcp)).await {
+                let handshake = tokio::time::timeout(self.handshake_timeout, tls.accept(tcp));
+                let stream = tokio::select! {
+                    r = handshake => match r {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
                             tracing::debug!(error = %e, peer = %self.peer, "TLS handshake failed");
@@ -239,7 +238,9 @@ where
                             tracing::debug!(peer = %self.peer, "TLS handshake timed out");
                             return;
                         }
-                    };
+                    },
+                    _ = self.shutdown.cancelled() => return,
+                };
                 let h2 = stream.get_ref().1.alpn_protocol() == Some(ALPN_H2);
                 let io = Guard::new(stream, self.door.clone(), activity.clone(), h2);
                 self.serve(io, h2, activity).await;
@@ -247,7 +248,11 @@ where
             None => {
                 let mut io = Guard::new(tcp, self.door.clone(), activity.clone(), false);
                 let h2 = if self.http2 {
-                    match io.sniff_h2().await {
+                    let sniffed = tokio::select! {
+                        r = io.sniff_h2() => r,
+                        _ = self.shutdown.cancelled() => return,
+                    };
+                    match sniffed {
                         Ok(h2) => h2,
                         Err(e) => {
                             tracing::debug!(error = %e, peer = %self.peer, "connection ended before a request");

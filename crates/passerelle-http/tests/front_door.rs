@@ -21,7 +21,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-/// A server answering `ok` (and the protocol version) on every path, stopped on drop.
+/// Told when a request to `/slow` is in the service.
+static SLOW_STARTED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// A server answering `ok` (and the protocol version) on every path (`/slow` after 300 ms),
+/// stopped on drop.
 struct Server {
     addr: SocketAddr,
     stop: CancellationToken,
@@ -36,6 +40,10 @@ impl Drop for Server {
 async fn server(opts: ServeOptions) -> Server {
     let (listener, addr) = passerelle_testkit::listener().await;
     let app = axum::Router::new().fallback(|req: http::Request<axum::body::Body>| async move {
+        if req.uri().path() == "/slow" {
+            SLOW_STARTED.notify_one();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
         format!("ok {:?}", req.version())
     });
     let stop = CancellationToken::new();
@@ -321,6 +329,23 @@ async fn the_connection_past_the_cap_waits_until_one_closes() {
         .unwrap();
     assert_eq!(parse(&buf[..n]).status, 200);
     assert_eq!(request(&mut b).await, 200);
+}
+
+#[tokio::test]
+async fn shutdown_lets_the_request_in_flight_finish() {
+    let s = server(ServeOptions::default()).await;
+    let mut c = TcpStream::connect(s.addr).await.unwrap();
+    c.write_all(b"GET /slow HTTP/1.1\r\nhost: test\r\n\r\n")
+        .await
+        .unwrap();
+    // The request is in the service (it answers after 300 ms) when shutdown begins.
+    tokio::time::timeout(Duration::from_secs(5), SLOW_STARTED.notified())
+        .await
+        .unwrap();
+    s.stop.cancel();
+    let r = parse(&read_to_close(&mut c).await);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body, "ok HTTP/1.1");
 }
 
 #[tokio::test]
