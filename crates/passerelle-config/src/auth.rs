@@ -29,6 +29,10 @@ pub struct AuthConfig {
     pub clock_skew: Dur,
     /// Verified tokens remembered (until their `exp`), per gateway process.
     pub token_cache_size: u64,
+    /// Remove the credential the gateway verified (the API key header, the bearer token)
+    /// before proxying: upstreams get the signed identity instead, and a key never reaches
+    /// a service's logs.
+    pub hide_credentials: bool,
 }
 
 impl Default for AuthConfig {
@@ -40,6 +44,7 @@ impl Default for AuthConfig {
             tiers: BTreeMap::new(),
             clock_skew: Dur::secs(30),
             token_cache_size: 100_000,
+            hide_credentials: true,
         }
     }
 }

@@ -280,8 +280,11 @@ impl Inner {
         self.auth
             .identity_headers()
             .strip(&mut parts.headers, client.trusted);
-        if let Some((name, value)) = principal.as_ref().and_then(|p| self.auth.assert(p)) {
-            parts.headers.insert(name, value);
+        if let Some(p) = &principal {
+            self.auth.hide_credentials(&mut parts.headers);
+            if let Some((name, value)) = self.auth.assert(p) {
+                parts.headers.insert(name, value);
+            }
         }
 
         // 5. Rate limit.

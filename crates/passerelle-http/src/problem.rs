@@ -97,6 +97,14 @@ impl IntoResponse for Problem {
     }
 }
 
+/// Handlers may return `Result<_, Box<Problem>>`: a problem is large, and boxing it keeps
+/// the `Ok` path's `Result` small.
+impl IntoResponse for Box<Problem> {
+    fn into_response(self) -> Response {
+        (*self).into_response()
+    }
+}
+
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} {}", self.status.as_u16(), self.title)?;

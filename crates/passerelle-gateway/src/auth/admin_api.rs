@@ -25,6 +25,9 @@ use serde_json::json;
 
 use super::keys::{KeyAdminError, KeyStore, NewKey};
 
+/// What a handler answers: a response, or a problem (boxed: problems are large and rare).
+type Answer = Result<Response, Box<Problem>>;
+
 #[derive(Clone)]
 struct KeysState {
     store: Option<Arc<KeyStore>>,
@@ -72,39 +75,47 @@ fn shown(k: &StoredKey) -> serde_json::Value {
     })
 }
 
-fn store(s: &KeysState) -> Result<&Arc<KeyStore>, Problem> {
+fn store(s: &KeysState) -> Result<&Arc<KeyStore>, Box<Problem>> {
     s.store.as_ref().ok_or_else(|| {
-        Problem::kind(
+        Box::new(Problem::kind(
             StatusCode::NOT_FOUND,
             "api-keys-disabled",
             "API keys are not enabled",
         )
         .detail(
             "API keys need a durable Redis and a secret (auth.api_keys.secrets or secrets_file)",
-        )
+        ))
     })
 }
 
-fn failed(e: KeyAdminError) -> Problem {
+fn failed(e: KeyAdminError) -> Box<Problem> {
     tracing::warn!(error = %e, "API key administration failed");
-    Problem::kind(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "key-store-unavailable",
-        "Key store unavailable",
+    Box::new(
+        Problem::kind(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "key-store-unavailable",
+            "Key store unavailable",
+        )
+        .detail("the API key store cannot be reached; nothing was changed"),
     )
-    .detail("the API key store cannot be reached; nothing was changed")
 }
 
-fn bad(detail: impl Into<String>) -> Problem {
-    Problem::kind(
-        StatusCode::BAD_REQUEST,
-        "invalid-key-request",
-        "Invalid request",
+fn bad(detail: impl Into<String>) -> Box<Problem> {
+    Box::new(
+        Problem::kind(
+            StatusCode::BAD_REQUEST,
+            "invalid-key-request",
+            "Invalid request",
+        )
+        .detail(detail),
     )
-    .detail(detail)
 }
 
-async fn create(State(s): State<KeysState>, body: Bytes) -> Result<Response, Problem> {
+fn not_found(id: &str) -> Box<Problem> {
+    Box::new(Problem::not_found(format!("no API key with id {id:?}")))
+}
+
+async fn create(State(s): State<KeysState>, body: Bytes) -> Answer {
     let store = store(&s)?;
     let req: CreateKey = serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
     if req.owner.trim().is_empty() || req.owner.len() > 256 {
@@ -148,7 +159,7 @@ async fn create(State(s): State<KeysState>, body: Bytes) -> Result<Response, Pro
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
-async fn list(State(s): State<KeysState>, Query(p): Query<Page>) -> Result<Response, Problem> {
+async fn list(State(s): State<KeysState>, Query(p): Query<Page>) -> Answer {
     let page = store(&s)?
         .list(p.offset, p.limit.clamp(1, 1000))
         .await
@@ -157,18 +168,18 @@ async fn list(State(s): State<KeysState>, Query(p): Query<Page>) -> Result<Respo
     Ok(Json(json!({ "keys": keys, "next_offset": page.next })).into_response())
 }
 
-async fn show(State(s): State<KeysState>, Path(id): Path<String>) -> Result<Response, Problem> {
+async fn show(State(s): State<KeysState>, Path(id): Path<String>) -> Answer {
     match store(&s)?.get(&id).await.map_err(failed)? {
         Some(k) => Ok(Json(shown(&k)).into_response()),
-        None => Err(Problem::not_found(format!("no API key with id {id:?}"))),
+        None => Err(not_found(&id)),
     }
 }
 
-async fn revoke(State(s): State<KeysState>, Path(id): Path<String>) -> Result<Response, Problem> {
+async fn revoke(State(s): State<KeysState>, Path(id): Path<String>) -> Answer {
     if store(&s)?.revoke(&id).await.map_err(failed)? {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
-        Err(Problem::not_found(format!("no API key with id {id:?}")))
+        Err(not_found(&id))
     }
 }
 

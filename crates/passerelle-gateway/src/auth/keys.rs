@@ -144,12 +144,15 @@ impl KeyStore {
             .api_key_lookup(&self.schema, &refs)
             .await
             .map_err(|e| {
+                lookups("error");
                 tracing::warn!(error = %e, "API key lookup failed");
                 AuthError::Unavailable("the API key store")
             })?;
         let Some((index, stored)) = found else {
+            lookups("unknown");
             return Ok(Known::Unknown);
         };
+        lookups("found");
         if stored.id != key.id() {
             // Two keys can only share a digest by an HMAC collision: not this key's record.
             return Ok(Known::Unknown);
@@ -226,6 +229,11 @@ impl KeyStore {
             }
         });
     }
+}
+
+/// Counts a Redis lookup of an API key (cache misses only) by its result.
+fn lookups(result: &'static str) {
+    metrics::counter!("passerelle_auth_key_lookups_total", "result" => result).increment(1);
 }
 
 fn mtime(p: &std::path::Path) -> Option<SystemTime> {

@@ -181,6 +181,7 @@ pub struct Authenticator {
     headers: IdentityHeaders,
     /// The configured rate-limit tiers (a key may only carry one of these).
     tiers: Vec<String>,
+    hide_credentials: bool,
 }
 
 impl Authenticator {
@@ -223,6 +224,7 @@ impl Authenticator {
             assertion_header,
             assertion_ttl: a.identity.ttl.get(),
             tiers: a.tiers.keys().cloned().collect(),
+            hide_credentials: a.hide_credentials,
         })
     }
 
@@ -341,6 +343,18 @@ impl Authenticator {
             (None, Some(k)) => Some(Credential::ApiKey(k)),
             (None, None) => None,
         })
+    }
+
+    /// After a verified request: removes the credential it presented (unless
+    /// `auth.hide_credentials` is off), so upstreams see the signed identity, not the key.
+    pub fn hide_credentials(&self, headers: &mut HeaderMap) {
+        if !self.hide_credentials {
+            return;
+        }
+        headers.remove(header::AUTHORIZATION);
+        if let Some(h) = &self.api_key_header {
+            headers.remove(h);
+        }
     }
 
     /// The assertion header for `principal` (signed, valid `auth.identity.ttl`), when a

@@ -249,7 +249,8 @@ pub enum AdminError {
 }
 
 impl RateLimiter {
-    /// Builds the limiter, or `None` when rate limiting is disabled or no route has a limit.
+    /// Builds the limiter, or `None` when rate limiting is disabled or neither a route nor a
+    /// tier has a limit.
     pub fn new(config: &Config, redis: Option<&Redis>) -> Option<Self> {
         let rl = &config.rate_limiting;
         let any = config.routes.iter().any(|r| {
@@ -257,7 +258,11 @@ impl RateLimiter {
                 .as_ref()
                 .unwrap_or(&rl.default_limits)
                 .is_empty()
-        });
+        }) || config
+            .auth
+            .tiers
+            .values()
+            .any(|t| !t.rate_limits.is_empty());
         if !rl.enabled || !any {
             return None;
         }
