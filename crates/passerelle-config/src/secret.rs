@@ -16,9 +16,26 @@ use std::path::Path;
 use serde::Deserialize;
 
 /// A secret string. Compare with [`Secret::expose`]; never format it.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
+
+/// A string, or digits: environment overrides are read as TOML, so an all-digit password
+/// given as `PASSERELLE_REDIS__PASSWORD=12345678` arrives as a number.
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            Number(i64),
+        }
+        match Raw::deserialize(d) {
+            Ok(Raw::Text(s)) => Ok(Secret(s)),
+            Ok(Raw::Number(n)) => Ok(Secret(n.to_string())),
+            Err(_) => Err(serde::de::Error::custom("expected a string")),
+        }
+    }
+}
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Self {
@@ -118,6 +135,19 @@ mod tests {
         assert_eq!(inline, Some(Secret::new("x")));
         assert!(Secret::resolve(None, Some(&dir.path().join("missing"))).is_err());
         assert_eq!(Secret::resolve(None, None), Ok(None));
+    }
+
+    #[test]
+    fn digits_are_a_secret_too() {
+        #[derive(Deserialize)]
+        struct S {
+            p: Secret,
+        }
+        let s: S = toml::from_str("p = 12345678").unwrap();
+        assert_eq!(s.p.expose(), "12345678");
+        let s: S = toml::from_str("p = \"x\"").unwrap();
+        assert_eq!(s.p.expose(), "x");
+        assert!(toml::from_str::<S>("p = [1]").is_err());
     }
 
     #[test]

@@ -144,3 +144,69 @@ fn check_settings(a: &AuthConfig, p: &mut Problems) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::tests::{check_errs, load};
+
+    const ROUTE: &str = "[upstreams.u]\nendpoints = [\"127.0.0.1:1\"]\n[[routes]]\nname = \"r\"\npath = \"/r\"\nupstream = \"u\"\n";
+
+    #[test]
+    fn auth_mistakes_name_their_line() {
+        let no_schemes = format!("{ROUTE}auth = {{ scopes = [\"a:write\"] }}\n");
+        let bad_scope =
+            format!("{ROUTE}auth = {{ schemes = [\"jwt\"], scopes = [\"a write\"] }}\n");
+        let bad_method = format!("{ROUTE}auth = {{ schemes = [\"jwt\"], methods = [\"G T\"] }}\n");
+        check_errs(&[
+            (&no_schemes, 7, "leave auth out for a public route"),
+            (&bad_scope, 7, "a scope is one word"),
+            (&bad_method, 7, "must be HTTP methods"),
+            (
+                "[[auth.jwt]]\nissuer = \"i\"\nalgorithms = [\"none\"]\njwks_url = \"http://x/\"\n",
+                3,
+                "unknown algorithm \"none\"",
+            ),
+            (
+                "[[auth.jwt]]\nissuer = \"i\"\nalgorithms = [\"RS256\"]\n",
+                1,
+                "give the issuer's keys",
+            ),
+            (
+                "[[auth.jwt]]\nissuer = \"i\"\nalgorithms = [\"HS256\"]\nkeys = [{ secret = \"s\", secret_file = \"f\" }]\n",
+                4,
+                "exactly one of",
+            ),
+            (
+                "[[auth.jwt]]\nissuer = \"i\"\nalgorithms = [\"RS256\"]\njwks_url = \"ftp://x\"\n",
+                4,
+                "http:// or https://",
+            ),
+            (
+                "[auth.tiers.gold]\nrate_limits = [\"nope\"]\n",
+                2,
+                "unknown rate limit \"nope\"",
+            ),
+            ("[auth]\nclock_skew = \"1h\"\n", 2, "at most 5m"),
+            (
+                "[auth.identity]\nheader = \"bad header\"\n",
+                2,
+                "valid header name",
+            ),
+            (
+                "[auth.api_keys]\nrevocation_poll = \"0s\"\n",
+                2,
+                "greater than 0",
+            ),
+        ]);
+    }
+
+    #[test]
+    fn an_issuer_named_twice_is_an_error_and_a_good_one_loads() {
+        let one =
+            "[[auth.jwt]]\nissuer = \"i\"\nalgorithms = [\"RS256\"]\njwks_url = \"https://x/\"\n";
+        assert!(load(one).is_ok());
+        let twice = format!("{one}{one}");
+        let err = load(&twice).expect_err("twice");
+        assert!(err.to_string().contains("configured twice"), "{err}");
+    }
+}
