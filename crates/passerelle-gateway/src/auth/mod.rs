@@ -195,7 +195,22 @@ impl Authenticator {
             passerelle_auth::api_key::KeyHasher::new(&key_secrets),
         ) {
             (Some(r), Ok(hasher)) => Some(Arc::new(KeyStore::new(&a.api_keys, hasher, r))),
-            _ => None,
+            (redis, hasher) => {
+                let wanted = config
+                    .routes
+                    .iter()
+                    .filter_map(|r| r.auth.as_ref())
+                    .any(|r| r.schemes.contains(&AuthScheme::ApiKey));
+                if wanted {
+                    tracing::warn!(
+                        no_redis = redis.is_none(),
+                        no_secret = hasher.is_err(),
+                        "routes accept API keys, but API keys need a Redis and a secret \
+                         (auth.api_keys.secrets or secrets_file): every key will be refused"
+                    );
+                }
+                None
+            }
         };
         let jwt = if a.jwt.is_empty() {
             None
@@ -269,10 +284,9 @@ impl Authenticator {
             }
             Some(Credential::ApiKey(k)) => {
                 let key = ApiKey::parse(k).map_err(|_| AuthError::Invalid("malformed API key"))?;
-                let store = self
-                    .keys
-                    .as_ref()
-                    .ok_or(AuthError::Unavailable("the API key store"))?;
+                let store = self.keys.as_ref().ok_or(AuthError::Invalid(
+                    "API keys are not enabled on this gateway",
+                ))?;
                 store.verify(&key).await?
             }
             Some(Credential::Jwt(t)) => {
