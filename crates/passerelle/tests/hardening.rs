@@ -469,6 +469,42 @@ async fn cors_answers_carry_the_origin_headers() {
 }
 
 #[tokio::test]
+async fn preflights_are_not_rate_limited_and_a_429_is_readable_cross_origin() {
+    let redis = passerelle_testkit::RedisServer::start();
+    let url = redis.url();
+    let f = platform(move |c| {
+        with_cors(c);
+        c.redis.url = Some(url);
+        c.rate_limiting.enabled = true;
+        c.rate_limits.insert(
+            "two".into(),
+            passerelle_config::LimitConfig {
+                by: vec![passerelle_config::LimitKey::ClientIp],
+                limit: 2,
+                period: passerelle_config::Dur::secs(3600),
+                ..Default::default()
+            },
+        );
+        let users = c.routes.iter_mut().find(|r| r.name == "users").unwrap();
+        users.rate_limits = Some(vec!["two".into()]);
+    })
+    .await;
+    let pre = [("origin", APP), ("access-control-request-method", "GET")];
+    for _ in 0..5 {
+        assert_eq!(preflight(f.gw.addr, "/users", &pre).await.status, 204);
+    }
+    let origin = format!("origin: {APP}\r\n");
+    for _ in 0..2 {
+        let r = send_raw(f.gw.addr, &get("/users", &origin)).await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let r = send_raw(f.gw.addr, &get("/users", &origin)).await;
+    r.problem(429);
+    assert_eq!(r.header("access-control-allow-origin"), Some(APP));
+    assert!(r.header("retry-after").is_some());
+}
+
+#[tokio::test]
 async fn security_headers_on_every_answer() {
     let f = platform(|_| {}).await;
     for path in ["/users/1", "/nowhere", "/health"] {
