@@ -296,7 +296,8 @@ pub async fn run_with_readiness(
 ) -> Result<(), GatewayError> {
     let token = passerelle_http::shutdown::token_from(shutdown);
     // Before anything starts: an admin listener without a token is a configuration error.
-    let admin_token = admin::token(&config.gateway)?;
+    let admin_token =
+        admin::token(&config.gateway).map_err(|e| GatewayError::Admin(e.to_string()))?;
     let redis = Redis::from_config(&config.redis)?;
     if let Some(r) = &redis {
         // Too old a Redis is refused now, with a clear error (one reachable later is
