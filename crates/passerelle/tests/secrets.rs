@@ -185,13 +185,36 @@ async fn no_output_of_a_run_shows_a_redis_password_or_the_admin_token() {
         .trim()
         .to_string();
     let wrong_pw = "wrong-password-3b8e1f0c";
+    let first_line = |name: &str| {
+        std::fs::read_to_string(d.join("data/secrets").join(name))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let key_secret = first_line("api-key-secrets");
+    let identity_secret = first_line("identity-secrets");
+    let demo_key = first_line("demo-api-key");
+    // A line from the middle of the development issuer's private key.
+    let dev_key = std::fs::read_to_string(d.join("data/secrets/jwt-dev.pem"))
+        .unwrap()
+        .lines()
+        .nth(1)
+        .unwrap()
+        .to_string();
     let secrets = [
         ("the app's Redis password", app_pw.as_str()),
         ("the operator's Redis password", operator_pw.as_str()),
         ("the admin token", token.as_str()),
+        ("the API key secret", key_secret.as_str()),
+        ("the identity secret", identity_secret.as_str()),
+        ("the demo API key", demo_key.as_str()),
+        ("the development signing key", dev_key.as_str()),
         ("a wrong Redis password", wrong_pw),
     ];
-    for (what, s) in &secrets[..3] {
+    for (what, s) in &secrets[..7] {
         assert!(s.len() >= 32, "{what} is long and random");
     }
     use std::os::unix::fs::PermissionsExt;
@@ -244,10 +267,23 @@ async fn no_output_of_a_run_shows_a_redis_password_or_the_admin_token() {
                     "/users/2",
                     &[("authorization", wrong_auth.as_str())],
                 ),
+                (
+                    Method::DELETE,
+                    "/users/3",
+                    &[("x-api-key", demo_key.as_str())],
+                ),
+                (
+                    Method::DELETE,
+                    "/users/4",
+                    &[("x-api-key", &demo_key[..40])],
+                ),
             ],
         )
         .await,
     ));
+    let keys = passerelle(d, &["keys", "list"], &[]);
+    assert!(keys.contains("demo") && keys.contains("active"), "{keys}");
+    outputs.push(("keys list".into(), keys));
     let ready = admin.get("/ready").await;
     assert_eq!(ready.status, 200, "{}", ready.text());
     assert!(ready.text().contains("\"redis_cache\""), "{}", ready.text());
