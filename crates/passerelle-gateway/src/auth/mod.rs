@@ -365,7 +365,15 @@ impl Authenticator {
         if !self.hide_credentials {
             return;
         }
-        headers.remove(header::AUTHORIZATION);
+        // Only a bearer credential was ours: `Basic` and other schemes go on untouched.
+        let bearer = headers.get(header::AUTHORIZATION).is_some_and(|v| {
+            v.as_bytes()
+                .get(..7)
+                .is_some_and(|p| p.eq_ignore_ascii_case(b"bearer "))
+        });
+        if bearer {
+            headers.remove(header::AUTHORIZATION);
+        }
         if let Some(h) = &self.api_key_header {
             headers.remove(h);
         }
