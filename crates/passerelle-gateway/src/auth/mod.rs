@@ -404,3 +404,155 @@ pub(crate) fn unix_millis() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth() -> Authenticator {
+        Authenticator::new(&Config::default(), None).unwrap()
+    }
+
+    fn parts(method: &str, headers: &[(&str, &str)]) -> Parts {
+        let mut b = http::Request::builder().method(method).uri("/r");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    fn required(methods: &[&str]) -> AuthPolicy {
+        AuthPolicy::of(Some(&RouteAuthConfig {
+            schemes: vec![AuthScheme::ApiKey, AuthScheme::Jwt],
+            scopes: vec!["a:write".into()],
+            methods: methods.iter().map(|m| m.to_string()).collect(),
+        }))
+    }
+
+    fn kind(c: Result<Option<Credential<'_>>, AuthError>) -> String {
+        match c {
+            Ok(None) => "none".into(),
+            Ok(Some(Credential::ApiKey(k))) => format!("key {k}"),
+            Ok(Some(Credential::Jwt(t))) => format!("jwt {t}"),
+            Err(e) => format!("error {e}"),
+        }
+    }
+
+    #[test]
+    fn credentials_are_read_from_bearer_or_the_key_header_never_guessed() {
+        let a = auth();
+        let c = |h: &[(&str, &str)]| kind(a.credential(&parts("GET", h).headers));
+        assert_eq!(c(&[]), "none");
+        assert_eq!(c(&[("authorization", "Basic dTpw")]), "none", "not ours");
+        assert_eq!(
+            c(&[("authorization", "Bearer psl_live_x")]),
+            "key psl_live_x"
+        );
+        assert_eq!(c(&[("authorization", "bearer a.b.c")]), "jwt a.b.c");
+        assert_eq!(c(&[("x-api-key", " psl_live_x ")]), "key psl_live_x");
+        assert_eq!(
+            c(&[
+                ("x-api-key", "psl_live_x"),
+                ("authorization", "Bearer psl_live_x")
+            ]),
+            "key psl_live_x"
+        );
+        assert_eq!(
+            c(&[
+                ("x-api-key", "psl_live_x"),
+                ("authorization", "Bearer a.b.c")
+            ]),
+            "error two different credentials"
+        );
+        assert_eq!(
+            c(&[("x-api-key", "k1"), ("x-api-key", "k2")]),
+            "error more than one API key"
+        );
+        assert_eq!(
+            c(&[("authorization", "Bearer ")]),
+            "error empty bearer token"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_policy_applies_to_its_methods_and_refuses_before_any_lookup() {
+        let a = auth();
+        let public = AuthPolicy::Public;
+        assert!(
+            a.authenticate(&public, &parts("DELETE", &[]))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let writes = required(&["DELETE"]);
+        assert!(!writes.applies(&Method::GET));
+        assert!(writes.applies(&Method::DELETE));
+        assert!(required(&[]).applies(&Method::GET));
+        assert!(matches!(
+            a.authenticate(&writes, &parts("DELETE", &[])).await,
+            Err(AuthError::Missing)
+        ));
+        // Without a store or issuers: a malformed key is still "malformed" (the checksum
+        // decides first), a well-formed one "not enabled", a token "no issuer".
+        let e = a
+            .authenticate(&writes, &parts("DELETE", &[("x-api-key", "psl_live_nope")]))
+            .await;
+        assert!(
+            matches!(e, Err(AuthError::Invalid("malformed API key"))),
+            "{e:?}"
+        );
+        let key =
+            passerelle_auth::api_key::ApiKey::generate(passerelle_auth::api_key::KeyKind::Live)
+                .unwrap();
+        let e = a
+            .authenticate(&writes, &parts("DELETE", &[("x-api-key", key.expose())]))
+            .await;
+        assert!(
+            matches!(
+                e,
+                Err(AuthError::Invalid(
+                    "API keys are not enabled on this gateway"
+                ))
+            ),
+            "{e:?}"
+        );
+        let only_keys = AuthPolicy::of(Some(&RouteAuthConfig {
+            schemes: vec![AuthScheme::ApiKey],
+            ..RouteAuthConfig::default()
+        }));
+        let e = a
+            .authenticate(
+                &only_keys,
+                &parts("GET", &[("authorization", "Bearer a.b.c")]),
+            )
+            .await;
+        assert!(matches!(e, Err(AuthError::SchemeNotAccepted(_))), "{e:?}");
+    }
+
+    #[test]
+    fn each_refusal_is_a_problem_with_its_challenge() {
+        let p = |e: AuthError| Problem::from(&e);
+        let challenge = |p: &Problem| {
+            p.headers
+                .iter()
+                .find(|(k, _)| k == header::WWW_AUTHENTICATE)
+                .map(|(_, v)| v.to_str().unwrap().to_string())
+        };
+        let missing = p(AuthError::Missing);
+        assert_eq!(missing.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(challenge(&missing).unwrap(), REALM);
+        let invalid = p(AuthError::Invalid("revoked API key"));
+        assert_eq!(invalid.status, StatusCode::UNAUTHORIZED);
+        assert!(
+            challenge(&invalid)
+                .unwrap()
+                .contains("error=\"invalid_token\"")
+        );
+        let scope = p(AuthError::InsufficientScope("a:write".into()));
+        assert_eq!(scope.status, StatusCode::FORBIDDEN);
+        assert!(challenge(&scope).unwrap().contains("scope=\"a:write\""));
+        let down = p(AuthError::Unavailable("the API key store"));
+        assert_eq!(down.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(challenge(&down).is_none());
+    }
+}
