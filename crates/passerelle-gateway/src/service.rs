@@ -269,7 +269,7 @@ impl Inner {
 
         // 4. Authentication.
         let mut parts = parts;
-        let principal = if route.auth.applies(&parts.method) {
+        let caller = if route.auth.applies(&parts.method) {
             match Box::pin(self.auth.authenticate(&route.auth, &parts)).await {
                 Ok(p) => p,
                 Err(e) => return (counted, Err(ProxyError::Auth(e))),
@@ -280,16 +280,17 @@ impl Inner {
         self.auth
             .identity_headers()
             .strip(&mut parts.headers, client.trusted);
-        if let Some(p) = &principal {
+        if let Some(c) = &caller {
             self.auth.hide_credentials(&mut parts.headers);
-            if let Some((name, value)) = self.auth.assert(p) {
+            if let Some((name, value)) = self.auth.assert(c) {
                 parts.headers.insert(name, value);
             }
         }
+        let principal = caller.as_ref().map(|c| &c.principal);
 
         // 5. Rate limit.
         let rate_headers = match self
-            .rate_limit(route, &parts, principal.as_ref(), thread, client)
+            .rate_limit(route, &parts, principal, thread, client)
             .await
         {
             Ok(h) => h,

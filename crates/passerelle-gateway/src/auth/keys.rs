@@ -2,7 +2,11 @@
 //!
 //! The cache holds valid keys for `auth.api_keys.cache_ttl` and unknown ones for
 //! `negative_ttl`, so neither a busy client nor a storm of well-formed made-up keys costs a
-//! Redis round trip per request; concurrent misses of one key share one lookup. A revoked
+//! Redis round trip per request; concurrent misses of one key share one lookup. It is keyed
+//! by the key itself (process memory only, bounded): a hit costs a hash of the string, and
+//! the HMAC is computed only on a miss. Each valid entry also keeps the identity assertion
+//! last signed for its caller, reused while more than half its lifetime is left
+//! ([`ValidKey::assertion`]): signing on every request was a measurable share of the stage. A revoked
 //! key is dropped from every replica's cache by the control message its revocation
 //! publishes (milliseconds) and, should that message be lost (a reconnect), by the
 //! revocation generation each replica polls every `revocation_poll`: that poll interval
@@ -30,21 +34,63 @@ use tokio_util::sync::CancellationToken;
 
 use super::{AuthError, unix_millis};
 
-/// What the cache knows about one digest.
+/// What the cache knows about one key.
 #[derive(Debug, Clone)]
 enum Known {
     Valid(Arc<ValidKey>),
-    Unknown,
+    /// No record; the key's digest under the newest secret (what a creation announces).
+    Unknown(KeyDigest),
 }
 
+impl Known {
+    /// Whether this entry is about the record stored under `digest`.
+    fn is_about(&self, digest: &str) -> bool {
+        match self {
+            Known::Valid(v) => v.digests.iter().any(|d| d.as_str() == digest),
+            Known::Unknown(d) => d.as_str() == digest,
+        }
+    }
+}
+
+/// A valid key as this process knows it.
 #[derive(Debug)]
-struct ValidKey {
+pub struct ValidKey {
     principal: Principal,
     /// Unix ms; 0: never.
     expires: u64,
     revoked: bool,
     /// When this gateway last wrote `last_used` (unix ms).
     touched: AtomicU64,
+    /// The digest it was found under, and (after a rotation) the newest secret's.
+    digests: Vec<KeyDigest>,
+    /// The assertion last signed for this caller: `(valid until, unix s; header value)`.
+    assertion: Mutex<Option<(u64, http::HeaderValue)>>,
+}
+
+impl ValidKey {
+    pub fn principal(&self) -> &Principal {
+        &self.principal
+    }
+
+    /// The signed assertion of this caller, reused while more than half of `ttl` is left
+    /// on it, else made by `sign(until)` and kept.
+    pub fn assertion(
+        &self,
+        now: u64,
+        ttl: u64,
+        sign: impl FnOnce(u64) -> Option<http::HeaderValue>,
+    ) -> Option<http::HeaderValue> {
+        let mut slot = self.assertion.lock().ok()?;
+        if let Some((until, v)) = slot.as_ref()
+            && until.saturating_sub(now) > ttl / 2
+        {
+            return Some(v.clone());
+        }
+        let until = now + ttl;
+        let v = sign(until)?;
+        *slot = Some((until, v.clone()));
+        Some(v)
+    }
 }
 
 struct Lifetimes {
@@ -52,11 +98,11 @@ struct Lifetimes {
     unknown: Duration,
 }
 
-impl Expiry<KeyDigest, Known> for Lifetimes {
-    fn expire_after_create(&self, _: &KeyDigest, v: &Known, _: Instant) -> Option<Duration> {
+impl Expiry<Arc<str>, Known> for Lifetimes {
+    fn expire_after_create(&self, _: &Arc<str>, v: &Known, _: Instant) -> Option<Duration> {
         Some(match v {
             Known::Valid(_) => self.valid,
-            Known::Unknown => self.unknown,
+            Known::Unknown(_) => self.unknown,
         })
     }
 }
@@ -70,7 +116,7 @@ pub struct KeyStore {
     all: Redis,
     redis: RedisClient,
     schema: KeySchema,
-    cache: Cache<KeyDigest, Known>,
+    cache: Cache<Arc<str>, Known>,
     touch_every: u64,
     poll: Duration,
     /// The revocation generation last seen (`u64::MAX`: not read yet).
@@ -105,6 +151,7 @@ impl KeyStore {
                     valid: cfg.cache_ttl.get(),
                     unknown: cfg.negative_ttl.get(),
                 })
+                .support_invalidation_closures()
                 .build(),
             touch_every: u64::try_from(cfg.last_used_every.get().as_millis()).unwrap_or(u64::MAX),
             poll: cfg.revocation_poll.get(),
@@ -113,13 +160,16 @@ impl KeyStore {
     }
 
     /// The verified caller behind `key`.
-    pub async fn verify(&self, key: &ApiKey) -> Result<Principal, AuthError> {
-        let digest = self.hasher.load().current(key);
-        let known = self
-            .cache
-            .try_get_with(digest.clone(), self.load(key, &digest))
-            .await
-            .map_err(|e| (*e).clone())?;
+    pub async fn verify(&self, key: &ApiKey) -> Result<Arc<ValidKey>, AuthError> {
+        let text = key.expose();
+        let known = match self.cache.get(text).await {
+            Some(k) => k,
+            None => self
+                .cache
+                .try_get_with(Arc::from(text), self.load(key))
+                .await
+                .map_err(|e| (*e).clone())?,
+        };
         let Known::Valid(v) = known else {
             return Err(AuthError::Invalid("unknown API key"));
         };
@@ -130,13 +180,13 @@ impl KeyStore {
         if v.expires != 0 && now >= v.expires {
             return Err(AuthError::Invalid("expired API key"));
         }
-        self.maybe_touch(&v, &digest, now);
-        Ok(v.principal.clone())
+        self.maybe_touch(&v, now);
+        Ok(v)
     }
 
     /// A cache miss: the record under the key's digest for each secret, newest first; a
     /// record found under an older secret moves to the newest one's digest.
-    async fn load(&self, key: &ApiKey, digest: &KeyDigest) -> Result<Known, AuthError> {
+    async fn load(&self, key: &ApiKey) -> Result<Known, AuthError> {
         let all = self.hasher.load().all(key);
         let refs: Vec<&str> = all.iter().map(KeyDigest::as_str).collect();
         let found = self
@@ -148,18 +198,19 @@ impl KeyStore {
                 tracing::warn!(error = %e, "API key lookup failed");
                 AuthError::Unavailable("the API key store")
             })?;
+        let current = all[0].clone();
         let Some((index, stored)) = found else {
             lookups("unknown");
-            return Ok(Known::Unknown);
+            return Ok(Known::Unknown(current));
         };
         lookups("found");
         if stored.id != key.id() {
             // Two keys can only share a digest by an HMAC collision: not this key's record.
-            return Ok(Known::Unknown);
+            return Ok(Known::Unknown(current));
         }
         if index > 0 {
             let (redis, schema) = (self.redis.clone(), self.schema.clone());
-            let (id, old, new) = (stored.id.clone(), all[index].clone(), digest.clone());
+            let (id, old, new) = (stored.id.clone(), all[index].clone(), current.clone());
             tokio::spawn(async move {
                 if let Err(e) = redis
                     .api_key_migrate(&schema, &id, old.as_str(), new.as_str())
@@ -169,12 +220,16 @@ impl KeyStore {
                 }
             });
         }
-        Ok(Known::Valid(Arc::new(valid_key(stored))))
+        let mut digests = vec![current];
+        if index > 0 {
+            digests.push(all[index].clone());
+        }
+        Ok(Known::Valid(Arc::new(valid_key(stored, digests))))
     }
 
     /// Writes `last_used` at most once per `last_used_every` per key and process, off the
     /// request path.
-    fn maybe_touch(&self, v: &ValidKey, digest: &KeyDigest, now: u64) {
+    fn maybe_touch(&self, v: &ValidKey, now: u64) {
         let last = v.touched.load(Ordering::Relaxed);
         if now.saturating_sub(last) < self.touch_every
             || v.touched
@@ -183,7 +238,8 @@ impl KeyStore {
         {
             return;
         }
-        let (redis, schema, digest) = (self.redis.clone(), self.schema.clone(), digest.clone());
+        let (redis, schema) = (self.redis.clone(), self.schema.clone());
+        let digest = v.digests[0].clone();
         tokio::spawn(async move {
             if let Err(e) = redis.api_key_touch(&schema, digest.as_str(), now).await {
                 tracing::debug!(error = %e, "recording an API key's last use failed");
@@ -193,8 +249,13 @@ impl KeyStore {
 
     /// Forgets what this process knows of one digest (a control message).
     pub async fn forget(&self, digest: &str) {
-        if let Some(d) = KeyDigest::from_hex(digest) {
-            self.cache.invalidate(&d).await;
+        let digest = digest.to_string();
+        if self
+            .cache
+            .invalidate_entries_if(move |_, v| v.is_about(&digest))
+            .is_err()
+        {
+            self.forget_all();
         }
     }
 
@@ -315,7 +376,7 @@ impl KeyStore {
                 .api_key_create(&self.schema, digest.as_str(), &stored)
                 .await?
             {
-                self.cache.invalidate(&digest).await;
+                self.forget(digest.as_str()).await;
                 self.all
                     .announce(Invalidation::ApiKey(digest.as_str().to_string()))
                     .await?;
@@ -352,7 +413,7 @@ impl KeyStore {
     }
 }
 
-fn valid_key(s: StoredKey) -> ValidKey {
+fn valid_key(s: StoredKey, digests: Vec<KeyDigest>) -> ValidKey {
     ValidKey {
         principal: Principal {
             subject: Arc::from(s.owner.as_str()),
@@ -364,5 +425,58 @@ fn valid_key(s: StoredKey) -> ValidKey {
         expires: s.expires,
         revoked: s.revoked != 0,
         touched: AtomicU64::new(s.last_used),
+        digests,
+        assertion: Mutex::new(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signed_assertion_is_reused_while_more_than_half_its_life_is_left() {
+        let k = valid_key(
+            StoredKey {
+                id: "AbCd1234".into(),
+                owner: "7".into(),
+                ..StoredKey::default()
+            },
+            Vec::new(),
+        );
+        let signed = std::cell::Cell::new(0);
+        let sign = |until: u64| {
+            signed.set(signed.get() + 1);
+            http::HeaderValue::from_str(&until.to_string()).ok()
+        };
+        assert_eq!(k.assertion(1_000, 60, sign).unwrap(), "1060");
+        assert_eq!(
+            k.assertion(1_029, 60, sign).unwrap(),
+            "1060",
+            "31 s left: reused"
+        );
+        assert_eq!(signed.get(), 1);
+        assert_eq!(
+            k.assertion(1_030, 60, sign).unwrap(),
+            "1090",
+            "30 s left: signed anew"
+        );
+        assert_eq!(signed.get(), 2);
+        assert_eq!(k.principal().key_id.as_deref(), Some("AbCd1234"));
+    }
+
+    #[test]
+    fn an_entry_is_about_the_digests_it_was_found_under() {
+        let d = |c: char| KeyDigest::from_hex(&c.to_string().repeat(64)).unwrap();
+        let v = Known::Valid(Arc::new(valid_key(
+            StoredKey {
+                id: "x".into(),
+                ..StoredKey::default()
+            },
+            vec![d('a'), d('b')],
+        )));
+        assert!(v.is_about(d('a').as_str()) && v.is_about(d('b').as_str()));
+        assert!(!v.is_about(d('c').as_str()));
+        assert!(Known::Unknown(d('c')).is_about(d('c').as_str()));
     }
 }

@@ -37,7 +37,7 @@ use passerelle_http::Problem;
 use passerelle_redis::Redis;
 
 pub use headers::IdentityHeaders;
-pub use keys::{KeyAdminError, KeyStore, NewKey};
+pub use keys::{KeyAdminError, KeyStore, NewKey, ValidKey};
 
 const REALM: &str = "Bearer realm=\"passerelle\"";
 
@@ -154,6 +154,14 @@ impl From<&AuthError> for Problem {
     }
 }
 
+/// A verified caller; for an API key, also its cache entry, which keeps the caller's signed
+/// assertion between requests.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub principal: Principal,
+    key: Option<Arc<ValidKey>>,
+}
+
 /// A credential as presented, before verification.
 enum Credential<'a> {
     ApiKey(&'a str),
@@ -267,14 +275,14 @@ impl Authenticator {
         &self,
         policy: &AuthPolicy,
         parts: &Parts,
-    ) -> Result<Option<Principal>, AuthError> {
+    ) -> Result<Option<Verified>, AuthError> {
         let AuthPolicy::Required(req) = policy else {
             return Ok(None);
         };
         if !policy.applies(&parts.method) {
             return Ok(None);
         }
-        let principal = match self.credential(&parts.headers)? {
+        let verified = match self.credential(&parts.headers)? {
             None => return Err(AuthError::Missing),
             Some(Credential::ApiKey(_)) if !req.api_key => {
                 return Err(AuthError::SchemeNotAccepted("API keys"));
@@ -287,26 +295,34 @@ impl Authenticator {
                 let store = self.keys.as_ref().ok_or(AuthError::Invalid(
                     "API keys are not enabled on this gateway",
                 ))?;
-                store.verify(&key).await?
+                let v = store.verify(&key).await?;
+                Verified {
+                    principal: v.principal().clone(),
+                    key: Some(v),
+                }
             }
             Some(Credential::Jwt(t)) => {
                 let v = self
                     .jwt
                     .as_ref()
                     .ok_or(AuthError::Invalid("no token issuer is configured"))?;
-                v.verify(t).await.map_err(|e| {
+                let principal = v.verify(t).await.map_err(|e| {
                     if e.is_provider_down() {
                         AuthError::Unavailable("the token issuer's key set")
                     } else {
                         AuthError::Invalid(e.detail())
                     }
-                })?
+                })?;
+                Verified {
+                    principal,
+                    key: None,
+                }
             }
         };
-        if let Some(scope) = principal.scopes.missing(&req.scopes) {
+        if let Some(scope) = verified.principal.scopes.missing(&req.scopes) {
             return Err(AuthError::InsufficientScope(scope.to_string()));
         }
-        Ok(Some(principal))
+        Ok(Some(verified))
     }
 
     /// The credential a request presents. Two different credentials (a bearer token and
@@ -379,15 +395,18 @@ impl Authenticator {
         }
     }
 
-    /// The assertion header for `principal` (signed, valid `auth.identity.ttl`), when a
-    /// secret is configured; `None` otherwise (upstreams then get no identity at all).
-    pub fn assert(&self, principal: &Principal) -> Option<(HeaderName, HeaderValue)> {
+    /// The assertion header for `caller` (signed, valid `auth.identity.ttl`), when a
+    /// secret is configured; `None` otherwise (upstreams then get no identity at all). An
+    /// API key's caller reuses the one signed last while more than half its life is left.
+    pub fn assert(&self, caller: &Verified) -> Option<(HeaderName, HeaderValue)> {
         let signer = self.signer.as_ref()?;
-        let until = unix_now() + self.assertion_ttl.as_secs();
-        let v = signer.sign(principal, until);
-        HeaderValue::from_str(&v)
-            .ok()
-            .map(|v| (self.assertion_header.clone(), v))
+        let (now, ttl) = (unix_now(), self.assertion_ttl.as_secs());
+        let sign = |until| HeaderValue::from_str(&signer.sign(&caller.principal, until)).ok();
+        let value = match &caller.key {
+            Some(k) => k.assertion(now, ttl, sign)?,
+            None => sign(now + ttl)?,
+        };
+        Some((self.assertion_header.clone(), value))
     }
 }
 
