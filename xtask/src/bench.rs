@@ -74,12 +74,12 @@ impl Drop for Guard {
 }
 
 #[allow(clippy::disallowed_methods)]
-fn wait_a_moment() {
+pub(crate) fn wait_a_moment() {
     // Polling a readiness or exit condition; returns as soon as it holds.
     std::thread::sleep(Duration::from_millis(20));
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -116,7 +116,7 @@ pub(crate) fn wait_ok(addr: &str, path: &str) -> Result {
 }
 
 /// CPU time (user + system, all threads) used so far by the process `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
+pub(crate) fn cpu_ticks(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {
@@ -149,7 +149,7 @@ fn children_of(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-fn ticks_per_second() -> f64 {
+pub(crate) fn ticks_per_second() -> f64 {
     Command::new("getconf")
         .arg("CLK_TCK")
         .output()
@@ -527,10 +527,8 @@ pub(crate) fn bench(o: &Options, bin: &Path, dir: &Path) -> Result {
     Ok(())
 }
 
-/// Instance addresses of a service from state.json, without a JSON dependency: the file is
-/// ours and its shape is fixed (`"address": "127.0.0.1:port"` inside the service's block).
 /// The addresses of `service`'s instances in `up`'s state.json.
-fn extract_instances(state: &str, service: &str) -> Vec<String> {
+pub(crate) fn extract_instances(state: &str, service: &str) -> Vec<String> {
     let Ok(state) = serde_json::from_str::<serde_json::Value>(state) else {
         return Vec::new();
     };

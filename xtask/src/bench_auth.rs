@@ -25,7 +25,10 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use crate::Result;
-use crate::bench::{ADMIN_TOKEN, Options, WrkResult, finish, start_platform, wait_ok, wrk};
+use crate::bench::{
+    ADMIN_TOKEN, Options, WrkResult, cpu_ticks, extract_instances as instances, finish, free_port,
+    start_platform, ticks_per_second, wait_a_moment, wait_ok, wrk,
+};
 
 /// Revocations measured.
 const REVOCATION_TRIALS: usize = 20;
@@ -189,55 +192,6 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-#[allow(clippy::disallowed_methods)]
-fn wait_a_moment() {
-    // Polling a readiness or exit condition; returns as soon as it holds.
-    std::thread::sleep(Duration::from_millis(20));
-}
-
-fn free_port() -> Result<u16> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| e.to_string())
-}
-
-/// CPU time (user + system, all threads) used so far by the process `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let rest = s.rsplit_once(')')?.1.split_whitespace().collect::<Vec<_>>();
-            // After the command: state(0) ppid(1) ... utime(11) stime(12).
-            Some(rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?)
-        })
-        .unwrap_or(0)
-}
-
-fn ticks_per_second() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// The addresses of `service`'s instances in `up`'s state.json.
-fn instances(state: &str, service: &str) -> Vec<String> {
-    let Ok(state) = serde_json::from_str::<serde_json::Value>(state) else {
-        return Vec::new();
-    };
-    state["services"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|s| s["name"] == service)
-        .flat_map(|s| s["instances"].as_array().into_iter().flatten())
-        .filter_map(|i| i["address"].as_str().map(str::to_string))
-        .collect()
 }
 
 /// `n` random bytes as hex (a throwaway secret for this run's gateways).
