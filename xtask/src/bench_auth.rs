@@ -37,7 +37,7 @@ const REVOCATION_TRIALS: usize = 20;
 const REVOCATION_BOUND: Duration = Duration::from_secs(5);
 
 /// Rounds of (none, API key, JWT); the order rotates from one round to the next.
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 
 /// The JWT issuer of this bench.
 const ISSUER: &str = "bench";

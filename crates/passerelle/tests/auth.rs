@@ -255,6 +255,14 @@ async fn bad_keys_are_refused_clearly_and_unknown_ones_cost_redis_little() {
             .unwrap();
     let r = with_key(&g.http, "/keyed/a", unknown.expose()).await;
     assert_eq!(r.assert_problem(401)["detail"], "unknown API key");
+    // A key past its expiry (here, one that expired a millisecond after it was issued).
+    let (expired, _) = create_key(
+        &g.admin,
+        serde_json::json!({ "owner": "7", "scopes": ["things:write"], "expires_in": "1ms" }),
+    )
+    .await;
+    let r = with_key(&g.http, "/keyed/a", &expired).await;
+    assert_eq!(r.assert_problem(401)["detail"], "expired API key");
     let r = with_key(&g.http, "/keyed/a", &key).await;
     let p403 = r.assert_problem(403);
     assert_eq!(p403["scope"], "things:write");
