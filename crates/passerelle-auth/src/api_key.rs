@@ -156,8 +156,10 @@ impl KeyDigest {
 
     /// A digest read back from storage (64 lowercase hex characters).
     pub fn from_hex(s: &str) -> Option<Self> {
-        (s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-            .then(|| Self(s.to_string()))
+        (s.len() == 64
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        .then(|| Self(s.to_string()))
     }
 }
 
@@ -219,7 +221,10 @@ fn digest(mac: &Hmac<Sha256>, key: &ApiKey) -> KeyDigest {
 pub fn new_secret() -> Result<String, getrandom::Error> {
     let mut buf = [0u8; 43];
     getrandom::fill(&mut buf)?;
-    Ok(buf.iter().map(|b| BASE62[(*b % 62) as usize] as char).collect())
+    Ok(buf
+        .iter()
+        .map(|b| BASE62[(*b % 62) as usize] as char)
+        .collect())
 }
 
 #[cfg(test)]

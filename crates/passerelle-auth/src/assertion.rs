@@ -150,7 +150,10 @@ mod tests {
         let s = Signer::new(&[Secret::new("k1")]).unwrap();
         let other = Signer::new(&[Secret::new("k2")]).unwrap();
         let v = s.sign(&alice(), 1_000);
-        assert_eq!(other.verify(v.as_bytes(), 0), Err(AssertionError::BadSignature));
+        assert_eq!(
+            other.verify(v.as_bytes(), 0),
+            Err(AssertionError::BadSignature)
+        );
         // A client rewriting the payload (another subject) cannot fix the signature.
         let mut forged = alice();
         forged.subject = Arc::from("1");
@@ -158,7 +161,10 @@ mod tests {
         let (_, forged_payload, _) = split3(&forged);
         let (_, _, sig) = split3(&v);
         let spliced = format!("v1.{forged_payload}.{sig}");
-        assert_eq!(s.verify(spliced.as_bytes(), 0), Err(AssertionError::BadSignature));
+        assert_eq!(
+            s.verify(spliced.as_bytes(), 0),
+            Err(AssertionError::BadSignature)
+        );
         for junk in ["", "v1", "v1..", "v2.e30.AAAA", "v1.e30.%%%", "\u{0}"] {
             assert!(s.verify(junk.as_bytes(), 0).is_err(), "{junk:?}");
         }
@@ -172,7 +178,10 @@ mod tests {
         let v = old.sign(&alice(), 10);
         assert_eq!(rotated.verify(v.as_bytes(), 0).unwrap(), alice());
         let v2 = rotated.sign(&alice(), 10);
-        assert!(old.verify(v2.as_bytes(), 0).is_err(), "signed with the new one");
+        assert!(
+            old.verify(v2.as_bytes(), 0).is_err(),
+            "signed with the new one"
+        );
         assert!(Signer::new(&[]).is_none());
     }
 

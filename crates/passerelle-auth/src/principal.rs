@@ -89,7 +89,10 @@ mod tests {
     #[test]
     fn scopes_are_a_sorted_set() {
         let s = Scopes::from_space_separated("users:write  products:read users:write");
-        assert_eq!(s.iter().collect::<Vec<_>>(), ["products:read", "users:write"]);
+        assert_eq!(
+            s.iter().collect::<Vec<_>>(),
+            ["products:read", "users:write"]
+        );
         assert!(s.contains("users:write"));
         assert!(!s.contains("users"));
         let required = vec!["users:write".to_string(), "admin".to_string()];

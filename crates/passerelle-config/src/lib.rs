@@ -33,9 +33,9 @@ mod validate;
 use std::fmt;
 use std::path::Path;
 
+pub use auth::*;
 pub use layers::{Origin, Provenance};
 pub use loader::{DEFAULT_ORIGIN, Loaded, Loader};
-pub use auth::*;
 pub use model::*;
 pub use secret::{Secret, is_secret_key, redact_url};
 pub use template::{PathTemplate, Piece};

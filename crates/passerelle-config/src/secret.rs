@@ -155,7 +155,12 @@ mod tests {
         for k in ["password", "admin_token", "secrets", "client_secret"] {
             assert!(is_secret_key(k), "{k}");
         }
-        for k in ["password_file", "secrets_file", "listen", "token_cache_size"] {
+        for k in [
+            "password_file",
+            "secrets_file",
+            "listen",
+            "token_cache_size",
+        ] {
             assert!(!is_secret_key(k), "{k}");
         }
     }
