@@ -15,6 +15,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use passerelle_http::{ServeOptions, Tls};
 use passerelle_testkit::TlsFiles;
+use passerelle_testkit::raw_http::{parse, read_to_close, send as send_raw};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -54,92 +55,6 @@ async fn server(opts: ServeOptions) -> Server {
         stop.clone(),
     ));
     Server { addr, stop }
-}
-
-/// A raw answer: status, lower-cased headers, body.
-#[derive(Debug)]
-struct Raw {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Raw {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// Asserts a problem+json answer of `status` and returns its body.
-    fn problem(&self, status: u16) -> serde_json::Value {
-        assert_eq!(self.status, status, "{self:?}");
-        assert_eq!(
-            self.header("content-type"),
-            Some("application/problem+json"),
-            "{self:?}"
-        );
-        let v: serde_json::Value = serde_json::from_str(&self.body).expect("a JSON body");
-        assert_eq!(v["status"], status);
-        v
-    }
-}
-
-/// Parses one answer from the start of `bytes`.
-fn parse(bytes: &[u8]) -> Raw {
-    let text = String::from_utf8_lossy(bytes);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no complete head in {text:?}"));
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .unwrap()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let headers: Vec<(String, String)> = lines
-        .map(|l| {
-            let (n, v) = l.split_once(':').unwrap();
-            (n.trim().to_ascii_lowercase(), v.trim().to_string())
-        })
-        .collect();
-    let len = headers
-        .iter()
-        .find(|(n, _)| n == "content-length")
-        .map_or(body.len(), |(_, v)| v.parse().unwrap());
-    Raw {
-        status,
-        headers,
-        body: body[..len.min(body.len())].to_string(),
-    }
-}
-
-/// Writes `request` on a new connection and reads until the server closes it (at most
-/// 10 s).
-async fn send_raw(addr: SocketAddr, request: &[u8]) -> Raw {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    // The server may answer and close before it has read everything: ignore a broken pipe.
-    let _ = s.write_all(request).await;
-    parse(&read_to_close(&mut s).await)
-}
-
-async fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
-    let mut out = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), async {
-        let mut buf = [0u8; 16384];
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-            }
-        }
-    });
-    read.await.expect("the server should close the connection");
-    out
 }
 
 fn get_with(extra: &str) -> Vec<u8> {

@@ -6,6 +6,7 @@
 //! behind.
 
 mod http_client;
+pub mod raw_http;
 mod redis_server;
 
 use std::net::{SocketAddr, TcpListener};

@@ -18,6 +18,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use passerelle_config::{Balance, Config, RouteCorsConfig};
 use passerelle_services::ServiceKind;
+use passerelle_testkit::raw_http::{RawReply as Raw, parse, read_to_close, send as send_raw};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -46,91 +47,6 @@ async fn platform(tweak: impl FnOnce(&mut Config)) -> Fixture {
         _svc: vec![users, products],
         _dir: dir,
     }
-}
-
-/// An answer read off the wire: status, lower-cased headers, body.
-#[derive(Debug)]
-struct Raw {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Raw {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn problem(&self, status: u16) -> serde_json::Value {
-        assert_eq!(self.status, status, "{self:?}");
-        assert_eq!(
-            self.header("content-type"),
-            Some("application/problem+json"),
-            "{self:?}"
-        );
-        let v: serde_json::Value = serde_json::from_str(&self.body).unwrap();
-        assert_eq!(v["status"], status);
-        v
-    }
-}
-
-fn parse(bytes: &[u8]) -> Raw {
-    let text = String::from_utf8_lossy(bytes);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no complete answer in {text:?}"));
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .unwrap()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let headers: Vec<(String, String)> = lines
-        .map(|l| {
-            let (n, v) = l.split_once(':').unwrap();
-            (n.trim().to_ascii_lowercase(), v.trim().to_string())
-        })
-        .collect();
-    // The first answer only.
-    let len = headers
-        .iter()
-        .find(|(n, _)| n == "content-length")
-        .map_or(body.len(), |(_, v)| v.parse().unwrap());
-    Raw {
-        status,
-        headers,
-        body: body[..len.min(body.len())].to_string(),
-    }
-}
-
-/// Sends `request` (which asks to close, or is refused) and reads until the gateway
-/// closes the connection, at most 10 s.
-async fn send_raw(addr: SocketAddr, request: &[u8]) -> Raw {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let _ = s.write_all(request).await;
-    parse(&read_to_close(&mut s).await)
-}
-
-async fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), async {
-        let mut buf = [0u8; 16384];
-        while let Ok(n) = s.read(&mut buf).await {
-            if n == 0 {
-                break;
-            }
-            out.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await
-    .expect("the gateway should close the connection");
-    out
 }
 
 fn get(path: &str, extra: &str) -> Vec<u8> {
