@@ -50,9 +50,10 @@ pub(crate) fn parse_args(args: &[String]) -> Result<Options> {
 
 /// A process stopped (by PID) when dropped.
 pub(crate) struct Guard {
-    name: &'static str,
+    pub name: &'static str,
     pub child: Child,
-    signal: &'static str,
+    /// `kill`'s signal option, e.g. `-INT`.
+    pub signal: &'static str,
 }
 
 impl Drop for Guard {

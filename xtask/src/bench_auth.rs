@@ -20,14 +20,14 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use crate::Result;
 use crate::bench::{
-    ADMIN_TOKEN, Options, WrkResult, cpu_ticks, extract_instances as instances, finish, free_port,
-    start_platform, ticks_per_second, wait_a_moment, wait_ok, wrk,
+    ADMIN_TOKEN, Guard, Options, WrkResult, cpu_ticks, extract_instances as instances, finish,
+    free_port, start_platform, ticks_per_second, wait_a_moment, wait_ok, wrk,
 };
 
 /// Revocations measured.
@@ -165,33 +165,6 @@ fn lua(prefix: &str, header: Option<(&str, &str)>) -> String {
     format!(
         "math.randomseed(42)\nlocal headers = {headers}\nrequest = function()\n  return wrk.format(\"GET\", \"/{prefix}/\" .. math.random(1, 10000), headers)\nend\n"
     )
-}
-
-// ---------------------------------------------------------------------------------------
-// Processes, ports and CPU time (the same as `bench`'s own helpers, which are private to it).
-
-/// A process this bench started, stopped by its PID when dropped.
-struct Proc {
-    name: &'static str,
-    child: Child,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            wait_a_moment();
-        }
-        eprintln!("{} did not stop in time; killing it", self.name);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// `n` random bytes as hex (a throwaway secret for this run's gateways).
@@ -726,7 +699,8 @@ fn revocation_bound(bin: &Path, dir: &Path, users: &[String]) -> Result<Revocati
     let rdir = dir.join("revocation");
     std::fs::create_dir_all(&rdir).map_err(|e| e.to_string())?;
     let redis_port = free_port()?;
-    let redis = Proc {
+    let redis = Guard {
+        signal: "-TERM",
         name: "redis-server",
         child: Command::new("redis-server")
             .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
@@ -765,7 +739,8 @@ fn revocation_bound(bin: &Path, dir: &Path, users: &[String]) -> Result<Revocati
             .stderr(Stdio::inherit())
             .spawn()
             .map_err(|e| format!("starting {} gateway: {e}", bin.display()))?;
-        gateways.push(Proc {
+        gateways.push(Guard {
+            signal: "-TERM",
             name: "passerelle gateway",
             child,
         });
