@@ -310,6 +310,7 @@ impl Inner {
                     client,
                     request_id,
                     identity: &self.identity,
+                    principal,
                 };
                 let origin = OriginCall {
                     origin: route.origin.clone(),

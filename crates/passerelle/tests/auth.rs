@@ -95,6 +95,13 @@ path = "/any/{{*rest}}"
 upstream = "users"
 auth = {{ schemes = ["api_key", "jwt"] }}
 
+[[routes]]
+name = "mine"
+path = "/mine/{{*rest}}"
+upstream = "users"
+auth = {{ schemes = ["api_key", "jwt"] }}
+cache = {{ ttl = "60s", scope = "private" }}
+
 {}
 {extra}
 "#,
@@ -542,4 +549,46 @@ async fn an_unreachable_key_store_or_key_provider_refuses_with_503() {
 fn base64url(s: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protected_private_route_caches_per_verified_caller() {
+    let p = platform(1, "").await;
+    let g = &p.gateways[0];
+    let (alice, _) = create_key(&g.admin, serde_json::json!({ "owner": "7" })).await;
+    let (bob, _) = create_key(&g.admin, serde_json::json!({ "owner": "8" })).await;
+    let signer = Signer::new(&[Secret::new(IDENTITY_SECRET)]).unwrap();
+    let subject = |r: &Reply| {
+        let v = r.json()["headers"]["x-passerelle-identity"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        signer.verify(v.as_bytes(), 0).unwrap().subject.to_string()
+    };
+    let status = |r: &Reply| r.header("cache-status").unwrap_or("").to_string();
+    let a1 = with_key(&g.http, "/mine/x", &alice).await;
+    assert_eq!(subject(&a1), "7");
+    let a2 = with_key(&g.http, "/mine/x", &alice).await;
+    assert!(
+        status(&a2).contains("hit"),
+        "alice's own entry: {}",
+        status(&a2)
+    );
+    assert_eq!(subject(&a2), "7");
+    // Bob is verified as himself: his own entry, never alice's.
+    let b1 = with_key(&g.http, "/mine/x", &bob).await;
+    assert!(!status(&b1).contains("hit"), "{}", status(&b1));
+    assert_eq!(subject(&b1), "8");
+    // Alice with a token instead of her key is the same user, but another credential.
+    let t = format!("Bearer {}", token("7", ""));
+    let r = g
+        .http
+        .send(
+            Method::GET,
+            "/mine/x",
+            &[("authorization", t.as_str())],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
 }

@@ -71,6 +71,9 @@ pub struct CacheRequest<'a> {
     pub request_id: &'a HeaderValue,
     /// Who the caller is, worked out only when a private entry needs it.
     pub identity: &'a IdentityResolver,
+    /// The caller authentication verified (a protected route): its user and key name its
+    /// private entries (its credential headers are gone by now).
+    pub principal: Option<&'a passerelle_auth::Principal>,
 }
 
 /// A fetch for one key.
@@ -110,6 +113,7 @@ impl CacheHandle {
             client,
             request_id,
             identity,
+            principal,
         } = req;
         let cache = &self.cache;
         let conn = self.conn.as_ref();
@@ -127,7 +131,7 @@ impl CacheHandle {
         // Who the caller is. Whether it has credentials chooses the view (below): a few
         // header lookups. What its credentials are (digests) names its private entries:
         // worked out once, only when a private entry is looked up or stored.
-        let who = identity.caller(client.ip, &parts.headers);
+        let who = identity.caller(client.ip, &parts.headers).verified(principal);
         let credentialed = who.user.is_some()
             || who.api_key.is_some()
             || parts.headers.contains_key(header::AUTHORIZATION)

@@ -162,6 +162,7 @@ impl Replica {
             client: &client,
             request_id: &request_id,
             identity: &self.identity,
+            principal: None,
         };
         let origin = OriginCall {
             origin: self.origin.clone(),
