@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::uri::PathAndQuery;
-use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use passerelle_config::PathTemplate;
 
@@ -207,10 +207,16 @@ pub async fn compose(
     Ok(res)
 }
 
-/// Headers forwarded to parts: the request id, the client chain and content negotiation;
-/// not the client's body headers (parts are GETs).
-pub fn part_headers(client: &HeaderMap) -> HeaderMap {
+/// Headers forwarded to parts: the request id, the client chain and content negotiation,
+/// and `forward` (the caller's signed identity); not the client's body headers (parts are
+/// GETs).
+pub fn part_headers(client: &HeaderMap, forward: &[HeaderName]) -> HeaderMap {
     let mut h = HeaderMap::new();
+    for name in forward {
+        if let Some(v) = client.get(name) {
+            h.insert(name.clone(), v.clone());
+        }
+    }
     for name in [
         passerelle_http::request_id::HEADER,
         crate::proxy::X_FORWARDED_FOR,

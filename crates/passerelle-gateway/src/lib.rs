@@ -149,6 +149,7 @@ impl Gateway {
         Ok(Self {
             inner: Arc::new(Inner {
                 identity: IdentityResolver::new(&config.gateway.identity),
+                https: config.gateway.tls.is_some(),
                 front,
                 cors,
                 auth,

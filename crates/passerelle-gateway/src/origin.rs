@@ -30,8 +30,13 @@ pub enum Origin {
         rewrite: Option<PathTemplate>,
         streaming: bool,
     },
-    /// Several pools called concurrently, their JSON answers merged.
-    Compose(Vec<Part>),
+    /// Several pools called concurrently, their JSON answers merged. `forward`: request
+    /// headers the parts get beyond [`compose::part_headers`]'s own (the caller's signed
+    /// identity).
+    Compose {
+        parts: Vec<Part>,
+        forward: Vec<http::HeaderName>,
+    },
 }
 
 /// The upstream path(s) of one request.
@@ -58,7 +63,7 @@ impl Origin {
             Origin::Proxy {
                 rewrite: Some(t), ..
             } => with_query(t.render(param), uri.query()).map(Target::Proxy),
-            Origin::Compose(parts) => parts
+            Origin::Compose { parts, .. } => parts
                 .iter()
                 .map(|p| with_query(p.path.render(&param), None))
                 .collect::<Result<_, _>>()
@@ -101,13 +106,13 @@ impl Origin {
                 proxy::strip_hop_by_hop(&mut head.headers);
                 Ok(Response::from_parts(head, Body::new(body)))
             }
-            (Origin::Compose(parts), Target::Compose(paths)) => {
+            (Origin::Compose { parts, forward }, Target::Compose(paths)) => {
                 // Boxed so that the proxy path's state machine stays small.
                 Box::pin(compose::compose(
                     parts,
                     clients,
                     paths,
-                    compose::part_headers(&headers),
+                    compose::part_headers(&headers, forward),
                     deadline,
                 ))
                 .await
@@ -197,14 +202,17 @@ mod tests {
 
     #[test]
     fn a_compose_target_has_one_path_per_part_without_the_query() {
-        let origin = Origin::Compose(vec![
-            Part::new("user", pool(), PathTemplate::parse("/users/{u}").unwrap()),
-            Part::new(
-                "product",
-                pool(),
-                PathTemplate::parse("/products/{p}").unwrap(),
-            ),
-        ]);
+        let origin = Origin::Compose {
+            parts: vec![
+                Part::new("user", pool(), PathTemplate::parse("/users/{u}").unwrap()),
+                Part::new(
+                    "product",
+                    pool(),
+                    PathTemplate::parse("/products/{p}").unwrap(),
+                ),
+            ],
+            forward: Vec::new(),
+        };
         let uri: Uri = "/api/1/2?debug=1".parse().unwrap();
         match origin
             .target(&uri, params(&[("u", "1"), ("p", "2")]))

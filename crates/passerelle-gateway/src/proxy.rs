@@ -32,6 +32,8 @@ pub struct ClientAddr {
     /// The peer is a configured trusted proxy: its `X-Forwarded-For` / `Forwarded` are
     /// kept and extended; anyone else's are dropped (`crate::auth::headers`).
     pub trusted: bool,
+    /// The connection came over TLS (the listener terminates it).
+    pub https: bool,
 }
 
 impl ClientAddr {
@@ -42,6 +44,7 @@ impl ClientAddr {
             ip,
             header,
             trusted: false,
+            https: false,
         }
     }
 }
@@ -89,7 +92,10 @@ pub fn upstream_headers(
     if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR, v);
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    headers.insert(
+        X_FORWARDED_PROTO,
+        HeaderValue::from_static(if client.https { "https" } else { "http" }),
+    );
     headers.insert(passerelle_http::request_id::HEADER, request_id.clone());
     headers
 }
@@ -131,6 +137,12 @@ mod tests {
         assert_eq!(out[header::ACCEPT], "application/json");
         assert_eq!(out[X_FORWARDED_FOR], "203.0.113.9, 10.0.0.1");
         assert_eq!(out[X_FORWARDED_PROTO], "http");
+        let tls = ClientAddr {
+            https: true,
+            ..ClientAddr::new("10.0.0.1".parse().unwrap())
+        };
+        let out = upstream_headers(HeaderMap::new(), &tls, &HeaderValue::from_static("rid"));
+        assert_eq!(out[X_FORWARDED_PROTO], "https");
         assert_eq!(out["x-request-id"], "rid");
     }
 }

@@ -80,12 +80,16 @@ impl Route {
                 rewrite: r.rewrite.as_deref().map(template).transpose()?,
                 streaming: r.streaming,
             },
-            (None, Some(parts)) => Origin::Compose(
-                parts
+            (None, Some(parts)) => Origin::Compose {
+                parts: parts
                     .iter()
                     .map(|(name, p)| Ok(Part::new(name, pool(&p.upstream)?, template(&p.path)?)))
                     .collect::<Result<_, GatewayError>>()?,
-            ),
+                // The parts act for the caller the route authenticated.
+                forward: http::HeaderName::from_bytes(config.auth.identity.header.as_bytes())
+                    .into_iter()
+                    .collect(),
+            },
             (None, None) => {
                 return Err(GatewayError::Route {
                     route: r.name.clone(),

@@ -55,6 +55,8 @@ use crate::{auth, body, cors, front, normalize};
 pub struct Inner {
     pub(crate) identity: IdentityResolver,
     /// Stage 1½ and the security headers.
+    /// The public listener terminates TLS: upstreams are told `X-Forwarded-Proto: https`.
+    pub(crate) https: bool,
     pub(crate) front: front::FrontDoor,
     /// Some route has a CORS policy: only then is `Origin` looked at.
     pub(crate) cors: bool,
@@ -98,6 +100,7 @@ impl GatewayService {
         Self {
             client: ClientAddr {
                 trusted: self.inner.identity.is_trusted(&peer.ip()),
+                https: self.inner.https,
                 ..ClientAddr::new(peer.ip())
             },
             ..self.clone()
@@ -388,7 +391,7 @@ impl Inner {
         let deadline = start + route.timeout;
         // A composition's parts are `GET`s: nothing of the client's body goes anywhere.
         let body = match &*route.origin {
-            Origin::Compose(_) => Bytes::new(),
+            Origin::Compose { .. } => Bytes::new(),
             Origin::Proxy { .. } => {
                 body::read(&parts.headers, body, route.max_body, deadline).await?
             }

@@ -96,6 +96,14 @@ upstream = "users"
 auth = {{ schemes = ["api_key", "jwt"] }}
 
 [[routes]]
+name = "both"
+path = "/both/{{id}}"
+auth = {{ schemes = ["api_key"] }}
+[routes.compose]
+a = {{ upstream = "users", path = "/a/{{id}}" }}
+b = {{ upstream = "users", path = "/b/{{id}}" }}
+
+[[routes]]
 name = "mine"
 path = "/mine/{{*rest}}"
 upstream = "users"
@@ -591,4 +599,28 @@ async fn a_protected_private_route_caches_per_verified_caller() {
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_part_of_a_protected_composition_acts_for_the_caller() {
+    let p = platform(1, "").await;
+    let g = &p.gateways[0];
+    let (key, _) = create_key(&g.admin, serde_json::json!({ "owner": "7" })).await;
+    with_key(&g.http, "/both/1", "psl_live_x")
+        .await
+        .assert_problem(401);
+    let r = with_key(&g.http, "/both/1", &key).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let signer = Signer::new(&[Secret::new(IDENTITY_SECRET)]).unwrap();
+    for part in ["a", "b"] {
+        let seen = &r.json()[part]["headers"];
+        let v = seen["x-passerelle-identity"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{part}: {seen}"));
+        assert_eq!(&*signer.verify(v.as_bytes(), 0).unwrap().subject, "7");
+        assert!(
+            seen.get("x-api-key").is_none(),
+            "{part}: the key stays at the gateway"
+        );
+    }
 }

@@ -131,7 +131,9 @@ impl CacheHandle {
         // Who the caller is. Whether it has credentials chooses the view (below): a few
         // header lookups. What its credentials are (digests) names its private entries:
         // worked out once, only when a private entry is looked up or stored.
-        let who = identity.caller(client.ip, &parts.headers).verified(principal);
+        let who = identity
+            .caller(client.ip, &parts.headers)
+            .verified(principal);
         let credentialed = who.user.is_some()
             || who.api_key.is_some()
             || parts.headers.contains_key(header::AUTHORIZATION)
