@@ -118,6 +118,91 @@ impl Signer {
     }
 }
 
+/// The signer of a process, with its secrets re-read when their file changes (checked at
+/// most once a second, on use): rotating the identity secret needs no restart. Rotation
+/// order: add the new secret second in the services' list (they verify both), then first in
+/// the gateways' (they sign with it), then drop the old one.
+pub struct SignerSource {
+    file: Option<std::path::PathBuf>,
+    current: arc_swap::ArcSwapOption<Signer>,
+    /// Modification time of the file when last read.
+    seen: std::sync::Mutex<Option<std::time::SystemTime>>,
+    /// When the file is to be looked at next (ms since `epoch`).
+    due: std::sync::atomic::AtomicU64,
+    epoch: std::time::Instant,
+}
+
+impl std::fmt::Debug for SignerSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignerSource")
+            .field("file", &self.file)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How often the secrets file is looked at.
+const RECHECK_MS: u64 = 1000;
+
+impl SignerSource {
+    /// Secrets given inline are fixed; from `file`, they follow it. Errors: the file cannot
+    /// be read now.
+    pub fn new(inline: &[Secret], file: Option<&std::path::Path>) -> Result<Self, String> {
+        let secrets = Secret::resolve_list(inline, file)?;
+        let file = if inline.iter().any(|s| !s.expose().is_empty()) {
+            None
+        } else {
+            file.map(std::path::Path::to_path_buf)
+        };
+        let seen = file.as_deref().and_then(mtime);
+        Ok(Self {
+            file,
+            current: arc_swap::ArcSwapOption::from(Signer::new(&secrets).map(std::sync::Arc::new)),
+            seen: std::sync::Mutex::new(seen),
+            due: std::sync::atomic::AtomicU64::new(RECHECK_MS),
+            epoch: std::time::Instant::now(),
+        })
+    }
+
+    /// The signer now (`None`: no secret), its file looked at again if a second has passed.
+    pub fn get(&self) -> Option<std::sync::Arc<Signer>> {
+        use std::sync::atomic::Ordering;
+        if let Some(file) = &self.file {
+            let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+            let due = self.due.load(Ordering::Relaxed);
+            if now >= due
+                && self
+                    .due
+                    .compare_exchange(due, now + RECHECK_MS, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                self.reload(file);
+            }
+        }
+        self.current.load_full()
+    }
+
+    fn reload(&self, file: &std::path::Path) {
+        let m = mtime(file);
+        let Ok(mut seen) = self.seen.lock() else {
+            return;
+        };
+        if *seen == m {
+            return;
+        }
+        // A file being rewritten (empty, unreadable) keeps the secrets we have.
+        if let Ok(secrets) = Secret::resolve_list(&[], Some(file))
+            && let Some(s) = Signer::new(&secrets)
+        {
+            self.current.store(Some(std::sync::Arc::new(s)));
+            *seen = m;
+        }
+    }
+}
+
+fn mtime(p: &std::path::Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -183,6 +268,39 @@ mod tests {
             "signed with the new one"
         );
         assert!(Signer::new(&[]).is_none());
+    }
+
+    #[test]
+    fn a_secrets_file_is_followed_without_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("identity");
+        std::fs::write(&file, "old\n").unwrap();
+        let src = SignerSource::new(&[], Some(&file)).unwrap();
+        let signed_old = src.get().unwrap().sign(&alice(), 10);
+        std::fs::write(&file, "new\nold\n").unwrap();
+        // Make the change visible at once: an older mtime recorded, the check due.
+        *src.seen.lock().unwrap() = None;
+        src.due.store(0, std::sync::atomic::Ordering::Relaxed);
+        let s = src.get().unwrap();
+        assert_eq!(
+            s.verify(signed_old.as_bytes(), 0).unwrap(),
+            alice(),
+            "old still verifies"
+        );
+        let signed_new = s.sign(&alice(), 10);
+        let old_only = Signer::new(&[Secret::new("old")]).unwrap();
+        assert!(
+            old_only.verify(signed_new.as_bytes(), 0).is_err(),
+            "the new one signs"
+        );
+        // Emptied by mistake: the secrets stay.
+        std::fs::write(&file, "").unwrap();
+        *src.seen.lock().unwrap() = None;
+        src.due.store(0, std::sync::atomic::Ordering::Relaxed);
+        assert!(src.get().is_some());
+        // Inline secrets do not follow any file.
+        let fixed = SignerSource::new(&[Secret::new("x")], Some(&file)).unwrap();
+        assert!(fixed.file.is_none());
     }
 
     fn split3(s: &str) -> (&str, &str, &str) {

@@ -16,13 +16,14 @@ use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderName, HeaderValue, Method, StatusCode, header};
-use passerelle_auth::assertion::Signer;
+use passerelle_auth::assertion::SignerSource;
 use passerelle_http::Problem;
 
 /// How a service recognises the gateway's assertions: the shared secrets and the header.
 #[derive(Debug, Clone)]
 pub struct Assertions {
-    pub signer: Signer,
+    /// The shared secrets (they follow their file: a rotation needs no restart).
+    pub signer: Arc<SignerSource>,
     pub header: HeaderName,
 }
 
@@ -57,7 +58,14 @@ pub async fn require_writer(
             None,
         );
     };
-    match check.assertions.signer.verify(value.as_bytes(), unix_now()) {
+    let Some(signer) = check.assertions.signer.get() else {
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            "the identity assertion is not valid",
+            None,
+        );
+    };
+    match signer.verify(value.as_bytes(), unix_now()) {
         Err(e) => {
             tracing::info!(reason = %e, "write refused: identity assertion not believed");
             refuse(

@@ -503,15 +503,16 @@ fn assertions(
     config: &Config,
 ) -> anyhow::Result<Option<passerelle_services::identity::Assertions>> {
     let id = &config.auth.identity;
-    let secrets = passerelle_config::Secret::resolve_list(&id.secrets, id.secrets_file.as_deref())
-        .map_err(anyhow::Error::msg)?;
-    let Some(signer) = passerelle_auth::assertion::Signer::new(&secrets) else {
+    let signer =
+        passerelle_auth::assertion::SignerSource::new(&id.secrets, id.secrets_file.as_deref())
+            .map_err(anyhow::Error::msg)?;
+    if signer.get().is_none() {
         return Ok(None);
-    };
+    }
     let header = http::HeaderName::from_bytes(id.header.as_bytes())
         .map_err(|e| anyhow::anyhow!("auth.identity.header: {e}"))?;
     Ok(Some(passerelle_services::identity::Assertions {
-        signer,
+        signer: std::sync::Arc::new(signer),
         header,
     }))
 }

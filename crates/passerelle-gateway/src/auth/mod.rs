@@ -29,7 +29,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
-use passerelle_auth::assertion::Signer;
+use passerelle_auth::assertion::SignerSource;
 use passerelle_auth::jwt::Verifier;
 use passerelle_auth::{Principal, api_key::ApiKey};
 use passerelle_config::{AuthScheme, Config, RouteAuthConfig, Secret};
@@ -183,7 +183,8 @@ pub struct Authenticator {
     api_key_header: Option<HeaderName>,
     keys: Option<Arc<KeyStore>>,
     jwt: Option<Verifier>,
-    signer: Option<Signer>,
+    /// Signs assertions; follows its secrets file.
+    signer: SignerSource,
     assertion_header: HeaderName,
     assertion_ttl: Duration,
     headers: IdentityHeaders,
@@ -228,9 +229,8 @@ impl Authenticator {
                     .map_err(|e| AuthSetupError::Jwt(e.to_string()))?,
             )
         };
-        let assertion_secrets =
-            Secret::resolve_list(&a.identity.secrets, a.identity.secrets_file.as_deref())
-                .map_err(AuthSetupError::Secret)?;
+        let signer = SignerSource::new(&a.identity.secrets, a.identity.secrets_file.as_deref())
+            .map_err(AuthSetupError::Secret)?;
         let assertion_header = HeaderName::from_bytes(a.identity.header.as_bytes())
             .map_err(|e| AuthSetupError::Secret(format!("auth.identity.header: {e}")))?;
         Ok(Self {
@@ -242,7 +242,7 @@ impl Authenticator {
                 .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
             keys,
             jwt,
-            signer: Signer::new(&assertion_secrets),
+            signer,
             headers: IdentityHeaders::new(config, &assertion_header),
             assertion_header,
             assertion_ttl: a.identity.ttl.get(),
@@ -399,7 +399,7 @@ impl Authenticator {
     /// secret is configured; `None` otherwise (upstreams then get no identity at all). An
     /// API key's caller reuses the one signed last while more than half its life is left.
     pub fn assert(&self, caller: &Verified) -> Option<(HeaderName, HeaderValue)> {
-        let signer = self.signer.as_ref()?;
+        let signer = self.signer.get()?;
         let (now, ttl) = (unix_now(), self.assertion_ttl.as_secs());
         let sign = |until| HeaderValue::from_str(&signer.sign(&caller.principal, until)).ok();
         let value = match &caller.key {
