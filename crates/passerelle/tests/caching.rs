@@ -616,18 +616,32 @@ async fn requests_succeed_while_redis_is_down_and_caching_resumes() {
         .unwrap_or(0.0);
     assert!(errors >= 1.0, "Redis errors are counted");
     s.redis.restart();
-    // Back: a new key is stored in Redis again (visible with redis-cli).
+    // Back: a new key is stored in Redis again (visible with redis-cli). Each attempt asks
+    // for a path not asked before: a fill made while the breaker was still open lives in
+    // L1 only, and asking for it again would only ever hit L1.
+    let attempt = std::sync::atomic::AtomicUsize::new(0);
+    let stored = std::sync::Mutex::new(String::new());
     passerelle_testkit::wait_until(Duration::from_secs(10), "caching in Redis again", || {
         let http = http.clone();
         let redis = &s.redis;
+        let path = format!(
+            "/c/after-{}",
+            attempt.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let stored = &stored;
         async move {
-            let r = get(&http, "/c/after", &[]).await;
+            let r = get(&http, &path, &[]).await;
             assert_eq!(r.status, 200);
             let key = format!("psl:cache:{{{}}}", entry_key(&r));
-            redis.cli(&["EXISTS", &key]).trim() == "1"
+            let ok = redis.cli(&["EXISTS", &key]).trim() == "1";
+            if ok {
+                *stored.lock().unwrap() = path;
+            }
+            ok
         }
     })
     .await;
+    let after = stored.into_inner().unwrap();
     // The invalidation channel is back too: once the gateway has resubscribed, a published
     // invalidation reaches its L1.
     passerelle_testkit::wait_until(Duration::from_secs(10), "the gateway resubscribed", || {
@@ -641,20 +655,24 @@ async fn requests_succeed_while_redis_is_down_and_caching_resumes() {
         }
     })
     .await;
-    let before = get(&http, "/c/after", &[]).await.json()["n"].clone();
-    let r = get(&http, "/c/after", &[]).await;
+    let before = get(&http, &after, &[]).await.json()["n"].clone();
+    let r = get(&http, &after, &[]).await;
     assert!(cache_status(&r).contains("hit"), "{}", cache_status(&r));
     s.redis
         .cli(&["DEL", &format!("psl:cache:{{{}}}", entry_key(&r))]);
-    s.redis
-        .cli(&["PUBLISH", "psl:invalidate", "t:/things/after"]);
+    s.redis.cli(&[
+        "PUBLISH",
+        "psl:invalidate",
+        &format!("t:/things/{}", after.trim_start_matches("/c/")),
+    ]);
     passerelle_testkit::wait_until(
         Duration::from_secs(5),
         "the invalidation reaches L1",
         || {
             let http = http.clone();
             let before = before.clone();
-            async move { get(&http, "/c/after", &[]).await.json()["n"] != before }
+            let after = after.clone();
+            async move { get(&http, &after, &[]).await.json()["n"] != before }
         },
     )
     .await;
