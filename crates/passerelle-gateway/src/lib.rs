@@ -142,7 +142,21 @@ impl Gateway {
             route,
         }))?;
         let upstreams: Vec<Arc<Upstream>> = pools.into_values().collect();
-        let readiness = extend(readiness(&upstreams, redis.clone()));
+        let mut readiness = readiness(&upstreams, redis.clone());
+        if let Some(jwt) = auth
+            .jwt()
+            .filter(|j| j.key_sources().as_object().is_some_and(|o| !o.is_empty()))
+        {
+            // Shown, never failing: an identity provider that is down fails every replica
+            // at once, and taking them all out of rotation would also stop public routes and
+            // API keys. Its tokens get 503s meanwhile; the detail says why.
+            let jwt = jwt.clone();
+            readiness = readiness.check("token_issuers", move || {
+                let status = jwt.key_sources();
+                async move { Ok(status) }
+            });
+        }
+        let readiness = extend(readiness);
         let front = front::FrontDoor::new(&config.gateway, config.gateway.tls.is_some())
             .map_err(GatewayError::Front)?;
         let cors = config.routes.iter().any(|r| r.cors.is_some());

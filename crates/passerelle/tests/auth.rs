@@ -531,6 +531,13 @@ async fn an_unreachable_key_store_or_key_provider_refuses_with_503() {
     let p503 = r.assert_problem(503);
     assert_eq!(p503["type"], "urn:passerelle:problem:auth-unavailable");
     assert_eq!(r.header("retry-after"), Some("1"));
+    // The admin `/ready` says which key set is down, without failing readiness (every
+    // replica would fail at once, public routes and API keys with them).
+    let ready = g.admin.get("/ready").await;
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    let remote = &ready.json()["checks"]["token_issuers"]["details"]["remote"];
+    assert_eq!(remote["down"], true, "{}", ready.text());
+    assert_eq!(remote["keys"], 0);
     // The test issuer's tokens still work; an expired one is a 401, not a 503.
     let ok = format!("Bearer {}", token("7", ""));
     let r = g

@@ -213,6 +213,20 @@ impl UrlSource {
         fresh.then(|| st.keys.clone())
     }
 
+    /// For readiness: keys held, seconds since the last successful fetch, whether the
+    /// last attempt succeeded, whether the source counts as down.
+    pub(crate) fn status(&self) -> (usize, Option<u64>, bool, bool) {
+        let st = lock(&self.state);
+        let age = st.fetched_at.map(|t| t.elapsed());
+        let down = age.is_none_or(|a| a > self.settings.max_stale);
+        (
+            st.keys.keys.len(),
+            age.map(|a| a.as_secs()),
+            st.last_ok,
+            down,
+        )
+    }
+
     /// Fetches started so far.
     pub(crate) fn fetches(&self) -> u64 {
         self.fetches.load(Ordering::Relaxed)

@@ -190,6 +190,28 @@ impl Verifier {
         }
     }
 
+    /// The state of every JWKS URL, by issuer, for readiness details: keys held, age of the
+    /// last good set, whether the last fetch worked, whether the source counts as down
+    /// (tokens needing it are refused with 503 then). Issuers without a URL are left out.
+    pub fn key_sources(&self) -> serde_json::Value {
+        let mut out = serde_json::Map::new();
+        for (name, issuer) in &self.inner.issuers {
+            if let Some(u) = &issuer.url {
+                let (keys, age, last_ok, down) = u.status();
+                out.insert(
+                    name.clone(),
+                    serde_json::json!({
+                        "keys": keys,
+                        "fetched_s_ago": age,
+                        "last_fetch_ok": last_ok,
+                        "down": down,
+                    }),
+                );
+            }
+        }
+        serde_json::Value::Object(out)
+    }
+
     /// JWKS fetches started for `issuer` so far (0 without a JWKS URL): for metrics and
     /// tests.
     pub fn jwks_fetches(&self, issuer: &str) -> u64 {
