@@ -419,7 +419,7 @@ async fn run_platform(
     {
         match auth_setup::demo_key(config, &redis, data_dir).await {
             Ok(Some(path)) => println!(
-                "  {:<14} {}  (owner demo, {}): curl -H \"X-Api-Key: $(cat {})\" ...",
+                "  {:<14} {}  (owner demo, {}; writes take it as -H \"X-Api-Key: $(cat {})\")",
                 "api key",
                 path.display(),
                 auth_setup::DEMO_SCOPES.join(" "),
