@@ -631,3 +631,70 @@ async fn every_part_of_a_protected_composition_acts_for_the_caller() {
         );
     }
 }
+
+/// Redis lookups of API keys that found one (`passerelle_auth_key_lookups_total`).
+async fn keys_found(admin: &HttpClient) -> f64 {
+    admin
+        .get("/metrics")
+        .await
+        .text()
+        .lines()
+        .filter(|l| l.starts_with("passerelle_auth_key_lookups_total{result=\"found\"}"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_secret_rotates_without_a_restart_and_keys_follow_it() {
+    let redis = RedisServer::start();
+    let (upstream, _stop) = echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("api-key-secrets");
+    std::fs::write(&secrets, "first-secret-0123456789\n").unwrap();
+    let text = config_text(&redis.url(), upstream, "").replace(
+        &format!("secrets = [\"{KEY_SECRET}\"]"),
+        &format!("secrets_file = \"{}\"", secrets.display()),
+    );
+    let cfg = dir.path().join("gateway.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let g = gateway_process(&cfg).await;
+    let (key, _) = create_key(&g.admin, serde_json::json!({ "owner": "7" })).await;
+    assert_eq!(with_key(&g.http, "/any/r", &key).await.status, 200);
+    let rotate = |keep: &str| {
+        let out = std::process::Command::new(common::BIN)
+            .args(["--config", cfg.to_str().unwrap(), "keys", "rotate-secret"])
+            .args(["--keep", keep])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success() && text.contains("rotated"), "{text}");
+        let lines = std::fs::read_to_string(&secrets).unwrap().lines().count();
+        assert_eq!(lines, keep.parse::<usize>().unwrap());
+    };
+    // After each rotation the gateway re-reads the file, drops its cached lookups and
+    // finds the key again in Redis: under the older secret, which moves it to the newest.
+    let mut found = keys_found(&g.admin).await;
+    for (keep, works) in [("2", true), ("2", true), ("1", false)] {
+        rotate(keep);
+        let (http, admin, key) = (g.http.clone(), g.admin.clone(), key.clone());
+        let before = found;
+        passerelle_testkit::wait_until(Duration::from_secs(5), "the secrets reloaded", move || {
+            let (http, admin, key) = (http.clone(), admin.clone(), key.clone());
+            async move {
+                let status = with_key(&http, "/any/r", &key).await.status;
+                let reloaded = if works {
+                    keys_found(&admin).await > before
+                } else {
+                    status == 401
+                };
+                reloaded && (status == 200) == works
+            }
+        })
+        .await;
+        found = keys_found(&g.admin).await;
+    }
+    // The second rotation dropped the first secret: the key worked on only because it had
+    // moved to the second one. The third dropped that too: now it is unknown.
+    let r = with_key(&g.http, "/any/r", &key).await;
+    assert_eq!(r.assert_problem(401)["detail"], "unknown API key");
+}
