@@ -1,18 +1,23 @@
 //! # passerelle-testkit
 //!
 //! Builders for integration tests that use only real parts: a real `redis-server` started on
-//! a free loopback port ([`RedisServer`]), real sockets, real child processes. Every process
-//! started here is stopped by its PID when its handle drops, so a failing test leaves nothing
-//! behind.
+//! a free loopback port ([`RedisServer`]), a 6-node Redis Cluster ([`RedisCluster`]), a
+//! primary with a replica and three sentinels ([`RedisSentinel`]), real sockets, real child
+//! processes. Every process started here is stopped by its PID when its handle drops, so a
+//! failing test leaves nothing behind.
 
 mod http_client;
 pub mod raw_http;
+mod redis_cluster;
+mod redis_sentinel;
 mod redis_server;
 
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 pub use http_client::{HttpClient, Reply};
+pub use redis_cluster::RedisCluster;
+pub use redis_sentinel::RedisSentinel;
 pub use redis_server::{RedisOptions, RedisServer, TlsFiles};
 
 /// A port that was free a moment ago on 127.0.0.1. Prefer binding port 0 and handing the
