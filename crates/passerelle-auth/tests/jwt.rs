@@ -964,7 +964,9 @@ async fn a_hanging_provider_is_bounded_by_the_timeout() {
     );
     let took = started.elapsed();
     assert!(
-        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+        // Bounded (a hanging fetch without the timeout never ends); the upper bound is
+        // loose for a loaded machine.
+        took >= Duration::from_millis(450) && took < Duration::from_secs(10),
         "{took:?}"
     );
 }
