@@ -1003,7 +1003,10 @@ async fn the_last_good_set_serves_until_max_stale() {
     })
     .await;
     assert!(down);
-    assert!(asked.elapsed() >= Duration::from_secs(3), "not down before max_stale");
+    assert!(
+        asked.elapsed() >= Duration::from_secs(3),
+        "not down before max_stale"
+    );
 
     // The provider comes back: the next fetch (cooldown allowing) restores it.
     server.set(Reply::Ok(jwks(&[jwk_with_kid(&ec, "k1")])));
