@@ -273,9 +273,9 @@ impl Inner {
         // 4. Authentication.
         let mut parts = parts;
         let caller = if route.auth.applies(&parts.method) {
-            match Box::pin(self.auth.authenticate(&route.auth, &parts)).await {
+            match Box::pin(self.authenticate(route, &parts, thread, client)).await {
                 Ok(p) => p,
-                Err(e) => return (counted, Err(ProxyError::Auth(e))),
+                Err(e) => return (counted, Err(e)),
             }
         } else {
             None
@@ -350,6 +350,38 @@ impl Inner {
             h.apply(res.headers_mut());
         }
         (counted, result)
+    }
+
+    /// Stage 4 on a route that wants credentials. A client this process already refuses on
+    /// the route's limits is refused before any credential lookup, and a request without
+    /// a valid credential counts against the client's limits (by its address): a flood of
+    /// made-up keys ends in 429s answered from memory, not in one key lookup each.
+    async fn authenticate(
+        &self,
+        route: &Route,
+        parts: &Parts,
+        thread: &ThreadHandles,
+        client: &ClientAddr,
+    ) -> Result<Option<auth::Verified>, ProxyError> {
+        let limits = route.limits.as_ref().zip(thread.limiter.as_ref());
+        let anonymous = || self.identity.caller(client.ip, &parts.headers);
+        if let Some((l, h)) = limits
+            && let Some(r) = h.refused_locally(l, &route.name, &anonymous())
+        {
+            return Err(ProxyError::RateLimited(Box::new(r)));
+        }
+        match self.auth.authenticate(&route.auth, parts).await {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if let Some((l, h)) = limits
+                    && e.is_unauthenticated()
+                    && let Decision::Refused(r) = h.check(l, &route.name, &anonymous()).await
+                {
+                    return Err(ProxyError::RateLimited(Box::new(r)));
+                }
+                Err(ProxyError::Auth(e))
+            }
+        }
     }
 
     /// Stage 5: the route's rate limits for this caller.

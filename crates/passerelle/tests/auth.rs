@@ -72,6 +72,11 @@ by = ["api_key"]
 limit = 3
 period = "1h"
 
+[rate_limits.guard]
+by = ["client_ip"]
+limit = 5
+period = "1h"
+
 [rate_limiting]
 default_limits = []
 
@@ -102,6 +107,13 @@ auth = {{ schemes = ["api_key"] }}
 [routes.compose]
 a = {{ upstream = "users", path = "/a/{{id}}" }}
 b = {{ upstream = "users", path = "/b/{{id}}" }}
+
+[[routes]]
+name = "guarded"
+path = "/guarded/{{*rest}}"
+upstream = "users"
+auth = {{ schemes = ["api_key"] }}
+rate_limits = ["guard"]
 
 [[routes]]
 name = "mine"
@@ -697,4 +709,37 @@ async fn the_key_secret_rotates_without_a_restart_and_keys_follow_it() {
     // moved to the second one. The third dropped that too: now it is unknown.
     let r = with_key(&g.http, "/any/r", &key).await;
     assert_eq!(r.assert_problem(401)["detail"], "unknown API key");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessing_keys_is_rate_limited_and_then_costs_no_lookup() {
+    let p = platform(1, "").await;
+    let g = &p.gateways[0];
+    let made_up = || {
+        passerelle_auth::api_key::ApiKey::generate(passerelle_auth::api_key::KeyKind::Live)
+            .unwrap()
+            .expose()
+            .to_string()
+    };
+    // Each refusal counts against the client's limit on the route (5 an hour here)...
+    for _ in 0..5 {
+        with_key(&g.http, "/guarded/x", &made_up())
+            .await
+            .assert_problem(401);
+    }
+    let r = with_key(&g.http, "/guarded/x", &made_up()).await;
+    assert_eq!(r.assert_problem(429)["limit"], "guard");
+    assert!(r.header("retry-after").is_some());
+    // ...and once over it, the client is refused from memory, before any key lookup.
+    let before = key_lookups(&g.admin).await;
+    for _ in 0..20 {
+        with_key(&g.http, "/guarded/x", &made_up())
+            .await
+            .assert_problem(429);
+    }
+    assert_eq!(
+        key_lookups(&g.admin).await,
+        before,
+        "no lookup while blocked"
+    );
 }

@@ -108,6 +108,17 @@ pub enum AuthError {
     Unavailable(&'static str),
 }
 
+impl AuthError {
+    /// The client presented no credential or one that proves nothing: such refusals count
+    /// against its rate limits, so that guessing keys is limited like anything else.
+    pub fn is_unauthenticated(&self) -> bool {
+        matches!(
+            self,
+            AuthError::Missing | AuthError::SchemeNotAccepted(_) | AuthError::Invalid(_)
+        )
+    }
+}
+
 impl From<&AuthError> for Problem {
     fn from(e: &AuthError) -> Problem {
         let challenge = |extra: String| {

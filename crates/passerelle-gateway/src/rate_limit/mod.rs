@@ -178,6 +178,16 @@ pub struct LimiterHandle {
 }
 
 impl LimiterHandle {
+    /// See [`RateLimiter::refused_locally`].
+    pub fn refused_locally(
+        &self,
+        limits: &RouteLimits,
+        route_name: &str,
+        caller: &Caller,
+    ) -> Option<Refusal> {
+        self.limiter.refused_locally(limits, route_name, caller)
+    }
+
     /// Decides a request to a route with `limits` (named `route_name`) from `caller`.
     pub async fn check(&self, limits: &RouteLimits, route_name: &str, caller: &Caller) -> Decision {
         self.limiter
@@ -393,15 +403,8 @@ impl RateLimiter {
         k
     }
 
-    /// Decides a request to a route with `plan` (named `route_name`) from `caller`, over
-    /// `conn` (a serving thread's connection).
-    pub async fn check(
-        &self,
-        conn: Option<&RedisClient>,
-        plan: &RouteLimits,
-        route_name: &str,
-        caller: &Caller,
-    ) -> Decision {
+    /// Limits that count the same identity, grouped (one script decides a group).
+    fn groups(&self, plan: &RouteLimits, route_name: &str, caller: &Caller) -> Vec<Group> {
         let mut groups: Vec<Group> = Vec::with_capacity(plan.limits.len());
         for &i in &plan.limits {
             let id = self.identity(&self.limits[i], caller, route_name);
@@ -413,10 +416,13 @@ impl RateLimiter {
                 }),
             }
         }
-        let mut results: Vec<Option<LimitResult>> = vec![None; self.limits.len()];
-        let now = Instant::now();
+        groups
+    }
 
-        // 2. Limits known to be over: refused here, and their group goes no further.
+    /// Records in `results` the limits this process knows to be over for their identity;
+    /// returns the groups that are not (those Redis must decide).
+    fn local_blocks(&self, groups: &[Group], results: &mut [Option<LimitResult>]) -> Vec<usize> {
+        let now = Instant::now();
         let mut to_redis = Vec::with_capacity(groups.len());
         for (gi, g) in groups.iter().enumerate() {
             let mut blocked = false;
@@ -439,6 +445,44 @@ impl RateLimiter {
                 to_redis.push(gi);
             }
         }
+        to_redis
+    }
+
+    /// The refusal of a caller this process already knows to be over one of `plan`'s
+    /// limits (no Redis call, nothing consumed); `None` otherwise. Lets the gateway refuse
+    /// a flooding client before any credential lookup.
+    pub fn refused_locally(
+        &self,
+        plan: &RouteLimits,
+        route_name: &str,
+        caller: &Caller,
+    ) -> Option<Refusal> {
+        let groups = self.groups(plan, route_name, caller);
+        let mut results: Vec<Option<LimitResult>> = vec![None; self.limits.len()];
+        if self.local_blocks(&groups, &mut results).len() == groups.len() {
+            return None;
+        }
+        match self.answer(plan, &results) {
+            Decision::Refused(r) => Some(r),
+            Decision::Allowed(_) => None,
+        }
+    }
+
+    /// Decides a request to a route with `plan` (named `route_name`) from `caller`, over
+    /// `conn` (a serving thread's connection).
+    pub async fn check(
+        &self,
+        conn: Option<&RedisClient>,
+        plan: &RouteLimits,
+        route_name: &str,
+        caller: &Caller,
+    ) -> Decision {
+        let groups = self.groups(plan, route_name, caller);
+        let mut results: Vec<Option<LimitResult>> = vec![None; self.limits.len()];
+        let now = Instant::now();
+
+        // 2. Limits known to be over: refused here, and their group goes no further.
+        let to_redis = self.local_blocks(&groups, &mut results);
         // A refusal is certain already: nothing else needs deciding (or consuming).
         if to_redis.len() < groups.len() {
             return self.answer(plan, &results);
