@@ -118,6 +118,34 @@ impl Signer {
     }
 }
 
+/// The assertion last signed for one caller (an API key's cache entry, a verified token's),
+/// reused while more than half its lifetime is left: signing on every request was a
+/// measurable share of the authentication stage.
+#[derive(Debug, Default)]
+pub struct AssertionSlot(std::sync::Mutex<Option<(u64, http::HeaderValue)>>);
+
+impl AssertionSlot {
+    /// The value kept if more than half of `ttl` is left on it at `now` (unix seconds),
+    /// else `sign(until)`'s, kept for next time.
+    pub fn get_or_sign(
+        &self,
+        now: u64,
+        ttl: u64,
+        sign: impl FnOnce(u64) -> Option<http::HeaderValue>,
+    ) -> Option<http::HeaderValue> {
+        let mut slot = self.0.lock().ok()?;
+        if let Some((until, v)) = slot.as_ref()
+            && until.saturating_sub(now) > ttl / 2
+        {
+            return Some(v.clone());
+        }
+        let until = now + ttl;
+        let v = sign(until)?;
+        *slot = Some((until, v.clone()));
+        Some(v)
+    }
+}
+
 /// The signer of a process, with its secrets re-read when their file changes (checked at
 /// most once a second, on use): rotating the identity secret needs no restart. Rotation
 /// order: add the new secret second in the services' list (they verify both), then first in
@@ -268,6 +296,29 @@ mod tests {
             "signed with the new one"
         );
         assert!(Signer::new(&[]).is_none());
+    }
+
+    #[test]
+    fn a_kept_assertion_is_reused_while_more_than_half_its_life_is_left() {
+        let slot = AssertionSlot::default();
+        let signed = std::cell::Cell::new(0);
+        let sign = |until: u64| {
+            signed.set(signed.get() + 1);
+            http::HeaderValue::from_str(&until.to_string()).ok()
+        };
+        assert_eq!(slot.get_or_sign(1_000, 60, sign).unwrap(), "1060");
+        assert_eq!(
+            slot.get_or_sign(1_029, 60, sign).unwrap(),
+            "1060",
+            "31 s left"
+        );
+        assert_eq!(signed.get(), 1);
+        assert_eq!(
+            slot.get_or_sign(1_030, 60, sign).unwrap(),
+            "1090",
+            "30 s left"
+        );
+        assert_eq!(signed.get(), 2);
     }
 
     #[test]

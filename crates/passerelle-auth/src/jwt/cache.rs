@@ -12,6 +12,7 @@ use moka::Expiry;
 use sha2::{Digest, Sha256};
 
 use crate::Principal;
+use crate::assertion::AssertionSlot;
 
 /// Longest time a verified token is remembered.
 pub(crate) const MAX_TTL: Duration = Duration::from_secs(300);
@@ -22,6 +23,8 @@ type Hash = [u8; 32];
 struct Entry {
     principal: Principal,
     ttl: Duration,
+    /// The identity assertion last signed for this token's caller.
+    slot: std::sync::Arc<AssertionSlot>,
 }
 
 struct UntilExp;
@@ -60,30 +63,42 @@ impl TokenCache {
     /// The caller of a token verified earlier and still within its lifetime at `now` (Unix
     /// seconds; the monotonic TTL is the main bound, this guards against a wall clock that
     /// jumped forward).
-    pub(crate) fn get(&self, hash: &Hash, now: u64) -> Option<Principal> {
+    pub(crate) fn get(
+        &self,
+        hash: &Hash,
+        now: u64,
+    ) -> Option<(Principal, std::sync::Arc<AssertionSlot>)> {
         let entry = self.0.as_ref()?.get(hash)?;
         match entry.principal.expires {
             Some(exp) if now >= exp => None,
-            _ => Some(entry.principal),
+            _ => Some((entry.principal, entry.slot)),
         }
     }
 
     /// Remembers a verified token until `exp` (at most [`MAX_TTL`]); a token with no `exp`
     /// for [`MAX_TTL`].
-    pub(crate) fn insert(&self, hash: Hash, principal: &Principal, now: u64) {
-        let Some(cache) = &self.0 else { return };
+    pub(crate) fn insert(
+        &self,
+        hash: Hash,
+        principal: &Principal,
+        now: u64,
+    ) -> Option<std::sync::Arc<AssertionSlot>> {
+        let cache = self.0.as_ref()?;
         let ttl = match principal.expires {
-            Some(exp) if exp <= now => return,
+            Some(exp) if exp <= now => return None,
             Some(exp) => Duration::from_secs(exp - now).min(MAX_TTL),
             None => MAX_TTL,
         };
+        let slot = std::sync::Arc::new(AssertionSlot::default());
         cache.insert(
             hash,
             Entry {
                 principal: principal.clone(),
                 ttl,
+                slot: slot.clone(),
             },
         );
+        Some(slot)
     }
 
     /// Moka's housekeeping (expired entries' memory), run by `maintain`.

@@ -107,14 +107,23 @@ impl Verifier {
     /// it starts is spawned there, so that the caller going away does not cancel it for the
     /// requests waiting on the same fetch.
     pub async fn verify(&self, token: &str) -> Result<Principal, JwtError> {
+        self.verify_kept(token).await.map(|(p, _)| p)
+    }
+
+    /// [`Verifier::verify`], with the slot where the caller's signed identity assertion is
+    /// kept as long as the token is (`None` when the cache is off).
+    pub async fn verify_kept(
+        &self,
+        token: &str,
+    ) -> Result<(Principal, Option<Arc<crate::assertion::AssertionSlot>>), JwtError> {
         let hash = TokenCache::hash(token);
         let now = unix_now();
-        if let Some(p) = self.inner.cache.get(&hash, now) {
-            return Ok(p);
+        if let Some((p, slot)) = self.inner.cache.get(&hash, now) {
+            return Ok((p, Some(slot)));
         }
         let principal = self.verify_uncached(token, now).await?;
-        self.inner.cache.insert(hash, &principal, now);
-        Ok(principal)
+        let slot = self.inner.cache.insert(hash, &principal, now);
+        Ok((principal, slot))
     }
 
     async fn verify_uncached(&self, token: &str, now: u64) -> Result<Principal, JwtError> {

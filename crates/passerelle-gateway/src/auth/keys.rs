@@ -5,8 +5,7 @@
 //! Redis round trip per request; concurrent misses of one key share one lookup. It is keyed
 //! by the key itself (process memory only, bounded): a hit costs a hash of the string, and
 //! the HMAC is computed only on a miss. Each valid entry also keeps the identity assertion
-//! last signed for its caller, reused while more than half its lifetime is left
-//! ([`ValidKey::assertion`]): signing on every request was a measurable share of the stage. A revoked
+//! last signed for its caller ([`AssertionSlot`]). A revoked
 //! key is dropped from every replica's cache by the control message its revocation
 //! publishes (milliseconds) and, should that message be lost (a reconnect), by the
 //! revocation generation each replica polls every `revocation_poll`: that poll interval
@@ -26,6 +25,7 @@ use arc_swap::ArcSwap;
 use moka::Expiry;
 use moka::future::Cache;
 use passerelle_auth::api_key::{ApiKey, KeyDigest, KeyHasher, KeyKind};
+use passerelle_auth::assertion::AssertionSlot;
 use passerelle_auth::{Principal, Scopes};
 use passerelle_config::{ApiKeysConfig, Secret};
 use passerelle_redis::api_keys::{KeyPage, StoredKey};
@@ -63,8 +63,8 @@ pub struct ValidKey {
     touched: AtomicU64,
     /// The digest it was found under, and (after a rotation) the newest secret's.
     digests: Vec<KeyDigest>,
-    /// The assertion last signed for this caller: `(valid until, unix s; header value)`.
-    assertion: Mutex<Option<(u64, http::HeaderValue)>>,
+    /// The identity assertion last signed for this caller.
+    slot: Arc<AssertionSlot>,
 }
 
 impl ValidKey {
@@ -72,24 +72,9 @@ impl ValidKey {
         &self.principal
     }
 
-    /// The signed assertion of this caller, reused while more than half of `ttl` is left
-    /// on it, else made by `sign(until)` and kept.
-    pub fn assertion(
-        &self,
-        now: u64,
-        ttl: u64,
-        sign: impl FnOnce(u64) -> Option<http::HeaderValue>,
-    ) -> Option<http::HeaderValue> {
-        let mut slot = self.assertion.lock().ok()?;
-        if let Some((until, v)) = slot.as_ref()
-            && until.saturating_sub(now) > ttl / 2
-        {
-            return Some(v.clone());
-        }
-        let until = now + ttl;
-        let v = sign(until)?;
-        *slot = Some((until, v.clone()));
-        Some(v)
+    /// Where this caller's signed identity assertion is kept.
+    pub fn slot(&self) -> &Arc<AssertionSlot> {
+        &self.slot
     }
 }
 
@@ -426,44 +411,13 @@ fn valid_key(s: StoredKey, digests: Vec<KeyDigest>) -> ValidKey {
         revoked: s.revoked != 0,
         touched: AtomicU64::new(s.last_used),
         digests,
-        assertion: Mutex::new(None),
+        slot: Arc::default(),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_signed_assertion_is_reused_while_more_than_half_its_life_is_left() {
-        let k = valid_key(
-            StoredKey {
-                id: "AbCd1234".into(),
-                owner: "7".into(),
-                ..StoredKey::default()
-            },
-            Vec::new(),
-        );
-        let signed = std::cell::Cell::new(0);
-        let sign = |until: u64| {
-            signed.set(signed.get() + 1);
-            http::HeaderValue::from_str(&until.to_string()).ok()
-        };
-        assert_eq!(k.assertion(1_000, 60, sign).unwrap(), "1060");
-        assert_eq!(
-            k.assertion(1_029, 60, sign).unwrap(),
-            "1060",
-            "31 s left: reused"
-        );
-        assert_eq!(signed.get(), 1);
-        assert_eq!(
-            k.assertion(1_030, 60, sign).unwrap(),
-            "1090",
-            "30 s left: signed anew"
-        );
-        assert_eq!(signed.get(), 2);
-        assert_eq!(k.principal().key_id.as_deref(), Some("AbCd1234"));
-    }
 
     #[test]
     fn an_entry_is_about_the_digests_it_was_found_under() {

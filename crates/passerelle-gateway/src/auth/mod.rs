@@ -29,7 +29,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
-use passerelle_auth::assertion::SignerSource;
+use passerelle_auth::assertion::{AssertionSlot, SignerSource};
 use passerelle_auth::jwt::Verifier;
 use passerelle_auth::{Principal, api_key::ApiKey};
 use passerelle_config::{AuthScheme, Config, RouteAuthConfig, Secret};
@@ -165,12 +165,12 @@ impl From<&AuthError> for Problem {
     }
 }
 
-/// A verified caller; for an API key, also its cache entry, which keeps the caller's signed
-/// assertion between requests.
+/// A verified caller, and where its signed assertion is kept between requests (the API
+/// key's or the token's cache entry).
 #[derive(Debug, Clone)]
 pub struct Verified {
     pub principal: Principal,
-    key: Option<Arc<ValidKey>>,
+    slot: Option<Arc<AssertionSlot>>,
 }
 
 /// A credential as presented, before verification.
@@ -309,7 +309,7 @@ impl Authenticator {
                 let v = store.verify(&key).await?;
                 Verified {
                     principal: v.principal().clone(),
-                    key: Some(v),
+                    slot: Some(v.slot().clone()),
                 }
             }
             Some(Credential::Jwt(t)) => {
@@ -317,17 +317,14 @@ impl Authenticator {
                     .jwt
                     .as_ref()
                     .ok_or(AuthError::Invalid("no token issuer is configured"))?;
-                let principal = v.verify(t).await.map_err(|e| {
+                let (principal, slot) = v.verify_kept(t).await.map_err(|e| {
                     if e.is_provider_down() {
                         AuthError::Unavailable("the token issuer's key set")
                     } else {
                         AuthError::Invalid(e.detail())
                     }
                 })?;
-                Verified {
-                    principal,
-                    key: None,
-                }
+                Verified { principal, slot }
             }
         };
         if let Some(scope) = verified.principal.scopes.missing(&req.scopes) {
@@ -407,14 +404,14 @@ impl Authenticator {
     }
 
     /// The assertion header for `caller` (signed, valid `auth.identity.ttl`), when a
-    /// secret is configured; `None` otherwise (upstreams then get no identity at all). An
-    /// API key's caller reuses the one signed last while more than half its life is left.
+    /// secret is configured; `None` otherwise (upstreams then get no identity at all). A
+    /// caller reuses the one signed last while more than half its life is left.
     pub fn assert(&self, caller: &Verified) -> Option<(HeaderName, HeaderValue)> {
         let signer = self.signer.get()?;
         let (now, ttl) = (unix_now(), self.assertion_ttl.as_secs());
         let sign = |until| HeaderValue::from_str(&signer.sign(&caller.principal, until)).ok();
-        let value = match &caller.key {
-            Some(k) => k.assertion(now, ttl, sign)?,
+        let value = match &caller.slot {
+            Some(slot) => slot.get_or_sign(now, ttl, sign)?,
             None => sign(now + ttl)?,
         };
         Some((self.assertion_header.clone(), value))
