@@ -298,8 +298,8 @@ async fn bad_keys_are_refused_clearly_and_unknown_ones_cost_redis_little() {
             .unwrap()
             .contains("insufficient_scope")
     );
-    // The same key is fine where no scope is asked; an API key on a JWT-only... (any
-    // accepts both) and a bearer that is neither a key nor a token.
+    // The same key is fine where no scope is asked; a bearer that is neither a key nor a
+    // token is refused there.
     assert_eq!(with_key(&g.http, "/any/a", &key).await.status, 200);
     let r = g
         .http
