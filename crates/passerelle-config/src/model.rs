@@ -77,6 +77,18 @@ pub struct RedisConfig {
     pub cache_url: Option<String>,
     /// Redis for durable data (audit, preferences, rate limits). Falls back to `url`.
     pub durable_url: Option<String>,
+    /// Seed nodes of a Redis Cluster for both roles (`["redis://host:port", ...]`): a few
+    /// of its nodes, the rest are discovered. Instead of `url`, not beside it.
+    pub cluster_nodes: Vec<String>,
+    /// Seed nodes of a Redis Cluster for the cache only. Instead of `cache_url`.
+    pub cache_cluster_nodes: Vec<String>,
+    /// Seed nodes of a Redis Cluster for durable data only. Instead of `durable_url`.
+    pub durable_cluster_nodes: Vec<String>,
+    /// Sentinels (`host:port` or `redis://host:port`) watching the primary named
+    /// `sentinel_master`, for both roles: the same as
+    /// `url = "redis+sentinel://host:port,host:port/<master>"`.
+    pub sentinels: Vec<String>,
+    pub sentinel_master: Option<String>,
     /// The ACL user passerelle logs in as (absent: `default`).
     pub username: Option<String>,
     /// Its password; prefer `password_file` or `PASSERELLE_REDIS__PASSWORD`.
@@ -122,6 +134,11 @@ impl std::fmt::Debug for RedisConfig {
             .field("url", &url(&self.url))
             .field("cache_url", &url(&self.cache_url))
             .field("durable_url", &url(&self.durable_url))
+            .field("cluster_nodes", &self.cluster_nodes.len())
+            .field("cache_cluster_nodes", &self.cache_cluster_nodes.len())
+            .field("durable_cluster_nodes", &self.durable_cluster_nodes.len())
+            .field("sentinels", &self.sentinels.len())
+            .field("sentinel_master", &self.sentinel_master)
             .field("username", &self.username)
             .field("password", &self.password)
             .field("password_file", &self.password_file)
@@ -139,6 +156,11 @@ impl Default for RedisConfig {
             url: None,
             cache_url: None,
             durable_url: None,
+            cluster_nodes: Vec::new(),
+            cache_cluster_nodes: Vec::new(),
+            durable_cluster_nodes: Vec::new(),
+            sentinels: Vec::new(),
+            sentinel_master: None,
             username: None,
             password: None,
             password_file: None,
@@ -151,17 +173,146 @@ impl Default for RedisConfig {
 }
 
 impl RedisConfig {
+    /// The cache role's single-server URL (`cache_url`, else `url`), when it is one.
     pub fn cache_url(&self) -> Option<&str> {
-        self.cache_url.as_deref().or(self.url.as_deref())
+        match self.cache_target()? {
+            RedisTarget::Server(_) => self.cache_url.as_deref().or(self.url.as_deref()),
+            _ => None,
+        }
     }
+    /// The durable role's single-server URL (`durable_url`, else `url`), when it is one.
     pub fn durable_url(&self) -> Option<&str> {
-        self.durable_url.as_deref().or(self.url.as_deref())
+        match self.durable_target()? {
+            RedisTarget::Server(_) => self.durable_url.as_deref().or(self.url.as_deref()),
+            _ => None,
+        }
+    }
+
+    /// Where the cache lives: `cache_url` or `cache_cluster_nodes`, else the shared
+    /// setting (`url`, `cluster_nodes`, or `sentinels`). `None`: no Redis configured.
+    pub fn cache_target(&self) -> Option<RedisTarget> {
+        Self::target(self.cache_url.as_deref(), &self.cache_cluster_nodes)
+            .or_else(|| self.shared_target())
+    }
+
+    /// Where durable data lives: `durable_url` or `durable_cluster_nodes`, else the shared
+    /// setting.
+    pub fn durable_target(&self) -> Option<RedisTarget> {
+        Self::target(self.durable_url.as_deref(), &self.durable_cluster_nodes)
+            .or_else(|| self.shared_target())
+    }
+
+    /// Whether any Redis is configured (else `up` manages its own).
+    pub fn is_configured(&self) -> bool {
+        self.cache_target().is_some() || self.durable_target().is_some()
+    }
+
+    fn shared_target(&self) -> Option<RedisTarget> {
+        Self::target(self.url.as_deref(), &self.cluster_nodes).or_else(|| {
+            (!self.sentinels.is_empty()).then(|| RedisTarget::Sentinel {
+                sentinels: self.sentinels.iter().map(|s| sentinel_url(s)).collect(),
+                master: self.sentinel_master.clone().unwrap_or_default(),
+            })
+        })
+    }
+
+    fn target(url: Option<&str>, nodes: &[String]) -> Option<RedisTarget> {
+        match url {
+            Some(u) => Some(RedisTarget::parse(u)),
+            None if !nodes.is_empty() => Some(RedisTarget::Cluster(nodes.to_vec())),
+            None => None,
+        }
     }
     /// The password: `password`, else the first line of `password_file`, else none. The
     /// error names the file, never its content.
     pub fn resolve_password(&self) -> Result<Option<crate::secret::Secret>, String> {
         crate::secret::Secret::resolve(self.password.as_ref(), self.password_file.as_deref())
             .map_err(|e| format!("redis.password_file: {e}"))
+    }
+}
+
+/// Where one role's Redis is.
+#[derive(Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One server: `redis://`, `rediss://` or `unix://`.
+    Server(String),
+    /// A Redis Cluster, by seed node URLs.
+    Cluster(Vec<String>),
+    /// The primary that the sentinels (`redis://host:port` each) name `master`.
+    Sentinel {
+        sentinels: Vec<String>,
+        master: String,
+    },
+}
+
+/// The scheme of a Sentinel URL: `redis+sentinel://host:port[,host:port...]/<master>`.
+pub const SENTINEL_SCHEME: &str = "redis+sentinel://";
+
+/// `host:port` as `redis://host:port`; a URL stays as it is.
+fn sentinel_url(s: &str) -> String {
+    if s.contains("://") {
+        s.to_string()
+    } else {
+        format!("redis://{s}")
+    }
+}
+
+impl RedisTarget {
+    /// A URL: `redis+sentinel://` is a [`RedisTarget::Sentinel`] (an empty master name or
+    /// sentinel list is left for validation to report), anything else a server.
+    pub fn parse(url: &str) -> Self {
+        let Some(rest) = url.strip_prefix(SENTINEL_SCHEME) else {
+            return RedisTarget::Server(url.to_string());
+        };
+        let (hosts, master) = rest.split_once('/').unwrap_or((rest, ""));
+        RedisTarget::Sentinel {
+            sentinels: hosts
+                .split(',')
+                .map(str::trim)
+                .filter(|h| !h.is_empty())
+                .map(sentinel_url)
+                .collect(),
+            master: master.trim_end_matches('/').to_string(),
+        }
+    }
+
+    /// The URL or seed list, passwords shown as `***`.
+    pub fn redacted(&self) -> String {
+        match self {
+            RedisTarget::Server(u) => crate::secret::redact_url(u),
+            RedisTarget::Cluster(nodes) => format!(
+                "cluster {}",
+                nodes
+                    .iter()
+                    .map(|n| crate::secret::redact_url(n))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            RedisTarget::Sentinel { sentinels, master } => {
+                let hosts: Vec<String> = sentinels
+                    .iter()
+                    .map(|s| crate::secret::redact_url(s))
+                    .map(|s| {
+                        s.split_once("://")
+                            .map_or(s.clone(), |(_, h)| h.to_string())
+                    })
+                    .collect();
+                format!("{SENTINEL_SCHEME}{}/{master}", hosts.join(","))
+            }
+        }
+    }
+}
+
+/// Redacted, so that a password never reaches a log.
+impl std::fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl std::fmt::Display for RedisTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
     }
 }
 

@@ -6,8 +6,8 @@
 //! URL, would do nothing and are errors too. Messages show URLs redacted.
 
 use super::problems::{POSITIVE, Problems, valid_name};
-use crate::RedisConfig;
 use crate::secret::redact_url;
+use crate::{RedisConfig, RedisTarget, SENTINEL_SCHEME};
 
 /// Whether `url` carries a user or a password (`scheme://userinfo@host`).
 fn has_userinfo(url: &str) -> bool {
@@ -23,20 +23,32 @@ pub(super) fn check(r: &RedisConfig, p: &mut Problems) {
         ("redis.durable_url", &r.durable_url),
     ];
     for (field, url) in urls {
-        if let Some(u) = url
-            && !["redis://", "rediss://", "unix://"]
-                .iter()
-                .any(|scheme| u.starts_with(scheme))
+        let Some(u) = url else { continue };
+        if !["redis://", "rediss://", "unix://", SENTINEL_SCHEME]
+            .iter()
+            .any(|scheme| u.starts_with(scheme))
         {
             p.add(
                 field,
                 format!(
-                    "{:?} is not a redis://, rediss:// or unix:// URL",
+                    "{:?} is not a redis://, rediss://, unix:// or {SENTINEL_SCHEME} URL",
+                    redact_url(u)
+                ),
+            );
+        } else if let RedisTarget::Sentinel { sentinels, master } = RedisTarget::parse(u)
+            && (sentinels.is_empty() || master.is_empty())
+        {
+            p.add(
+                field,
+                format!(
+                    "{:?} needs sentinels and the primary's name: \
+                     {SENTINEL_SCHEME}host:port,host:port/<master name>",
                     redact_url(u)
                 ),
             );
         }
     }
+    check_topology(r, p);
     let separate = [
         ("redis.password", r.password.is_some()),
         ("redis.password_file", r.password_file.is_some()),
@@ -57,11 +69,11 @@ pub(super) fn check(r: &RedisConfig, p: &mut Problems) {
                 );
             }
         }
-        if urls.iter().all(|(_, u)| u.is_none()) {
+        if !r.is_configured() {
             p.add(
                 *setting,
-                "is set but no Redis URL is (redis.url, cache_url or durable_url); \
-                 `passerelle up` manages its own Redis with generated credentials",
+                "is set but no Redis is (redis.url, cache_url, durable_url, cluster_nodes or \
+                 sentinels); `passerelle up` manages its own Redis with generated credentials",
             );
         }
     }
@@ -89,7 +101,15 @@ pub(super) fn check(r: &RedisConfig, p: &mut Problems) {
             format!("a client certificate needs both cert_file and key_file; {other} is missing"),
         );
     }
+    let cluster_tls = [
+        &r.cluster_nodes,
+        &r.cache_cluster_nodes,
+        &r.durable_cluster_nodes,
+    ]
+    .iter()
+    .any(|nodes| nodes.iter().any(|n| n.starts_with("rediss://")));
     if tls.is_set()
+        && !cluster_tls
         && !urls
             .iter()
             .any(|(_, u)| u.as_deref().is_some_and(|u| u.starts_with("rediss://")))
@@ -118,6 +138,92 @@ pub(super) fn check(r: &RedisConfig, p: &mut Problems) {
         ("redis.command_timeout", r.command_timeout),
     ] {
         p.check(!d.get().is_zero(), field, POSITIVE);
+    }
+}
+
+/// Cluster seeds and sentinels: well-formed, and each role's Redis given one way only (a
+/// URL beside seed nodes would leave which one is used to a precedence rule nobody reads).
+fn check_topology(r: &RedisConfig, p: &mut Problems) {
+    let lists = [
+        ("redis.cluster_nodes", &r.cluster_nodes),
+        ("redis.cache_cluster_nodes", &r.cache_cluster_nodes),
+        ("redis.durable_cluster_nodes", &r.durable_cluster_nodes),
+    ];
+    for (field, nodes) in lists {
+        for n in nodes {
+            if !(n.starts_with("redis://") || n.starts_with("rediss://")) {
+                p.add(
+                    field,
+                    format!("{:?} is not a redis:// or rediss:// URL", redact_url(n)),
+                );
+            }
+        }
+        let tls = nodes.iter().filter(|n| n.starts_with("rediss://")).count();
+        if tls != 0 && tls != nodes.len() {
+            p.add(
+                field,
+                "mixes redis:// and rediss:// nodes; a cluster is all TLS or none",
+            );
+        }
+    }
+    let one_way = [
+        (
+            "redis.cluster_nodes",
+            !r.cluster_nodes.is_empty(),
+            [
+                ("redis.url", r.url.is_some()),
+                ("redis.sentinels", !r.sentinels.is_empty()),
+            ],
+        ),
+        (
+            "redis.cache_cluster_nodes",
+            !r.cache_cluster_nodes.is_empty(),
+            [("redis.cache_url", r.cache_url.is_some()), ("", false)],
+        ),
+        (
+            "redis.durable_cluster_nodes",
+            !r.durable_cluster_nodes.is_empty(),
+            [("redis.durable_url", r.durable_url.is_some()), ("", false)],
+        ),
+        (
+            "redis.sentinels",
+            !r.sentinels.is_empty(),
+            [("redis.url", r.url.is_some()), ("", false)],
+        ),
+    ];
+    for (field, set, others) in one_way {
+        for (other, other_set) in others {
+            if set && other_set {
+                p.add(
+                    field,
+                    format!("{other} is set too; give this role's Redis one way"),
+                );
+            }
+        }
+    }
+    for s in &r.sentinels {
+        let addr = s.strip_prefix("redis://").unwrap_or(s);
+        if addr.contains("://") || !addr.contains(':') {
+            p.add(
+                "redis.sentinels",
+                format!(
+                    "{:?} is not host:port (or redis://host:port)",
+                    redact_url(s)
+                ),
+            );
+        }
+    }
+    match (&r.sentinel_master, r.sentinels.is_empty()) {
+        (None, false) => p.add(
+            "redis.sentinels",
+            "need redis.sentinel_master, the name they monitor the primary under",
+        ),
+        (Some(m), false) if m.is_empty() => p.add("redis.sentinel_master", "is empty"),
+        (Some(_), true) => p.add(
+            "redis.sentinel_master",
+            "is set but redis.sentinels is empty",
+        ),
+        _ => {}
     }
 }
 
@@ -155,7 +261,7 @@ mod tests {
             (
                 "[redis]\npassword = \"x\"\n",
                 2,
-                "redis.password: is set but no Redis URL is",
+                "redis.password: is set but no Redis is",
             ),
             (
                 "[redis]\nurl = \"redis://h:1\"\npassword = \"x\"\npassword_file = \"/p\"\n",
@@ -183,6 +289,92 @@ mod tests {
                 "\"http://u:***@x\" is not",
             ),
         ]);
+    }
+
+    #[test]
+    fn cluster_and_sentinel_are_given_one_way_and_well_formed() {
+        check_errs(&[
+            (
+                "[redis]\nurl = \"redis://h:1\"\ncluster_nodes = [\"redis://h:2\"]\n",
+                3,
+                "redis.cluster_nodes: redis.url is set too",
+            ),
+            (
+                "[redis]\ncluster_nodes = [\"h:2\"]\n",
+                2,
+                "redis.cluster_nodes: \"h:2\" is not a redis:// or rediss:// URL",
+            ),
+            (
+                "[redis]\ncluster_nodes = [\"redis://h:1\", \"rediss://h:2\"]\n",
+                2,
+                "mixes redis:// and rediss://",
+            ),
+            (
+                "[redis]\ncache_url = \"redis://h:1\"\ncache_cluster_nodes = [\"redis://h:2\"]\n",
+                3,
+                "redis.cache_cluster_nodes: redis.cache_url is set too",
+            ),
+            (
+                "[redis]\nsentinels = [\"h:26379\"]\n",
+                2,
+                "redis.sentinels: need redis.sentinel_master",
+            ),
+            (
+                "[redis]\nsentinel_master = \"m\"\n",
+                2,
+                "redis.sentinel_master: is set but redis.sentinels is empty",
+            ),
+            (
+                "[redis]\nsentinels = [\"h\"]\nsentinel_master = \"m\"\n",
+                2,
+                "redis.sentinels: \"h\" is not host:port",
+            ),
+            (
+                "[redis]\ndurable_url = \"redis+sentinel://h:26379\"\n",
+                2,
+                "needs sentinels and the primary's name",
+            ),
+        ]);
+    }
+
+    #[test]
+    fn each_role_finds_its_topology() {
+        use crate::RedisTarget;
+        let c = crate::Config::from_toml(
+            "test",
+            "[redis]\ncluster_nodes = [\"redis://a:1\", \"redis://b:2\"]\n\
+             durable_url = \"redis+sentinel://s1:26379,s2:26379/main\"\n",
+            Vec::new(),
+        )
+        .expect("valid");
+        assert_eq!(
+            c.redis.cache_target(),
+            Some(RedisTarget::Cluster(vec![
+                "redis://a:1".into(),
+                "redis://b:2".into()
+            ]))
+        );
+        assert_eq!(
+            c.redis.durable_target(),
+            Some(RedisTarget::Sentinel {
+                sentinels: vec!["redis://s1:26379".into(), "redis://s2:26379".into()],
+                master: "main".into()
+            })
+        );
+        assert_eq!(c.redis.cache_url(), None, "not a single server");
+        let c = crate::Config::from_toml(
+            "test",
+            "[redis]\nsentinels = [\"s1:26379\"]\nsentinel_master = \"main\"\n",
+            Vec::new(),
+        )
+        .expect("valid");
+        assert_eq!(c.redis.cache_target(), c.redis.durable_target());
+        assert_eq!(
+            c.redis.durable_target().map(|t| t.to_string()),
+            Some("redis+sentinel://s1:26379/main".to_string())
+        );
+        let cluster = RedisTarget::Cluster(vec!["redis://u:hunter2@a:1".into()]);
+        assert_eq!(format!("{cluster:?}"), "cluster redis://u:***@a:1");
     }
 
     #[test]
