@@ -10,8 +10,8 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use redis::Pipeline;
 
+use crate::batch::{Batch, evalsha};
 use crate::keys::KeySchema;
 use crate::{RedisClient, RedisError, scripts};
 
@@ -65,12 +65,22 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
-/// Adds a `PUBLISH` of each invalidation to `p`, after the deletions it announces.
-fn publish(p: &mut Pipeline, keys: &KeySchema, invs: impl Iterator<Item = Invalidation>) {
+/// Adds a message for each invalidation to `b`, after everything added before (the
+/// deletions it announces).
+fn publish(b: &mut Batch, keys: &KeySchema, invs: impl Iterator<Item = Invalidation>) {
     let channel = keys.invalidation_channel();
+    b.then();
     for inv in invs {
-        p.cmd("PUBLISH").arg(&channel).arg(inv.encode()).ignore();
+        b.publish(&channel, inv.encode());
     }
+}
+
+/// `redis::from_redis_value` for a batch's answers.
+fn decode<T: redis::FromRedisValue>(values: Vec<redis::Value>) -> Result<Vec<T>, RedisError> {
+    values
+        .into_iter()
+        .map(|v| redis::from_redis_value(v).map_err(|e| RedisError::Protocol(e.to_string())))
+        .collect()
 }
 
 /// What a changed row's key holds for a while: not a row (readers treat it as a miss).
@@ -140,16 +150,17 @@ impl RedisClient {
         self.release_lease_key(keys.cache_lease(hash), owner).await
     }
 
-    /// Stores an entry for `ttl` and adds it to the set of each tag, in one pipeline.
+    /// Stores an entry for `ttl` and adds it to the set of each tag, in one batch (one
+    /// round trip on a server; two on a cluster, tags first).
     /// Returns the largest tag set size afterwards, so that the caller can keep sets
     /// bounded. With `release_lease_of = Some(owner)`, the entry's fill lease is given back
-    /// in the same round trip.
+    /// in the same round trip as the entry.
     ///
     /// Each tag is one atomic script ([`scripts::CACHE_TAG`]: `SADD` and the set's TTL
     /// together, one key, so any cluster slot), and the tags come before the entry: an
     /// entry is never in Redis without every tag that names it, so an invalidation cannot
-    /// miss it. Scripts go by SHA; on `NOSCRIPT` the whole pipeline is sent once more (every
-    /// command in it is idempotent).
+    /// miss it. Scripts go by SHA; on `NOSCRIPT` they are loaded and the commands sent once
+    /// more (every command here is idempotent).
     pub async fn cache_put(
         &self,
         keys: &KeySchema,
@@ -159,30 +170,28 @@ impl RedisClient {
         tags: &[String],
         release_lease_of: Option<&str>,
     ) -> Result<u64, RedisError> {
-        let mut p = Pipeline::new();
+        let mut b = Batch::new();
         let set_ttl = millis(ttl + TAG_SET_SLACK);
         for t in tags {
-            let mut tag = scripts::CACHE_TAG.prepare_invoke();
-            tag.key(keys.cache_tag(t)).arg(hash).arg(set_ttl);
-            p.invoke_script(&tag);
+            let key = keys.cache_tag(t);
+            let mut tag = evalsha(&scripts::CACHE_TAG, &[&key]);
+            tag.arg(hash).arg(set_ttl);
+            b.script(&scripts::CACHE_TAG, &key, tag);
         }
-        p.cmd("SET")
-            .arg(keys.cache_entry(hash))
-            .arg(value)
-            .arg("PX")
-            .arg(millis(ttl))
-            .ignore();
+        // On a cluster the tags live on other nodes: they are answered before the entry
+        // is sent.
+        b.then();
+        let entry = keys.cache_entry(hash);
+        let mut set = redis::cmd("SET");
+        set.arg(&entry).arg(value).arg("PX").arg(millis(ttl));
+        b.cmd_ignored(&entry, set);
         if let Some(owner) = release_lease_of {
-            let mut release = scripts::RELEASE_LEASE.prepare_invoke();
-            release.key(keys.cache_lease(hash)).arg(owner);
-            p.invoke_script(&release).ignore();
+            let lease = keys.cache_lease(hash);
+            let mut release = evalsha(&scripts::RELEASE_LEASE, &[&lease]);
+            release.arg(owner);
+            b.script_ignored(&scripts::RELEASE_LEASE, &lease, release);
         }
-        let sizes: Vec<u64> = scripts::query_pipeline(
-            &mut self.conn(),
-            &p,
-            &[&scripts::CACHE_TAG, &scripts::RELEASE_LEASE],
-        )
-        .await?;
+        let sizes: Vec<u64> = decode(b.send(&self.conn()).await?)?;
         Ok(sizes.into_iter().max().unwrap_or(0))
     }
 
@@ -196,23 +205,23 @@ impl RedisClient {
         if tags.is_empty() {
             return Ok(0);
         }
-        let mut read = Pipeline::new();
+        let mut read = Batch::new();
         for t in tags {
-            read.cmd("SMEMBERS").arg(keys.cache_tag(t));
+            let key = keys.cache_tag(t);
+            read.cmd(&key, redis::cmd("SMEMBERS").arg(&key).clone());
         }
-        let members: Vec<Vec<String>> = read.query_async(&mut self.conn()).await?;
-        let mut del = Pipeline::new();
-        let mut n = 0;
+        let members: Vec<Vec<String>> = decode(read.send(&self.conn()).await?)?;
+        let mut del = Batch::new();
         for hash in members.iter().flatten() {
-            del.cmd("DEL").arg(keys.cache_entry(hash));
-            n += 1;
+            let key = keys.cache_entry(hash);
+            del.cmd(&key, redis::cmd("DEL").arg(&key).clone());
         }
         for t in tags {
-            del.cmd("DEL").arg(keys.cache_tag(t)).ignore();
+            let key = keys.cache_tag(t);
+            del.cmd_ignored(&key, redis::cmd("DEL").arg(&key).clone());
         }
         publish(&mut del, keys, tags.iter().cloned().map(Invalidation::Tag));
-        let deleted: Vec<u64> = del.query_async(&mut self.conn()).await?;
-        debug_assert_eq!(deleted.len(), n);
+        let deleted: Vec<u64> = decode(del.send(&self.conn()).await?)?;
         Ok(deleted.into_iter().sum())
     }
 
@@ -222,39 +231,37 @@ impl RedisClient {
         keys: &KeySchema,
         hashes: &[String],
     ) -> Result<u64, RedisError> {
-        let mut p = Pipeline::new();
+        let mut b = Batch::new();
         for h in hashes {
-            p.cmd("DEL").arg(keys.cache_entry(h));
+            let key = keys.cache_entry(h);
+            b.cmd(&key, redis::cmd("DEL").arg(&key).clone());
         }
-        publish(&mut p, keys, hashes.iter().cloned().map(Invalidation::Key));
-        let deleted: Vec<u64> = p.query_async(&mut self.conn()).await?;
+        publish(&mut b, keys, hashes.iter().cloned().map(Invalidation::Key));
+        let deleted: Vec<u64> = decode(b.send(&self.conn()).await?)?;
         Ok(deleted.into_iter().sum())
     }
 
     /// Publishes one message on the invalidation channel (for every gateway).
     pub async fn announce(&self, keys: &KeySchema, inv: Invalidation) -> Result<(), RedisError> {
-        let mut p = redis::pipe();
-        publish(&mut p, keys, std::iter::once(inv));
-        p.query_async::<()>(&mut self.conn()).await?;
+        let mut b = Batch::new();
+        publish(&mut b, keys, std::iter::once(inv));
+        b.send(&self.conn()).await?;
         Ok(())
     }
 
-    /// Subscribes to the invalidation channel on a connection of its own (a subscribed
-    /// connection can do nothing else). The stream ends when the connection is lost: the
-    /// caller resubscribes, and must assume it missed messages in between.
+    /// Subscribes to the invalidation channel on a connection of its own
+    /// ([`crate::pubsub`]: sharded on a cluster). The stream ends when the subscription is
+    /// lost: the caller resubscribes, and must assume it missed messages in between.
     pub async fn invalidations(
         &self,
         keys: &KeySchema,
     ) -> Result<impl futures_util::Stream<Item = Invalidation> + Send + use<>, RedisError> {
-        let mut pubsub = self.client.get_async_pubsub().await?;
-        pubsub.subscribe(keys.invalidation_channel()).await?;
-        Ok(pubsub
-            .into_on_message()
-            .filter_map(|m| std::future::ready(Invalidation::decode(m.get_payload_bytes()))))
+        let messages = crate::pubsub::subscribe(self, &keys.invalidation_channel()).await?;
+        Ok(messages.filter_map(|m| std::future::ready(Invalidation::decode(&m))))
     }
 
-    /// Service rows by id, one `GET` each in one pipeline (not `MGET`: the rows live in
-    /// different cluster slots). `None` where the row is not cached.
+    /// Service rows by id, one `GET` each in one batch (not `MGET`: the rows live in
+    /// different cluster slots; [`Batch`] sends one pipeline per node). `None` where the row is not cached.
     pub async fn objects_get(
         &self,
         keys: &KeySchema,
@@ -264,14 +271,15 @@ impl RedisClient {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut p = Pipeline::new();
+        let mut b = Batch::new();
         for id in ids {
-            p.cmd("GET").arg(keys.object(kind, *id));
+            let key = keys.object(kind, *id);
+            b.cmd(&key, redis::cmd("GET").arg(&key).clone());
         }
-        Ok(p.query_async(&mut self.conn()).await?)
+        decode(b.send(&self.conn()).await?)
     }
 
-    /// Caches service rows for `ttl`, in one pipeline, each only where nothing is cached
+    /// Caches service rows for `ttl`, in one batch, each only where nothing is cached
     /// (`SET NX`): a row read before a write must not replace the write's tombstone.
     pub async fn objects_put(
         &self,
@@ -283,17 +291,18 @@ impl RedisClient {
         if rows.is_empty() {
             return Ok(());
         }
-        let mut p = Pipeline::new();
+        let mut b = Batch::new();
         for (id, value) in rows {
-            p.cmd("SET")
-                .arg(keys.object(kind, *id))
+            let key = keys.object(kind, *id);
+            let mut set = redis::cmd("SET");
+            set.arg(&key)
                 .arg(value)
                 .arg("NX")
                 .arg("PX")
-                .arg(millis(ttl))
-                .ignore();
+                .arg(millis(ttl));
+            b.cmd_ignored(&key, set);
         }
-        p.query_async::<()>(&mut self.conn()).await?;
+        b.send(&self.conn()).await?;
         Ok(())
     }
 

@@ -1,6 +1,7 @@
-//! Connections. One [`RedisClient`] per Redis per process, shared by every task: it is a
-//! multiplexed connection (`redis::aio::ConnectionManager`) that pipelines concurrent
-//! commands over one socket and reconnects by itself. Nothing opens a connection per request.
+//! Connections. One [`RedisClient`] per Redis per process, shared by every task: a
+//! multiplexed connection that pipelines concurrent commands over one socket (per node)
+//! and reconnects by itself. Nothing opens a connection per request. The Redis may be one
+//! server, a Redis Cluster or a Sentinel-watched primary ([`crate::connection`]).
 //!
 //! Logging in: the URL's user and password, or `redis.username` and
 //! `redis.password`/`password_file` (the configuration refuses both at once). TLS:
@@ -14,11 +15,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use passerelle_config::{RedisConfig, RedisTlsConfig};
+use passerelle_config::{RedisConfig, RedisTarget, RedisTlsConfig};
 use redis::IntoConnectionInfo;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
 
+use crate::connection::{ClusterConn, Conn, Topology};
 use crate::keys::KeySchema;
+use crate::sentinel::SentinelConn;
 use crate::{RedisError, scripts};
 
 /// What a Redis holds, which decides its eviction and persistence policy.
@@ -39,16 +43,28 @@ impl Role {
     }
 }
 
-/// A shared, multiplexed, self-reconnecting client to one Redis.
+/// A shared, multiplexed, self-reconnecting client to one role's Redis.
 #[derive(Clone)]
 pub struct RedisClient {
-    conn: ConnectionManager,
-    pub(crate) client: redis::Client,
-    manager_cfg: ConnectionManagerConfig,
+    conn: Conn,
+    /// What new connections are made from (a subscription, [`RedisClient::dedicated`]).
+    source: Arc<Source>,
     role: Role,
     endpoint: String,
     /// The server was found recent enough ([`RedisClient::check_version`]): not asked again.
     version_ok: Arc<AtomicBool>,
+}
+
+enum Source {
+    Single {
+        client: redis::Client,
+        manager_cfg: ConnectionManagerConfig,
+    },
+    Cluster {
+        nodes: Vec<String>,
+        cfg: RedisConfig,
+    },
+    Sentinel(SentinelConn),
 }
 
 /// The oldest Redis passerelle runs on: the cache's tag sets use `PEXPIRE ... NX` and
@@ -114,27 +130,72 @@ pub struct MemoryInfo {
 }
 
 impl RedisClient {
-    /// Creates the client without connecting: the process starts even when Redis is down,
-    /// and the first command (or the readiness check) connects.
+    /// Creates the client for one server's URL (or a `redis+sentinel://` URL) without
+    /// connecting: the process starts even when Redis is down, and the first command (or
+    /// the readiness check) connects.
     pub fn connect(url: &str, role: Role, cfg: &RedisConfig) -> Result<Self, RedisError> {
-        let client = build_client(url, cfg)?;
+        Self::for_target(&RedisTarget::parse(url), role, cfg)
+    }
+
+    /// Creates the client for a server, a cluster or a Sentinel primary, without
+    /// connecting. Connection set-up is bounded by `redis.connect_timeout` and each
+    /// command by `redis.command_timeout`, whatever the topology.
+    pub fn for_target(
+        target: &RedisTarget,
+        role: Role,
+        cfg: &RedisConfig,
+    ) -> Result<Self, RedisError> {
         let manager_cfg = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.connect_timeout.get()))
             .set_response_timeout(Some(cfg.command_timeout.get()))
             .set_number_of_retries(2)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_cfg.clone())
-            .map_err(|e| RedisError::Url {
-                url: redact(url),
-                reason: e.to_string(),
-            })?;
+        let endpoint = target.redacted();
+        let (conn, source) = match target {
+            RedisTarget::Server(url) => {
+                let client = build_client(url, cfg)?;
+                let conn =
+                    ConnectionManager::new_lazy_with_config(client.clone(), manager_cfg.clone())
+                        .map_err(|e| RedisError::Url {
+                            url: redact(url),
+                            reason: e.to_string(),
+                        })?;
+                (
+                    Conn::Single(conn),
+                    Source::Single {
+                        client,
+                        manager_cfg,
+                    },
+                )
+            }
+            RedisTarget::Cluster(nodes) => {
+                let client = cluster_builder(nodes, cfg)?
+                    .build()
+                    .map_err(|e| RedisError::Url {
+                        url: endpoint.clone(),
+                        reason: e.to_string(),
+                    })?;
+                let conn =
+                    ClusterConn::new(client, cfg.connect_timeout.get(), cfg.command_timeout.get());
+                (
+                    Conn::Cluster(conn),
+                    Source::Cluster {
+                        nodes: nodes.clone(),
+                        cfg: cfg.clone(),
+                    },
+                )
+            }
+            RedisTarget::Sentinel { sentinels, master } => {
+                let conn = SentinelConn::new(sentinels, master, cfg, manager_cfg)?;
+                (Conn::Sentinel(conn.clone()), Source::Sentinel(conn))
+            }
+        };
         Ok(Self {
             conn,
-            client,
-            manager_cfg,
+            source: Arc::new(source),
             role,
-            endpoint: redact(url),
+            endpoint,
             version_ok: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -144,12 +205,24 @@ impl RedisClient {
     /// answer never cross threads. Measured with `cargo xtask bench rate-limit`: sharing one
     /// connection between serving threads cost a cross-thread wake-up each way per command.
     pub fn dedicated(&self) -> Result<Self, RedisError> {
-        let conn =
-            ConnectionManager::new_lazy_with_config(self.client.clone(), self.manager_cfg.clone())
-                .map_err(|e| RedisError::Url {
-                    url: self.endpoint.clone(),
-                    reason: e.to_string(),
-                })?;
+        let conn = match (&self.conn, self.source.as_ref()) {
+            (
+                Conn::Single(_),
+                Source::Single {
+                    client,
+                    manager_cfg,
+                },
+            ) => Conn::Single(
+                ConnectionManager::new_lazy_with_config(client.clone(), manager_cfg.clone())
+                    .map_err(|e| RedisError::Url {
+                        url: self.endpoint.clone(),
+                        reason: e.to_string(),
+                    })?,
+            ),
+            (Conn::Cluster(c), _) => Conn::Cluster(c.fresh()),
+            (Conn::Sentinel(s), _) => Conn::Sentinel(s.fresh()),
+            (other, _) => other.clone(),
+        };
         Ok(Self {
             conn,
             ..self.clone()
@@ -168,14 +241,36 @@ impl RedisClient {
         self.role
     }
 
-    /// The URL with any password replaced by `***`, fit for logs.
+    /// The URL (or seed list) with any password replaced by `***`, fit for logs.
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }
 
+    /// One server, a cluster, or a Sentinel primary.
+    pub fn topology(&self) -> Topology {
+        self.conn.topology()
+    }
+
+    /// The primary a Sentinel client last heard of (`host:port`), for operators.
+    pub fn sentinel_primary(&self) -> Option<String> {
+        match &self.conn {
+            Conn::Sentinel(s) => s.primary_addr(),
+            _ => None,
+        }
+    }
+
     /// A handle on the multiplexed connection (cheap clone), for this crate's modules.
-    pub(crate) fn conn(&self) -> ConnectionManager {
+    pub(crate) fn conn(&self) -> Conn {
         self.conn.clone()
+    }
+
+    /// What a subscription is opened from.
+    pub(crate) fn source(&self) -> SourceRef<'_> {
+        match self.source.as_ref() {
+            Source::Single { client, .. } => SourceRef::Single(client),
+            Source::Cluster { nodes, cfg } => SourceRef::Cluster(nodes, cfg),
+            Source::Sentinel(s) => SourceRef::Sentinel(s),
+        }
     }
 
     /// Sends a command that may safely be sent twice (a read), once more if the connection
@@ -206,10 +301,14 @@ impl RedisClient {
         Ok(start.elapsed())
     }
 
-    /// The server's version (`INFO server`).
+    /// The server's version (`INFO server`); on a cluster, the oldest node's.
     pub async fn server_version(&self) -> Result<Version, RedisError> {
-        let info: String = self.idempotent(redis::cmd("INFO").arg("server")).await?;
-        Version::from_info(&info)
+        let info: redis::Value = self.idempotent(redis::cmd("INFO").arg("server")).await?;
+        info_texts(info)
+            .iter()
+            .map(|t| Version::from_info(t))
+            .collect::<Option<Vec<_>>>()
+            .and_then(|v| v.into_iter().min())
             .ok_or_else(|| RedisError::Protocol("INFO server without redis_version".into()))
     }
 
@@ -236,8 +335,12 @@ impl RedisClient {
     pub async fn memory(&self) -> Result<MemoryInfo, RedisError> {
         // The default sections (memory and stats among them): several named sections in one
         // INFO need Redis 7.
-        let info: String = self.idempotent(&redis::cmd("INFO")).await?;
-        Ok(parse_memory_info(&info))
+        let info: redis::Value = self.idempotent(&redis::cmd("INFO")).await?;
+        let nodes: Vec<MemoryInfo> = info_texts(info)
+            .iter()
+            .map(|t| parse_memory_info(t))
+            .collect();
+        Ok(MemoryInfo::total(nodes))
     }
 
     /// Takes the lease `name` for `ttl` if nobody holds it (`SET NX PX`). `owner` must be
@@ -340,7 +443,7 @@ fn tls_failure(e: &redis::RedisError) -> Option<String> {
 /// The `redis::Client` for `url`: the configured user and password set beside the URL's
 /// address, and, for `rediss://`, the configured CA and client certificate. The URL is
 /// parsed before anything else is added, so a parse error shows only the redacted URL.
-fn build_client(url: &str, cfg: &RedisConfig) -> Result<redis::Client, RedisError> {
+pub(crate) fn build_client(url: &str, cfg: &RedisConfig) -> Result<redis::Client, RedisError> {
     let bad_url = |reason: String| RedisError::Url {
         url: redact(url),
         reason,
@@ -369,6 +472,40 @@ fn build_client(url: &str, cfg: &RedisConfig) -> Result<redis::Client, RedisErro
         .map_err(|e| RedisError::Setup(format!("redis.tls: {e}")))
 }
 
+/// A cluster client's settings: the seeds, the configured user, password and TLS files,
+/// bounded connection set-up and commands, and retries for redirections and failovers.
+pub(crate) fn cluster_builder(
+    nodes: &[String],
+    cfg: &RedisConfig,
+) -> Result<ClusterClientBuilder, RedisError> {
+    let mut b = ClusterClientBuilder::new(nodes.iter().map(String::as_str))
+        .connection_timeout(cfg.connect_timeout.get())
+        .response_timeout(cfg.command_timeout.get())
+        .retries(5)
+        .min_retry_wait(20)
+        .max_retry_wait(500);
+    if let Some(user) = &cfg.username {
+        b = b.username(user);
+    }
+    if let Some(password) = cfg.resolve_password().map_err(RedisError::Setup)? {
+        b = b.password(password.expose());
+    }
+    if nodes.iter().any(|n| n.starts_with("rediss://")) {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        if cfg.tls.is_set() {
+            b = b.certs(tls_certificates(&cfg.tls)?);
+        }
+    }
+    Ok(b)
+}
+
+/// Where a subscription connects from (see [`RedisClient::source`]).
+pub(crate) enum SourceRef<'a> {
+    Single(&'a redis::Client),
+    Cluster(&'a [String], &'a RedisConfig),
+    Sentinel(&'a SentinelConn),
+}
+
 /// Reads the configured PEM files; an error names the setting and the file.
 fn tls_certificates(tls: &RedisTlsConfig) -> Result<redis::TlsCertificates, RedisError> {
     let read = |field: &str, path: &std::path::Path| {
@@ -395,6 +532,34 @@ fn tls_certificates(tls: &RedisTlsConfig) -> Result<redis::TlsCertificates, Redi
         client_tls,
         root_cert,
     })
+}
+
+impl MemoryInfo {
+    /// A cluster's figures: the primaries' memory and limits added up, the policy of the
+    /// first (a cluster's nodes share their configuration).
+    fn total(nodes: Vec<MemoryInfo>) -> MemoryInfo {
+        let mut it = nodes.into_iter();
+        let first = it.next().unwrap_or_else(|| parse_memory_info(""));
+        it.fold(first, |mut t, n| {
+            t.used_memory += n.used_memory;
+            t.maxmemory += n.maxmemory;
+            t.evicted_keys += n.evicted_keys;
+            t
+        })
+    }
+}
+
+/// The `INFO` text of each node that answered: one for a server, one per primary (a map by
+/// node address) for a cluster.
+fn info_texts(v: redis::Value) -> Vec<String> {
+    use redis::Value;
+    match v {
+        Value::Map(pairs) => pairs.into_iter().flat_map(|(_, v)| info_texts(v)).collect(),
+        Value::Array(items) => items.into_iter().flat_map(info_texts).collect(),
+        other => redis::from_redis_value::<String>(other)
+            .map(|s| vec![s])
+            .unwrap_or_default(),
+    }
 }
 
 fn parse_memory_info(info: &str) -> MemoryInfo {

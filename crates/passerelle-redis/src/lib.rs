@@ -6,9 +6,11 @@
 //!
 //! - keys: one prefix, namespaces, hash tags for keys used together ([`keys`]);
 //! - no `KEYS`, no `SELECT`, ever; iteration with `SCAN`;
-//! - one multiplexed, self-reconnecting connection per Redis per process ([`client`]);
+//! - one multiplexed, self-reconnecting connection per Redis per process ([`client`]), to
+//!   one server, a Redis Cluster or a Sentinel-watched primary ([`connection`]);
 //! - multi-step operations as Lua scripts invoked by SHA, reloaded on `NOSCRIPT` ([`scripts`]);
-//! - batches as pipelines; TTLs on temporary data;
+//! - batches as pipelines, one per slot on a cluster ([`batch`]); TTLs on temporary data;
+//! - keys touched together share a hash tag, so every operation runs on a cluster;
 //! - health and memory exposed to readiness and metrics ([`Redis::spawn_monitor`]);
 //! - a server older than [`MIN_VERSION`] (7.0) refused with a clear error, at start
 //!   ([`Redis::check_version`]) and by readiness;
@@ -19,17 +21,22 @@
 //! [`Role::Durable`] for data that must survive.
 
 pub mod api_keys;
+mod batch;
 pub mod breaker;
 pub mod cache;
 pub mod client;
+pub mod connection;
 pub mod keys;
+mod pubsub;
 pub mod rate_limit;
 pub mod scripts;
+mod sentinel;
 
 use std::time::Duration;
 
 pub use cache::Invalidation;
 pub use client::{MIN_VERSION, MemoryInfo, RedisClient, Role, Version, redact};
+pub use connection::Topology;
 pub use keys::{KeySchema, Namespace, hash_slot};
 use passerelle_config::RedisConfig;
 use tokio_util::sync::CancellationToken;
@@ -102,16 +109,16 @@ pub struct Redis {
 }
 
 impl Redis {
-    /// Builds the clients from the configuration; `None` when no Redis URL is configured.
+    /// Builds the clients from the configuration; `None` when no Redis is configured.
     pub fn from_config(cfg: &RedisConfig) -> Result<Option<Self>, RedisError> {
-        let (Some(cache_url), Some(durable_url)) = (cfg.cache_url(), cfg.durable_url()) else {
+        let (Some(cache_at), Some(durable_at)) = (cfg.cache_target(), cfg.durable_target()) else {
             return Ok(None);
         };
-        let cache = RedisClient::connect(cache_url, Role::Cache, cfg)?;
-        let durable = if durable_url == cache_url {
+        let cache = RedisClient::for_target(&cache_at, Role::Cache, cfg)?;
+        let durable = if durable_at == cache_at {
             cache.with_role(Role::Durable)
         } else {
-            RedisClient::connect(durable_url, Role::Durable, cfg)?
+            RedisClient::for_target(&durable_at, Role::Durable, cfg)?
         };
         Ok(Some(Self {
             keys: KeySchema::new(&cfg.key_prefix),
@@ -183,6 +190,8 @@ impl Redis {
                 let mem = client.memory().await.map_err(|e| e.to_string())?;
                 Ok(serde_json::json!({
                     "endpoint": client.endpoint(),
+                    "topology": client.topology().as_str(),
+                    "primary": client.sentinel_primary(),
                     "ping_ms": rtt.as_secs_f64() * 1000.0,
                     "used_memory": mem.used_memory,
                     "maxmemory": mem.maxmemory,

@@ -1,13 +1,13 @@
 //! The Lua scripts, loaded once per process and invoked by SHA (`EVALSHA`), never by
 //! source. When Redis answers `NOSCRIPT` (restart, failover, `SCRIPT FLUSH`), the script is
-//! loaded and the call retried: transparently by `redis::Script` for a call on its own,
-//! and by `query_pipeline` for scripts inside a pipeline. Each script is atomic and costs
-//! one round trip.
+//! loaded (on every primary of a cluster) and the call retried: transparently by
+//! `redis::Script` for a call on its own, and by [`crate::batch`] for scripts inside a
+//! batch. Each script is atomic and costs one round trip; its keys share one hash tag, so
+//! it runs on a cluster (`tests/cluster_keys.rs` checks every key against `CLUSTER KEYSLOT`).
 
 use std::sync::LazyLock;
 
-use redis::aio::ConnectionManager;
-use redis::{ErrorKind, FromRedisValue, Pipeline, Script, ServerErrorKind};
+use redis::Script;
 
 /// Releases a lease if the caller still owns it.
 pub static RELEASE_LEASE: LazyLock<Script> =
@@ -41,25 +41,3 @@ pub static API_KEY_MIGRATE: LazyLock<Script> =
 /// Records a key's last use if the key still exists.
 pub static API_KEY_TOUCH: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/api_key_touch.lua")));
-
-/// Sends a pipeline whose scripts are invoked by SHA (`Pipeline::invoke_script`). A pipeline
-/// cannot reload a script halfway, so on `NOSCRIPT` every script in `scripts` is loaded and
-/// the whole pipeline sent once more: it must be safe to run twice (each of its commands
-/// idempotent), since the commands around the failed `EVALSHA` did run.
-pub(crate) async fn query_pipeline<T: FromRedisValue>(
-    conn: &mut ConnectionManager,
-    pipeline: &Pipeline,
-    scripts: &[&Script],
-) -> Result<T, redis::RedisError> {
-    match pipeline.query_async(conn).await {
-        Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-            let mut load = Pipeline::new();
-            for s in scripts {
-                load.load_script(s).ignore();
-            }
-            load.query_async::<()>(conn).await?;
-            pipeline.query_async(conn).await
-        }
-        r => r,
-    }
-}

@@ -1,0 +1,186 @@
+//! Commands sent together whose keys live in different cluster slots.
+//!
+//! On one server (or a Sentinel primary) a [`Batch`] is one pipeline: one round trip, the
+//! commands executed in order. A Redis Cluster refuses a pipeline whose keys span slots
+//! (each slot may live on another node), so there a batch becomes one pipeline per slot,
+//! all sent at once, which still costs one round trip per node. Order matters across
+//! slots only at [`Batch::then`] boundaries: every command before one has been answered
+//! before any command after it is sent. That is how "tag the entry before storing it" and
+//! "publish after deleting" stay true on a cluster.
+//!
+//! Scripts go by SHA (`EVALSHA`); on `NOSCRIPT` (a restarted or failed-over node) the
+//! batch's scripts are loaded and the group that failed is sent once more, so a batch must
+//! be safe to run twice: each of its commands idempotent.
+
+use futures_util::future::join_all;
+use redis::{Cmd, ErrorKind, Pipeline, Script, ServerErrorKind, Value};
+
+use crate::connection::Conn;
+use crate::keys::hash_slot;
+
+/// Commands to send together; see the module doc.
+#[derive(Default)]
+pub(crate) struct Batch {
+    entries: Vec<Entry>,
+    scripts: Vec<&'static Script>,
+    stage: usize,
+}
+
+struct Entry {
+    cmd: Cmd,
+    /// What a cluster is sent instead (`SPUBLISH` for `PUBLISH`).
+    on_cluster: Option<Cmd>,
+    /// The slot of the command's key (or channel).
+    slot: u16,
+    keep: bool,
+    stage: usize,
+}
+
+/// `EVALSHA <sha> <number of keys> <keys...>`; the caller appends the arguments.
+pub(crate) fn evalsha(script: &Script, keys: &[&str]) -> Cmd {
+    let mut c = redis::cmd("EVALSHA");
+    c.arg(script.get_hash()).arg(keys.len()).arg(keys);
+    c
+}
+
+impl Batch {
+    pub(crate) fn new() -> Self {
+        Self::default()
+    }
+
+    /// A command on `key` whose answer is returned.
+    pub(crate) fn cmd(&mut self, key: &str, cmd: Cmd) -> &mut Self {
+        self.push(hash_slot(key), cmd, None, true)
+    }
+
+    /// A command on `key` whose answer is dropped.
+    pub(crate) fn cmd_ignored(&mut self, key: &str, cmd: Cmd) -> &mut Self {
+        self.push(hash_slot(key), cmd, None, false)
+    }
+
+    /// A script call ([`evalsha`]) on `key` (its keys share `key`'s slot), answer returned.
+    pub(crate) fn script(&mut self, script: &'static Script, key: &str, cmd: Cmd) -> &mut Self {
+        self.note_script(script);
+        self.cmd(key, cmd)
+    }
+
+    /// [`Batch::script`] whose answer is dropped.
+    pub(crate) fn script_ignored(
+        &mut self,
+        script: &'static Script,
+        key: &str,
+        cmd: Cmd,
+    ) -> &mut Self {
+        self.note_script(script);
+        self.cmd_ignored(key, cmd)
+    }
+
+    /// A message on `channel` (answer dropped): `PUBLISH` on one server, `SPUBLISH` (sharded:
+    /// only the channel's shard carries it) on a cluster.
+    pub(crate) fn publish(&mut self, channel: &str, payload: String) -> &mut Self {
+        let mut plain = redis::cmd("PUBLISH");
+        plain.arg(channel).arg(&payload);
+        let mut sharded = redis::cmd("SPUBLISH");
+        sharded.arg(channel).arg(payload);
+        self.push(hash_slot(channel), plain, Some(sharded), false)
+    }
+
+    /// Everything added so far is answered before anything added next is sent.
+    pub(crate) fn then(&mut self) -> &mut Self {
+        self.stage += 1;
+        self
+    }
+
+    fn push(&mut self, slot: u16, cmd: Cmd, on_cluster: Option<Cmd>, keep: bool) -> &mut Self {
+        self.entries.push(Entry {
+            cmd,
+            on_cluster,
+            slot,
+            keep,
+            stage: self.stage,
+        });
+        self
+    }
+
+    fn note_script(&mut self, script: &'static Script) {
+        if !self
+            .scripts
+            .iter()
+            .any(|s| s.get_hash() == script.get_hash())
+        {
+            self.scripts.push(script);
+        }
+    }
+
+    /// Sends the batch; the answers of the kept commands, in the order they were added.
+    pub(crate) async fn send(self, conn: &Conn) -> Result<Vec<Value>, redis::RedisError> {
+        if self.entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let Conn::Cluster(_) = conn else {
+            let mut p = Pipeline::new();
+            for e in &self.entries {
+                p.add_command(e.cmd.clone());
+                if !e.keep {
+                    p.ignore();
+                }
+            }
+            return send_group(&mut conn.clone(), &p, &self.scripts).await;
+        };
+        let mut answers: Vec<Option<Value>> = vec![None; self.entries.len()];
+        let stages = self.entries.iter().map(|e| e.stage).max().unwrap_or(0);
+        for stage in 0..=stages {
+            // Group this stage's commands by slot, in order.
+            let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
+            for (i, e) in self.entries.iter().enumerate() {
+                if e.stage != stage {
+                    continue;
+                }
+                match groups.iter_mut().find(|(s, _)| *s == e.slot) {
+                    Some((_, members)) => members.push(i),
+                    None => groups.push((e.slot, vec![i])),
+                }
+            }
+            let sends = groups.iter().map(|(_, members)| {
+                let mut p = Pipeline::new();
+                for &i in members {
+                    let e = &self.entries[i];
+                    p.add_command(e.on_cluster.as_ref().unwrap_or(&e.cmd).clone());
+                }
+                let mut conn = conn.clone();
+                let scripts = &self.scripts;
+                async move { send_group(&mut conn, &p, scripts).await }
+            });
+            for ((_, members), result) in groups.iter().zip(join_all(sends).await) {
+                for (&i, v) in members.iter().zip(result?) {
+                    answers[i] = Some(v);
+                }
+            }
+        }
+        Ok(self
+            .entries
+            .iter()
+            .zip(answers)
+            .filter(|(e, _)| e.keep)
+            .map(|(_, v)| v.unwrap_or(Value::Nil))
+            .collect())
+    }
+}
+
+/// Sends one pipeline; on `NOSCRIPT`, loads `scripts` (on every primary, for a cluster)
+/// and sends it once more.
+async fn send_group(
+    conn: &mut Conn,
+    p: &Pipeline,
+    scripts: &[&'static Script],
+) -> Result<Vec<Value>, redis::RedisError> {
+    match p.query_async(conn).await {
+        Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            for s in scripts {
+                s.load_async(conn).await?;
+            }
+            p.query_async(conn).await
+        }
+        r => r,
+    }
+}
