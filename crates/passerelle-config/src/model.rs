@@ -276,6 +276,36 @@ impl RedisTarget {
         }
     }
 
+    /// The environment override that sets a role (`"CACHE"` or `"DURABLE"`) to this
+    /// target in a child process: `PASSERELLE_REDIS__<ROLE>_URL` (a server, or Sentinel as a
+    /// `redis+sentinel://` URL) or `PASSERELLE_REDIS__<ROLE>_CLUSTER_NODES` (a TOML array).
+    /// The value is not redacted: it is for a child's environment, never for a log.
+    pub fn env_override(&self, role: &str) -> (String, String) {
+        match self {
+            RedisTarget::Server(url) => (format!("PASSERELLE_REDIS__{role}_URL"), url.clone()),
+            RedisTarget::Cluster(nodes) => {
+                let quoted: Vec<String> = nodes
+                    .iter()
+                    .map(|n| toml::Value::String(n.clone()).to_string())
+                    .collect();
+                (
+                    format!("PASSERELLE_REDIS__{role}_CLUSTER_NODES"),
+                    format!("[{}]", quoted.join(", ")),
+                )
+            }
+            RedisTarget::Sentinel { sentinels, master } => {
+                let hosts: Vec<&str> = sentinels
+                    .iter()
+                    .map(|s| s.split_once("://").map_or(s.as_str(), |(_, h)| h))
+                    .collect();
+                (
+                    format!("PASSERELLE_REDIS__{role}_URL"),
+                    format!("{SENTINEL_SCHEME}{}/{master}", hosts.join(",")),
+                )
+            }
+        }
+    }
+
     /// The URL or seed list, passwords shown as `***`.
     pub fn redacted(&self) -> String {
         match self {

@@ -188,15 +188,18 @@ impl Redis {
                 client.check_version().await.map_err(|e| e.to_string())?;
                 let rtt = client.ping().await.map_err(|e| e.to_string())?;
                 let mem = client.memory().await.map_err(|e| e.to_string())?;
-                Ok(serde_json::json!({
+                let mut detail = serde_json::json!({
                     "endpoint": client.endpoint(),
                     "topology": client.topology().as_str(),
-                    "primary": client.sentinel_primary(),
                     "ping_ms": rtt.as_secs_f64() * 1000.0,
                     "used_memory": mem.used_memory,
                     "maxmemory": mem.maxmemory,
                     "maxmemory_policy": mem.maxmemory_policy,
-                }))
+                });
+                if let Some(primary) = client.sentinel_primary() {
+                    detail["primary"] = primary.into();
+                }
+                Ok(detail)
             }
             .await;
             out.push((name, r));

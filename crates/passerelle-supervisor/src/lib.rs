@@ -287,7 +287,7 @@ async fn run_platform(
     let admin_token_file = admin_token(config, data_dir)?;
 
     // 1. Redis.
-    if config.redis.cache_url().is_none() && config.redis.durable_url().is_none() {
+    if !config.redis.is_configured() {
         let redis_dir = data_dir.join("redis");
         std::fs::create_dir_all(&redis_dir).map_err(|e| UpError::Setup(e.to_string()))?;
         let creds = Credentials::load_or_create(&redis_dir)?;
@@ -328,8 +328,8 @@ async fn run_platform(
         }
     }
     state.update(|s| {
-        s.redis_cache = config.redis.cache_url().map(passerelle_redis::redact);
-        s.redis_durable = config.redis.durable_url().map(passerelle_redis::redact);
+        s.redis_cache = config.redis.cache_target().map(|t| t.redacted());
+        s.redis_durable = config.redis.durable_target().map(|t| t.redacted());
     });
 
     // Secrets for authentication (API key HMAC, identity assertions, the development
@@ -518,11 +518,14 @@ async fn start_services(
             // The services read through the cache Redis and invalidate on writes; a managed
             // Redis's URL (with its generated password) exists only in this process.
             let env = [
-                ("PASSERELLE_REDIS__CACHE_URL", config.redis.cache_url()),
-                ("PASSERELLE_REDIS__DURABLE_URL", config.redis.durable_url()),
+                config.redis.cache_target().map(|t| t.env_override("CACHE")),
+                config
+                    .redis
+                    .durable_target()
+                    .map(|t| t.env_override("DURABLE")),
             ]
             .into_iter()
-            .filter_map(|(k, v)| v.map(|v| (k.to_string(), v.to_string())))
+            .flatten()
             .chain(extra_env.iter().cloned())
             .collect();
             let spec = Spec {

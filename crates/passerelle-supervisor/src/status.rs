@@ -264,7 +264,11 @@ pub(crate) fn pid_alive(pid: u32) -> bool {
 }
 
 /// `host:port` of a (redacted) Redis URL.
+/// `host:port` of a Redis URL; for a cluster's seed list (`cluster redis://a:1,...`) or a
+/// Sentinel URL (`redis+sentinel://s1:26379,s2:26379/name`), of the first node named.
 fn host_port(url: &str) -> Option<String> {
+    let url = url.strip_prefix("cluster ").unwrap_or(url);
+    let url = url.split(',').next()?;
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let rest = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
     let host = rest.split(['/', '?']).next()?;
@@ -442,6 +446,14 @@ mod tests {
         assert_eq!(
             host_port("rediss://cache.internal/0").as_deref(),
             Some("cache.internal:6379")
+        );
+        assert_eq!(
+            host_port("cluster redis://10.0.0.1:7000,redis://10.0.0.2:7000").as_deref(),
+            Some("10.0.0.1:7000")
+        );
+        assert_eq!(
+            host_port("redis+sentinel://s1:26379,s2:26379/main").as_deref(),
+            Some("s1:26379")
         );
     }
 }

@@ -57,6 +57,10 @@ enum Command {
         /// Use this Redis instead of starting one (redis.url).
         #[arg(long)]
         redis_url: Option<String>,
+        /// Use this Redis Cluster instead of starting a Redis: seed nodes
+        /// (redis.cluster_nodes).
+        #[arg(long, value_name = "URL,URL,...", value_delimiter = ',')]
+        redis_cluster: Vec<String>,
     },
     /// Run the API gateway.
     Gateway {
@@ -223,6 +227,15 @@ impl Flags {
         }
         self
     }
+}
+
+/// `["a", "b"]`: a list of strings as a TOML array, for a flag that sets one.
+fn toml_strings(items: &[String]) -> String {
+    let quoted: Vec<String> = items
+        .iter()
+        .map(|i| toml::Value::String(i.trim().to_string()).to_string())
+        .collect();
+    format!("[{}]", quoted.join(", "))
 }
 
 /// Loads the configuration from its layers, the command's flags on top.
@@ -433,6 +446,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             instances,
             data_dir,
             redis_url,
+            redis_cluster,
         } => {
             let flags = Flags::new()
                 .set("--listen", "gateway.listen", listen)
@@ -447,7 +461,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "up.data_dir",
                     data_dir.map(|d| d.display().to_string()),
                 )
-                .set_str("--redis-url", "redis.url", redis_url);
+                .set_str("--redis-url", "redis.url", redis_url)
+                .set(
+                    "--redis-cluster",
+                    "redis.cluster_nodes",
+                    (!redis_cluster.is_empty()).then(|| toml_strings(&redis_cluster)),
+                );
             let config = serving_config(load(config_path, flags)?)?;
             let opts = passerelle_supervisor::UpOptions {
                 exe: std::env::current_exe().context("locating the passerelle binary")?,

@@ -835,3 +835,51 @@ async fn up_gives_up_on_a_redis_that_keeps_failing_and_ready_names_it() {
     assert!(status.success(), "{status}");
     assert!(read_state(dir.path()).is_none());
 }
+
+#[tokio::test]
+async fn up_on_a_redis_cluster_starts_no_redis_and_caches_and_limits_there() {
+    let cluster = passerelle_testkit::RedisCluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let seeds = cluster.seeds()[..3].join(",");
+    let up = start_up(
+        dir.path(),
+        &["--instances", "1", "--redis-cluster", &seeds],
+        &[("PASSERELLE_UP__SEED_ROWS", "100")],
+    );
+    let children = children_of(up.child.id());
+    assert_eq!(children.len(), 2, "no managed Redis: {children:?}");
+    let ready = up.admin.get("/ready").await.json();
+    assert_eq!(ready["checks"]["redis"]["ok"], true, "{ready}");
+    assert_eq!(
+        ready["checks"]["redis"]["details"]["redis"]["topology"], "cluster",
+        "{ready}"
+    );
+
+    // The response cache lives in the cluster: a second gateway replica would hit it.
+    let first = up.http.get("/users/7").await;
+    assert_eq!(first.status, 200);
+    assert!(first.header("ratelimit-policy").is_some(), "limited");
+    let found: usize = cluster
+        .ports()
+        .iter()
+        .map(|p| {
+            let out = std::process::Command::new("redis-cli")
+                .args(["-p", &p.to_string(), "--scan", "--pattern", "psl:*"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).lines().count()
+        })
+        .sum();
+    assert!(
+        found > 0,
+        "rate-limit and cache keys written to the cluster"
+    );
+    let report = passerelle_supervisor::status(dir.path()).unwrap();
+    assert!(
+        report
+            .processes
+            .iter()
+            .any(|p| p.role == "redis" && p.status == "external" && p.healthy),
+        "{report}"
+    );
+}

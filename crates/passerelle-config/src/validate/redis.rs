@@ -375,6 +375,16 @@ mod tests {
         );
         let cluster = RedisTarget::Cluster(vec!["redis://u:hunter2@a:1".into()]);
         assert_eq!(format!("{cluster:?}"), "cluster redis://u:***@a:1");
+        // What `up` hands its children reads back as the same target.
+        for target in [
+            cluster,
+            c.redis.durable_target().expect("sentinel"),
+            RedisTarget::Server("redis://h:1".into()),
+        ] {
+            let (key, value) = target.env_override("CACHE");
+            let back = crate::Config::from_toml("test", "", vec![(key, value)]).expect("valid");
+            assert_eq!(back.redis.cache_target(), Some(target));
+        }
     }
 
     #[test]
