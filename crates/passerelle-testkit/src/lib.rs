@@ -5,20 +5,25 @@
 //! primary with a replica and three sentinels ([`RedisSentinel`]), real sockets, real child
 //! processes. Every process started here is stopped by its PID when its handle drops, so a
 //! failing test leaves nothing behind.
+//!
+//! [`TestRedis`] is whichever of the three the run asks for (`PASSERELLE_TEST_TOPOLOGY`,
+//! [`Topology`]): tests written against it check the same behaviour on each topology.
 
 mod http_client;
 pub mod raw_http;
 mod redis_cluster;
 mod redis_sentinel;
 mod redis_server;
+mod topology;
 
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 pub use http_client::{HttpClient, Reply};
-pub use redis_cluster::RedisCluster;
+pub use redis_cluster::{CLUSTER_NODE_TIMEOUT_MS, RedisCluster};
 pub use redis_sentinel::RedisSentinel;
 pub use redis_server::{RedisOptions, RedisServer, TlsFiles};
+pub use topology::{TOPOLOGY_VAR, TestRedis, Topology};
 
 /// A port that was free a moment ago on 127.0.0.1. Prefer binding port 0 and handing the
 /// listener over; use this only for processes that must be told their port.

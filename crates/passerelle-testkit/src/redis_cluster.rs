@@ -16,12 +16,17 @@ pub(crate) const START_LIMIT: Duration = Duration::from_secs(30);
 pub(crate) struct Node {
     pub(crate) child: Child,
     pub(crate) port: u16,
+    /// Killed on purpose (a failover drill) and reaped: its PID may belong to another
+    /// process by now, so nothing signals it again.
+    pub(crate) dead: bool,
 }
 
 impl Drop for Node {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if !self.dead {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -54,7 +59,11 @@ impl Node {
                     "cannot start redis-server: {e} (is redis-server installed? `cargo xtask deps`)"
                 ),
             };
-            let mut node = Node { child, port };
+            let mut node = Node {
+                child,
+                port,
+                dead: false,
+            };
             match node.wait_ping(Duration::from_secs(10)) {
                 Ok(()) => return node,
                 Err(e) => last = e,
@@ -81,6 +90,17 @@ impl Node {
 
     pub(crate) fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// SIGKILL by PID, the way a crashed host looks to the others, then reaps the process
+    /// and marks the node dead (its handle stays, so nothing signals the PID again).
+    pub(crate) fn kill(&mut self) {
+        if self.dead {
+            return;
+        }
+        crate::kill(self.pid(), libc::SIGKILL);
+        let _ = self.child.wait();
+        self.dead = true;
     }
 }
 
@@ -127,6 +147,82 @@ pub(crate) fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
     })
 }
 
+/// `--cluster-node-timeout` of the harness's nodes: how long a node may not answer before
+/// the others flag it failing. A failover takes about this plus an election (a second or
+/// two). Low enough for failover drills, high enough that a busy 2-core machine running
+/// several clusters at once never fails a node over by mistake.
+pub const CLUSTER_NODE_TIMEOUT_MS: u64 = 2000;
+
+/// One line of `CLUSTER NODES`, as far as the harness needs it.
+#[derive(Debug, Clone)]
+struct NodeLine {
+    port: u16,
+    primary: bool,
+    /// Slot ranges served, inclusive (importing and migrating markers are skipped).
+    slots: Vec<(u16, u16)>,
+}
+
+/// `CLUSTER NODES` as node `port` sees the cluster (empty when it does not answer).
+fn cluster_nodes(port: u16) -> Vec<NodeLine> {
+    cli(port, &["CLUSTER", "NODES"])
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 8 {
+                return None;
+            }
+            // `<ip>:<port>@<bus port>[,<hostname>]`
+            let addr = f[1].split('@').next()?;
+            let port = addr.rsplit_once(':')?.1.parse().ok()?;
+            let flags: Vec<&str> = f[2].split(',').collect();
+            let slots = f[8..]
+                .iter()
+                .filter(|s| !s.starts_with('['))
+                .filter_map(|s| match s.split_once('-') {
+                    Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                    None => s.parse().ok().map(|n| (n, n)),
+                })
+                .collect();
+            Some(NodeLine {
+                port,
+                primary: flags.contains(&"master"),
+                slots,
+            })
+        })
+        .collect()
+}
+
+/// The port of the node serving `slot`, as node `view` sees the cluster.
+fn slot_owner(view: u16, slot: u16) -> Option<u16> {
+    cluster_nodes(view)
+        .into_iter()
+        .find(|n| n.primary && n.slots.iter().any(|&(a, b)| (a..=b).contains(&slot)))
+        .map(|n| n.port)
+}
+
+/// Whether the server on `port` answers `ROLE` as a primary.
+pub(crate) fn is_primary(port: u16) -> bool {
+    cli(port, &["ROLE"]).lines().next() == Some("master")
+}
+
+/// Whether every replica connected to the primary on `port` has its whole replication
+/// stream (`INFO replication`: each `slaveN:...,offset=N` at `master_repl_offset`).
+pub(crate) fn replicas_caught_up(port: u16) -> bool {
+    let info = cli(port, &["INFO", "replication"]);
+    let Some(offset) = info_field(&info, "master_repl_offset") else {
+        return false;
+    };
+    let connected: usize = info_field(&info, "connected_slaves")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    (0..connected).all(|i| {
+        info_field(&info, &format!("slave{i}")).is_some_and(|s| {
+            s.split(',')
+                .any(|kv| kv.strip_prefix("offset=") == Some(offset))
+        })
+    })
+}
+
 /// A running 6-node Redis Cluster (3 primaries, 3 replicas) on loopback.
 pub struct RedisCluster {
     // Dropped before `dir`: the processes stop before their files go.
@@ -144,7 +240,9 @@ impl std::fmt::Debug for RedisCluster {
 
 impl RedisCluster {
     /// Starts six nodes, creates the cluster with one replica per primary, and returns once
-    /// every node reports `cluster_state:ok` with all 16384 slots assigned.
+    /// every node reports `cluster_state:ok` with all 16384 slots assigned and every replica
+    /// has finished its first sync (`master_link_status:up`): a failover drill may start at
+    /// once.
     pub fn start() -> Self {
         let dir = tempfile::tempdir().expect("temp dir for redis cluster");
         let path = dir.path().to_path_buf();
@@ -164,11 +262,15 @@ impl RedisCluster {
                             .display()
                             .to_string(),
                         "--cluster-node-timeout".into(),
-                        "5000".into(),
+                        CLUSTER_NODE_TIMEOUT_MS.to_string(),
                         "--appendonly".into(),
                         "no".into(),
                         "--save".into(),
                         "".into(),
+                        // A replica's first sync starts at once, not after the 5 s a
+                        // primary waits by default for more replicas to share it.
+                        "--repl-diskless-sync-delay".into(),
+                        "0".into(),
                     ]
                 })
             })
@@ -200,12 +302,44 @@ impl RedisCluster {
                     && info_field(&info, "cluster_known_nodes") == Some("6")
             });
         }
+        poll("three replicas in sync with their primaries", || {
+            let synced = cluster
+                .ports()
+                .into_iter()
+                .filter(|&port| {
+                    let info = cli(port, &["INFO", "replication"]);
+                    info_field(&info, "role") == Some("slave")
+                        && info_field(&info, "master_link_status") == Some("up")
+                })
+                .count();
+            synced == 3
+        });
         cluster
     }
 
-    /// Every node's port, primaries and replicas alike (in start order).
+    /// Every node's port, primaries and replicas alike (in start order), killed ones
+    /// included.
     pub fn ports(&self) -> Vec<u16> {
         self.nodes.iter().map(|n| n.port).collect()
+    }
+
+    /// Ports of the nodes still running (all but those killed by
+    /// [`RedisCluster::kill_primary_for`]).
+    pub fn live_ports(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .filter(|n| !n.dead)
+            .map(|n| n.port)
+            .collect()
+    }
+
+    /// Ports of the running nodes that answer `ROLE` as primaries (three, also after a
+    /// failover has completed), in start order.
+    pub fn primary_ports(&self) -> Vec<u16> {
+        self.live_ports()
+            .into_iter()
+            .filter(|&p| is_primary(p))
+            .collect()
     }
 
     /// PIDs of the nodes, in the order of [`RedisCluster::ports`].
@@ -226,12 +360,21 @@ impl RedisCluster {
         self.dir.path()
     }
 
+    /// The first running node: where commands without a key go.
+    fn entry_port(&self) -> u16 {
+        self.nodes
+            .iter()
+            .find(|n| !n.dead)
+            .map(|n| n.port)
+            .expect("a running cluster node")
+    }
+
     /// Runs one command with `redis-cli -c` (following redirections) against the first
-    /// node and returns its raw output.
+    /// running node and returns its raw output.
     pub fn cli(&self, args: &[&str]) -> String {
         let mut all = vec!["-c"];
         all.extend_from_slice(args);
-        cli(self.nodes[0].port, &all)
+        cli(self.entry_port(), &all)
     }
 
     /// The slot the server computes for `key` (`CLUSTER KEYSLOT`).
@@ -240,5 +383,75 @@ impl RedisCluster {
         out.trim()
             .parse()
             .unwrap_or_else(|_| panic!("CLUSTER KEYSLOT {key:?} answered {out:?}"))
+    }
+
+    /// The port of the primary that owns `key`'s slot (`CLUSTER NODES`, as the first running
+    /// node sees the cluster).
+    pub fn primary_port_for(&self, key: &str) -> u16 {
+        let slot = self.keyslot(key);
+        let view = self.entry_port();
+        slot_owner(view, slot).unwrap_or_else(|| {
+            panic!(
+                "no node owns slot {slot} (of {key:?}) in node {view}'s view:\n{}",
+                cli(view, &["CLUSTER", "NODES"])
+            )
+        })
+    }
+
+    /// SIGKILLs (by PID) the primary that owns `key`'s slot and returns its port. Its
+    /// replica takes over after [`CLUSTER_NODE_TIMEOUT_MS`] and an election:
+    /// [`RedisCluster::wait_failover`] waits for that.
+    pub fn kill_primary_for(&mut self, key: &str) -> u16 {
+        let port = self.primary_port_for(key);
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.port == port && !n.dead)
+            .unwrap_or_else(|| panic!("the primary on {port} is not a running node"));
+        node.kill();
+        port
+    }
+
+    /// Waits until every running node reports `cluster_state:ok` and agrees that `key`'s
+    /// slot is served by one node other than `old_port`, which answers `ROLE` as a primary.
+    /// Panics after [`START_LIMIT`], with the nodes' view.
+    pub fn wait_failover(&self, key: &str, old_port: u16) {
+        let slot = self.keyslot(key);
+        let done = || {
+            let mut owner = None;
+            for port in self.live_ports() {
+                let info = cli(port, &["CLUSTER", "INFO"]);
+                if info_field(&info, "cluster_state") != Some("ok") {
+                    return false;
+                }
+                let o = slot_owner(port, slot);
+                if o.is_none() || o == Some(old_port) || (owner.is_some() && owner != o) {
+                    return false;
+                }
+                owner = o;
+            }
+            owner.is_some_and(is_primary)
+        };
+        let start = Instant::now();
+        while !done() {
+            if start.elapsed() > START_LIMIT {
+                let view = self.entry_port();
+                panic!(
+                    "timed out after {START_LIMIT:?} waiting for slot {slot} (of {key:?}) to \
+                     fail over from the primary on {old_port}; node {view} sees:\n{}{}",
+                    cli(view, &["CLUSTER", "INFO"]),
+                    cli(view, &["CLUSTER", "NODES"])
+                );
+            }
+            pause();
+        }
+    }
+
+    /// Waits until every running primary's replicas have its whole replication stream: a
+    /// write made before is on the replica that a failover would promote.
+    pub fn wait_replicated(&self) {
+        poll("every replica to catch up with its primary", || {
+            self.primary_ports().into_iter().all(replicas_caught_up)
+        });
     }
 }

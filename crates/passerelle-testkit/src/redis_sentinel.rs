@@ -3,7 +3,11 @@
 //! (quorum 2), all on free loopback ports with their files in one temp dir. Every process is
 //! stopped by its PID when the handle drops.
 
-use crate::redis_cluster::{Node, cli, info_field, poll};
+use std::time::Instant;
+
+use crate::redis_cluster::{
+    Node, START_LIMIT, cli, info_field, is_primary, pause, poll, replicas_caught_up,
+};
 
 /// The name the sentinels monitor the primary under.
 pub const MASTER_NAME: &str = "passerelle";
@@ -27,17 +31,26 @@ impl std::fmt::Debug for RedisSentinel {
     }
 }
 
+/// No files, and a replica's first sync at once (not after the 5 s a primary waits by
+/// default for more replicas to share it).
 fn no_persistence() -> Vec<String> {
-    ["--appendonly", "no", "--save", ""]
-        .map(String::from)
-        .to_vec()
+    [
+        "--appendonly",
+        "no",
+        "--save",
+        "",
+        "--repl-diskless-sync-delay",
+        "0",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 impl RedisSentinel {
     /// Starts the primary, the replica and three sentinels, and returns once every sentinel
-    /// names the primary for [`MASTER_NAME`] and the primary has its replica connected.
-    /// (The sentinels may not have discovered each other yet: they do by hello messages
-    /// within a few seconds.)
+    /// names the primary for [`MASTER_NAME`] and knows the two others (they find each other
+    /// by hello messages within a few seconds; before that a failover gets no quorum), and
+    /// the replica has finished its first sync.
     pub fn start() -> Self {
         let dir = tempfile::tempdir().expect("temp dir for redis sentinel");
         let path = dir.path().to_path_buf();
@@ -77,10 +90,89 @@ impl RedisSentinel {
                 cli(port, &["SENTINEL", "get-master-addr-by-name", MASTER_NAME]).trim() == want
             });
         }
+        for port in s.sentinel_ports() {
+            poll(&format!("sentinel {port} to know the two others"), || {
+                master_field(port, "num-other-sentinels").as_deref() == Some("2")
+            });
+        }
         poll("the replica connected to the primary", || {
             info_field(&cli(p, &["INFO", "replication"]), "connected_slaves") == Some("1")
         });
+        let r = s.replica.port;
+        poll("the replica's first sync", || {
+            info_field(&cli(r, &["INFO", "replication"]), "master_link_status") == Some("up")
+        });
         s
+    }
+
+    /// The primary as the sentinels name it now: the first running sentinel that answers
+    /// `SENTINEL get-master-addr-by-name` (the start primary until a failover).
+    pub fn current_primary_port(&self) -> u16 {
+        self.sentinels
+            .iter()
+            .filter(|n| !n.dead)
+            .find_map(|n| named_primary(n.port))
+            .expect("a sentinel names the primary")
+    }
+
+    /// SIGKILLs (by PID) the primary the sentinels name now and returns its port. The
+    /// sentinels promote the replica after `down-after-milliseconds` (1 s) and an
+    /// election: [`RedisSentinel::wait_failover`] waits for that.
+    pub fn kill_primary(&mut self) -> u16 {
+        let port = self.current_primary_port();
+        let node = [&mut self.primary, &mut self.replica]
+            .into_iter()
+            .find(|n| n.port == port && !n.dead)
+            .unwrap_or_else(|| panic!("the primary on {port} is not a running node"));
+        node.kill();
+        port
+    }
+
+    /// Waits until every running sentinel names one primary other than `old_port` and that
+    /// server answers `ROLE` as a primary; returns its port. Panics after [`START_LIMIT`],
+    /// with what the sentinels say.
+    pub fn wait_failover(&self, old_port: u16) -> u16 {
+        let agreed = || {
+            let mut named = None;
+            for n in self.sentinels.iter().filter(|n| !n.dead) {
+                let p = named_primary(n.port)?;
+                if p == old_port || named.is_some_and(|q| q != p) {
+                    return None;
+                }
+                named = Some(p);
+            }
+            named.filter(|&p| is_primary(p))
+        };
+        let start = Instant::now();
+        loop {
+            if let Some(port) = agreed() {
+                return port;
+            }
+            if start.elapsed() > START_LIMIT {
+                let said: Vec<String> = self
+                    .sentinel_ports()
+                    .into_iter()
+                    .map(|p| {
+                        format!(
+                            "sentinel {p}: {:?}",
+                            cli(p, &["SENTINEL", "get-master-addr-by-name", MASTER_NAME])
+                        )
+                    })
+                    .collect();
+                panic!(
+                    "timed out after {START_LIMIT:?} waiting for the sentinels to fail over                      from the primary on {old_port}: {said:#?}"
+                );
+            }
+            pause();
+        }
+    }
+
+    /// Waits until the replica of the current primary has its whole replication stream: a
+    /// write made before survives a failover.
+    pub fn wait_replicated(&self) {
+        poll("the replica to catch up with the primary", || {
+            replicas_caught_up(self.current_primary_port())
+        });
     }
 
     /// `127.0.0.1:<port>` of each sentinel.
@@ -100,12 +192,24 @@ impl RedisSentinel {
         MASTER_NAME
     }
 
+    /// The primary at start (after a failover, see
+    /// [`RedisSentinel::current_primary_port`]).
     pub fn primary_port(&self) -> u16 {
         self.primary.port
     }
 
+    /// The replica at start (the primary after a failover).
     pub fn replica_port(&self) -> u16 {
         self.replica.port
+    }
+
+    /// Ports of the primary and the replica still running.
+    pub fn data_ports(&self) -> Vec<u16> {
+        [&self.primary, &self.replica]
+            .into_iter()
+            .filter(|n| !n.dead)
+            .map(|n| n.port)
+            .collect()
     }
 
     /// PIDs of the primary, the replica and the sentinels, in that order.
@@ -125,4 +229,26 @@ impl RedisSentinel {
     pub fn sentinel_cli(&self, which: usize, args: &[&str]) -> String {
         cli(self.sentinels[which].port, args)
     }
+}
+
+/// The port sentinel `port` names for [`MASTER_NAME`] (`None`: no answer).
+fn named_primary(port: u16) -> Option<u16> {
+    let out = cli(port, &["SENTINEL", "get-master-addr-by-name", MASTER_NAME]);
+    let mut lines = out.lines();
+    let _host = lines.next()?;
+    lines.next()?.trim().parse().ok()
+}
+
+/// One field of `SENTINEL master <name>` (a flat list of names and values) from sentinel
+/// `port`.
+fn master_field(port: u16, field: &str) -> Option<String> {
+    let out = cli(port, &["SENTINEL", "master", MASTER_NAME]);
+    let mut lines = out.lines();
+    while let Some(name) = lines.next() {
+        let value = lines.next()?;
+        if name == field {
+            return Some(value.to_string());
+        }
+    }
+    None
 }
