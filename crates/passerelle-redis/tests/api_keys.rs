@@ -1,21 +1,16 @@
 //! The API key store against a real redis-server: create, look up (under rotated secrets),
 //! migrate, revoke with its generation and message, touch, list by pages; every key of a
-//! key's operations in one cluster slot.
+//! key's operations in one cluster slot. On the topology of the run (`TestRedis`).
 
 #![allow(clippy::unwrap_used)]
 
 use futures_util::StreamExt;
-use passerelle_config::RedisConfig;
 use passerelle_redis::api_keys::StoredKey;
 use passerelle_redis::{Invalidation, Redis, hash_slot};
-use passerelle_testkit::RedisServer;
+use passerelle_testkit::TestRedis;
 
-fn redis(server: &RedisServer) -> Redis {
-    let cfg = RedisConfig {
-        url: Some(server.url()),
-        ..RedisConfig::default()
-    };
-    Redis::from_config(&cfg).unwrap().unwrap()
+fn redis(server: &TestRedis) -> Redis {
+    Redis::from_config(&server.redis_config()).unwrap().unwrap()
 }
 
 fn record(id: &str) -> StoredKey {
@@ -35,7 +30,7 @@ const D2: &str = "22222222222222222222222222222222222222222222222222222222222222
 
 #[tokio::test]
 async fn a_key_is_created_found_migrated_and_revoked() {
-    let server = RedisServer::start();
+    let server = TestRedis::start();
     let r = redis(&server);
     let (c, k) = (r.durable(), &r.keys);
     let slot = hash_slot(&k.api_key(D1));
@@ -113,7 +108,7 @@ async fn a_key_is_created_found_migrated_and_revoked() {
 
 #[tokio::test]
 async fn the_listing_is_read_in_pages() {
-    let server = RedisServer::start();
+    let server = TestRedis::start();
     let r = redis(&server);
     let (c, k) = (r.durable(), &r.keys);
     for i in 0..5u64 {

@@ -1,27 +1,23 @@
 //! Cache operations against a real redis-server: entries with TTLs, tag sets, the
 //! read-and-lease script, invalidation by tag with its pub/sub message, and the services'
-//! rows with tombstones; scripts by SHA, and the server's version.
+//! rows with tombstones; scripts by SHA, and the server's version. On the topology of the
+//! run (`TestRedis`), but for the test that watches one server's `MONITOR`.
 
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use passerelle_config::RedisConfig;
 use passerelle_redis::{Invalidation, Redis, hash_slot};
-use passerelle_testkit::RedisServer;
+use passerelle_testkit::{TestRedis, Topology};
 
-fn redis(server: &RedisServer) -> Redis {
-    let cfg = RedisConfig {
-        url: Some(server.url()),
-        ..RedisConfig::default()
-    };
-    Redis::from_config(&cfg).unwrap().unwrap()
+fn redis(server: &TestRedis) -> Redis {
+    Redis::from_config(&server.redis_config()).unwrap().unwrap()
 }
 
 #[tokio::test]
 async fn one_fetcher_per_key_and_the_lease_goes_back_with_the_write() {
-    let server = RedisServer::start();
+    let server = TestRedis::start();
     let r = redis(&server);
     let (c, k) = (r.cache(), &r.keys);
     let hash = "0123456789abcdef0123456789abcdef";
@@ -73,7 +69,7 @@ async fn one_fetcher_per_key_and_the_lease_goes_back_with_the_write() {
 
 #[tokio::test]
 async fn invalidating_a_tag_deletes_its_entries_and_tells_every_subscriber() {
-    let server = RedisServer::start();
+    let server = TestRedis::start();
     let r = redis(&server);
     let (c, k) = (r.cache(), &r.keys);
     let mut messages = Box::pin(c.invalidations(k).await.unwrap());
@@ -105,7 +101,7 @@ async fn invalidating_a_tag_deletes_its_entries_and_tells_every_subscriber() {
 
 #[tokio::test]
 async fn a_changed_row_leaves_a_tombstone_that_write_backs_cannot_replace() {
-    let server = RedisServer::start();
+    let server = TestRedis::start();
     let r = redis(&server);
     let (c, k) = (r.cache(), &r.keys);
     let ttl = Duration::from_secs(60);
@@ -131,19 +127,9 @@ async fn a_changed_row_leaves_a_tombstone_that_write_backs_cannot_replace() {
     );
 }
 
-/// Calls of each command since the server started (`INFO commandstats`).
-fn calls(server: &RedisServer, command: &str) -> u64 {
-    server
-        .cli(&["INFO", "commandstats"])
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
-        .and_then(|rest| rest.split(',').next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test]
 async fn a_store_sends_its_scripts_by_sha_and_reloads_them_after_a_flush() {
-    let server = RedisServer::start();
+    let server = TestRedis::start();
     let r = redis(&server);
     let (c, k) = (r.cache(), &r.keys);
     let tags = vec!["/users/1".to_string(), "/products/2".to_string()];
@@ -156,8 +142,10 @@ async fn a_store_sends_its_scripts_by_sha_and_reloads_them_after_a_flush() {
             (None, true)
         );
         if round == 1 {
-            // What a restart or a failover does to the script cache.
-            assert_eq!(server.cli(&["SCRIPT", "FLUSH"]).trim(), "OK");
+            // What a restart or a failover does to the script cache (of every primary).
+            for flushed in server.cli_each_primary(&["SCRIPT", "FLUSH"]) {
+                assert_eq!(flushed.trim(), "OK");
+            }
         }
         let largest = c
             .cache_put(k, &hash, b"v", Duration::from_secs(30), &tags, Some("me"))
@@ -170,18 +158,27 @@ async fn a_store_sends_its_scripts_by_sha_and_reloads_them_after_a_flush() {
             "round {round}: stored, tagged and the lease given back"
         );
     }
-    assert_eq!(calls(&server, "eval"), 0, "no script source on the wire");
-    assert!(calls(&server, "evalsha") >= 9, "tags and releases by SHA");
+    // Calls since the start, on every primary (`INFO commandstats`).
+    assert_eq!(
+        server.command_calls("eval"),
+        0,
+        "no script source on the wire"
+    );
+    assert!(
+        server.command_calls("evalsha") >= 9,
+        "tags and releases by SHA"
+    );
 }
 
 #[tokio::test]
 async fn a_tag_set_gets_its_member_and_its_ttl_in_one_atomic_step() {
-    let server = RedisServer::start();
+    // One server: its MONITOR sees every command (a cluster's are spread over three).
+    let server = TestRedis::start_on(Topology::Single);
     let r = redis(&server);
     let (c, k) = (r.cache(), &r.keys);
     // Watch every command the server runs, and where from: a script's commands are
     // marked `lua`.
-    let client = redis::Client::open(server.url()).unwrap();
+    let client = redis::Client::open(server.single().unwrap().url()).unwrap();
     let monitor = client.get_async_monitor().await.unwrap();
     let mut seen = Box::pin(monitor.into_on_message::<String>());
     let tags = vec!["/users/9".to_string()];
@@ -218,7 +215,7 @@ async fn a_tag_set_gets_its_member_and_its_ttl_in_one_atomic_step() {
 
 #[tokio::test]
 async fn the_test_server_is_recent_enough() {
-    let server = RedisServer::start();
+    let server = TestRedis::start();
     let r = redis(&server);
     let v = r.cache().server_version().await.unwrap();
     assert!(v >= passerelle_redis::MIN_VERSION, "{v}");

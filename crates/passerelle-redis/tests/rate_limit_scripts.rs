@@ -1,22 +1,18 @@
 //! The rate-limit script against a real redis-server: exact admission, nothing consumed by a
-//! refusal, all-or-nothing groups, refunds, and keys that expire by themselves.
+//! refusal, all-or-nothing groups, refunds, and keys that expire by themselves. On the
+//! topology of the run (`TestRedis`).
 
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
-use passerelle_config::{LimitAlgorithm, RedisConfig};
+use passerelle_config::LimitAlgorithm;
 use passerelle_redis::rate_limit::{LimitParams, Mode};
 use passerelle_redis::{Redis, hash_slot};
-use passerelle_testkit::RedisServer;
+use passerelle_testkit::TestRedis;
 
-fn redis(server: &RedisServer) -> Redis {
-    Redis::from_config(&RedisConfig {
-        url: Some(server.url()),
-        ..RedisConfig::default()
-    })
-    .unwrap()
-    .unwrap()
+fn redis(server: &TestRedis) -> Redis {
+    Redis::from_config(&server.redis_config()).unwrap().unwrap()
 }
 
 fn params(algorithm: LimitAlgorithm, limit: u64, period: Duration, burst: u64) -> LimitParams {
@@ -32,7 +28,7 @@ const HOUR: Duration = Duration::from_secs(3600);
 
 #[tokio::test]
 async fn gcra_admits_exactly_the_burst_and_refusals_consume_nothing() {
-    let server = RedisServer::start();
+    let server = TestRedis::start();
     let r = redis(&server);
     let p = params(LimitAlgorithm::Gcra, 10, HOUR, 10);
     let mut admitted = 0;
@@ -89,7 +85,7 @@ async fn gcra_admits_exactly_the_burst_and_refusals_consume_nothing() {
 
 #[tokio::test]
 async fn windows_admit_their_limit_and_tell_when_to_retry() {
-    let server = RedisServer::start();
+    let server = TestRedis::start();
     let r = redis(&server);
     for alg in [LimitAlgorithm::FixedWindow, LimitAlgorithm::SlidingWindow] {
         let p = params(alg, 7, HOUR, 1);
@@ -133,7 +129,7 @@ async fn windows_admit_their_limit_and_tell_when_to_retry() {
 
 #[tokio::test]
 async fn a_group_is_all_or_nothing_and_cluster_safe() {
-    let server = RedisServer::start();
+    let server = TestRedis::start();
     let r = redis(&server);
     let per_second = params(LimitAlgorithm::Gcra, 100, Duration::from_secs(1), 100);
     let per_hour = params(LimitAlgorithm::FixedWindow, 3, HOUR, 1);

@@ -1,4 +1,6 @@
-//! The Redis layer against a real redis-server.
+//! The Redis layer against a real redis-server. Leases and script reloading run on the
+//! topology of the run (`TestRedis`); logging in, memory settings and an outage need one
+//! server of their own.
 
 #![allow(clippy::unwrap_used)]
 
@@ -6,7 +8,7 @@ use std::time::Duration;
 
 use passerelle_config::RedisConfig;
 use passerelle_redis::{Redis, RedisClient, Role, hash_slot};
-use passerelle_testkit::{RedisOptions, RedisServer};
+use passerelle_testkit::{RedisOptions, RedisServer, TestRedis};
 
 fn config(url: &str) -> RedisConfig {
     RedisConfig {
@@ -89,8 +91,8 @@ async fn unreachable_redis_fails_fast_and_recovers() {
 
 #[tokio::test]
 async fn leases_are_exclusive_and_released_only_by_owner() {
-    let server = RedisServer::start();
-    let redis = Redis::from_config(&config(&server.url())).unwrap().unwrap();
+    let server = TestRedis::start();
+    let redis = Redis::from_config(&server.redis_config()).unwrap().unwrap();
     let c = redis.durable();
     let ttl = Duration::from_secs(10);
     assert!(
@@ -125,15 +127,16 @@ async fn leases_are_exclusive_and_released_only_by_owner() {
 
 #[tokio::test]
 async fn scripts_reload_after_script_flush() {
-    let server = RedisServer::start();
-    let redis = Redis::from_config(&config(&server.url())).unwrap().unwrap();
+    let server = TestRedis::start();
+    let redis = Redis::from_config(&server.redis_config()).unwrap().unwrap();
     let c = redis.durable();
     let ttl = Duration::from_secs(10);
     assert!(c.acquire_lease(&redis.keys, "x", "me", ttl).await.unwrap());
     assert!(c.release_lease(&redis.keys, "x", "me").await.unwrap());
-    // Simulate a restart/failover that lost the script cache.
-    let operator = redis_cli(server.port(), &["SCRIPT", "FLUSH"]);
-    assert_eq!(operator.trim(), "OK");
+    // Simulate a restart/failover that lost the script cache (on every primary).
+    for operator in server.cli_each_primary(&["SCRIPT", "FLUSH"]) {
+        assert_eq!(operator.trim(), "OK");
+    }
     assert!(c.acquire_lease(&redis.keys, "x", "me", ttl).await.unwrap());
     assert!(
         c.release_lease(&redis.keys, "x", "me").await.unwrap(),
@@ -146,14 +149,4 @@ fn lease_key_is_cluster_safe() {
     let keys = passerelle_redis::KeySchema::new("psl");
     let k = keys.lease("cache:abc");
     assert_eq!(hash_slot(&k), hash_slot("{cache:abc}"));
-}
-
-/// Runs one command with the redis-cli the tests' redis-server comes with.
-fn redis_cli(port: u16, args: &[&str]) -> String {
-    let out = std::process::Command::new("redis-cli")
-        .args(["-p", &port.to_string()])
-        .args(args)
-        .output()
-        .expect("redis-cli");
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }

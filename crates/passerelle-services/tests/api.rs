@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Method;
 use passerelle_services::{ServiceKind, ServiceOptions};
-use passerelle_testkit::{HttpClient, Reply};
+use passerelle_testkit::{HttpClient, Reply, TestRedis, Topology};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
@@ -21,18 +21,12 @@ async fn start(kind: ServiceKind, rows: u64) -> Running {
     start_with_cache(kind, rows, None).await
 }
 
-async fn start_with_cache(
-    kind: ServiceKind,
-    rows: u64,
-    redis: Option<&passerelle_testkit::RedisServer>,
-) -> Running {
+async fn start_with_cache(kind: ServiceKind, rows: u64, redis: Option<&TestRedis>) -> Running {
     let cache = redis.map(|r| {
-        let cfg = passerelle_config::RedisConfig {
-            url: Some(r.url()),
-            ..Default::default()
-        };
         (
-            passerelle_redis::Redis::from_config(&cfg).unwrap().unwrap(),
+            passerelle_redis::Redis::from_config(&r.redis_config())
+                .unwrap()
+                .unwrap(),
             passerelle_services::CacheAside {
                 ttl: Duration::from_secs(60),
                 ..Default::default()
@@ -495,9 +489,10 @@ async fn operations_endpoints() {
     assert_eq!(r.header("x-request-id"), Some("trace-me-42"));
 }
 
+/// Cache-aside on the topology of the run (`TestRedis`).
 #[tokio::test]
 async fn rows_are_read_through_redis_and_dropped_on_every_write() {
-    let mut redis = passerelle_testkit::RedisServer::start();
+    let redis = TestRedis::start();
     let svc = start_with_cache(ServiceKind::Users, 10, Some(&redis)).await;
     let key = "psl:obj:{users/7}";
     let first = svc.http.get("/users/7").await;
@@ -555,9 +550,22 @@ async fn rows_are_read_through_redis_and_dropped_on_every_write() {
         404,
         "no resurrection from the cache"
     );
+}
+
+#[tokio::test]
+async fn without_redis_rows_are_read_and_written_in_sqlite() {
+    // One server, stopped.
+    let mut redis = TestRedis::start_on(Topology::Single);
+    let svc = start_with_cache(ServiceKind::Users, 10, Some(&redis)).await;
+    assert_eq!(svc.http.get("/users/5").await.status, 200);
+    assert_eq!(
+        redis.cli(&["EXISTS", "psl:obj:{users/5}"]).trim(),
+        "1",
+        "read through Redis while it is up"
+    );
 
     // Redis down: reads and writes still work, from SQLite.
-    redis.stop();
+    redis.single_mut().unwrap().stop();
     assert_eq!(svc.http.get("/users/5").await.status, 200);
     let r = send(
         &svc.http,

@@ -1,6 +1,6 @@
-//! The response cache end to end: real redis-server, `passerelle gateway` processes (two
-//! replicas sharing one Redis), a counting origin, and the real users and products services
-//! for invalidation.
+//! The response cache end to end: a real Redis on the topology of the run (`TestRedis`; one
+//! server for the outage test), `passerelle gateway` processes (two replicas sharing one
+//! Redis), a counting origin, and the real users and products services for invalidation.
 
 #![allow(clippy::unwrap_used)]
 
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::{GatewayProcess, cache_status, entry_key, gateway_process};
 use http::Method;
-use passerelle_testkit::{HttpClient, RedisServer, Reply};
+use passerelle_testkit::{HttpClient, Reply, TestRedis, Topology};
 use tokio::sync::oneshot;
 
 /// An origin that counts the requests it gets, per path.
@@ -140,12 +140,12 @@ async fn origin(delay: Duration) -> Origin {
 
 /// Routes over the counting origin. Redis deadlines are generous: on a loaded machine a
 /// tight one would bypass L2 and make origin counts depend on timing.
-fn config_text(redis_url: &str, origin: SocketAddr) -> String {
+fn config_text(redis: &TestRedis, origin: SocketAddr) -> String {
+    let redis = redis.config_lines();
     format!(
         r#"
 [redis]
-url = "{redis_url}"
-
+{redis}
 [gateway]
 worker_threads = 2
 
@@ -238,18 +238,23 @@ cache = {{ ttl = "60s", vary = ["accept-language"] }}
 }
 
 struct Setup {
-    redis: RedisServer,
+    redis: TestRedis,
     origin: Origin,
     gateways: Vec<GatewayProcess>,
     _dir: tempfile::TempDir,
 }
 
+/// On the topology of the run.
 async fn setup(replicas: usize, delay: Duration) -> Setup {
-    let redis = RedisServer::start();
+    setup_on(Topology::from_env(), replicas, delay).await
+}
+
+async fn setup_on(topology: Topology, replicas: usize, delay: Duration) -> Setup {
+    let redis = TestRedis::start_on(topology);
     let origin = origin(delay).await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, config_text(&redis.url(), origin.addr)).unwrap();
+    std::fs::write(&path, config_text(&redis, origin.addr)).unwrap();
     let mut gateways = Vec::new();
     for _ in 0..replicas {
         gateways.push(gateway_process(&path).await);
@@ -599,10 +604,11 @@ async fn stale_if_error_serves_a_recent_copy_when_the_origin_fails() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_succeed_while_redis_is_down_and_caching_resumes() {
-    let mut s = setup(1, Duration::ZERO).await;
+    // One server, stopped and restarted on its port.
+    let mut s = setup_on(Topology::Single, 1, Duration::ZERO).await;
     let http = s.gateways[0].http.clone();
     get(&http, "/c/before", &[]).await;
-    s.redis.stop();
+    s.redis.single_mut().unwrap().stop();
     for i in 0..20 {
         let r = get(&http, &format!("/c/down-{i}"), &[]).await;
         assert_eq!(r.status, 200);
@@ -615,7 +621,7 @@ async fn requests_succeed_while_redis_is_down_and_caching_resumes() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
     assert!(errors >= 1.0, "Redis errors are counted");
-    s.redis.restart();
+    s.redis.single_mut().unwrap().restart();
     // Back: a new key is stored in Redis again (visible with redis-cli). Each attempt asks
     // for a path not asked before: a fill made while the breaker was still open lives in
     // L1 only, and asking for it again would only ever hit L1.
@@ -682,10 +688,10 @@ async fn requests_succeed_while_redis_is_down_and_caching_resumes() {
 /// writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_update_is_seen_through_every_replica_and_every_route_that_contains_it() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let dir = tempfile::tempdir().unwrap();
     // The shipped configuration (its cached routes and tags) over these instances.
-    let (users, products, path) = common::shipped_platform(dir.path(), &redis.url()).await;
+    let (users, products, path) = common::shipped_platform(dir.path(), &redis).await;
     let gateways = [gateway_process(&path).await, gateway_process(&path).await];
     let service = HttpClient::new(format!("http://{}", users.addr));
 

@@ -15,7 +15,7 @@ use common::{
     GatewayProcess, ServiceProcess, cache_status, entry_key, gateway_process, write_token,
 };
 use http::Method;
-use passerelle_testkit::{HttpClient, RedisServer, Reply};
+use passerelle_testkit::{HttpClient, Reply, TestRedis, Topology};
 
 /// Spellings of `/users/12` the gateway normalizes to it.
 const USER_12: [&str; 10] = [
@@ -37,16 +37,16 @@ const NOT_USER_12: [&str; 3] = ["/users/012", "/users/%30%31%32", "/users//0012"
 struct Platform {
     gateway: GatewayProcess,
     _services: (ServiceProcess, ServiceProcess),
-    _redis: RedisServer,
+    _redis: TestRedis,
     _dir: tempfile::TempDir,
 }
 
 /// The shipped configuration (its cached routes and tags, rate limits off) over real
 /// services that share one Redis with the gateway.
 async fn platform() -> Platform {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start_on(Topology::Single);
     let dir = tempfile::tempdir().unwrap();
-    let (users, products, path) = common::shipped_platform(dir.path(), &redis.url()).await;
+    let (users, products, path) = common::shipped_platform(dir.path(), &redis).await;
     let gateway = gateway_process(&path).await;
     Platform {
         gateway,

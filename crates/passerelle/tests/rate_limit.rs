@@ -1,5 +1,6 @@
-//! Rate limiting end to end: real redis-server, real gateways (three `passerelle gateway`
-//! processes sharing one Redis for the exactness test), real sockets.
+//! Rate limiting end to end: a real Redis on the topology of the run (`TestRedis`; one
+//! server for the outage test), real gateways (three `passerelle gateway` processes sharing
+//! one Redis for the exactness test), real sockets.
 
 #![allow(clippy::unwrap_used)]
 
@@ -12,13 +13,13 @@ use bytes::Bytes;
 use common::gateway_process;
 use http::Method;
 use passerelle_config::Config;
-use passerelle_testkit::{HttpClient, RedisServer, Reply};
+use passerelle_testkit::{HttpClient, Reply, TestRedis, Topology};
 
 /// A gateway configuration over one upstream, with the limits the tests use. The Redis
 /// deadline is generous unless a test is about Redis failing: on a loaded machine a tight
 /// one would hand decisions to the fallback and make counts depend on timing.
 fn config_text(
-    redis_url: &str,
+    redis: &TestRedis,
     upstream: SocketAddr,
     trusted: &str,
     admin: Option<u16>,
@@ -29,11 +30,11 @@ fn config_text(
     let admin = admin.map_or("admin_listen = \"off\"\n".to_string(), |p| {
         format!("admin_listen = \"127.0.0.1:{p}\"\n")
     });
+    let redis = redis.config_lines();
     format!(
         r#"
 [redis]
-url = "{redis_url}"
-
+{redis}
 [gateway]
 worker_threads = 1
 {admin}
@@ -153,10 +154,10 @@ rate_limits = []
     )
 }
 
-fn config(redis: &RedisServer, upstream: SocketAddr, trusted: &str, admin: Option<u16>) -> Config {
+fn config(redis: &TestRedis, upstream: SocketAddr, trusted: &str, admin: Option<u16>) -> Config {
     Config::from_toml(
         "test.toml",
-        &config_text(&redis.url(), upstream, trusted, admin, "2s"),
+        &config_text(redis, upstream, trusted, admin, "2s"),
         Vec::new(),
     )
     .unwrap()
@@ -185,15 +186,15 @@ fn assert_refusal(r: &Reply, limit: &str) -> u64 {
 /// Three `passerelle gateway` processes sharing one Redis, in front of one stand-in
 /// upstream; the last element keeps the upstream and the config's directory alive.
 async fn three_gateways() -> (
-    RedisServer,
+    TestRedis,
     [common::GatewayProcess; 3],
     (tokio::sync::oneshot::Sender<()>, tempfile::TempDir),
 ) {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let (upstream, stop) = common::slow_upstream("u", Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, config_text(&redis.url(), upstream, "", None, "2s")).unwrap();
+    std::fs::write(&path, config_text(&redis, upstream, "", None, "2s")).unwrap();
     let gateways = [
         gateway_process(&path).await,
         gateway_process(&path).await,
@@ -249,7 +250,7 @@ async fn three_gateways_admit_together_exactly_the_limit() {
 
 #[tokio::test]
 async fn headers_tell_the_client_where_it_stands() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let (upstream, _stop) = common::slow_upstream("u", Duration::ZERO).await;
     // The test process is the trusted proxy that states the user.
     let gw = common::gateway(config(&redis, upstream, "\"127.0.0.1\"", None)).await;
@@ -295,7 +296,7 @@ async fn headers_tell_the_client_where_it_stands() {
 
 #[tokio::test]
 async fn spoofed_forwarding_headers_from_an_untrusted_peer_change_nothing() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let (upstream, _stop) = common::slow_upstream("u", Duration::ZERO).await;
     let gw = common::gateway(config(&redis, upstream, "", None)).await;
     let mut admitted = 0;
@@ -323,17 +324,22 @@ async fn spoofed_forwarding_headers_from_an_untrusted_peer_change_nothing() {
     }
     assert_eq!(admitted, 3, "every request counted against the socket peer");
     // The user header is not honoured from an untrusted peer either: counted by address.
-    let keys = redis.cli(&["--scan", "--pattern", "psl:rl:*"]);
-    assert!(keys.contains("{ip=127.0.0.1}"), "{keys}");
+    let keys = redis.scan("psl:rl:*");
     assert!(
-        !keys.contains("198.51.100") && !keys.contains("203.0.113"),
-        "{keys}"
+        keys.iter().any(|k| k.contains("{ip=127.0.0.1}")),
+        "{keys:?}"
+    );
+    assert!(
+        !keys
+            .iter()
+            .any(|k| k.contains("198.51.100") || k.contains("203.0.113")),
+        "{keys:?}"
     );
 }
 
 #[tokio::test]
 async fn hostile_key_material_is_bounded_before_redis() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let (upstream, _stop) = common::slow_upstream("u", Duration::ZERO).await;
     let gw = common::gateway(config(&redis, upstream, "\"127.0.0.1\"", None)).await;
     let huge_user = "u".repeat(6000);
@@ -348,31 +354,24 @@ async fn hostile_key_material_is_bounded_before_redis() {
         )
         .await;
     assert_eq!(r.status, 200);
-    let keys = redis.cli(&["--scan", "--pattern", "psl:rl:*"]);
-    assert!(!keys.trim().is_empty());
-    for k in keys.lines() {
+    let keys = redis.scan("psl:rl:*");
+    assert!(!keys.is_empty());
+    for k in &keys {
         assert!(k.len() < 100, "key of {} bytes: {k}", k.len());
     }
 }
 
 #[tokio::test]
 async fn a_client_over_its_limit_does_not_cost_a_redis_call_per_request() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let (upstream, _stop) = common::slow_upstream("u", Duration::ZERO).await;
     let gw = common::gateway(config(&redis, upstream, "", None)).await;
     for _ in 0..3 {
         assert_eq!(gw.http.get("/ip/1").await.status, 200);
     }
     assert_refusal(&gw.http.get("/ip/1").await, "per-ip");
-    let calls = || {
-        let stats = redis.cli(&["INFO", "commandstats"]);
-        stats
-            .lines()
-            .find(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
-            .and_then(|l| l.split("calls=").nth(1))
-            .and_then(|v| v.split(',').next())
-            .map_or(0, |v| v.parse::<u64>().unwrap())
-    };
+    // Script calls, by SHA or by source, on every primary (`INFO commandstats`).
+    let calls = || redis.command_calls("evalsha") + redis.command_calls("eval");
     let before = calls();
     for _ in 0..100 {
         assert_refusal(&gw.http.get("/ip/1").await, "per-ip");
@@ -382,10 +381,12 @@ async fn a_client_over_its_limit_does_not_cost_a_redis_call_per_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_follows_each_policy_quickly_and_recovers() {
-    let mut redis = RedisServer::start();
+    // One server, paused (SIGSTOP), killed and restarted on its port.
+    let mut test_redis = TestRedis::start_on(Topology::Single);
     let (upstream, _stop) = common::slow_upstream("u", Duration::ZERO).await;
     let admin_port = passerelle_testkit::free_port();
-    let tight = config_text(&redis.url(), upstream, "", Some(admin_port), "20ms");
+    let tight = config_text(&test_redis, upstream, "", Some(admin_port), "20ms");
+    let redis = test_redis.single_mut().unwrap();
     let gw = common::gateway(Config::from_toml("test.toml", &tight, Vec::new()).unwrap()).await;
     for path in ["/open", "/closed", "/local"] {
         let r = gw.http.get(path).await;
@@ -474,7 +475,7 @@ async fn redis_down_follows_each_policy_quickly_and_recovers() {
 
 #[tokio::test]
 async fn operators_read_and_reset_a_key() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let (upstream, _stop) = common::slow_upstream("u", Duration::ZERO).await;
     let admin_port = passerelle_testkit::free_port();
     let gw = common::gateway(config(&redis, upstream, "", Some(admin_port))).await;
@@ -539,15 +540,11 @@ async fn a_reset_through_one_replica_frees_the_client_on_all() {
     for g in &gateways {
         assert_refusal(&g.http.get("/ip/1").await, "per-ip");
     }
-    // Every replica listens to the control channel (subscribed as it starts).
+    // Every replica listens to the control channel (subscribed as it starts), on whichever
+    // node of the topology.
     passerelle_testkit::wait_until(Duration::from_secs(5), "three subscribers", || {
-        let out = redis.cli(&["PUBSUB", "NUMSUB", "psl:invalidate"]);
-        async move {
-            out.lines()
-                .nth(1)
-                .and_then(|n| n.trim().parse::<u32>().ok())
-                == Some(3)
-        }
+        let n = redis.subscribers("psl:invalidate");
+        async move { n == 3 }
     })
     .await;
     let r = gateways[0]

@@ -25,7 +25,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use http::Method;
-use passerelle_testkit::{HttpClient, RedisOptions, RedisServer};
+use passerelle_testkit::{HttpClient, RedisOptions, RedisServer, TestRedis};
 
 /// Lines a child writes on one stream, collected by a thread.
 fn collect(stream: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
@@ -494,20 +494,21 @@ async fn no_output_of_a_run_shows_a_redis_password_or_the_admin_token() {
 #[tokio::test]
 async fn an_acl_user_carries_rate_limits_and_the_cache_through_the_gateway() {
     let password = "acl-password-9d71c3e5b2";
-    let redis = RedisServer::start_with(RedisOptions {
+    let redis = TestRedis::from(RedisServer::start_with(RedisOptions {
         acl_user: Some(("gw".into(), password.into())),
         ..Default::default()
-    });
+    }));
+    let server = redis.single().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (_users, _products, path) = shipped_platform(dir.path(), &redis.url()).await;
+    let (_users, _products, path) = shipped_platform(dir.path(), &redis).await;
     let pw_file = dir.path().join("redis-password");
     std::fs::write(&pw_file, format!("{password}\n")).unwrap();
     let mut text = std::fs::read_to_string(&path).unwrap();
     text = text.replace(
-        &format!("url = \"{}\"", redis.url()),
+        &format!("url = \"{}\"", server.url()),
         &format!(
             "url = \"redis://127.0.0.1:{}\"\nusername = \"gw\"\npassword_file = \"{}\"",
-            redis.port(),
+            server.port(),
             pw_file.display()
         ),
     );

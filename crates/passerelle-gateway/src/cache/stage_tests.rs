@@ -1,5 +1,6 @@
-//! The cache stage on its own: a real `redis-server` as L2, a counting HTTP origin, and the
-//! stage's handles, with no gateway around them.
+//! The cache stage on its own: a real Redis as L2 (on the topology of the run,
+//! `TestRedis`; one server for the outage tests), a counting HTTP origin, and the stage's
+//! handles, with no gateway around them.
 
 #![allow(clippy::unwrap_used)]
 
@@ -11,7 +12,7 @@ use std::time::Duration;
 use axum::extract::Path;
 use passerelle_config::Config;
 use passerelle_redis::Redis;
-use passerelle_testkit::RedisServer;
+use passerelle_testkit::{TestRedis, Topology};
 
 use super::*;
 use crate::cache::ResponseCache;
@@ -101,7 +102,7 @@ struct Replica {
     identity: IdentityResolver,
 }
 
-fn config(redis: &RedisServer, origin: SocketAddr) -> Config {
+fn config(redis: &TestRedis, origin: SocketAddr) -> Config {
     config_with(
         redis,
         origin,
@@ -112,15 +113,15 @@ fn config(redis: &RedisServer, origin: SocketAddr) -> Config {
 
 /// The test route over `origin`, with these `[cache]` settings and these more settings of
 /// the route's `[routes.cache]` table.
-fn config_with(redis: &RedisServer, origin: SocketAddr, cache: &str, route: &str) -> Config {
+fn config_with(redis: &TestRedis, origin: SocketAddr, cache: &str, route: &str) -> Config {
     Config::from_toml(
         "test.toml",
         &format!(
-            "[redis]\nurl = \"{}\"\ncommand_timeout = \"10s\"\n[cache]\n{cache}\n\
+            "[redis]\n{}command_timeout = \"10s\"\n[cache]\n{cache}\n\
              [upstreams.o]\nendpoints = [\"{origin}\"]\n[upstreams.o.retry]\nretries = 0\n\
              [[routes]]\nname = \"r\"\npath = \"/{{kind}}/{{id}}\"\nupstream = \"o\"\n\
              [routes.cache]\nttl = \"30s\"\n{route}\n",
-            redis.url()
+            redis.config_lines()
         ),
         Vec::new(),
     )
@@ -183,7 +184,7 @@ fn status_of(res: &Response<Body>) -> String {
 
 #[tokio::test]
 async fn a_miss_is_stored_then_served_from_l1_here_and_from_l2_on_another_replica() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let origin = Counting::default();
     let cfg = config(&redis, origin.serve().await);
     let (a, b) = (Replica::new(&cfg), Replica::new(&cfg));
@@ -214,7 +215,7 @@ async fn a_miss_is_stored_then_served_from_l1_here_and_from_l2_on_another_replic
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_misses_make_one_origin_call() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let origin = Counting::default();
     let cfg = config(&redis, origin.serve().await);
     let a = Arc::new(Replica::new(&cfg));
@@ -230,7 +231,7 @@ async fn fifty_concurrent_misses_make_one_origin_call() {
 
 #[tokio::test]
 async fn an_etag_match_is_a_304_and_a_private_answer_stays_with_its_caller() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let origin = Counting::default();
     let cfg = config(&redis, origin.serve().await);
     let a = Replica::new(&cfg);
@@ -259,11 +260,12 @@ async fn an_etag_match_is_a_304_and_a_private_answer_stays_with_its_caller() {
 
 #[tokio::test]
 async fn without_redis_the_origin_answers_and_caching_resumes_when_it_is_back() {
-    let mut redis = RedisServer::start();
+    // One server, stopped and restarted on its port.
+    let mut redis = TestRedis::start_on(Topology::Single);
     let origin = Counting::default();
     let cfg = config(&redis, origin.serve().await);
     let a = Replica::new(&cfg);
-    redis.stop();
+    redis.single_mut().unwrap().stop();
     for i in 0..5 {
         let started = Instant::now();
         let res = a.get(&format!("/items/down-{i}"), &[]).await;
@@ -273,7 +275,7 @@ async fn without_redis_the_origin_answers_and_caching_resumes_when_it_is_back() 
             "no hang on a dead Redis"
         );
     }
-    redis.restart();
+    redis.single_mut().unwrap().restart();
     // Once Redis is back, what one replica fetches the other finds there (a new key each
     // try, so that neither answers from its own memory).
     let b = Replica::new(&cfg);
@@ -294,7 +296,8 @@ async fn without_redis_the_origin_answers_and_caching_resumes_when_it_is_back() 
 
 #[tokio::test]
 async fn purges_keep_the_cache_deadline_and_breaker() {
-    let redis = RedisServer::start();
+    // One server, paused (SIGSTOP) and resumed.
+    let redis = TestRedis::start_on(Topology::Single);
     let origin = Counting::default();
     let cfg = config_with(
         &redis,
@@ -307,7 +310,7 @@ async fn purges_keep_the_cache_deadline_and_breaker() {
     assert_eq!(cache.purge_tag("/items/1").await.unwrap(), 0);
     // A stalled Redis (the client's own command timeout is 10 s): the purge gives up at the
     // cache's deadline, and its failure counts against the breaker...
-    redis.pause();
+    redis.single().unwrap().pause();
     let started = Instant::now();
     let err = cache.purge_tag("/items/1").await.unwrap_err();
     assert!(
@@ -328,12 +331,12 @@ async fn purges_keep_the_cache_deadline_and_breaker() {
         "{err}"
     );
     assert!(started.elapsed() < Duration::from_millis(100));
-    redis.resume();
+    redis.single().unwrap().resume();
 }
 
 #[tokio::test]
 async fn only_the_query_parameters_a_route_keys_on_are_cached() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let origin = Counting::default();
     let cfg = config_with(
         &redis,
@@ -369,7 +372,7 @@ async fn body_of(res: Response<Body>) -> serde_json::Value {
 
 #[tokio::test]
 async fn an_answer_for_one_caller_never_turns_shared_caching_off() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let origin = Counting::default();
     let cfg = config(&redis, origin.serve().await);
     let (a, b) = (Replica::new(&cfg), Replica::new(&cfg));
@@ -397,7 +400,7 @@ async fn an_answer_for_one_caller_never_turns_shared_caching_off() {
 
 #[tokio::test]
 async fn a_url_public_to_anonymous_callers_and_private_to_others_serves_each_their_answer() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let origin = Counting::default();
     let cfg = config(&redis, origin.serve().await);
     let a = Replica::new(&cfg);

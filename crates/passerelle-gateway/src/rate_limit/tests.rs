@@ -1,5 +1,6 @@
-//! The rate-limit stage on its own, against a real `redis-server`: what it decides, what it
-//! tells the client, and what it does when Redis is gone.
+//! The rate-limit stage on its own, against a real Redis on the topology of the run
+//! (`TestRedis`): what it decides, what it tells the client, and what it does when Redis is
+//! gone (one server, stopped and restarted).
 
 #![allow(clippy::unwrap_used)]
 
@@ -8,15 +9,13 @@ use std::sync::Arc;
 
 use passerelle_config::Config;
 use passerelle_redis::Redis;
-use passerelle_testkit::RedisServer;
+use passerelle_testkit::{TestRedis, Topology};
 
 use super::*;
 
 /// A configuration with one route limited by `limit` (a `[rate_limits.l]` body).
-fn config(redis: Option<&RedisServer>, limit: &str) -> Config {
-    let url = redis.map_or(String::new(), |r| {
-        format!("[redis]\nurl = \"{}\"\n", r.url())
-    });
+fn config(redis: Option<&TestRedis>, limit: &str) -> Config {
+    let url = redis.map_or(String::new(), |r| format!("[redis]\n{}", r.config_lines()));
     Config::from_toml(
         "test.toml",
         &format!(
@@ -57,7 +56,7 @@ async fn decide(h: &LimiterHandle, limits: &RouteLimits, c: &Caller) -> (bool, u
 
 #[tokio::test]
 async fn a_burst_is_admitted_exactly_and_the_next_request_refused_with_retry_after() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let (l, limits) = limiter(&config(
         Some(&redis),
         "limit = 5\nperiod = \"1h\"\nburst = 5\n",
@@ -87,7 +86,7 @@ async fn a_burst_is_admitted_exactly_and_the_next_request_refused_with_retry_aft
 
 #[tokio::test]
 async fn two_replicas_share_one_count() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let cfg = config(Some(&redis), "limit = 4\nperiod = \"1h\"\nburst = 4\n");
     let (a, limits) = limiter(&cfg);
     let (b, _) = limiter(&cfg);
@@ -103,33 +102,20 @@ async fn two_replicas_share_one_count() {
 
 #[tokio::test]
 async fn a_refused_request_is_answered_from_memory_until_it_may_retry() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let (l, limits) = limiter(&config(Some(&redis), "limit = 1\nperiod = \"1h\"\n"));
     let h = l.for_thread();
     let c = caller([203, 0, 113, 9]);
     assert!(decide(&h, &limits, &c).await.0);
     assert!(!decide(&h, &limits, &c).await.0);
-    let before = redis.cli(&["INFO", "commandstats"]);
+    // Script calls on every primary (`INFO commandstats`).
+    let before = redis.command_calls("evalsha");
     for _ in 0..20 {
         assert!(!decide(&h, &limits, &c).await.0);
     }
-    let after = redis.cli(&["INFO", "commandstats"]);
-    let evalsha = |s: &str| {
-        s.lines()
-            .find(|l| l.starts_with("cmdstat_evalsha:"))
-            .and_then(|l| {
-                l.split("calls=")
-                    .nth(1)?
-                    .split(',')
-                    .next()?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .unwrap_or(0)
-    };
     assert_eq!(
-        evalsha(&after),
-        evalsha(&before),
+        redis.command_calls("evalsha"),
+        before,
         "no Redis call while blocked"
     );
 }
@@ -175,7 +161,8 @@ async fn without_redis_each_limit_follows_its_policy() {
 
 #[tokio::test]
 async fn redis_going_away_switches_to_the_fallback_and_back() {
-    let mut redis = RedisServer::start();
+    // One server, stopped and restarted on its port.
+    let mut redis = TestRedis::start_on(Topology::Single);
     let (l, limits) = limiter(&config(
         Some(&redis),
         "limit = 1000\nperiod = \"1s\"\non_redis_failure = \"closed\"\n",
@@ -183,7 +170,7 @@ async fn redis_going_away_switches_to_the_fallback_and_back() {
     let h = l.for_thread();
     let c = caller([192, 0, 2, 77]);
     assert!(decide(&h, &limits, &c).await.0);
-    redis.stop();
+    redis.single_mut().unwrap().stop();
     assert!(
         matches!(
             h.check(&limits, "r", &c).await,
@@ -191,7 +178,7 @@ async fn redis_going_away_switches_to_the_fallback_and_back() {
         ),
         "closed while Redis is gone"
     );
-    redis.restart();
+    redis.single_mut().unwrap().restart();
     passerelle_testkit::wait_until(
         std::time::Duration::from_secs(10),
         "decisions from Redis again",

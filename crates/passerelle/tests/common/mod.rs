@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use passerelle_config::{Balance, Config, Dur, UpstreamConfig};
 use passerelle_services::{ServiceKind, ServiceOptions};
-use passerelle_testkit::{HttpClient, Reply as HttpReply};
+use passerelle_testkit::{HttpClient, Reply as HttpReply, TestRedis};
 use tokio::sync::oneshot;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_passerelle");
@@ -403,15 +403,17 @@ pub fn read_until_ready(stdout: std::process::ChildStdout) -> Vec<String> {
     }
 }
 
-/// Real users and products services (20 rows each) reading through the Redis at
-/// `redis_url`, and a configuration file for gateways in front of them: a few lines layered
-/// on the shipped default, which brings its routes, cached routes and tags (rate limits
-/// off: these tests count requests, not clients).
+/// Real users and products services (20 rows each) reading through `redis` (on the
+/// topology of the run, or a server of a test's own through `TestRedis::from`), and a
+/// configuration file for gateways in front of them: a few lines layered on the shipped
+/// default, which brings its routes, cached routes and tags (rate limits off: these tests
+/// count requests, not clients).
 pub async fn shipped_platform(
     dir: &Path,
-    redis_url: &str,
+    redis: &TestRedis,
 ) -> (ServiceProcess, ServiceProcess, std::path::PathBuf) {
-    let env = [("PASSERELLE_REDIS__URL", redis_url)];
+    let env = redis.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let users_db = seeded_db(dir, ServiceKind::Users, 20);
     let products_db = seeded_db(dir, ServiceKind::Products, 20);
     let users =
@@ -423,8 +425,9 @@ pub async fn shipped_platform(
     std::fs::write(
         &path,
         format!(
-            "[redis]\nurl = \"{redis_url}\"\n\n[rate_limiting]\nenabled = false\n\n\
+            "[redis]\n{}\n[rate_limiting]\nenabled = false\n\n\
              [upstreams.users]\nendpoints = [\"{}\"]\n\n[upstreams.products]\nendpoints = [\"{}\"]\n\n{}",
+            redis.config_lines(),
             users.addr,
             products.addr,
             test_issuer_toml()
