@@ -89,6 +89,13 @@ pub struct RedisConfig {
     /// `url = "redis+sentinel://host:port,host:port/<master>"`.
     pub sentinels: Vec<String>,
     pub sentinel_master: Option<String>,
+    /// Writes on the durable role that a caller is told are done (API keys now) are
+    /// acknowledged only once this many replicas have them (`WAIT`), so a failover cannot
+    /// lose them. 0: acknowledged when the primary has them (Redis's default, asynchronous
+    /// replication).
+    pub durable_wait_replicas: u32,
+    /// How long such a write waits for its replicas before it is reported not stored.
+    pub durable_wait_timeout: Dur,
     /// The ACL user passerelle logs in as (absent: `default`).
     pub username: Option<String>,
     /// Its password; prefer `password_file` or `PASSERELLE_REDIS__PASSWORD`.
@@ -139,6 +146,8 @@ impl std::fmt::Debug for RedisConfig {
             .field("durable_cluster_nodes", &self.durable_cluster_nodes.len())
             .field("sentinels", &self.sentinels.len())
             .field("sentinel_master", &self.sentinel_master)
+            .field("durable_wait_replicas", &self.durable_wait_replicas)
+            .field("durable_wait_timeout", &self.durable_wait_timeout)
             .field("username", &self.username)
             .field("password", &self.password)
             .field("password_file", &self.password_file)
@@ -161,6 +170,8 @@ impl Default for RedisConfig {
             durable_cluster_nodes: Vec::new(),
             sentinels: Vec::new(),
             sentinel_master: None,
+            durable_wait_replicas: 0,
+            durable_wait_timeout: Dur::millis(500),
             username: None,
             password: None,
             password_file: None,

@@ -7,11 +7,16 @@
 //! milliseconds), which the caller sends with [`crate::Redis::announce`] once the change
 //! is stored: the channel lives on the cache Redis, the keys on the durable one. A lost
 //! message delays a revocation by at most the poll interval.
+//!
+//! Creating, revoking and migrating a key are durable writes
+//! ([`RedisClient::durable_write`]): with `redis.durable_wait_replicas`, acknowledged only
+//! once replicas have them.
 
 use std::collections::HashMap;
 
 use redis::Value;
 
+use crate::batch::evalsha;
 use crate::keys::KeySchema;
 use crate::{RedisClient, RedisError, scripts};
 
@@ -91,17 +96,18 @@ impl RedisClient {
         digest: &str,
         key: &StoredKey,
     ) -> Result<bool, RedisError> {
-        let mut inv = scripts::API_KEY_CREATE.prepare_invoke();
-        inv.key(keys.api_key(digest))
-            .key(keys.api_key_id(&key.id))
-            .key(keys.api_key_listing())
-            .arg(digest)
-            .arg(&key.id)
-            .arg(key.created);
+        let record = keys.api_key(digest);
+        let mut cmd = evalsha(
+            &scripts::API_KEY_CREATE,
+            &[&record, &keys.api_key_id(&key.id), &keys.api_key_listing()],
+        );
+        cmd.arg(digest).arg(&key.id).arg(key.created);
         for (f, v) in key.fields() {
-            inv.arg(f).arg(v);
+            cmd.arg(f).arg(v);
         }
-        let created: i64 = inv.invoke_async(&mut self.conn()).await?;
+        let created: i64 = self
+            .durable_write(&scripts::API_KEY_CREATE, &record, cmd)
+            .await?;
         Ok(created == 1)
     }
 
@@ -132,12 +138,14 @@ impl RedisClient {
         old: &str,
         new: &str,
     ) -> Result<(), RedisError> {
-        let _: i64 = scripts::API_KEY_MIGRATE
-            .key(keys.api_key(old))
-            .key(keys.api_key(new))
-            .key(keys.api_key_id(id))
-            .arg(new)
-            .invoke_async(&mut self.conn())
+        let from = keys.api_key(old);
+        let mut cmd = evalsha(
+            &scripts::API_KEY_MIGRATE,
+            &[&from, &keys.api_key(new), &keys.api_key_id(id)],
+        );
+        cmd.arg(new);
+        let _: i64 = self
+            .durable_write(&scripts::API_KEY_MIGRATE, &from, cmd)
             .await?;
         Ok(())
     }
@@ -150,12 +158,14 @@ impl RedisClient {
         id: &str,
         now_ms: u64,
     ) -> Result<Option<String>, RedisError> {
-        let digest: Option<String> = scripts::API_KEY_REVOKE
-            .key(keys.api_key_id(id))
-            .key(keys.api_key_generation())
-            .arg(keys.api_key_record_prefix() + "h:")
-            .arg(now_ms)
-            .invoke_async(&mut self.conn())
+        let index = keys.api_key_id(id);
+        let mut cmd = evalsha(
+            &scripts::API_KEY_REVOKE,
+            &[&index, &keys.api_key_generation()],
+        );
+        cmd.arg(keys.api_key_record_prefix() + "h:").arg(now_ms);
+        let digest: Option<String> = self
+            .durable_write(&scripts::API_KEY_REVOKE, &index, cmd)
             .await?;
         Ok(digest)
     }

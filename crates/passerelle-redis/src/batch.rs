@@ -169,7 +169,7 @@ impl Batch {
 
 /// Sends one pipeline; on `NOSCRIPT`, loads `scripts` (on every primary, for a cluster)
 /// and sends it once more.
-async fn send_group(
+pub(crate) async fn send_group(
     conn: &mut Conn,
     p: &Pipeline,
     scripts: &[&'static Script],

@@ -50,9 +50,22 @@ pub struct RedisClient {
     /// What new connections are made from (a subscription, [`RedisClient::dedicated`]).
     source: Arc<Source>,
     role: Role,
+    /// Replicas a durable write waits for, how long, and the connection such writes go
+    /// through ([`RedisClient::durable_write`]).
+    wait: Option<Wait>,
     endpoint: String,
     /// The server was found recent enough ([`RedisClient::check_version`]): not asked again.
     version_ok: Arc<AtomicBool>,
+}
+
+/// `WAIT` blocks the connection it is sent on until the replicas answer, so durable writes
+/// that wait have a connection of their own: the limiter's and the cache's commands never
+/// queue behind one. Its commands may take the wait's timeout on top of the usual one.
+#[derive(Clone)]
+struct Wait {
+    replicas: u32,
+    timeout: Duration,
+    conn: Conn,
 }
 
 enum Source {
@@ -191,13 +204,29 @@ impl RedisClient {
                 (Conn::Sentinel(conn.clone()), Source::Sentinel(conn))
             }
         };
-        Ok(Self {
+        let mut client = Self {
             conn,
             source: Arc::new(source),
             role,
+            wait: None,
             endpoint,
             version_ok: Arc::new(AtomicBool::new(false)),
-        })
+        };
+        client.wait = client.durable_wait(cfg)?;
+        Ok(client)
+    }
+
+    /// The [`Wait`] of a durable client when `redis.durable_wait_replicas` asks for one.
+    fn durable_wait(&self, cfg: &RedisConfig) -> Result<Option<Wait>, RedisError> {
+        if self.role != Role::Durable || cfg.durable_wait_replicas == 0 {
+            return Ok(None);
+        }
+        let timeout = cfg.durable_wait_timeout.get();
+        Ok(Some(Wait {
+            replicas: cfg.durable_wait_replicas,
+            timeout,
+            conn: self.fresh_conn(Some(cfg.command_timeout.get() + timeout))?,
+        }))
     }
 
     /// Another multiplexed connection to the same Redis, for a thread-per-core server: its
@@ -205,36 +234,91 @@ impl RedisClient {
     /// answer never cross threads. Measured with `cargo xtask bench rate-limit`: sharing one
     /// connection between serving threads cost a cross-thread wake-up each way per command.
     pub fn dedicated(&self) -> Result<Self, RedisError> {
-        let conn = match (&self.conn, self.source.as_ref()) {
+        Ok(Self {
+            conn: self.fresh_conn(None)?,
+            ..self.clone()
+        })
+    }
+
+    /// A new connection to the same Redis; its commands may take up to `response`
+    /// (`None`: as long as this client's).
+    fn fresh_conn(&self, response: Option<Duration>) -> Result<Conn, RedisError> {
+        Ok(match (&self.conn, self.source.as_ref()) {
             (
                 Conn::Single(_),
                 Source::Single {
                     client,
                     manager_cfg,
                 },
-            ) => Conn::Single(
-                ConnectionManager::new_lazy_with_config(client.clone(), manager_cfg.clone())
-                    .map_err(|e| RedisError::Url {
-                        url: self.endpoint.clone(),
-                        reason: e.to_string(),
+            ) => {
+                let cfg = match response {
+                    Some(t) => manager_cfg.clone().set_response_timeout(Some(t)),
+                    None => manager_cfg.clone(),
+                };
+                Conn::Single(
+                    ConnectionManager::new_lazy_with_config(client.clone(), cfg).map_err(|e| {
+                        RedisError::Url {
+                            url: self.endpoint.clone(),
+                            reason: e.to_string(),
+                        }
                     })?,
-            ),
-            (Conn::Cluster(c), _) => Conn::Cluster(c.fresh()),
-            (Conn::Sentinel(s), _) => Conn::Sentinel(s.fresh()),
+                )
+            }
+            (Conn::Cluster(c), _) => Conn::Cluster(c.fresh(response)),
+            (Conn::Sentinel(s), _) => Conn::Sentinel(s.fresh(response)),
             (other, _) => other.clone(),
-        };
-        Ok(Self {
-            conn,
-            ..self.clone()
         })
     }
 
     /// The same connection, serving another role (one server for both roles).
-    pub(crate) fn with_role(&self, role: Role) -> Self {
-        Self {
+    pub(crate) fn with_role(&self, role: Role, cfg: &RedisConfig) -> Result<Self, RedisError> {
+        let mut client = Self {
             role,
             ..self.clone()
+        };
+        client.wait = client.durable_wait(cfg)?;
+        Ok(client)
+    }
+
+    /// Runs `script` (an [`evalsha`](crate::batch::evalsha) command on `key`), a write of
+    /// durable data that the caller will report as done. With
+    /// `redis.durable_wait_replicas`, `WAIT` follows in the same pipeline, so it runs on
+    /// the node that took the write, and fewer replicas than asked in time is
+    /// [`RedisError::NotReplicated`].
+    pub(crate) async fn durable_write<T: redis::FromRedisValue>(
+        &self,
+        script: &'static redis::Script,
+        key: &str,
+        cmd: redis::Cmd,
+    ) -> Result<T, RedisError> {
+        let Some(Wait {
+            replicas: wanted,
+            timeout,
+            conn,
+        }) = &self.wait
+        else {
+            let mut b = crate::batch::Batch::new();
+            b.script(script, key, cmd);
+            let mut values = b.send(&self.conn()).await?;
+            return decode_value(values.pop());
+        };
+        let mut p = redis::Pipeline::new();
+        p.add_command(cmd);
+        p.cmd("WAIT").arg(*wanted).arg(
+            u64::try_from(timeout.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1),
+        );
+        let mut values = crate::batch::send_group(&mut conn.clone(), &p, &[script]).await?;
+        let acked: u32 = decode_value(values.pop())?;
+        let value = decode_value(values.pop())?;
+        if acked < *wanted {
+            return Err(RedisError::NotReplicated {
+                acked,
+                wanted: *wanted,
+            });
         }
+        Ok(value)
     }
 
     pub fn role(&self) -> Role {
@@ -470,6 +554,12 @@ pub(crate) fn build_client(url: &str, cfg: &RedisConfig) -> Result<redis::Client
     let certs = tls_certificates(&cfg.tls)?;
     redis::Client::build_with_tls(info, certs)
         .map_err(|e| RedisError::Setup(format!("redis.tls: {e}")))
+}
+
+/// One answer of a pipeline, as `T` (a missing answer reads as nil).
+fn decode_value<T: redis::FromRedisValue>(v: Option<redis::Value>) -> Result<T, RedisError> {
+    redis::from_redis_value(v.unwrap_or(redis::Value::Nil))
+        .map_err(|e| RedisError::Protocol(e.to_string()))
 }
 
 /// A cluster client's settings: the seeds, the configured user, password and TLS files,

@@ -110,11 +110,17 @@ impl ClusterConn {
         }
     }
 
-    /// Another connection to the same cluster (own sockets, own I/O task).
-    pub(crate) fn fresh(&self) -> Self {
+    /// Another connection to the same cluster (own sockets, own I/O task), whose commands
+    /// may take up to `response` (`None`: as long as this one's).
+    pub(crate) fn fresh(&self, response: Option<Duration>) -> Self {
+        let (client, config) = self.client.as_ref();
+        let config = match response {
+            Some(t) => config.clone().set_response_timeout(t),
+            None => config.clone(),
+        };
         Self {
+            client: Arc::new((client.clone(), config)),
             conn: Arc::new(OnceLock::new()),
-            ..self.clone()
         }
     }
 

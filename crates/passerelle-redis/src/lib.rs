@@ -71,6 +71,13 @@ pub enum RedisError {
          redis.tls.cert_file and key_file if the server asks for a client certificate)"
     )]
     Tls { endpoint: String, reason: String },
+    /// A durable write reached fewer replicas than `redis.durable_wait_replicas` in time:
+    /// it may be on the primary, but a failover could lose it, so it is not acknowledged.
+    #[error(
+        "redis: the write reached {acked} of the {wanted} replicas required \
+         (redis.durable_wait_replicas) in time; not acknowledged"
+    )]
+    NotReplicated { acked: u32, wanted: u32 },
     /// A credential or certificate file could not be read, and the like.
     #[error("{0}")]
     Setup(String),
@@ -90,7 +97,8 @@ impl RedisError {
             RedisError::Timeout(_)
             | RedisError::BreakerOpen
             | RedisError::Auth { .. }
-            | RedisError::Tls { .. } => true,
+            | RedisError::Tls { .. }
+            | RedisError::NotReplicated { .. } => true,
             RedisError::Url { .. }
             | RedisError::Protocol(_)
             | RedisError::Unsupported { .. }
@@ -116,7 +124,7 @@ impl Redis {
         };
         let cache = RedisClient::for_target(&cache_at, Role::Cache, cfg)?;
         let durable = if durable_at == cache_at {
-            cache.with_role(Role::Durable)
+            cache.with_role(Role::Durable, cfg)?
         } else {
             RedisClient::for_target(&durable_at, Role::Durable, cfg)?
         };

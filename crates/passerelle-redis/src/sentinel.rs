@@ -76,15 +76,20 @@ impl SentinelConn {
         })
     }
 
-    /// Another connection following the same primary (own socket).
-    pub(crate) fn fresh(&self) -> Self {
+    /// Another connection following the same primary (own socket), whose commands may take
+    /// up to `response` (`None`: as long as this one's).
+    pub(crate) fn fresh(&self, response: Option<Duration>) -> Self {
         let s = &self.shared;
+        let manager_cfg = match response {
+            Some(t) => s.manager_cfg.clone().set_response_timeout(Some(t)),
+            None => s.manager_cfg.clone(),
+        };
         Self {
             shared: Arc::new(Shared {
                 sentinels: s.sentinels.clone(),
                 master: s.master.clone(),
                 cfg: s.cfg.clone(),
-                manager_cfg: s.manager_cfg.clone(),
+                manager_cfg,
                 connect_timeout: s.connect_timeout,
                 current: RwLock::new(None),
                 resolving: tokio::sync::Mutex::new(None),

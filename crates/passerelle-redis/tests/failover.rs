@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use passerelle_config::RedisConfig;
@@ -94,4 +94,305 @@ async fn every_operation_runs_on_a_sentinel_primary() {
     let r = sentinel_redis(&s);
     assert_eq!(r.cache().topology(), Topology::Sentinel);
     exercise(&r).await;
+}
+
+/// What a load loop saw: when each Redis-backed decision succeeded or failed.
+#[derive(Debug, Default)]
+struct Timeline {
+    ok: Vec<Instant>,
+    failed: Vec<Instant>,
+}
+
+impl Timeline {
+    /// The longest time without a successful decision after `from`.
+    fn stall_after(&self, from: Instant) -> Duration {
+        let mut last = from;
+        let mut longest = Duration::ZERO;
+        for &t in self.ok.iter().filter(|&&t| t >= from) {
+            longest = longest.max(t - last);
+            last = t;
+        }
+        longest
+    }
+}
+
+/// Rate-limit decisions on `identity`, one after another, until `stop`.
+fn decide_until(
+    r: Redis,
+    identity: &'static str,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<Timeline> {
+    tokio::spawn(async move {
+        let p = LimitParams {
+            algorithm: passerelle_config::LimitAlgorithm::Gcra,
+            limit: 1_000_000,
+            period: Duration::from_secs(1),
+            burst: 1_000_000,
+        };
+        let mut t = Timeline::default();
+        let limits = [("drill", &p)];
+        while !stop.is_cancelled() {
+            let d = r
+                .durable()
+                .rate_limit(&r.keys, identity, &limits, Mode::Check);
+            match tokio::time::timeout(Duration::from_secs(2), d).await {
+                Ok(Ok(_)) => t.ok.push(Instant::now()),
+                _ => {
+                    t.failed.push(Instant::now());
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+        t
+    })
+}
+
+/// Polls `probe` until it holds (bounded): a readiness wait, not a timing assertion.
+async fn until(what: &str, mut probe: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while !probe().await {
+        assert!(start.elapsed() < Duration::from_secs(30), "no {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_primary_killed_under_load_fails_over_and_decisions_resume() {
+    let mut cluster = RedisCluster::start();
+    let r = cluster_redis(&cluster);
+    let identity = "ip=192.0.2.9";
+    let key = r.keys.rate_limit(identity, "drill");
+    // A cached entry on the same shard as the limiter's key (the same hash tag).
+    let entry_hash = "0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f";
+    r.cache()
+        .cache_put(
+            &r.keys,
+            entry_hash,
+            b"v",
+            Duration::from_secs(60),
+            &[],
+            None,
+        )
+        .await
+        .unwrap();
+    cluster.wait_replicated();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load = decide_until(r.clone(), identity, stop.clone());
+    until("decision before the kill", async || {
+        r.durable()
+            .rate_limit_reset(&r.keys, "ip=none", "x")
+            .await
+            .is_ok()
+    })
+    .await;
+
+    let killed_at = Instant::now();
+    let old = cluster.kill_primary_for(&key);
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.wait_failover(&key, old);
+        cluster
+    })
+    .await
+    .unwrap();
+    let failed_over = killed_at.elapsed();
+    // Decisions resume on the promoted replica (its scripts reloaded on NOSCRIPT).
+    let resumed = Instant::now();
+    let probe = r.clone();
+    until("decision after the failover", async || {
+        let p = LimitParams {
+            algorithm: passerelle_config::LimitAlgorithm::FixedWindow,
+            limit: 10,
+            period: Duration::from_secs(60),
+            burst: 1,
+        };
+        probe
+            .durable()
+            .rate_limit(&probe.keys, identity, &[("after", &p)], Mode::Check)
+            .await
+            .is_ok()
+    })
+    .await;
+    stop.cancel();
+    let timeline = load.await.unwrap();
+    let stall = timeline.stall_after(killed_at);
+    eprintln!(
+        "cluster failover: stall of decisions {stall:?} (failover reported by the nodes after \
+         {failed_over:?}, first decision after it {:?} later); {} decisions failed, {} ok",
+        resumed.elapsed(),
+        timeline.failed.len(),
+        timeline.ok.len()
+    );
+    assert!(
+        timeline.ok.iter().any(|&t| t > killed_at + stall),
+        "decisions resumed"
+    );
+    // The cache lost nothing it had replicated: a hit, or at worst a miss; never an error.
+    let entry = r.cache().cache_get(&r.keys, entry_hash).await.unwrap();
+    assert!(entry.is_none() || entry.as_deref() == Some(&b"v"[..]));
+    drop(cluster);
+}
+
+fn sentinel_redis_waiting(s: &RedisSentinel, replicas: u32) -> Redis {
+    let cfg = RedisConfig {
+        url: Some(format!(
+            "redis+sentinel://{}/{}",
+            s.sentinel_addrs().join(","),
+            s.master_name()
+        )),
+        durable_wait_replicas: replicas,
+        durable_wait_timeout: passerelle_config::Dur::millis(1000),
+        ..RedisConfig::default()
+    };
+    Redis::from_config(&cfg).unwrap().unwrap()
+}
+
+/// Creates API keys one after another until `stop`; the ids whose creation was
+/// acknowledged.
+fn create_keys_until(
+    r: Redis,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    tokio::spawn(async move {
+        let mut acked = Vec::new();
+        let mut n = 0u64;
+        while !stop.is_cancelled() {
+            n += 1;
+            let id = format!("k{n:07}");
+            let key = passerelle_redis::api_keys::StoredKey {
+                id: id.clone(),
+                owner: "drill".into(),
+                created: n,
+                ..Default::default()
+            };
+            let digest = format!("d{n:07}");
+            let create = r.durable().api_key_create(&r.keys, &digest, &key);
+            match tokio::time::timeout(Duration::from_secs(3), create).await {
+                Ok(Ok(true)) => acked.push(id),
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+        acked
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_loses_no_acknowledged_durable_write() {
+    let mut s = RedisSentinel::start();
+    let r = sentinel_redis_waiting(&s, 1);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let writes = create_keys_until(r.clone(), stop.clone());
+    let decisions = decide_until(r.clone(), "ip=192.0.2.10", stop.clone());
+    until("a first acknowledged write", async || {
+        r.durable()
+            .api_key_by_id(&r.keys, "k0000001")
+            .await
+            .is_ok_and(|k| k.is_some())
+    })
+    .await;
+
+    let killed_at = Instant::now();
+    let old = s.kill_primary();
+    let s = tokio::task::spawn_blocking(move || {
+        let new = s.wait_failover(old);
+        (s, new)
+    })
+    .await
+    .unwrap();
+    let failed_over = killed_at.elapsed();
+    let new_primary = Some(format!("127.0.0.1:{}", s.1));
+    let probe = r.clone();
+    until("rate-limit decisions on the new primary", async || {
+        probe
+            .durable()
+            .rate_limit_reset(&probe.keys, "ip=none", "x")
+            .await
+            .is_ok()
+            && probe.durable().sentinel_primary() == new_primary
+    })
+    .await;
+    // The new primary has no replica (the old primary is dead): a write that must reach
+    // one is refused, honestly, rather than acknowledged and at risk.
+    let after = passerelle_redis::api_keys::StoredKey {
+        id: "after".into(),
+        ..Default::default()
+    };
+    // (The first tries may time out: the writes' own connection still knows the dead
+    // primary until a failure sends it to the sentinels.)
+    let mut refused = None;
+    until("a write refused for want of a replica", async || {
+        match r.durable().api_key_create(&r.keys, "after", &after).await {
+            Ok(created) => panic!("acknowledged without a replica: {created}"),
+            Err(e) => {
+                let honest = matches!(
+                    e,
+                    passerelle_redis::RedisError::NotReplicated {
+                        acked: 0,
+                        wanted: 1
+                    }
+                );
+                refused = Some(e);
+                honest
+            }
+        }
+    })
+    .await;
+    assert!(refused.is_some());
+    stop.cancel();
+    let acked = writes.await.unwrap();
+    let timeline = decisions.await.unwrap();
+    eprintln!(
+        "sentinel failover: stall of decisions {:?} (sentinels agreed after {failed_over:?}); \
+         {} writes acknowledged",
+        timeline.stall_after(killed_at),
+        acked.len()
+    );
+    assert!(acked.len() > 1, "writes were acknowledged before the kill");
+    let mut lost = Vec::new();
+    for id in &acked {
+        if r.durable()
+            .api_key_by_id(&r.keys, id)
+            .await
+            .unwrap()
+            .is_none()
+        {
+            lost.push(id.clone());
+        }
+    }
+    assert!(lost.is_empty(), "acknowledged and lost: {lost:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_demoted_primary_sends_writes_to_the_new_one() {
+    let s = RedisSentinel::start();
+    let r = sentinel_redis(&s);
+    let p = LimitParams {
+        algorithm: passerelle_config::LimitAlgorithm::FixedWindow,
+        limit: 100,
+        period: Duration::from_secs(60),
+        burst: 1,
+    };
+    let limits = [("w", &p)];
+    let decide = || {
+        r.durable()
+            .rate_limit(&r.keys, "ip=192.0.2.11", &limits, Mode::Check)
+    };
+    decide().await.unwrap();
+    let old = s.primary_port();
+    // A manual failover: the old primary stays up, as a replica (writes answer READONLY).
+    let out = s.sentinel_cli(0, &["SENTINEL", "FAILOVER", s.master_name()]);
+    assert!(out.contains("OK"), "{out}");
+    let s = tokio::task::spawn_blocking(move || {
+        let new = s.wait_failover(old);
+        (s, new)
+    })
+    .await
+    .unwrap();
+    // Writes that reach the old primary before the sentinels demote it succeed there (and
+    // are lost: Sentinel's known window); once it answers READONLY, the client asks the
+    // sentinels and resends the write to the new primary.
+    let new_primary = Some(format!("127.0.0.1:{}", s.1));
+    until("a write on the new primary", async || {
+        decide().await.is_ok() && r.durable().sentinel_primary() == new_primary
+    })
+    .await;
 }

@@ -136,6 +136,7 @@ pub(super) fn check(r: &RedisConfig, p: &mut Problems) {
     for (field, d) in [
         ("redis.connect_timeout", r.connect_timeout),
         ("redis.command_timeout", r.command_timeout),
+        ("redis.durable_wait_timeout", r.durable_wait_timeout),
     ] {
         p.check(!d.get().is_zero(), field, POSITIVE);
     }
