@@ -81,12 +81,15 @@ impl Loaded {
 }
 
 /// A value as `show` may print it: secrets (by key name, see [`crate::is_secret_key`]) as
-/// `"***"`, URLs with their password replaced.
+/// `"***"`, URLs (any string with a scheme: `url`s, cluster seed lists) with their
+/// password replaced.
 fn masked(k: &str, v: &toml::Value) -> toml::Value {
     use toml::Value;
     match v {
         Value::String(s) if crate::is_secret_key(k) && !s.is_empty() => Value::String("***".into()),
-        Value::String(s) if k.ends_with("url") => Value::String(crate::secret::redact_url(s)),
+        Value::String(s) if k.ends_with("url") || s.contains("://") => {
+            Value::String(crate::secret::redact_url(s))
+        }
         Value::Array(items) => Value::Array(items.iter().map(|i| masked(k, i)).collect()),
         other => other.clone(),
     }
@@ -148,5 +151,20 @@ mod tests {
             loaded.config.routes[0].compose.as_ref().map(|c| c.len())
         );
         assert_eq!(again.rate_limits.len(), loaded.config.rate_limits.len());
+    }
+
+    #[test]
+    fn show_masks_passwords_in_every_url_and_seed_list() {
+        let loaded = Loader::new()
+            .text(
+                "my.toml",
+                "[redis]\ncluster_nodes = [\"redis://app:hunter2@10.0.0.1:7000\"]\n\
+                 durable_url = \"redis+sentinel://10.0.0.5:26379/main\"\n",
+            )
+            .load()
+            .unwrap();
+        let shown = loaded.annotated();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("redis://app:***@10.0.0.1:7000"), "{shown}");
     }
 }

@@ -35,6 +35,15 @@ pub(super) fn check(r: &RedisConfig, p: &mut Problems) {
                     redact_url(u)
                 ),
             );
+        } else if u.starts_with(SENTINEL_SCHEME) && has_userinfo(u) {
+            p.add(
+                field,
+                format!(
+                    "{:?}: a Sentinel URL carries no credentials; the primary's go in \
+                     redis.username and redis.password (or password_file)",
+                    redact_url(u)
+                ),
+            );
         } else if let RedisTarget::Sentinel { sentinels, master } = RedisTarget::parse(u)
             && (sentinels.is_empty() || master.is_empty())
         {
@@ -334,6 +343,11 @@ mod tests {
                 "[redis]\ndurable_url = \"redis+sentinel://h:26379\"\n",
                 2,
                 "needs sentinels and the primary's name",
+            ),
+            (
+                "[redis]\nurl = \"redis+sentinel://u:hunter2@h:26379/m\"\n",
+                2,
+                "a Sentinel URL carries no credentials",
             ),
         ]);
     }
