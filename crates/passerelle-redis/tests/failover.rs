@@ -396,3 +396,50 @@ async fn a_demoted_primary_sends_writes_to_the_new_one() {
     })
     .await;
 }
+
+/// A listener that accepts connections and never answers: a hung Redis, or a firewall
+/// that drops instead of refusing.
+async fn silent_listener() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn connecting_to_a_silent_cluster_or_sentinel_fails_instead_of_hanging() {
+    let (addr, _task) = silent_listener().await;
+    let short = RedisConfig {
+        connect_timeout: passerelle_config::Dur::millis(300),
+        command_timeout: passerelle_config::Dur::millis(300),
+        ..RedisConfig::default()
+    };
+    let targets = [
+        RedisConfig {
+            cluster_nodes: vec![format!("redis://{addr}")],
+            ..short.clone()
+        },
+        RedisConfig {
+            url: Some(format!("redis+sentinel://{addr}/main")),
+            ..short.clone()
+        },
+    ];
+    for cfg in targets {
+        let r = Redis::from_config(&cfg).unwrap().unwrap();
+        let started = Instant::now();
+        let ping = tokio::time::timeout(Duration::from_secs(20), r.cache().ping()).await;
+        assert!(
+            matches!(ping, Ok(Err(_))),
+            "{:?}: {ping:?} after {:?}",
+            r.cache().topology(),
+            started.elapsed()
+        );
+        let ready = r.readiness().await;
+        assert!(ready[0].1.is_err(), "{ready:?}");
+    }
+}
