@@ -21,7 +21,10 @@ tasks:
                  ARGS is optional). See `passerelle up --help`.
   test [--no-lint]
                  install redis-server if missing, check formatting (cargo fmt), lints
-                 (clippy, warnings denied), then run every test (cargo nextest, or cargo test)
+                 (clippy, warnings denied), then run every test (cargo nextest, or cargo
+                 test), then the matrix subset (the Redis tests written against TestRedis)
+                 again on a Redis Cluster and behind Sentinel: nextest profiles `cluster`
+                 and `sentinel` with PASSERELLE_TEST_TOPOLOGY (see .config/nextest.toml)
   install        build passerelle in release mode and install it into ~/.cargo/bin
                  (cargo install --path crates/passerelle), so `passerelle` is on PATH
   bench [rate-limit | cache | auth] [--duration SECS] [--connections N] [--threads N]
@@ -198,11 +201,30 @@ fn test(args: &[String]) -> Result {
     if nextest {
         step("tests: cargo nextest run (builds the tests first)");
         run(cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]))?;
+        // The tests written against TestRedis, again on the other topologies: the subset
+        // and the tests that need one server are in .config/nextest.toml.
+        for (topology, what) in [
+            ("cluster", "a Redis Cluster"),
+            ("sentinel", "Redis Sentinel"),
+        ] {
+            step(&format!(
+                "tests on {what} (the matrix subset): PASSERELLE_TEST_TOPOLOGY={topology} \
+                 cargo nextest run --workspace --profile {topology}"
+            ));
+            run(cargo()
+                .args(["nextest", "run", "--workspace", "--profile", topology])
+                .env("PASSERELLE_TEST_TOPOLOGY", topology))?;
+        }
         step("doc tests: cargo test --doc");
         run(cargo().args(["test", "--workspace", "--doc"]))
     } else {
         step("tests: cargo test (builds the tests first)");
-        run(cargo().args(["test", "--workspace", "--no-fail-fast"]))
+        run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
+        step(
+            "skipped: the matrix subset on a Redis Cluster and Redis Sentinel needs cargo-nextest \
+             (its profiles pick the tests); `cargo install cargo-nextest`",
+        );
+        Ok(())
     }
 }
 

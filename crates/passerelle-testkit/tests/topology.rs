@@ -168,12 +168,26 @@ fn under_sentinels_a_primary_killed_is_replaced_by_its_replica() {
     assert_eq!(redis.scan("*"), ["k"]);
 }
 
+/// Whatever this run asks for (the variable is set for the whole run, never here). Under
+/// the `cluster` and `sentinel` nextest profiles (`.config/nextest.toml`) it must ask for
+/// that topology: a profile run without the variable would test one server while its name
+/// says otherwise.
 #[test]
 fn the_topology_comes_from_the_environment() {
-    // Whatever this run asks for (the variable is set for the whole run, never here).
     let t = Topology::from_env();
     match std::env::var(passerelle_testkit::TOPOLOGY_VAR) {
         Ok(v) if !v.is_empty() => assert_eq!(t.as_str(), v),
         _ => assert_eq!(t, Topology::Single),
+    }
+    if let Ok(profile) = std::env::var("NEXTEST_PROFILE")
+        && let Some(wanted) = Topology::parse(&profile)
+    {
+        assert_eq!(
+            t,
+            wanted,
+            "the `{profile}` profile runs the matrix subset on a {profile} topology: set {}={profile} \
+             (`cargo xtask test` does)",
+            passerelle_testkit::TOPOLOGY_VAR
+        );
     }
 }
