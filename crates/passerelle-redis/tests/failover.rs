@@ -86,6 +86,23 @@ async fn every_operation_runs_on_a_cluster() {
     let r = cluster_redis(&cluster);
     assert_eq!(r.cache().topology(), Topology::Cluster);
     exercise(&r).await;
+    // Every primary forgets its scripts (as a promoted replica may not have them): scripts
+    // alone and inside batches are loaded again where they are missing.
+    for port in cluster.primary_ports() {
+        assert_eq!(cli(port, &["SCRIPT", "FLUSH"]), "OK");
+    }
+    let tags: Vec<String> = (0..10).map(|i| format!("/products/{i}")).collect();
+    let (c, k) = (r.cache(), &r.keys);
+    let hash = "1".repeat(32);
+    c.cache_put(k, &hash, b"v", Duration::from_secs(30), &tags, None)
+        .await
+        .unwrap();
+    assert_eq!(c.cache_invalidate_tags(k, &tags).await.unwrap(), 1);
+    let (_, leased) = c
+        .cache_get_or_lease(k, &hash, "me", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(leased);
 }
 
 #[tokio::test]
@@ -442,4 +459,112 @@ async fn connecting_to_a_silent_cluster_or_sentinel_fails_instead_of_hanging() {
         let ready = r.readiness().await;
         assert!(ready[0].1.is_err(), "{ready:?}");
     }
+}
+
+fn cli(port: u16, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Moves `slot` from the primary on `from` to the one on `to`, as `redis-cli --cluster
+/// reshard` does: importing/migrating, keys, then the new owner for every node. `during`
+/// runs while the slot is half-moved (new keys are answered with `ASK`).
+async fn move_slot(
+    cluster: &RedisCluster,
+    slot: u16,
+    from: u16,
+    to: u16,
+    during: impl AsyncFnOnce(),
+) {
+    let (src, dst) = (
+        cli(from, &["CLUSTER", "MYID"]),
+        cli(to, &["CLUSTER", "MYID"]),
+    );
+    let s = slot.to_string();
+    assert_eq!(
+        cli(to, &["CLUSTER", "SETSLOT", &s, "IMPORTING", &src]),
+        "OK"
+    );
+    assert_eq!(
+        cli(from, &["CLUSTER", "SETSLOT", &s, "MIGRATING", &dst]),
+        "OK"
+    );
+    during().await;
+    let keys = cli(from, &["CLUSTER", "GETKEYSINSLOT", &s, "1000"]);
+    let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+    if !keys.is_empty() {
+        let port = to.to_string();
+        let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+        args.extend(keys.iter().copied());
+        assert_eq!(cli(from, &args), "OK");
+    }
+    for port in cluster.primary_ports() {
+        assert_eq!(cli(port, &["CLUSTER", "SETSLOT", &s, "NODE", &dst]), "OK");
+    }
+}
+
+#[tokio::test]
+async fn a_slot_moved_between_primaries_is_followed_and_its_subscription_renewed() {
+    let cluster = RedisCluster::start();
+    let r = cluster_redis(&cluster);
+    let (c, k) = (r.cache(), &r.keys);
+    let p = LimitParams {
+        algorithm: passerelle_config::LimitAlgorithm::FixedWindow,
+        limit: 5,
+        period: Duration::from_secs(60),
+        burst: 1,
+    };
+    let identity = "ip=192.0.2.20";
+    let decide = async |limit: &str| {
+        r.durable()
+            .rate_limit(k, identity, &[(limit, &p)], Mode::Check)
+            .await
+            .unwrap()
+    };
+    for _ in 0..3 {
+        assert!(decide("a").await.admitted);
+    }
+    let key = k.rate_limit(identity, "a");
+    let slot = cluster.keyslot(&key);
+    let from = cluster.primary_port_for(&key);
+    let to = *cluster
+        .primary_ports()
+        .iter()
+        .find(|&&p| p != from)
+        .unwrap();
+    move_slot(&cluster, slot, from, to, async || {
+        // Half-moved: a key that is not on the old owner yet is created on the new one
+        // (ASK), an existing one still answered by the old owner.
+        assert!(decide("b").await.admitted, "ASK followed");
+        assert!(decide("a").await.admitted);
+    })
+    .await;
+    // Moved: the state came along (MOVED followed), exactly.
+    assert_eq!(decide("a").await.states[0].remaining, 0);
+    assert!(!decide("a").await.admitted);
+    assert_eq!(cluster.primary_port_for(&key), to);
+
+    // The invalidation channel's slot moves: the server ends the sharded subscription, so
+    // the stream ends (the subscriber then drops what it may have missed); a new
+    // subscription lands on the new owner and gets messages again.
+    let mut messages = Box::pin(c.invalidations(k).await.unwrap());
+    let channel = k.invalidation_channel();
+    let slot = passerelle_redis::hash_slot(&channel);
+    let from = cluster.primary_port_for(&channel);
+    let to = *cluster
+        .primary_ports()
+        .iter()
+        .find(|&&p| p != from)
+        .unwrap();
+    move_slot(&cluster, slot, from, to, async || {}).await;
+    let ended = tokio::time::timeout(Duration::from_secs(10), messages.next()).await;
+    assert_eq!(ended, Ok(None), "the moved subscription ends");
+    let mut messages = Box::pin(c.invalidations(k).await.unwrap());
+    c.cache_delete(k, &["ab".to_string()]).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), messages.next()).await;
+    assert_eq!(got, Ok(Some(Invalidation::Key("ab".into()))));
 }
