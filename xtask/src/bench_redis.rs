@@ -1,0 +1,1354 @@
+//! `cargo xtask bench redis`: rate-limit decisions and L2 cache hits on one Redis, on a Redis
+//! Cluster and behind Sentinel, side by side, then the stall of a failover.
+//!
+//! The bench starts every Redis itself, on free loopback ports, in its scratch directory:
+//!
+//! - **single**: one `redis-server` (no persistence);
+//! - **cluster**: six `redis-server --cluster-enabled yes` (3 primaries, 3 replicas, each
+//!   with its bus on a free `--cluster-port`, `--cluster-node-timeout 2000`), joined by
+//!   `redis-cli --cluster create --cluster-replicas 1`;
+//! - **sentinel**: a primary, a replica and three sentinels (`sentinel monitor m … 2`,
+//!   `down-after-milliseconds 1000`, `failover-timeout 5000`).
+//!
+//! Each gets its own `passerelle up --instances 1` (`--redis-url redis://…`, `--redis-cluster
+//! URL,…`, `--redis-url redis+sentinel://…/m`) with two routes over the users service:
+//!
+//! - `/rl/{id}`: a GCRA limit by client IP that never trips (one Redis decision per request,
+//!   no local block), on a route whose answer is in L1, so that the decision is the request's
+//!   only Redis round trip and no upstream call dilutes it;
+//! - `/l2/{id}`: no limit, cached with `l1 = false`: every hit is read from Redis.
+//!
+//! **Table 1**: wrk on each route of each platform (ids 1 to 100, warmed first), in
+//! alternating rounds (the three platforms run side by side, so drift on a shared machine
+//! hits each alike): requests/s, latency, the gateway's CPU per request (the `up` process,
+//! where the gateway runs; its services and the Redis processes have their own PIDs), the
+//! Redis processes' CPU per request, and the share of requests the gateway's own counters
+//! say were decided in Redis / served from L2.
+//!
+//! **Table 2**: a few client threads drive `/rl/{n}` at a steady pace over keep-alive
+//! connections, each response timestamped; the primary that holds the rate-limit key
+//! (`psl:rl:{ip=127.0.0.1}:<limit>`: its slot's owner in the cluster, the named primary under
+//! Sentinel) is SIGKILLed by PID. The limit falls back `open` when Redis fails, and only a
+//! decision Redis made carries `RateLimit-Remaining`: a 2xx without it was answered without
+//! Redis. The stall is the longest gap between two Redis-backed answers.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::Result;
+use crate::bench::{
+    ADMIN_TOKEN, Guard, Options, Platform, WrkResult, cpu_ticks, finish, free_port,
+    ticks_per_second, wait_a_moment, wait_ok, wrk,
+};
+
+/// The limit of `/rl/{id}`.
+const LIMIT: &str = "bench-never-trips";
+
+/// The identity the limit counts for every request of the bench (all come from loopback):
+/// `Caller::ip_part`.
+const IDENTITY: &str = "ip=127.0.0.1";
+
+/// The name the sentinels monitor the primary under.
+const MASTER: &str = "m";
+
+const CLUSTER_NODE_TIMEOUT_MS: u64 = 2000;
+const SENTINEL_DOWN_AFTER_MS: u64 = 1000;
+const SENTINEL_FAILOVER_TIMEOUT_MS: u64 = 5000;
+
+/// The gateway's deadline for one rate-limit decision (the default 20 ms is missed now and
+/// then on a loaded 2-core host, and a missed one is decided by the fallback).
+const REDIS_TIMEOUT: &str = "100ms";
+
+/// Rounds of Table 1; the order of the platforms rotates from one round to the next.
+const ROUNDS: usize = 3;
+
+/// The failover drill's clients, and the pause between two requests of one client.
+const DRILL_CLIENTS: usize = 4;
+const DRILL_INTERVAL: Duration = Duration::from_millis(4);
+/// Steady load before the kill.
+const DRILL_BASELINE: Duration = Duration::from_secs(1);
+/// Redis-backed answers only for this long: recovered, the drill ends.
+const DRILL_SETTLED: Duration = Duration::from_secs(1);
+/// The drill gives up this long after the kill.
+const DRILL_BOUND: Duration = Duration::from_secs(30);
+/// The issue's target for the stall of Redis-backed decisions.
+const STALL_TARGET: Duration = Duration::from_secs(2);
+
+/// How long the Redis set-ups may take to start and agree.
+const START_LIMIT: Duration = Duration::from_secs(30);
+
+fn config_toml() -> String {
+    format!(
+        r#"
+[rate_limiting]
+enabled = true
+default_limits = []
+redis_timeout = "{REDIS_TIMEOUT}"
+
+# Never refuses: every request is one decision in Redis (no local block). `open` when Redis
+# fails, so that an answer decided without Redis has no RateLimit-* headers.
+[rate_limits.{LIMIT}]
+by = ["client_ip"]
+limit = 1000000000
+period = "1s"
+algorithm = "gcra"
+on_redis_failure = "open"
+
+[cache]
+enabled = true
+
+[upstreams.users]
+endpoints = []
+
+[upstreams.products]
+endpoints = []
+
+[[routes]]
+name = "rate-limited"
+path = "/rl/{{id}}"
+upstream = "users"
+rewrite = "/users/{{id}}"
+rate_limits = ["{LIMIT}"]
+# Served from L1: the limit's decision is the only Redis call of a request.
+cache = {{ ttl = "10m", tags = ["/users/{{id}}"] }}
+
+[[routes]]
+name = "l2-only"
+path = "/l2/{{id}}"
+upstream = "users"
+rewrite = "/users/{{id}}"
+rate_limits = []
+cache = {{ ttl = "10m", tags = ["/users/{{id}}"], l1 = false }}
+"#
+    )
+}
+
+/// wrk over ids 1 to 100 under `/{prefix}/`.
+fn hot_lua(prefix: &str) -> String {
+    format!(
+        "init = function(args)\n  math.randomseed(math.floor(os.clock() * 1e6) + os.time())\nend\nrequest = function()\n  return wrk.format(\"GET\", \"/{prefix}/\" .. math.random(1, 100))\nend\n"
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// Redis processes.
+
+/// One `redis-server` (or sentinel) process: SIGTERM by PID when dropped, unless it was
+/// killed on purpose and reaped (its PID may belong to another process by then).
+struct Node {
+    port: u16,
+    child: Child,
+    dead: bool,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if self.dead {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            wait_a_moment();
+        }
+        eprintln!(
+            "redis-server on {} did not stop in time; killing it",
+            self.port
+        );
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Node {
+    /// Starts `redis-server <leading(port)> --port <port> … <args(port)>` on a free port
+    /// (another one if it was taken in between) and waits for `PING`.
+    fn spawn(
+        dir: &Path,
+        leading: &dyn Fn(u16) -> Result<Vec<String>>,
+        args: &dyn Fn(u16) -> Result<Vec<String>>,
+    ) -> Result<Node> {
+        let mut last = String::new();
+        for _ in 0..5 {
+            let port = free_port()?;
+            let child = Command::new("redis-server")
+                .args(leading(port)?)
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--daemonize", "no"])
+                .arg("--dir")
+                .arg(dir)
+                .arg("--logfile")
+                .arg(dir.join(format!("redis-{port}.log")))
+                .args(args(port)?)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("starting redis-server: {e}"))?;
+            let mut node = Node {
+                port,
+                child,
+                dead: false,
+            };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Ok(Some(status)) = node.child.try_wait() {
+                    node.dead = true;
+                    last = format!("redis-server on {port} exited at start with {status}");
+                    break;
+                }
+                if cli(port, &["PING"]).contains("PONG") {
+                    return Ok(node);
+                }
+                if Instant::now() > deadline {
+                    last = format!("redis-server on {port} did not answer PING");
+                    break;
+                }
+                wait_a_moment();
+            }
+        }
+        Err(last)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL (by PID, through the child handle: never a reaped PID), then reap.
+    fn kill(&mut self) {
+        if !self.dead {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            self.dead = true;
+        }
+    }
+}
+
+/// `redis-cli -h 127.0.0.1 -p <port> <args>`: its standard output (raw, not a terminal).
+fn cli(port: u16, args: &[&str]) -> String {
+    Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// `field:value` of an `INFO`-style reply.
+fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
+    info.lines().find_map(|l| {
+        l.trim_end()
+            .strip_prefix(field)
+            .and_then(|r| r.strip_prefix(':'))
+    })
+}
+
+/// Polls `probe` until it holds, or fails after [`START_LIMIT`] naming `what`.
+fn poll(what: &str, mut probe: impl FnMut() -> bool) -> Result {
+    let start = Instant::now();
+    while !probe() {
+        if start.elapsed() > START_LIMIT {
+            return Err(format!(
+                "timed out after {START_LIMIT:?} waiting for {what}"
+            ));
+        }
+        wait_a_moment();
+    }
+    Ok(())
+}
+
+fn is_primary(port: u16) -> bool {
+    cli(port, &["ROLE"]).lines().next() == Some("master")
+}
+
+fn no_persistence() -> Vec<String> {
+    [
+        "--appendonly",
+        "no",
+        "--save",
+        "",
+        // A replica's first sync at once, not after the primary's default 5 s wait.
+        "--repl-diskless-sync-delay",
+        "0",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Single,
+    Cluster,
+    Sentinel,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Single => "single",
+            Kind::Cluster => "cluster",
+            Kind::Sentinel => "sentinel",
+        }
+    }
+}
+
+/// One Redis set-up. Fields drop in order: the sentinels stop before the servers.
+struct Topology {
+    kind: Kind,
+    sentinels: Vec<Node>,
+    nodes: Vec<Node>,
+}
+
+/// One line of `CLUSTER NODES`.
+#[derive(Debug, Clone)]
+struct NodeLine {
+    id: String,
+    port: u16,
+    primary: bool,
+    /// The primary's id, for a replica.
+    primary_id: Option<String>,
+    slots: Vec<(u16, u16)>,
+}
+
+fn cluster_nodes(port: u16) -> Vec<NodeLine> {
+    cli(port, &["CLUSTER", "NODES"])
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 8 {
+                return None;
+            }
+            // `<ip>:<port>@<bus port>[,<hostname>]`
+            let port = f[1].split('@').next()?.rsplit_once(':')?.1.parse().ok()?;
+            let flags: Vec<&str> = f[2].split(',').collect();
+            let slots = f[8..]
+                .iter()
+                .filter(|s| !s.starts_with('['))
+                .filter_map(|s| match s.split_once('-') {
+                    Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                    None => s.parse().ok().map(|n| (n, n)),
+                })
+                .collect();
+            Some(NodeLine {
+                id: f[0].to_string(),
+                port,
+                primary: flags.contains(&"master"),
+                primary_id: (f[3] != "-").then(|| f[3].to_string()),
+                slots,
+            })
+        })
+        .collect()
+}
+
+impl Topology {
+    fn start(kind: Kind, dir: &Path) -> Result<Self> {
+        let dir = dir.join(format!("redis-{}", kind.as_str()));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        eprintln!("starting Redis: {}...", kind.as_str());
+        match kind {
+            Kind::Single => Ok(Topology {
+                kind,
+                sentinels: Vec::new(),
+                nodes: vec![Node::spawn(&dir, &|_| Ok(Vec::new()), &|_| {
+                    Ok(no_persistence())
+                })?],
+            }),
+            Kind::Cluster => Self::start_cluster(&dir),
+            Kind::Sentinel => Self::start_sentinel(&dir),
+        }
+    }
+
+    fn start_cluster(dir: &Path) -> Result<Self> {
+        let mut nodes = Vec::new();
+        for _ in 0..6 {
+            nodes.push(Node::spawn(dir, &|_| Ok(Vec::new()), &|port| {
+                // The bus port: free too (port + 10000 may be above 65535).
+                let mut bus = free_port()?;
+                while bus == port {
+                    bus = free_port()?;
+                }
+                let mut a: Vec<String> = vec![
+                    "--cluster-enabled".into(),
+                    "yes".into(),
+                    "--cluster-config-file".into(),
+                    dir.join(format!("nodes-{port}.conf")).display().to_string(),
+                    "--cluster-port".into(),
+                    bus.to_string(),
+                    "--cluster-node-timeout".into(),
+                    CLUSTER_NODE_TIMEOUT_MS.to_string(),
+                ];
+                a.extend(no_persistence());
+                Ok(a)
+            })?);
+        }
+        let t = Topology {
+            kind: Kind::Cluster,
+            sentinels: Vec::new(),
+            nodes,
+        };
+        let addrs: Vec<String> = t
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("redis-cli --cluster create: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "redis-cli --cluster create failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        for n in &t.nodes {
+            let port = n.port;
+            poll(&format!("cluster_state:ok on node {port}"), || {
+                let info = cli(port, &["CLUSTER", "INFO"]);
+                info_field(&info, "cluster_state") == Some("ok")
+                    && info_field(&info, "cluster_slots_assigned") == Some("16384")
+                    && info_field(&info, "cluster_known_nodes") == Some("6")
+            })?;
+        }
+        poll("three replicas in sync with their primaries", || {
+            t.nodes
+                .iter()
+                .filter(|n| {
+                    let info = cli(n.port, &["INFO", "replication"]);
+                    info_field(&info, "role") == Some("slave")
+                        && info_field(&info, "master_link_status") == Some("up")
+                })
+                .count()
+                == 3
+        })?;
+        Ok(t)
+    }
+
+    fn start_sentinel(dir: &Path) -> Result<Self> {
+        let primary = Node::spawn(dir, &|_| Ok(Vec::new()), &|_| Ok(no_persistence()))?;
+        let p = primary.port;
+        let replica = Node::spawn(dir, &|_| Ok(Vec::new()), &|_| {
+            let mut a = no_persistence();
+            a.extend(["--replicaof".into(), "127.0.0.1".into(), p.to_string()]);
+            Ok(a)
+        })?;
+        let mut sentinels = Vec::new();
+        for _ in 0..3 {
+            // Each sentinel rewrites its own config file.
+            let conf = |port: u16| -> Result<Vec<String>> {
+                let file = dir.join(format!("sentinel-{port}.conf"));
+                std::fs::write(
+                    &file,
+                    format!(
+                        "sentinel monitor {MASTER} 127.0.0.1 {p} 2\n\
+                         sentinel down-after-milliseconds {MASTER} {SENTINEL_DOWN_AFTER_MS}\n\
+                         sentinel failover-timeout {MASTER} {SENTINEL_FAILOVER_TIMEOUT_MS}\n"
+                    ),
+                )
+                .map_err(|e| e.to_string())?;
+                Ok(vec![file.display().to_string()])
+            };
+            sentinels.push(Node::spawn(dir, &conf, &|_| Ok(vec!["--sentinel".into()]))?);
+        }
+        let t = Topology {
+            kind: Kind::Sentinel,
+            sentinels,
+            nodes: vec![primary, replica],
+        };
+        for s in &t.sentinels {
+            let port = s.port;
+            poll(&format!("sentinel {port} to name the primary"), || {
+                named_primary(port) == Some(p)
+            })?;
+            poll(&format!("sentinel {port} to know the two others"), || {
+                master_field(port, "num-other-sentinels").as_deref() == Some("2")
+            })?;
+        }
+        let r = t.nodes[1].port;
+        poll("the replica's first sync", || {
+            info_field(&cli(r, &["INFO", "replication"]), "master_link_status") == Some("up")
+        })?;
+        Ok(t)
+    }
+
+    /// `passerelle up`'s flags that point it at this set-up.
+    fn up_args(&self) -> Vec<String> {
+        match self.kind {
+            Kind::Single => vec![
+                "--redis-url".into(),
+                format!("redis://127.0.0.1:{}", self.nodes[0].port),
+            ],
+            Kind::Cluster => vec![
+                "--redis-cluster".into(),
+                self.nodes
+                    .iter()
+                    .map(|n| format!("redis://127.0.0.1:{}", n.port))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ],
+            Kind::Sentinel => vec![
+                "--redis-url".into(),
+                format!(
+                    "redis+sentinel://{}/{MASTER}",
+                    self.sentinels
+                        .iter()
+                        .map(|n| format!("127.0.0.1:{}", n.port))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+            ],
+        }
+    }
+
+    /// PIDs of every process of the set-up still running.
+    fn pids(&self) -> Vec<u32> {
+        self.nodes
+            .iter()
+            .chain(&self.sentinels)
+            .filter(|n| !n.dead)
+            .map(Node::pid)
+            .collect()
+    }
+
+    /// The primary that holds `key` now, and its replica: (primary port, replica port).
+    fn primary_and_replica_for(&self, key: &str) -> Result<(u16, u16, Option<u16>)> {
+        match self.kind {
+            Kind::Single => Err("a single Redis has no replica".into()),
+            Kind::Cluster => {
+                let view = self.nodes[0].port;
+                let slot: u16 = cli(view, &["CLUSTER", "KEYSLOT", key])
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("CLUSTER KEYSLOT {key} did not answer a slot"))?;
+                let lines = cluster_nodes(view);
+                let owner = lines
+                    .iter()
+                    .find(|n| n.primary && n.slots.iter().any(|&(a, b)| (a..=b).contains(&slot)))
+                    .ok_or_else(|| format!("no primary owns slot {slot}"))?;
+                let replica = lines
+                    .iter()
+                    .find(|n| n.primary_id.as_deref() == Some(owner.id.as_str()))
+                    .ok_or_else(|| format!("the primary on {} has no replica", owner.port))?;
+                eprintln!(
+                    "  {key}: slot {slot}, primary 127.0.0.1:{}, replica 127.0.0.1:{}",
+                    owner.port, replica.port
+                );
+                Ok((owner.port, replica.port, Some(slot)))
+            }
+            Kind::Sentinel => {
+                let p =
+                    named_primary(self.sentinels[0].port).ok_or("the sentinels name no primary")?;
+                let r = self
+                    .nodes
+                    .iter()
+                    .map(|n| n.port)
+                    .find(|&q| q != p)
+                    .ok_or("no replica")?;
+                eprintln!("  sentinel primary 127.0.0.1:{p}, replica 127.0.0.1:{r}");
+                Ok((p, r, None))
+            }
+        }
+    }
+
+    /// SIGKILLs the node on `port`.
+    fn kill(&mut self, port: u16) -> Result {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.port == port && !n.dead)
+            .ok_or_else(|| format!("no running node on {port}"))?;
+        node.kill();
+        Ok(())
+    }
+
+    /// Whether the set-up tells clients that `port` is the primary now: the owner of `slot`
+    /// in a live node's `CLUSTER NODES`, the first sentinel's `get-master-addr-by-name`
+    /// (the gateway asks the sentinels in order and takes the first answer).
+    fn announces(&self, port: u16, slot: Option<u16>) -> bool {
+        match self.kind {
+            Kind::Single => false,
+            Kind::Cluster => {
+                let (Some(view), Some(slot)) =
+                    (self.nodes.iter().find(|n| !n.dead).map(|n| n.port), slot)
+                else {
+                    return false;
+                };
+                cluster_nodes(view).iter().any(|n| {
+                    n.port == port
+                        && n.primary
+                        && n.slots.iter().any(|&(a, b)| (a..=b).contains(&slot))
+                })
+            }
+            Kind::Sentinel => named_primary(self.sentinels[0].port) == Some(port),
+        }
+    }
+
+    /// What detects the primary's failure, as configured.
+    fn detection(&self) -> String {
+        match self.kind {
+            Kind::Single => "-".into(),
+            Kind::Cluster => format!("cluster-node-timeout {CLUSTER_NODE_TIMEOUT_MS} ms"),
+            Kind::Sentinel => format!("down-after-milliseconds {SENTINEL_DOWN_AFTER_MS} ms"),
+        }
+    }
+}
+
+/// The port sentinel `port` names for [`MASTER`].
+fn named_primary(port: u16) -> Option<u16> {
+    let out = cli(port, &["SENTINEL", "get-master-addr-by-name", MASTER]);
+    let mut lines = out.lines();
+    let _host = lines.next()?;
+    lines.next()?.trim().parse().ok()
+}
+
+/// One field of `SENTINEL master <name>` (a flat list of names and values).
+fn master_field(port: u16, field: &str) -> Option<String> {
+    let out = cli(port, &["SENTINEL", "master", MASTER]);
+    let mut lines = out.lines();
+    while let Some(name) = lines.next() {
+        let value = lines.next()?;
+        if name == field {
+            return Some(value.to_string());
+        }
+    }
+    None
+}
+
+// ---------------------------------------------------------------------------------------
+// The platforms.
+
+/// Starts `passerelle up --instances 1` on `topology` with the bench's configuration.
+fn start_up(bin: &Path, dir: &Path, config: &Path, topology: &Topology) -> Result<Platform> {
+    let name = topology.kind.as_str();
+    eprintln!("starting passerelle up --instances 1 on the {name} Redis...");
+    let gateway = format!("127.0.0.1:{}", free_port()?);
+    let admin = format!("127.0.0.1:{}", free_port()?);
+    let mut child = Command::new(bin)
+        .arg("--config")
+        .arg(config)
+        .args(["up", "--listen", &gateway, "--instances", "1", "--data-dir"])
+        .arg(dir.join(format!("data-{name}")))
+        .args(topology.up_args())
+        // The caller's RUST_LOG (e.g. `warn,passerelle_redis=info` to see the gateway follow a
+        // failover), else warnings only.
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .env("PASSERELLE_GATEWAY__ADMIN_LISTEN", &admin)
+        .env("PASSERELLE_GATEWAY__ADMIN_TOKEN", ADMIN_TOKEN)
+        .env_remove("PASSERELLE_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", bin.display()))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let up = Guard {
+        name: "passerelle up",
+        child,
+        signal: "-INT",
+    };
+    let mut lines = BufReader::new(stdout).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l.starts_with("ready:") => break,
+            Some(Ok(_)) => {}
+            _ => {
+                return Err(format!(
+                    "passerelle up on the {name} Redis exited before it was ready"
+                ));
+            }
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    Ok(Platform { up, gateway, admin })
+}
+
+/// The sum of the gateway's samples of `metric` whose labels contain each of `labels`.
+fn metric_sum(admin: &str, metric: &str, labels: &[&str]) -> f64 {
+    let Ok(mut s) = TcpStream::connect(admin) else {
+        return 0.0;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = s.write_all(crate::bench::metrics_request(admin).as_bytes());
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(metric)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Workload {
+    RateLimit,
+    L2,
+}
+
+impl Workload {
+    /// What the gateway counted that shows the request used Redis as intended.
+    fn counted(self, admin: &str) -> f64 {
+        match self {
+            Workload::RateLimit => metric_sum(
+                admin,
+                "passerelle_rate_limit_decisions_total",
+                &["source=\"redis\""],
+            ),
+            Workload::L2 => metric_sum(
+                admin,
+                "passerelle_cache_lookups_total",
+                &["route=\"l2-only\"", "result=\"hit_l2\""],
+            ),
+        }
+    }
+}
+
+/// Table 1's measurements of one (workload, topology), summed over the rounds.
+#[derive(Default, Clone)]
+struct Cell {
+    results: Vec<WrkResult>,
+    gateway_ticks: u64,
+    redis_ticks: u64,
+    from_redis: f64,
+}
+
+impl Cell {
+    fn requests(&self) -> u64 {
+        self.results.iter().map(|r| r.requests).sum()
+    }
+    /// The median over the rounds.
+    fn median(&self, f: impl Fn(&WrkResult) -> f64) -> f64 {
+        let mut v: Vec<f64> = self.results.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        match v.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        }
+    }
+    fn rps(&self) -> f64 {
+        self.median(|r| r.rps)
+    }
+    fn p50(&self) -> f64 {
+        self.median(|r| r.p50_ms)
+    }
+    fn p99(&self) -> f64 {
+        self.median(|r| r.p99_ms)
+    }
+    fn errors(&self) -> u64 {
+        self.results.iter().map(|r| r.errors).sum()
+    }
+    fn us_per_req(&self, ticks: u64) -> f64 {
+        ticks as f64 / ticks_per_second() * 1e6 / self.requests().max(1) as f64
+    }
+}
+
+fn measure(
+    cell: &mut Cell,
+    workload: Workload,
+    script: &Path,
+    platform: &Platform,
+    topology: &Topology,
+    o: &Options,
+) {
+    let redis_pids = topology.pids();
+    let up_pid = platform.up.child.id();
+    // The scrapes stay outside the CPU window.
+    let counted = workload.counted(&platform.admin);
+    let (gw0, rd0) = (
+        cpu_ticks(up_pid),
+        redis_pids.iter().map(|&p| cpu_ticks(p)).sum::<u64>(),
+    );
+    let r = finish(wrk(
+        script,
+        &format!("http://{}", platform.gateway),
+        o.threads,
+        o.connections,
+        o.duration,
+    ));
+    let (gw1, rd1) = (
+        cpu_ticks(up_pid),
+        redis_pids.iter().map(|&p| cpu_ticks(p)).sum::<u64>(),
+    );
+    cell.from_redis += workload.counted(&platform.admin) - counted;
+    cell.gateway_ticks += gw1.saturating_sub(gw0);
+    cell.redis_ticks += rd1.saturating_sub(rd0);
+    eprintln!(
+        "  {} / {}: {:.0} req/s",
+        match workload {
+            Workload::RateLimit => "rate-limit",
+            Workload::L2 => "L2 hits",
+        },
+        topology.kind.as_str(),
+        r.rps
+    );
+    cell.results.push(r);
+}
+
+// ---------------------------------------------------------------------------------------
+// The failover drill.
+
+/// How one request of the drill came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Decided in Redis: `RateLimit-Remaining` present (2xx, or a 429 from Redis).
+    Redis,
+    /// Answered 2xx without `RateLimit-*`: the limit's `open` fallback.
+    Fallback,
+    /// A 5xx.
+    ServerError,
+    /// Any other status.
+    OtherStatus,
+    /// No answer (connection refused, reset, timed out).
+    Transport,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    /// Seconds since the drill began.
+    done: f64,
+    latency: f64,
+    outcome: Outcome,
+}
+
+/// A keep-alive HTTP/1.1 connection: sends a GET, reads status, headers and body.
+struct Conn {
+    reader: BufReader<TcpStream>,
+}
+
+impl Conn {
+    fn open(addr: &str) -> std::io::Result<Self> {
+        let s = TcpStream::connect(addr)?;
+        let _ = s.set_nodelay(true);
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.set_write_timeout(Some(Duration::from_secs(5)))?;
+        Ok(Self {
+            reader: BufReader::new(s),
+        })
+    }
+
+    /// The status, and whether `RateLimit-Remaining` was there.
+    fn get(&mut self, path: &str) -> std::io::Result<(u16, bool)> {
+        let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+        self.reader
+            .get_mut()
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n").as_bytes())?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad(format!("not an HTTP answer: {line:?}")))?;
+        let (mut length, mut chunked, mut limited) = (0usize, false, false);
+        loop {
+            line.clear();
+            self.reader.read_line(&mut line)?;
+            let t = line.trim_end();
+            if t.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = t.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    length = v.trim().parse().map_err(|_| bad(format!("bad {t:?}")))?;
+                } else if k.eq_ignore_ascii_case("transfer-encoding") {
+                    chunked = v.to_ascii_lowercase().contains("chunked");
+                } else if k.eq_ignore_ascii_case("ratelimit-remaining") {
+                    limited = true;
+                }
+            }
+        }
+        if chunked {
+            loop {
+                line.clear();
+                self.reader.read_line(&mut line)?;
+                let size = line.trim_end().split(';').next().unwrap_or("").trim();
+                let size = usize::from_str_radix(size, 16)
+                    .map_err(|_| bad(format!("bad chunk size {line:?}")))?;
+                if size == 0 {
+                    loop {
+                        line.clear();
+                        self.reader.read_line(&mut line)?;
+                        if line.trim_end().is_empty() {
+                            break;
+                        }
+                    }
+                    break;
+                }
+                std::io::copy(
+                    &mut (&mut self.reader).take(size as u64 + 2),
+                    &mut std::io::sink(),
+                )?;
+            }
+        } else {
+            std::io::copy(
+                &mut (&mut self.reader).take(length as u64),
+                &mut std::io::sink(),
+            )?;
+        }
+        Ok((status, limited))
+    }
+}
+
+/// Waits until `at` (the drill's pacing; returns at once when late).
+#[allow(clippy::disallowed_methods)]
+fn pace_until(at: Instant) {
+    let now = Instant::now();
+    if at > now {
+        std::thread::sleep(at - now);
+    }
+}
+
+/// One client of the drill: `/rl/{n}` every [`DRILL_INTERVAL`] until `stop`.
+fn drill_client(
+    gateway: &str,
+    n: usize,
+    t0: Instant,
+    stop: &AtomicBool,
+    last_redis: &AtomicU64,
+    last_other: &AtomicU64,
+) -> Vec<Sample> {
+    let path = format!("/rl/{n}");
+    let mut samples = Vec::new();
+    let mut conn: Option<Conn> = None;
+    let mut next = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        pace_until(next);
+        next = Instant::now().max(next) + DRILL_INTERVAL;
+        let sent = Instant::now();
+        let answer = match conn.as_mut() {
+            Some(c) => c.get(&path),
+            None => Conn::open(gateway).and_then(|mut c| {
+                let a = c.get(&path);
+                conn = Some(c);
+                a
+            }),
+        };
+        let done = Instant::now();
+        let outcome = match answer {
+            Ok((_, true)) => Outcome::Redis,
+            Ok((s, false)) if (200..300).contains(&s) => Outcome::Fallback,
+            Ok((s, _)) if s >= 500 => Outcome::ServerError,
+            Ok(_) => Outcome::OtherStatus,
+            Err(_) => {
+                conn = None;
+                Outcome::Transport
+            }
+        };
+        let at = done.duration_since(t0);
+        let slot = if outcome == Outcome::Redis {
+            last_redis
+        } else {
+            last_other
+        };
+        slot.fetch_max(at.as_nanos() as u64, Ordering::Relaxed);
+        samples.push(Sample {
+            done: at.as_secs_f64(),
+            latency: (done - sent).as_secs_f64(),
+            outcome,
+        });
+    }
+    samples
+}
+
+struct Drill {
+    kind: Kind,
+    detection: String,
+    /// Kill → the replica answers `ROLE` as a primary.
+    promoted: Option<f64>,
+    /// Kill → the cluster's slot map / the first sentinel names it.
+    announced: Option<f64>,
+    /// The longest gap between two Redis-backed answers: (start, end) in drill seconds.
+    stall: Option<(f64, f64)>,
+    /// Answers inside the stall, and of those, decided by the fallback.
+    during: usize,
+    during_fallback: usize,
+    server_errors: usize,
+    other_status: usize,
+    transport: usize,
+    /// Kill → the first Redis-backed answer after it.
+    recover: Option<f64>,
+    /// Kill → the first Redis-backed answer after the last answer that was not.
+    settled: Option<f64>,
+    max_latency: f64,
+    requests: usize,
+    redis_errors: f64,
+    bounded_out: bool,
+}
+
+fn drill(topology: &mut Topology, platform: &Platform) -> Result<Drill> {
+    let key = format!("psl:rl:{{{IDENTITY}}}:{LIMIT}");
+    eprintln!(
+        "failover drill on the {} Redis: {DRILL_CLIENTS} clients on /rl/{{n}}, one request each every {DRILL_INTERVAL:?}",
+        topology.kind.as_str()
+    );
+    let (primary, replica, slot) = topology.primary_and_replica_for(&key)?;
+    let errors_before = metric_sum(
+        &platform.admin,
+        "passerelle_rate_limit_redis_errors_total",
+        &[],
+    );
+    let stop = AtomicBool::new(false);
+    let last_redis = AtomicU64::new(0);
+    let last_other = AtomicU64::new(0);
+    let t0 = Instant::now();
+    let gateway = platform.gateway.as_str();
+    let (samples, kill_at, (promoted, announced), bounded_out) =
+        std::thread::scope(|s| -> Result<_> {
+            let handles: Vec<_> = (0..DRILL_CLIENTS)
+                .map(|i| {
+                    let (stop, last_redis, last_other) = (&stop, &last_redis, &last_other);
+                    s.spawn(move || drill_client(gateway, i + 1, t0, stop, last_redis, last_other))
+                })
+                .collect();
+            let outcome = (|| -> Result<_> {
+                // A steady, Redis-backed baseline first.
+                while t0.elapsed() < DRILL_BASELINE || last_redis.load(Ordering::Relaxed) == 0 {
+                    if t0.elapsed() > DRILL_BASELINE + Duration::from_secs(10) {
+                        return Err("no Redis-backed answer before the kill".to_string());
+                    }
+                    wait_a_moment();
+                }
+                let kill_at = t0.elapsed();
+                topology.kill(primary)?;
+                eprintln!("  SIGKILLed the primary on {primary}");
+                let (mut promoted, mut announced) = (None, None);
+                loop {
+                    let since = t0.elapsed().saturating_sub(kill_at);
+                    if promoted.is_none() && is_primary(replica) {
+                        promoted = Some(since);
+                        eprintln!(
+                            "  the replica on {replica} is a primary after {} ms",
+                            since.as_millis()
+                        );
+                    }
+                    if announced.is_none() && topology.announces(replica, slot) {
+                        let since = t0.elapsed().saturating_sub(kill_at);
+                        announced = Some(since);
+                        eprintln!(
+                            "  {} names it the primary after {} ms",
+                            if slot.is_some() {
+                                "the cluster"
+                            } else {
+                                "the first sentinel"
+                            },
+                            since.as_millis()
+                        );
+                    }
+                    let now = t0.elapsed().as_nanos() as u64;
+                    let redis = last_redis.load(Ordering::Relaxed);
+                    let other = last_other.load(Ordering::Relaxed);
+                    let settled = promoted.is_some()
+                        && announced.is_some()
+                        && redis > kill_at.as_nanos() as u64
+                        && redis > other
+                        && now.saturating_sub(other) > DRILL_SETTLED.as_nanos() as u64;
+                    if settled {
+                        return Ok((kill_at, (promoted, announced), false));
+                    }
+                    if since > DRILL_BOUND {
+                        return Ok((kill_at, (promoted, announced), true));
+                    }
+                    wait_a_moment();
+                }
+            })();
+            stop.store(true, Ordering::Relaxed);
+            let mut samples = Vec::new();
+            for h in handles {
+                samples.extend(
+                    h.join()
+                        .map_err(|_| "a drill client panicked".to_string())?,
+                );
+            }
+            let (kill_at, redis_side, bounded_out) = outcome?;
+            Ok((samples, kill_at, redis_side, bounded_out))
+        })?;
+    let redis_errors = metric_sum(
+        &platform.admin,
+        "passerelle_rate_limit_redis_errors_total",
+        &[],
+    ) - errors_before;
+
+    let mut samples = samples;
+    samples.sort_by(|a, b| a.done.total_cmp(&b.done));
+    let kill = kill_at.as_secs_f64();
+    let redis_times: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.outcome == Outcome::Redis)
+        .map(|s| s.done)
+        .collect();
+    let end = samples.last().map_or(kill, |s| s.done);
+    // The longest gap between two Redis-backed answers; if none came after the kill, from
+    // the last one before it to the end of the drill.
+    let mut stall: Option<(f64, f64)> = None;
+    for w in redis_times.windows(2) {
+        if stall.is_none_or(|(a, b)| w[1] - w[0] > b - a) {
+            stall = Some((w[0], w[1]));
+        }
+    }
+    let recover = redis_times.iter().find(|&&t| t > kill).map(|t| t - kill);
+    if recover.is_none() {
+        let last = redis_times.iter().rev().find(|&&t| t <= kill).copied();
+        stall = last.map(|a| (a, end));
+    }
+    let last_other = samples
+        .iter()
+        .rev()
+        .find(|s| s.outcome != Outcome::Redis)
+        .map(|s| s.done);
+    let settled = match last_other {
+        None => recover,
+        Some(lo) => redis_times.iter().find(|&&t| t > lo).map(|t| t - kill),
+    };
+    let (during, during_fallback) = stall.map_or((0, 0), |(a, b)| {
+        let inside: Vec<&Sample> = samples
+            .iter()
+            .filter(|s| s.done > a && s.done < b)
+            .collect();
+        (
+            inside.len(),
+            inside
+                .iter()
+                .filter(|s| s.outcome == Outcome::Fallback)
+                .count(),
+        )
+    });
+    let count = |o: Outcome| samples.iter().filter(|s| s.outcome == o).count();
+    Ok(Drill {
+        kind: topology.kind,
+        detection: topology.detection(),
+        promoted: promoted.map(|d| d.as_secs_f64()),
+        announced: announced.map(|d| d.as_secs_f64()),
+        stall,
+        during,
+        during_fallback,
+        server_errors: count(Outcome::ServerError),
+        other_status: count(Outcome::OtherStatus),
+        transport: count(Outcome::Transport),
+        recover,
+        settled,
+        max_latency: samples.iter().map(|s| s.latency).fold(0.0, f64::max),
+        requests: samples.len(),
+        redis_errors,
+        bounded_out,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+
+pub(crate) fn run(o: &Options, bin: &Path, dir: &Path) -> Result {
+    crate::ensure_packages(&[("redis-cli", "redis-tools")])?;
+    let config = dir.join("redis-bench.toml");
+    std::fs::write(&config, config_toml()).map_err(|e| e.to_string())?;
+    let rl_lua = dir.join("rl.lua");
+    let l2_lua = dir.join("l2.lua");
+    std::fs::write(&rl_lua, hot_lua("rl")).map_err(|e| e.to_string())?;
+    std::fs::write(&l2_lua, hot_lua("l2")).map_err(|e| e.to_string())?;
+
+    // Every set-up and its platform, side by side. Declared in this order, so the
+    // platforms (which use the Redis) stop first when the vectors drop in reverse.
+    let kinds = [Kind::Single, Kind::Cluster, Kind::Sentinel];
+    let mut topologies: Vec<Topology> = Vec::new();
+    for k in kinds {
+        topologies.push(Topology::start(k, dir)?);
+    }
+    let mut platforms: Vec<Platform> = Vec::new();
+    for t in &topologies {
+        platforms.push(start_up(bin, dir, &config, t)?);
+    }
+    let result = measure_all(o, &rl_lua, &l2_lua, &mut topologies, &platforms);
+    // Stop the gateways before their Redis.
+    drop(platforms);
+    drop(topologies);
+    result
+}
+
+fn measure_all(
+    o: &Options,
+    rl_lua: &Path,
+    l2_lua: &Path,
+    topologies: &mut [Topology],
+    platforms: &[Platform],
+) -> Result {
+    for p in platforms {
+        wait_ok(&p.gateway, "/rl/1")?;
+        wait_ok(&p.gateway, "/l2/1")?;
+    }
+    // Warm the connections, L1 of /rl and L2 of /l2 (ids 1 to 100).
+    for p in platforms {
+        let url = format!("http://{}", p.gateway);
+        finish(wrk(rl_lua, &url, o.threads, o.connections, 2));
+        finish(wrk(l2_lua, &url, o.threads, o.connections, 2));
+    }
+    eprintln!(
+        "measuring ({ROUNDS} rounds, {}s each, {} connections, {} wrk threads)...",
+        o.duration, o.connections, o.threads
+    );
+    let n = topologies.len();
+    let mut cells: Vec<[Cell; 2]> = vec![Default::default(); n];
+    for round in 0..ROUNDS {
+        for i in (0..n).map(|i| (i + round) % n) {
+            let (t, p) = (&topologies[i], &platforms[i]);
+            measure(&mut cells[i][0], Workload::RateLimit, rl_lua, p, t, o);
+            measure(&mut cells[i][1], Workload::L2, l2_lua, p, t, o);
+        }
+    }
+
+    // Table 2, on the set-ups with a replica to fail over to (this kills their primary).
+    let mut drills = Vec::new();
+    for (t, p) in topologies.iter_mut().zip(platforms) {
+        if t.kind != Kind::Single {
+            drills.push(drill(t, p)?);
+        }
+    }
+
+    println!();
+    println!(
+        "Table 1: one gateway (`passerelle up --instances 1`) per Redis set-up, same machine, \
+         {ROUNDS} alternating rounds of {}s, wrk {} connections / {} threads, ids 1-100",
+        o.duration, o.connections, o.threads
+    );
+    println!();
+    println!(
+        "| workload | Redis | req/s | p50 ms | p99 ms | non-2xx | gateway CPU µs/req | Redis CPU µs/req | via Redis |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (w, name) in [
+        (0, "rate-limit decision (GCRA, never trips)"),
+        (1, "cache hit from Redis (L2, l1 = false)"),
+    ] {
+        for (i, t) in topologies.iter().enumerate() {
+            let c = &cells[i][w];
+            println!(
+                "| {name} | {} | {:.0} | {:.2} | {:.2} | {} | {:.1} | {:.1} | {:.1}% |",
+                t.kind.as_str(),
+                c.rps(),
+                c.p50(),
+                c.p99(),
+                c.errors(),
+                c.us_per_req(c.gateway_ticks),
+                c.us_per_req(c.redis_ticks),
+                c.from_redis / c.requests().max(1) as f64 * 100.0
+            );
+        }
+        let (single, cluster) = (&cells[0][w], &cells[1][w]);
+        let ratio = |a: f64, b: f64| {
+            if b > 0.0 {
+                format!("{:.2}x", a / b)
+            } else {
+                "-".into()
+            }
+        };
+        println!(
+            "| {name} | cluster / single | {} | {} | {} | | {} | {} | |",
+            ratio(cluster.rps(), single.rps()),
+            ratio(cluster.p50(), single.p50()),
+            ratio(cluster.p99(), single.p99()),
+            ratio(
+                cluster.us_per_req(cluster.gateway_ticks),
+                single.us_per_req(single.gateway_ticks)
+            ),
+            ratio(
+                cluster.us_per_req(cluster.redis_ticks),
+                single.us_per_req(single.redis_ticks)
+            ),
+        );
+    }
+    println!();
+    println!(
+        "req/s, p50, p99: medians of the rounds; CPU: over all rounds. Redis CPU: every process \
+         of the set-up (cluster: 6 nodes; sentinel: primary, replica, 3 sentinels). \
+         via Redis: decisions the gateway counted as made in Redis (source=\"redis\") / L2 \
+         hits (result=\"hit_l2\"), per request. All decisions count one identity \
+         ({IDENTITY}), so on the cluster they land on one primary."
+    );
+
+    println!();
+    println!(
+        "Table 2: failover stall. {DRILL_CLIENTS} clients send GET /rl/{{n}} one after another, \
+         one request each every {} ms (~{} req/s), over keep-alive connections; after {} s the \
+         primary holding {{{IDENTITY}}} is SIGKILLed by PID. A Redis-backed answer carries \
+         RateLimit-Remaining; the limit's on_redis_failure = \"open\" answers without it. \
+         Gateway: redis_timeout {REDIS_TIMEOUT}, breaker after 3 failures, open 1 s then one probe. \
+         Announced: the slot's owner in a live node's CLUSTER NODES; the first sentinel's \
+         get-master-addr-by-name (the gateway asks the sentinels in order).",
+        DRILL_INTERVAL.as_millis(),
+        DRILL_CLIENTS as u128 * 1000 / DRILL_INTERVAL.as_millis().max(1),
+        DRILL_BASELINE.as_secs()
+    );
+    println!();
+    println!(
+        "| Redis | failure detection | kill → replica promoted ms | kill → new primary announced ms | stall of Redis-backed decisions ms | answered during it (fallback) | 5xx | other non-2xx/429 | no answer | kill → first Redis-backed ms | kill → only Redis-backed ms | max latency ms | requests | gateway Redis errors | stall < {} s |",
+        STALL_TARGET.as_secs()
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    let ms = |v: Option<f64>| v.map_or("-".to_string(), |s| format!("{:.0}", s * 1e3));
+    for d in &drills {
+        let stall = d.stall.map(|(a, b)| b - a);
+        let verdict = match stall {
+            _ if d.bounded_out => format!("no: not recovered within {} s", DRILL_BOUND.as_secs()),
+            Some(s) if s < STALL_TARGET.as_secs_f64() => "yes".to_string(),
+            Some(_) => "no".to_string(),
+            None => "-".to_string(),
+        };
+        println!(
+            "| {} | {} | {} | {} | {} | {} ({}) | {} | {} | {} | {} | {} | {:.0} | {} | {:.0} | {verdict} |",
+            d.kind.as_str(),
+            d.detection,
+            ms(d.promoted),
+            ms(d.announced),
+            ms(stall),
+            d.during,
+            d.during_fallback,
+            d.server_errors,
+            d.other_status,
+            d.transport,
+            ms(d.recover),
+            ms(d.settled),
+            d.max_latency * 1e3,
+            d.requests,
+            d.redis_errors,
+        );
+    }
+    println!();
+    println!(
+        "target (issue): every request answered throughout (no 5xx, no lost answer), and Redis-backed \
+         decisions stalled < {} s, with cluster-node-timeout {CLUSTER_NODE_TIMEOUT_MS} ms (cluster) \
+         and down-after-milliseconds {SENTINEL_DOWN_AFTER_MS} ms, failover-timeout \
+         {SENTINEL_FAILOVER_TIMEOUT_MS} ms (Sentinel)",
+        STALL_TARGET.as_secs()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::info_field;
+
+    #[test]
+    fn info_fields() {
+        let info = "# Cluster\r\ncluster_state:ok\r\ncluster_slots_assigned:16384\r\n";
+        assert_eq!(info_field(info, "cluster_state"), Some("ok"));
+        assert_eq!(info_field(info, "cluster_slots_assigned"), Some("16384"));
+        assert_eq!(info_field(info, "cluster_size"), None);
+    }
+}
