@@ -6,7 +6,11 @@
 //! straight to a `ConnectionManager` on the primary: no sentinel on the request path.
 //!
 //! A command (or pipeline) refused with `READONLY` wrote nothing (a replica refuses every
-//! write), so it is sent once more to the new primary. A command whose connection broke may have been executed and is not resent (as
+//! write), and one whose connection was refused was never sent: both are sent once more,
+//! to the primary the sentinels name now. That is what makes the first command after a
+//! failover succeed (measured with `cargo xtask bench redis`: without it, the limiter's
+//! first probe after the switch failed and Redis-backed decisions resumed a breaker period
+//! later). A command whose connection broke may have been executed and is not resent (as
 //! with one server); the next one goes to whichever primary the sentinels name by then.
 //! Asking again is single-flight and at most every [`RESOLVE_EVERY`], so a burst of
 //! failures during a failover costs the sentinels one question per interval.
@@ -226,14 +230,10 @@ impl ConnectionLike for SentinelConn {
                 None => self.resolve(false).await?,
             };
             match p.conn.req_packed_command(cmd).await {
-                Err(e) if is_readonly(&e) => {
-                    let mut p = self.resolve(true).await?;
-                    p.conn.req_packed_command(cmd).await
-                }
-                Err(e) => {
-                    self.after_error(&e);
-                    Err(e)
-                }
+                Err(e) => match self.elsewhere(&p, &e).await {
+                    Some(mut next) => next.conn.req_packed_command(cmd).await,
+                    None => Err(e),
+                },
                 ok => ok,
             }
         })
@@ -251,16 +251,10 @@ impl ConnectionLike for SentinelConn {
                 None => self.resolve(false).await?,
             };
             match p.conn.req_packed_commands(pipeline, offset, count).await {
-                // A replica refuses every write, so only the reads of the pipeline ran:
-                // sending it again to the primary is safe.
-                Err(e) if is_readonly(&e) => {
-                    let mut p = self.resolve(true).await?;
-                    p.conn.req_packed_commands(pipeline, offset, count).await
-                }
-                Err(e) => {
-                    self.after_error(&e);
-                    Err(e)
-                }
+                Err(e) => match self.elsewhere(&p, &e).await {
+                    Some(mut next) => next.conn.req_packed_commands(pipeline, offset, count).await,
+                    None => Err(e),
+                },
                 ok => ok,
             }
         })
@@ -268,5 +262,22 @@ impl ConnectionLike for SentinelConn {
 
     fn get_db(&self) -> i64 {
         0
+    }
+}
+
+impl SentinelConn {
+    /// After a command sent to `tried` failed with `e`: the primary to send it to again, if
+    /// it is safe to resend and the sentinels now name another one. Safe: `READONLY` (a
+    /// replica refuses every write, so nothing was written) and a refused connection
+    /// (nothing was sent). Any other failure that says the primary is gone (a dropped or
+    /// timed-out connection: the command may have run) only sends the sentinels a question
+    /// in the background, for the commands that come next.
+    async fn elsewhere(&self, tried: &Primary, e: &RedisError) -> Option<Primary> {
+        if is_readonly(e) || e.is_connection_refusal() {
+            let next = self.resolve(true).await.ok()?;
+            return (next.addr != tried.addr || is_readonly(e)).then_some(next);
+        }
+        self.after_error(e);
+        None
     }
 }
