@@ -5,10 +5,11 @@
 //!
 //! - **single**: one `redis-server` (no persistence);
 //! - **cluster**: six `redis-server --cluster-enabled yes` (3 primaries, 3 replicas, each
-//!   with its bus on a free `--cluster-port`, `--cluster-node-timeout 2000`), joined by
-//!   `redis-cli --cluster create --cluster-replicas 1`;
+//!   with its bus on a free `--cluster-port`, `--cluster-node-timeout 2000` or
+//!   `BENCH_CLUSTER_NODE_TIMEOUT_MS`), joined by `redis-cli --cluster create
+//!   --cluster-replicas 1`;
 //! - **sentinel**: a primary, a replica and three sentinels (`sentinel monitor m … 2`,
-//!   `down-after-milliseconds 1000`, `failover-timeout 5000`).
+//!   `down-after-milliseconds 1000` or `BENCH_SENTINEL_DOWN_AFTER_MS`, `failover-timeout 5000`).
 //!
 //! Each gets its own `passerelle up --instances 1` (`--redis-url redis://…`, `--redis-cluster
 //! URL,…`, `--redis-url redis+sentinel://…/m`) with two routes over the users service:
@@ -55,8 +56,24 @@ const IDENTITY: &str = "ip=127.0.0.1";
 /// The name the sentinels monitor the primary under.
 const MASTER: &str = "m";
 
-const CLUSTER_NODE_TIMEOUT_MS: u64 = 2000;
-const SENTINEL_DOWN_AFTER_MS: u64 = 1000;
+/// How fast Redis itself detects a dead primary; the stall cannot be shorter. Set with
+/// `BENCH_CLUSTER_NODE_TIMEOUT_MS` and `BENCH_SENTINEL_DOWN_AFTER_MS` to see how the stall
+/// follows them.
+fn cluster_node_timeout_ms() -> u64 {
+    env_ms("BENCH_CLUSTER_NODE_TIMEOUT_MS", 2000)
+}
+
+fn sentinel_down_after_ms() -> u64 {
+    env_ms("BENCH_SENTINEL_DOWN_AFTER_MS", 1000)
+}
+
+fn env_ms(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&v| (100..=60_000).contains(&v))
+        .unwrap_or(default)
+}
 const SENTINEL_FAILOVER_TIMEOUT_MS: u64 = 5000;
 
 /// The gateway's deadline for one rate-limit decision (the default 20 ms is missed now and
@@ -386,7 +403,7 @@ impl Topology {
                     "--cluster-port".into(),
                     bus.to_string(),
                     "--cluster-node-timeout".into(),
-                    CLUSTER_NODE_TIMEOUT_MS.to_string(),
+                    cluster_node_timeout_ms().to_string(),
                 ];
                 a.extend(no_persistence());
                 Ok(a)
@@ -456,8 +473,9 @@ impl Topology {
                     &file,
                     format!(
                         "sentinel monitor {MASTER} 127.0.0.1 {p} 2\n\
-                         sentinel down-after-milliseconds {MASTER} {SENTINEL_DOWN_AFTER_MS}\n\
-                         sentinel failover-timeout {MASTER} {SENTINEL_FAILOVER_TIMEOUT_MS}\n"
+                         sentinel down-after-milliseconds {MASTER} {}\n\
+                         sentinel failover-timeout {MASTER} {SENTINEL_FAILOVER_TIMEOUT_MS}\n",
+                        sentinel_down_after_ms()
                     ),
                 )
                 .map_err(|e| e.to_string())?;
@@ -602,8 +620,8 @@ impl Topology {
     fn detection(&self) -> String {
         match self.kind {
             Kind::Single => "-".into(),
-            Kind::Cluster => format!("cluster-node-timeout {CLUSTER_NODE_TIMEOUT_MS} ms"),
-            Kind::Sentinel => format!("down-after-milliseconds {SENTINEL_DOWN_AFTER_MS} ms"),
+            Kind::Cluster => format!("cluster-node-timeout {} ms", cluster_node_timeout_ms()),
+            Kind::Sentinel => format!("down-after-milliseconds {} ms", sentinel_down_after_ms()),
         }
     }
 }
@@ -1288,7 +1306,7 @@ fn measure_all(
          one request each every {} ms (~{} req/s), over keep-alive connections; after {} s the \
          primary holding {{{IDENTITY}}} is SIGKILLed by PID. A Redis-backed answer carries \
          RateLimit-Remaining; the limit's on_redis_failure = \"open\" answers without it. \
-         Gateway: redis_timeout {REDIS_TIMEOUT}, breaker after 3 failures, open 1 s then one probe. \
+         Gateway: redis_timeout {REDIS_TIMEOUT}, breaker after 3 failures, open 250 ms (the default) then one probe. \
          Announced: the slot's owner in a live node's CLUSTER NODES; the first sentinel's \
          get-master-addr-by-name (the gateway asks the sentinels in order).",
         DRILL_INTERVAL.as_millis(),
@@ -1332,10 +1350,12 @@ fn measure_all(
     println!();
     println!(
         "target (issue): every request answered throughout (no 5xx, no lost answer), and Redis-backed \
-         decisions stalled < {} s, with cluster-node-timeout {CLUSTER_NODE_TIMEOUT_MS} ms (cluster) \
-         and down-after-milliseconds {SENTINEL_DOWN_AFTER_MS} ms, failover-timeout \
+         decisions stalled < {} s, with cluster-node-timeout {} ms (cluster) \
+         and down-after-milliseconds {} ms, failover-timeout \
          {SENTINEL_FAILOVER_TIMEOUT_MS} ms (Sentinel)",
-        STALL_TARGET.as_secs()
+        STALL_TARGET.as_secs(),
+        cluster_node_timeout_ms(),
+        sentinel_down_after_ms()
     );
     Ok(())
 }

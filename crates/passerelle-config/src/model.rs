@@ -558,7 +558,7 @@ impl Default for RateLimitingConfig {
             default_limits: Vec::new(),
             redis_timeout: Dur::millis(20),
             breaker_failures: 3,
-            breaker_open_for: Dur::secs(1),
+            breaker_open_for: Dur::millis(250),
             gateway_replicas: 1,
             legacy_headers: false,
             local_max_keys: 100_000,
@@ -841,7 +841,7 @@ impl Default for CacheConfig {
             lease_ttl: Dur::secs(2),
             redis_timeout: Dur::millis(50),
             breaker_failures: 3,
-            breaker_open_for: Dur::secs(1),
+            breaker_open_for: Dur::millis(250),
         }
     }
 }
