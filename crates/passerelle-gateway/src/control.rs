@@ -8,7 +8,7 @@
 //! | API key change | a key created or revoked (admin API, `passerelle keys`) | the key's cached lookup is dropped ([`KeyStore::forget`]) |
 //!
 //! The channel is resubscribed after a loss. L1 and the API key cache are flushed on every
-//! loss and resubscription: messages sent while the connection was down are lost, and an
+//! loss and (re)subscription: messages sent while the connection was not up are lost, and an
 //! entry they invalidated must not survive (the API key cache also polls the revocation
 //! generation, for a message lost while the channel seemed up). (A lost reset only leaves a local block until its `Retry-After`, which Redis
 //! would no longer enforce: the client is admitted again at the latest then.) While Redis is
@@ -26,6 +26,22 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::KeyStore;
 use crate::cache::ResponseCache;
 use crate::rate_limit::RateLimiter;
+
+/// Resolves once the control channel is first subscribed ([`spawn`]).
+pub struct Subscribed(Option<tokio::sync::oneshot::Receiver<()>>);
+
+impl Subscribed {
+    /// Waits until the channel is subscribed, at most `within`; true when it is (or when
+    /// there is no channel to wait for). A gateway waits for it before it serves, so that
+    /// no answer is kept in L1 before invalidations can reach it: on a Redis Cluster the
+    /// subscription first discovers the nodes, which takes longer than the first request.
+    pub async fn wait(self, within: Duration) -> bool {
+        match self.0 {
+            None => true,
+            Some(rx) => matches!(tokio::time::timeout(within, rx).await, Ok(Ok(()))),
+        }
+    }
+}
 
 /// How often the invalidation listener repeats, while Redis stays down, that it cannot
 /// subscribe.
@@ -94,13 +110,15 @@ pub fn spawn(
     limiter: Option<Arc<RateLimiter>>,
     keys: Option<Arc<KeyStore>>,
     shutdown: CancellationToken,
-) {
+) -> Subscribed {
+    let (up_tx, up_rx) = tokio::sync::oneshot::channel();
     let Some(redis) = redis else {
-        return;
+        return Subscribed(None);
     };
     if cache.is_none() && limiter.is_none() && keys.is_none() {
-        return;
+        return Subscribed(None);
     }
+    let mut up_tx = Some(up_tx);
     let flush = {
         let (cache, keys) = (cache.clone(), keys.clone());
         move || {
@@ -150,9 +168,15 @@ pub fn spawn(
                             ),
                             None => tracing::info!("cache: invalidation channel back; L1 flushed"),
                         }
-                        flush();
                     }
+                    // The first subscription too: what L1 filled before it was up (serving
+                    // starts without waiting for it; on a cluster it takes a discovery of
+                    // the nodes) may have missed a message.
+                    flush();
                     first = false;
+                    if let Some(tx) = up_tx.take() {
+                        let _ = tx.send(());
+                    }
                     backoff = Duration::from_millis(100);
                     loop {
                         tokio::select! {
@@ -193,6 +217,7 @@ pub fn spawn(
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
     });
+    Subscribed(Some(up_rx))
 }
 
 #[cfg(test)]

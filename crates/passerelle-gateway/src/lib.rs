@@ -197,15 +197,16 @@ impl Gateway {
     }
 
     /// Starts the active health checks, the cache's upkeep, the control listener
-    /// ([`control`]) and the readiness refresh; they stop with `shutdown`.
-    pub fn start_background(&self, shutdown: &CancellationToken) {
+    /// ([`control`]) and the readiness refresh; they stop with `shutdown`. The returned
+    /// handle resolves once the control channel is subscribed.
+    pub fn start_background(&self, shutdown: &CancellationToken) -> control::Subscribed {
         for up in &self.inner.upstreams {
             upstream::health_check::spawn(up.clone(), shutdown.clone());
         }
         if let Some(c) = &self.inner.cache {
             c.spawn_upkeep(shutdown.clone());
         }
-        control::spawn(
+        let subscribed = control::spawn(
             self.inner.redis.clone(),
             self.inner.cache.clone(),
             self.inner.limiter.clone(),
@@ -228,6 +229,7 @@ impl Gateway {
         self.inner
             .readiness
             .spawn_refresh(&self.inner.ready, READY_REFRESH, shutdown.clone());
+        subscribed
     }
 
     /// The admin API ([`admin`], with [`auth::admin_api`]'s `/keys`), to serve on a
@@ -330,7 +332,16 @@ pub async fn run_with_readiness(
         }
         None => None,
     };
-    gateway.start_background(&token);
+    let subscribed = gateway.start_background(&token);
+    // Serve once invalidations can reach this gateway, or a little later without them (a
+    // Redis that is down is no reason not to serve: L1 is flushed when the channel comes).
+    let within = config.redis.connect_timeout.get() * 2;
+    if !subscribed.wait(within).await {
+        tracing::warn!(
+            waited_ms = within.as_millis() as u64,
+            "cache: serving before the invalidation channel is subscribed"
+        );
+    }
     if let (Some(addr), Some(admin_token)) = (config.gateway.admin_listen, admin_token) {
         let admin = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
             GatewayError::Serve(std::io::Error::new(

@@ -806,9 +806,9 @@ async fn operators_purge_by_tag_and_by_key_on_every_replica() {
     for g in gateways {
         passerelle_testkit::wait_until(Duration::from_secs(2), "purge reaches the replica", || {
             let http = g.http.clone();
-            // The answer of the fetch after the purge (the origin counts it second), never
-            // the purged copy.
-            async move { get(&http, "/c/p1", &[]).await.json()["n"] == 2 }
+            // The answer of a fetch after the purge (the origin counts it second, or
+            // third: see below), never the purged copy.
+            async move { get(&http, "/c/p1", &[]).await.json()["n"].as_u64() >= Some(2) }
         })
         .await;
     }
@@ -828,15 +828,24 @@ async fn operators_purge_by_tag_and_by_key_on_every_replica() {
     for g in gateways {
         passerelle_testkit::wait_until(Duration::from_secs(2), "purge reaches the replica", || {
             let http = g.http.clone();
-            // The answer of the fetch after the purge (the origin counts it second), never
-            // the purged copy.
-            async move { get(&http, "/c/p2", &[]).await.json()["n"] == 2 }
+            async move { get(&http, "/c/p2", &[]).await.json()["n"].as_u64() >= Some(2) }
         })
         .await;
     }
 
-    assert_eq!(origin.hits("/c/p1"), 2, "one refetch for both replicas");
-    assert_eq!(origin.hits("/c/p2"), 2);
+    // One refetch for both replicas. On a cluster the purge's message (sharded pub/sub)
+    // can reach the purging gateway just after its own next request began a fetch: that
+    // fill counts as racing an invalidation and is not kept (the safe side), so the other
+    // replica fetches once more.
+    let most = if s.redis.topology() == Topology::Single {
+        2
+    } else {
+        3
+    };
+    for path in ["/c/p1", "/c/p2"] {
+        let hits = origin.hits(path);
+        assert!((2..=most).contains(&hits), "{path}: {hits} origin calls");
+    }
     let r = admins[0]
         .send(Method::DELETE, "/cache/keys/not-a-key", &[], Bytes::new())
         .await;
