@@ -117,51 +117,58 @@ impl Batch {
         if self.entries.is_empty() {
             return Ok(Vec::new());
         }
+        let Batch {
+            entries, scripts, ..
+        } = self;
+        // The commands are moved into the pipelines, never copied: a cache entry's value
+        // can be a megabyte.
         let Conn::Cluster(_) = conn else {
             let mut p = Pipeline::new();
-            for e in &self.entries {
-                p.add_command(e.cmd.clone());
+            for e in entries {
+                p.add_command(e.cmd);
                 if !e.keep {
                     p.ignore();
                 }
             }
-            return send_group(&mut conn.clone(), &p, &self.scripts).await;
+            return send_group(&mut conn.clone(), &p, &scripts).await;
         };
-        let mut answers: Vec<Option<Value>> = vec![None; self.entries.len()];
-        let stages = self.entries.iter().map(|e| e.stage).max().unwrap_or(0);
-        for stage in 0..=stages {
-            // Group this stage's commands by slot, in order.
-            let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
-            for (i, e) in self.entries.iter().enumerate() {
-                if e.stage != stage {
-                    continue;
-                }
-                match groups.iter_mut().find(|(s, _)| *s == e.slot) {
-                    Some((_, members)) => members.push(i),
-                    None => groups.push((e.slot, vec![i])),
-                }
+        let keep: Vec<bool> = entries.iter().map(|e| e.keep).collect();
+        let mut answers: Vec<Option<Value>> = vec![None; entries.len()];
+        // Per stage, in order: the slots' pipelines and which entry each command is.
+        let mut stages: Vec<Vec<(u16, Pipeline, Vec<usize>)>> = Vec::new();
+        for (i, e) in entries.into_iter().enumerate() {
+            if stages.len() <= e.stage {
+                stages.resize_with(e.stage + 1, Vec::new);
             }
-            let sends = groups.iter().map(|(_, members)| {
-                let mut p = Pipeline::new();
-                for &i in members {
-                    let e = &self.entries[i];
-                    p.add_command(e.on_cluster.as_ref().unwrap_or(&e.cmd).clone());
+            let groups = &mut stages[e.stage];
+            let at = match groups.iter().position(|(slot, _, _)| *slot == e.slot) {
+                Some(at) => at,
+                None => {
+                    groups.push((e.slot, Pipeline::new(), Vec::new()));
+                    groups.len() - 1
                 }
+            };
+            let (_, p, members) = &mut groups[at];
+            p.add_command(e.on_cluster.unwrap_or(e.cmd));
+            members.push(i);
+        }
+        for groups in stages {
+            let sends = groups.iter().map(|(_, p, _)| {
                 let mut conn = conn.clone();
-                let scripts = &self.scripts;
-                async move { send_group(&mut conn, &p, scripts).await }
+                let scripts = &scripts;
+                async move { send_group(&mut conn, p, scripts).await }
             });
-            for ((_, members), result) in groups.iter().zip(join_all(sends).await) {
+            let results = join_all(sends).await;
+            for ((_, _, members), result) in groups.iter().zip(results) {
                 for (&i, v) in members.iter().zip(result?) {
                     answers[i] = Some(v);
                 }
             }
         }
-        Ok(self
-            .entries
-            .iter()
+        Ok(keep
+            .into_iter()
             .zip(answers)
-            .filter(|(e, _)| e.keep)
+            .filter(|(keep, _)| *keep)
             .map(|(_, v)| v.unwrap_or(Value::Nil))
             .collect())
     }
