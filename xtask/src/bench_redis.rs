@@ -1,18 +1,19 @@
 //! `cargo xtask bench redis`: rate-limit decisions and L2 cache hits on one Redis, on a Redis
 //! Cluster and behind Sentinel, side by side, then the stall of a failover.
 //!
-//! The bench starts every Redis itself, on free loopback ports, in its scratch directory:
+//! The bench starts every Redis with the test kit (`passerelle_testkit`), on free loopback
+//! ports, each set-up in a temp dir of its own, every process stopped by PID at the end:
 //!
-//! - **single**: one `redis-server` (no persistence);
-//! - **cluster**: six `redis-server --cluster-enabled yes` (3 primaries, 3 replicas, each
-//!   with its bus on a free `--cluster-port`, `--cluster-node-timeout 2000` or
-//!   `BENCH_CLUSTER_NODE_TIMEOUT_MS`), joined by `redis-cli --cluster create
-//!   --cluster-replicas 1`;
-//! - **sentinel**: a primary, a replica and three sentinels (`sentinel monitor m … 2`,
-//!   `down-after-milliseconds 1000` or `BENCH_SENTINEL_DOWN_AFTER_MS`, `failover-timeout 5000`).
+//! - **single**: one `redis-server` (no persistence, [`RedisServer::start`]);
+//! - **cluster**: six `redis-server --cluster-enabled yes` (3 primaries, 3 replicas,
+//!   [`RedisCluster::start_with`]), `--cluster-node-timeout 2000` or
+//!   `BENCH_CLUSTER_NODE_TIMEOUT_MS`;
+//! - **sentinel**: a primary, a replica and three sentinels (quorum 2,
+//!   [`RedisSentinel::start_with`]), `down-after-milliseconds 1000` or
+//!   `BENCH_SENTINEL_DOWN_AFTER_MS`, `failover-timeout 5000`.
 //!
 //! Each gets its own `passerelle up --instances 1` (`--redis-url redis://…`, `--redis-cluster
-//! URL,…`, `--redis-url redis+sentinel://…/m`) with two routes over the users service:
+//! URL,…`, `--redis-url redis+sentinel://…/passerelle`) with two routes over the users service:
 //!
 //! - `/rl/{id}`: a GCRA limit by client IP that never trips (one Redis decision per request,
 //!   no local block), on a route whose answer is in L1, so that the decision is the request's
@@ -36,9 +37,13 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use passerelle_testkit::{
+    ClusterOptions, RedisCluster, RedisSentinel, RedisServer, SentinelOptions, Topology, is_primary,
+};
 
 use crate::Result;
 use crate::bench::{
@@ -52,9 +57,6 @@ const LIMIT: &str = "bench-never-trips";
 /// The identity the limit counts for every request of the bench (all come from loopback):
 /// `Caller::ip_part`.
 const IDENTITY: &str = "ip=127.0.0.1";
-
-/// The name the sentinels monitor the primary under.
-const MASTER: &str = "m";
 
 /// How fast Redis itself detects a dead primary; the stall cannot be shorter. Set with
 /// `BENCH_CLUSTER_NODE_TIMEOUT_MS` and `BENCH_SENTINEL_DOWN_AFTER_MS` to see how the stall
@@ -74,7 +76,6 @@ fn env_ms(name: &str, default: u64) -> u64 {
         .filter(|&v| (100..=60_000).contains(&v))
         .unwrap_or(default)
 }
-const SENTINEL_FAILOVER_TIMEOUT_MS: u64 = 5000;
 
 /// The gateway's deadline for one rate-limit decision (the default 20 ms is missed now and
 /// then on a loaded 2-core host, and a missed one is decided by the fallback).
@@ -94,9 +95,6 @@ const DRILL_SETTLED: Duration = Duration::from_secs(1);
 const DRILL_BOUND: Duration = Duration::from_secs(30);
 /// The issue's target for the stall of Redis-backed decisions.
 const STALL_TARGET: Duration = Duration::from_secs(2);
-
-/// How long the Redis set-ups may take to start and agree.
-const START_LIMIT: Duration = Duration::from_secs(30);
 
 fn config_toml() -> String {
     format!(
@@ -152,507 +150,170 @@ fn hot_lua(prefix: &str) -> String {
 }
 
 // ---------------------------------------------------------------------------------------
-// Redis processes.
+// Redis processes: the test kit's set-ups. Each stops its processes by PID when it drops.
 
-/// One `redis-server` (or sentinel) process: SIGTERM by PID when dropped, unless it was
-/// killed on purpose and reaped (its PID may belong to another process by then).
-struct Node {
-    port: u16,
-    child: Child,
-    dead: bool,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if self.dead {
-            return;
-        }
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            wait_a_moment();
-        }
-        eprintln!(
-            "redis-server on {} did not stop in time; killing it",
-            self.port
-        );
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Node {
-    /// Starts `redis-server <leading(port)> --port <port> … <args(port)>` on a free port
-    /// (another one if it was taken in between) and waits for `PING`.
-    fn spawn(
-        dir: &Path,
-        leading: &dyn Fn(u16) -> Result<Vec<String>>,
-        args: &dyn Fn(u16) -> Result<Vec<String>>,
-    ) -> Result<Node> {
-        let mut last = String::new();
-        for _ in 0..5 {
-            let port = free_port()?;
-            let child = Command::new("redis-server")
-                .args(leading(port)?)
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--daemonize", "no"])
-                .arg("--dir")
-                .arg(dir)
-                .arg("--logfile")
-                .arg(dir.join(format!("redis-{port}.log")))
-                .args(args(port)?)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .map_err(|e| format!("starting redis-server: {e}"))?;
-            let mut node = Node {
-                port,
-                child,
-                dead: false,
-            };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if let Ok(Some(status)) = node.child.try_wait() {
-                    node.dead = true;
-                    last = format!("redis-server on {port} exited at start with {status}");
-                    break;
-                }
-                if cli(port, &["PING"]).contains("PONG") {
-                    return Ok(node);
-                }
-                if Instant::now() > deadline {
-                    last = format!("redis-server on {port} did not answer PING");
-                    break;
-                }
-                wait_a_moment();
-            }
-        }
-        Err(last)
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// SIGKILL (by PID, through the child handle: never a reaped PID), then reap.
-    fn kill(&mut self) {
-        if !self.dead {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            self.dead = true;
-        }
-    }
-}
-
-/// `redis-cli -h 127.0.0.1 -p <port> <args>`: its standard output (raw, not a terminal).
-fn cli(port: u16, args: &[&str]) -> String {
-    Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(args)
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
-}
-
-/// `field:value` of an `INFO`-style reply.
-fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
-    info.lines().find_map(|l| {
-        l.trim_end()
-            .strip_prefix(field)
-            .and_then(|r| r.strip_prefix(':'))
+/// Runs a test kit call, which panics on failure, as a `Result`: the bench then stops what
+/// it started and says why.
+fn kit<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
+        let why = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("panicked");
+        format!("{what}: {why}")
     })
 }
 
-/// Polls `probe` until it holds, or fails after [`START_LIMIT`] naming `what`.
-fn poll(what: &str, mut probe: impl FnMut() -> bool) -> Result {
-    let start = Instant::now();
-    while !probe() {
-        if start.elapsed() > START_LIMIT {
-            return Err(format!(
-                "timed out after {START_LIMIT:?} waiting for {what}"
-            ));
-        }
-        wait_a_moment();
-    }
-    Ok(())
+/// One Redis set-up.
+enum Redis {
+    Single(RedisServer),
+    Cluster(RedisCluster),
+    Sentinel(RedisSentinel),
 }
 
-fn is_primary(port: u16) -> bool {
-    cli(port, &["ROLE"]).lines().next() == Some("master")
+/// What the failover drill kills and watches.
+struct Target {
+    primary: u16,
+    /// The node that takes over.
+    replica: u16,
+    /// The key's slot, on a cluster.
+    slot: Option<u16>,
 }
 
-fn no_persistence() -> Vec<String> {
-    [
-        "--appendonly",
-        "no",
-        "--save",
-        "",
-        // A replica's first sync at once, not after the primary's default 5 s wait.
-        "--repl-diskless-sync-delay",
-        "0",
-    ]
-    .map(String::from)
-    .to_vec()
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Single,
-    Cluster,
-    Sentinel,
-}
-
-impl Kind {
-    fn as_str(self) -> &'static str {
-        match self {
-            Kind::Single => "single",
-            Kind::Cluster => "cluster",
-            Kind::Sentinel => "sentinel",
-        }
-    }
-}
-
-/// One Redis set-up. Fields drop in order: the sentinels stop before the servers.
-struct Topology {
-    kind: Kind,
-    sentinels: Vec<Node>,
-    nodes: Vec<Node>,
-}
-
-/// One line of `CLUSTER NODES`.
-#[derive(Debug, Clone)]
-struct NodeLine {
-    id: String,
-    port: u16,
-    primary: bool,
-    /// The primary's id, for a replica.
-    primary_id: Option<String>,
-    slots: Vec<(u16, u16)>,
-}
-
-fn cluster_nodes(port: u16) -> Vec<NodeLine> {
-    cli(port, &["CLUSTER", "NODES"])
-        .lines()
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 8 {
-                return None;
-            }
-            // `<ip>:<port>@<bus port>[,<hostname>]`
-            let port = f[1].split('@').next()?.rsplit_once(':')?.1.parse().ok()?;
-            let flags: Vec<&str> = f[2].split(',').collect();
-            let slots = f[8..]
-                .iter()
-                .filter(|s| !s.starts_with('['))
-                .filter_map(|s| match s.split_once('-') {
-                    Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
-                    None => s.parse().ok().map(|n| (n, n)),
-                })
-                .collect();
-            Some(NodeLine {
-                id: f[0].to_string(),
-                port,
-                primary: flags.contains(&"master"),
-                primary_id: (f[3] != "-").then(|| f[3].to_string()),
-                slots,
-            })
+impl Redis {
+    fn start(kind: Topology) -> Result<Self> {
+        eprintln!("starting Redis: {kind}...");
+        kit(&format!("starting the {kind} Redis"), || match kind {
+            Topology::Single => Redis::Single(RedisServer::start()),
+            Topology::Cluster => Redis::Cluster(RedisCluster::start_with(ClusterOptions {
+                node_timeout_ms: cluster_node_timeout_ms(),
+            })),
+            Topology::Sentinel => Redis::Sentinel(RedisSentinel::start_with(SentinelOptions {
+                down_after_ms: sentinel_down_after_ms(),
+                ..SentinelOptions::default()
+            })),
         })
-        .collect()
-}
-
-impl Topology {
-    fn start(kind: Kind, dir: &Path) -> Result<Self> {
-        let dir = dir.join(format!("redis-{}", kind.as_str()));
-        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        eprintln!("starting Redis: {}...", kind.as_str());
-        match kind {
-            Kind::Single => Ok(Topology {
-                kind,
-                sentinels: Vec::new(),
-                nodes: vec![Node::spawn(&dir, &|_| Ok(Vec::new()), &|_| {
-                    Ok(no_persistence())
-                })?],
-            }),
-            Kind::Cluster => Self::start_cluster(&dir),
-            Kind::Sentinel => Self::start_sentinel(&dir),
-        }
     }
 
-    fn start_cluster(dir: &Path) -> Result<Self> {
-        let mut nodes = Vec::new();
-        for _ in 0..6 {
-            nodes.push(Node::spawn(dir, &|_| Ok(Vec::new()), &|port| {
-                // The bus port: free too (port + 10000 may be above 65535).
-                let mut bus = free_port()?;
-                while bus == port {
-                    bus = free_port()?;
-                }
-                let mut a: Vec<String> = vec![
-                    "--cluster-enabled".into(),
-                    "yes".into(),
-                    "--cluster-config-file".into(),
-                    dir.join(format!("nodes-{port}.conf")).display().to_string(),
-                    "--cluster-port".into(),
-                    bus.to_string(),
-                    "--cluster-node-timeout".into(),
-                    cluster_node_timeout_ms().to_string(),
-                ];
-                a.extend(no_persistence());
-                Ok(a)
-            })?);
+    fn kind(&self) -> Topology {
+        match self {
+            Redis::Single(_) => Topology::Single,
+            Redis::Cluster(_) => Topology::Cluster,
+            Redis::Sentinel(_) => Topology::Sentinel,
         }
-        let t = Topology {
-            kind: Kind::Cluster,
-            sentinels: Vec::new(),
-            nodes,
-        };
-        let addrs: Vec<String> = t
-            .nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
-            .collect();
-        let out = Command::new("redis-cli")
-            .args(["--cluster", "create"])
-            .args(&addrs)
-            .args(["--cluster-replicas", "1", "--cluster-yes"])
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("redis-cli --cluster create: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "redis-cli --cluster create failed: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        for n in &t.nodes {
-            let port = n.port;
-            poll(&format!("cluster_state:ok on node {port}"), || {
-                let info = cli(port, &["CLUSTER", "INFO"]);
-                info_field(&info, "cluster_state") == Some("ok")
-                    && info_field(&info, "cluster_slots_assigned") == Some("16384")
-                    && info_field(&info, "cluster_known_nodes") == Some("6")
-            })?;
-        }
-        poll("three replicas in sync with their primaries", || {
-            t.nodes
-                .iter()
-                .filter(|n| {
-                    let info = cli(n.port, &["INFO", "replication"]);
-                    info_field(&info, "role") == Some("slave")
-                        && info_field(&info, "master_link_status") == Some("up")
-                })
-                .count()
-                == 3
-        })?;
-        Ok(t)
-    }
-
-    fn start_sentinel(dir: &Path) -> Result<Self> {
-        let primary = Node::spawn(dir, &|_| Ok(Vec::new()), &|_| Ok(no_persistence()))?;
-        let p = primary.port;
-        let replica = Node::spawn(dir, &|_| Ok(Vec::new()), &|_| {
-            let mut a = no_persistence();
-            a.extend(["--replicaof".into(), "127.0.0.1".into(), p.to_string()]);
-            Ok(a)
-        })?;
-        let mut sentinels = Vec::new();
-        for _ in 0..3 {
-            // Each sentinel rewrites its own config file.
-            let conf = |port: u16| -> Result<Vec<String>> {
-                let file = dir.join(format!("sentinel-{port}.conf"));
-                std::fs::write(
-                    &file,
-                    format!(
-                        "sentinel monitor {MASTER} 127.0.0.1 {p} 2\n\
-                         sentinel down-after-milliseconds {MASTER} {}\n\
-                         sentinel failover-timeout {MASTER} {SENTINEL_FAILOVER_TIMEOUT_MS}\n",
-                        sentinel_down_after_ms()
-                    ),
-                )
-                .map_err(|e| e.to_string())?;
-                Ok(vec![file.display().to_string()])
-            };
-            sentinels.push(Node::spawn(dir, &conf, &|_| Ok(vec!["--sentinel".into()]))?);
-        }
-        let t = Topology {
-            kind: Kind::Sentinel,
-            sentinels,
-            nodes: vec![primary, replica],
-        };
-        for s in &t.sentinels {
-            let port = s.port;
-            poll(&format!("sentinel {port} to name the primary"), || {
-                named_primary(port) == Some(p)
-            })?;
-            poll(&format!("sentinel {port} to know the two others"), || {
-                master_field(port, "num-other-sentinels").as_deref() == Some("2")
-            })?;
-        }
-        let r = t.nodes[1].port;
-        poll("the replica's first sync", || {
-            info_field(&cli(r, &["INFO", "replication"]), "master_link_status") == Some("up")
-        })?;
-        Ok(t)
     }
 
     /// `passerelle up`'s flags that point it at this set-up.
     fn up_args(&self) -> Vec<String> {
-        match self.kind {
-            Kind::Single => vec![
-                "--redis-url".into(),
-                format!("redis://127.0.0.1:{}", self.nodes[0].port),
-            ],
-            Kind::Cluster => vec![
-                "--redis-cluster".into(),
-                self.nodes
-                    .iter()
-                    .map(|n| format!("redis://127.0.0.1:{}", n.port))
-                    .collect::<Vec<_>>()
-                    .join(","),
-            ],
-            Kind::Sentinel => vec![
+        match self {
+            Redis::Single(s) => vec!["--redis-url".into(), s.url()],
+            Redis::Cluster(c) => vec!["--redis-cluster".into(), c.seeds().join(",")],
+            Redis::Sentinel(s) => vec![
                 "--redis-url".into(),
                 format!(
-                    "redis+sentinel://{}/{MASTER}",
-                    self.sentinels
-                        .iter()
-                        .map(|n| format!("127.0.0.1:{}", n.port))
-                        .collect::<Vec<_>>()
-                        .join(",")
+                    "redis+sentinel://{}/{}",
+                    s.sentinel_addrs().join(","),
+                    s.master_name()
                 ),
             ],
         }
     }
 
-    /// PIDs of every process of the set-up still running.
+    /// PIDs of every process of the set-up (Table 1 runs before any is killed).
     fn pids(&self) -> Vec<u32> {
-        self.nodes
-            .iter()
-            .chain(&self.sentinels)
-            .filter(|n| !n.dead)
-            .map(Node::pid)
-            .collect()
+        match self {
+            Redis::Single(s) => s.pid().into_iter().collect(),
+            Redis::Cluster(c) => c.pids(),
+            Redis::Sentinel(s) => s.pids(),
+        }
     }
 
-    /// The primary that holds `key` now, and its replica: (primary port, replica port).
-    fn primary_and_replica_for(&self, key: &str) -> Result<(u16, u16, Option<u16>)> {
-        match self.kind {
-            Kind::Single => Err("a single Redis has no replica".into()),
-            Kind::Cluster => {
-                let view = self.nodes[0].port;
-                let slot: u16 = cli(view, &["CLUSTER", "KEYSLOT", key])
-                    .trim()
-                    .parse()
-                    .map_err(|_| format!("CLUSTER KEYSLOT {key} did not answer a slot"))?;
-                let lines = cluster_nodes(view);
-                let owner = lines
-                    .iter()
-                    .find(|n| n.primary && n.slots.iter().any(|&(a, b)| (a..=b).contains(&slot)))
-                    .ok_or_else(|| format!("no primary owns slot {slot}"))?;
-                let replica = lines
-                    .iter()
-                    .find(|n| n.primary_id.as_deref() == Some(owner.id.as_str()))
-                    .ok_or_else(|| format!("the primary on {} has no replica", owner.port))?;
+    /// The primary that holds `key` now, and its replica.
+    fn target(&self, key: &str) -> Result<Target> {
+        match self {
+            Redis::Single(_) => Err("a single Redis has no replica".into()),
+            Redis::Cluster(c) => {
+                let (slot, primary) = kit("finding the primary of the key", || {
+                    (c.keyslot(key), c.primary_port_for(key))
+                })?;
+                let replica = c
+                    .replica_of(primary)
+                    .ok_or_else(|| format!("the primary on {primary} has no replica"))?;
                 eprintln!(
-                    "  {key}: slot {slot}, primary 127.0.0.1:{}, replica 127.0.0.1:{}",
-                    owner.port, replica.port
+                    "  {key}: slot {slot}, primary 127.0.0.1:{primary}, replica 127.0.0.1:{replica}"
                 );
-                Ok((owner.port, replica.port, Some(slot)))
+                Ok(Target {
+                    primary,
+                    replica,
+                    slot: Some(slot),
+                })
             }
-            Kind::Sentinel => {
-                let p =
-                    named_primary(self.sentinels[0].port).ok_or("the sentinels name no primary")?;
-                let r = self
-                    .nodes
-                    .iter()
-                    .map(|n| n.port)
-                    .find(|&q| q != p)
-                    .ok_or("no replica")?;
-                eprintln!("  sentinel primary 127.0.0.1:{p}, replica 127.0.0.1:{r}");
-                Ok((p, r, None))
+            Redis::Sentinel(s) => {
+                let primary = s
+                    .named_primary_port()
+                    .ok_or("the sentinels name no primary")?;
+                let replica = if primary == s.primary_port() {
+                    s.replica_port()
+                } else {
+                    s.primary_port()
+                };
+                eprintln!("  sentinel primary 127.0.0.1:{primary}, replica 127.0.0.1:{replica}");
+                Ok(Target {
+                    primary,
+                    replica,
+                    slot: None,
+                })
             }
         }
     }
 
-    /// SIGKILLs the node on `port`.
-    fn kill(&mut self, port: u16) -> Result {
-        let node = self
-            .nodes
-            .iter_mut()
-            .find(|n| n.port == port && !n.dead)
-            .ok_or_else(|| format!("no running node on {port}"))?;
-        node.kill();
+    /// SIGKILLs (by PID) the primary that holds `key`, which must be `target`'s.
+    fn kill_primary(&mut self, key: &str, target: &Target) -> Result {
+        let killed = match self {
+            Redis::Single(_) => return Err("a single Redis has no replica".into()),
+            Redis::Cluster(c) => kit("killing the primary", || c.kill_primary_for(key))?,
+            Redis::Sentinel(s) => kit("killing the primary", || s.kill_primary())?,
+        };
+        if killed != target.primary {
+            return Err(format!(
+                "killed the primary on {killed}, expected the one on {}",
+                target.primary
+            ));
+        }
         Ok(())
     }
 
     /// Whether the set-up tells clients that `port` is the primary now: the owner of `slot`
-    /// in a live node's `CLUSTER NODES`, the first sentinel's `get-master-addr-by-name`
-    /// (the gateway asks the sentinels in order and takes the first answer).
+    /// in the first live node's `CLUSTER NODES`, the first sentinel's
+    /// `get-master-addr-by-name` (the gateway asks the sentinels in order and takes the
+    /// first answer).
     fn announces(&self, port: u16, slot: Option<u16>) -> bool {
-        match self.kind {
-            Kind::Single => false,
-            Kind::Cluster => {
-                let (Some(view), Some(slot)) =
-                    (self.nodes.iter().find(|n| !n.dead).map(|n| n.port), slot)
-                else {
-                    return false;
-                };
-                cluster_nodes(view).iter().any(|n| {
-                    n.port == port
-                        && n.primary
-                        && n.slots.iter().any(|&(a, b)| (a..=b).contains(&slot))
-                })
-            }
-            Kind::Sentinel => named_primary(self.sentinels[0].port) == Some(port),
+        match (self, slot) {
+            (Redis::Cluster(c), Some(slot)) => c.slot_owner(slot) == Some(port),
+            (Redis::Sentinel(s), _) => s.named_primary_port() == Some(port),
+            _ => false,
         }
     }
 
     /// What detects the primary's failure, as configured.
     fn detection(&self) -> String {
-        match self.kind {
-            Kind::Single => "-".into(),
-            Kind::Cluster => format!("cluster-node-timeout {} ms", cluster_node_timeout_ms()),
-            Kind::Sentinel => format!("down-after-milliseconds {} ms", sentinel_down_after_ms()),
+        match self.kind() {
+            Topology::Single => "-".into(),
+            Topology::Cluster => format!("cluster-node-timeout {} ms", cluster_node_timeout_ms()),
+            Topology::Sentinel => {
+                format!("down-after-milliseconds {} ms", sentinel_down_after_ms())
+            }
         }
     }
-}
-
-/// The port sentinel `port` names for [`MASTER`].
-fn named_primary(port: u16) -> Option<u16> {
-    let out = cli(port, &["SENTINEL", "get-master-addr-by-name", MASTER]);
-    let mut lines = out.lines();
-    let _host = lines.next()?;
-    lines.next()?.trim().parse().ok()
-}
-
-/// One field of `SENTINEL master <name>` (a flat list of names and values).
-fn master_field(port: u16, field: &str) -> Option<String> {
-    let out = cli(port, &["SENTINEL", "master", MASTER]);
-    let mut lines = out.lines();
-    while let Some(name) = lines.next() {
-        let value = lines.next()?;
-        if name == field {
-            return Some(value.to_string());
-        }
-    }
-    None
 }
 
 // ---------------------------------------------------------------------------------------
 // The platforms.
 
 /// Starts `passerelle up --instances 1` on `topology` with the bench's configuration.
-fn start_up(bin: &Path, dir: &Path, config: &Path, topology: &Topology) -> Result<Platform> {
-    let name = topology.kind.as_str();
+fn start_up(bin: &Path, dir: &Path, config: &Path, redis: &Redis) -> Result<Platform> {
+    let name = redis.kind().as_str();
     eprintln!("starting passerelle up --instances 1 on the {name} Redis...");
     let gateway = format!("127.0.0.1:{}", free_port()?);
     let admin = format!("127.0.0.1:{}", free_port()?);
@@ -661,7 +322,7 @@ fn start_up(bin: &Path, dir: &Path, config: &Path, topology: &Topology) -> Resul
         .arg(config)
         .args(["up", "--listen", &gateway, "--instances", "1", "--data-dir"])
         .arg(dir.join(format!("data-{name}")))
-        .args(topology.up_args())
+        .args(redis.up_args())
         // The caller's RUST_LOG (e.g. `warn,passerelle_redis=info` to see the gateway follow a
         // failover), else warnings only.
         .env(
@@ -785,10 +446,10 @@ fn measure(
     workload: Workload,
     script: &Path,
     platform: &Platform,
-    topology: &Topology,
+    redis: &Redis,
     o: &Options,
 ) {
-    let redis_pids = topology.pids();
+    let redis_pids = redis.pids();
     let up_pid = platform.up.child.id();
     // The scrapes stay outside the CPU window.
     let counted = workload.counted(&platform.admin);
@@ -816,7 +477,7 @@ fn measure(
             Workload::RateLimit => "rate-limit",
             Workload::L2 => "L2 hits",
         },
-        topology.kind.as_str(),
+        redis.kind().as_str(),
         r.rps
     );
     cell.results.push(r);
@@ -989,7 +650,7 @@ fn drill_client(
 }
 
 struct Drill {
-    kind: Kind,
+    kind: Topology,
     detection: String,
     /// Kill → the replica answers `ROLE` as a primary.
     promoted: Option<f64>,
@@ -1013,13 +674,18 @@ struct Drill {
     bounded_out: bool,
 }
 
-fn drill(topology: &mut Topology, platform: &Platform) -> Result<Drill> {
+fn drill(redis: &mut Redis, platform: &Platform) -> Result<Drill> {
     let key = format!("psl:rl:{{{IDENTITY}}}:{LIMIT}");
     eprintln!(
         "failover drill on the {} Redis: {DRILL_CLIENTS} clients on /rl/{{n}}, one request each every {DRILL_INTERVAL:?}",
-        topology.kind.as_str()
+        redis.kind().as_str()
     );
-    let (primary, replica, slot) = topology.primary_and_replica_for(&key)?;
+    let target = redis.target(&key)?;
+    let Target {
+        primary,
+        replica,
+        slot,
+    } = target;
     let errors_before = metric_sum(
         &platform.admin,
         "passerelle_rate_limit_redis_errors_total",
@@ -1038,7 +704,7 @@ fn drill(topology: &mut Topology, platform: &Platform) -> Result<Drill> {
                     s.spawn(move || drill_client(gateway, i + 1, t0, stop, last_redis, last_other))
                 })
                 .collect();
-            let outcome = (|| -> Result<_> {
+            let outcome = kit("the failover drill", || -> Result<_> {
                 // A steady, Redis-backed baseline first.
                 while t0.elapsed() < DRILL_BASELINE || last_redis.load(Ordering::Relaxed) == 0 {
                     if t0.elapsed() > DRILL_BASELINE + Duration::from_secs(10) {
@@ -1046,8 +712,8 @@ fn drill(topology: &mut Topology, platform: &Platform) -> Result<Drill> {
                     }
                     wait_a_moment();
                 }
+                redis.kill_primary(&key, &target)?;
                 let kill_at = t0.elapsed();
-                topology.kill(primary)?;
                 eprintln!("  SIGKILLed the primary on {primary}");
                 let (mut promoted, mut announced) = (None, None);
                 loop {
@@ -1059,7 +725,7 @@ fn drill(topology: &mut Topology, platform: &Platform) -> Result<Drill> {
                             since.as_millis()
                         );
                     }
-                    if announced.is_none() && topology.announces(replica, slot) {
+                    if announced.is_none() && redis.announces(replica, slot) {
                         let since = t0.elapsed().saturating_sub(kill_at);
                         announced = Some(since);
                         eprintln!(
@@ -1088,7 +754,8 @@ fn drill(topology: &mut Topology, platform: &Platform) -> Result<Drill> {
                     }
                     wait_a_moment();
                 }
-            })();
+            })
+            .and_then(|outcome| outcome);
             stop.store(true, Ordering::Relaxed);
             let mut samples = Vec::new();
             for h in handles {
@@ -1152,8 +819,8 @@ fn drill(topology: &mut Topology, platform: &Platform) -> Result<Drill> {
     });
     let count = |o: Outcome| samples.iter().filter(|s| s.outcome == o).count();
     Ok(Drill {
-        kind: topology.kind,
-        detection: topology.detection(),
+        kind: redis.kind(),
+        detection: redis.detection(),
         promoted: promoted.map(|d| d.as_secs_f64()),
         announced: announced.map(|d| d.as_secs_f64()),
         stall,
@@ -1184,19 +851,18 @@ pub(crate) fn run(o: &Options, bin: &Path, dir: &Path) -> Result {
 
     // Every set-up and its platform, side by side. Declared in this order, so the
     // platforms (which use the Redis) stop first when the vectors drop in reverse.
-    let kinds = [Kind::Single, Kind::Cluster, Kind::Sentinel];
-    let mut topologies: Vec<Topology> = Vec::new();
-    for k in kinds {
-        topologies.push(Topology::start(k, dir)?);
+    let mut redises: Vec<Redis> = Vec::new();
+    for k in Topology::ALL {
+        redises.push(Redis::start(k)?);
     }
     let mut platforms: Vec<Platform> = Vec::new();
-    for t in &topologies {
-        platforms.push(start_up(bin, dir, &config, t)?);
+    for r in &redises {
+        platforms.push(start_up(bin, dir, &config, r)?);
     }
-    let result = measure_all(o, &rl_lua, &l2_lua, &mut topologies, &platforms);
+    let result = measure_all(o, &rl_lua, &l2_lua, &mut redises, &platforms);
     // Stop the gateways before their Redis.
     drop(platforms);
-    drop(topologies);
+    drop(redises);
     result
 }
 
@@ -1204,7 +870,7 @@ fn measure_all(
     o: &Options,
     rl_lua: &Path,
     l2_lua: &Path,
-    topologies: &mut [Topology],
+    redises: &mut [Redis],
     platforms: &[Platform],
 ) -> Result {
     for p in platforms {
@@ -1221,21 +887,21 @@ fn measure_all(
         "measuring ({ROUNDS} rounds, {}s each, {} connections, {} wrk threads)...",
         o.duration, o.connections, o.threads
     );
-    let n = topologies.len();
+    let n = redises.len();
     let mut cells: Vec<[Cell; 2]> = vec![Default::default(); n];
     for round in 0..ROUNDS {
         for i in (0..n).map(|i| (i + round) % n) {
-            let (t, p) = (&topologies[i], &platforms[i]);
-            measure(&mut cells[i][0], Workload::RateLimit, rl_lua, p, t, o);
-            measure(&mut cells[i][1], Workload::L2, l2_lua, p, t, o);
+            let (r, p) = (&redises[i], &platforms[i]);
+            measure(&mut cells[i][0], Workload::RateLimit, rl_lua, p, r, o);
+            measure(&mut cells[i][1], Workload::L2, l2_lua, p, r, o);
         }
     }
 
     // Table 2, on the set-ups with a replica to fail over to (this kills their primary).
     let mut drills = Vec::new();
-    for (t, p) in topologies.iter_mut().zip(platforms) {
-        if t.kind != Kind::Single {
-            drills.push(drill(t, p)?);
+    for (r, p) in redises.iter_mut().zip(platforms) {
+        if r.kind() != Topology::Single {
+            drills.push(drill(r, p)?);
         }
     }
 
@@ -1254,11 +920,11 @@ fn measure_all(
         (0, "rate-limit decision (GCRA, never trips)"),
         (1, "cache hit from Redis (L2, l1 = false)"),
     ] {
-        for (i, t) in topologies.iter().enumerate() {
+        for (i, r) in redises.iter().enumerate() {
             let c = &cells[i][w];
             println!(
                 "| {name} | {} | {:.0} | {:.2} | {:.2} | {} | {:.1} | {:.1} | {:.1}% |",
-                t.kind.as_str(),
+                r.kind().as_str(),
                 c.rps(),
                 c.p50(),
                 c.p99(),
@@ -1352,23 +1018,11 @@ fn measure_all(
         "target (issue): every request answered throughout (no 5xx, no lost answer), and Redis-backed \
          decisions stalled < {} s, with cluster-node-timeout {} ms (cluster) \
          and down-after-milliseconds {} ms, failover-timeout \
-         {SENTINEL_FAILOVER_TIMEOUT_MS} ms (Sentinel)",
+         {} ms (Sentinel)",
         STALL_TARGET.as_secs(),
         cluster_node_timeout_ms(),
-        sentinel_down_after_ms()
+        sentinel_down_after_ms(),
+        SentinelOptions::default().failover_timeout_ms
     );
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::info_field;
-
-    #[test]
-    fn info_fields() {
-        let info = "# Cluster\r\ncluster_state:ok\r\ncluster_slots_assigned:16384\r\n";
-        assert_eq!(info_field(info, "cluster_state"), Some("ok"));
-        assert_eq!(info_field(info, "cluster_slots_assigned"), Some("16384"));
-        assert_eq!(info_field(info, "cluster_size"), None);
-    }
 }

@@ -20,8 +20,8 @@ use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 pub use http_client::{HttpClient, Reply};
-pub use redis_cluster::{CLUSTER_NODE_TIMEOUT_MS, RedisCluster};
-pub use redis_sentinel::RedisSentinel;
+pub use redis_cluster::{CLUSTER_NODE_TIMEOUT_MS, ClusterOptions, RedisCluster, is_primary};
+pub use redis_sentinel::{RedisSentinel, SentinelOptions};
 pub use redis_server::{RedisOptions, RedisServer, TlsFiles};
 pub use topology::{TOPOLOGY_VAR, TestRedis, Topology};
 

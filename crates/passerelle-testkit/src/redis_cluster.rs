@@ -153,11 +153,29 @@ pub(crate) fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
 /// several clusters at once never fails a node over by mistake.
 pub const CLUSTER_NODE_TIMEOUT_MS: u64 = 2000;
 
+/// How [`RedisCluster::start_with`] configures the nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterOptions {
+    /// `--cluster-node-timeout` in ms (default [`CLUSTER_NODE_TIMEOUT_MS`]).
+    pub node_timeout_ms: u64,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self {
+            node_timeout_ms: CLUSTER_NODE_TIMEOUT_MS,
+        }
+    }
+}
+
 /// One line of `CLUSTER NODES`, as far as the harness needs it.
 #[derive(Debug, Clone)]
 struct NodeLine {
+    id: String,
     port: u16,
     primary: bool,
+    /// A replica's primary (its node id).
+    primary_id: Option<String>,
     /// Slot ranges served, inclusive (importing and migrating markers are skipped).
     slots: Vec<(u16, u16)>,
 }
@@ -184,8 +202,10 @@ fn cluster_nodes(port: u16) -> Vec<NodeLine> {
                 })
                 .collect();
             Some(NodeLine {
+                id: f[0].to_string(),
                 port,
                 primary: flags.contains(&"master"),
+                primary_id: (f[3] != "-").then(|| f[3].to_string()),
                 slots,
             })
         })
@@ -193,15 +213,16 @@ fn cluster_nodes(port: u16) -> Vec<NodeLine> {
 }
 
 /// The port of the node serving `slot`, as node `view` sees the cluster.
-fn slot_owner(view: u16, slot: u16) -> Option<u16> {
+fn slot_owner_in(view: u16, slot: u16) -> Option<u16> {
     cluster_nodes(view)
         .into_iter()
         .find(|n| n.primary && n.slots.iter().any(|&(a, b)| (a..=b).contains(&slot)))
         .map(|n| n.port)
 }
 
-/// Whether the server on `port` answers `ROLE` as a primary.
-pub(crate) fn is_primary(port: u16) -> bool {
+/// Whether the server on `127.0.0.1:<port>` answers `ROLE` as a primary now (one query, no
+/// waiting): e.g. a replica promoted by a failover.
+pub fn is_primary(port: u16) -> bool {
     cli(port, &["ROLE"]).lines().next() == Some("master")
 }
 
@@ -244,6 +265,12 @@ impl RedisCluster {
     /// has finished its first sync (`master_link_status:up`): a failover drill may start at
     /// once.
     pub fn start() -> Self {
+        Self::start_with(ClusterOptions::default())
+    }
+
+    /// [`RedisCluster::start`] with the nodes configured by `opts` (e.g. a failure
+    /// detection time other than [`CLUSTER_NODE_TIMEOUT_MS`]).
+    pub fn start_with(opts: ClusterOptions) -> Self {
         let dir = tempfile::tempdir().expect("temp dir for redis cluster");
         let path = dir.path().to_path_buf();
         let nodes: Vec<Node> = (0..6)
@@ -262,7 +289,7 @@ impl RedisCluster {
                             .display()
                             .to_string(),
                         "--cluster-node-timeout".into(),
-                        CLUSTER_NODE_TIMEOUT_MS.to_string(),
+                        opts.node_timeout_ms.to_string(),
                         "--appendonly".into(),
                         "no".into(),
                         "--save".into(),
@@ -390,12 +417,30 @@ impl RedisCluster {
     pub fn primary_port_for(&self, key: &str) -> u16 {
         let slot = self.keyslot(key);
         let view = self.entry_port();
-        slot_owner(view, slot).unwrap_or_else(|| {
+        slot_owner_in(view, slot).unwrap_or_else(|| {
             panic!(
                 "no node owns slot {slot} (of {key:?}) in node {view}'s view:\n{}",
                 cli(view, &["CLUSTER", "NODES"])
             )
         })
+    }
+
+    /// The port of the node that serves `slot` as the first running node sees the cluster
+    /// now (`CLUSTER NODES`; `None` while no node is named): one query, no waiting, e.g. to
+    /// see when a failover is announced to clients.
+    pub fn slot_owner(&self, slot: u16) -> Option<u16> {
+        slot_owner_in(self.entry_port(), slot)
+    }
+
+    /// The port of a replica of the primary on `primary` (`CLUSTER NODES`, as the first
+    /// running node sees the cluster): the node a failover of that primary promotes.
+    pub fn replica_of(&self, primary: u16) -> Option<u16> {
+        let lines = cluster_nodes(self.entry_port());
+        let id = &lines.iter().find(|n| n.port == primary)?.id;
+        lines
+            .iter()
+            .find(|n| n.primary_id.as_ref() == Some(id))
+            .map(|n| n.port)
     }
 
     /// SIGKILLs (by PID) the primary that owns `key`'s slot and returns its port. Its
@@ -424,7 +469,7 @@ impl RedisCluster {
                 if info_field(&info, "cluster_state") != Some("ok") {
                     return false;
                 }
-                let o = slot_owner(port, slot);
+                let o = slot_owner_in(port, slot);
                 if o.is_none() || o == Some(old_port) || (owner.is_some() && owner != o) {
                     return false;
                 }

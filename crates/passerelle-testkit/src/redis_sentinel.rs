@@ -12,6 +12,25 @@ use crate::redis_cluster::{
 /// The name the sentinels monitor the primary under.
 pub const MASTER_NAME: &str = "passerelle";
 
+/// How [`RedisSentinel::start_with`] configures the sentinels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SentinelOptions {
+    /// `sentinel down-after-milliseconds` (default 1000): how long the primary may not
+    /// answer before a sentinel deems it down.
+    pub down_after_ms: u64,
+    /// `sentinel failover-timeout` in ms (default 5000).
+    pub failover_timeout_ms: u64,
+}
+
+impl Default for SentinelOptions {
+    fn default() -> Self {
+        Self {
+            down_after_ms: 1000,
+            failover_timeout_ms: 5000,
+        }
+    }
+}
+
 /// A running primary, replica and three sentinels.
 pub struct RedisSentinel {
     // Dropped before `dir`: the processes stop before their files go.
@@ -52,6 +71,12 @@ impl RedisSentinel {
     /// by hello messages within a few seconds; before that a failover gets no quorum), and
     /// the replica has finished its first sync.
     pub fn start() -> Self {
+        Self::start_with(SentinelOptions::default())
+    }
+
+    /// [`RedisSentinel::start`] with the sentinels configured by `opts` (e.g. another
+    /// `down-after-milliseconds`).
+    pub fn start_with(opts: SentinelOptions) -> Self {
         let dir = tempfile::tempdir().expect("temp dir for redis sentinel");
         let path = dir.path().to_path_buf();
         let primary = Node::spawn(&path, &|_| Vec::new(), &|_| no_persistence());
@@ -69,8 +94,9 @@ impl RedisSentinel {
                     let file = path.join(format!("sentinel-{port}.conf"));
                     let text = format!(
                         "sentinel monitor {MASTER_NAME} 127.0.0.1 {p} 2\n\
-                         sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
-                         sentinel failover-timeout {MASTER_NAME} 5000\n"
+                         sentinel down-after-milliseconds {MASTER_NAME} {}\n\
+                         sentinel failover-timeout {MASTER_NAME} {}\n",
+                        opts.down_after_ms, opts.failover_timeout_ms
                     );
                     std::fs::write(&file, text).expect("write sentinel config");
                     vec![file.display().to_string(), "--sentinel".to_string()]
@@ -108,15 +134,21 @@ impl RedisSentinel {
     /// The primary as the sentinels name it now: the first running sentinel that answers
     /// `SENTINEL get-master-addr-by-name` (the start primary until a failover).
     pub fn current_primary_port(&self) -> u16 {
+        self.named_primary_port()
+            .expect("a sentinel names the primary")
+    }
+
+    /// The same, `None` when no sentinel answers: one query, no waiting, e.g. to see when
+    /// a failover is announced to clients.
+    pub fn named_primary_port(&self) -> Option<u16> {
         self.sentinels
             .iter()
             .filter(|n| !n.dead)
             .find_map(|n| named_primary(n.port))
-            .expect("a sentinel names the primary")
     }
 
     /// SIGKILLs (by PID) the primary the sentinels name now and returns its port. The
-    /// sentinels promote the replica after `down-after-milliseconds` (1 s) and an
+    /// sentinels promote the replica after `down-after-milliseconds` (1 s by default) and an
     /// election: [`RedisSentinel::wait_failover`] waits for that.
     pub fn kill_primary(&mut self) -> u16 {
         let port = self.current_primary_port();

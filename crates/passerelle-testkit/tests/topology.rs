@@ -8,7 +8,9 @@
 use std::time::Instant;
 
 use passerelle_config::Config;
-use passerelle_testkit::{TestRedis, Topology};
+use passerelle_testkit::{
+    ClusterOptions, RedisCluster, RedisSentinel, SentinelOptions, TestRedis, Topology, is_primary,
+};
 
 /// Keys whose hash tags land on each of a cluster's three primaries (slots 15495, 3300
 /// and 7365, one in each third of the slot space `redis-cli --cluster create` assigns).
@@ -130,15 +132,23 @@ fn a_cluster_primary_killed_is_replaced_by_its_replica() {
     let cluster = redis.cluster_mut().unwrap();
     cluster.wait_replicated();
     let pids = cluster.pids();
+    let slot = cluster.keyslot(key);
+    let primary = cluster.primary_port_for(key);
+    let replica = cluster.replica_of(primary).unwrap();
+    assert_eq!(cluster.slot_owner(slot), Some(primary));
+    assert!(is_primary(primary) && !is_primary(replica));
     let started = Instant::now();
     let old = cluster.kill_primary_for(key);
+    assert_eq!(old, primary);
     let killed = pids[cluster.ports().iter().position(|&p| p == old).unwrap()];
     assert!(!passerelle_testkit::process_alive(killed));
     assert!(!cluster.live_ports().contains(&old));
     cluster.wait_failover(key, old);
     eprintln!("cluster failover in {:?}", started.elapsed());
     let new = cluster.primary_port_for(key);
-    assert_ne!(new, old);
+    assert_eq!(new, replica, "its replica was promoted");
+    assert_eq!(cluster.slot_owner(slot), Some(new));
+    assert!(is_primary(new));
     assert_eq!(cluster.primary_ports().len(), 3, "a replica took its place");
     assert_eq!(redis.cli(&["GET", key]).trim(), "kept", "replicated before");
     assert_eq!(redis.cli(&["SET", key, "after"]).trim(), "OK");
@@ -155,17 +165,75 @@ fn under_sentinels_a_primary_killed_is_replaced_by_its_replica() {
     let s = redis.sentinel_mut().unwrap();
     s.wait_replicated();
     let (old, replica) = (s.primary_port(), s.replica_port());
+    assert_eq!(s.named_primary_port(), Some(old));
+    assert!(is_primary(old) && !is_primary(replica));
     let started = Instant::now();
     assert_eq!(s.kill_primary(), old);
     let new = s.wait_failover(old);
     eprintln!("sentinel failover in {:?}", started.elapsed());
     assert_eq!(new, replica, "the replica was promoted");
     assert_eq!(s.current_primary_port(), new);
+    assert_eq!(s.named_primary_port(), Some(new));
+    assert!(is_primary(new));
     assert_eq!(s.data_ports(), [new]);
     assert_eq!(redis.primary_ports(), [new]);
     assert_eq!(redis.cli(&["GET", "k"]).trim(), "kept");
     assert_eq!(redis.cli(&["SET", "k", "after"]).trim(), "OK");
     assert_eq!(redis.scan("*"), ["k"]);
+}
+
+/// `start_with` sets how fast Redis itself detects a dead primary; `start` keeps the
+/// defaults.
+#[test]
+fn options_set_redis_own_failure_detection() {
+    assert_eq!(
+        ClusterOptions::default().node_timeout_ms,
+        passerelle_testkit::CLUSTER_NODE_TIMEOUT_MS
+    );
+    assert_eq!(
+        SentinelOptions::default(),
+        SentinelOptions {
+            down_after_ms: 1000,
+            failover_timeout_ms: 5000
+        }
+    );
+    let cluster = RedisCluster::start_with(ClusterOptions {
+        node_timeout_ms: 1500,
+    });
+    for port in cluster.ports() {
+        let out = std::process::Command::new("redis-cli")
+            .args([
+                "-p",
+                &port.to_string(),
+                "CONFIG",
+                "GET",
+                "cluster-node-timeout",
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).lines().nth(1),
+            Some("1500"),
+            "node {port}"
+        );
+    }
+    drop(cluster);
+    let s = RedisSentinel::start_with(SentinelOptions {
+        down_after_ms: 700,
+        failover_timeout_ms: 4000,
+    });
+    for which in 0..3 {
+        let out = s.sentinel_cli(which, &["SENTINEL", "master", s.master_name()]);
+        let lines: Vec<&str> = out.lines().collect();
+        let field = |name: &str| {
+            lines
+                .iter()
+                .position(|&l| l == name)
+                .and_then(|i| lines.get(i + 1).copied())
+        };
+        assert_eq!(field("down-after-milliseconds"), Some("700"), "{out}");
+        assert_eq!(field("failover-timeout"), Some("4000"), "{out}");
+    }
 }
 
 /// Whatever this run asks for (the variable is set for the whole run, never here). Under
