@@ -15,10 +15,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use passerelle_config::{RedisConfig, RedisTarget, RedisTlsConfig};
-use redis::IntoConnectionInfo;
+use passerelle_config::{RedisConfig, RedisTarget};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::ClusterClientBuilder;
 
 use crate::connection::{ClusterConn, Conn, Topology};
 use crate::keys::KeySchema;
@@ -167,7 +165,7 @@ impl RedisClient {
         let endpoint = target.redacted();
         let (conn, source) = match target {
             RedisTarget::Server(url) => {
-                let client = build_client(url, cfg)?;
+                let client = crate::login::client(url, cfg)?;
                 let conn =
                     ConnectionManager::new_lazy_with_config(client.clone(), manager_cfg.clone())
                         .map_err(|e| RedisError::Url {
@@ -183,12 +181,13 @@ impl RedisClient {
                 )
             }
             RedisTarget::Cluster(nodes) => {
-                let client = cluster_builder(nodes, cfg)?
-                    .build()
-                    .map_err(|e| RedisError::Url {
-                        url: endpoint.clone(),
-                        reason: e.to_string(),
-                    })?;
+                let client =
+                    crate::login::cluster(nodes, cfg)?
+                        .build()
+                        .map_err(|e| RedisError::Url {
+                            url: endpoint.clone(),
+                            reason: e.to_string(),
+                        })?;
                 let conn =
                     ClusterConn::new(client, cfg.connect_timeout.get(), cfg.command_timeout.get());
                 (
@@ -524,69 +523,10 @@ fn tls_failure(e: &redis::RedisError) -> Option<String> {
     None
 }
 
-/// The `redis::Client` for `url`: the configured user and password set beside the URL's
-/// address, and, for `rediss://`, the configured CA and client certificate. The URL is
-/// parsed before anything else is added, so a parse error shows only the redacted URL.
-pub(crate) fn build_client(url: &str, cfg: &RedisConfig) -> Result<redis::Client, RedisError> {
-    let bad_url = |reason: String| RedisError::Url {
-        url: redact(url),
-        reason,
-    };
-    let mut info = url
-        .into_connection_info()
-        .map_err(|e| bad_url(e.detail().unwrap_or("unreadable").to_string()))?;
-    let mut settings = info.redis_settings().clone();
-    if let Some(user) = &cfg.username {
-        settings = settings.set_username(user);
-    }
-    if let Some(password) = cfg.resolve_password().map_err(RedisError::Setup)? {
-        settings = settings.set_password(password.expose());
-    }
-    info = info.set_redis_settings(settings);
-    if !url.starts_with("rediss://") {
-        return redis::Client::open(info).map_err(|e| bad_url(e.to_string()));
-    }
-    // rustls needs a process-wide crypto provider; installing twice is harmless.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    if !cfg.tls.is_set() {
-        return redis::Client::open(info).map_err(|e| bad_url(e.to_string()));
-    }
-    let certs = tls_certificates(&cfg.tls)?;
-    redis::Client::build_with_tls(info, certs)
-        .map_err(|e| RedisError::Setup(format!("redis.tls: {e}")))
-}
-
 /// One answer of a pipeline, as `T` (a missing answer reads as nil).
 fn decode_value<T: redis::FromRedisValue>(v: Option<redis::Value>) -> Result<T, RedisError> {
     redis::from_redis_value(v.unwrap_or(redis::Value::Nil))
         .map_err(|e| RedisError::Protocol(e.to_string()))
-}
-
-/// A cluster client's settings: the seeds, the configured user, password and TLS files,
-/// bounded connection set-up and commands, and retries for redirections and failovers.
-pub(crate) fn cluster_builder(
-    nodes: &[String],
-    cfg: &RedisConfig,
-) -> Result<ClusterClientBuilder, RedisError> {
-    let mut b = ClusterClientBuilder::new(nodes.iter().map(String::as_str))
-        .connection_timeout(cfg.connect_timeout.get())
-        .response_timeout(cfg.command_timeout.get())
-        .retries(5)
-        .min_retry_wait(20)
-        .max_retry_wait(500);
-    if let Some(user) = &cfg.username {
-        b = b.username(user);
-    }
-    if let Some(password) = cfg.resolve_password().map_err(RedisError::Setup)? {
-        b = b.password(password.expose());
-    }
-    if nodes.iter().any(|n| n.starts_with("rediss://")) {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        if cfg.tls.is_set() {
-            b = b.certs(tls_certificates(&cfg.tls)?);
-        }
-    }
-    Ok(b)
 }
 
 /// Where a subscription connects from (see [`RedisClient::source`]).
@@ -594,34 +534,6 @@ pub(crate) enum SourceRef<'a> {
     Single(&'a redis::Client),
     Cluster(&'a [String], &'a RedisConfig),
     Sentinel(&'a SentinelConn),
-}
-
-/// Reads the configured PEM files; an error names the setting and the file.
-fn tls_certificates(tls: &RedisTlsConfig) -> Result<redis::TlsCertificates, RedisError> {
-    let read = |field: &str, path: &std::path::Path| {
-        std::fs::read(path).map_err(|e| {
-            RedisError::Setup(format!(
-                "redis.tls.{field}: reading {}: {e}",
-                path.display()
-            ))
-        })
-    };
-    let root_cert = tls
-        .ca_file
-        .as_deref()
-        .map(|p| read("ca_file", p))
-        .transpose()?;
-    let client_tls = match (&tls.cert_file, &tls.key_file) {
-        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
-            client_cert: read("cert_file", cert)?,
-            client_key: read("key_file", key)?,
-        }),
-        _ => None,
-    };
-    Ok(redis::TlsCertificates {
-        client_tls,
-        root_cert,
-    })
 }
 
 impl MemoryInfo {

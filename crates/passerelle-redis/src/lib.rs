@@ -27,6 +27,7 @@ pub mod cache;
 pub mod client;
 pub mod connection;
 pub mod keys;
+mod login;
 mod pubsub;
 pub mod rate_limit;
 pub mod scripts;

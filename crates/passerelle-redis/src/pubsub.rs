@@ -21,7 +21,7 @@ use redis::aio::AsyncPushSender;
 use redis::{ProtocolVersion, PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 
-use crate::client::{SourceRef, cluster_builder};
+use crate::client::SourceRef;
 use crate::{RedisClient, RedisError};
 
 /// Messages a cluster subscription may hold unread before it gives up (and ends).
@@ -51,7 +51,7 @@ pub(crate) async fn subscribe(client: &RedisClient, channel: &str) -> Result<Mes
                 tx,
                 overflow: overflow.clone(),
             };
-            let cluster = cluster_builder(nodes, cfg)?
+            let cluster = crate::login::cluster(nodes, cfg)?
                 .use_protocol(ProtocolVersion::RESP3)
                 .push_sender(sender)
                 .build()?;

@@ -213,7 +213,7 @@ fn is_readonly(e: &RedisError) -> bool {
 
 /// A client for `host:port` with the configured credentials.
 fn client_for(cfg: &RedisConfig, addr: &str) -> RedisResult<redis::Client> {
-    crate::client::build_client(&format!("redis://{addr}"), cfg).map_err(|e| {
+    crate::login::client(&format!("redis://{addr}"), cfg).map_err(|e| {
         RedisError::from((
             ErrorKind::InvalidClientConfig,
             "cannot connect to the primary",
