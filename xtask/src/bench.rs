@@ -12,7 +12,7 @@
 //! For the proxies it also reads the CPU time they used (from /proc), so the table shows
 //! what each request costs the proxy, not only how fast the whole machine went.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -313,6 +313,26 @@ pub(crate) fn metrics_request(addr: &str) -> String {
         "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\
          Connection: close\r\n\r\n"
     )
+}
+
+/// The sum of the gateway's samples of `metric` whose labels contain each of `labels`, read
+/// from the admin listener's /metrics.
+pub(crate) fn metric_sum(admin: &str, metric: &str, labels: &[&str]) -> f64 {
+    let Ok(mut s) = std::net::TcpStream::connect(admin) else {
+        return 0.0;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = s.write_all(metrics_request(admin).as_bytes());
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(metric)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// A running `passerelle up`, stopped when dropped.

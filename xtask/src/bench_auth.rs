@@ -389,29 +389,9 @@ fn issue_key(admin: &str) -> Result<(String, String)> {
 // ---------------------------------------------------------------------------------------
 // Part 1: the three routes under load.
 
-/// The sum of the gateway's samples of `metric` whose labels contain each of `labels`, read
-/// from the admin listener's /metrics.
-fn metric_sum(admin: &str, metric: &str, labels: &[&str]) -> f64 {
-    let Ok(mut s) = TcpStream::connect(admin) else {
-        return 0.0;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let _ = s.write_all(crate::bench::metrics_request(admin).as_bytes());
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(metric)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter(|l| labels.iter().all(|want| l.contains(want)))
-        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Rate-limit decisions made in Redis so far (allowed or refused).
 fn redis_decisions(admin: &str) -> f64 {
-    metric_sum(
+    crate::bench::metric_sum(
         admin,
         "passerelle_rate_limit_decisions_total",
         &["source=\"redis\""],

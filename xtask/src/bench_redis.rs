@@ -358,25 +358,6 @@ fn start_up(bin: &Path, dir: &Path, config: &Path, redis: &Redis) -> Result<Plat
     Ok(Platform { up, gateway, admin })
 }
 
-/// The sum of the gateway's samples of `metric` whose labels contain each of `labels`.
-fn metric_sum(admin: &str, metric: &str, labels: &[&str]) -> f64 {
-    let Ok(mut s) = TcpStream::connect(admin) else {
-        return 0.0;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let _ = s.write_all(crate::bench::metrics_request(admin).as_bytes());
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(metric)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter(|l| labels.iter().all(|want| l.contains(want)))
-        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Workload {
     RateLimit,
@@ -387,12 +368,12 @@ impl Workload {
     /// What the gateway counted that shows the request used Redis as intended.
     fn counted(self, admin: &str) -> f64 {
         match self {
-            Workload::RateLimit => metric_sum(
+            Workload::RateLimit => crate::bench::metric_sum(
                 admin,
                 "passerelle_rate_limit_decisions_total",
                 &["source=\"redis\""],
             ),
-            Workload::L2 => metric_sum(
+            Workload::L2 => crate::bench::metric_sum(
                 admin,
                 "passerelle_cache_lookups_total",
                 &["route=\"l2-only\"", "result=\"hit_l2\""],
@@ -686,7 +667,7 @@ fn drill(redis: &mut Redis, platform: &Platform) -> Result<Drill> {
         replica,
         slot,
     } = target;
-    let errors_before = metric_sum(
+    let errors_before = crate::bench::metric_sum(
         &platform.admin,
         "passerelle_rate_limit_redis_errors_total",
         &[],
@@ -767,7 +748,7 @@ fn drill(redis: &mut Redis, platform: &Platform) -> Result<Drill> {
             let (kill_at, redis_side, bounded_out) = outcome?;
             Ok((samples, kill_at, redis_side, bounded_out))
         })?;
-    let redis_errors = metric_sum(
+    let redis_errors = crate::bench::metric_sum(
         &platform.admin,
         "passerelle_rate_limit_redis_errors_total",
         &[],
