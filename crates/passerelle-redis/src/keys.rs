@@ -27,6 +27,8 @@ pub enum Namespace {
     /// API keys (durable): records by digest, the id index, the listing, the revocation
     /// generation.
     ApiKey,
+    /// User preferences (durable): one hash per user.
+    Preferences,
 }
 
 impl Namespace {
@@ -38,6 +40,7 @@ impl Namespace {
             Namespace::CacheTag => "ctag",
             Namespace::Object => "obj",
             Namespace::ApiKey => "ak",
+            Namespace::Preferences => "pref",
         }
     }
 }
@@ -150,6 +153,18 @@ impl KeySchema {
     /// `<prefix>:ak:{keys}:gen`: bumped by every revocation; gateways poll it.
     pub fn api_key_generation(&self) -> String {
         format!("{}gen", self.api_key_record_prefix())
+    }
+
+    /// `<prefix>:pref:{u:<user>}`: one user's preferences, a hash of the user's own values
+    /// only (defaults are never stored). One key per user, so each write is one script on
+    /// one slot and users spread over the cluster.
+    pub fn preferences(&self, user: &str) -> String {
+        format!(
+            "{}:{}:{{u:{}}}",
+            self.prefix,
+            Namespace::Preferences.as_str(),
+            sanitize_tag(user)
+        )
     }
 
     /// The pub/sub channel on which cache invalidations reach every gateway's L1. A

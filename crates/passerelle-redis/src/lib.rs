@@ -28,6 +28,7 @@ pub mod client;
 pub mod connection;
 pub mod keys;
 mod login;
+pub mod preferences;
 mod pubsub;
 pub mod rate_limit;
 pub mod scripts;

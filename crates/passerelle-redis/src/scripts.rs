@@ -41,3 +41,8 @@ pub static API_KEY_MIGRATE: LazyLock<Script> =
 /// Records a key's last use if the key still exists.
 pub static API_KEY_TOUCH: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/api_key_touch.lua")));
+
+/// Writes some of one user's preferences if none changed since the writer's version, within
+/// the limits, all or nothing (see the script's header).
+pub static PREFERENCES_WRITE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/preferences_write.lua")));

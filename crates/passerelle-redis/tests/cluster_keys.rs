@@ -75,6 +75,9 @@ fn groups(k: &KeySchema) -> Vec<(String, Vec<String>)> {
         api.push(k.api_key_id(id));
     }
     out.push(("API keys".into(), api));
+    for user in ["7", "guest-01HV", "a}b{c"] {
+        out.push((format!("preferences of {user}"), vec![k.preferences(user)]));
+    }
     out
 }
 
