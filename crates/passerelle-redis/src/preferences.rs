@@ -5,7 +5,9 @@
 //! Each field is `"<version>:<value>"`: the value (opaque here: the service encodes it)
 //! and the document version that last wrote it, which is what lets two writers that read
 //! the same version change *different* preferences without either losing its update. The
-//! field `#v` holds the document's version (preference names never contain `#`).
+//! field `#v` holds the document's version (preference names never contain `#`). A removed
+//! preference leaves a tombstone (`"<version>:"`), so a writer who read an older version
+//! still sees that it changed.
 //!
 //! Every write is one script ([`scripts::PREFERENCES_WRITE`]): the precondition, the limits
 //! and the change are checked and applied together, so a write is whole or not at all.
@@ -160,7 +162,10 @@ fn parse_stored(fields: Vec<(String, String)>) -> Stored {
     for (name, raw) in fields {
         if name == "#v" {
             s.version = raw.parse().unwrap_or(0);
-        } else if let Some((v, value)) = raw.split_once(':') {
+        } else if let Some((v, value)) = raw.split_once(':')
+            && !value.is_empty()
+        {
+            // (An empty value is a removed preference's tombstone.)
             s.values
                 .insert(name, (v.parse().unwrap_or(0), value.to_string()));
         }
@@ -208,6 +213,7 @@ mod tests {
             ("theme".into(), "3:\"dark\"".into()),
             ("note".into(), "7:\"a:b\"".into()),
             ("garbage".into(), "no-version".into()),
+            ("removed".into(), "6:".into()),
         ]);
         assert_eq!(s.version, 7);
         assert_eq!(s.values["theme"], (3, "\"dark\"".into()));
@@ -217,6 +223,7 @@ mod tests {
             "a value may hold ':'"
         );
         assert!(!s.values.contains_key("garbage"));
+        assert!(!s.values.contains_key("removed"), "a tombstone is no value");
     }
 
     #[test]

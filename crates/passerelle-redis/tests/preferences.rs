@@ -61,6 +61,16 @@ async fn writes_keep_each_preferences_version_and_reads_see_only_the_users_value
     assert_eq!(s.version, 2);
     assert_eq!(s.values.len(), 1, "theme removed: {s:?}");
     assert_eq!(s.values["lang"], (2, "\"de\"".into()));
+    // A removed preference counts towards no limit: four more make five (LIMITS: 5).
+    let four: Vec<(&'static str, Option<&'static str>)> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|n| (*n, Some("1")))
+        .collect();
+    assert_eq!(
+        w(four, Precondition::None).await,
+        WriteOutcome::Written { version: 3 }
+    );
+    assert_eq!(c.preferences_get(k, "7").await.unwrap().values.len(), 5);
     // A field per preference plus the version: Redis's compact encoding.
     let enc = server.cli(&["OBJECT", "ENCODING", &k.preferences("7")]);
     assert_eq!(enc.trim(), "listpack");
@@ -155,6 +165,47 @@ async fn concurrent_writers_of_different_preferences_all_win_and_of_one_only_one
     assert_eq!(
         after.values["p2"].1, "2",
         "nothing of the refused write was applied"
+    );
+
+    // A removal is a change too: a writer who read before it cannot set the preference
+    // back unknowingly.
+    let read = after.version;
+    c.preferences_write(
+        k,
+        "9",
+        &[("p3", None)],
+        Precondition::Untouched(read),
+        false,
+        big,
+        None,
+    )
+    .await
+    .unwrap();
+    let stale = c
+        .preferences_write(
+            k,
+            "9",
+            &[("p3", Some("1"))],
+            Precondition::Untouched(read),
+            false,
+            big,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        stale,
+        WriteOutcome::Conflict {
+            version: read + 1,
+            changed: vec!["p3".into()]
+        }
+    );
+    assert!(
+        !c.preferences_get(k, "9")
+            .await
+            .unwrap()
+            .values
+            .contains_key("p3")
     );
 }
 
@@ -306,4 +357,40 @@ async fn a_thousand_users_are_read_in_one_batch_in_order() {
             assert_eq!(s.version, 0, "user {i}");
         }
     }
+}
+
+#[tokio::test]
+async fn tombstones_of_removed_preferences_stay_bounded() {
+    let server = TestRedis::start();
+    let r = redis(&server);
+    let (c, k) = (r.durable(), &r.keys);
+    let write = |changes: Vec<(String, Option<&'static str>)>| {
+        let (c, k) = (c.clone(), k.clone());
+        async move {
+            let changes: Vec<(&str, Option<&str>)> =
+                changes.iter().map(|(n, v)| (n.as_str(), *v)).collect();
+            c.preferences_write(&k, "5", &changes, Precondition::None, false, LIMITS, None)
+                .await
+                .unwrap()
+        }
+    };
+    let names = |r: std::ops::Range<u8>| r.map(|i| format!("n{i}")).collect::<Vec<_>>();
+    write(names(0..5).into_iter().map(|n| (n, Some("1"))).collect()).await;
+    write(names(0..5).into_iter().map(|n| (n, None)).collect()).await;
+    write(vec![("n5".into(), Some("1"))]).await;
+    write(vec![("n5".into(), None)]).await;
+    let fields = || {
+        server
+            .cli(&["HLEN", &k.preferences("5")])
+            .trim()
+            .to_string()
+    };
+    assert_eq!(fields(), "7", "six tombstones and the version");
+    // More tombstones than preferences allowed: the next write drops them.
+    assert_eq!(
+        write(vec![("n6".into(), Some("1"))]).await,
+        WriteOutcome::Written { version: 5 }
+    );
+    assert_eq!(fields(), "2");
+    assert_eq!(c.preferences_get(k, "5").await.unwrap().values.len(), 1);
 }

@@ -2,7 +2,10 @@
 -- version the writer read (JSON Merge Patch semantics are the caller's; this applies the
 -- result name by name).
 -- KEYS[1] the user's hash: one field per preference, "<version>:<value>", and "#v", the
--- document's version (preference names never contain '#').
+-- document's version (preference names never contain '#'). A removed preference stays as
+-- a tombstone, "<version>:" (no value), so that a writer who read an older version still
+-- learns that it changed; tombstones count towards no limit, and are dropped by a
+-- whole-document write or when there are more of them than preferences allowed.
 -- ARGV[1] if-match version ("" for none), ARGV[2] "strict" (any change since conflicts) or
 -- "fields" (only a change of a touched preference conflicts), ARGV[3] most preferences,
 -- ARGV[4] most bytes (values summed), ARGV[5] TTL in ms (0: none), ARGV[6] "clear" to
@@ -47,11 +50,17 @@ end
 
 -- What the document will hold: every preference's size, after the writes.
 local sizes = {}
+local tombstones = {}
 if not clear then
   local all = redis.call('HGETALL', key)
   for i = 1, #all, 2 do
     if all[i] ~= '#v' then
-      sizes[all[i]] = #all[i + 1]
+      local v = all[i + 1]
+      if string.sub(v, -1) == ':' then
+        table.insert(tombstones, all[i])
+      else
+        sizes[all[i]] = #v
+      end
     end
   end
 end
@@ -78,10 +87,16 @@ end
 
 if clear then
   redis.call('DEL', key)
+elseif #tombstones > max_count then
+  redis.call('HDEL', key, unpack(tombstones))
 end
 for i = 7, #ARGV, 2 do
   if ARGV[i + 1] == '' then
-    redis.call('HDEL', key, ARGV[i])
+    if clear then
+      redis.call('HDEL', key, ARGV[i])
+    else
+      redis.call('HSET', key, ARGV[i], next_version .. ':')
+    end
   else
     redis.call('HSET', key, ARGV[i], next_version .. ':' .. ARGV[i + 1])
   end
