@@ -77,8 +77,55 @@ pub enum LimitHit {
     Bytes,
 }
 
-/// One write: `Some(value)` sets a preference, `None` removes it.
+/// One change: `Some(value)` sets a preference, `None` removes it.
 pub type Change<'a> = (&'a str, Option<&'a str>);
+
+/// A write of one user's preferences.
+#[derive(Debug, Clone, Copy)]
+pub struct Write<'a> {
+    pub changes: &'a [Change<'a>],
+    pub precondition: Precondition,
+    /// Remove every other preference too (a whole-document `PUT`, or a `DELETE` with no
+    /// changes).
+    pub clear: bool,
+    pub limits: Limits,
+    /// The user's hash expires after this long without a write (guests).
+    pub ttl: Option<Duration>,
+}
+
+impl<'a> Write<'a> {
+    /// `changes` over the stored document, no precondition, no clearing, no expiry.
+    pub fn new(changes: &'a [Change<'a>], limits: Limits) -> Self {
+        Self {
+            changes,
+            precondition: Precondition::None,
+            clear: false,
+            limits,
+            ttl: None,
+        }
+    }
+
+    pub fn precondition(self, precondition: Precondition) -> Self {
+        Self {
+            precondition,
+            ..self
+        }
+    }
+
+    pub fn clear(self) -> Self {
+        Self {
+            clear: true,
+            ..self
+        }
+    }
+
+    pub fn ttl(self, ttl: Duration) -> Self {
+        Self {
+            ttl: Some(ttl),
+            ..self
+        }
+    }
+}
 
 impl RedisClient {
     /// One user's preferences.
@@ -116,21 +163,21 @@ impl RedisClient {
             .collect()
     }
 
-    /// Applies `changes` to `user`'s preferences under `pre` and `limits`, all or nothing;
-    /// with `clear`, every other preference is removed too (a whole-document `PUT`, or a
-    /// `DELETE` with no changes). With `ttl`, the user's hash expires after that long
-    /// without a write (guests). A durable write ([`RedisClient::durable_write`]).
-    #[allow(clippy::too_many_arguments)]
+    /// Applies `w` to `user`'s preferences, all or nothing (see [`Write`]). A durable
+    /// write ([`RedisClient::durable_write`]).
     pub async fn preferences_write(
         &self,
         keys: &KeySchema,
         user: &str,
-        changes: &[Change<'_>],
-        pre: Precondition,
-        clear: bool,
-        limits: Limits,
-        ttl: Option<Duration>,
+        w: Write<'_>,
     ) -> Result<WriteOutcome, RedisError> {
+        let Write {
+            changes,
+            precondition: pre,
+            clear,
+            limits,
+            ttl,
+        } = w;
         let key = keys.preferences(user);
         let mut cmd = evalsha(&scripts::PREFERENCES_WRITE, &[&key]);
         let (since, mode) = match pre {

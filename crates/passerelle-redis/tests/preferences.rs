@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use passerelle_redis::Redis;
-use passerelle_redis::preferences::{LimitHit, Limits, Precondition, WriteOutcome};
+use passerelle_redis::preferences::{LimitHit, Limits, Precondition, Write, WriteOutcome};
 use passerelle_testkit::TestRedis;
 
 fn redis(server: &TestRedis) -> Redis {
@@ -36,7 +36,7 @@ async fn writes_keep_each_preferences_version_and_reads_see_only_the_users_value
     let w = |changes: Vec<(&'static str, Option<&'static str>)>, pre| {
         let (c, k) = (c.clone(), k.clone());
         async move {
-            c.preferences_write(&k, "7", &changes, pre, false, LIMITS, None)
+            c.preferences_write(&k, "7", Write::new(&changes, LIMITS).precondition(pre))
                 .await
                 .unwrap()
         }
@@ -85,17 +85,9 @@ async fn concurrent_writers_of_different_preferences_all_win_and_of_one_only_one
         max_preferences: 100,
         max_bytes: 64 * 1024,
     };
-    c.preferences_write(
-        k,
-        "9",
-        &[("seed", Some("0"))],
-        Precondition::None,
-        false,
-        big,
-        None,
-    )
-    .await
-    .unwrap();
+    c.preferences_write(k, "9", Write::new(&[("seed", Some("0"))], big))
+        .await
+        .unwrap();
     let read = c.preferences_get(k, "9").await.unwrap().version;
     // 50 writers, each its own preference, all from the same read.
     let writers = (0..50).map(|i| {
@@ -106,11 +98,8 @@ async fn concurrent_writers_of_different_preferences_all_win_and_of_one_only_one
             c.preferences_write(
                 &k,
                 "9",
-                &[(&name, Some(&value))],
-                Precondition::Untouched(read),
-                false,
-                big,
-                None,
+                Write::new(&[(&name, Some(&value))], big)
+                    .precondition(Precondition::Untouched(read)),
             )
             .await
             .unwrap()
@@ -132,11 +121,8 @@ async fn concurrent_writers_of_different_preferences_all_win_and_of_one_only_one
         .preferences_write(
             k,
             "9",
-            &[("p1", Some("\"a\""))],
-            Precondition::Untouched(s.version),
-            false,
-            big,
-            None,
+            Write::new(&[("p1", Some("\"a\""))], big)
+                .precondition(Precondition::Untouched(s.version)),
         )
         .await
         .unwrap();
@@ -145,11 +131,8 @@ async fn concurrent_writers_of_different_preferences_all_win_and_of_one_only_one
         .preferences_write(
             k,
             "9",
-            &[("p1", Some("\"b\"")), ("p2", Some("\"b\""))],
-            Precondition::Untouched(s.version),
-            false,
-            big,
-            None,
+            Write::new(&[("p1", Some("\"b\"")), ("p2", Some("\"b\""))], big)
+                .precondition(Precondition::Untouched(s.version)),
         )
         .await
         .unwrap();
@@ -173,11 +156,7 @@ async fn concurrent_writers_of_different_preferences_all_win_and_of_one_only_one
     c.preferences_write(
         k,
         "9",
-        &[("p3", None)],
-        Precondition::Untouched(read),
-        false,
-        big,
-        None,
+        Write::new(&[("p3", None)], big).precondition(Precondition::Untouched(read)),
     )
     .await
     .unwrap();
@@ -185,11 +164,7 @@ async fn concurrent_writers_of_different_preferences_all_win_and_of_one_only_one
         .preferences_write(
             k,
             "9",
-            &[("p3", Some("1"))],
-            Precondition::Untouched(read),
-            false,
-            big,
-            None,
+            Write::new(&[("p3", Some("1"))], big).precondition(Precondition::Untouched(read)),
         )
         .await
         .unwrap();
@@ -217,9 +192,12 @@ async fn a_whole_document_write_is_strict_and_limits_refuse_the_whole_write() {
     let put = |changes: Vec<(&'static str, Option<&'static str>)>, pre, clear| {
         let (c, k) = (c.clone(), k.clone());
         async move {
-            c.preferences_write(&k, "3", &changes, pre, clear, LIMITS, None)
-                .await
-                .unwrap()
+            c.preferences_write(&k, "3", {
+                let w = Write::new(&changes, LIMITS).precondition(pre);
+                if clear { w.clear() } else { w }
+            })
+            .await
+            .unwrap()
         }
     };
     put(
@@ -282,15 +260,11 @@ async fn a_guests_document_expires_after_inactivity_and_each_write_renews_it() {
     let server = TestRedis::start();
     let r = redis(&server);
     let (c, k) = (r.durable(), &r.keys);
-    let ttl = Some(Duration::from_secs(60));
+    let ttl = Duration::from_secs(60);
     c.preferences_write(
         k,
         "guest-1",
-        &[("theme", Some("1"))],
-        Precondition::None,
-        false,
-        LIMITS,
-        ttl,
+        Write::new(&[("theme", Some("1"))], LIMITS).ttl(ttl),
     )
     .await
     .unwrap();
@@ -301,28 +275,16 @@ async fn a_guests_document_expires_after_inactivity_and_each_write_renews_it() {
     c.preferences_write(
         k,
         "guest-1",
-        &[("lang", Some("1"))],
-        Precondition::None,
-        false,
-        LIMITS,
-        ttl,
+        Write::new(&[("lang", Some("1"))], LIMITS).ttl(ttl),
     )
     .await
     .unwrap();
     let pttl: i64 = server.cli(&["PTTL", &key]).trim().parse().unwrap();
     assert!(pttl > 50_000, "renewed by the write: {pttl}");
     // A user without a TTL keeps their document.
-    c.preferences_write(
-        k,
-        "8",
-        &[("lang", Some("1"))],
-        Precondition::None,
-        false,
-        LIMITS,
-        None,
-    )
-    .await
-    .unwrap();
+    c.preferences_write(k, "8", Write::new(&[("lang", Some("1"))], LIMITS))
+        .await
+        .unwrap();
     assert_eq!(server.cli(&["PTTL", &k.preferences("8")]).trim(), "-1");
 }
 
@@ -333,17 +295,9 @@ async fn a_thousand_users_are_read_in_one_batch_in_order() {
     let (c, k) = (r.durable(), &r.keys);
     let users: Vec<String> = (0..1000).map(|i| i.to_string()).collect();
     for u in users.iter().step_by(10) {
-        c.preferences_write(
-            k,
-            u,
-            &[("n", Some(u))],
-            Precondition::None,
-            false,
-            LIMITS,
-            None,
-        )
-        .await
-        .unwrap();
+        c.preferences_write(k, u, Write::new(&[("n", Some(u))], LIMITS))
+            .await
+            .unwrap();
     }
     let before = server.command_calls("hgetall");
     let refs: Vec<&str> = users.iter().map(String::as_str).collect();
@@ -369,7 +323,7 @@ async fn tombstones_of_removed_preferences_stay_bounded() {
         async move {
             let changes: Vec<(&str, Option<&str>)> =
                 changes.iter().map(|(n, v)| (n.as_str(), *v)).collect();
-            c.preferences_write(&k, "5", &changes, Precondition::None, false, LIMITS, None)
+            c.preferences_write(&k, "5", Write::new(&changes, LIMITS))
                 .await
                 .unwrap()
         }
