@@ -72,6 +72,7 @@ enum Source {
         manager_cfg: ConnectionManagerConfig,
     },
     Cluster {
+        conn: ClusterConn,
         nodes: Vec<String>,
         cfg: RedisConfig,
     },
@@ -191,8 +192,9 @@ impl RedisClient {
                 let conn =
                     ClusterConn::new(client, cfg.connect_timeout.get(), cfg.command_timeout.get());
                 (
-                    Conn::Cluster(conn),
+                    Conn::Cluster(conn.clone()),
                     Source::Cluster {
+                        conn,
                         nodes: nodes.clone(),
                         cfg: cfg.clone(),
                     },
@@ -242,14 +244,11 @@ impl RedisClient {
     /// A new connection to the same Redis; its commands may take up to `response`
     /// (`None`: as long as this client's).
     fn fresh_conn(&self, response: Option<Duration>) -> Result<Conn, RedisError> {
-        Ok(match (&self.conn, self.source.as_ref()) {
-            (
-                Conn::Single(_),
-                Source::Single {
-                    client,
-                    manager_cfg,
-                },
-            ) => {
+        Ok(match self.source.as_ref() {
+            Source::Single {
+                client,
+                manager_cfg,
+            } => {
                 let cfg = match response {
                     Some(t) => manager_cfg.clone().set_response_timeout(Some(t)),
                     None => manager_cfg.clone(),
@@ -263,9 +262,8 @@ impl RedisClient {
                     })?,
                 )
             }
-            (Conn::Cluster(c), _) => Conn::Cluster(c.fresh(response)),
-            (Conn::Sentinel(s), _) => Conn::Sentinel(s.fresh(response)),
-            (other, _) => other.clone(),
+            Source::Cluster { conn, .. } => Conn::Cluster(conn.fresh(response)),
+            Source::Sentinel(s) => Conn::Sentinel(s.fresh(response)),
         })
     }
 
@@ -351,7 +349,7 @@ impl RedisClient {
     pub(crate) fn source(&self) -> SourceRef<'_> {
         match self.source.as_ref() {
             Source::Single { client, .. } => SourceRef::Single(client),
-            Source::Cluster { nodes, cfg } => SourceRef::Cluster(nodes, cfg),
+            Source::Cluster { nodes, cfg, .. } => SourceRef::Cluster(nodes, cfg),
             Source::Sentinel(s) => SourceRef::Sentinel(s),
         }
     }
