@@ -109,6 +109,7 @@ impl Gateway {
         extend: impl FnOnce(Readiness) -> Readiness,
     ) -> Result<Self, GatewayError> {
         passerelle_http::metrics::install();
+        passerelle_http::metrics::on_render(passerelle_redis::stats::export);
         let mut pools: BTreeMap<String, Arc<Upstream>> = BTreeMap::new();
         for (index, (name, cfg)) in config.upstreams.iter().enumerate() {
             if cfg.endpoints.is_empty() {

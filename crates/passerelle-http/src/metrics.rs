@@ -8,14 +8,22 @@
 //! The exporter renders from hash maps, so two scrapes list the same series in different
 //! orders; [`render`] puts them in a stable order ([`sort_exposition`]) so that a person
 //! comparing two scrapes, or a test or a diff, sees only what changed.
+//!
+//! Some values are kept elsewhere and copied into the facade only when someone looks (the
+//! Redis layer's round-trip counters are plain atomics, so its hot path does no registry
+//! lookup): such a crate registers a function with [`on_render`], and [`render`] calls it
+//! first. This crate depends on none of them.
 
 use std::borrow::Cow;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// What [`render`] calls before rendering ([`on_render`]).
+static ON_RENDER: Mutex<Vec<fn()>> = Mutex::new(Vec::new());
 
 /// Latency buckets (seconds) from 100µs to 10s: gateway hops are sub-millisecond, timeouts
 /// are seconds.
@@ -60,9 +68,36 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
-/// The current metrics in Prometheus text format, in a stable order (see [`sort_exposition`]).
+/// Has `f` called by every [`render`], before the exporter renders: for values kept outside
+/// the facade that must be copied into it when someone scrapes (e.g.
+/// `passerelle_redis::stats::export`). Registering the same function again does nothing,
+/// so every process start-up may register what it uses. `f` must be quick and must not
+/// call [`render`] or [`on_render`].
+pub fn on_render(f: fn()) {
+    let mut hooks = ON_RENDER.lock().unwrap_or_else(PoisonError::into_inner);
+    if !hooks.iter().any(|&g| std::ptr::fn_addr_eq(g, f)) {
+        hooks.push(f);
+    }
+}
+
+/// Calls the functions registered with [`on_render`], in the order they were registered.
+fn run_on_render() {
+    // Copied out, so a hook never runs with the lock held.
+    let hooks: Vec<fn()> = ON_RENDER
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    for f in hooks {
+        f();
+    }
+}
+
+/// The current metrics in Prometheus text format, in a stable order (see [`sort_exposition`]),
+/// after the [`on_render`] functions have refreshed theirs.
 pub fn render() -> String {
-    sort_exposition(&install().render())
+    let handle = install();
+    run_on_render();
+    sort_exposition(&handle.render())
 }
 
 /// One metric family of an exposition: its `# HELP`/`# TYPE` lines and its samples, each
@@ -218,6 +253,46 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    static HOOK_CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+    /// A value kept outside the facade, copied in when rendered, as a crate would.
+    fn refresh_hook_value() {
+        let n = HOOK_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        metrics::counter!("t_on_render_calls_total").absolute(n);
+    }
+
+    /// The hook's value in a rendering.
+    fn rendered_hook_value(text: &str) -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix("t_on_render_calls_total "))
+            .unwrap_or_else(|| panic!("no t_on_render_calls_total in {text}"))
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn on_render_functions_refresh_values_at_each_render_and_register_once() {
+        on_render(refresh_hook_value);
+        on_render(refresh_hook_value);
+        let registered = ON_RENDER
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|&&g| std::ptr::fn_addr_eq(g, refresh_hook_value as fn()))
+            .count();
+        assert_eq!(registered, 1, "registered once, however often asked");
+        // Bounds rather than equality: another test of this process may render meanwhile.
+        let calls = || HOOK_CALLS.load(std::sync::atomic::Ordering::Relaxed);
+        let before = calls();
+        let first = rendered_hook_value(&render());
+        assert!(first > before && first <= calls(), "{before} < {first}");
+        let second = rendered_hook_value(&render());
+        assert!(
+            second > first,
+            "refreshed by the next render: {first} then {second}"
+        );
+    }
 
     /// A histogram series as the exporter writes it: buckets in `le` order, `+Inf`, sum, count.
     fn histogram(labels: &str) -> String {

@@ -12,6 +12,9 @@
 //! - **Sentinel**: [`crate::sentinel::SentinelConn`], a `ConnectionManager` to the current
 //!   primary that asks the sentinels again when the primary stops answering or turns out
 //!   to be a replica.
+//!
+//! Every command and pipeline sent through [`Conn`] is counted in [`crate::stats`]: one
+//! round trip, and its commands (counted when sent, answered or not).
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -22,6 +25,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 use crate::sentinel::SentinelConn;
+use crate::stats;
 
 /// How passerelle reaches one role's Redis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +65,7 @@ impl Conn {
 
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        stats::record(1);
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => {
@@ -77,6 +82,10 @@ impl ConnectionLike for Conn {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
+        // Not `count`: that is how many answers redis-rs reads back, which for a
+        // transaction (`MULTI` … `EXEC`) is 1 whatever it holds; `len` is the commands the
+        // caller put in (without `MULTI`/`EXEC`).
+        stats::record(pipeline.len());
         match self {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => {

@@ -11,7 +11,8 @@
 //! - multi-step operations as Lua scripts invoked by SHA, reloaded on `NOSCRIPT` ([`scripts`]);
 //! - batches as pipelines, one per slot on a cluster ([`batch`]); TTLs on temporary data;
 //! - keys touched together share a hash tag, so every operation runs on a cluster;
-//! - health and memory exposed to readiness and metrics ([`Redis::spawn_monitor`]);
+//! - health and memory exposed to readiness and metrics ([`Redis::spawn_monitor`]), and
+//!   the layer's own count of round trips and commands ([`stats`]);
 //! - a server older than [`MIN_VERSION`] (7.0) refused with a clear error, at start
 //!   ([`Redis::check_version`]) and by readiness;
 //! - for optional uses of Redis (the caches), a deadline and a circuit breaker on every
@@ -33,6 +34,7 @@ mod pubsub;
 pub mod rate_limit;
 pub mod scripts;
 mod sentinel;
+pub mod stats;
 
 use std::time::Duration;
 

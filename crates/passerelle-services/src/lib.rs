@@ -198,6 +198,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServiceError> {
     passerelle_http::metrics::install();
+    passerelle_http::metrics::on_render(passerelle_redis::stats::export);
     if let Some((redis, _)) = &opts.cache {
         // Too old a Redis is refused now, with a clear error (one down now is not).
         redis.check_version(Duration::from_secs(1)).await?;
