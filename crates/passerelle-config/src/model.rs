@@ -29,6 +29,8 @@ pub struct Config {
     /// The gateway's response cache (routes opt in with their own `cache` table).
     pub cache: CacheConfig,
     pub services: ServicesConfig,
+    /// The preferences service.
+    pub preferences: crate::preferences::PreferencesConfig,
     pub up: UpConfig,
     pub auth: crate::auth::AuthConfig,
 }

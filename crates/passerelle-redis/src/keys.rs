@@ -167,6 +167,12 @@ impl KeySchema {
         )
     }
 
+    /// The pub/sub channel on which every preferences write is announced to the service
+    /// instances holding event streams (on the durable Redis). A channel, not a key.
+    pub fn preferences_channel(&self) -> String {
+        format!("{}:pref-changes", self.prefix)
+    }
+
     /// The pub/sub channel on which cache invalidations reach every gateway's L1. A
     /// channel, not a key: nothing is stored under it.
     pub fn invalidation_channel(&self) -> String {

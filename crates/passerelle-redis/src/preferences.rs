@@ -204,6 +204,31 @@ impl RedisClient {
     }
 }
 
+impl RedisClient {
+    /// Announces a change of `user`'s preferences to every instance's event streams
+    /// (`payload` is the service's; `PUBLISH`, or `SPUBLISH` on a cluster).
+    pub async fn preferences_announce(
+        &self,
+        keys: &KeySchema,
+        payload: String,
+    ) -> Result<(), RedisError> {
+        let mut b = Batch::new();
+        b.publish(&keys.preferences_channel(), payload);
+        b.send(&self.conn()).await?;
+        Ok(())
+    }
+
+    /// The announcements ([`RedisClient::preferences_announce`]), on a connection of their
+    /// own, until the subscription is lost: then messages may have been missed, and the
+    /// caller subscribes again and treats every open stream as stale.
+    pub async fn preferences_changes(
+        &self,
+        keys: &KeySchema,
+    ) -> Result<impl futures_util::Stream<Item = Vec<u8>> + Send + use<>, RedisError> {
+        crate::pubsub::subscribe(self, &keys.preferences_channel()).await
+    }
+}
+
 fn parse_stored(fields: Vec<(String, String)>) -> Stored {
     let mut s = Stored::default();
     for (name, raw) in fields {

@@ -18,6 +18,7 @@ pub mod api;
 pub mod cache;
 pub mod db;
 pub mod identity;
+pub mod preferences;
 pub mod products;
 pub mod resource;
 pub mod users;
@@ -168,9 +169,30 @@ pub fn app(kind: ServiceKind, db: Database, opts: &ServiceOptions) -> Result<Rou
         )),
         None => routes,
     };
+    shell(
+        routes,
+        readiness,
+        kind.name(),
+        opts.access_log,
+        opts.max_request_body,
+        served_by,
+    )
+}
+
+/// What every service's application has around its routes: the ops endpoints, problem
+/// answers for unknown routes and methods, route labels, the body limit, `X-Served-By`,
+/// metrics and access log, and a panic turned into a 500.
+fn shell(
+    routes: Router,
+    readiness: Readiness,
+    service: &'static str,
+    access_log: bool,
+    max_request_body: usize,
+    served_by: HeaderValue,
+) -> Result<Router, ServiceError> {
     let observe_cfg = Observe {
-        service: kind.name(),
-        access_log: opts.access_log,
+        service,
+        access_log,
     };
     Ok(routes
         .merge(passerelle_http::ops::router(readiness))
@@ -181,13 +203,87 @@ pub fn app(kind: ServiceKind, db: Database, opts: &ServiceOptions) -> Result<Rou
                 .into_response()
         })
         .route_layer(axum::middleware::from_fn(label_route))
-        .layer(axum::Extension(BodyLimit(opts.max_request_body)))
+        .layer(axum::Extension(BodyLimit(max_request_body)))
         .layer(SetResponseHeaderLayer::overriding(SERVED_BY, served_by))
         .layer(axum::middleware::from_fn_with_state(observe_cfg, observe))
         .layer(CatchPanicLayer::custom(|_| {
             tracing::error!("a handler panicked");
             Problem::new(StatusCode::INTERNAL_SERVER_ERROR).into_response()
         })))
+}
+
+/// How one instance of the preferences service runs.
+#[derive(Debug, Clone)]
+pub struct PreferencesOptions {
+    /// Shown in `X-Served-By`, e.g. `preferences-1`.
+    pub instance: String,
+    pub grace: Duration,
+    pub access_log: bool,
+    pub redis: Redis,
+    pub config: passerelle_config::PreferencesConfig,
+    /// Callers are the identity the gateway asserts (`None`: nothing is checked).
+    pub identity: Option<identity::Assertions>,
+}
+
+/// The preferences service's application, and its state (whose event hub must run:
+/// [`run_preferences`] spawns it).
+pub fn preferences_app(
+    opts: &PreferencesOptions,
+) -> Result<(Router, preferences::Shared), ServiceError> {
+    let served_by = HeaderValue::from_str(&opts.instance)
+        .map_err(|_| ServiceError::Instance(opts.instance.clone()))?;
+    let state = Arc::new(preferences::Preferences::new(
+        opts.config.clone(),
+        opts.redis.clone(),
+        opts.identity.clone(),
+    ));
+    let readiness = {
+        let redis = opts.redis.clone();
+        Readiness::new().check("redis", move || {
+            let redis = redis.clone();
+            async move {
+                let rtt = redis.durable().ping().await.map_err(|e| e.to_string())?;
+                Ok(serde_json::json!({ "rtt_ms": rtt.as_secs_f64() * 1000.0 }))
+            }
+        })
+    };
+    let app = shell(
+        preferences::router(state.clone()),
+        readiness,
+        "preferences",
+        opts.access_log,
+        opts.config.max_request_body.as_usize(),
+        served_by,
+    )?;
+    Ok((app, state))
+}
+
+/// Serves one instance of the preferences service until `shutdown`, then drains.
+pub async fn run_preferences(
+    opts: PreferencesOptions,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServiceError> {
+    passerelle_http::metrics::install();
+    passerelle_http::metrics::on_render(passerelle_redis::stats::export);
+    opts.redis.check_version(Duration::from_secs(1)).await?;
+    let (app, state) = preferences_app(&opts)?;
+    let token = passerelle_http::shutdown::token_from(shutdown);
+    tokio::spawn(state.hub().run(opts.redis.clone(), token.clone()));
+    tracing::info!(
+        service = "preferences",
+        instance = %opts.instance,
+        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        declared = opts.config.declared.len(),
+        "serving"
+    );
+    let serve_opts = ServeOptions {
+        grace: opts.grace,
+        ..ServeOptions::default()
+    };
+    passerelle_http::serve(listener, move |_| app.clone(), serve_opts, token).await;
+    tracing::info!(service = "preferences", instance = %opts.instance, "stopped");
+    Ok(())
 }
 
 /// Serves one instance of `kind` on `listener` until `shutdown` resolves, then drains.

@@ -16,6 +16,7 @@
 mod auth;
 mod cache;
 mod gateway;
+mod preferences;
 mod problems;
 mod rate_limits;
 mod redis;
@@ -44,6 +45,7 @@ impl Config {
         cache::check(self, p);
         auth::check(self, p);
         services::check(&self.services, p);
+        preferences::check(&self.preferences, p);
         up::check(&self.up, p);
         problems.0
     }

@@ -4,8 +4,9 @@
 -- KEYS[1] the user's hash: one field per preference, "<version>:<value>", and "#v", the
 -- document's version (preference names never contain '#'). A removed preference stays as
 -- a tombstone, "<version>:" (no value), so that a writer who read an older version still
--- learns that it changed; tombstones count towards no limit, and are dropped by a
--- whole-document write or when there are more of them than preferences allowed.
+-- learns that it changed; tombstones count towards no limit, and are dropped when there
+-- are more of them than preferences allowed (a whole-document write replaces the old ones
+-- with those of the values it removes).
 -- ARGV[1] if-match version ("" for none), ARGV[2] "strict" (any change since conflicts) or
 -- "fields" (only a change of a touched preference conflicts), ARGV[3] most preferences,
 -- ARGV[4] most bytes (values summed), ARGV[5] TTL in ms (0: none), ARGV[6] "clear" to
@@ -51,14 +52,16 @@ end
 -- What the document will hold: every preference's size, after the writes.
 local sizes = {}
 local tombstones = {}
-if not clear then
-  local all = redis.call('HGETALL', key)
-  for i = 1, #all, 2 do
-    if all[i] ~= '#v' then
-      local v = all[i + 1]
-      if string.sub(v, -1) == ':' then
-        table.insert(tombstones, all[i])
-      else
+local live = {}
+local all = redis.call('HGETALL', key)
+for i = 1, #all, 2 do
+  if all[i] ~= '#v' then
+    local v = all[i + 1]
+    if string.sub(v, -1) == ':' then
+      table.insert(tombstones, all[i])
+    else
+      table.insert(live, all[i])
+      if not clear then
         sizes[all[i]] = #v
       end
     end
@@ -86,17 +89,20 @@ if bytes > max_bytes then
 end
 
 if clear then
-  redis.call('DEL', key)
+  -- Every value removed leaves a tombstone (older ones go), so that a PATCH made from an
+  -- earlier read of a cleared preference conflicts instead of bringing it back unseen.
+  if #tombstones > 0 then
+    redis.call('HDEL', key, unpack(tombstones))
+  end
+  for _, name in ipairs(live) do
+    redis.call('HSET', key, name, next_version .. ':')
+  end
 elseif #tombstones > max_count then
   redis.call('HDEL', key, unpack(tombstones))
 end
 for i = 7, #ARGV, 2 do
   if ARGV[i + 1] == '' then
-    if clear then
-      redis.call('HDEL', key, ARGV[i])
-    else
-      redis.call('HSET', key, ARGV[i], next_version .. ':')
-    end
+    redis.call('HSET', key, ARGV[i], next_version .. ':')
   else
     redis.call('HSET', key, ARGV[i], next_version .. ':' .. ARGV[i + 1])
   end

@@ -1,0 +1,165 @@
+//! The preferences service (`[preferences]`): names, types and defaults of the declared
+//! preferences, and limits that can hold.
+
+use super::problems::{AT_LEAST_ONE, POSITIVE, Problems};
+use crate::{PreferenceType, PreferencesConfig, valid_preference_name};
+
+/// Names the service's own routes use after `/preferences/`.
+const RESERVED: &[&str] = &["events"];
+
+pub(super) fn check(c: &PreferencesConfig, p: &mut Problems) {
+    p.check(
+        c.max_preferences >= 1,
+        "preferences.max_preferences",
+        AT_LEAST_ONE,
+    );
+    p.check(
+        (1..=256).contains(&c.max_name_length),
+        "preferences.max_name_length",
+        "must be from 1 to 256",
+    );
+    p.check(
+        c.max_value_size.get() > 0,
+        "preferences.max_value_size",
+        POSITIVE,
+    );
+    p.check(
+        c.max_document_size.get() >= c.max_value_size.get(),
+        "preferences.max_document_size",
+        "must be at least max_value_size",
+    );
+    p.check(
+        c.max_request_body.get() > 0,
+        "preferences.max_request_body",
+        POSITIVE,
+    );
+    p.check(
+        c.heartbeat.get().as_millis() > 0,
+        "preferences.heartbeat",
+        POSITIVE,
+    );
+    p.check(
+        !c.admin_scope.is_empty(),
+        "preferences.admin_scope",
+        "must name a scope",
+    );
+    if !c.free_form.is_empty() {
+        p.check(
+            c.free_form
+                .split('*')
+                .all(|part| part.is_empty() || valid_preference_name(part, usize::MAX)),
+            "preferences.free_form",
+            "must be a glob of [a-z0-9._-] and '*', e.g. \"x-*\"",
+        );
+    }
+    for (class, e) in &c.expire {
+        p.check(
+            e.after.get().as_millis() > 0,
+            format!("preferences.expire.{class}.after"),
+            POSITIVE,
+        );
+        p.check(
+            !e.users.is_empty(),
+            format!("preferences.expire.{class}.users"),
+            "must be a glob over user ids, e.g. \"guest-*\"",
+        );
+    }
+    if let Some(url) = &c.user_check_url {
+        p.check(
+            (url.starts_with("http://") || url.starts_with("https://")) && url.contains("{id}"),
+            "preferences.user_check_url",
+            "must be an http(s) URL with {id}, e.g. \"http://127.0.0.1:7001/users/{id}\"",
+        );
+    }
+    for (name, spec) in &c.declared {
+        let at = |field: &str| format!("preferences.declared.{name}.{field}");
+        if !valid_preference_name(name, c.max_name_length) || RESERVED.contains(&name.as_str()) {
+            p.add(
+                format!("preferences.declared.{name}"),
+                format!(
+                    "a preference name is 1 to {} bytes of [a-z0-9._-], and not {}",
+                    c.max_name_length,
+                    RESERVED.join(", ")
+                ),
+            );
+        }
+        if let (Some(min), Some(max)) = (spec.min, spec.max) {
+            p.check(min <= max, at("min"), "must not be above max");
+        }
+        let numeric = matches!(spec.kind, PreferenceType::Integer | PreferenceType::Number);
+        p.check(
+            numeric || (spec.min.is_none() && spec.max.is_none()),
+            at("min"),
+            "min and max are for integer and number preferences",
+        );
+        let stringy = matches!(spec.kind, PreferenceType::String | PreferenceType::List);
+        p.check(
+            stringy || (spec.values.is_empty() && spec.max_length.is_none()),
+            at("values"),
+            "values and max_length are for string and list preferences",
+        );
+        p.check(
+            spec.kind == PreferenceType::List || spec.max_items.is_none(),
+            at("max_items"),
+            "max_items is for list preferences",
+        );
+        if let Some(d) = &spec.default
+            && let Err(why) = spec.check(d)
+        {
+            p.add(at("default"), format!("the default {why}"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::tests::check_errs;
+
+    #[test]
+    fn preference_errors_name_field_and_line() {
+        check_errs(&[
+            (
+                "[preferences.declared.theme]\ntype = \"string\"\nvalues = [\"light\"]\ndefault = \"dark\"\n",
+                4,
+                "preferences.declared.theme.default: the default must be one of light",
+            ),
+            (
+                "[preferences.declared.Theme]\ntype = \"bool\"\n",
+                1,
+                "a preference name is 1 to 64 bytes",
+            ),
+            (
+                "[preferences.declared.events]\ntype = \"bool\"\n",
+                1,
+                "and not events",
+            ),
+            (
+                "[preferences.declared.size]\ntype = \"integer\"\nmin = 10\nmax = 5\n",
+                3,
+                "must not be above max",
+            ),
+            (
+                "[preferences.declared.size]\ntype = \"bool\"\nmin = 1\n",
+                3,
+                "min and max are for integer",
+            ),
+            (
+                "[preferences.declared.size]\ntype = \"colour\"\n",
+                2,
+                "unknown variant",
+            ),
+            ("[preferences]\nmax_preferences = 0\n", 2, "at least 1"),
+            ("[preferences]\nfree_form = \"X-*\"\n", 2, "must be a glob"),
+            (
+                "[preferences]\nuser_check_url = \"http://h/users\"\n",
+                2,
+                "with {id}",
+            ),
+            (
+                "[preferences.expire.guests]\nusers = \"guest-*\"\nafter = \"0s\"\n",
+                3,
+                "preferences.expire.guests.after",
+            ),
+        ]);
+    }
+}

@@ -1,0 +1,841 @@
+//! The preferences service: each user's settings (theme, language, page size...) in the
+//! durable Redis, read on every page.
+//!
+//! | request | answer |
+//! |---|---|
+//! | `GET /users/{id}/preferences` | the document: `values` (the user's over the defaults), `sources` (`user` or `default`), `version` |
+//! | `PATCH /users/{id}/preferences` | JSON Merge Patch (RFC 7396) of `values`: `null` removes (back to the default), objects merge, the rest replaces |
+//! | `PUT /users/{id}/preferences` | replaces the user's values (strict `If-Match`) |
+//! | `DELETE /users/{id}/preferences` | removes them all (strict `If-Match`) |
+//! | `GET`/`PUT`/`DELETE /users/{id}/preferences/{name}` | one preference (`PUT` takes the bare JSON value) |
+//! | `GET /users/{id}/preferences/events` | server-sent events: `document` (whole), `change` (what a write changed) |
+//! | `GET /preferences?ids=1,2` or `POST /preferences` `{"ids": [...]}` | up to 1,000 users' documents, one Redis round trip |
+//!
+//! **Who.** The caller is the identity the gateway asserts ([`crate::identity`]): a user
+//! reads and writes their own document; the admin scope (`preferences.admin_scope`) any,
+//! the batch read, and preferences declared `writable = false`. Without an identity
+//! secret (a service run alone) nothing is checked.
+//!
+//! **No lost updates.** Every answer carries the document's version as a strong `ETag`;
+//! each stored preference also keeps the version that last changed it
+//! ([`passerelle_redis::preferences`]). A `PATCH` (and a one-preference `PUT`/`DELETE`)
+//! with `If-Match` applies unless a preference *it touches* changed after that version:
+//! writes of different preferences from one read all apply; two of the same cannot both
+//! win (412, naming the preferences). Whole-document `PUT` and `DELETE` are strict. The
+//! check and the write are one Lua script. Without `If-Match` (unless
+//! `preferences.require_if_match`, then 428) a write is still atomic against what it read:
+//! a merge into an object preference never loses a concurrent writer's member.
+//!
+//! Defaults are never stored, values are compact JSON, and a write that would break a
+//! limit is refused whole. After each write the gateway's cached copies are invalidated
+//! (tag `/users/{id}/preferences`) and the change is announced to the event streams.
+
+pub mod error;
+pub mod events;
+pub mod schema;
+pub mod user_check;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, RawQuery, Request, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures_util::Stream;
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use passerelle_config::PreferencesConfig;
+use passerelle_redis::Redis;
+use passerelle_redis::preferences::{Precondition, Stored, Write, WriteOutcome};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use crate::api::{ApiError, read_json};
+use crate::identity::Assertions;
+use error::{PrefError, etag};
+use events::{Announcement, Hub, Signal};
+use schema::{Refusal, Schema, merge_value};
+
+/// Users in one batch read, at most.
+pub const MAX_BATCH: usize = 1000;
+/// Times a write without `If-Match` is retried when a concurrent write got in between its
+/// read and its write.
+const WRITE_ATTEMPTS: usize = 8;
+/// How long a write's invalidation of the gateway's copies may take.
+const INVALIDATION_DEADLINE: Duration = Duration::from_secs(1);
+
+/// The service's state, shared by its handlers.
+#[derive(Debug)]
+pub struct Preferences {
+    schema: Schema,
+    redis: Redis,
+    assertions: Option<Assertions>,
+    hub: Arc<Hub>,
+    users: Option<user_check::UserCheck>,
+}
+
+pub type Shared = Arc<Preferences>;
+
+impl Preferences {
+    pub fn new(config: PreferencesConfig, redis: Redis, assertions: Option<Assertions>) -> Self {
+        let users = config
+            .user_check_url
+            .as_deref()
+            .map(|u| user_check::UserCheck::new(u, config.user_check_ttl.get()));
+        Self {
+            schema: Schema::new(config),
+            redis,
+            assertions,
+            hub: Arc::new(Hub::default()),
+            users,
+        }
+    }
+
+    /// The event streams' hub, whose [`Hub::run`] the process must spawn.
+    pub fn hub(&self) -> Arc<Hub> {
+        self.hub.clone()
+    }
+
+    pub fn redis(&self) -> &Redis {
+        &self.redis
+    }
+}
+
+/// The routes (relative to the service's root).
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route(
+            "/users/{id}/preferences",
+            get(get_document)
+                .patch(patch_document)
+                .put(put_document)
+                .delete(delete_document),
+        )
+        .route("/users/{id}/preferences/events", get(stream))
+        .route(
+            "/users/{id}/preferences/{name}",
+            get(get_preference)
+                .put(put_preference)
+                .delete(delete_preference),
+        )
+        .route("/preferences", get(batch_get).post(batch_post))
+        .with_state(state)
+}
+
+/// Who is calling.
+#[derive(Debug, Clone)]
+struct Caller {
+    subject: Option<String>,
+    admin: bool,
+}
+
+impl Preferences {
+    fn caller(&self, headers: &HeaderMap) -> Result<Caller, PrefError> {
+        let Some(a) = &self.assertions else {
+            // No gateway to trust: nothing is checked (see the module documentation).
+            return Ok(Caller {
+                subject: None,
+                admin: true,
+            });
+        };
+        let value = headers
+            .get(&a.header)
+            .ok_or(PrefError::Unauthorized("preferences need a caller"))?;
+        let signer = a.signer.get().ok_or(PrefError::Unauthorized(
+            "the identity assertion is not valid",
+        ))?;
+        let p = signer
+            .verify(value.as_bytes(), crate::identity::unix_now())
+            .map_err(|_| PrefError::Unauthorized("the identity assertion is not valid"))?;
+        Ok(Caller {
+            admin: p.scopes.contains(&self.schema.config().admin_scope),
+            subject: Some(p.subject.to_string()),
+        })
+    }
+
+    /// The caller may act on `user`'s document: their own, or any with the admin scope.
+    async fn authorize(&self, headers: &HeaderMap, user: &str) -> Result<Caller, PrefError> {
+        let caller = self.caller(headers)?;
+        if !caller.admin && caller.subject.as_deref() != Some(user) {
+            return Err(PrefError::Forbidden {
+                detail: "a user's preferences are theirs: this needs the admin scope".into(),
+                scope: Some(self.schema.config().admin_scope.clone()),
+            });
+        }
+        if let Some(check) = &self.users {
+            check.check(user).await?;
+        }
+        Ok(caller)
+    }
+
+    async fn read(&self, user: &str) -> Result<Stored, PrefError> {
+        Ok(self
+            .redis
+            .durable()
+            .preferences_get(&self.redis.keys, user)
+            .await?)
+    }
+
+    /// Applies `changes` made from `read` (see [`WriteRequest`]), retrying a write
+    /// without `If-Match` that a concurrent one got ahead of. Returns the document after.
+    async fn write(
+        &self,
+        user: &str,
+        req: &WriteRequest,
+        mut changes_from: impl FnMut(&Stored) -> Result<Vec<(String, Option<String>)>, PrefError>,
+    ) -> Result<Stored, PrefError> {
+        let cfg = self.schema.config();
+        let if_match = match &req.if_match {
+            None if cfg.require_if_match => return Err(PrefError::PreconditionRequired),
+            m => m.clone(),
+        };
+        for _ in 0..WRITE_ATTEMPTS {
+            let read = self.read(user).await?;
+            let changes = changes_from(&read)?;
+            let ifm = match &if_match {
+                Some(IfMatch::Tags(tags)) => Some(tags.iter().copied().max().unwrap_or(0)),
+                _ => None,
+            };
+            // The write must hold against the client's version (If-Match) and against the
+            // version these changes were computed from; the older of the two decides.
+            let since = ifm.map_or(read.version, |v| v.min(read.version));
+            let precondition = if req.strict {
+                Precondition::Version(ifm.unwrap_or(read.version))
+            } else {
+                Precondition::Untouched(since)
+            };
+            if changes.is_empty() {
+                if req.strict && ifm.is_some_and(|v| v != read.version) {
+                    return Err(PrefError::Conflict {
+                        version: read.version,
+                        changed: Vec::new(),
+                    });
+                }
+                return Ok(read);
+            }
+            let pairs: Vec<(&str, Option<&str>)> = changes
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_deref()))
+                .collect();
+            let mut w = Write::new(&pairs, self.schema.limits()).precondition(precondition);
+            if let Some(ttl) = cfg.expiry_of(user) {
+                w = w.ttl(ttl);
+            }
+            match self
+                .redis
+                .durable()
+                .preferences_write(&self.redis.keys, user, w)
+                .await?
+            {
+                WriteOutcome::Written { version } => {
+                    self.after_write(user, version, &changes).await;
+                    metrics::counter!("passerelle_preferences_writes_total").increment(1);
+                    return self.read(user).await;
+                }
+                WriteOutcome::Conflict { version, changed } => {
+                    // The client's own version is what failed: tell them. A race with a
+                    // write after our read (no If-Match, or one newer than it): again.
+                    if let Some(v) = ifm
+                        && v <= read.version
+                    {
+                        metrics::counter!("passerelle_preferences_conflicts_total").increment(1);
+                        return Err(PrefError::Conflict { version, changed });
+                    }
+                }
+                WriteOutcome::OverLimit { limit, .. } => {
+                    return Err(match limit {
+                        passerelle_redis::preferences::LimitHit::Count => PrefError::TooMany {
+                            max: cfg.max_preferences,
+                        },
+                        passerelle_redis::preferences::LimitHit::Bytes => PrefError::TooLarge {
+                            what: "the document".into(),
+                            limit: "max_document_size",
+                            max: cfg.max_document_size.get(),
+                        },
+                    });
+                }
+            }
+        }
+        Err(PrefError::Contended)
+    }
+
+    /// After a write: the gateway's copies go (tag `/users/{id}/preferences`), and the
+    /// event streams hear of it. Neither failing undoes the write: logged and counted.
+    async fn after_write(&self, user: &str, version: u64, changes: &[(String, Option<String>)]) {
+        let tag = format!("/users/{user}/preferences");
+        let invalidate = tokio::time::timeout(
+            INVALIDATION_DEADLINE,
+            self.redis
+                .cache()
+                .cache_invalidate_tags(&self.redis.keys, std::slice::from_ref(&tag)),
+        );
+        let a = Announcement {
+            user: user.to_string(),
+            version,
+            changed: changes.iter().cloned().collect(),
+        };
+        let payload = serde_json::to_string(&a).unwrap_or_default();
+        let announce = tokio::time::timeout(
+            INVALIDATION_DEADLINE,
+            self.redis
+                .durable()
+                .preferences_announce(&self.redis.keys, payload),
+        );
+        let (i, p) = tokio::join!(invalidate, announce);
+        if !matches!(i, Ok(Ok(_))) {
+            metrics::counter!("passerelle_preferences_after_write_errors_total", "op" => "invalidate")
+                .increment(1);
+            tracing::warn!(%user, "preferences written, but the gateway's copies were not invalidated");
+        }
+        if !matches!(p, Ok(Ok(_))) {
+            metrics::counter!("passerelle_preferences_after_write_errors_total", "op" => "announce")
+                .increment(1);
+            tracing::warn!(%user, "preferences written, but the change was not announced");
+        }
+    }
+}
+
+/// A parsed `If-Match`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum IfMatch {
+    Any,
+    Tags(Vec<u64>),
+}
+
+/// `If-Match: *` or strong tags of versions (`"12"`); weak tags never match a strong
+/// comparison, so `W/"12"` is read as no version at all (a 412 on any change). Anything
+/// else is a 400.
+fn if_match(headers: &HeaderMap) -> Result<Option<IfMatch>, PrefError> {
+    let mut tags = Vec::new();
+    let mut any = false;
+    let mut seen = false;
+    for line in headers.get_all(header::IF_MATCH) {
+        seen = true;
+        let line = line.to_str().map_err(|_| PrefError::BadIfMatch)?;
+        for t in line.split(',').map(str::trim) {
+            if t == "*" {
+                any = true;
+            } else if let Some(weak) = t.strip_prefix("W/") {
+                parse_tag(weak).ok_or(PrefError::BadIfMatch)?;
+                tags.push(0);
+            } else {
+                tags.push(parse_tag(t).ok_or(PrefError::BadIfMatch)?);
+            }
+        }
+    }
+    Ok(match (seen, any) {
+        (false, _) => None,
+        (true, true) => Some(IfMatch::Any),
+        (true, false) if tags.is_empty() => return Err(PrefError::BadIfMatch),
+        (true, false) => Some(IfMatch::Tags(tags)),
+    })
+}
+
+fn parse_tag(t: &str) -> Option<u64> {
+    let inner = t.strip_prefix('"')?.strip_suffix('"')?;
+    if inner.is_empty() || inner.len() > 19 || !inner.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    inner.parse().ok()
+}
+
+/// What a write asks of the stored document.
+struct WriteRequest {
+    if_match: Option<IfMatch>,
+    /// Whole-document precondition (`PUT`/`DELETE` of the document).
+    strict: bool,
+}
+
+impl WriteRequest {
+    fn from(headers: &HeaderMap, strict: bool) -> Result<Self, PrefError> {
+        Ok(Self {
+            if_match: if_match(headers)?,
+            strict,
+        })
+    }
+}
+
+/// A user id: 1 to 64 of `[A-Za-z0-9._-]` (what a token's `sub` or a key's owner is).
+fn user_id(raw: &str) -> Result<String, PrefError> {
+    let ok = (1..=64).contains(&raw.len())
+        && raw
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(raw.to_string())
+    } else {
+        Err(PrefError::InvalidUser)
+    }
+}
+
+fn json_response(status: StatusCode, body: &impl serde::Serialize, version: u64) -> Response {
+    let bytes = match serde_json::to_vec(body) {
+        Ok(b) => b,
+        Err(e) => return ApiError::Internal(e.to_string()).into_response(),
+    };
+    let mut res = (status, bytes).into_response();
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::ETAG, etag(version));
+    // One user's data: shared caches must not keep it (the gateway keys it per caller).
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));
+    res
+}
+
+/// 304 when `If-None-Match` names the current version.
+fn not_modified(headers: &HeaderMap, version: u64) -> Option<Response> {
+    let current = format!("\"{version}\"");
+    let hit = headers.get_all(header::IF_NONE_MATCH).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .map(str::trim)
+                .any(|t| t == "*" || t == current || t.strip_prefix("W/") == Some(&current))
+        })
+    });
+    hit.then(|| {
+        let mut res = StatusCode::NOT_MODIFIED.into_response();
+        res.headers_mut().insert(header::ETAG, etag(version));
+        res.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));
+        res
+    })
+}
+
+fn no_content(version: u64) -> Response {
+    let mut res = StatusCode::NO_CONTENT.into_response();
+    res.headers_mut().insert(header::ETAG, etag(version));
+    res
+}
+
+async fn get_document(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, PrefError> {
+    let user = user_id(&id)?;
+    s.authorize(&headers, &user).await?;
+    let stored = s.read(&user).await?;
+    if let Some(r) = not_modified(&headers, stored.version) {
+        return Ok(r);
+    }
+    let doc = s.schema.document(&user, &stored);
+    Ok(json_response(StatusCode::OK, &doc, doc.version))
+}
+
+/// The body of a document write: a JSON object of preference values.
+async fn object_body(req: Request) -> Result<Map<String, Value>, PrefError> {
+    let (body, _) = read_json::<Value>(req).await?;
+    match body {
+        Value::Object(m) => Ok(m),
+        _ => Err(PrefError::Api(ApiError::Validation(vec![
+            crate::api::FieldError::new("body", "preferences are a JSON object of values"),
+        ]))),
+    }
+}
+
+/// Encodes every member of `patch` merged into `read` (RFC 7396), or refuses them all.
+fn merge_changes(
+    schema: &Schema,
+    user: &str,
+    read: &Stored,
+    patch: &Map<String, Value>,
+    admin: bool,
+) -> Result<Vec<(String, Option<String>)>, PrefError> {
+    let current = schema.document(user, read);
+    let mut changes = Vec::with_capacity(patch.len());
+    let mut refused = Vec::new();
+    for (name, v) in patch {
+        let change = if v.is_null() {
+            schema.removable(name, admin).map(|()| None)
+        } else {
+            let merged = merge_value(current.values.get(name), v.clone());
+            schema.encode(name, &merged, admin).map(Some)
+        };
+        match change {
+            Ok(c) => changes.push((name.clone(), c)),
+            Err(r) => refused.push(r),
+        }
+    }
+    if refused.is_empty() {
+        Ok(changes)
+    } else {
+        Err(refused.into())
+    }
+}
+
+async fn patch_document(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Result<Response, PrefError> {
+    let user = user_id(&id)?;
+    let headers = req.headers().clone();
+    let caller = s.authorize(&headers, &user).await?;
+    let wr = WriteRequest::from(&headers, false)?;
+    let patch = object_body(req).await?;
+    let after = s
+        .write(&user, &wr, |read| {
+            merge_changes(&s.schema, &user, read, &patch, caller.admin)
+        })
+        .await?;
+    let doc = s.schema.document(&user, &after);
+    Ok(json_response(StatusCode::OK, &doc, doc.version))
+}
+
+/// The changes that make `read` hold exactly `wanted`: values equal to what the user sees
+/// by default are not stored (defaults are never copied), and preferences the caller may
+/// not write are left as they are when `wanted` does not change them.
+fn replace_changes(
+    schema: &Schema,
+    user: &str,
+    read: &Stored,
+    wanted: &Map<String, Value>,
+    admin: bool,
+) -> Result<Vec<(String, Option<String>)>, PrefError> {
+    let current = schema.document(user, read);
+    let mut changes = Vec::new();
+    let mut refused = Vec::new();
+    for (name, v) in wanted {
+        let unchanged = current.values.get(name) == Some(v);
+        let stored = read.values.contains_key(name);
+        if unchanged && (!stored || schema.removable(name, admin).is_err()) {
+            continue;
+        }
+        if v.is_null() {
+            if stored {
+                match schema.removable(name, admin) {
+                    Ok(()) => changes.push((name.clone(), None)),
+                    Err(r) => refused.push(r),
+                }
+            }
+            continue;
+        }
+        match schema.encode(name, v, admin) {
+            Ok(e) => changes.push((name.clone(), Some(e))),
+            Err(r) => refused.push(r),
+        }
+    }
+    for name in read.values.keys() {
+        if !wanted.contains_key(name) && schema.removable(name, admin).is_ok() {
+            changes.push((name.clone(), None));
+        }
+    }
+    if refused.is_empty() {
+        Ok(changes)
+    } else {
+        Err(refused.into())
+    }
+}
+
+async fn put_document(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Result<Response, PrefError> {
+    let user = user_id(&id)?;
+    let headers = req.headers().clone();
+    let caller = s.authorize(&headers, &user).await?;
+    let wr = WriteRequest::from(&headers, true)?;
+    let wanted = object_body(req).await?;
+    let after = s
+        .write(&user, &wr, |read| {
+            replace_changes(&s.schema, &user, read, &wanted, caller.admin)
+        })
+        .await?;
+    let doc = s.schema.document(&user, &after);
+    Ok(json_response(StatusCode::OK, &doc, doc.version))
+}
+
+async fn delete_document(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, PrefError> {
+    let user = user_id(&id)?;
+    let caller = s.authorize(&headers, &user).await?;
+    let wr = WriteRequest::from(&headers, true)?;
+    let after = s
+        .write(&user, &wr, |read| {
+            replace_changes(&s.schema, &user, read, &Map::new(), caller.admin)
+        })
+        .await?;
+    Ok(no_content(after.version))
+}
+
+/// The preference `name` of the path: known to the schema, else 404.
+fn known_name(schema: &Schema, name: &str) -> Result<(), PrefError> {
+    if schema.knows(name) {
+        Ok(())
+    } else {
+        Err(PrefError::UnknownPreference(
+            name.chars().take(80).collect(),
+        ))
+    }
+}
+
+async fn get_preference(
+    State(s): State<Shared>,
+    Path((id, name)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, PrefError> {
+    let user = user_id(&id)?;
+    known_name(&s.schema, &name)?;
+    s.authorize(&headers, &user).await?;
+    let stored = s.read(&user).await?;
+    if let Some(r) = not_modified(&headers, stored.version) {
+        return Ok(r);
+    }
+    let p = s
+        .schema
+        .preference(&name, &stored)
+        .ok_or_else(|| PrefError::UnknownPreference(name.clone()))?;
+    Ok(json_response(StatusCode::OK, &p, stored.version))
+}
+
+async fn put_preference(
+    State(s): State<Shared>,
+    Path((id, name)): Path<(String, String)>,
+    req: Request,
+) -> Result<Response, PrefError> {
+    let user = user_id(&id)?;
+    known_name(&s.schema, &name)?;
+    let headers = req.headers().clone();
+    let caller = s.authorize(&headers, &user).await?;
+    let wr = WriteRequest::from(&headers, false)?;
+    let (value, _) = read_json::<Value>(req).await?;
+    if value.is_null() {
+        return Err(PrefError::Api(ApiError::Validation(vec![
+            crate::api::FieldError::new(&name, "null is no value: DELETE the preference instead"),
+        ])));
+    }
+    let encoded = s.schema.encode(&name, &value, caller.admin)?;
+    let after = s
+        .write(&user, &wr, |_| {
+            Ok(vec![(name.clone(), Some(encoded.clone()))])
+        })
+        .await?;
+    let p = s
+        .schema
+        .preference(&name, &after)
+        .ok_or_else(|| PrefError::UnknownPreference(name.clone()))?;
+    Ok(json_response(StatusCode::OK, &p, after.version))
+}
+
+async fn delete_preference(
+    State(s): State<Shared>,
+    Path((id, name)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, PrefError> {
+    let user = user_id(&id)?;
+    known_name(&s.schema, &name)?;
+    let caller = s.authorize(&headers, &user).await?;
+    let wr = WriteRequest::from(&headers, false)?;
+    s.schema
+        .removable(&name, caller.admin)
+        .map_err(|r: Refusal| PrefError::from(r))?;
+    let after = s
+        .write(&user, &wr, |_| Ok(vec![(name.clone(), None)]))
+        .await?;
+    Ok(no_content(after.version))
+}
+
+/// The batch read's ids: `ids=1,2,3`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchBody {
+    ids: Vec<Value>,
+}
+
+async fn batch_get(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, PrefError> {
+    let q = q.unwrap_or_default();
+    let mut ids = None;
+    for (k, v) in form_pairs(&q) {
+        match k.as_str() {
+            "ids" => ids = Some(v),
+            other => {
+                return Err(ApiError::BadQuery(format!(
+                    "unknown parameter {other:?}; this takes ids=1,2,3"
+                ))
+                .into());
+            }
+        }
+    }
+    let ids = ids.ok_or_else(|| ApiError::BadQuery("ids=1,2,3 is required".into()))?;
+    let ids: Vec<String> = ids
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    batch(&s, &headers, ids).await
+}
+
+fn form_pairs(q: &str) -> Vec<(String, String)> {
+    serde_urlencoded::from_str::<Vec<(String, String)>>(q).unwrap_or_default()
+}
+
+async fn batch_post(State(s): State<Shared>, req: Request) -> Result<Response, PrefError> {
+    let headers = req.headers().clone();
+    let (body, _) = read_json::<BatchBody>(req).await?;
+    let mut ids = Vec::with_capacity(body.ids.len());
+    for v in body.ids {
+        match v {
+            Value::String(s) => ids.push(s),
+            Value::Number(n) => ids.push(n.to_string()),
+            _ => {
+                return Err(ApiError::Validation(vec![crate::api::FieldError::new(
+                    "ids",
+                    "ids are strings or numbers",
+                )])
+                .into());
+            }
+        }
+    }
+    batch(&s, &headers, ids).await
+}
+
+async fn batch(
+    s: &Preferences,
+    headers: &HeaderMap,
+    ids: Vec<String>,
+) -> Result<Response, PrefError> {
+    let caller = s.caller(headers)?;
+    if !caller.admin {
+        return Err(PrefError::Forbidden {
+            detail: "reading many users' preferences needs the admin scope".into(),
+            scope: Some(s.schema.config().admin_scope.clone()),
+        });
+    }
+    if ids.len() > MAX_BATCH {
+        return Err(PrefError::BatchTooLarge { max: MAX_BATCH });
+    }
+    let users = ids
+        .iter()
+        .map(|i| user_id(i))
+        .collect::<Result<Vec<_>, _>>()?;
+    let refs: Vec<&str> = users.iter().map(String::as_str).collect();
+    let stored = s
+        .redis
+        .durable()
+        .preferences_get_many(&s.redis.keys, &refs)
+        .await?;
+    let items: Vec<_> = users
+        .iter()
+        .zip(&stored)
+        .map(|(u, st)| s.schema.document(u, st))
+        .collect();
+    let mut res = json_response(StatusCode::OK, &json!({ "items": items }), 0);
+    res.headers_mut().remove(header::ETAG);
+    Ok(res)
+}
+
+/// `GET /users/{id}/preferences/events`: see [`events`].
+async fn stream(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, PrefError> {
+    let user = user_id(&id)?;
+    s.authorize(&headers, &user).await?;
+    let last_seen: Option<u64> = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok());
+    // Listen before reading, so no change falls between the read and the first message.
+    let listener = s.hub.listen(&user);
+    let stored = s.read(&user).await?;
+    let heartbeat = s.schema.config().heartbeat.get();
+    let events = event_stream(s.clone(), user, listener, stored, last_seen);
+    let mut res = Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(heartbeat).text("keep-alive"))
+        .into_response();
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // nginx and similar proxies must not buffer the stream.
+    res.headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(res)
+}
+
+fn document_event(schema: &Schema, user: &str, stored: &Stored) -> Event {
+    let doc = schema.document(user, stored);
+    Event::default()
+        .event("document")
+        .id(stored.version.to_string())
+        .json_data(&doc)
+        .unwrap_or_default()
+}
+
+fn event_stream(
+    s: Shared,
+    user: String,
+    listener: events::Listener,
+    first: Stored,
+    last_seen: Option<u64>,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    struct St {
+        s: Shared,
+        user: String,
+        listener: events::Listener,
+        sent: u64,
+        pending: Option<Event>,
+    }
+    let pending =
+        (last_seen != Some(first.version)).then(|| document_event(&s.schema, &user, &first));
+    let st = St {
+        sent: first.version,
+        pending,
+        s,
+        user,
+        listener,
+    };
+    futures_util::stream::unfold(st, |mut st| async move {
+        if let Some(e) = st.pending.take() {
+            return Some((Ok(e), st));
+        }
+        loop {
+            let signal = match st.listener.rx.recv().await {
+                Ok(sig) => sig,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => Signal::Resync,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            };
+            match signal {
+                // The next version: what it changed is all the client lacks.
+                Signal::Changed(a) if a.version == st.sent + 1 => {
+                    st.sent = a.version;
+                    let (values, sources) = st.s.schema.changed_values(&a.changed);
+                    let data =
+                        json!({ "version": a.version, "values": values, "sources": sources });
+                    let e = Event::default()
+                        .event("change")
+                        .id(a.version.to_string())
+                        .json_data(&data)
+                        .unwrap_or_default();
+                    return Some((Ok(e), st));
+                }
+                // Already sent (a document covered it), or announced out of order.
+                Signal::Changed(a) if a.version <= st.sent => continue,
+                // A version skipped: its announcement is late or lost; read the document.
+                Signal::Changed(_) | Signal::Resync => {
+                    // Missed messages are unknown: the document, when it moved.
+                    let Ok(stored) = st.s.read(&st.user).await else {
+                        continue;
+                    };
+                    if stored.version != st.sent {
+                        st.sent = stored.version;
+                        let e = document_event(&st.s.schema, &st.user, &stored);
+                        return Some((Ok(e), st));
+                    }
+                }
+            }
+        }
+    })
+}
