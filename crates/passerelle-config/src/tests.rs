@@ -173,7 +173,7 @@ fn a_file_layers_on_the_default() {
     let default = Config::load(None, Vec::new()).unwrap();
     assert_eq!(l.config.gateway.listen.port(), 9000);
     assert_eq!(l.config.routes.len(), default.routes.len(), "routes kept");
-    assert_eq!(l.config.upstreams.len(), 2);
+    assert_eq!(l.config.upstreams.len(), 3);
     assert_eq!(l.config.gateway.max_connections, 10_000, "sibling kept");
     assert!(l.warnings.is_empty(), "{:?}", l.warnings);
 }
@@ -187,7 +187,14 @@ fn routes_in_a_file_replace_the_default_routes() {
     assert_eq!(l.config.routes[0].name, "orders");
     // The demo upstreams are still there, unused: a warning each, and the gateway drops them.
     let unused: Vec<String> = l.warnings.iter().filter_map(|w| w.field.clone()).collect();
-    assert_eq!(unused, ["upstreams.products", "upstreams.users"]);
+    assert_eq!(
+        unused,
+        [
+            "upstreams.preferences",
+            "upstreams.products",
+            "upstreams.users"
+        ]
+    );
     assert!(
         l.warnings[0].to_string().contains("no route uses"),
         "{}",

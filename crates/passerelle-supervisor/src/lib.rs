@@ -487,101 +487,140 @@ async fn start_services(
         if seeded > 0 {
             println!("  seeded {seeded} {} (first start)", kind.name());
         }
-        state.update(|s| {
-            s.services.push(ServiceState {
-                name: kind.name().to_string(),
-                instances: Vec::new(),
-            })
-        });
+        let grace = match kind {
+            ServiceKind::Users => config.services.users.shutdown_grace.get(),
+            ServiceKind::Products => config.services.products.shutdown_grace.get(),
+        };
+        let service = ServiceToStart {
+            name: kind.name(),
+            args: vec!["--database-url".into(), url],
+            grace,
+        };
+        start_instances(config, opts, state, extra_env, children, tasks, service).await?;
+    }
+    // The preferences service keeps its data in the durable Redis: no database to prepare.
+    let service = ServiceToStart {
+        name: "preferences",
+        args: Vec::new(),
+        grace: config.preferences.shutdown_grace.get(),
+    };
+    start_instances(config, opts, state, extra_env, children, tasks, service).await
+}
 
-        let mut instances = Vec::new();
-        for i in 1..=config.up.instances {
-            let port = free_port()?;
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            let name = format!("{}-{i}", kind.name());
-            let mut args = Vec::new();
-            if let Some(p) = &opts.config_path {
-                args.extend(["--config".to_string(), p.display().to_string()]);
+/// One service `up` runs `up.instances` of.
+struct ServiceToStart {
+    name: &'static str,
+    /// Arguments after `service <name> --listen <addr>`.
+    args: Vec<String>,
+    grace: Duration,
+}
+
+/// Starts the instances of one service, waits until each answers its health check, and
+/// points the upstream pool of the same name at them (unless it lists endpoints already).
+async fn start_instances(
+    config: &mut Config,
+    opts: &UpOptions,
+    state: &Arc<StateFile>,
+    extra_env: &[(String, String)],
+    children: &CancellationToken,
+    tasks: &mut JoinSet<child::Outcome>,
+    service: ServiceToStart,
+) -> Result<(), UpError> {
+    let ServiceToStart {
+        name: service,
+        args: service_args,
+        grace,
+    } = service;
+    state.update(|s| {
+        s.services.push(ServiceState {
+            name: service.to_string(),
+            instances: Vec::new(),
+        })
+    });
+    let mut instances = Vec::new();
+    for i in 1..=config.up.instances {
+        let port = free_port()?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let name = format!("{service}-{i}");
+        let mut args = Vec::new();
+        if let Some(p) = &opts.config_path {
+            args.extend(["--config".to_string(), p.display().to_string()]);
+        }
+        args.extend([
+            "service".to_string(),
+            service.to_string(),
+            "--listen".into(),
+            addr.to_string(),
+        ]);
+        args.extend(service_args.iter().cloned());
+        args.extend([
+            "--instance".into(),
+            name.clone(),
+            "--worker-threads".into(),
+            "1".into(),
+        ]);
+        // The services read through the cache Redis and invalidate on writes; a managed
+        // Redis's URL (with its generated password) exists only in this process.
+        let env = [
+            config.redis.cache_target().map(|t| t.env_override("CACHE")),
+            config
+                .redis
+                .durable_target()
+                .map(|t| t.env_override("DURABLE")),
+        ]
+        .into_iter()
+        .flatten()
+        .chain(extra_env.iter().cloned())
+        .collect();
+        let spec = Spec {
+            name: name.clone(),
+            program: opts.exe.clone(),
+            args,
+            env,
+            inherit_output: true,
+        };
+        let c = child::spawn(&spec).map_err(|e| UpError::Service {
+            name: name.clone(),
+            reason: format!("cannot start {}: {e}", opts.exe.display()),
+        })?;
+        state.update(|s| {
+            if let Some(svc) = s.services.last_mut() {
+                svc.instances.push(ChildState::new(
+                    &name,
+                    &addr.to_string(),
+                    c.id(),
+                    ChildStatus::Starting,
+                ));
             }
-            args.extend([
-                "service".to_string(),
-                kind.name().to_string(),
-                "--listen".into(),
-                addr.to_string(),
-                "--database-url".into(),
-                url.clone(),
-                "--instance".into(),
-                name.clone(),
-                "--worker-threads".into(),
-                "1".into(),
-            ]);
-            // The services read through the cache Redis and invalidate on writes; a managed
-            // Redis's URL (with its generated password) exists only in this process.
-            let env = [
-                config.redis.cache_target().map(|t| t.env_override("CACHE")),
-                config
-                    .redis
-                    .durable_target()
-                    .map(|t| t.env_override("DURABLE")),
-            ]
-            .into_iter()
-            .flatten()
-            .chain(extra_env.iter().cloned())
-            .collect();
-            let spec = Spec {
+        });
+        let sup = Supervised {
+            spec,
+            grace: grace + Duration::from_secs(1),
+            ready: child::ready_check(move || wait_healthy(addr, Duration::from_secs(30))),
+            policy: child::RestartPolicy::default(),
+            what: format!("a {service} instance on {addr}"),
+        };
+        tasks.spawn(child::supervise(sup, c, state.clone(), children.clone()));
+        instances.push((name, addr));
+    }
+    for (name, addr) in &instances {
+        wait_healthy(*addr, Duration::from_secs(30))
+            .await
+            .map_err(|reason| UpError::Service {
                 name: name.clone(),
-                program: opts.exe.clone(),
-                args,
-                env,
-                inherit_output: true,
-            };
-            let c = child::spawn(&spec).map_err(|e| UpError::Service {
-                name: name.clone(),
-                reason: format!("cannot start {}: {e}", opts.exe.display()),
+                reason,
             })?;
-            state.update(|s| {
-                if let Some(svc) = s.services.last_mut() {
-                    svc.instances.push(ChildState::new(
-                        &name,
-                        &addr.to_string(),
-                        c.id(),
-                        ChildStatus::Starting,
-                    ));
-                }
-            });
-            let grace = match kind {
-                ServiceKind::Users => config.services.users.shutdown_grace.get(),
-                ServiceKind::Products => config.services.products.shutdown_grace.get(),
-            };
-            let sup = Supervised {
-                spec,
-                grace: grace + Duration::from_secs(1),
-                ready: child::ready_check(move || wait_healthy(addr, Duration::from_secs(30))),
-                policy: child::RestartPolicy::default(),
-                what: format!("a {} instance on {addr}", kind.name()),
-            };
-            tasks.spawn(child::supervise(sup, c, state.clone(), children.clone()));
-            instances.push((name, addr));
-        }
-        for (name, addr) in &instances {
-            wait_healthy(*addr, Duration::from_secs(30))
-                .await
-                .map_err(|reason| UpError::Service {
-                    name: name.clone(),
-                    reason,
-                })?;
-            // Restarted meanwhile, the supervisor has already said so.
-            state.update_child(name, |c| {
-                if c.status == ChildStatus::Starting && c.restarts == 0 {
-                    c.status = ChildStatus::Running;
-                }
-            });
-        }
-        if let Some(up) = config.upstreams.get_mut(kind.name())
-            && up.endpoints.is_empty()
-        {
-            up.endpoints = instances.iter().map(|(_, a)| a.to_string()).collect();
-        }
+        // Restarted meanwhile, the supervisor has already said so.
+        state.update_child(name, |c| {
+            if c.status == ChildStatus::Starting && c.restarts == 0 {
+                c.status = ChildStatus::Running;
+            }
+        });
+    }
+    if let Some(up) = config.upstreams.get_mut(service)
+        && up.endpoints.is_empty()
+    {
+        up.endpoints = instances.iter().map(|(_, a)| a.to_string()).collect();
     }
     Ok(())
 }

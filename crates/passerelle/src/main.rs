@@ -73,7 +73,7 @@ enum Command {
     },
     /// Run one instance of a service.
     Service {
-        /// `users` or `products`.
+        /// `users`, `products` or `preferences`.
         name: String,
         #[arg(long, default_value = "127.0.0.1:7000")]
         listen: SocketAddr,
@@ -391,12 +391,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             worker_threads,
             seed,
         } => {
-            let kind = ServiceKind::from_name(&name).ok_or_else(|| {
-                UsageError(format!("unknown service {name:?}; known: users, products"))
-            })?;
+            let kind = ServiceKind::from_name(&name);
+            if kind.is_none() && name != "preferences" {
+                return Err(UsageError(format!(
+                    "unknown service {name:?}; known: users, products, preferences"
+                ))
+                .into());
+            }
             let config = load(config_path, Flags::new())?.config;
             passerelle_http::telemetry::init(&config.telemetry)
                 .map_err(|e| UsageError(e.to_string()))?;
+            let threads = if worker_threads == 0 {
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            } else {
+                worker_threads
+            };
+            let Some(kind) = kind else {
+                return preferences_service(&config, listen, instance, threads);
+            };
             let svc = match kind {
                 ServiceKind::Users => &config.services.users,
                 ServiceKind::Products => &config.services.products,
@@ -412,11 +424,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if seed > 0 {
                 passerelle_services::prepare(kind, &database_url, seed)?;
             }
-            let threads = if worker_threads == 0 {
-                std::thread::available_parallelism().map_or(1, |n| n.get())
-            } else {
-                worker_threads
-            };
             let mut opts = ServiceOptions {
                 database_url,
                 instance: instance.unwrap_or_else(|| format!("{name}@{listen}")),
@@ -514,6 +521,38 @@ fn status(data_dir: &Path, json: bool) -> anyhow::Result<()> {
         anyhow::bail!("not every process is running and healthy");
     }
     Ok(())
+}
+
+/// `passerelle service preferences`: needs the durable Redis (it keeps nothing else).
+fn preferences_service(
+    config: &Config,
+    listen: SocketAddr,
+    instance: Option<String>,
+    threads: usize,
+) -> anyhow::Result<()> {
+    let identity = assertions(config)?;
+    runtime(threads)?.block_on(async {
+        let Some(redis) = passerelle_redis::Redis::from_config(&config.redis)? else {
+            return Err(UsageError(
+                "the preferences service keeps its data in Redis: set redis.url (or run \
+                 `passerelle up`, which starts one)"
+                    .into(),
+            )
+            .into());
+        };
+        let opts = passerelle_services::PreferencesOptions {
+            instance: instance.unwrap_or_else(|| format!("preferences@{listen}")),
+            grace: config.preferences.shutdown_grace.get(),
+            access_log: config.telemetry.access_log,
+            redis,
+            config: config.preferences.clone(),
+            identity,
+        };
+        let listener = bind(listen).await?;
+        passerelle_services::run_preferences(opts, listener, passerelle_http::shutdown::signal())
+            .await?;
+        Ok(())
+    })
 }
 
 /// How a service recognises the gateway's identity assertions (`None` without a secret:

@@ -50,7 +50,7 @@ use passerelle_config::PreferencesConfig;
 use passerelle_redis::Redis;
 use passerelle_redis::preferences::{Precondition, Stored, Write, WriteOutcome};
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use crate::api::{ApiError, read_json};
 use crate::identity::Assertions;
@@ -732,7 +732,11 @@ async fn batch(
         .zip(&stored)
         .map(|(u, st)| s.schema.document(u, st))
         .collect();
-    let mut res = json_response(StatusCode::OK, &json!({ "items": items }), 0);
+    #[derive(serde::Serialize)]
+    struct Items {
+        items: Vec<schema::Document>,
+    }
+    let mut res = json_response(StatusCode::OK, &Items { items }, 0);
     res.headers_mut().remove(header::ETAG);
     Ok(res)
 }
@@ -812,8 +816,11 @@ fn event_stream(
                 Signal::Changed(a) if a.version == st.sent + 1 => {
                     st.sent = a.version;
                     let (values, sources) = st.s.schema.changed_values(&a.changed);
-                    let data =
-                        json!({ "version": a.version, "values": values, "sources": sources });
+                    let data = schema::Change {
+                        version: a.version,
+                        values,
+                        sources,
+                    };
                     let e = Event::default()
                         .event("change")
                         .id(a.version.to_string())

@@ -37,6 +37,15 @@ pub struct Document {
     pub sources: BTreeMap<String, Source>,
 }
 
+/// What a write changed, as an event stream tells it: the new version, and the values
+/// (and sources) of the preferences it touched; the others are as they were.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Change {
+    pub version: u64,
+    pub values: Map<String, Value>,
+    pub sources: BTreeMap<String, Source>,
+}
+
 /// One preference as it is read.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Preference {
