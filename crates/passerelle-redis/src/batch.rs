@@ -11,12 +11,20 @@
 //! Scripts go by SHA (`EVALSHA`); on `NOSCRIPT` (a restarted or failed-over node) the
 //! batch's scripts are loaded and the group that failed is sent once more, so a batch must
 //! be safe to run twice: each of its commands idempotent.
+//!
+//! Cost, as [`crate::stats`] counts it: one round trip per batch on one server or a
+//! Sentinel primary (the pipeline goes through [`Conn`], which counts it), and one per
+//! stage on a cluster, however many slots it spans: the stage's pipelines go out together
+//! on the cluster connection itself (uncounted), and the stage is counted once, with all
+//! its commands. A `NOSCRIPT` reload adds its `SCRIPT LOAD`s and the resend.
 
 use futures_util::future::join_all;
+use redis::aio::ConnectionLike;
 use redis::{Cmd, ErrorKind, Pipeline, Script, ServerErrorKind, Value};
 
 use crate::connection::Conn;
 use crate::keys::hash_slot;
+use crate::stats;
 
 /// Commands to send together; see the module doc.
 #[derive(Default)]
@@ -122,7 +130,7 @@ impl Batch {
         } = self;
         // The commands are moved into the pipelines, never copied: a cache entry's value
         // can be a megabyte.
-        let Conn::Cluster(_) = conn else {
+        let Conn::Cluster(cluster) = conn else {
             let mut p = Pipeline::new();
             for e in entries {
                 p.add_command(e.cmd);
@@ -152,11 +160,28 @@ impl Batch {
             p.add_command(e.on_cluster.unwrap_or(e.cmd));
             members.push(i);
         }
+        // The cluster connection itself, not `conn`: a stage is one wait however many
+        // slots' pipelines it sends, so it is counted here once, not once per pipeline.
+        let inner = cluster.connection();
         for groups in stages {
+            if groups.is_empty() {
+                continue;
+            }
+            stats::record(groups.iter().map(|(_, p, _)| p.len()).sum());
             let sends = groups.iter().map(|(_, p, _)| {
-                let mut conn = conn.clone();
+                let mut conn = inner.clone();
                 let scripts = &scripts;
-                async move { send_group(&mut conn, p, scripts).await }
+                async move {
+                    let (result, reloaded) = send_reloading(&mut conn, p, scripts).await;
+                    if reloaded {
+                        // Uncounted on this connection: each SCRIPT LOAD, then the resend.
+                        for _ in 0..scripts.len() {
+                            stats::record(1);
+                        }
+                        stats::record(p.len());
+                    }
+                    result
+                }
             });
             let results = join_all(sends).await;
             for ((_, _, members), result) in groups.iter().zip(results) {
@@ -175,19 +200,31 @@ impl Batch {
 }
 
 /// Sends one pipeline; on `NOSCRIPT`, loads `scripts` (on every primary, for a cluster)
-/// and sends it once more.
-pub(crate) async fn send_group(
-    conn: &mut Conn,
+/// and sends it once more. Counted in [`crate::stats`] when `conn` is a [`Conn`].
+pub(crate) async fn send_group<C: ConnectionLike>(
+    conn: &mut C,
     p: &Pipeline,
     scripts: &[&'static Script],
 ) -> Result<Vec<Value>, redis::RedisError> {
+    send_reloading(conn, p, scripts).await.0
+}
+
+/// [`send_group`], also saying whether the scripts were loaded (and the pipeline resent).
+async fn send_reloading<C: ConnectionLike>(
+    conn: &mut C,
+    p: &Pipeline,
+    scripts: &[&'static Script],
+) -> (Result<Vec<Value>, redis::RedisError>, bool) {
     match p.query_async(conn).await {
         Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-            for s in scripts {
-                s.load_async(conn).await?;
-            }
-            p.query_async(conn).await
+            let resent = async {
+                for s in scripts {
+                    s.load_async(conn).await?;
+                }
+                p.query_async(conn).await
+            };
+            (resent.await, true)
         }
-        r => r,
+        r => (r, false),
     }
 }
