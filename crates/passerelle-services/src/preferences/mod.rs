@@ -206,13 +206,16 @@ impl Preferences {
             } else {
                 Precondition::Untouched(since)
             };
+            // A whole-document write is strict: a version other than the one just read
+            // (reads and writes go to one primary, so no newer one exists) fails now.
+            if req.strict && ifm.is_some_and(|v| v != read.version) {
+                metrics::counter!("passerelle_preferences_conflicts_total").increment(1);
+                return Err(PrefError::Conflict {
+                    version: read.version,
+                    changed: Vec::new(),
+                });
+            }
             if changes.is_empty() {
-                if req.strict && ifm.is_some_and(|v| v != read.version) {
-                    return Err(PrefError::Conflict {
-                        version: read.version,
-                        changed: Vec::new(),
-                    });
-                }
                 return Ok(read);
             }
             let pairs: Vec<(&str, Option<&str>)> = changes
