@@ -220,6 +220,11 @@ pub fn config_with(users: UpstreamConfig, products: UpstreamConfig) -> Config {
     c.gateway.admin_listen = None;
     c.upstreams.insert("users".into(), users);
     c.upstreams.insert("products".into(), products);
+    // The default's preferences routes need instances these tests do not start
+    // (tests/preferences.rs does).
+    c.routes
+        .retain(|r| r.upstream.as_deref() != Some("preferences"));
+    c.upstreams.remove("preferences");
     c
 }
 
@@ -426,10 +431,13 @@ pub async fn shipped_platform(
         &path,
         format!(
             "[redis]\n{}\n[rate_limiting]\nenabled = false\n\n\
-             [upstreams.users]\nendpoints = [\"{}\"]\n\n[upstreams.products]\nendpoints = [\"{}\"]\n\n{}",
+             [upstreams.users]\nendpoints = [\"{}\"]\n\n[upstreams.products]\nendpoints = [\"{}\"]\n\n\
+             [upstreams.preferences]\nendpoints = [\"{}\"]\n\n{}",
             redis.config_lines(),
             users.addr,
             products.addr,
+            // The default's preferences routes need a pool; these tests do not call them.
+            users.addr,
             test_issuer_toml()
         ),
     )
