@@ -184,7 +184,7 @@ impl Preferences {
         &self,
         user: &str,
         req: &WriteRequest,
-        mut changes_from: impl FnMut(&Stored) -> Result<Vec<(String, Option<String>)>, PrefError>,
+        mut changes_from: impl FnMut(&Stored) -> Result<Changes, PrefError>,
     ) -> Result<Stored, PrefError> {
         let cfg = self.schema.config();
         let if_match = match &req.if_match {
@@ -344,6 +344,9 @@ fn parse_tag(t: &str) -> Option<u64> {
     inner.parse().ok()
 }
 
+/// A write's changes: each preference's new encoded value, or `None` to remove it.
+type Changes = Vec<(String, Option<String>)>;
+
 /// What a write asks of the stored document.
 struct WriteRequest {
     if_match: Option<IfMatch>,
@@ -448,7 +451,7 @@ fn merge_changes(
     read: &Stored,
     patch: &Map<String, Value>,
     admin: bool,
-) -> Result<Vec<(String, Option<String>)>, PrefError> {
+) -> Result<Changes, PrefError> {
     let current = schema.document(user, read);
     let mut changes = Vec::with_capacity(patch.len());
     let mut refused = Vec::new();
@@ -471,23 +474,39 @@ fn merge_changes(
     }
 }
 
+/// How a document write turns its body and the stored document into changes.
+type ChangesOf =
+    fn(&Schema, &str, &Stored, &Map<String, Value>, bool) -> Result<Changes, PrefError>;
+
+/// A write of the document whose body is an object of values (`PATCH`, or `PUT` with
+/// `strict`), answered with the document after it.
+async fn write_document(
+    s: Shared,
+    id: String,
+    req: Request,
+    strict: bool,
+    changes_of: ChangesOf,
+) -> Result<Response, PrefError> {
+    let user = user_id(&id)?;
+    let headers = req.headers().clone();
+    let caller = s.authorize(&headers, &user).await?;
+    let wr = WriteRequest::from(&headers, strict)?;
+    let body = object_body(req).await?;
+    let after = s
+        .write(&user, &wr, |read| {
+            changes_of(&s.schema, &user, read, &body, caller.admin)
+        })
+        .await?;
+    let doc = s.schema.document(&user, &after);
+    Ok(json_response(StatusCode::OK, &doc, doc.version))
+}
+
 async fn patch_document(
     State(s): State<Shared>,
     Path(id): Path<String>,
     req: Request,
 ) -> Result<Response, PrefError> {
-    let user = user_id(&id)?;
-    let headers = req.headers().clone();
-    let caller = s.authorize(&headers, &user).await?;
-    let wr = WriteRequest::from(&headers, false)?;
-    let patch = object_body(req).await?;
-    let after = s
-        .write(&user, &wr, |read| {
-            merge_changes(&s.schema, &user, read, &patch, caller.admin)
-        })
-        .await?;
-    let doc = s.schema.document(&user, &after);
-    Ok(json_response(StatusCode::OK, &doc, doc.version))
+    write_document(s, id, req, false, merge_changes).await
 }
 
 /// The changes that make `read` hold exactly `wanted`: values equal to what the user sees
@@ -499,7 +518,7 @@ fn replace_changes(
     read: &Stored,
     wanted: &Map<String, Value>,
     admin: bool,
-) -> Result<Vec<(String, Option<String>)>, PrefError> {
+) -> Result<Changes, PrefError> {
     let current = schema.document(user, read);
     let mut changes = Vec::new();
     let mut refused = Vec::new();
@@ -540,18 +559,7 @@ async fn put_document(
     Path(id): Path<String>,
     req: Request,
 ) -> Result<Response, PrefError> {
-    let user = user_id(&id)?;
-    let headers = req.headers().clone();
-    let caller = s.authorize(&headers, &user).await?;
-    let wr = WriteRequest::from(&headers, true)?;
-    let wanted = object_body(req).await?;
-    let after = s
-        .write(&user, &wr, |read| {
-            replace_changes(&s.schema, &user, read, &wanted, caller.admin)
-        })
-        .await?;
-    let doc = s.schema.document(&user, &after);
-    Ok(json_response(StatusCode::OK, &doc, doc.version))
+    write_document(s, id, req, true, replace_changes).await
 }
 
 async fn delete_document(
