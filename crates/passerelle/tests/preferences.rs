@@ -35,8 +35,9 @@ const EVENTS_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The gateway's configuration, layered on the shipped default like a user's file: the
 /// preferences routes as `config/passerelle.toml` ships them (the events route with a short
-/// timeout), a 200 ms heartbeat, no rate limits (these tests count cache entries, not
-/// clients), and the secrets shared with the services.
+/// timeout), a 200 ms heartbeat and a pool whose bodies may not idle that long (so only the
+/// route's `streaming` keeps a stream open), no rate limits (these tests count cache
+/// entries, not clients), and the secrets shared with the services.
 fn config_text(redis: &TestRedis, instances: &[SocketAddr]) -> String {
     let endpoints = instances
         .iter()
@@ -66,6 +67,8 @@ heartbeat = "200ms"
 endpoints = [{endpoints}]
 balance = "round_robin"
 try_timeout = "2s"
+# Shorter than the heartbeat: only a `streaming` route's answers may stay quiet this long.
+body_idle_timeout = "150ms"
 
 [upstreams.preferences.health_check]
 interval = "200ms"
