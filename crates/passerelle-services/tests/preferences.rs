@@ -428,12 +428,19 @@ async fn patches_follow_json_merge_patch_and_a_top_level_null_restores_the_defau
         let d = patch_ok(
             &me,
             "7",
-            &json!({"layout": {"sidebar": {"width": 200, "open": true}, "columns": ["name", "email"]}}),
+            &json!({"layout": {
+                "sidebar": {"width": 200, "open": true},
+                "columns": ["name", "email"],
+            }}),
         )
         .await;
         assert_eq!(
             d["values"]["layout"],
-            json!({"density": "comfortable", "sidebar": {"width": 200, "open": true}, "columns": ["name", "email"]})
+            json!({
+                "density": "comfortable",
+                "sidebar": {"width": 200, "open": true},
+                "columns": ["name", "email"],
+            })
         );
         assert_eq!(d["sources"]["layout"], "user");
         assert_eq!(d["version"], 1);
@@ -442,7 +449,11 @@ async fn patches_follow_json_merge_patch_and_a_top_level_null_restores_the_defau
         let d = patch_ok(
             &me,
             "7",
-            &json!({"layout": {"sidebar": {"open": null, "pinned": true}, "columns": ["email"], "density": null}}),
+            &json!({"layout": {
+                "sidebar": {"open": null, "pinned": true},
+                "columns": ["email"],
+                "density": null,
+            }}),
         )
         .await;
         let expected = json!({"sidebar": {"width": 200, "pinned": true}, "columns": ["email"]});
@@ -478,7 +489,13 @@ async fn patches_follow_json_merge_patch_and_a_top_level_null_restores_the_defau
         );
         assert_eq!(fields(&p), ["layout"]);
         let p = problem(
-            &patch(&me, "7", &json!({"layout": {"x": 1}, "page_size": 1000}), None).await,
+            &patch(
+                &me,
+                "7",
+                &json!({"layout": {"x": 1}, "page_size": 1000}),
+                None,
+            )
+            .await,
             422,
             "urn:passerelle:problem:validation",
         );
@@ -758,6 +775,9 @@ async fn if_match_guards_the_touched_preferences_and_whole_document_writes_stric
             ),
             (Method::DELETE, "", "\"2\""),
             (Method::DELETE, "", "\"0\""),
+            // A version that never was.
+            (Method::PUT, r#"{"theme": "light"}"#, "\"99\""),
+            (Method::DELETE, "", "\"99\""),
         ] {
             let r = send(
                 &me,
@@ -937,6 +957,46 @@ async fn concurrent_writers_of_different_preferences_all_win_and_of_one_only_one
             stored_value(&stored_hash(&server, &keys, "7"), "page_size"),
             json!(10 + won[0])
         );
+
+        // Without If-Match, concurrent merges into one object preference lose no member:
+        // a write that raced another is retried on the new value (six writers cannot make
+        // one lose all its attempts).
+        let writes = (0..6).map(|i| {
+            let me = me.clone();
+            async move { patch(&me, "7", &json!({"layout": { format!("m{i}"): i }}), None).await }
+        });
+        for (i, r) in futures_util::future::join_all(writes)
+            .await
+            .iter()
+            .enumerate()
+        {
+            assert_eq!(r.status, 200, "m{i}: {}", r.text());
+        }
+        let layout = get_document(&me, "7").await["values"]["layout"].clone();
+        for i in 0..6 {
+            assert_eq!(layout[format!("m{i}")], i, "m{i} in {layout}");
+        }
+        // Thirty at once: a writer may run out of attempts (503, Retry-After), but every
+        // member answered 200 is there and no member answered 503 is.
+        let writes = (0..30).map(|i| {
+            let me = me.clone();
+            async move { patch(&me, "7", &json!({"layout": { format!("n{i}"): i }}), None).await }
+        });
+        let replies = futures_util::future::join_all(writes).await;
+        let layout = get_document(&me, "7").await["values"]["layout"].clone();
+        for (i, r) in replies.iter().enumerate() {
+            let member = &layout[format!("n{i}")];
+            match r.status.as_u16() {
+                200 => assert_eq!(*member, i, "n{i} was acknowledged: {layout}"),
+                503 => {
+                    r.assert_problem(503);
+                    assert_eq!(r.header("retry-after"), Some("1"));
+                    assert!(member.is_null(), "n{i} was refused: {layout}");
+                }
+                other => panic!("n{i}: {other} {}", r.text()),
+            }
+        }
+        assert!(replies.iter().any(|r| r.status == 200));
     })
     .await;
 }
@@ -1434,46 +1494,54 @@ async fn bad_requests_get_precise_problems_and_change_nothing() {
         let limits = "max_value_size = \"256B\"\nmax_document_size = \"1KiB\"\n\
                       max_request_body = \"4KiB\"";
         let svc = Service::start(&server, config(limits, ""), "preferences-1").await;
-        patch_ok(&svc.as_user("7"), "7", &json!({"theme": "dark", "x-note": "mine"})).await;
+        patch_ok(
+            &svc.as_user("7"),
+            "7",
+            &json!({"theme": "dark", "x-note": "mine"}),
+        )
+        .await;
         patch_ok(&svc.as_user("8"), "8", &json!({"language": "de"})).await;
 
         let other = Some(assertion("8", &[]));
         let nobody = None;
         let expired = Some(assertion_until("7", &[], now() - 10));
-        let forged = Some(
-            Signer::new(&[Secret::new("a-guess")])
-                .unwrap()
-                .sign(
-                    &Principal {
-                        subject: "7".into(),
-                        key_id: None,
-                        scopes: Scopes::new([ADMIN_SCOPE]),
-                        tier: None,
-                        expires: None,
-                    },
-                    now() + 60,
-                ),
-        );
+        let forged = Some(Signer::new(&[Secret::new("a-guess")]).unwrap().sign(
+            &Principal {
+                subject: "7".into(),
+                key_id: None,
+                scopes: Scopes::new([ADMIN_SCOPE]),
+                tier: None,
+                expires: None,
+            },
+            now() + 60,
+        ));
         let quarter = json!("q".repeat(240)); // 242 bytes of JSON: under max_value_size
         let mut cases = vec![
             Bad::patch("malformed JSON", r#"{"theme": "#).is(400, INVALID_JSON),
             Bad::patch("not JSON at all", "theme=dark").is(400, INVALID_JSON),
             Bad::patch("an array", "[1, 2]").invalid(&["body"]),
             Bad::patch("null", "null").invalid(&["body"]),
-            Bad::new("a string document", Method::PUT, "/users/7/preferences", "\"dark\"")
-                .invalid(&["body"]),
+            Bad::new(
+                "a string document",
+                Method::PUT,
+                "/users/7/preferences",
+                "\"dark\"",
+            )
+            .invalid(&["body"]),
             Bad::patch("a number for a string", r#"{"theme": 3}"#).invalid(&["theme"]),
             Bad::patch("a value not listed", r#"{"theme": "pink"}"#).invalid(&["theme"]),
             Bad::patch("over max", r#"{"page_size": 101}"#).invalid(&["page_size"]),
             Bad::patch("under min", r#"{"page_size": 9}"#).invalid(&["page_size"]),
             Bad::patch("not an integer", r#"{"page_size": 20.5}"#).invalid(&["page_size"]),
-            Bad::patch("a string for an integer", r#"{"page_size": "20"}"#)
-                .invalid(&["page_size"]),
+            Bad::patch("a string for an integer", r#"{"page_size": "20"}"#).invalid(&["page_size"]),
             Bad::patch("too long", json!({"language": "x".repeat(36)}).to_string())
                 .invalid(&["language"]),
             Bad::patch("not an object", r#"{"layout": "wide"}"#).invalid(&["layout"]),
-            Bad::patch("every bad field", r#"{"theme": 3, "page_size": 0, "language": "en"}"#)
-                .invalid(&["page_size", "theme"]),
+            Bad::patch(
+                "every bad field",
+                r#"{"theme": 3, "page_size": 0, "language": "en"}"#,
+            )
+            .invalid(&["page_size", "theme"]),
             Bad::patch("an undeclared name", r#"{"colour": "red"}"#).invalid(&["colour"]),
             Bad::patch("an upper-case name", r#"{"Theme": "dark"}"#).invalid(&["Theme"]),
             Bad::patch("an upper-case free-form name", r#"{"x-Note": 1}"#).invalid(&["x-Note"]),
@@ -1486,22 +1554,60 @@ async fn bad_requests_get_precise_problems_and_change_nothing() {
                 json!({ format!("x-{}", "n".repeat(63)): 1 }).to_string(),
             )
             .invalid(&[]),
-            Bad::new("undeclared in a PUT", Method::PUT, "/users/7/preferences", r#"{"colour": 1}"#)
-                .invalid(&["colour"]),
-            Bad::new("undeclared by path", Method::PUT, "/users/7/preferences/colour", "1")
-                .is(404, NOT_FOUND),
-            Bad::new("upper case by path", Method::PUT, "/users/7/preferences/Theme", "\"dark\"")
-                .is(404, NOT_FOUND),
-            Bad::new("undeclared deleted", Method::DELETE, "/users/7/preferences/colour", "")
-                .is(404, NOT_FOUND),
-            Bad::new("the version field by path", Method::PUT, "/users/7/preferences/%23v", "1")
-                .is(404, NOT_FOUND),
-            Bad::new("undeclared read", Method::GET, "/users/7/preferences/colour", "")
-                .is(404, NOT_FOUND),
-            Bad::new("a bad value by path", Method::PUT, "/users/7/preferences/page_size", "5")
-                .invalid(&["page_size"]),
-            Bad::patch("a value over max_value_size", json!({"x-big": "b".repeat(300)}).to_string())
-                .is(413, LIMIT),
+            Bad::new(
+                "undeclared in a PUT",
+                Method::PUT,
+                "/users/7/preferences",
+                r#"{"colour": 1}"#,
+            )
+            .invalid(&["colour"]),
+            Bad::new(
+                "undeclared by path",
+                Method::PUT,
+                "/users/7/preferences/colour",
+                "1",
+            )
+            .is(404, NOT_FOUND),
+            Bad::new(
+                "upper case by path",
+                Method::PUT,
+                "/users/7/preferences/Theme",
+                "\"dark\"",
+            )
+            .is(404, NOT_FOUND),
+            Bad::new(
+                "undeclared deleted",
+                Method::DELETE,
+                "/users/7/preferences/colour",
+                "",
+            )
+            .is(404, NOT_FOUND),
+            Bad::new(
+                "the version field by path",
+                Method::PUT,
+                "/users/7/preferences/%23v",
+                "1",
+            )
+            .is(404, NOT_FOUND),
+            Bad::new(
+                "undeclared read",
+                Method::GET,
+                "/users/7/preferences/colour",
+                "",
+            )
+            .is(404, NOT_FOUND),
+            Bad::new(
+                "a bad value by path",
+                Method::PUT,
+                "/users/7/preferences/page_size",
+                "5",
+            )
+            .invalid(&["page_size"]),
+            Bad::patch(
+                "a value over max_value_size",
+                json!({"x-big": "b".repeat(300)}).to_string(),
+            )
+            .is(413, LIMIT),
             Bad::new(
                 "a value over max_value_size by path",
                 Method::PUT,
@@ -1511,8 +1617,10 @@ async fn bad_requests_get_precise_problems_and_change_nothing() {
             .is(413, LIMIT),
             Bad::patch(
                 "a document over max_document_size",
-                json!({"x-1": quarter, "x-2": quarter, "x-3": quarter, "x-4": quarter, "x-5": quarter})
-                    .to_string(),
+                json!({
+                    "x-1": quarter, "x-2": quarter, "x-3": quarter, "x-4": quarter, "x-5": quarter,
+                })
+                .to_string(),
             )
             .is(413, LIMIT),
             Bad::patch(
@@ -1524,45 +1632,101 @@ async fn bad_requests_get_precise_problems_and_change_nothing() {
                 .header("if-match", "12")
                 .is(400, BAD_IF_MATCH),
             Bad::patch("a read-only preference", r#"{"plan": "pro"}"#).is(403, FORBIDDEN),
-            Bad::new("a read-only preference by path", Method::PUT, "/users/7/preferences/plan", "\"pro\"")
-                .is(403, FORBIDDEN),
-            Bad::new("a read-only preference removed", Method::DELETE, "/users/7/preferences/plan", "")
-                .is(403, FORBIDDEN),
-            Bad::new("another user's document", Method::GET, "/users/7/preferences", "")
-                .by(other.clone())
-                .is(403, FORBIDDEN),
-            Bad::new("another user's preference", Method::GET, "/users/7/preferences/theme", "")
-                .by(other.clone())
-                .is(403, FORBIDDEN),
-            Bad::patch("a write of another user's document", r#"{"theme": "light"}"#)
-                .by(other.clone())
-                .is(403, FORBIDDEN),
-            Bad::new("another user's document removed", Method::DELETE, "/users/7/preferences", "")
-                .by(other.clone())
-                .is(403, FORBIDDEN),
-            Bad::new("no identity, a read", Method::GET, "/users/7/preferences", "")
-                .by(nobody.clone())
-                .is(401, UNAUTHORIZED),
+            Bad::new(
+                "a read-only preference by path",
+                Method::PUT,
+                "/users/7/preferences/plan",
+                "\"pro\"",
+            )
+            .is(403, FORBIDDEN),
+            Bad::new(
+                "a read-only preference removed",
+                Method::DELETE,
+                "/users/7/preferences/plan",
+                "",
+            )
+            .is(403, FORBIDDEN),
+            Bad::new(
+                "another user's document",
+                Method::GET,
+                "/users/7/preferences",
+                "",
+            )
+            .by(other.clone())
+            .is(403, FORBIDDEN),
+            Bad::new(
+                "another user's preference",
+                Method::GET,
+                "/users/7/preferences/theme",
+                "",
+            )
+            .by(other.clone())
+            .is(403, FORBIDDEN),
+            Bad::patch(
+                "a write of another user's document",
+                r#"{"theme": "light"}"#,
+            )
+            .by(other.clone())
+            .is(403, FORBIDDEN),
+            Bad::new(
+                "another user's document removed",
+                Method::DELETE,
+                "/users/7/preferences",
+                "",
+            )
+            .by(other.clone())
+            .is(403, FORBIDDEN),
+            Bad::new(
+                "no identity, a read",
+                Method::GET,
+                "/users/7/preferences",
+                "",
+            )
+            .by(nobody.clone())
+            .is(401, UNAUTHORIZED),
             Bad::patch("no identity, a write", r#"{"theme": "light"}"#)
                 .by(nobody.clone())
                 .is(401, UNAUTHORIZED),
             Bad::patch("an expired identity", r#"{"theme": "light"}"#)
                 .by(expired)
                 .is(401, UNAUTHORIZED),
-            Bad::patch("an identity signed with another secret", r#"{"theme": "light"}"#)
-                .by(forged)
-                .is(401, UNAUTHORIZED),
+            Bad::patch(
+                "an identity signed with another secret",
+                r#"{"theme": "light"}"#,
+            )
+            .by(forged)
+            .is(401, UNAUTHORIZED),
             Bad::patch("a garbled identity", r#"{"theme": "light"}"#)
                 .by(Some("v1.e30.AAAA".into()))
                 .is(401, UNAUTHORIZED),
-            Bad::new("a space in the user id", Method::GET, "/users/a%20b/preferences", "")
-                .is(400, INVALID_ID),
-            Bad::new("a colon in the user id", Method::PATCH, "/users/7:8/preferences", "{}")
-                .is(400, INVALID_ID),
-            Bad::new("a brace in the user id", Method::PATCH, "/users/7%7D/preferences", "{}")
-                .is(400, INVALID_ID),
-            Bad::new("a non-ASCII user id", Method::GET, "/users/%C3%A9/preferences/theme", "")
-                .is(400, INVALID_ID),
+            Bad::new(
+                "a space in the user id",
+                Method::GET,
+                "/users/a%20b/preferences",
+                "",
+            )
+            .is(400, INVALID_ID),
+            Bad::new(
+                "a colon in the user id",
+                Method::PATCH,
+                "/users/7:8/preferences",
+                "{}",
+            )
+            .is(400, INVALID_ID),
+            Bad::new(
+                "a brace in the user id",
+                Method::PATCH,
+                "/users/7%7D/preferences",
+                "{}",
+            )
+            .is(400, INVALID_ID),
+            Bad::new(
+                "a non-ASCII user id",
+                Method::GET,
+                "/users/%C3%A9/preferences/theme",
+                "",
+            )
+            .is(400, INVALID_ID),
             Bad::new(
                 "a user id over 64 characters",
                 Method::GET,
@@ -1576,11 +1740,21 @@ async fn bad_requests_get_precise_problems_and_change_nothing() {
             Bad::patch("no Content-Type", r#"{"theme": "light"}"#)
                 .without_content_type()
                 .is(415, "about:blank"),
-            Bad::new("text/plain by path", Method::PUT, "/users/7/preferences/theme", "\"light\"")
-                .header("content-type", "text/plain")
-                .is(415, "about:blank"),
-            Bad::new("POST of a document", Method::POST, "/users/7/preferences", "{}")
-                .is(405, "about:blank"),
+            Bad::new(
+                "text/plain by path",
+                Method::PUT,
+                "/users/7/preferences/theme",
+                "\"light\"",
+            )
+            .header("content-type", "text/plain")
+            .is(415, "about:blank"),
+            Bad::new(
+                "POST of a document",
+                Method::POST,
+                "/users/7/preferences",
+                "{}",
+            )
+            .is(405, "about:blank"),
         ];
         // Every malformed If-Match, on each kind of write.
         for bad in ["12", "\"abc\"", "W/", "W/12", "\"1\"x"] {
@@ -1642,13 +1816,50 @@ async fn bad_requests_get_precise_problems_and_change_nothing() {
         let d = get_document(&admin, "7").await;
         assert_eq!(d["values"]["theme"], "dark");
         let d = patch_ok(&admin, "7", &json!({"plan": "pro", "theme": "light"})).await;
-        assert_eq!((d["values"]["plan"].clone(), d["sources"]["plan"].clone()), (json!("pro"), json!("user")));
+        assert_eq!(
+            (d["values"]["plan"].clone(), d["sources"]["plan"].clone()),
+            (json!("pro"), json!("user"))
+        );
         // The user reads it, and may not remove it.
         let me = svc.as_user("7");
         assert_eq!(get_document(&me, "7").await["values"]["plan"], "pro");
-        let r = send(&me, Method::PUT, "/users/7/preferences", &[], r#"{"theme": "dark", "plan": "pro"}"#).await;
-        assert_eq!(r.status, 200, "keeping a read-only value as it is: {}", r.text());
-        assert_eq!(r.json()["values"]["plan"], "pro", "a user's whole-document PUT keeps it");
+        let r = send(
+            &me,
+            Method::PUT,
+            "/users/7/preferences",
+            &[],
+            r#"{"theme": "dark", "plan": "pro"}"#,
+        )
+        .await;
+        assert_eq!(
+            r.status,
+            200,
+            "keeping a read-only value as it is: {}",
+            r.text()
+        );
+        assert_eq!(r.json()["values"]["plan"], "pro");
+        let r = send(
+            &me,
+            Method::PUT,
+            "/users/7/preferences",
+            &[],
+            r#"{"theme": "light"}"#,
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let d = r.json();
+        assert_eq!(
+            (d["values"]["plan"].clone(), d["values"]["theme"].clone()),
+            (json!("pro"), json!("light")),
+            "a user's whole-document PUT leaves what they may not write"
+        );
+        let r = me
+            .send(Method::DELETE, "/users/7/preferences", &[], Bytes::new())
+            .await;
+        assert_eq!(r.status, 204);
+        let d = get_document(&me, "7").await;
+        assert_eq!(d["values"]["plan"], "pro", "and so does their DELETE");
+        assert_eq!(d["sources"]["theme"], "default");
     })
     .await;
 }
