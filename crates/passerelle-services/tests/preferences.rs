@@ -1169,6 +1169,92 @@ async fn matching_users_documents_expire_and_each_write_renews_them() {
     .await;
 }
 
+/// An expiring document's versions start from the clock: written again after it expired,
+/// it never hands out an ETag of its previous life, so a client's old tag gets no 304 and
+/// no If-Match pass.
+#[tokio::test]
+async fn a_document_written_again_after_expiring_never_reuses_an_etag() {
+    within(async {
+        let server = TestRedis::start();
+        let classes = "[preferences.expire.trials]\nusers = \"trial-*\"\nafter = \"300ms\"\n";
+        let svc = Service::start(&server, config("", classes), "preferences-1").await;
+        let trial = svc.as_user("trial-2");
+        let first = patch(&trial, "trial-2", &json!({"theme": "dark"}), None).await;
+        assert_eq!(first.status, 200);
+        let old_tag = first.header("etag").unwrap().to_string();
+        wait_until(
+            Duration::from_secs(5),
+            "trial-2's document to expire",
+            || {
+                let trial = trial.clone();
+                async move { get_document(&trial, "trial-2").await["version"] == 0 }
+            },
+        )
+        .await;
+        let again = patch(&trial, "trial-2", &json!({"theme": "light"}), None).await;
+        assert_eq!(again.status, 200);
+        assert_ne!(
+            again.header("etag").unwrap(),
+            old_tag,
+            "a new life, a new ETag"
+        );
+        let r = trial
+            .send(
+                Method::GET,
+                "/users/trial-2/preferences",
+                &[("if-none-match", old_tag.as_str())],
+                Bytes::new(),
+            )
+            .await;
+        assert_eq!(r.status, 200, "the old tag names no current version");
+        assert_eq!(r.json()["values"]["theme"], "light");
+        patch(&trial, "trial-2", &json!({"theme": "dark"}), Some(&old_tag))
+            .await
+            .assert_problem(412);
+    })
+    .await;
+}
+
+/// Conditions that name a version the document never had, a replacement that changes
+/// nothing, and a batch query that names its ids twice.
+#[tokio::test]
+async fn unknown_versions_fail_identical_replacements_write_nothing_and_ids_come_once() {
+    within(async {
+        let server = TestRedis::start();
+        let svc = Service::start(&server, config("", ""), "preferences-1").await;
+        let me = svc.as_user("7");
+        patch_ok(&me, "7", &json!({"theme": "dark"})).await;
+        let doc = patch_ok(&me, "7", &json!({"page_size": 50})).await;
+        assert_eq!(doc["version"], 2);
+        // A version never issued (the document is at 2) is no version of this document.
+        patch(&me, "7", &json!({"language": "fr"}), Some("\"99\""))
+            .await
+            .assert_problem(412);
+        assert_eq!(get_document(&me, "7").await["version"], 2);
+        // PUT of the values the user already has: nothing written, no new version.
+        let r = send(
+            &me,
+            Method::PUT,
+            "/users/7/preferences",
+            &[("if-match", "\"2\"")],
+            &doc["values"].to_string(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("etag"), Some("\"2\""));
+        // So a page that read version 1 may still change what the PUT repeated.
+        let r = patch(&me, "7", &json!({"language": "de"}), Some("\"1\"")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        // A batch read names its ids once.
+        let r = svc
+            .as_admin()
+            .send(Method::GET, "/preferences?ids=1&ids=2", &[], Bytes::new())
+            .await;
+        r.assert_problem(400);
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------------------------------
 // 7. Batch reads.
 

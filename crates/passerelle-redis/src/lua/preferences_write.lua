@@ -67,7 +67,17 @@ for i = 1, #all, 2 do
     end
   end
 end
-local next_version = current + 1
+-- A document that expires starts its versions from the clock (milliseconds), so one that
+-- expired and is written again never hands out an ETag its previous life did (a client
+-- holding it would get 304s and pass If-Match): that life ended at least a TTL after its
+-- last write, and it would have needed more than a write per millisecond to catch up.
+-- Documents that never expire start from 1: their key, with its version, stays.
+local base = current
+if base == 0 and ttl > 0 then
+  local now = redis.call('TIME')
+  base = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+end
+local next_version = base + 1
 local prefix_len = #tostring(next_version) + 1
 for i = 7, #ARGV, 2 do
   if ARGV[i + 1] == '' then

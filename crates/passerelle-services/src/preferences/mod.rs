@@ -62,7 +62,7 @@ use schema::{Refusal, Schema, merge_value};
 pub const MAX_BATCH: usize = 1000;
 /// Times a write without `If-Match` is retried when a concurrent write got in between its
 /// read and its write.
-const WRITE_ATTEMPTS: usize = 8;
+const WRITE_ATTEMPTS: usize = 16;
 /// How long a write's invalidation of the gateway's copies may take.
 const INVALIDATION_DEADLINE: Duration = Duration::from_secs(1);
 
@@ -191,7 +191,12 @@ impl Preferences {
             None if cfg.require_if_match => return Err(PrefError::PreconditionRequired),
             m => m.clone(),
         };
-        for _ in 0..WRITE_ATTEMPTS {
+        for attempt in 0..WRITE_ATTEMPTS {
+            if attempt > 0 {
+                // Writers racing on one document: spread their next tries.
+                let ms = fastrand::u64(0..=(2 * attempt as u64).min(20));
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
             let read = self.read(user).await?;
             let changes = changes_from(&read)?;
             let ifm = match &if_match {
@@ -206,9 +211,10 @@ impl Preferences {
             } else {
                 Precondition::Untouched(since)
             };
-            // A whole-document write is strict: a version other than the one just read
-            // (reads and writes go to one primary, so no newer one exists) fails now.
-            if req.strict && ifm.is_some_and(|v| v != read.version) {
+            // Reads and writes go to one primary, so no version newer than the one just
+            // read exists: a client naming one is wrong (412). A whole-document write is
+            // strict: any version other than the one just read fails now.
+            if ifm.is_some_and(|v| v > read.version || (req.strict && v != read.version)) {
                 metrics::counter!("passerelle_preferences_conflicts_total").increment(1);
                 return Err(PrefError::Conflict {
                     version: read.version,
@@ -523,11 +529,11 @@ fn replace_changes(
     let mut changes = Vec::new();
     let mut refused = Vec::new();
     for (name, v) in wanted {
-        let unchanged = current.values.get(name) == Some(v);
-        let stored = read.values.contains_key(name);
-        if unchanged && (!stored || schema.removable(name, admin).is_err()) {
+        // The value it has (the user's, or a default not worth copying): nothing to write.
+        if current.values.get(name) == Some(v) {
             continue;
         }
+        let stored = read.values.contains_key(name);
         if v.is_null() {
             if stored {
                 match schema.removable(name, admin) {
@@ -671,6 +677,12 @@ async fn batch_get(
     let mut ids = None;
     for (k, v) in form_pairs(&q) {
         match k.as_str() {
+            "ids" if ids.is_some() => {
+                return Err(ApiError::BadQuery(
+                    "ids is given once, as a comma-separated list: ids=1,2,3".into(),
+                )
+                .into());
+            }
             "ids" => ids = Some(v),
             other => {
                 return Err(ApiError::BadQuery(format!(
