@@ -30,36 +30,34 @@
 //! limit is refused whole. After each write the gateway's cached copies are invalidated
 //! (tag `/users/{id}/preferences`) and the change is announced to the event streams.
 
+pub mod batch;
+mod conditions;
 pub mod error;
 pub mod events;
 pub mod schema;
+mod stream;
 pub mod user_check;
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Path, RawQuery, Request, State};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use futures_util::Stream;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use passerelle_config::PreferencesConfig;
 use passerelle_redis::Redis;
 use passerelle_redis::preferences::{Precondition, Stored, Write, WriteOutcome};
-use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::api::{ApiError, read_json};
 use crate::identity::Assertions;
+use conditions::{IfMatch, if_match, not_modified};
 use error::{PrefError, etag};
-use events::{Announcement, Hub, Signal};
+use events::{Announcement, Hub};
 use schema::{Refusal, Schema, merge_value};
 
-/// Users in one batch read, at most.
-pub const MAX_BATCH: usize = 1000;
 /// Times a write without `If-Match` is retried when a concurrent write got in between its
 /// read and its write.
 const WRITE_ATTEMPTS: usize = 16;
@@ -113,14 +111,17 @@ pub fn router(state: Shared) -> Router {
                 .put(put_document)
                 .delete(delete_document),
         )
-        .route("/users/{id}/preferences/events", get(stream))
+        .route("/users/{id}/preferences/events", get(stream::stream))
         .route(
             "/users/{id}/preferences/{name}",
             get(get_preference)
                 .put(put_preference)
                 .delete(delete_preference),
         )
-        .route("/preferences", get(batch_get).post(batch_post))
+        .route(
+            "/preferences",
+            get(batch::batch_get).post(batch::batch_post),
+        )
         .with_state(state)
 }
 
@@ -306,50 +307,6 @@ impl Preferences {
     }
 }
 
-/// A parsed `If-Match`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum IfMatch {
-    Any,
-    Tags(Vec<u64>),
-}
-
-/// `If-Match: *` or strong tags of versions (`"12"`); weak tags never match a strong
-/// comparison, so `W/"12"` is read as no version at all (a 412 on any change). Anything
-/// else is a 400.
-fn if_match(headers: &HeaderMap) -> Result<Option<IfMatch>, PrefError> {
-    let mut tags = Vec::new();
-    let mut any = false;
-    let mut seen = false;
-    for line in headers.get_all(header::IF_MATCH) {
-        seen = true;
-        let line = line.to_str().map_err(|_| PrefError::BadIfMatch)?;
-        for t in line.split(',').map(str::trim) {
-            if t == "*" {
-                any = true;
-            } else if let Some(weak) = t.strip_prefix("W/") {
-                parse_tag(weak).ok_or(PrefError::BadIfMatch)?;
-                tags.push(0);
-            } else {
-                tags.push(parse_tag(t).ok_or(PrefError::BadIfMatch)?);
-            }
-        }
-    }
-    Ok(match (seen, any) {
-        (false, _) => None,
-        (true, true) => Some(IfMatch::Any),
-        (true, false) if tags.is_empty() => return Err(PrefError::BadIfMatch),
-        (true, false) => Some(IfMatch::Tags(tags)),
-    })
-}
-
-fn parse_tag(t: &str) -> Option<u64> {
-    let inner = t.strip_prefix('"')?.strip_suffix('"')?;
-    if inner.is_empty() || inner.len() > 19 || !inner.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    inner.parse().ok()
-}
-
 /// A write's changes: each preference's new encoded value, or `None` to remove it.
 type Changes = Vec<(String, Option<String>)>;
 
@@ -397,25 +354,6 @@ fn json_response(status: StatusCode, body: &impl serde::Serialize, version: u64)
     // One user's data: shared caches must not keep it (the gateway keys it per caller).
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));
     res
-}
-
-/// 304 when `If-None-Match` names the current version.
-fn not_modified(headers: &HeaderMap, version: u64) -> Option<Response> {
-    let current = format!("\"{version}\"");
-    let hit = headers.get_all(header::IF_NONE_MATCH).iter().any(|v| {
-        v.to_str().is_ok_and(|s| {
-            s.split(',')
-                .map(str::trim)
-                .any(|t| t == "*" || t == current || t.strip_prefix("W/") == Some(&current))
-        })
-    });
-    hit.then(|| {
-        let mut res = StatusCode::NOT_MODIFIED.into_response();
-        res.headers_mut().insert(header::ETAG, etag(version));
-        res.headers_mut()
-            .insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));
-        res
-    })
 }
 
 fn no_content(version: u64) -> Response {
@@ -659,213 +597,4 @@ async fn delete_preference(
         .write(&user, &wr, |_| Ok(vec![(name.clone(), None)]))
         .await?;
     Ok(no_content(after.version))
-}
-
-/// The batch read's ids: `ids=1,2,3`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BatchBody {
-    ids: Vec<Value>,
-}
-
-async fn batch_get(
-    State(s): State<Shared>,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
-) -> Result<Response, PrefError> {
-    let q = q.unwrap_or_default();
-    let mut ids = None;
-    for (k, v) in form_pairs(&q) {
-        match k.as_str() {
-            "ids" if ids.is_some() => {
-                return Err(ApiError::BadQuery(
-                    "ids is given once, as a comma-separated list: ids=1,2,3".into(),
-                )
-                .into());
-            }
-            "ids" => ids = Some(v),
-            other => {
-                return Err(ApiError::BadQuery(format!(
-                    "unknown parameter {other:?}; this takes ids=1,2,3"
-                ))
-                .into());
-            }
-        }
-    }
-    let ids = ids.ok_or_else(|| ApiError::BadQuery("ids=1,2,3 is required".into()))?;
-    let ids: Vec<String> = ids
-        .split(',')
-        .filter(|s| !s.is_empty())
-        .map(str::to_string)
-        .collect();
-    batch(&s, &headers, ids).await
-}
-
-fn form_pairs(q: &str) -> Vec<(String, String)> {
-    serde_urlencoded::from_str::<Vec<(String, String)>>(q).unwrap_or_default()
-}
-
-async fn batch_post(State(s): State<Shared>, req: Request) -> Result<Response, PrefError> {
-    let headers = req.headers().clone();
-    let (body, _) = read_json::<BatchBody>(req).await?;
-    let mut ids = Vec::with_capacity(body.ids.len());
-    for v in body.ids {
-        match v {
-            Value::String(s) => ids.push(s),
-            Value::Number(n) => ids.push(n.to_string()),
-            _ => {
-                return Err(ApiError::Validation(vec![crate::api::FieldError::new(
-                    "ids",
-                    "ids are strings or numbers",
-                )])
-                .into());
-            }
-        }
-    }
-    batch(&s, &headers, ids).await
-}
-
-async fn batch(
-    s: &Preferences,
-    headers: &HeaderMap,
-    ids: Vec<String>,
-) -> Result<Response, PrefError> {
-    let caller = s.caller(headers)?;
-    if !caller.admin {
-        return Err(PrefError::Forbidden {
-            detail: "reading many users' preferences needs the admin scope".into(),
-            scope: Some(s.schema.config().admin_scope.clone()),
-        });
-    }
-    if ids.len() > MAX_BATCH {
-        return Err(PrefError::BatchTooLarge { max: MAX_BATCH });
-    }
-    let users = ids
-        .iter()
-        .map(|i| user_id(i))
-        .collect::<Result<Vec<_>, _>>()?;
-    let refs: Vec<&str> = users.iter().map(String::as_str).collect();
-    let stored = s
-        .redis
-        .durable()
-        .preferences_get_many(&s.redis.keys, &refs)
-        .await?;
-    let items: Vec<_> = users
-        .iter()
-        .zip(&stored)
-        .map(|(u, st)| s.schema.document(u, st))
-        .collect();
-    #[derive(serde::Serialize)]
-    struct Items {
-        items: Vec<schema::Document>,
-    }
-    let mut res = json_response(StatusCode::OK, &Items { items }, 0);
-    res.headers_mut().remove(header::ETAG);
-    Ok(res)
-}
-
-/// `GET /users/{id}/preferences/events`: see [`events`].
-async fn stream(
-    State(s): State<Shared>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Result<Response, PrefError> {
-    let user = user_id(&id)?;
-    s.authorize(&headers, &user).await?;
-    let last_seen: Option<u64> = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok());
-    // Listen before reading, so no change falls between the read and the first message.
-    let listener = s.hub.listen(&user);
-    let stored = s.read(&user).await?;
-    let heartbeat = s.schema.config().heartbeat.get();
-    let events = event_stream(s.clone(), user, listener, stored, last_seen);
-    let mut res = Sse::new(events)
-        .keep_alive(KeepAlive::new().interval(heartbeat).text("keep-alive"))
-        .into_response();
-    res.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    // nginx and similar proxies must not buffer the stream.
-    res.headers_mut()
-        .insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(res)
-}
-
-fn document_event(schema: &Schema, user: &str, stored: &Stored) -> Event {
-    let doc = schema.document(user, stored);
-    Event::default()
-        .event("document")
-        .id(stored.version.to_string())
-        .json_data(&doc)
-        .unwrap_or_default()
-}
-
-fn event_stream(
-    s: Shared,
-    user: String,
-    listener: events::Listener,
-    first: Stored,
-    last_seen: Option<u64>,
-) -> impl Stream<Item = Result<Event, Infallible>> {
-    struct St {
-        s: Shared,
-        user: String,
-        listener: events::Listener,
-        sent: u64,
-        pending: Option<Event>,
-    }
-    let pending =
-        (last_seen != Some(first.version)).then(|| document_event(&s.schema, &user, &first));
-    let st = St {
-        sent: first.version,
-        pending,
-        s,
-        user,
-        listener,
-    };
-    futures_util::stream::unfold(st, |mut st| async move {
-        if let Some(e) = st.pending.take() {
-            return Some((Ok(e), st));
-        }
-        loop {
-            let signal = match st.listener.rx.recv().await {
-                Ok(sig) => sig,
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => Signal::Resync,
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
-            };
-            match signal {
-                // The next version: what it changed is all the client lacks.
-                Signal::Changed(a) if a.version == st.sent + 1 => {
-                    st.sent = a.version;
-                    let (values, sources) = st.s.schema.changed_values(&a.changed);
-                    let data = schema::Change {
-                        version: a.version,
-                        values,
-                        sources,
-                    };
-                    let e = Event::default()
-                        .event("change")
-                        .id(a.version.to_string())
-                        .json_data(&data)
-                        .unwrap_or_default();
-                    return Some((Ok(e), st));
-                }
-                // Already sent (a document covered it), or announced out of order.
-                Signal::Changed(a) if a.version <= st.sent => continue,
-                // A version skipped: its announcement is late or lost; read the document.
-                Signal::Changed(_) | Signal::Resync => {
-                    // Missed messages are unknown: the document, when it moved.
-                    let Ok(stored) = st.s.read(&st.user).await else {
-                        continue;
-                    };
-                    if stored.version != st.sent {
-                        st.sent = stored.version;
-                        let e = document_event(&st.s.schema, &st.user, &stored);
-                        return Some((Ok(e), st));
-                    }
-                }
-            }
-        }
-    })
 }
