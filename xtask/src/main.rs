@@ -7,6 +7,7 @@
 mod bench;
 mod bench_auth;
 mod bench_cache;
+mod bench_prefs;
 mod bench_redis;
 
 use std::path::PathBuf;
@@ -28,13 +29,16 @@ tasks:
                  and `sentinel` with PASSERELLE_TEST_TOPOLOGY (see .config/nextest.toml)
   install        build passerelle in release mode and install it into ~/.cargo/bin
                  (cargo install --path crates/passerelle), so `passerelle` is on PATH
-  bench [rate-limit | cache | auth | redis] [--duration SECS] [--connections N] [--threads N]
+  bench [rate-limit | cache | auth | redis | preferences]
+        [--duration SECS] [--connections N] [--threads N]
                  install wrk, nginx and redis-server if missing, start the platform, and
                  print a table: the gateway against nginx (default), the cost of rate
                  limiting (rate-limit), the response cache on a skewed workload (cache),
                  or an API key and an RS256 JWT against no auth, and the revocation
                  bound on three gateways (auth), or rate limits and L2 cache hits on one
-                 Redis, a Redis Cluster and Sentinel, and the stall of a failover (redis)
+                 Redis, a Redis Cluster and Sentinel, and the stall of a failover (redis),
+                 or the preferences service's GET (cached, uncached, direct) and PATCH
+                 (gateway, direct) and its memory per user in the durable Redis (preferences)
   deps           install the Debian packages the tests need (redis-server, redis-tools)
   help           this text (also -h, --help)
 ";
@@ -243,8 +247,8 @@ fn up(args: &[String]) -> Result {
     Err(format!("cannot run {}: {e}", bin.display()))
 }
 
-/// `cargo xtask bench [rate-limit | cache | auth | redis] [OPTIONS]`: the suite's table,
-/// measured on the release binary, in a scratch directory removed afterwards.
+/// `cargo xtask bench [rate-limit | cache | auth | redis | preferences] [OPTIONS]`: the
+/// suite's table, measured on the release binary, in a scratch directory removed afterwards.
 fn bench(args: &[String]) -> Result {
     type Suite = fn(&bench::Options, &std::path::Path, &std::path::Path) -> Result;
     let (suite, args): (Suite, &[String]) = match args.split_first() {
@@ -252,6 +256,7 @@ fn bench(args: &[String]) -> Result {
         Some((s, rest)) if s == "cache" => (bench_cache::run, rest),
         Some((s, rest)) if s == "auth" => (bench_auth::run, rest),
         Some((s, rest)) if s == "redis" => (bench_redis::run, rest),
+        Some((s, rest)) if s == "preferences" => (bench_prefs::run, rest),
         _ => (bench::bench, args),
     };
     let o = bench::parse_args(args)?;
