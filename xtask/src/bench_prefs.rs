@@ -292,13 +292,13 @@ async fn expect(
 
 /// The checks: each credential is needed and accepted, the loaded users are what the
 /// service serves, and a `PATCH` is answered 200 both ways.
-async fn check(gateway: &str, instance: &str, bearer: &str, assertion: &str) -> Result {
+async fn check(gateway: &str, instance: &str, bearer: &str, identity: (&str, &str)) -> Result {
     let (gw, direct) = (
         HttpClient::new(format!("http://{gateway}")),
         HttpClient::new(format!("http://{instance}")),
     );
     let auth = [("authorization", bearer)];
-    let identity = [("x-passerelle-identity", assertion)];
+    let identity = [identity];
     let json = [("content-type", "application/json")];
     let doc_path = format!("/users/{TYPICAL_USER}/preferences");
     let get = http::Method::GET;
@@ -617,10 +617,10 @@ fn measure_all(
     );
     let memory = runtime.block_on(load_users(&redis, durable, limits))?;
     eprintln!("  written in {:.1} s", memory.load.as_secs_f64());
-    runtime.block_on(check(&platform.gateway, &instances[0], &bearer, &assertion))?;
+    let identity = (identity_header, assertion.as_str());
+    runtime.block_on(check(&platform.gateway, &instances[0], &bearer, identity))?;
 
     let gw_auth = ("Authorization", bearer.as_str());
-    let direct_auth = (identity_header, assertion.as_str());
     type Script<'a> = (&'a str, &'a str, &'a str, u64, (&'a str, &'a str));
     let write = |(name, template, before, users, header): Script| -> Result<PathBuf> {
         let p = dir.join(format!("{name}.lua"));
@@ -637,9 +637,9 @@ fn measure_all(
             HOT_USERS,
             gw_auth,
         ),
-        ("get-direct", GET_LUA, "/users/", HOT_USERS, direct_auth),
+        ("get-direct", GET_LUA, "/users/", HOT_USERS, identity),
         ("patch-gateway", PATCH_LUA, "/api/users/", USERS, gw_auth),
-        ("patch-direct", PATCH_LUA, "/users/", USERS, direct_auth),
+        ("patch-direct", PATCH_LUA, "/users/", USERS, identity),
     ]
     .map(write);
     let [get_cached, get_nocache, get_direct, patch_gw, patch_direct] = scripts;
