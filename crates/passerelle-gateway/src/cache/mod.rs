@@ -242,16 +242,80 @@ pub enum Flight {
 }
 
 /// Tags invalidated recently, with the generation at which each was.
+///
+/// `order` holds each remembered name once, oldest first, so forgetting the old ones takes
+/// them from its front: a name costs O(1) to record and to forget, whatever the size of the
+/// log (a scan of the whole log per invalidation made a gateway behind a write-heavy
+/// service spend its time pruning, measured by `cargo xtask bench preferences`).
 #[derive(Debug, Default)]
 struct InvalidationLog {
     tags: HashMap<String, (u64, Instant)>,
     /// Entries purged by key.
     keys: HashMap<u128, (u64, Instant)>,
+    order: std::collections::VecDeque<(Instant, Logged)>,
 }
 
-/// How many invalidated tags are remembered before old ones are forgotten, and the most
-/// before L1 is flushed instead.
-const LOG_PRUNE_AT: usize = 4096;
+/// What one invalidation named.
+#[derive(Debug)]
+enum Logged {
+    Tag(String),
+    Key(u128),
+}
+
+impl InvalidationLog {
+    fn record(&mut self, what: Logged, g: u64, now: Instant) {
+        let known = match &what {
+            Logged::Tag(t) => self.tags.insert(t.clone(), (g, now)).is_some(),
+            Logged::Key(k) => self.keys.insert(*k, (g, now)).is_some(),
+        };
+        // A name already queued keeps its place: when it reaches the front, its newer time
+        // sends it to the back instead of out.
+        if !known {
+            self.order.push_back((now, what));
+        }
+    }
+
+    /// Forgets names last invalidated `keep` or longer before `now`.
+    fn forget_older(&mut self, keep: Duration, now: Instant) {
+        while let Some((at, _)) = self.order.front()
+            && now.saturating_duration_since(*at) >= keep
+        {
+            let Some((_, what)) = self.order.pop_front() else {
+                break;
+            };
+            let last = match &what {
+                Logged::Tag(t) => self.tags.get(t).map(|(_, at)| *at),
+                Logged::Key(k) => self.keys.get(k).map(|(_, at)| *at),
+            };
+            match last {
+                Some(at) if now.saturating_duration_since(at) < keep => {
+                    self.order.push_back((at, what));
+                }
+                _ => match what {
+                    Logged::Tag(t) => {
+                        self.tags.remove(&t);
+                    }
+                    Logged::Key(k) => {
+                        self.keys.remove(&k);
+                    }
+                },
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    fn clear(&mut self) {
+        self.tags.clear();
+        self.keys.clear();
+        self.order.clear();
+    }
+}
+
+/// The most names (tags and keys) remembered at once (each for `log_retention`); past it,
+/// L1 is flushed instead (every entry is then invalid, and the log starts empty).
 const LOG_MAX: usize = 100_000;
 /// A tag set larger than this is invalidated whole: it stays bounded whatever the traffic.
 const MAX_TAG_SET: u64 = 10_000;
@@ -486,7 +550,7 @@ impl ResponseCache {
                 // Logged, not only removed: a lookup reading the old entry from L2 right now
                 // must not put it back.
                 let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
-                log.keys.insert(k.0, (g, Instant::now()));
+                log.record(Logged::Key(k.0), g, Instant::now());
                 if let Some(l1) = &self.l1 {
                     l1.invalidate(&k.0);
                 }
@@ -498,7 +562,7 @@ impl ResponseCache {
                     return;
                 };
                 let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
-                log.tags.insert(tag.clone(), (g, Instant::now()));
+                log.record(Logged::Tag(tag.clone()), g, Instant::now());
                 self.delete_raced_fills(tag, g);
                 self.prune(log);
             }
@@ -509,15 +573,9 @@ impl ResponseCache {
     /// Forgets invalidations older than any entry or fill they could concern; flushes L1
     /// rather than growing past `LOG_MAX`.
     fn prune(&self, mut log: std::sync::MutexGuard<'_, InvalidationLog>) {
-        if log.tags.len() + log.keys.len() <= LOG_PRUNE_AT {
-            return;
-        }
-        let keep = self.log_retention;
-        log.tags.retain(|_, (_, at)| at.elapsed() < keep);
-        log.keys.retain(|_, (_, at)| at.elapsed() < keep);
-        if log.tags.len() + log.keys.len() > LOG_MAX {
-            log.tags.clear();
-            log.keys.clear();
+        log.forget_older(self.log_retention, Instant::now());
+        if log.len() > LOG_MAX {
+            log.clear();
             drop(log);
             self.flush_l1();
         }
@@ -892,5 +950,46 @@ impl ResponseCache {
 fn count_error(errors: &metrics::Counter, e: &RedisError) {
     if !matches!(e, RedisError::BreakerOpen) {
         errors.increment(1);
+    }
+}
+
+#[cfg(test)]
+mod log_tests {
+    use super::*;
+
+    #[test]
+    fn the_invalidation_log_forgets_by_age_and_keeps_a_name_invalidated_again() {
+        let keep = Duration::from_secs(10);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut log = InvalidationLog::default();
+        log.record(Logged::Tag("/users/1".into()), 1, at(0));
+        log.record(Logged::Key(7), 2, at(1));
+        log.record(Logged::Tag("/users/2".into()), 3, at(2));
+        // /users/1 again: one name, one place in the queue, the newer generation.
+        log.record(Logged::Tag("/users/1".into()), 4, at(5));
+        assert_eq!(log.len(), 3);
+        assert_eq!(log.tags["/users/1"].0, 4);
+
+        log.forget_older(keep, at(11));
+        assert!(log.tags.contains_key("/users/1"), "invalidated again at 5");
+        assert!(!log.keys.contains_key(&7), "older than 10 s");
+        assert!(log.tags.contains_key("/users/2"));
+        log.forget_older(keep, at(12));
+        assert!(!log.tags.contains_key("/users/2"));
+        assert!(log.tags.contains_key("/users/1"));
+        log.forget_older(keep, at(15));
+        assert!(log.tags.is_empty() && log.keys.is_empty());
+        assert_eq!(log.len(), 0);
+    }
+
+    #[test]
+    fn a_busy_log_stays_one_entry_per_name() {
+        let t0 = Instant::now();
+        let mut log = InvalidationLog::default();
+        for i in 0..10_000u64 {
+            log.record(Logged::Tag(format!("/t/{}", i % 100)), i, t0);
+        }
+        assert_eq!(log.len(), 100);
     }
 }
