@@ -25,7 +25,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 /// What a write announces: the user, the new version, and the preferences it changed
-/// (their stored encoding, `None` for removed). `whole`: the write replaced the document.
+/// (their stored encoding, `None` for removed).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Announcement {
     pub user: String,
