@@ -8,8 +8,9 @@ use http::{HeaderMap, StatusCode, header};
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::access::user_id;
 use super::error::PrefError;
-use super::{Preferences, Shared, json_response, schema, user_id};
+use super::{Preferences, Shared, json_response, schema};
 use crate::api::{ApiError, read_json};
 
 /// Users in one batch read, at most.

@@ -30,6 +30,7 @@
 //! limit is refused whole. After each write the gateway's cached copies are invalidated
 //! (tag `/users/{id}/preferences`) and the change is announced to the event streams.
 
+mod access;
 pub mod batch;
 mod conditions;
 pub mod error;
@@ -53,6 +54,7 @@ use serde_json::{Map, Value};
 
 use crate::api::{ApiError, read_json};
 use crate::identity::Assertions;
+use access::Access;
 use conditions::{IfMatch, if_match, not_modified};
 use error::{PrefError, etag};
 use events::{Announcement, Hub};
@@ -125,52 +127,7 @@ pub fn router(state: Shared) -> Router {
         .with_state(state)
 }
 
-/// Who is calling.
-#[derive(Debug, Clone)]
-struct Caller {
-    subject: Option<String>,
-    admin: bool,
-}
-
 impl Preferences {
-    fn caller(&self, headers: &HeaderMap) -> Result<Caller, PrefError> {
-        let Some(a) = &self.assertions else {
-            // No gateway to trust: nothing is checked (see the module documentation).
-            return Ok(Caller {
-                subject: None,
-                admin: true,
-            });
-        };
-        let value = headers
-            .get(&a.header)
-            .ok_or(PrefError::Unauthorized("preferences need a caller"))?;
-        let signer = a.signer.get().ok_or(PrefError::Unauthorized(
-            "the identity assertion is not valid",
-        ))?;
-        let p = signer
-            .verify(value.as_bytes(), crate::identity::unix_now())
-            .map_err(|_| PrefError::Unauthorized("the identity assertion is not valid"))?;
-        Ok(Caller {
-            admin: p.scopes.contains(&self.schema.config().admin_scope),
-            subject: Some(p.subject.to_string()),
-        })
-    }
-
-    /// The caller may act on `user`'s document: their own, or any with the admin scope.
-    async fn authorize(&self, headers: &HeaderMap, user: &str) -> Result<Caller, PrefError> {
-        let caller = self.caller(headers)?;
-        if !caller.admin && caller.subject.as_deref() != Some(user) {
-            return Err(PrefError::Forbidden {
-                detail: "a user's preferences are theirs: this needs the admin scope".into(),
-                scope: Some(self.schema.config().admin_scope.clone()),
-            });
-        }
-        if let Some(check) = &self.users {
-            check.check(user).await?;
-        }
-        Ok(caller)
-    }
-
     async fn read(&self, user: &str) -> Result<Stored, PrefError> {
         Ok(self
             .redis
@@ -326,19 +283,6 @@ impl WriteRequest {
     }
 }
 
-/// A user id: 1 to 64 of `[A-Za-z0-9._-]` (what a token's `sub` or a key's owner is).
-fn user_id(raw: &str) -> Result<String, PrefError> {
-    let ok = (1..=64).contains(&raw.len())
-        && raw
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    if ok {
-        Ok(raw.to_string())
-    } else {
-        Err(PrefError::InvalidUser)
-    }
-}
-
 fn json_response(status: StatusCode, body: &impl serde::Serialize, version: u64) -> Response {
     let bytes = match serde_json::to_vec(body) {
         Ok(b) => b,
@@ -364,11 +308,9 @@ fn no_content(version: u64) -> Response {
 
 async fn get_document(
     State(s): State<Shared>,
-    Path(id): Path<String>,
+    Access { user, .. }: Access,
     headers: HeaderMap,
 ) -> Result<Response, PrefError> {
-    let user = user_id(&id)?;
-    s.authorize(&headers, &user).await?;
     let stored = s.read(&user).await?;
     if let Some(r) = not_modified(&headers, stored.version) {
         return Ok(r);
@@ -426,19 +368,17 @@ type ChangesOf =
 /// `strict`), answered with the document after it.
 async fn write_document(
     s: Shared,
-    id: String,
+    access: Access,
     req: Request,
     strict: bool,
     changes_of: ChangesOf,
 ) -> Result<Response, PrefError> {
-    let user = user_id(&id)?;
-    let headers = req.headers().clone();
-    let caller = s.authorize(&headers, &user).await?;
-    let wr = WriteRequest::from(&headers, strict)?;
+    let Access { user, admin } = access;
+    let wr = WriteRequest::from(req.headers(), strict)?;
     let body = object_body(req).await?;
     let after = s
         .write(&user, &wr, |read| {
-            changes_of(&s.schema, &user, read, &body, caller.admin)
+            changes_of(&s.schema, &user, read, &body, admin)
         })
         .await?;
     let doc = s.schema.document(&user, &after);
@@ -447,10 +387,10 @@ async fn write_document(
 
 async fn patch_document(
     State(s): State<Shared>,
-    Path(id): Path<String>,
+    access: Access,
     req: Request,
 ) -> Result<Response, PrefError> {
-    write_document(s, id, req, false, merge_changes).await
+    write_document(s, access, req, false, merge_changes).await
 }
 
 /// The changes that make `read` hold exactly `wanted`: values equal to what the user sees
@@ -500,23 +440,21 @@ fn replace_changes(
 
 async fn put_document(
     State(s): State<Shared>,
-    Path(id): Path<String>,
+    access: Access,
     req: Request,
 ) -> Result<Response, PrefError> {
-    write_document(s, id, req, true, replace_changes).await
+    write_document(s, access, req, true, replace_changes).await
 }
 
 async fn delete_document(
     State(s): State<Shared>,
-    Path(id): Path<String>,
+    Access { user, admin }: Access,
     headers: HeaderMap,
 ) -> Result<Response, PrefError> {
-    let user = user_id(&id)?;
-    let caller = s.authorize(&headers, &user).await?;
     let wr = WriteRequest::from(&headers, true)?;
     let after = s
         .write(&user, &wr, |read| {
-            replace_changes(&s.schema, &user, read, &Map::new(), caller.admin)
+            replace_changes(&s.schema, &user, read, &Map::new(), admin)
         })
         .await?;
     Ok(no_content(after.version))
@@ -535,12 +473,11 @@ fn known_name(schema: &Schema, name: &str) -> Result<(), PrefError> {
 
 async fn get_preference(
     State(s): State<Shared>,
-    Path((id, name)): Path<(String, String)>,
+    Access { user, .. }: Access,
+    Path((_, name)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, PrefError> {
-    let user = user_id(&id)?;
     known_name(&s.schema, &name)?;
-    s.authorize(&headers, &user).await?;
     let stored = s.read(&user).await?;
     if let Some(r) = not_modified(&headers, stored.version) {
         return Ok(r);
@@ -554,26 +491,21 @@ async fn get_preference(
 
 async fn put_preference(
     State(s): State<Shared>,
-    Path((id, name)): Path<(String, String)>,
+    Access { user, admin }: Access,
+    Path((_, name)): Path<(String, String)>,
     req: Request,
 ) -> Result<Response, PrefError> {
-    let user = user_id(&id)?;
     known_name(&s.schema, &name)?;
-    let headers = req.headers().clone();
-    let caller = s.authorize(&headers, &user).await?;
-    let wr = WriteRequest::from(&headers, false)?;
+    let wr = WriteRequest::from(req.headers(), false)?;
     let (value, _) = read_json::<Value>(req).await?;
     if value.is_null() {
         return Err(PrefError::Api(ApiError::Validation(vec![
             crate::api::FieldError::new(&name, "null is no value: DELETE the preference instead"),
         ])));
     }
-    let encoded = s.schema.encode(&name, &value, caller.admin)?;
-    let after = s
-        .write(&user, &wr, |_| {
-            Ok(vec![(name.clone(), Some(encoded.clone()))])
-        })
-        .await?;
+    let encoded = s.schema.encode(&name, &value, admin)?;
+    let change = vec![(name.clone(), Some(encoded))];
+    let after = s.write(&user, &wr, |_| Ok(change.clone())).await?;
     let p = s
         .schema
         .preference(&name, &after)
@@ -583,18 +515,16 @@ async fn put_preference(
 
 async fn delete_preference(
     State(s): State<Shared>,
-    Path((id, name)): Path<(String, String)>,
+    Access { user, admin }: Access,
+    Path((_, name)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, PrefError> {
-    let user = user_id(&id)?;
     known_name(&s.schema, &name)?;
-    let caller = s.authorize(&headers, &user).await?;
     let wr = WriteRequest::from(&headers, false)?;
     s.schema
-        .removable(&name, caller.admin)
+        .removable(&name, admin)
         .map_err(|r: Refusal| PrefError::from(r))?;
-    let after = s
-        .write(&user, &wr, |_| Ok(vec![(name.clone(), None)]))
-        .await?;
+    let change = vec![(name.clone(), None)];
+    let after = s.write(&user, &wr, |_| Ok(change.clone())).await?;
     Ok(no_content(after.version))
 }

@@ -3,26 +3,25 @@
 
 use std::convert::Infallible;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::Stream;
 use http::{HeaderMap, HeaderValue, header};
 use passerelle_redis::preferences::Stored;
 
+use super::Shared;
+use super::access::Access;
 use super::error::PrefError;
 use super::events::{self, Signal};
 use super::schema::{self, Schema};
-use super::{Shared, user_id};
 
 /// `GET /users/{id}/preferences/events`: see [`events`].
 pub(super) async fn stream(
     State(s): State<Shared>,
-    Path(id): Path<String>,
+    Access { user, .. }: Access,
     headers: HeaderMap,
 ) -> Result<Response, PrefError> {
-    let user = user_id(&id)?;
-    s.authorize(&headers, &user).await?;
     let last_seen: Option<u64> = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
