@@ -55,20 +55,13 @@ pub struct Limits {
 /// A write's result.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteOutcome {
-    Written {
-        version: u64,
-    },
+    /// Written: the new version, and the document as it is right after the write.
+    Written { version: u64, stored: Stored },
     /// The precondition failed: the current version, and the touched preferences that
     /// changed (empty for a whole-document precondition).
-    Conflict {
-        version: u64,
-        changed: Vec<String>,
-    },
+    Conflict { version: u64, changed: Vec<String> },
     /// The document would exceed a limit; nothing was written.
-    OverLimit {
-        version: u64,
-        limit: LimitHit,
-    },
+    OverLimit { version: u64, limit: LimitHit },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -256,9 +249,18 @@ fn parse_outcome(answer: Vec<Value>) -> Result<WriteOutcome, RedisError> {
         .next()
         .and_then(|v| redis::from_redis_value(v).ok())
         .ok_or_else(bad)?;
+    if status == 1 {
+        let fields: Vec<(String, String)> = it
+            .next()
+            .and_then(|v| redis::from_redis_value(v).ok())
+            .ok_or_else(bad)?;
+        return Ok(WriteOutcome::Written {
+            version,
+            stored: parse_stored(fields),
+        });
+    }
     let rest: Vec<String> = it.filter_map(|v| redis::from_redis_value(v).ok()).collect();
     Ok(match status {
-        1 => WriteOutcome::Written { version },
         0 => WriteOutcome::Conflict {
             version,
             changed: rest,
@@ -302,9 +304,20 @@ mod tests {
     fn outcomes_parse_and_garbage_is_an_error() {
         let int = Value::Int;
         let s = |x: &str| Value::BulkString(x.as_bytes().to_vec());
+        let hash = Value::Array(vec![s("#v"), s("4"), s("theme"), s("4:\"dark\"")]);
         assert_eq!(
-            parse_outcome(vec![int(1), int(4)]).unwrap(),
-            WriteOutcome::Written { version: 4 }
+            parse_outcome(vec![int(1), int(4), hash]).unwrap(),
+            WriteOutcome::Written {
+                version: 4,
+                stored: Stored {
+                    version: 4,
+                    values: [("theme".to_string(), (4, "\"dark\"".to_string()))].into(),
+                }
+            }
+        );
+        assert!(
+            parse_outcome(vec![int(1), int(4)]).is_err(),
+            "a write answers the document"
         );
         assert_eq!(
             parse_outcome(vec![int(0), int(4), s("theme")]).unwrap(),

@@ -21,6 +21,15 @@ const LIMITS: Limits = Limits {
     max_bytes: 200,
 };
 
+/// `o` is a write that made `version`.
+#[track_caller]
+fn assert_written(o: WriteOutcome, version: u64) {
+    match o {
+        WriteOutcome::Written { version: v, .. } if v == version => {}
+        other => panic!("expected a write of version {version}, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn writes_keep_each_preferences_version_and_reads_see_only_the_users_values() {
     let server = TestRedis::start();
@@ -41,21 +50,21 @@ async fn writes_keep_each_preferences_version_and_reads_see_only_the_users_value
                 .unwrap()
         }
     };
-    assert_eq!(
+    assert_written(
         w(
             vec![("theme", Some("\"dark\"")), ("lang", Some("\"fr\""))],
-            Precondition::None
+            Precondition::None,
         )
         .await,
-        WriteOutcome::Written { version: 1 }
+        1,
     );
-    assert_eq!(
+    assert_written(
         w(
             vec![("lang", Some("\"de\"")), ("theme", None)],
-            Precondition::Untouched(1)
+            Precondition::Untouched(1),
         )
         .await,
-        WriteOutcome::Written { version: 2 }
+        2,
     );
     let s = c.preferences_get(k, "7").await.unwrap();
     assert_eq!(s.version, 2);
@@ -66,10 +75,7 @@ async fn writes_keep_each_preferences_version_and_reads_see_only_the_users_value
         .iter()
         .map(|n| (*n, Some("1")))
         .collect();
-    assert_eq!(
-        w(four, Precondition::None).await,
-        WriteOutcome::Written { version: 3 }
-    );
+    assert_written(w(four, Precondition::None).await, 3);
     assert_eq!(c.preferences_get(k, "7").await.unwrap().values.len(), 5);
     // A field per preference plus the version: Redis's compact encoding.
     let enc = server.cli(&["OBJECT", "ENCODING", &k.preferences("7")]);
@@ -216,9 +222,9 @@ async fn a_whole_document_write_is_strict_and_limits_refuse_the_whole_write() {
             changed: vec![]
         }
     );
-    assert_eq!(
+    assert_written(
         put(vec![("c", Some("1"))], Precondition::Version(2), true).await,
-        WriteOutcome::Written { version: 3 }
+        3,
     );
     let s = c.preferences_get(k, "3").await.unwrap();
     assert_eq!(s.values.keys().collect::<Vec<_>>(), ["c"], "replaced whole");
@@ -247,10 +253,7 @@ async fn a_whole_document_write_is_strict_and_limits_refuse_the_whole_write() {
     assert_eq!(c.preferences_get(k, "3").await.unwrap(), s, "unchanged");
 
     // Clearing keeps the version moving forward (an old ETag never matches again).
-    assert_eq!(
-        put(vec![], Precondition::Version(3), true).await,
-        WriteOutcome::Written { version: 4 }
-    );
+    assert_written(put(vec![], Precondition::Version(3), true).await, 4);
     let cleared = c.preferences_get(k, "3").await.unwrap();
     assert_eq!((cleared.version, cleared.values.len()), (4, 0));
 }
@@ -341,10 +344,46 @@ async fn tombstones_of_removed_preferences_stay_bounded() {
     };
     assert_eq!(fields(), "7", "six tombstones and the version");
     // More tombstones than preferences allowed: the next write drops them.
-    assert_eq!(
-        write(vec![("n6".into(), Some("1"))]).await,
-        WriteOutcome::Written { version: 5 }
-    );
+    assert_written(write(vec![("n6".into(), Some("1"))]).await, 5);
     assert_eq!(fields(), "2");
     assert_eq!(c.preferences_get(k, "5").await.unwrap().values.len(), 1);
+}
+
+/// A write answers the document as it stands right after it (the writer need not read it
+/// again), and a precondition on a version the document never had fails.
+#[tokio::test]
+async fn a_write_answers_the_document_after_it_and_a_future_version_conflicts() {
+    let server = TestRedis::start();
+    let r = redis(&server);
+    let (c, k) = (r.durable(), &r.keys);
+    let first = [("theme", Some("\"dark\""))];
+    c.preferences_write(k, "9", Write::new(&first, LIMITS))
+        .await
+        .unwrap();
+    let second = [("lang", Some("\"fr\""))];
+    let WriteOutcome::Written { version, stored } = c
+        .preferences_write(k, "9", Write::new(&second, LIMITS))
+        .await
+        .unwrap()
+    else {
+        panic!("written");
+    };
+    assert_eq!(version, 2);
+    assert_eq!(stored, c.preferences_get(k, "9").await.unwrap());
+    assert_eq!(stored.values["theme"], (1, "\"dark\"".into()), "untouched");
+    assert_eq!(stored.values["lang"], (2, "\"fr\"".into()));
+    let third = [("lang", Some("\"de\""))];
+    assert_eq!(
+        c.preferences_write(
+            k,
+            "9",
+            Write::new(&third, LIMITS).precondition(Precondition::Untouched(99))
+        )
+        .await
+        .unwrap(),
+        WriteOutcome::Conflict {
+            version: 2,
+            changed: vec![]
+        }
+    );
 }

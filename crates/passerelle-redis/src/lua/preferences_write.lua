@@ -12,7 +12,8 @@
 -- ARGV[4] most bytes (values summed), ARGV[5] TTL in ms (0: none), ARGV[6] "clear" to
 -- remove every preference first (a whole-document PUT or DELETE) or "", then pairs: name,
 -- value ("" deletes the preference).
--- Returns {1, new version} | {0, current version, conflicting names...} (412) |
+-- Returns {1, new version, the hash after the write (HGETALL)} |
+-- {0, current version, conflicting names...} (412) |
 -- {-1, current version, "count" or "bytes"} (over a limit; nothing written).
 local key = KEYS[1]
 local current = tonumber(redis.call('HGET', key, '#v') or '0')
@@ -35,6 +36,9 @@ if if_match ~= '' then
     if current ~= since then
       return {0, current}
     end
+  elseif since > current then
+    -- A version the document never had: nothing can be known unchanged since it.
+    return {0, current}
   else
     local conflicts = {0, current}
     for i = 7, #ARGV, 2 do
@@ -121,4 +125,5 @@ redis.call('HSET', key, '#v', next_version)
 if ttl > 0 then
   redis.call('PEXPIRE', key, ttl)
 end
-return {1, next_version}
+-- The document as it is now, so the writer answers without reading it again.
+return {1, next_version, redis.call('HGETALL', key)}

@@ -49,7 +49,7 @@ use axum::routing::get;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use passerelle_config::PreferencesConfig;
 use passerelle_redis::Redis;
-use passerelle_redis::preferences::{Precondition, Stored, Write, WriteOutcome};
+use passerelle_redis::preferences::{LimitHit, Precondition, Stored, Write, WriteOutcome};
 use serde_json::{Map, Value};
 
 use crate::api::{ApiError, read_json};
@@ -136,18 +136,38 @@ impl Preferences {
             .await?)
     }
 
-    /// Applies `changes` made from `read` (see [`WriteRequest`]), retrying a write
-    /// without `If-Match` that a concurrent one got ahead of. Returns the document after.
+    /// Applies a write (see [`Plan`]) and returns the document right after it.
+    ///
+    /// Changes computed from the stored document are conditional on the version they were
+    /// computed from, and on `If-Match`'s, the older of the two; when another write got
+    /// in between (and `If-Match` does not explain the conflict), they are computed again,
+    /// at most [`WRITE_ATTEMPTS`] times. Fixed changes need no read: `If-Match`, if any,
+    /// is their only condition.
     async fn write(
         &self,
         user: &str,
         req: &WriteRequest,
-        mut changes_from: impl FnMut(&Stored) -> Result<Changes, PrefError>,
+        plan: Plan<'_>,
     ) -> Result<Stored, PrefError> {
-        let cfg = self.schema.config();
-        let if_match = match &req.if_match {
-            None if cfg.require_if_match => return Err(PrefError::PreconditionRequired),
-            m => m.clone(),
+        let ifm = match &req.if_match {
+            None if self.schema.config().require_if_match => {
+                return Err(PrefError::PreconditionRequired);
+            }
+            Some(IfMatch::Tags(tags)) => Some(tags.iter().copied().max().unwrap_or(0)),
+            _ => None,
+        };
+        let from_read = match plan {
+            Plan::Fixed(changes) => {
+                let precondition = ifm.map_or(Precondition::None, Precondition::Untouched);
+                return match self.apply(user, &changes, precondition).await? {
+                    WriteOutcome::Written { stored, .. } => Ok(stored),
+                    WriteOutcome::Conflict { version, changed } => {
+                        Err(self.conflict(version, changed))
+                    }
+                    WriteOutcome::OverLimit { limit, .. } => Err(self.over_limit(limit)),
+                };
+            }
+            Plan::FromRead(f) => f,
         };
         for attempt in 0..WRITE_ATTEMPTS {
             if attempt > 0 {
@@ -156,76 +176,79 @@ impl Preferences {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
             }
             let read = self.read(user).await?;
-            let changes = changes_from(&read)?;
-            let ifm = match &if_match {
-                Some(IfMatch::Tags(tags)) => Some(tags.iter().copied().max().unwrap_or(0)),
-                _ => None,
-            };
-            // The write must hold against the client's version (If-Match) and against the
-            // version these changes were computed from; the older of the two decides.
-            let since = ifm.map_or(read.version, |v| v.min(read.version));
-            let precondition = if req.strict {
-                Precondition::Version(ifm.unwrap_or(read.version))
-            } else {
-                Precondition::Untouched(since)
-            };
             // Reads and writes go to one primary, so no version newer than the one just
             // read exists: a client naming one is wrong (412). A whole-document write is
             // strict: any version other than the one just read fails now.
             if ifm.is_some_and(|v| v > read.version || (req.strict && v != read.version)) {
-                metrics::counter!("passerelle_preferences_conflicts_total").increment(1);
-                return Err(PrefError::Conflict {
-                    version: read.version,
-                    changed: Vec::new(),
-                });
+                return Err(self.conflict(read.version, Vec::new()));
             }
+            let changes = from_read(&read)?;
             if changes.is_empty() {
                 return Ok(read);
             }
-            let pairs: Vec<(&str, Option<&str>)> = changes
-                .iter()
-                .map(|(n, v)| (n.as_str(), v.as_deref()))
-                .collect();
-            let mut w = Write::new(&pairs, self.schema.limits()).precondition(precondition);
-            if let Some(ttl) = cfg.expiry_of(user) {
-                w = w.ttl(ttl);
-            }
-            match self
-                .redis
-                .durable()
-                .preferences_write(&self.redis.keys, user, w)
-                .await?
-            {
-                WriteOutcome::Written { version } => {
-                    self.after_write(user, version, &changes).await;
-                    metrics::counter!("passerelle_preferences_writes_total").increment(1);
-                    return self.read(user).await;
+            let precondition = if req.strict {
+                Precondition::Version(read.version)
+            } else {
+                Precondition::Untouched(ifm.map_or(read.version, |v| v.min(read.version)))
+            };
+            match self.apply(user, &changes, precondition).await? {
+                WriteOutcome::Written { stored, .. } => return Ok(stored),
+                // The client's own version is what failed: tell them. Else a write got in
+                // after our read: again.
+                WriteOutcome::Conflict { version, changed } if ifm.is_some() => {
+                    return Err(self.conflict(version, changed));
                 }
-                WriteOutcome::Conflict { version, changed } => {
-                    // The client's own version is what failed: tell them. A race with a
-                    // write after our read (no If-Match, or one newer than it): again.
-                    if let Some(v) = ifm
-                        && v <= read.version
-                    {
-                        metrics::counter!("passerelle_preferences_conflicts_total").increment(1);
-                        return Err(PrefError::Conflict { version, changed });
-                    }
-                }
-                WriteOutcome::OverLimit { limit, .. } => {
-                    return Err(match limit {
-                        passerelle_redis::preferences::LimitHit::Count => PrefError::TooMany {
-                            max: cfg.max_preferences,
-                        },
-                        passerelle_redis::preferences::LimitHit::Bytes => PrefError::TooLarge {
-                            what: "the document".into(),
-                            limit: "max_document_size",
-                            max: cfg.max_document_size.get(),
-                        },
-                    });
-                }
+                WriteOutcome::Conflict { .. } => {}
+                WriteOutcome::OverLimit { limit, .. } => return Err(self.over_limit(limit)),
             }
         }
         Err(PrefError::Contended)
+    }
+
+    /// One write script; after a successful one, [`Preferences::after_write`].
+    async fn apply(
+        &self,
+        user: &str,
+        changes: &Changes,
+        precondition: Precondition,
+    ) -> Result<WriteOutcome, PrefError> {
+        let pairs: Vec<(&str, Option<&str>)> = changes
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_deref()))
+            .collect();
+        let mut w = Write::new(&pairs, self.schema.limits()).precondition(precondition);
+        if let Some(ttl) = self.schema.config().expiry_of(user) {
+            w = w.ttl(ttl);
+        }
+        let outcome = self
+            .redis
+            .durable()
+            .preferences_write(&self.redis.keys, user, w)
+            .await?;
+        if let WriteOutcome::Written { version, .. } = &outcome {
+            metrics::counter!("passerelle_preferences_writes_total").increment(1);
+            self.after_write(user, *version, changes).await;
+        }
+        Ok(outcome)
+    }
+
+    fn conflict(&self, version: u64, changed: Vec<String>) -> PrefError {
+        metrics::counter!("passerelle_preferences_conflicts_total").increment(1);
+        PrefError::Conflict { version, changed }
+    }
+
+    fn over_limit(&self, limit: LimitHit) -> PrefError {
+        let cfg = self.schema.config();
+        match limit {
+            LimitHit::Count => PrefError::TooMany {
+                max: cfg.max_preferences,
+            },
+            LimitHit::Bytes => PrefError::TooLarge {
+                what: "the document".into(),
+                limit: "max_document_size",
+                max: cfg.max_document_size.get(),
+            },
+        }
     }
 
     /// After a write: the gateway's copies go (tag `/users/{id}/preferences`), and the
@@ -266,6 +289,15 @@ impl Preferences {
 
 /// A write's changes: each preference's new encoded value, or `None` to remove it.
 type Changes = Vec<(String, Option<String>)>;
+
+/// What a write writes.
+enum Plan<'a> {
+    /// Changes the request fixes alone (one preference's value, a patch of plain values):
+    /// written without reading first.
+    Fixed(Changes),
+    /// Changes computed from the stored document (a merge into an object, a replacement).
+    FromRead(&'a (dyn Fn(&Stored) -> Result<Changes, PrefError> + Sync)),
+}
 
 /// What a write asks of the stored document.
 struct WriteRequest {
@@ -376,11 +408,15 @@ async fn write_document(
     let Access { user, admin } = access;
     let wr = WriteRequest::from(req.headers(), strict)?;
     let body = object_body(req).await?;
-    let after = s
-        .write(&user, &wr, |read| {
-            changes_of(&s.schema, &user, read, &body, admin)
-        })
-        .await?;
+    let from_read = |read: &Stored| changes_of(&s.schema, &user, read, &body, admin);
+    // A patch of plain values does not depend on what is stored (only a merge into an
+    // object does): it is written without reading first.
+    let plan = if !strict && !body.values().any(Value::is_object) {
+        Plan::Fixed(from_read(&Stored::default())?)
+    } else {
+        Plan::FromRead(&from_read)
+    };
+    let after = s.write(&user, &wr, plan).await?;
     let doc = s.schema.document(&user, &after);
     Ok(json_response(StatusCode::OK, &doc, doc.version))
 }
@@ -452,11 +488,8 @@ async fn delete_document(
     headers: HeaderMap,
 ) -> Result<Response, PrefError> {
     let wr = WriteRequest::from(&headers, true)?;
-    let after = s
-        .write(&user, &wr, |read| {
-            replace_changes(&s.schema, &user, read, &Map::new(), admin)
-        })
-        .await?;
+    let clear = |read: &Stored| replace_changes(&s.schema, &user, read, &Map::new(), admin);
+    let after = s.write(&user, &wr, Plan::FromRead(&clear)).await?;
     Ok(no_content(after.version))
 }
 
@@ -505,7 +538,7 @@ async fn put_preference(
     }
     let encoded = s.schema.encode(&name, &value, admin)?;
     let change = vec![(name.clone(), Some(encoded))];
-    let after = s.write(&user, &wr, |_| Ok(change.clone())).await?;
+    let after = s.write(&user, &wr, Plan::Fixed(change)).await?;
     let p = s
         .schema
         .preference(&name, &after)
@@ -524,7 +557,8 @@ async fn delete_preference(
     s.schema
         .removable(&name, admin)
         .map_err(|r: Refusal| PrefError::from(r))?;
-    let change = vec![(name.clone(), None)];
-    let after = s.write(&user, &wr, |_| Ok(change.clone())).await?;
+    let after = s
+        .write(&user, &wr, Plan::Fixed(vec![(name.clone(), None)]))
+        .await?;
     Ok(no_content(after.version))
 }
