@@ -1242,6 +1242,8 @@ async fn unknown_versions_fail_identical_replacements_write_nothing_and_ids_come
         .await;
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.header("etag"), Some("\"2\""));
+        // An empty patch changes nothing either.
+        assert_eq!(patch_ok(&me, "7", &json!({})).await["version"], 2);
         // So a page that read version 1 may still change what the PUT repeated.
         let r = patch(&me, "7", &json!({"language": "de"}), Some("\"1\"")).await;
         assert_eq!(r.status, 200, "{}", r.text());

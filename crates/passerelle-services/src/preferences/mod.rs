@@ -157,6 +157,14 @@ impl Preferences {
             _ => None,
         };
         let from_read = match plan {
+            // Nothing to write (`{}`): the document as it is, no new version.
+            Plan::Fixed(changes) if changes.is_empty() => {
+                let read = self.read(user).await?;
+                if ifm.is_some_and(|v| v > read.version) {
+                    return Err(self.conflict(read.version, Vec::new()));
+                }
+                return Ok(read);
+            }
             Plan::Fixed(changes) => {
                 let precondition = ifm.map_or(Precondition::None, Precondition::Untouched);
                 return match self.apply(user, &changes, precondition).await? {
