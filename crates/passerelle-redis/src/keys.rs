@@ -29,6 +29,9 @@ pub enum Namespace {
     ApiKey,
     /// User preferences (durable): one hash per user.
     Preferences,
+    /// The audit trail of transfers (durable): partitions of records with their time
+    /// index and chain head, and the per-account and per-user indexes.
+    Audit,
 }
 
 impl Namespace {
@@ -41,6 +44,7 @@ impl Namespace {
             Namespace::Object => "obj",
             Namespace::ApiKey => "ak",
             Namespace::Preferences => "pref",
+            Namespace::Audit => "au",
         }
     }
 }
@@ -163,6 +167,56 @@ impl KeySchema {
             "{}:{}:{{u:{}}}",
             self.prefix,
             Namespace::Preferences.as_str(),
+            sanitize_tag(user)
+        )
+    }
+
+    /// `<prefix>:au:{p:<day>:<bucket>}`: what the keys of one audit partition start with.
+    /// A partition is one day of events (by their own time, `yyyymmdd` UTC) and one bucket
+    /// (a hash of the event id): its records, time index and chain head share the tag, so
+    /// one script appends a batch's records of that partition with their index entries,
+    /// and the buckets spread a day's writes over a cluster's shards.
+    pub fn audit_partition(&self, day: u32, bucket: u16) -> String {
+        format!(
+            "{}:{}:{{p:{day}:{bucket}}}",
+            self.prefix,
+            Namespace::Audit.as_str()
+        )
+    }
+
+    /// The records of a partition: a hash, event id → the compact record.
+    pub fn audit_records(&self, day: u32, bucket: u16) -> String {
+        format!("{}:r", self.audit_partition(day, bucket))
+    }
+
+    /// The time index of a partition: a sorted set of event ids by event time (ms).
+    pub fn audit_times(&self, day: u32, bucket: u16) -> String {
+        format!("{}:t", self.audit_partition(day, bucket))
+    }
+
+    /// The chain head of a partition: `<seq> <hex SHA-256 of the last record's link>`.
+    pub fn audit_head(&self, day: u32, bucket: u16) -> String {
+        format!("{}:h", self.audit_partition(day, bucket))
+    }
+
+    /// `<prefix>:au:{a:<account>}:<yyyymm>:<role>`: one account's events of one month as
+    /// sender (`role` `f`) or receiver (`t`), a sorted set of event ids by event time. Both
+    /// roles share the account's tag, so "either" is read from one slot.
+    pub fn audit_account(&self, account: &str, month: u32, role: char) -> String {
+        format!(
+            "{}:{}:{{a:{}}}:{month}:{role}",
+            self.prefix,
+            Namespace::Audit.as_str(),
+            sanitize_tag(account)
+        )
+    }
+
+    /// `<prefix>:au:{u:<user>}:<yyyymm>`: one initiating user's events of one month.
+    pub fn audit_user(&self, user: &str, month: u32) -> String {
+        format!(
+            "{}:{}:{{u:{}}}:{month}",
+            self.prefix,
+            Namespace::Audit.as_str(),
             sanitize_tag(user)
         )
     }

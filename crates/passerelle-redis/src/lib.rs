@@ -22,6 +22,7 @@
 //! [`Role::Durable`] for data that must survive.
 
 pub mod api_keys;
+pub mod audit;
 mod batch;
 pub mod breaker;
 pub mod cache;

@@ -46,3 +46,8 @@ pub static API_KEY_TOUCH: LazyLock<Script> =
 /// the limits, all or nothing (see the script's header).
 pub static PREFERENCES_WRITE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/preferences_write.lua")));
+
+/// Appends records to one audit partition if its chain head is the writer's and none is
+/// stored yet, with their time index entries and the new head (see the script's header).
+pub static AUDIT_APPEND: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/audit_append.lua")));
