@@ -15,6 +15,7 @@
 //! [`run`] serves one instance: `run(kind, options, listener, shutdown)`.
 
 pub mod api;
+pub mod audit;
 pub mod cache;
 pub mod db;
 pub mod identity;
