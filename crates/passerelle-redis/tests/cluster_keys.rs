@@ -39,6 +39,20 @@ const DIGESTS: [&str; 2] = [
 
 const KEY_IDS: [&str; 3] = ["k_0001", "AbCdEf012345", "id{with}braces"];
 
+/// Audit partitions (day, bucket): several days, the first and last buckets.
+const AUDIT_PARTITIONS: [(u32, u16); 6] = [
+    (20240131, 0),
+    (20240131, 15),
+    (20240201, 0),
+    (20240201, 7),
+    (20241231, 255),
+    (20991231, u16::MAX),
+];
+
+const AUDIT_ACCOUNTS: [&str; 4] = ["acct-1", "FR7630006000011234567890189", "a{b}c", "}{"];
+
+const AUDIT_MONTHS: [u32; 2] = [202401, 202412];
+
 /// Every key the schema builds for the sample inputs, grouped by what one command or script
 /// touches together: each group must live in one slot.
 fn groups(k: &KeySchema) -> Vec<(String, Vec<String>)> {
@@ -78,6 +92,38 @@ fn groups(k: &KeySchema) -> Vec<(String, Vec<String>)> {
     for user in ["7", "guest-01HV", "a}b{c"] {
         out.push((format!("preferences of {user}"), vec![k.preferences(user)]));
     }
+    // An audit append: one script on a partition's records, time index and head.
+    for (day, bucket) in AUDIT_PARTITIONS {
+        out.push((
+            format!("audit partition {day}/{bucket}"),
+            vec![
+                k.audit_partition(day, bucket),
+                k.audit_records(day, bucket),
+                k.audit_times(day, bucket),
+                k.audit_head(day, bucket),
+            ],
+        ));
+    }
+    // A search of one account over a month reads both roles from one slot.
+    for account in AUDIT_ACCOUNTS {
+        for month in AUDIT_MONTHS {
+            out.push((
+                format!("audit account {account} in {month}"),
+                vec![
+                    k.audit_account(account, month, 'f'),
+                    k.audit_account(account, month, 't'),
+                ],
+            ));
+        }
+    }
+    for user in ["7", "guest-01HV", "a}b{c"] {
+        for month in AUDIT_MONTHS {
+            out.push((
+                format!("audit user {user} in {month}"),
+                vec![k.audit_user(user, month)],
+            ));
+        }
+    }
     out
 }
 
@@ -111,6 +157,16 @@ fn every_key_hashes_as_the_cluster_does_and_script_keys_share_a_slot() {
         "{checked} keys checked against CLUSTER KEYSLOT in {:?}",
         t.elapsed()
     );
+    // A day's audit buckets spread its appends over the cluster: the 16 partitions of a
+    // day are owned by more than one primary.
+    let k = KeySchema::new("psl");
+    let owners: std::collections::BTreeSet<u16> = (0..16)
+        .map(|bucket| {
+            let slot = hash_slot(&k.audit_head(20240131, bucket));
+            cluster.slot_owner(slot).expect("every slot is served")
+        })
+        .collect();
+    assert!(owners.len() > 1, "one day's 16 buckets on {owners:?}");
     // The cluster serves: a write through the first node lands on the key's owner.
     let key = KeySchema::new("psl").rate_limit("ip=192.0.2.7", "daily");
     assert!(cluster.cli(&["SET", &key, "1", "EX", "60"]).contains("OK"));
