@@ -3,8 +3,10 @@
 //!
 //! - [`record`]: the event, its checks, its compact stored form and its chain link;
 //! - [`ingest`]: partitions, chaining on the head, one batch per request, idempotency;
+//! - [`search`]: the query planner (the most selective index drives) and bounded pages;
 //! - [`time`]: UTC days and months.
 
 pub mod ingest;
 pub mod record;
+pub mod search;
 pub mod time;
