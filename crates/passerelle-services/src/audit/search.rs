@@ -371,9 +371,11 @@ mod tests {
         let c = candidates(&q, 4);
         let drivers: Vec<Driver> = c.iter().map(|(d, _)| *d).collect();
         assert_eq!(drivers, [Driver::Account, Driver::User, Driver::Time]);
-        assert_eq!(c[0].1.len(), 2, "one month, both roles");
+        assert_eq!(c[0].1.len(), 4, "November and December, both roles");
         q.account = Some(("A".into(), Role::Receiver));
-        assert_eq!(candidates(&q, 4)[0].1.len(), 1);
+        assert_eq!(candidates(&q, 4)[0].1.len(), 2);
+        q.to_ms = q.from_ms;
+        assert_eq!(candidates(&q, 4)[0].1.len(), 1, "one month");
     }
 
     #[test]
