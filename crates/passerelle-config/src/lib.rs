@@ -18,6 +18,7 @@
 //! code 64 on them. [`Loaded`] also carries warnings (no routes, unused upstreams) and where
 //! each value came from, which `passerelle config show` prints.
 
+mod audit;
 mod auth;
 mod env;
 mod layers;
@@ -34,6 +35,7 @@ mod validate;
 use std::fmt;
 use std::path::Path;
 
+pub use audit::*;
 pub use auth::*;
 pub use layers::{Origin, Provenance};
 pub use loader::{DEFAULT_ORIGIN, Loaded, Loader};

@@ -31,6 +31,8 @@ pub struct Config {
     pub services: ServicesConfig,
     /// The preferences service.
     pub preferences: crate::preferences::PreferencesConfig,
+    /// The audit trail of transfers.
+    pub audit: crate::audit::AuditConfig,
     pub up: UpConfig,
     pub auth: crate::auth::AuthConfig,
 }

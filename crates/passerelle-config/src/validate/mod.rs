@@ -46,6 +46,7 @@ impl Config {
         auth::check(self, p);
         services::check(&self.services, p);
         preferences::check(&self.preferences, p);
+        preferences::check_audit(&self.audit, p);
         up::check(&self.up, p);
         problems.0
     }

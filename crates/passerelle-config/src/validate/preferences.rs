@@ -2,7 +2,7 @@
 //! preferences, and limits that can hold.
 
 use super::problems::{AT_LEAST_ONE, POSITIVE, Problems};
-use crate::{PreferenceType, PreferencesConfig, valid_preference_name};
+use crate::{AuditConfig, PreferenceType, PreferencesConfig, valid_preference_name};
 
 /// Names the service's own routes use after `/preferences/`.
 const RESERVED: &[&str] = &["events"];
@@ -111,6 +111,41 @@ pub(super) fn check(c: &PreferencesConfig, p: &mut Problems) {
     }
 }
 
+/// The audit service (`[audit]`).
+pub(super) fn check_audit(c: &AuditConfig, p: &mut Problems) {
+    p.check(
+        (1..=1024).contains(&c.buckets),
+        "audit.buckets",
+        "must be from 1 to 1024",
+    );
+    p.check(
+        c.retention.get().as_secs() >= 86_400,
+        "audit.retention",
+        "must be at least 1d",
+    );
+    p.check(
+        (1..=10_000).contains(&c.max_batch),
+        "audit.max_batch",
+        "must be from 1 to 10000",
+    );
+    p.check(c.max_examined >= 1, "audit.max_examined", AT_LEAST_ONE);
+    p.check(
+        (1..=c.max_limit.max(1)).contains(&c.default_limit) && c.max_limit <= c.max_examined,
+        "audit.default_limit",
+        "must be from 1 to max_limit, and max_limit at most max_examined",
+    );
+    p.check(
+        !c.write_scope.is_empty() && !c.read_scope.is_empty(),
+        "audit.read_scope",
+        "the read and write scopes must be named",
+    );
+    p.check(
+        c.max_request_body.get() > 0,
+        "audit.max_request_body",
+        POSITIVE,
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use crate::tests::check_errs;
@@ -155,6 +190,8 @@ mod tests {
                 2,
                 "with {id}",
             ),
+            ("[audit]\nbuckets = 0\n", 2, "audit.buckets"),
+            ("[audit]\nretention = \"1h\"\n", 2, "at least 1d"),
             (
                 "[preferences.expire.guests]\nusers = \"guest-*\"\nafter = \"0s\"\n",
                 3,
