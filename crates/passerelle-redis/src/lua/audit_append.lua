@@ -9,14 +9,16 @@
 -- links on it and try again) | {2, current head, ids already stored...} (idempotent
 -- retries: leave them out, rebuild, try again). Nothing is written unless 1.
 local head = redis.call('GET', KEYS[3]) or ''
-local stored = {}
+-- The answer is built as a table (Lua's unpack stops at 7,999 values: a large retry would
+-- otherwise fail for good).
+local stored = {2, head}
 for i = 3, #ARGV, 3 do
   if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then
     table.insert(stored, ARGV[i])
   end
 end
-if #stored > 0 then
-  return {2, head, unpack(stored)}
+if #stored > 2 then
+  return stored
 end
 if head ~= ARGV[1] then
   return {0, head}
