@@ -1125,3 +1125,38 @@ async fn records_are_bytes_and_round_trip_whatever_they_hold() {
         );
     }
 }
+
+/// A retry of a large batch is told which ids are stored, however many (Lua's `unpack`
+/// stops at 7,999 values: the answer must not go through it).
+#[tokio::test]
+async fn a_retry_of_eight_thousand_stored_ids_is_answered() {
+    let server = TestRedis::start();
+    let r = redis(&server);
+    let (c, k) = (r.durable(), &r.keys);
+    let p = part(20240131, 3);
+    let recs: Vec<Rec> = (0..8_001)
+        .map(|i| rec(&format!("big-{i:05}"), JAN31 + i))
+        .collect();
+    let head = head_after("", &recs);
+    let first = PartitionAppend {
+        partition: p,
+        expected_head: "",
+        new_head: &head,
+        records: appends(&recs),
+    };
+    let outcome = c.audit_append(k, &[first], &[]).await.unwrap();
+    assert_eq!(outcome, [AppendOutcome::Appended { head: head.clone() }]);
+    let retry = PartitionAppend {
+        partition: p,
+        expected_head: &head,
+        new_head: "never",
+        records: appends(&recs),
+    };
+    match c.audit_append(k, &[retry], &[]).await.unwrap().pop() {
+        Some(AppendOutcome::Stored { head: h, ids }) => {
+            assert_eq!(h, head);
+            assert_eq!(ids.len(), 8_001);
+        }
+        other => panic!("{other:?}"),
+    }
+}
