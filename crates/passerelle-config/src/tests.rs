@@ -173,7 +173,7 @@ fn a_file_layers_on_the_default() {
     let default = Config::load(None, Vec::new()).unwrap();
     assert_eq!(l.config.gateway.listen.port(), 9000);
     assert_eq!(l.config.routes.len(), default.routes.len(), "routes kept");
-    assert_eq!(l.config.upstreams.len(), 3);
+    assert_eq!(l.config.upstreams.len(), 4);
     assert_eq!(l.config.gateway.max_connections, 10_000, "sibling kept");
     assert!(l.warnings.is_empty(), "{:?}", l.warnings);
 }
@@ -190,6 +190,7 @@ fn routes_in_a_file_replace_the_default_routes() {
     assert_eq!(
         unused,
         [
+            "upstreams.audit",
             "upstreams.preferences",
             "upstreams.products",
             "upstreams.users"

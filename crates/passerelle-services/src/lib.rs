@@ -318,3 +318,86 @@ pub async fn run(
     tracing::info!(service = kind.name(), instance = %opts.instance, "stopped");
     Ok(())
 }
+
+/// How one instance of the audit service runs.
+#[derive(Debug, Clone)]
+pub struct AuditOptions {
+    /// Shown in `X-Served-By`, e.g. `audit-1`.
+    pub instance: String,
+    pub grace: Duration,
+    pub access_log: bool,
+    pub redis: Redis,
+    pub config: passerelle_config::AuditConfig,
+    /// Callers are the identity the gateway asserts (`None`: nothing is checked).
+    pub identity: Option<identity::Assertions>,
+    /// Demo transfers recorded at start (idempotent: the same ids each time).
+    pub seed: u64,
+}
+
+/// The audit service's application and state.
+pub fn audit_app(opts: &AuditOptions) -> Result<(Router, audit::http::Shared), ServiceError> {
+    let served_by = HeaderValue::from_str(&opts.instance)
+        .map_err(|_| ServiceError::Instance(opts.instance.clone()))?;
+    let state = Arc::new(audit::http::Audit::new(
+        opts.config.clone(),
+        opts.redis.clone(),
+        opts.identity.clone(),
+    ));
+    let readiness = {
+        let redis = opts.redis.clone();
+        Readiness::new().check("redis", move || {
+            let redis = redis.clone();
+            async move {
+                let rtt = redis.durable().ping().await.map_err(|e| e.to_string())?;
+                Ok(serde_json::json!({ "rtt_ms": rtt.as_secs_f64() * 1000.0 }))
+            }
+        })
+    };
+    let app = shell(
+        audit::http::router(state.clone()),
+        readiness,
+        "audit",
+        opts.access_log,
+        opts.config.max_request_body.as_usize(),
+        served_by,
+    )?;
+    Ok((app, state))
+}
+
+/// Serves one instance of the audit service until `shutdown`, then drains.
+pub async fn run_audit(
+    opts: AuditOptions,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServiceError> {
+    passerelle_http::metrics::install();
+    passerelle_http::metrics::on_render(passerelle_redis::stats::export);
+    opts.redis.check_version(Duration::from_secs(1)).await?;
+    let (app, state) = audit_app(&opts)?;
+    if opts.seed > 0 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let demo = audit::demo::transfers(opts.seed, now);
+        for chunk in demo.chunks(opts.config.max_batch.max(1)) {
+            if let Err(e) = state.ingest.record(chunk.to_vec()).await {
+                tracing::warn!(error = %e, "demo transfers not recorded");
+                break;
+            }
+        }
+    }
+    let token = passerelle_http::shutdown::token_from(shutdown);
+    tracing::info!(
+        service = "audit",
+        instance = %opts.instance,
+        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        "serving"
+    );
+    let serve_opts = ServeOptions {
+        grace: opts.grace,
+        ..ServeOptions::default()
+    };
+    passerelle_http::serve(listener, move |_| app.clone(), serve_opts, token).await;
+    tracing::info!(service = "audit", instance = %opts.instance, "stopped");
+    Ok(())
+}

@@ -494,6 +494,7 @@ async fn start_services(
         let service = ServiceToStart {
             name: kind.name(),
             args: vec!["--database-url".into(), url],
+            first_args: Vec::new(),
             grace,
         };
         start_instances(config, opts, state, extra_env, children, tasks, service).await?;
@@ -502,16 +503,31 @@ async fn start_services(
     let service = ServiceToStart {
         name: "preferences",
         args: Vec::new(),
+        first_args: Vec::new(),
         grace: config.preferences.shutdown_grace.get(),
+    };
+    start_instances(config, opts, state, extra_env, children, tasks, service).await?;
+    // The audit trail too; its first instance records the demo transfers (idempotent: the
+    // same ids at every start).
+    let service = ServiceToStart {
+        name: "audit",
+        args: Vec::new(),
+        first_args: vec!["--seed".into(), AUDIT_DEMO_TRANSFERS.to_string()],
+        grace: config.audit.shutdown_grace.get(),
     };
     start_instances(config, opts, state, extra_env, children, tasks, service).await
 }
+
+/// Demo transfers `up` records (when seeding is on).
+const AUDIT_DEMO_TRANSFERS: usize = 3000;
 
 /// One service `up` runs `up.instances` of.
 struct ServiceToStart {
     name: &'static str,
     /// Arguments after `service <name> --listen <addr>`.
     args: Vec<String>,
+    /// More arguments for the first instance only.
+    first_args: Vec<String>,
     grace: Duration,
 }
 
@@ -529,6 +545,7 @@ async fn start_instances(
     let ServiceToStart {
         name: service,
         args: service_args,
+        first_args,
         grace,
     } = service;
     state.update(|s| {
@@ -553,6 +570,9 @@ async fn start_instances(
             addr.to_string(),
         ]);
         args.extend(service_args.iter().cloned());
+        if i == 1 && config.up.seed_rows > 0 {
+            args.extend(first_args.iter().cloned());
+        }
         args.extend([
             "--instance".into(),
             name.clone(),

@@ -73,7 +73,7 @@ enum Command {
     },
     /// Run one instance of a service.
     Service {
-        /// `users`, `products` or `preferences`.
+        /// `users`, `products`, `preferences` or `audit`.
         name: String,
         #[arg(long, default_value = "127.0.0.1:7000")]
         listen: SocketAddr,
@@ -392,9 +392,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
         } => {
             let kind = ServiceKind::from_name(&name);
-            if kind.is_none() && name != "preferences" {
+            if kind.is_none() && name != "preferences" && name != "audit" {
                 return Err(UsageError(format!(
-                    "unknown service {name:?}; known: users, products, preferences"
+                    "unknown service {name:?}; known: users, products, preferences, audit"
                 ))
                 .into());
             }
@@ -407,6 +407,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 worker_threads
             };
             let Some(kind) = kind else {
+                if name == "audit" {
+                    return audit_service(&config, listen, instance, threads, seed);
+                }
                 return preferences_service(&config, listen, instance, threads);
             };
             let svc = match kind {
@@ -550,6 +553,40 @@ fn preferences_service(
         };
         let listener = bind(listen).await?;
         passerelle_services::run_preferences(opts, listener, passerelle_http::shutdown::signal())
+            .await?;
+        Ok(())
+    })
+}
+
+/// `passerelle service audit`: keeps its trail in the durable Redis.
+fn audit_service(
+    config: &Config,
+    listen: SocketAddr,
+    instance: Option<String>,
+    threads: usize,
+    seed: u64,
+) -> anyhow::Result<()> {
+    let identity = assertions(config)?;
+    runtime(threads)?.block_on(async {
+        let Some(redis) = passerelle_redis::Redis::from_config(&config.redis)? else {
+            return Err(UsageError(
+                "the audit service keeps its trail in Redis: set redis.url (or run \
+                 `passerelle up`, which starts one)"
+                    .into(),
+            )
+            .into());
+        };
+        let opts = passerelle_services::AuditOptions {
+            instance: instance.unwrap_or_else(|| format!("audit@{listen}")),
+            grace: config.audit.shutdown_grace.get(),
+            access_log: config.telemetry.access_log,
+            redis,
+            config: config.audit.clone(),
+            identity,
+            seed,
+        };
+        let listener = bind(listen).await?;
+        passerelle_services::run_audit(opts, listener, passerelle_http::shutdown::signal())
             .await?;
         Ok(())
     })

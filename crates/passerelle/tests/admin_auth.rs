@@ -240,7 +240,7 @@ async fn an_admin_listener_without_a_usable_token_refuses_to_start() {
     let users = service_in_process(ServiceKind::Users, &db, "users-1").await;
     let base = format!(
         "[rate_limiting]\nenabled = false\n[upstreams.users]\nendpoints = [\"{0}\"]\n\
-         [upstreams.products]\nendpoints = [\"{0}\"]\n[upstreams.preferences]\nendpoints = [\"{0}\"]\n[gateway]\nadmin_listen = \"127.0.0.1:{1}\"\n",
+         [upstreams.products]\nendpoints = [\"{0}\"]\n[upstreams.preferences]\nendpoints = [\"{0}\"]\n[upstreams.audit]\nendpoints = [\"{0}\"]\n[gateway]\nadmin_listen = \"127.0.0.1:{1}\"\n",
         users.addr,
         passerelle_testkit::free_port()
     );

@@ -434,6 +434,15 @@ async fn no_output_of_a_run_shows_a_redis_password_or_the_admin_token() {
                         .unwrap()
                 ),
             ),
+            (
+                "PASSERELLE_UPSTREAMS__AUDIT__ENDPOINTS",
+                format!(
+                    "[\"{}\"]",
+                    state["services"][3]["instances"][0]["address"]
+                        .as_str()
+                        .unwrap()
+                ),
+            ),
         ]
     };
     let (mut second, second_err, second_http) = gateway_with_env(d, &env(&app_pw)).await;
@@ -590,6 +599,10 @@ async fn a_gateway_over_rediss_starts_with_the_right_ca_and_refuses_an_unknown_o
             ),
             (
                 "PASSERELLE_UPSTREAMS__PREFERENCES__ENDPOINTS",
+                format!("[\"{upstream}\"]"),
+            ),
+            (
+                "PASSERELLE_UPSTREAMS__AUDIT__ENDPOINTS",
                 format!("[\"{upstream}\"]"),
             ),
         ]

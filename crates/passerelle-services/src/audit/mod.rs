@@ -6,6 +6,8 @@
 //! - [`search`]: the query planner (the most selective index drives) and bounded pages;
 //! - [`time`]: UTC days and months.
 
+pub mod demo;
+pub mod http;
 pub mod ingest;
 pub mod record;
 pub mod search;

@@ -432,11 +432,14 @@ pub async fn shipped_platform(
         format!(
             "[redis]\n{}\n[rate_limiting]\nenabled = false\n\n\
              [upstreams.users]\nendpoints = [\"{}\"]\n\n[upstreams.products]\nendpoints = [\"{}\"]\n\n\
-             [upstreams.preferences]\nendpoints = [\"{}\"]\n\n{}",
+             [upstreams.preferences]\nendpoints = [\"{}\"]\n\n\
+             [upstreams.audit]\nendpoints = [\"{}\"]\n\n{}",
             redis.config_lines(),
             users.addr,
             products.addr,
-            // The default's preferences routes need a pool; these tests do not call them.
+            // The default's preferences and audit routes need a pool; these tests do not
+            // call them.
+            users.addr,
             users.addr,
             test_issuer_toml()
         ),
