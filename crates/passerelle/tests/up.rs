@@ -259,8 +259,8 @@ async fn up_serves_locks_down_redis_and_stops_cleanly_on_sigint() {
     let children = children_of(pid);
     assert_eq!(
         children.len(),
-        8,
-        "2 Redis + 2 users + 2 products + 2 preferences: {children:?}"
+        10,
+        "2 Redis + 2 users + 2 products + 2 preferences + 2 audit: {children:?}"
     );
 
     // Managed Redis follows the guide: the app user cannot run dangerous commands or leave
@@ -330,7 +330,14 @@ async fn up_serves_locks_down_redis_and_stops_cleanly_on_sigint() {
     assert_eq!(state["pid"], pid);
     let mut recorded: Vec<u32> = ["redis-cache", "redis-durable", "users-1", "users-2"]
         .into_iter()
-        .chain(["products-1", "products-2", "preferences-1", "preferences-2"])
+        .chain([
+            "products-1",
+            "products-2",
+            "preferences-1",
+            "preferences-2",
+            "audit-1",
+            "audit-2",
+        ])
         .map(|name| {
             let c = child_state(dir.path(), name);
             assert_eq!(
@@ -346,7 +353,7 @@ async fn up_serves_locks_down_redis_and_stops_cleanly_on_sigint() {
     assert_eq!(recorded, running);
     let report = passerelle_supervisor::status(dir.path()).unwrap();
     assert!(report.ok, "{report}");
-    assert_eq!(report.processes.len(), 9, "{report}");
+    assert_eq!(report.processes.len(), 11, "{report}");
     let table = report.render();
     for name in ["gateway", "redis-durable", "products-2"] {
         assert!(
@@ -389,7 +396,7 @@ async fn up_killed_leaves_no_process_behind() {
     );
     let pid = up.child.id();
     let children = children_of(pid);
-    assert_eq!(children.len(), 5, "{children:?}");
+    assert_eq!(children.len(), 6, "{children:?}");
     kill(pid, libc::SIGKILL);
     wait_exit(&mut up.child, Duration::from_secs(5));
     wait_all_gone(&children, Duration::from_secs(10));
@@ -417,7 +424,7 @@ async fn up_restarts_a_crashed_instance_and_uses_an_external_redis() {
     let children = children_of(pid);
     assert_eq!(
         children.len(),
-        3,
+        4,
         "no managed Redis when a URL is given: {children:?}"
     );
     let ready = up.admin.get("/ready").await.json();
@@ -847,7 +854,7 @@ async fn up_on_a_redis_cluster_starts_no_redis_and_caches_and_limits_there() {
         &[("PASSERELLE_UP__SEED_ROWS", "100")],
     );
     let children = children_of(up.child.id());
-    assert_eq!(children.len(), 3, "no managed Redis: {children:?}");
+    assert_eq!(children.len(), 4, "no managed Redis: {children:?}");
     let ready = up.admin.get("/ready").await.json();
     assert_eq!(ready["checks"]["redis"]["ok"], true, "{ready}");
     assert_eq!(
