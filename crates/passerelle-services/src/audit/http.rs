@@ -201,7 +201,8 @@ async fn record(State(s): State<Shared>, req: Request) -> Response {
         return match recorded.into_iter().next() {
             Some(Recorded::New(t)) => {
                 let mut res = json(StatusCode::CREATED, &t);
-                if let Ok(v) = HeaderValue::from_str(&format!("/transfers/{}", t.id)) {
+                // Relative, so it resolves under whatever path the gateway routes here.
+                if let Ok(v) = HeaderValue::from_str(&format!("transfers/{}", t.id)) {
                     res.headers_mut().insert(header::LOCATION, v);
                 }
                 res
@@ -508,7 +509,7 @@ async fn find(State(s): State<Shared>, RawQuery(raw): RawQuery) -> Result<Respon
                 .collect();
         query.push(("cursor".into(), c));
         if let Ok(qs) = serde_urlencoded::to_string(&query)
-            && let Ok(v) = HeaderValue::from_str(&format!("</transfers?{qs}>; rel=\"next\""))
+            && let Ok(v) = HeaderValue::from_str(&format!("<transfers?{qs}>; rel=\"next\""))
         {
             res.headers_mut().insert(header::LINK, v);
         }
