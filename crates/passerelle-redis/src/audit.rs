@@ -298,6 +298,40 @@ impl RedisClient {
             })
             .collect()
     }
+
+    /// Every record of a partition, by `HSCAN` pages of `page` fields (a large partition
+    /// never blocks Redis in one command), with its head read first: records appended
+    /// after that read may be included, never fewer than the head covers.
+    pub async fn audit_partition(
+        &self,
+        keys: &KeySchema,
+        p: Partition,
+        page: usize,
+    ) -> Result<(String, Vec<(String, Vec<u8>)>), RedisError> {
+        let head = self
+            .audit_heads(keys, &[p])
+            .await?
+            .pop()
+            .unwrap_or_default();
+        let key = keys.audit_records(p.day, p.bucket);
+        let mut records = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, fields): (u64, Vec<(String, Vec<u8>)>) = redis::cmd("HSCAN")
+                .arg(&key)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(page.max(1))
+                .query_async(&mut self.conn())
+                .await?;
+            records.extend(fields);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        Ok((head, records))
+    }
 }
 
 fn protocol(e: impl std::fmt::Display) -> RedisError {

@@ -4,7 +4,8 @@
 //! - [`record`]: the event, its checks, its compact stored form and its chain link;
 //! - [`ingest`]: partitions, chaining on the head, one batch per request, idempotency;
 //! - [`search`]: the query planner (the most selective index drives) and bounded pages;
-//! - [`time`]: UTC days and months.
+//! - [`time`]: UTC days and months;
+//! - [`verify`]: checking a partition's chain (the first removed, inserted or altered record).
 
 pub mod demo;
 pub mod http;
@@ -12,3 +13,4 @@ pub mod ingest;
 pub mod record;
 pub mod search;
 pub mod time;
+pub mod verify;
