@@ -169,8 +169,10 @@ impl RedisClient {
             slot.1 = slot.1.max(e.expire_at);
         }
         for (key, (members, expire_at)) in by_key {
+            // NX: an entry, once written, keeps its time (a retry with another time of
+            // the same event must not move it).
             let mut zadd = redis::cmd("ZADD");
-            zadd.arg(&key);
+            zadd.arg(&key).arg("NX");
             for (score, id) in members {
                 zadd.arg(score).arg(id);
             }

@@ -178,7 +178,7 @@ fn a_partial_file_layers_on_the_default() {
     let o = passerelle(d, &["config", "check", "my.toml"], &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let t = text(&o);
-    assert!(t.contains("configuration OK: 11 routes"), "{t}");
+    assert!(t.contains("configuration OK: 12 routes"), "{t}");
     assert!(!t.contains("warning"), "{t}");
 
     // A file with its own routes: the demo routes are gone, the demo upstreams unused.

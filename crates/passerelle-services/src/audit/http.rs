@@ -5,6 +5,7 @@
 //! | `POST /transfers` (one event, or an array of up to `audit.max_batch`) | one: `201` and the record, or `200` and the *original* when its `id` was recorded before; many: `200` `{"created", "existing", "items": [{"id", "result"}]}`. One bad event refuses the whole batch (`422`, naming it by index) |
 //! | `GET /transfers/{id}` | the record, `404` when none |
 //! | `GET /transfers?account=&role=&user=&status=&currency=&min_amount=&max_amount=&from=&to=&cursor=&limit=` | newest first: `{"items", "next_cursor", "truncated", "examined", "plan": {"driver", "estimate"}}`, `Link: rel="next"` |
+//! | `GET /verify?from=&to=` (at most 31 days) | every partition of the days in range checked ([`super::verify`]): `{"ok", "partitions", "records", "findings": [...]}` |
 //!
 //! Producers need `audit.write_scope`, auditors `audit.read_scope`, in the identity the
 //! gateway asserts ([`crate::identity`]); without an identity secret nothing is checked.
@@ -61,6 +62,7 @@ pub fn router(state: Shared) -> Router {
     Router::new()
         .route("/transfers", get(find).post(record))
         .route("/transfers/{id}", get(one))
+        .route("/verify", get(verify))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_scope,
@@ -515,4 +517,68 @@ async fn find(State(s): State<Shared>, RawQuery(raw): RawQuery) -> Result<Respon
         }
     }
     Ok(res)
+}
+
+/// Days one verification may cover.
+const MAX_VERIFY_DAYS: usize = 31;
+
+/// `GET /verify?from=&to=`: every partition of those days, checked.
+async fn verify(State(s): State<Shared>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.as_deref().unwrap_or(""))
+        .map_err(|e| bad_query(e.to_string()))?;
+    let (mut from, mut to) = (None, None);
+    for (k, v) in pairs {
+        match k.as_str() {
+            "from" => from = Some(parse_time("from", &v)?),
+            "to" => to = Some(parse_time("to", &v)?),
+            other => return Err(bad_query(format!("unknown parameter {other:?}"))),
+        }
+    }
+    let now = now_ms();
+    let to = to.unwrap_or(now);
+    let from = from.unwrap_or(to);
+    if from > to {
+        return Err(bad_query("from is after to"));
+    }
+    let days = days_between(from, to);
+    if days.len() > MAX_VERIFY_DAYS {
+        return Err(bad_query(format!(
+            "at most {MAX_VERIFY_DAYS} days per verification"
+        )));
+    }
+    let mut checked = Vec::new();
+    for day in days {
+        for bucket in 0..s.ingest.buckets() {
+            let p = Partition { day, bucket };
+            match s
+                .redis
+                .durable()
+                .audit_partition(&s.redis.keys, p, 1000)
+                .await
+            {
+                Ok((head, records)) => checked.push(super::verify::check(p, &head, records)),
+                Err(e) => return Ok(unavailable(e.into())),
+            }
+        }
+    }
+    let findings: Vec<&super::verify::Checked> =
+        checked.iter().filter(|c| c.finding.is_some()).collect();
+    metrics::counter!("passerelle_audit_verified_partitions_total").increment(checked.len() as u64);
+    metrics::counter!("passerelle_audit_verify_findings_total").increment(findings.len() as u64);
+    #[derive(Serialize)]
+    struct Report<'a> {
+        ok: bool,
+        partitions: usize,
+        records: u64,
+        findings: Vec<&'a super::verify::Checked>,
+    }
+    Ok(json(
+        StatusCode::OK,
+        &Report {
+            ok: findings.is_empty(),
+            partitions: checked.len(),
+            records: checked.iter().map(|c| c.records).sum(),
+            findings,
+        },
+    ))
 }

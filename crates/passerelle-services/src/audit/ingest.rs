@@ -124,7 +124,8 @@ impl Ingest {
         let mut first: HashMap<&str, usize> = HashMap::new();
         let mut pending: BTreeMap<Partition, Vec<usize>> = BTreeMap::new();
         for (i, e) in events.iter().enumerate() {
-            if first.insert(&e.id, i).is_none() {
+            if let std::collections::hash_map::Entry::Vacant(v) = first.entry(&e.id) {
+                v.insert(i);
                 pending
                     .entry(partition_of(e, self.buckets))
                     .or_default()

@@ -221,7 +221,11 @@ pub async fn search(
     let mut items = Vec::new();
     let mut examined = 0usize;
     let mut last: Option<Cursor> = q.after.clone();
-    let mut exhausted = false;
+    // The last entry taken, across chunks: one event in two of the driver's indexes (an
+    // account sending to itself) comes twice in a row, and is taken once.
+    let mut previous: Option<Entry> = None;
+    // Entries taken but not looked at (the page filled before them).
+    let mut leftover = false;
     while items.len() < limit && examined < max_examined {
         // Refill the walks that ran dry, in one batch.
         let dry: Vec<usize> = (0..walks.len())
@@ -264,8 +268,8 @@ pub async fn search(
                 break;
             };
             let Some(e) = w.buffer.pop_front() else { break };
-            // One event in two indexes (an account sending to itself): once.
-            if chunk.last() != Some(&e) {
+            if previous.as_ref() != Some(&e) {
+                previous = Some(e.clone());
                 chunk.push(e);
             }
             if w.buffer.is_empty() && !w.done {
@@ -273,8 +277,7 @@ pub async fn search(
             }
         }
         if chunk.is_empty() {
-            exhausted = walks.iter().all(|w| w.done && w.buffer.is_empty());
-            if exhausted {
+            if walks.iter().all(|w| w.done && w.buffer.is_empty()) {
                 break;
             }
             continue;
@@ -293,7 +296,7 @@ pub async fn search(
             })
             .collect();
         let records = r.audit_records(keys, &wanted).await?;
-        for ((id, t), raw) in chunk.iter().zip(records) {
+        for (n, ((id, t), raw)) in chunk.iter().zip(records).enumerate() {
             examined += 1;
             last = Some(Cursor {
                 time_ms: *t,
@@ -305,19 +308,17 @@ pub async fn search(
             if q.matches(&stored.transfer) {
                 items.push(stored.transfer);
                 if items.len() == limit {
+                    leftover = n + 1 < chunk.len();
                     break;
                 }
             }
         }
     }
     metrics::histogram!("passerelle_audit_examined").record(examined as f64);
-    let truncated = items.len() < limit && !exhausted && examined >= max_examined;
-    let drained = walks.iter().all(|w| w.done && w.buffer.is_empty());
-    let next = if exhausted || (drained && items.len() < limit) {
-        None
-    } else {
-        last
-    };
+    // Nothing left anywhere: the answer is complete, whatever stopped the page.
+    let complete = !leftover && walks.iter().all(|w| w.done && w.buffer.is_empty());
+    let truncated = !complete && items.len() < limit;
+    let next = if complete { None } else { last };
     Ok(Page {
         items,
         next,
