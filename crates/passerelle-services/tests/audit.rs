@@ -1626,3 +1626,97 @@ async fn index_entries_without_a_record_are_skipped() {
     })
     .await;
 }
+
+/// Verification finds tampering done straight in Redis, by someone who can write to it:
+/// an altered record (its stored link kept), a deleted one, an inserted one; and finds
+/// nothing in partitions left alone.
+#[tokio::test]
+async fn verification_names_the_record_altered_removed_or_inserted_in_redis() {
+    within(async {
+        use passerelle_services::audit::ingest::partition_of;
+        use passerelle_services::audit::verify::{Finding, check};
+
+        let server = TestRedis::start();
+        let redis = redis(&server, "verify");
+        let ingest = Ingest::new(redis.clone(), 1, RETENTION_DAYS);
+        let (start, _, _) = window();
+        let mut rng = Rng::with_seed(31);
+        let events: Vec<Transfer> = (0..30)
+            .map(|i| {
+                transfer(
+                    &mut rng,
+                    format!("v-{i:03}"),
+                    start + i * 1000,
+                    "A",
+                    "B",
+                    i * 10,
+                    "EUR",
+                    Status::Completed,
+                    "7",
+                )
+            })
+            .collect();
+        ingest.record(events.clone()).await.unwrap();
+        let p = partition_of(&events[0], 1);
+        let durable = redis.durable();
+        let read = || async {
+            let (head, records) = durable.audit_partition(&redis.keys, p, 7).await.unwrap();
+            check(p, &head, records)
+        };
+        let intact = read().await;
+        assert_eq!((intact.records, intact.finding.clone()), (30, None));
+
+        // Tampering goes through Lua (EVAL) so that the binary records stay intact: the
+        // backup shares the partition's tag.
+        let key = redis.keys.audit_records(p.day, p.bucket);
+        let backup = format!("{}:backup", redis.keys.audit_partition(p.day, p.bucket));
+        // Altered: the amount of record v-010 (seq 11) raised, its stored link kept.
+        let changed = server.cli(&[
+            "EVAL",
+            "local v = redis.call('HGET', KEYS[1], ARGV[1]) \
+             redis.call('SET', KEYS[2], v) \
+             local a = string.gsub(v, '\\031100\\031', '\\031999\\031') \
+             redis.call('HSET', KEYS[1], ARGV[1], a) \
+             if a == v then return 0 else return 1 end",
+            "2",
+            &key,
+            &backup,
+            "v-010",
+        ]);
+        assert_eq!(changed.trim(), "1", "the record was altered: {changed}");
+        assert_eq!(
+            read().await.finding,
+            Some(Finding::Altered {
+                seq: 11,
+                id: "v-010".into()
+            })
+        );
+        server.cli(&[
+            "EVAL",
+            "redis.call('HSET', KEYS[1], ARGV[1], redis.call('GET', KEYS[2])) return 1",
+            "2",
+            &key,
+            &backup,
+            "v-010",
+        ]);
+        assert_eq!(read().await.finding, None, "put back");
+        // Removed: record v-020 (seq 21) deleted.
+        server.cli(&["HDEL", &key, "v-020"]);
+        assert_eq!(read().await.finding, Some(Finding::Removed { seq: 21 }));
+        // Inserted: a copy of record v-005 (seq 6) under another id (before the removal,
+        // so it is the first wrong record).
+        server.cli(&[
+            "EVAL",
+            "redis.call('HSET', KEYS[1], ARGV[2], redis.call('HGET', KEYS[1], ARGV[1])) return 1",
+            "1",
+            &key,
+            "v-005",
+            "v-forged",
+        ]);
+        match read().await.finding {
+            Some(Finding::Inserted { seq: 6, id }) => assert_eq!(id, "v-forged"),
+            other => panic!("{other:?}"),
+        }
+    })
+    .await;
+}
