@@ -28,7 +28,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::ingest::{Ingest, IngestError, Recorded, bucket_of};
-use super::record::{Incoming, Status, Transfer, decode, known_currency};
+use super::record::{Incoming, Status, Transfer, decode, known_currency, valid_id};
 use super::search::{Cursor, Query, Role, search};
 use super::time::days_between;
 use crate::api::{ApiError, FieldError, read_json};
@@ -329,11 +329,13 @@ fn parse_amount(name: &str, v: &str) -> Result<i64, ApiError> {
 }
 
 /// What a cursor is bound to: every criterion but the position and the page size, so a
-/// cursor from another search is refused rather than silently misapplied.
-fn fingerprint(q: &Query) -> u64 {
+/// cursor from another search is refused rather than silently misapplied. The time range
+/// is bound as the client wrote it (`range`), not as resolved: a search without `to`
+/// means "until now" on every page, and its cursor must go on.
+fn fingerprint(q: &Query, range: &str) -> u64 {
     let text = format!(
-        "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{}|{}",
-        q.account, q.user, q.status, q.currency, q.min_amount, q.max_amount, q.from_ms, q.to_ms
+        "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{range}",
+        q.account, q.user, q.status, q.currency, q.min_amount, q.max_amount
     );
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in text.bytes() {
@@ -343,11 +345,16 @@ fn fingerprint(q: &Query) -> u64 {
     h
 }
 
-fn encode_cursor(q: &Query, c: &Cursor) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{}.{:016x}.{}", c.time_ms, fingerprint(q), c.id))
+fn encode_cursor(q: &Query, range: &str, c: &Cursor) -> String {
+    URL_SAFE_NO_PAD.encode(format!(
+        "{}.{:016x}.{}",
+        c.time_ms,
+        fingerprint(q, range),
+        c.id
+    ))
 }
 
-fn decode_cursor(q: &Query, raw: &str) -> Result<Cursor, ApiError> {
+fn decode_cursor(q: &Query, range: &str, raw: &str) -> Result<Cursor, ApiError> {
     let bad = || bad_query("cursor is not one this search gave (take next_cursor as it is)");
     let text = URL_SAFE_NO_PAD
         .decode(raw)
@@ -359,7 +366,7 @@ fn decode_cursor(q: &Query, raw: &str) -> Result<Cursor, ApiError> {
         return Err(bad());
     };
     let time_ms: i64 = time.parse().map_err(|_| bad())?;
-    if print != format!("{:016x}", fingerprint(q)) || id.is_empty() {
+    if print != format!("{:016x}", fingerprint(q, range)) || !valid_id(id) {
         return Err(bad());
     }
     Ok(Cursor {
@@ -395,6 +402,8 @@ async fn find(State(s): State<Shared>, RawQuery(raw): RawQuery) -> Result<Respon
             return Err(bad_query(format!("{k} is given twice")));
         }
     }
+    // The range as written binds the cursor (see `fingerprint`).
+    let range = format!("{:?}|{:?}", p.from, p.to);
     let now = now_ms();
     let to =
         p.to.as_deref()
@@ -468,7 +477,7 @@ async fn find(State(s): State<Shared>, RawQuery(raw): RawQuery) -> Result<Respon
         after: None,
     };
     if let Some(raw) = &p.cursor {
-        q.after = Some(decode_cursor(&q, raw)?);
+        q.after = Some(decode_cursor(&q, &range, raw)?);
     }
     let page = match search(&s.redis, s.ingest.buckets(), &q, s.config.max_examined).await {
         Ok(p) => p,
@@ -487,7 +496,7 @@ async fn find(State(s): State<Shared>, RawQuery(raw): RawQuery) -> Result<Respon
         examined: usize,
         plan: Plan,
     }
-    let next = page.next.as_ref().map(|c| encode_cursor(&q, c));
+    let next = page.next.as_ref().map(|c| encode_cursor(&q, &range, c));
     let mut res = json(
         StatusCode::OK,
         &Answer {

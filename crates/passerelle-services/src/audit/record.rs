@@ -133,6 +133,11 @@ fn identifier(v: &str, max: usize) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
 }
 
+/// Whether `v` is a well-formed event id.
+pub fn valid_id(v: &str) -> bool {
+    identifier(v, 128)
+}
+
 /// What a producer sends: every field checked by [`Incoming::check`].
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
