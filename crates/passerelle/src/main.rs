@@ -586,8 +586,7 @@ fn audit_service(
             seed,
         };
         let listener = bind(listen).await?;
-        passerelle_services::run_audit(opts, listener, passerelle_http::shutdown::signal())
-            .await?;
+        passerelle_services::run_audit(opts, listener, passerelle_http::shutdown::signal()).await?;
         Ok(())
     })
 }
