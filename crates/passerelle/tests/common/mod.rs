@@ -220,11 +220,12 @@ pub fn config_with(users: UpstreamConfig, products: UpstreamConfig) -> Config {
     c.gateway.admin_listen = None;
     c.upstreams.insert("users".into(), users);
     c.upstreams.insert("products".into(), products);
-    // The default's preferences routes need instances these tests do not start
+    // The default's preferences and audit routes need instances these tests do not start
     // (tests/preferences.rs does).
     c.routes
-        .retain(|r| r.upstream.as_deref() != Some("preferences"));
+        .retain(|r| !matches!(r.upstream.as_deref(), Some("preferences" | "audit")));
     c.upstreams.remove("preferences");
+    c.upstreams.remove("audit");
     c
 }
 
