@@ -238,16 +238,7 @@ pub fn preferences_app(
         opts.redis.clone(),
         opts.identity.clone(),
     ));
-    let readiness = {
-        let redis = opts.redis.clone();
-        Readiness::new().check("redis", move || {
-            let redis = redis.clone();
-            async move {
-                let rtt = redis.durable().ping().await.map_err(|e| e.to_string())?;
-                Ok(serde_json::json!({ "rtt_ms": rtt.as_secs_f64() * 1000.0 }))
-            }
-        })
-    };
+    let readiness = durable_redis_readiness(&opts.redis);
     let app = shell(
         preferences::router(state.clone()),
         readiness,
@@ -271,19 +262,15 @@ pub async fn run_preferences(
     let (app, state) = preferences_app(&opts)?;
     let token = passerelle_http::shutdown::token_from(shutdown);
     tokio::spawn(state.hub().run(opts.redis.clone(), token.clone()));
-    tracing::info!(
-        service = "preferences",
-        instance = %opts.instance,
-        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        declared = opts.config.declared.len(),
-        "serving"
-    );
-    let serve_opts = ServeOptions {
-        grace: opts.grace,
-        ..ServeOptions::default()
-    };
-    passerelle_http::serve(listener, move |_| app.clone(), serve_opts, token).await;
-    tracing::info!(service = "preferences", instance = %opts.instance, "stopped");
+    serve_until(
+        "preferences",
+        &opts.instance,
+        opts.grace,
+        app,
+        listener,
+        token,
+    )
+    .await;
     Ok(())
 }
 
@@ -343,16 +330,7 @@ pub fn audit_app(opts: &AuditOptions) -> Result<(Router, audit::http::Shared), S
         opts.redis.clone(),
         opts.identity.clone(),
     ));
-    let readiness = {
-        let redis = opts.redis.clone();
-        Readiness::new().check("redis", move || {
-            let redis = redis.clone();
-            async move {
-                let rtt = redis.durable().ping().await.map_err(|e| e.to_string())?;
-                Ok(serde_json::json!({ "rtt_ms": rtt.as_secs_f64() * 1000.0 }))
-            }
-        })
-    };
+    let readiness = durable_redis_readiness(&opts.redis);
     let app = shell(
         audit::http::router(state.clone()),
         readiness,
@@ -387,17 +365,41 @@ pub async fn run_audit(
         }
     }
     let token = passerelle_http::shutdown::token_from(shutdown);
+    serve_until("audit", &opts.instance, opts.grace, app, listener, token).await;
+    Ok(())
+}
+
+/// Readiness of a service whose data is in the durable Redis: it answers, and how fast.
+fn durable_redis_readiness(redis: &Redis) -> Readiness {
+    let redis = redis.clone();
+    Readiness::new().check("redis", move || {
+        let redis = redis.clone();
+        async move {
+            let rtt = redis.durable().ping().await.map_err(|e| e.to_string())?;
+            Ok(serde_json::json!({ "rtt_ms": rtt.as_secs_f64() * 1000.0 }))
+        }
+    })
+}
+
+/// Serves `app` on `listener` until `token`, then drains for `grace`; logs both ends.
+async fn serve_until(
+    service: &'static str,
+    instance: &str,
+    grace: Duration,
+    app: Router,
+    listener: tokio::net::TcpListener,
+    token: tokio_util::sync::CancellationToken,
+) {
     tracing::info!(
-        service = "audit",
-        instance = %opts.instance,
+        service,
+        instance,
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         "serving"
     );
     let serve_opts = ServeOptions {
-        grace: opts.grace,
+        grace,
         ..ServeOptions::default()
     };
     passerelle_http::serve(listener, move |_| app.clone(), serve_opts, token).await;
-    tracing::info!(service = "audit", instance = %opts.instance, "stopped");
-    Ok(())
+    tracing::info!(service, instance, "stopped");
 }

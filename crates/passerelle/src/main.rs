@@ -407,10 +407,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 worker_threads
             };
             let Some(kind) = kind else {
-                if name == "audit" {
-                    return audit_service(&config, listen, instance, threads, seed);
-                }
-                return preferences_service(&config, listen, instance, threads);
+                return redis_service(&name, &config, listen, instance, threads, seed);
             };
             let svc = match kind {
                 ServiceKind::Users => &config.services.users,
@@ -526,40 +523,9 @@ fn status(data_dir: &Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `passerelle service preferences`: needs the durable Redis (it keeps nothing else).
-fn preferences_service(
-    config: &Config,
-    listen: SocketAddr,
-    instance: Option<String>,
-    threads: usize,
-) -> anyhow::Result<()> {
-    let identity = assertions(config)?;
-    runtime(threads)?.block_on(async {
-        let Some(redis) = passerelle_redis::Redis::from_config(&config.redis)? else {
-            return Err(UsageError(
-                "the preferences service keeps its data in Redis: set redis.url (or run \
-                 `passerelle up`, which starts one)"
-                    .into(),
-            )
-            .into());
-        };
-        let opts = passerelle_services::PreferencesOptions {
-            instance: instance.unwrap_or_else(|| format!("preferences@{listen}")),
-            grace: config.preferences.shutdown_grace.get(),
-            access_log: config.telemetry.access_log,
-            redis,
-            config: config.preferences.clone(),
-            identity,
-        };
-        let listener = bind(listen).await?;
-        passerelle_services::run_preferences(opts, listener, passerelle_http::shutdown::signal())
-            .await?;
-        Ok(())
-    })
-}
-
-/// `passerelle service audit`: keeps its trail in the durable Redis.
-fn audit_service(
+/// `passerelle service preferences|audit`: a service whose data is in the durable Redis.
+fn redis_service(
+    name: &str,
     config: &Config,
     listen: SocketAddr,
     instance: Option<String>,
@@ -567,26 +533,42 @@ fn audit_service(
     seed: u64,
 ) -> anyhow::Result<()> {
     let identity = assertions(config)?;
+    let instance = instance.unwrap_or_else(|| format!("{name}@{listen}"));
     runtime(threads)?.block_on(async {
         let Some(redis) = passerelle_redis::Redis::from_config(&config.redis)? else {
-            return Err(UsageError(
-                "the audit service keeps its trail in Redis: set redis.url (or run \
+            return Err(UsageError(format!(
+                "the {name} service keeps its data in Redis: set redis.url (or run \
                  `passerelle up`, which starts one)"
-                    .into(),
-            )
+            ))
             .into());
         };
-        let opts = passerelle_services::AuditOptions {
-            instance: instance.unwrap_or_else(|| format!("audit@{listen}")),
-            grace: config.audit.shutdown_grace.get(),
-            access_log: config.telemetry.access_log,
-            redis,
-            config: config.audit.clone(),
-            identity,
-            seed,
-        };
         let listener = bind(listen).await?;
-        passerelle_services::run_audit(opts, listener, passerelle_http::shutdown::signal()).await?;
+        let (access_log, shutdown) = (
+            config.telemetry.access_log,
+            passerelle_http::shutdown::signal(),
+        );
+        if name == "audit" {
+            let opts = passerelle_services::AuditOptions {
+                instance,
+                grace: config.audit.shutdown_grace.get(),
+                access_log,
+                redis,
+                config: config.audit.clone(),
+                identity,
+                seed,
+            };
+            passerelle_services::run_audit(opts, listener, shutdown).await?;
+        } else {
+            let opts = passerelle_services::PreferencesOptions {
+                instance,
+                grace: config.preferences.shutdown_grace.get(),
+                access_log,
+                redis,
+                config: config.preferences.clone(),
+                identity,
+            };
+            passerelle_services::run_preferences(opts, listener, shutdown).await?;
+        }
         Ok(())
     })
 }
