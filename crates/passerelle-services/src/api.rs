@@ -162,6 +162,22 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A JSON answer (`Content-Type: application/json`); a body that cannot be serialized is
+/// a 500 (logged), never a partial answer.
+pub fn json_response<T: Serialize>(status: StatusCode, body: &T) -> Response {
+    match serde_json::to_vec(body) {
+        Ok(bytes) => {
+            let mut res = (status, bytes).into_response();
+            res.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            res
+        }
+        Err(e) => ApiError::Internal(format!("serializing a response: {e}")).into_response(),
+    }
+}
+
 /// A positive integer id from the path's `{id}`.
 #[derive(Debug, Clone, Copy)]
 pub struct Id(pub i64);

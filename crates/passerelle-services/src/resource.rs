@@ -32,7 +32,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
-use crate::api::{ApiError, FieldError, Id, JsonBody, read_json};
+use crate::api::{ApiError, FieldError, Id, JsonBody, json_response, read_json};
 use crate::cache::{CachedRow, ObjectCache};
 use crate::db::Database;
 
@@ -181,20 +181,6 @@ fn etag(version: i64) -> HeaderValue {
     // A decimal number in quotes is always a valid header value.
     HeaderValue::from_str(&format!("\"{version}\""))
         .unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
-}
-
-fn json_response<T: Serialize>(status: StatusCode, body: &T) -> Response {
-    match serde_json::to_vec(body) {
-        Ok(bytes) => {
-            let mut res = (status, bytes).into_response();
-            res.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            res
-        }
-        Err(e) => ApiError::Internal(format!("serializing a response: {e}")).into_response(),
-    }
 }
 
 fn item_response<R: Resource>(status: StatusCode, r: &R) -> Response {

@@ -31,7 +31,7 @@ use super::ingest::{Ingest, IngestError, Recorded, bucket_of};
 use super::record::{Incoming, Status, Transfer, decode, known_currency, valid_id};
 use super::search::{Cursor, Query, Role, search};
 use super::time::days_between;
-use crate::api::{ApiError, FieldError, read_json};
+use crate::api::{ApiError, FieldError, json_response as json, read_json};
 use crate::identity::Assertions;
 
 /// The audit service's state.
@@ -111,20 +111,6 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
-}
-
-fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
-    match serde_json::to_vec(body) {
-        Ok(bytes) => {
-            let mut res = (status, bytes).into_response();
-            res.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            res
-        }
-        Err(e) => ApiError::Internal(e.to_string()).into_response(),
-    }
 }
 
 fn unavailable(e: IngestError) -> Response {

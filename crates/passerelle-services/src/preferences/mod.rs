@@ -324,16 +324,8 @@ impl WriteRequest {
 }
 
 fn json_response(status: StatusCode, body: &impl serde::Serialize, version: u64) -> Response {
-    let bytes = match serde_json::to_vec(body) {
-        Ok(b) => b,
-        Err(e) => return ApiError::Internal(e.to_string()).into_response(),
-    };
-    let mut res = (status, bytes).into_response();
+    let mut res = crate::api::json_response(status, body);
     let h = res.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
     h.insert(header::ETAG, etag(version));
     // One user's data: shared caches must not keep it (the gateway keys it per caller).
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));
