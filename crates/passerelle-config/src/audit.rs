@@ -27,6 +27,18 @@ pub struct AuditConfig {
     pub read_scope: String,
     pub max_request_body: ByteSize,
     pub shutdown_grace: Dur,
+    /// Where accepted events wait on disk while the durable Redis is unreachable (each
+    /// instance in a directory of its own under it). Empty: `<up.data_dir>/audit-spool`.
+    pub spool_dir: String,
+    /// The spool's size at most: past it the service answers 503 rather than drop events.
+    pub spool_max_bytes: ByteSize,
+    /// Where each day's archive (`<yyyy-mm-dd>.jsonl.gz`) and the daily seals
+    /// (`seals.jsonl`) are written: outside Redis, so that rewriting Redis cannot rewrite
+    /// them too. Empty: `<up.data_dir>/audit-archive`.
+    pub archive_dir: String,
+    /// How often one instance (holding a Redis lease) seals finished days and exports then
+    /// removes the days past the retention; also once at start.
+    pub maintenance_every: Dur,
 }
 
 impl Default for AuditConfig {
@@ -42,6 +54,10 @@ impl Default for AuditConfig {
             read_scope: "audit:read".into(),
             max_request_body: ByteSize::mib(2),
             shutdown_grace: Dur::secs(10),
+            spool_dir: String::new(),
+            spool_max_bytes: ByteSize::mib(1024),
+            archive_dir: String::new(),
+            maintenance_every: Dur::secs(3600),
         }
     }
 }

@@ -92,6 +92,8 @@ pub enum ServiceError {
     Instance(String),
     #[error(transparent)]
     Redis(#[from] passerelle_redis::RedisError),
+    #[error(transparent)]
+    Spool(#[from] audit::spool::SpoolError),
 }
 
 #[derive(Debug, Clone)]
@@ -319,16 +321,27 @@ pub struct AuditOptions {
     pub identity: Option<identity::Assertions>,
     /// Demo transfers recorded at start (idempotent: the same ids each time).
     pub seed: u64,
+    /// This instance's spool directory (`None`: no spool; a write while Redis is
+    /// unreachable is answered 503).
+    pub spool_dir: Option<std::path::PathBuf>,
 }
 
 /// The audit service's application and state.
 pub fn audit_app(opts: &AuditOptions) -> Result<(Router, audit::http::Shared), ServiceError> {
     let served_by = HeaderValue::from_str(&opts.instance)
         .map_err(|_| ServiceError::Instance(opts.instance.clone()))?;
+    let spool = match &opts.spool_dir {
+        Some(dir) => Some(Arc::new(audit::spool::Spool::open(
+            dir,
+            opts.config.spool_max_bytes.get(),
+        )?)),
+        None => None,
+    };
     let state = Arc::new(audit::http::Audit::new(
         opts.config.clone(),
         opts.redis.clone(),
         opts.identity.clone(),
+        spool,
     ));
     let readiness = durable_redis_readiness(&opts.redis);
     let app = shell(
@@ -341,6 +354,9 @@ pub fn audit_app(opts: &AuditOptions) -> Result<(Router, audit::http::Shared), S
     )?;
     Ok((app, state))
 }
+
+/// How often a spool that could not be replayed is tried again.
+const SPOOL_RETRY: Duration = Duration::from_millis(250);
 
 /// Serves one instance of the audit service until `shutdown`, then drains.
 pub async fn run_audit(
@@ -365,6 +381,14 @@ pub async fn run_audit(
         }
     }
     let token = passerelle_http::shutdown::token_from(shutdown);
+    if let Some(spool) = &state.spool {
+        tokio::spawn(audit::spool::replay_forever(
+            spool.clone(),
+            state.ingest.clone(),
+            SPOOL_RETRY,
+            token.clone(),
+        ));
+    }
     serve_until("audit", &opts.instance, opts.grace, app, listener, token).await;
     Ok(())
 }

@@ -116,6 +116,7 @@ impl Service {
                 header: HeaderName::from_static(IDENTITY),
             }),
             seed: 0,
+            spool_dir: None,
         };
         let (listener, addr) = passerelle_testkit::listener().await;
         let (tx, rx) = oneshot::channel::<()>();

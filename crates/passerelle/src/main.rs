@@ -523,6 +523,27 @@ fn status(data_dir: &Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// This audit instance's spool: `audit.spool_dir` (else `<up.data_dir>/audit-spool`), one
+/// directory per instance name, so two instances never append to one file.
+fn audit_spool_dir(config: &Config, instance: &str) -> PathBuf {
+    let base = if config.audit.spool_dir.is_empty() {
+        config.up.data_dir.join("audit-spool")
+    } else {
+        PathBuf::from(&config.audit.spool_dir)
+    };
+    let name: String = instance
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    base.join(name)
+}
+
 /// `passerelle service preferences|audit`: a service whose data is in the durable Redis.
 fn redis_service(
     name: &str,
@@ -548,7 +569,9 @@ fn redis_service(
             passerelle_http::shutdown::signal(),
         );
         if name == "audit" {
+            let spool_dir = audit_spool_dir(&config, &instance);
             let opts = passerelle_services::AuditOptions {
+                spool_dir: Some(spool_dir),
                 instance,
                 grace: config.audit.shutdown_grace.get(),
                 access_log,

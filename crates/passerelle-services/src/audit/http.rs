@@ -2,7 +2,7 @@
 //!
 //! | request | answer |
 //! |---|---|
-//! | `POST /transfers` (one event, or an array of up to `audit.max_batch`) | one: `201` and the record, or `200` and the *original* when its `id` was recorded before; many: `200` `{"created", "existing", "items": [{"id", "result"}]}`. One bad event refuses the whole batch (`422`, naming it by index) |
+//! | `POST /transfers` (one event, or an array of up to `audit.max_batch`) | one: `201` and the record, or `200` and the *original* when its `id` was recorded before; many: `200` `{"created", "existing", "items": [{"id", "result"}]}`. One bad event refuses the whole batch (`422`, naming it by index). Redis unreachable: `202` (`{"spooled", "items"}` for many), the batch is on this machine's disk and recorded when Redis returns ([`super::spool`]) |
 //! | `GET /transfers/{id}` | the record, `404` when none |
 //! | `GET /transfers?account=&role=&user=&status=&currency=&min_amount=&max_amount=&from=&to=&cursor=&limit=` | newest first: `{"items", "next_cursor", "truncated", "examined", "plan": {"driver", "estimate"}}`, `Link: rel="next"` |
 //! | `GET /verify?from=&to=` (at most 31 days) | every partition of the days in range checked ([`super::verify`]): `{"ok", "partitions", "records", "findings": [...]}` |
@@ -30,6 +30,7 @@ use serde_json::Value;
 use super::ingest::{Ingest, IngestError, Recorded, bucket_of};
 use super::record::{Incoming, Status, Transfer, decode, known_currency, valid_id};
 use super::search::{Cursor, Query, Role, search};
+use super::spool::Spool;
 use super::time::days_between;
 use crate::api::{ApiError, FieldError, json_response as json, read_json};
 use crate::identity::Assertions;
@@ -37,7 +38,10 @@ use crate::identity::Assertions;
 /// The audit service's state.
 #[derive(Debug)]
 pub struct Audit {
-    pub ingest: Ingest,
+    pub ingest: Arc<Ingest>,
+    /// Where accepted events wait while Redis is unreachable (`None`: such a write is
+    /// answered 503 instead).
+    pub spool: Option<Arc<Spool>>,
     redis: Redis,
     config: AuditConfig,
     assertions: Option<Assertions>,
@@ -46,10 +50,16 @@ pub struct Audit {
 pub type Shared = Arc<Audit>;
 
 impl Audit {
-    pub fn new(config: AuditConfig, redis: Redis, assertions: Option<Assertions>) -> Self {
+    pub fn new(
+        config: AuditConfig,
+        redis: Redis,
+        assertions: Option<Assertions>,
+        spool: Option<Arc<Spool>>,
+    ) -> Self {
         let retention_days = (config.retention.get().as_secs() / 86_400) as u32;
         Self {
-            ingest: Ingest::new(redis.clone(), config.buckets, retention_days),
+            ingest: Arc::new(Ingest::new(redis.clone(), config.buckets, retention_days)),
+            spool,
             redis,
             config,
             assertions,
@@ -175,8 +185,19 @@ async fn record(State(s): State<Shared>, req: Request) -> Response {
         // One bad event refuses the batch: nothing is stored.
         return ApiError::Validation(errors).into_response();
     }
-    let recorded = match s.ingest.record(checked).await {
+    // While anything is spooled, new batches queue behind it (see `super::spool`).
+    if let Some(spool) = s.spool.as_ref().filter(|sp| !sp.is_empty()) {
+        return spool_batch(spool, &checked, single).await;
+    }
+    let recorded = match s.ingest.record(checked.clone()).await {
         Ok(r) => r,
+        Err(IngestError::Redis(e)) if e.is_unavailable() && s.spool.is_some() => {
+            tracing::warn!(error = %e, events = checked.len(), "audit store unreachable: spooling");
+            let Some(spool) = s.spool.as_ref() else {
+                return unavailable(IngestError::Redis(e));
+            };
+            return spool_batch(spool, &checked, single).await;
+        }
         Err(e) => return unavailable(e),
     };
     metrics::counter!("passerelle_audit_batches_total").increment(1);
@@ -229,6 +250,47 @@ async fn record(State(s): State<Shared>, req: Request) -> Response {
             created,
             existing: recorded.len() - created,
             items,
+        },
+    )
+}
+
+/// Spools a checked batch and answers `202`: accepted, on disk, recorded once Redis is back.
+async fn spool_batch(spool: &Arc<Spool>, events: &[Transfer], single: bool) -> Response {
+    if let Err(e) = spool.append(events).await {
+        tracing::error!(error = %e, "audit spool refused a batch");
+        return Problem::new(StatusCode::SERVICE_UNAVAILABLE)
+            .header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+            .detail("the audit store is unreachable and the spool cannot take more; retry shortly")
+            .into_response();
+    }
+    #[derive(Serialize)]
+    struct Accepted<'a> {
+        spooled: usize,
+        items: Vec<Item<'a>>,
+    }
+    #[derive(Serialize)]
+    struct Item<'a> {
+        id: &'a str,
+        result: &'static str,
+    }
+    if single {
+        // The event as it will be recorded (or its original, if its id was recorded before).
+        return match events.first() {
+            Some(t) => json(StatusCode::ACCEPTED, t),
+            None => ApiError::Internal("nothing spooled".into()).into_response(),
+        };
+    }
+    json(
+        StatusCode::ACCEPTED,
+        &Accepted {
+            spooled: events.len(),
+            items: events
+                .iter()
+                .map(|t| Item {
+                    id: &t.id,
+                    result: "spooled",
+                })
+                .collect(),
         },
     )
 }
