@@ -36,7 +36,7 @@ use passerelle_services::audit::ingest::{Ingest, IngestError, Recorded, partitio
 use passerelle_services::audit::record::{
     self, GENESIS, Incoming, LINK_PREFIX, Status, Transfer, decode, parse_head,
 };
-use passerelle_services::audit::search::{self, Driver, Page, Plan, Query, Role};
+use passerelle_services::audit::search::{self, Count, Driver, Page, Plan, Query, Role};
 use passerelle_services::audit::time::{day_of, day_start_ms, month_of};
 use passerelle_testkit::TestRedis;
 use serde_json::{Map, json};
@@ -641,6 +641,18 @@ async fn check_query(
         plan: Some(wide.first.plan),
         ..Checked::default()
     };
+    // The count: exact when the cap allows it, else a lower bound that holds.
+    let n = want.len() as u64;
+    let exact = search::count(redis, BUCKETS, q, WIDE).await.unwrap();
+    assert_eq!(exact, Count::Exact(n), "{ctx}: count with a cap of {WIDE}");
+    let cap = (n as usize / 2).max(1);
+    match search::count(redis, BUCKETS, q, cap).await.unwrap() {
+        Count::Exact(c) => assert_eq!(c, n, "{ctx}: count with a cap of {cap}"),
+        Count::AtLeast(c) => assert!(
+            c <= n && c <= cap as u64,
+            "{ctx}: count with a cap of {cap} says at least {c} of {n}"
+        ),
+    }
     if tiny {
         let ctx = format!("{ctx}, max_examined {TINY}");
         let cut = walk(redis, q, TINY, &ctx).await;

@@ -860,6 +860,7 @@ async fn bad_searches_are_refused_naming_the_parameter() {
                 vec![("account", "ACC-A"), ("cursor", "")],
                 "cursor",
             ),
+            ("count not a boolean", vec![("count", "maybe")], "count"),
         ];
         for (ctx, params, named) in &cases {
             let r = search(&reader, params).await;
@@ -1275,6 +1276,17 @@ async fn pages_follow_the_cursor_to_every_event_newest_first() {
             assert_eq!(p["truncated"], false, "page {}", n + 1);
         }
         assert_eq!(pages[0]["plan"]["estimate"], 300, "both roles of ACC-P");
+        // The first page counts every match; the next ones do not count again.
+        assert_eq!(pages[0]["count"], 300, "{}", pages[0]);
+        assert!(pages[1].get("count").is_none(), "{}", pages[1]);
+        let mut asked: Vec<(&str, &str)> = params.to_vec();
+        asked.push(("count", "false"));
+        assert!(
+            search_ok(&svc.reader(), &asked)
+                .await
+                .get("count")
+                .is_none()
+        );
         let want = newest_first(&account.iter().collect::<Vec<_>>());
         let got = items_of(&pages);
         assert_eq!(
@@ -1300,6 +1312,12 @@ async fn pages_follow_the_cursor_to_every_event_newest_first() {
             .collect();
         assert!(want.len() > 14, "several pages: {}", want.len());
         assert_eq!(got, newest_first(&want));
+        let first = search_ok(&svc.reader(), &params).await;
+        assert_eq!(
+            first["count"],
+            want.len(),
+            "filtered on top of the driver: {first}"
+        );
     })
     .await;
 }
@@ -1380,6 +1398,13 @@ async fn pages_cut_short_at_max_examined_go_on_to_every_match() {
         .await;
         assert_eq!(full["items"].as_array().unwrap().len(), 10);
         assert_eq!(full["truncated"], false);
+
+        // Counts are bounded like pages: 500 events in range, 50 looked at.
+        assert_eq!(full["count"], "50+", "{full}");
+        let first = search_ok(&svc.reader(), &params).await;
+        let bound = first["count"].as_str().unwrap();
+        let at_least: usize = bound.strip_suffix('+').unwrap().parse().unwrap();
+        assert!(at_least <= 20, "a lower bound of the 20 rejected: {bound}");
     })
     .await;
 }

@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `POST /transfers` (one event, or an array of up to `audit.max_batch`) | one: `201` and the record, or `200` and the *original* when its `id` was recorded before; many: `200` `{"created", "existing", "items": [{"id", "result"}]}`. One bad event refuses the whole batch (`422`, naming it by index). Redis unreachable: `202` (`{"spooled", "items"}` for many), the batch is on this machine's disk and recorded when Redis returns ([`super::spool`]) |
 //! | `GET /transfers/{id}` | the record, `404` when none |
-//! | `GET /transfers?account=&role=&user=&status=&currency=&min_amount=&max_amount=&from=&to=&cursor=&limit=` | newest first: `{"items", "next_cursor", "truncated", "examined", "plan": {"driver", "estimate"}}`, `Link: rel="next"` |
+//! | `GET /transfers?account=&role=&user=&status=&currency=&min_amount=&max_amount=&from=&to=&cursor=&limit=` | newest first: `{"items", "next_cursor", "truncated", "examined", "count", "plan": {"driver", "estimate"}}`, `Link: rel="next"`. `count` (on a first page, or with `count=true`; `count=false` skips it) is exact up to 10,000 (a number), else a lower bound (`"10000+"`, or `"N+"` when `max_examined` entries held only N matches) |
 //! | `GET /verify?from=&to=` (at most 31 days) | every partition of the days in range checked ([`super::verify`]): `{"ok", "partitions", "records", "findings": [...]}` |
 //!
 //! Producers need `audit.write_scope`, auditors `audit.read_scope`, in the identity the
@@ -29,7 +29,7 @@ use serde_json::Value;
 
 use super::ingest::{Ingest, IngestError, Recorded, bucket_of};
 use super::record::{Incoming, Status, Transfer, decode, known_currency, valid_id};
-use super::search::{Cursor, Query, Role, search};
+use super::search::{Count, Cursor, Query, Role, count, search};
 use super::spool::Spool;
 use super::time::days_between;
 use crate::api::{ApiError, FieldError, json_response as json, read_json};
@@ -350,6 +350,7 @@ struct Params {
     to: Option<String>,
     cursor: Option<String>,
     limit: Option<String>,
+    count: Option<String>,
 }
 
 fn bad_query(msg: impl Into<String>) -> ApiError {
@@ -444,6 +445,7 @@ async fn find(State(s): State<Shared>, RawQuery(raw): RawQuery) -> Result<Respon
             "to" => &mut p.to,
             "cursor" => &mut p.cursor,
             "limit" => &mut p.limit,
+            "count" => &mut p.count,
             other => return Err(bad_query(format!("unknown parameter {other:?}"))),
         };
         if slot.replace(v).is_some() {
@@ -527,9 +529,34 @@ async fn find(State(s): State<Shared>, RawQuery(raw): RawQuery) -> Result<Respon
     if let Some(raw) = &p.cursor {
         q.after = Some(decode_cursor(&q, &range, raw)?);
     }
+    // Counted on a first page unless declined, on later pages when asked.
+    let counted = match p.count.as_deref() {
+        None => q.after.is_none(),
+        Some("true") => true,
+        Some("false") => false,
+        Some(_) => return Err(bad_query("count is true or false")),
+    };
     let page = match search(&s.redis, s.ingest.buckets(), &q, s.config.max_examined).await {
         Ok(p) => p,
         Err(e) => return Ok(unavailable(e.into())),
+    };
+    let total = if !counted {
+        None
+    } else if q.after.is_none() && page.next.is_none() {
+        // The first page holds every match.
+        Some(Count::Exact(page.items.len() as u64))
+    } else {
+        match count(
+            &s.redis,
+            s.ingest.buckets(),
+            &q,
+            COUNT_CAP.min(s.config.max_examined),
+        )
+        .await
+        {
+            Ok(c) => Some(c),
+            Err(e) => return Ok(unavailable(e.into())),
+        }
     };
     #[derive(Serialize)]
     struct Plan {
@@ -542,6 +569,8 @@ async fn find(State(s): State<Shared>, RawQuery(raw): RawQuery) -> Result<Respon
         next_cursor: Option<String>,
         truncated: bool,
         examined: usize,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        count: Option<Value>,
         plan: Plan,
     }
     let next = page.next.as_ref().map(|c| encode_cursor(&q, &range, c));
@@ -552,6 +581,7 @@ async fn find(State(s): State<Shared>, RawQuery(raw): RawQuery) -> Result<Respon
             next_cursor: next.clone(),
             truncated: page.truncated,
             examined: page.examined,
+            count: total.map(Count::to_json),
             plan: Plan {
                 driver: page.plan.driver.as_str(),
                 estimate: page.plan.estimate,
@@ -575,6 +605,9 @@ async fn find(State(s): State<Shared>, RawQuery(raw): RawQuery) -> Result<Respon
     }
     Ok(res)
 }
+
+/// Matches a count finds exactly at most; beyond, it says `"10000+"`.
+const COUNT_CAP: usize = 10_000;
 
 /// Days one verification may cover.
 const MAX_VERIFY_DAYS: usize = 31;

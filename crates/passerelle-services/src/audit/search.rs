@@ -328,6 +328,75 @@ pub async fn search(
     })
 }
 
+/// How many events answer a query: exact, or at least so many.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Count {
+    Exact(u64),
+    AtLeast(u64),
+}
+
+impl Count {
+    /// `123` when exact, `"10000+"` when there are at least that many.
+    pub fn to_json(self) -> serde_json::Value {
+        match self {
+            Count::Exact(n) => n.into(),
+            Count::AtLeast(n) => format!("{n}+").into(),
+        }
+    }
+}
+
+/// Counts the events answering `q` (its cursor and limit aside), looking at no more than
+/// `cap` index entries: exact up to `cap` matches; beyond, `AtLeast(cap)`. When the cap
+/// cuts the walk before the driver is exhausted, the matches found are a lower bound.
+///
+/// A query only the time indexes answer (no account, user or other filter) is counted
+/// exactly from its `ZCOUNT`s alone: a partition's time index is written with its records
+/// by one script, so it holds exactly the records.
+pub async fn count(
+    redis: &Redis,
+    buckets: u16,
+    q: &Query,
+    cap: usize,
+) -> Result<Count, RedisError> {
+    let cap = cap.max(1);
+    let whole = Query {
+        after: None,
+        limit: cap,
+        ..q.clone()
+    };
+    let time_only = q.account.is_none()
+        && q.user.is_none()
+        && q.status.is_none()
+        && q.currency.is_none()
+        && q.min_amount.is_none()
+        && q.max_amount.is_none();
+    if time_only {
+        let ranges: Vec<(Index, i64, i64)> = candidates(&whole, buckets)
+            .into_iter()
+            .flat_map(|(_, indexes)| indexes)
+            .map(|i| (i, whole.from_ms, whole.to_ms))
+            .collect();
+        let total: u64 = redis
+            .durable()
+            .audit_counts(&redis.keys, &ranges)
+            .await?
+            .into_iter()
+            .sum();
+        return Ok(if total > cap as u64 {
+            Count::AtLeast(cap as u64)
+        } else {
+            Count::Exact(total)
+        });
+    }
+    let page = search(redis, buckets, &whole, cap).await?;
+    let found = page.items.len() as u64;
+    Ok(if page.next.is_none() {
+        Count::Exact(found)
+    } else {
+        Count::AtLeast(found)
+    })
+}
+
 /// The entry a walk would give next (for the newest-first merge).
 fn front(w: &Walk) -> Option<(i64, &str)> {
     w.buffer.front().map(|(id, t)| (*t, id.as_str()))
