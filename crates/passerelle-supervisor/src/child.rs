@@ -14,8 +14,18 @@
 //! command (so on the same port, with the same files), waited for until ready, and recorded
 //! in `state.json`; after too many failed restarts in a short time it gives up and says so
 //! ([`RestartPolicy`]).
+//!
+//! A child that serves on a port does not bind it: the supervisor does ([`listen`]), keeps
+//! the socket for as long as it supervises the child, and hands it to every process it
+//! starts as an inherited file descriptor ([`Spec::listener`]), as systemd's socket
+//! activation does. A port picked free and released for the child to bind could be taken
+//! by another program in between (a test running alongside, in CI), and the child would
+//! fail on every restart; a socket that stays open cannot be taken. While the child is
+//! down, connections wait in the socket's queue, and the restarted process serves them.
 
 use std::collections::VecDeque;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::Stdio;
@@ -37,9 +47,35 @@ pub struct Spec {
     pub env: Vec<(String, String)>,
     /// Inherit stdout/stderr (services log there); otherwise discard (Redis logs to a file).
     pub inherit_output: bool,
+    /// A listening socket every process started from this spec inherits, at the descriptor
+    /// number it has here (`as_raw_fd()`; `args` tell the child which, e.g. `--listen-fd`).
+    /// Held as long as the spec lives, so that the port stays this child's across restarts
+    /// (see the module doc). Not at a fixed number such as systemd's 3: moving it there
+    /// with `dup2` could overwrite a descriptor the child still needs between `fork` and
+    /// `exec` (the one through which the standard library reports a failed `exec`).
+    pub listener: Option<Arc<StdListener>>,
 }
 
-/// Spawns `spec` with the death signal and its own process group.
+/// How many connections may wait in a listener's queue until the child accepts them: the
+/// same as a socket bound by tokio, which the children used before they inherited theirs.
+const BACKLOG: u32 = 1024;
+
+/// A listening socket on `addr` (port 0: a free one) for a child to inherit
+/// ([`Spec::listener`]). Blocking mode does not matter: the supervisor never accepts on it,
+/// and the child sets its own (a flag of the socket, shared by every holder).
+pub fn listen(addr: SocketAddr) -> std::io::Result<StdListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    // A restarted `up` binds again at once, whatever the last one left in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)?.into_std()
+}
+
+/// Spawns `spec` with the death signal and its own process group, and its listener
+/// inherited.
 pub fn spawn(spec: &Spec) -> std::io::Result<Child> {
     let mut cmd = Command::new(&spec.program);
     cmd.args(&spec.args)
@@ -50,9 +86,11 @@ pub fn spawn(spec: &Spec) -> std::io::Result<Child> {
         cmd.stdout(Stdio::null()).stderr(Stdio::null());
     }
     let parent = std::process::id() as libc::pid_t;
+    // Open in this process for as long as `spec` lives, hence in the forked child too.
+    let inherited = spec.listener.as_ref().map(|l| l.as_raw_fd());
     #[allow(unsafe_code)]
     // SAFETY: the closure runs in the forked child before exec and only calls
-    // async-signal-safe functions (prctl, getppid, setpgid, _exit).
+    // async-signal-safe functions (prctl, getppid, setpgid, fcntl, _exit).
     unsafe {
         cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
@@ -64,6 +102,15 @@ pub fn spawn(spec: &Spec) -> std::io::Result<Child> {
             }
             if libc::setpgid(0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            // Every descriptor of this process is close-on-exec; only the child's listener
+            // crosses the exec. The flag belongs to this process's descriptor table, so
+            // clearing it here, after the fork, leaks the socket to no other child.
+            if let Some(fd) = inherited {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags == -1 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
@@ -205,14 +252,16 @@ fn describe_exit(status: std::io::Result<std::process::ExitStatus>) -> String {
 
 /// Keeps a child running until `shutdown`: when it exits, starts the same command again
 /// (same port, same files) after a backoff, waits until it is ready, and records every step
-/// in `state` (status, new PID, restart count). Gives up as [`RestartPolicy`] says, loudly:
-/// an error log, a line on stderr, status `failed` in `state.json` (which the gateway's
-/// `/ready` reports). On shutdown, stops the child within `grace`.
+/// in `state` (status, new PID, restart count). Every process gets the spec's listener, the
+/// same socket, so the port is never free in between. Gives up as [`RestartPolicy`] says,
+/// loudly: an error log, a line on stderr, status `failed` in `state.json` (which the
+/// gateway's `/ready` reports); and closes the listener, since nothing will accept on it
+/// any more. On shutdown, stops the child within `grace`, then closes the listener.
 ///
 /// Metrics: `passerelle_up_restarts_total{child}` counts processes started again;
 /// `passerelle_up_child_failed{child}` is 1 once the supervisor gave up on the child.
 pub async fn supervise(
-    sup: Supervised,
+    mut sup: Supervised,
     mut child: Child,
     state: Arc<StateFile>,
     shutdown: CancellationToken,
@@ -255,6 +304,9 @@ pub async fn supervise(
         // Start processes until one is ready, or give up.
         loop {
             if failures.exhausted(Instant::now()) {
+                // Connections would wait in its queue for a process that never comes;
+                // closed, they are refused at once (the gateway's health checks see it).
+                sup.spec.listener = None;
                 give_up(&sup, &state, &last_failure);
                 failed.set(1.0);
                 shutdown.cancelled().await;
@@ -379,6 +431,7 @@ mod tests {
             args: vec!["-c".into(), script.into()],
             env: Vec::new(),
             inherit_output: false,
+            listener: None,
         }
     }
 
@@ -410,6 +463,38 @@ mod tests {
                 Some("Z") | None
             )
         })
+    }
+
+    /// What descriptor `fd` of process `pid` is, e.g. `socket:[123456]`.
+    fn fd_target(pid: u32, fd: i32) -> Option<String> {
+        std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+            .ok()
+            .map(|t| t.display().to_string())
+    }
+
+    /// Whether any descriptor of `pid` is `target`.
+    fn holds(pid: u32, target: &str) -> bool {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+            .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.display().to_string() == target))
+    }
+
+    /// A listener for a child, its address, descriptor number and `socket:[inode]`.
+    fn listener() -> (Arc<StdListener>, SocketAddr, i32, String) {
+        let l = listen(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        let (addr, fd) = (l.local_addr().unwrap(), l.as_raw_fd());
+        let target = fd_target(std::process::id(), fd).unwrap();
+        assert!(target.starts_with("socket:"), "{target}");
+        (Arc::new(l), addr, fd, target)
+    }
+
+    fn port_free(addr: SocketAddr) -> bool {
+        match StdListener::bind(addr) {
+            Ok(_) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => false,
+            Err(e) => panic!("bind {addr}: {e}"),
+        }
     }
 
     #[test]
@@ -474,6 +559,94 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_restarted_child_serves_on_the_same_socket_which_no_other_child_gets() {
+        let dir = tempfile::tempdir().unwrap();
+        let (l, addr, fd, socket) = listener();
+        let mut spec = sh("svc-1", "exec sleep 30");
+        spec.listener = Some(l);
+        let first = spawn(&spec).unwrap();
+        let first_pid = first.id().unwrap();
+        assert_eq!(fd_target(first_pid, fd).as_deref(), Some(socket.as_str()));
+        // A child without a listener (a managed Redis) inherits none of the others'.
+        let mut other = spawn(&sh("redis", "exec sleep 30")).unwrap();
+        assert!(!holds(other.id().unwrap(), &socket));
+        stop(&mut other, Duration::from_secs(2)).await;
+
+        let state = state_with(dir.path(), "svc-1", Some(first_pid));
+        let shutdown = CancellationToken::new();
+        let sup = Supervised {
+            spec,
+            grace: Duration::from_secs(2),
+            ready: ready_check(|| async { Ok(()) }),
+            policy: fast(),
+            what: "a test child".into(),
+        };
+        let task = tokio::spawn(supervise(sup, first, state.clone(), shutdown.clone()));
+        passerelle_testkit::kill(first_pid, libc::SIGKILL);
+        wait_for("a new running process", || {
+            let c = state.snapshot().children().next().cloned().unwrap();
+            c.status == ChildStatus::Running && c.pid.is_some_and(|p| p != first_pid)
+        })
+        .await;
+        let new_pid = state.snapshot().children().next().unwrap().pid.unwrap();
+        assert_eq!(
+            fd_target(new_pid, fd).as_deref(),
+            Some(socket.as_str()),
+            "the restarted process has the same socket, at the same number"
+        );
+        assert!(!port_free(addr));
+
+        // Stopped, the child and its socket are gone: the port is free again.
+        shutdown.cancel();
+        assert_eq!(task.await.unwrap(), Outcome::Stopped);
+        assert!(port_free(addr), "the listener is closed on stop");
+    }
+
+    #[tokio::test]
+    async fn the_port_stays_taken_and_connections_wait_while_the_child_is_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let (l, addr, _, socket) = listener();
+        let mut spec = sh("svc-1", "exec sleep 30");
+        spec.listener = Some(l);
+        let first = spawn(&spec).unwrap();
+        let first_pid = first.id().unwrap();
+        let state = state_with(dir.path(), "svc-1", Some(first_pid));
+        let shutdown = CancellationToken::new();
+        let sup = Supervised {
+            spec,
+            grace: Duration::from_secs(2),
+            ready: ready_check(|| async { Ok(()) }),
+            // No restart within the test: the child stays down until shutdown.
+            policy: RestartPolicy {
+                min_backoff: Duration::from_secs(600),
+                max_backoff: Duration::from_secs(600),
+                ..fast()
+            },
+            what: "a test child".into(),
+        };
+        let task = tokio::spawn(supervise(sup, first, state.clone(), shutdown.clone()));
+        passerelle_testkit::kill(first_pid, libc::SIGKILL);
+        wait_for("the child down", || {
+            let c = state.snapshot().children().next().cloned().unwrap();
+            c.status == ChildStatus::Restarting && c.pid.is_none()
+        })
+        .await;
+        assert!(!alive(first_pid));
+        // Only the supervisor (this process) holds the socket now, and no one can take
+        // the port; a client connecting is queued for the next process, not refused.
+        assert!(holds(std::process::id(), &socket));
+        assert!(!port_free(addr), "the port is held while the child is down");
+        let queued = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5));
+        assert!(queued.is_ok(), "{queued:?}");
+        assert_eq!(state.snapshot().children().next().unwrap().restarts, 0);
+
+        shutdown.cancel();
+        assert_eq!(task.await.unwrap(), Outcome::Stopped);
+        assert!(!holds(std::process::id(), &socket));
+        assert!(port_free(addr));
+    }
+
+    #[tokio::test]
     async fn gives_up_after_five_failed_restarts_within_the_window() {
         let dir = tempfile::tempdir().unwrap();
         // Starts once (the marker is absent), then every restart fails at once.
@@ -482,7 +655,9 @@ mod tests {
             "if [ -e {m} ]; then exit 3; fi; touch {m}; exec sleep 30",
             m = marker.display()
         );
-        let spec = sh("svc-1", &script);
+        let (l, addr, _, _) = listener();
+        let mut spec = sh("svc-1", &script);
+        spec.listener = Some(l);
         let mut first = spawn(&spec).unwrap();
         let first_pid = first.id().unwrap();
         wait_for("the marker", || marker.exists()).await;
@@ -515,6 +690,12 @@ mod tests {
         assert!(
             reason.contains("5 failed restarts within 60s") && reason.contains("exit status: 3"),
             "{reason}"
+        );
+        // Nothing will accept any more: a client is refused instead of left waiting.
+        let refused = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5));
+        assert_eq!(
+            refused.map_err(|e| e.kind()).err(),
+            Some(std::io::ErrorKind::ConnectionRefused)
         );
         assert!(!task.is_finished(), "waits for shutdown after giving up");
         shutdown.cancel();

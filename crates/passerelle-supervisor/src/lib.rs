@@ -5,6 +5,9 @@
 //! Start order: managed Redis (unless a URL is configured) → service databases (migrations,
 //! demo data on first start) → service instances, each a child process of this binary on its
 //! own port, waited for until healthy → the gateway, in this process, balancing over them.
+//! An instance's port is bound here and its socket inherited by the child (`--listen-fd`),
+//! so no other program can take the port, neither before the child starts nor while it is
+//! restarted ([`child`]).
 //!
 //! Everything `up` starts is supervised ([`child::supervise`]): a managed Redis or a service
 //! instance that dies is started again on the same port with the same files (the durable
@@ -39,6 +42,7 @@ pub mod state;
 mod status;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -90,7 +94,8 @@ pub struct UpOptions {
     pub config_path: Option<PathBuf>,
 }
 
-/// A port on 127.0.0.1 that was free a moment ago.
+/// A port on 127.0.0.1 that was free a moment ago, for a child that binds its port itself
+/// (redis-server), and may find it taken: the caller must be ready to pick again.
 pub fn free_port() -> Result<u16, UpError> {
     StdListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -524,7 +529,7 @@ const AUDIT_DEMO_TRANSFERS: usize = 3000;
 /// One service `up` runs `up.instances` of.
 struct ServiceToStart {
     name: &'static str,
-    /// Arguments after `service <name> --listen <addr>`.
+    /// Arguments after `service <name> --listen <addr> --listen-fd <fd>`.
     args: Vec<String>,
     /// More arguments for the first instance only.
     first_args: Vec<String>,
@@ -556,18 +561,26 @@ async fn start_instances(
     });
     let mut instances = Vec::new();
     for i in 1..=config.up.instances {
-        let port = free_port()?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let name = format!("{service}-{i}");
+        // Bound here, held for the instance's life, inherited by each of its processes.
+        let (addr, listener) = child::listen(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .and_then(|l| Ok((l.local_addr()?, Arc::new(l))))
+            .map_err(|e| UpError::Service {
+                name: name.clone(),
+                reason: format!("cannot listen on 127.0.0.1: {e}"),
+            })?;
         let mut args = Vec::new();
         if let Some(p) = &opts.config_path {
             args.extend(["--config".to_string(), p.display().to_string()]);
         }
+        // `--listen` names the address (logs); `--listen-fd` is the socket.
         args.extend([
             "service".to_string(),
             service.to_string(),
             "--listen".into(),
             addr.to_string(),
+            "--listen-fd".into(),
+            listener.as_raw_fd().to_string(),
         ]);
         args.extend(service_args.iter().cloned());
         if i == 1 && config.up.seed_rows > 0 {
@@ -598,6 +611,7 @@ async fn start_instances(
             args,
             env,
             inherit_output: true,
+            listener: Some(listener),
         };
         let c = child::spawn(&spec).map_err(|e| UpError::Service {
             name: name.clone(),

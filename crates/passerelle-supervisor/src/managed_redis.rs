@@ -204,6 +204,9 @@ impl ManagedRedis {
                 args: vec![conf_path.display().to_string()],
                 env: Vec::new(),
                 inherit_output: false,
+                // redis-server binds its port itself (it cannot take a socket): hence the
+                // new port at each attempt here.
+                listener: None,
             };
             let mut child = child::spawn(&spec).map_err(|e| UpError::RedisMissing {
                 bin: cfg.server_bin.clone(),

@@ -75,8 +75,13 @@ enum Command {
     Service {
         /// `users`, `products`, `preferences` or `audit`.
         name: String,
-        #[arg(long, default_value = "127.0.0.1:7000")]
-        listen: SocketAddr,
+        /// Address to listen on (default: 127.0.0.1:7000; with --listen-fd, the socket's).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Serve on this inherited listening socket instead of binding one (`passerelle up`
+        /// passes each instance its socket; under systemd socket activation, 3).
+        #[arg(long, value_name = "FD")]
+        listen_fd: Option<i32>,
         /// Overrides services.<name>.database_url (default: <up.data_dir>/<name>.db).
         #[arg(long)]
         database_url: Option<String>,
@@ -283,10 +288,108 @@ fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     b.enable_all().build().context("starting the async runtime")
 }
 
-async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| UsageError(format!("cannot listen on {addr}: {e}")).into())
+/// Where a role serves: an address to bind, or a socket bound already, which this process
+/// inherited (`--listen-fd`). `Display` is the address, for names and logs.
+enum Listen {
+    Addr(SocketAddr),
+    Inherited(std::net::TcpListener, SocketAddr),
+}
+
+impl From<SocketAddr> for Listen {
+    fn from(addr: SocketAddr) -> Self {
+        Self::Addr(addr)
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Addr(a) | Self::Inherited(_, a) => a.fmt(f),
+        }
+    }
+}
+
+impl Listen {
+    /// A service's `--listen` and `--listen-fd`. The inherited socket is taken now, before
+    /// any runtime or thread exists, and checked: a wrong number is a usage error (64), not
+    /// a server that never answers. Both flags given must name the same address.
+    fn from_flags(listen: Option<SocketAddr>, fd: Option<i32>) -> anyhow::Result<Self> {
+        let Some(fd) = fd else {
+            return Ok(Self::Addr(
+                listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7000))),
+            ));
+        };
+        let (listener, addr) = inherited_listener(fd)?;
+        if let Some(l) = listen
+            && l != addr
+        {
+            return Err(UsageError(format!(
+                "--listen {l}, but the socket of --listen-fd {fd} is bound to {addr}"
+            ))
+            .into());
+        }
+        Ok(Self::Inherited(listener, addr))
+    }
+}
+
+/// The listening TCP socket this process inherited as descriptor `fd`.
+fn inherited_listener(fd: i32) -> anyhow::Result<(std::net::TcpListener, SocketAddr)> {
+    use std::os::fd::FromRawFd;
+    let refuse = |why: String| UsageError(format!("--listen-fd {fd}: {why}"));
+    if fd < 3 {
+        return Err(refuse("0 to 2 are stdin, stdout and stderr".into()).into());
+    }
+    let mut accepting: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    #[allow(unsafe_code)]
+    // SAFETY: getsockopt writes at most `len` bytes into `accepting`, which has them; on a
+    // descriptor that is not open or not a socket it fails and touches nothing.
+    let got = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&raw mut accepting).cast(),
+            &mut len,
+        )
+    };
+    if got != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(refuse(format!("not an inherited socket ({e})")).into());
+    }
+    if accepting == 0 {
+        return Err(refuse("the socket is not listening".into()).into());
+    }
+    #[allow(unsafe_code)]
+    // SAFETY: `fd` is an open listening socket (checked above) that nothing else in this
+    // process owns: it was inherited, and is taken here, once.
+    let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    // A Unix socket has no address a TCP listener can read.
+    let addr = listener
+        .local_addr()
+        .map_err(|e| refuse(format!("not a TCP socket ({e})")))?;
+    // Ours alone now: not passed on to anything this process may start.
+    #[allow(unsafe_code)]
+    // SAFETY: fcntl(F_SETFD) changes a flag of a descriptor this process owns.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } == -1 {
+        let e = std::io::Error::last_os_error();
+        return Err(refuse(format!("cannot set close-on-exec ({e})")).into());
+    }
+    Ok((listener, addr))
+}
+
+async fn bind(listen: impl Into<Listen>) -> anyhow::Result<tokio::net::TcpListener> {
+    match listen.into() {
+        Listen::Addr(addr) => tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| UsageError(format!("cannot listen on {addr}: {e}")).into()),
+        // Non-blocking is a flag of the socket, so the supervisor's handle on it changes
+        // too: harmless, the supervisor never accepts.
+        Listen::Inherited(listener, addr) => listener
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpListener::from_std(listener))
+            .with_context(|| format!("serving on the inherited socket of {addr}")),
+    }
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -386,6 +489,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Service {
             name,
             listen,
+            listen_fd,
             database_url,
             instance,
             worker_threads,
@@ -398,6 +502,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ))
                 .into());
             }
+            let listen = Listen::from_flags(listen, listen_fd)?;
             let config = load(config_path, Flags::new())?.config;
             passerelle_http::telemetry::init(&config.telemetry)
                 .map_err(|e| UsageError(e.to_string()))?;
@@ -548,7 +653,7 @@ fn audit_spool_dir(config: &Config, instance: &str) -> PathBuf {
 fn redis_service(
     name: &str,
     config: &Config,
-    listen: SocketAddr,
+    listen: Listen,
     instance: Option<String>,
     threads: usize,
     seed: u64,
