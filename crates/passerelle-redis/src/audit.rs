@@ -24,12 +24,16 @@
 //! retention job once exported, never by a TTL.
 
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
+use std::time::Duration;
 
-use redis::Value;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{Script, Value};
 
 use crate::batch::{Batch, evalsha};
-use crate::keys::KeySchema;
-use crate::{RedisClient, RedisError, scripts};
+use crate::connection::Conn;
+use crate::keys::{AuditIndexKey, KeySchema};
+use crate::{RedisClient, RedisError, scripts, stats};
 
 /// One audit partition: a UTC day (`yyyymmdd`) of event time and a bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -334,6 +338,280 @@ impl RedisClient {
         }
         Ok((head, records))
     }
+
+    /// Whether each `(index, id)` entry is in its index, in one batch (one `ZSCORE` each).
+    pub async fn audit_index_has(
+        &self,
+        keys: &KeySchema,
+        entries: &[(Index, &str)],
+    ) -> Result<Vec<bool>, RedisError> {
+        let mut b = Batch::new();
+        for (index, id) in entries {
+            let key = index.key(keys);
+            b.cmd(&key, redis::cmd("ZSCORE").arg(&key).arg(*id).clone());
+        }
+        b.send(&self.conn())
+            .await?
+            .into_iter()
+            .map(|v| Ok(!matches!(v, Value::Nil)))
+            .collect()
+    }
+
+    /// Removes `(index, id)` entries (one `ZREM` per index key, in one batch); how many
+    /// were there.
+    pub async fn audit_index_remove(
+        &self,
+        keys: &KeySchema,
+        entries: &[(Index, &str)],
+    ) -> Result<u64, RedisError> {
+        let mut by_key: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+        for (index, id) in entries {
+            by_key.entry(index.key(keys)).or_default().push(id);
+        }
+        let mut b = Batch::new();
+        for (key, ids) in &by_key {
+            b.cmd(key, redis::cmd("ZREM").arg(key).arg(ids).clone());
+        }
+        let mut removed = 0;
+        for v in b.send(&self.conn()).await? {
+            let n: u64 = redis::from_redis_value(v).map_err(protocol)?;
+            removed += n;
+        }
+        Ok(removed)
+    }
+
+    /// Removes partitions of `day` (records, time index and head: one script per partition,
+    /// on its tag, all in one batch), each only if its head is still the one given (`""`:
+    /// none), so that an event appended after the day was exported is never removed unseen.
+    /// Whether each partition was removed, in the order given.
+    pub async fn audit_remove_day(
+        &self,
+        keys: &KeySchema,
+        day: u32,
+        heads: &[(u16, &str)],
+    ) -> Result<Vec<bool>, RedisError> {
+        let mut b = Batch::new();
+        for (bucket, head) in heads {
+            let records = keys.audit_records(day, *bucket);
+            let mut cmd = evalsha(
+                &AUDIT_REMOVE,
+                &[
+                    &records,
+                    &keys.audit_times(day, *bucket),
+                    &keys.audit_head(day, *bucket),
+                ],
+            );
+            cmd.arg(*head);
+            b.script(&AUDIT_REMOVE, &records, cmd);
+        }
+        b.send(&self.conn())
+            .await?
+            .into_iter()
+            .map(|v| {
+                let n: i64 = redis::from_redis_value(v).map_err(protocol)?;
+                Ok(n == 1)
+            })
+            .collect()
+    }
+
+    /// Starts walking every account and user index key ([`KeySchema::audit_index_pattern`])
+    /// on every primary (the cluster's, by `CLUSTER NODES`; else the one server).
+    pub async fn audit_index_scan(&self, keys: &KeySchema) -> Result<IndexScan, RedisError> {
+        let nodes = match self.conn() {
+            Conn::Cluster(c) => {
+                stats::record(1);
+                let v = c
+                    .connection()
+                    .route_command(
+                        redis::cmd("CLUSTER").arg("NODES").clone(),
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+                    )
+                    .await?;
+                let text: String = redis::from_redis_value(v).map_err(protocol)?;
+                let primaries = cluster_primaries(&text);
+                if primaries.is_empty() {
+                    return Err(RedisError::Protocol(
+                        "CLUSTER NODES lists no primary serving slots".into(),
+                    ));
+                }
+                primaries.into_iter().map(Some).collect()
+            }
+            _ => vec![None],
+        };
+        Ok(IndexScan {
+            pattern: keys.audit_index_pattern(),
+            nodes,
+            node: 0,
+            cursor: 0,
+        })
+    }
+
+    /// The next page of index keys (`SCAN ... COUNT 1000` on one primary: bounded work for
+    /// Redis per call), as the indexes they are; `None` once every primary is walked. A key
+    /// may come twice (`SCAN`'s guarantee); a page may be empty.
+    pub async fn audit_index_scan_next(
+        &self,
+        keys: &KeySchema,
+        scan: &mut IndexScan,
+    ) -> Result<Option<Vec<Index>>, RedisError> {
+        let Some(node) = scan.nodes.get(scan.node) else {
+            return Ok(None);
+        };
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(scan.cursor)
+            .arg("MATCH")
+            .arg(&scan.pattern)
+            .arg("COUNT")
+            .arg(SCAN_COUNT);
+        let v = match (node, self.conn()) {
+            (Some((host, port)), Conn::Cluster(c)) => {
+                stats::record(1);
+                c.connection()
+                    .route_command(
+                        cmd,
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                            host: host.clone(),
+                            port: *port,
+                        }),
+                    )
+                    .await?
+            }
+            _ => cmd.query_async(&mut self.conn()).await?,
+        };
+        let (next, found): (u64, Vec<String>) = redis::from_redis_value(v).map_err(protocol)?;
+        if next == 0 {
+            scan.node += 1;
+            scan.cursor = 0;
+        } else {
+            scan.cursor = next;
+        }
+        Ok(Some(
+            found
+                .iter()
+                .filter_map(|k| match keys.parse_audit_index(k)? {
+                    AuditIndexKey::Account {
+                        account,
+                        month,
+                        role,
+                    } => Some(Index::Account {
+                        account: account.to_string(),
+                        month,
+                        role: if role == 'f' {
+                            AccountRole::Sender
+                        } else {
+                            AccountRole::Receiver
+                        },
+                    }),
+                    AuditIndexKey::User { user, month } => Some(Index::User {
+                        user: user.to_string(),
+                        month,
+                    }),
+                })
+                .collect(),
+        ))
+    }
+
+    /// Takes the audit maintenance lease ([`KeySchema::audit_lease`]) for `ttl` if nobody
+    /// holds it (`SET NX PX`).
+    pub async fn audit_lease_acquire(
+        &self,
+        keys: &KeySchema,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<bool, RedisError> {
+        let set: Option<String> = redis::cmd("SET")
+            .arg(keys.audit_lease())
+            .arg(owner)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(ttl))
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(set.is_some())
+    }
+
+    /// Extends the lease to `ttl` from now if `owner` still holds it (compare-and-expire);
+    /// false when it was lost (expired, or taken by another instance since).
+    pub async fn audit_lease_renew(
+        &self,
+        keys: &KeySchema,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<bool, RedisError> {
+        let n: i64 = AUDIT_LEASE_RENEW
+            .key(keys.audit_lease())
+            .arg(owner)
+            .arg(millis(ttl))
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Gives the lease back if `owner` still holds it.
+    pub async fn audit_lease_release(
+        &self,
+        keys: &KeySchema,
+        owner: &str,
+    ) -> Result<bool, RedisError> {
+        self.release_lease_key(keys.audit_lease(), owner).await
+    }
+}
+
+/// Keys one `SCAN` call of [`RedisClient::audit_index_scan_next`] asks a node to look at.
+const SCAN_COUNT: usize = 1000;
+
+/// Where a walk of the index keys is ([`RedisClient::audit_index_scan`]): the primaries
+/// (`None`: the connection's one server) and the cursor on the current one.
+#[derive(Debug, Clone)]
+pub struct IndexScan {
+    pattern: String,
+    nodes: Vec<Option<(String, u16)>>,
+    node: usize,
+    cursor: u64,
+}
+
+/// Removes a partition if its head is still `ARGV[1]` (`""`: no head). `UNLINK`: a large
+/// partition is freed in the background, not while Redis waits.
+static AUDIT_REMOVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        "local head = redis.call('GET', KEYS[3]) or '' \
+         if head ~= ARGV[1] then return 0 end \
+         redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3]) \
+         return 1",
+    )
+});
+
+/// Extends a lease by `ARGV[2]` ms if `ARGV[1]` holds it.
+static AUDIT_LEASE_RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+         return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0",
+    )
+});
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// `(host, port)` of each primary that serves slots, from `CLUSTER NODES`
+/// (`<id> <ip:port@cport[,hostname]> <flags> <primary> <ping> <pong> <epoch> <link> <slot>...`).
+fn cluster_primaries(text: &str) -> Vec<(String, u16)> {
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let flags = f.get(2)?;
+            let serving = f.len() > 8;
+            if !serving
+                || !flags.split(',').any(|x| x == "master")
+                || flags.split(',').any(|x| x == "fail" || x == "noaddr")
+            {
+                return None;
+            }
+            let addr = f.get(1)?.split(['@', ',']).next()?;
+            let (host, port) = addr.rsplit_once(':')?;
+            Some((host.to_string(), port.parse().ok()?))
+        })
+        .collect()
 }
 
 fn protocol(e: impl std::fmt::Display) -> RedisError {
@@ -393,5 +671,21 @@ mod tests {
         );
         assert!(parse_append(Value::Array(vec![Value::Int(7), s("")])).is_err());
         assert!(parse_append(Value::Int(1)).is_err());
+    }
+
+    #[test]
+    fn cluster_nodes_give_the_primaries_serving_slots() {
+        let text = "a1 127.0.0.1:30001@40001 myself,master - 0 0 1 connected 0-5460\n\
+                    a2 127.0.0.1:30002@40002,host-b master - 0 0 2 connected 5461-10922\n\
+                    a3 127.0.0.1:30004@40004 slave a1 0 0 1 connected\n\
+                    a4 127.0.0.1:30005@40005 master,fail - 0 0 4 disconnected 10923-16383\n\
+                    a5 127.0.0.1:30006@40006 master - 0 0 5 connected\n";
+        assert_eq!(
+            cluster_primaries(text),
+            [
+                ("127.0.0.1".to_string(), 30001),
+                ("127.0.0.1".to_string(), 30002)
+            ]
+        );
     }
 }

@@ -221,6 +221,59 @@ impl KeySchema {
         )
     }
 
+    /// The lease of the audit maintenance job (seals, archive, retention): one instance of
+    /// the service runs it at a time, whoever holds this key.
+    pub fn audit_lease(&self) -> String {
+        self.lease("audit-maintenance")
+    }
+
+    /// The `SCAN MATCH` pattern of every account and user index key of the audit trail
+    /// (not the partitions). Only `passerelle audit repair` walks it: listing keys is an
+    /// operator's occasional job, never a request's. Glob characters of the prefix are
+    /// escaped, so a prefix such as `a*` matches only itself.
+    pub fn audit_index_pattern(&self) -> String {
+        let mut escaped = String::with_capacity(self.prefix.len() + 16);
+        for c in self.prefix.chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                escaped.push('\\');
+            }
+            escaped.push(c);
+        }
+        format!("{escaped}:{}:{{[au]:*", Namespace::Audit.as_str())
+    }
+
+    /// What an account or user index key ([`KeySchema::audit_account`],
+    /// [`KeySchema::audit_user`]) names, read back from the key; `None` for any other key.
+    pub fn parse_audit_index<'k>(&self, key: &'k str) -> Option<AuditIndexKey<'k>> {
+        let rest = key
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(':')?
+            .strip_prefix(Namespace::Audit.as_str())?
+            .strip_prefix(":{")?;
+        let (kind, rest) = rest.split_at_checked(2)?;
+        let (name, rest) = rest.split_once("}:")?;
+        let mut parts = rest.split(':');
+        let month: u32 = parts.next()?.parse().ok()?;
+        let role = parts.next();
+        if parts.next().is_some() || name.is_empty() {
+            return None;
+        }
+        match (kind, role) {
+            ("a:", Some("f")) => Some(AuditIndexKey::Account {
+                account: name,
+                month,
+                role: 'f',
+            }),
+            ("a:", Some("t")) => Some(AuditIndexKey::Account {
+                account: name,
+                month,
+                role: 't',
+            }),
+            ("u:", None) => Some(AuditIndexKey::User { user: name, month }),
+            _ => None,
+        }
+    }
+
     /// The pub/sub channel on which every preferences write is announced to the service
     /// instances holding event streams (on the durable Redis). A channel, not a key.
     pub fn preferences_channel(&self) -> String {
@@ -232,6 +285,21 @@ impl KeySchema {
     pub fn invalidation_channel(&self) -> String {
         format!("{}:invalidate", self.prefix)
     }
+}
+
+/// An audit index key read back ([`KeySchema::parse_audit_index`]): whose events of which
+/// month (`yyyymm`), and for an account, in which role (`f` sender, `t` receiver).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditIndexKey<'k> {
+    Account {
+        account: &'k str,
+        month: u32,
+        role: char,
+    },
+    User {
+        user: &'k str,
+        month: u32,
+    },
 }
 
 /// Hash tags end at the first `}`; a name containing braces would silently change the slot
@@ -314,5 +382,32 @@ mod tests {
         );
         assert_eq!(a, "psl:rl:{ip=::1}:per-second");
         assert_eq!(hash_slot(&a), hash_slot(&b), "one identity, one slot");
+    }
+
+    #[test]
+    fn audit_index_keys_read_back_and_the_scan_pattern_covers_only_them() {
+        let k = KeySchema::new("p*s");
+        let a = k.audit_account("ACC-1:x", 202611, 't');
+        assert_eq!(
+            k.parse_audit_index(&a),
+            Some(AuditIndexKey::Account {
+                account: "ACC-1:x",
+                month: 202611,
+                role: 't'
+            })
+        );
+        let u = k.audit_user("7", 202612);
+        assert_eq!(
+            k.parse_audit_index(&u),
+            Some(AuditIndexKey::User {
+                user: "7",
+                month: 202612
+            })
+        );
+        assert_eq!(k.parse_audit_index(&k.audit_head(20261129, 3)), None);
+        assert_eq!(k.parse_audit_index("p*s:au:{a:x}:2026"), None);
+        assert_eq!(k.parse_audit_index("other:au:{u:7}:202612"), None);
+        assert_eq!(k.audit_index_pattern(), "p\\*s:au:{[au]:*");
+        assert_eq!(k.audit_lease(), "p*s:lease:{audit-maintenance}");
     }
 }

@@ -381,6 +381,8 @@ pub async fn run_audit(
         }
     }
     let token = passerelle_http::shutdown::token_from(shutdown);
+    // Seals, archive and retention: one instance at a time, whoever holds the lease.
+    audit::retention::spawn(&opts.redis, &opts.config, &opts.instance, token.clone());
     if let Some(spool) = &state.spool {
         tokio::spawn(audit::spool::replay_forever(
             spool.clone(),

@@ -1,13 +1,15 @@
 //! The `passerelle` binary: parses flags, loads the configuration, and runs one role. Every
 //! role lives in a library crate with a `run(config, listener, shutdown)` entry point; this
 //! file only wires flags to it. Exit codes: 0 on a clean stop, 64 on an unusable
-//! configuration or command line, 1 on any other failure.
+//! configuration or command line, 3 when `passerelle audit` finds tampering, 1 on any other
+//! failure.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 mod admin_client;
+mod audit_cli;
 mod keys_cli;
 
 use anyhow::Context;
@@ -28,7 +30,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "API gateway and microservices platform on Redis",
     after_help = "Configuration layers, lowest first: the built-in default (`passerelle config default`), \
                   the --config file, PASSERELLE_<SECTION>__<KEY> variables, flags.\n\
-                  Exit codes: 0 clean stop, 64 unusable command line or configuration, 1 other failures."
+                  Exit codes: 0 clean stop, 64 unusable command line or configuration, 3 tampering found \
+                  (passerelle audit), 1 other failures."
 )]
 struct Cli {
     /// Configuration file (TOML), layered on the built-in default: it only needs what differs.
@@ -129,6 +132,14 @@ enum Command {
         #[command(subcommand)]
         action: keys_cli::AuthAction,
     },
+    /// The audit trail: verify (Redis, seals, archives), export, repair, seal, retention.
+    Audit {
+        /// The platform's data directory (default: up.data_dir).
+        #[arg(long, global = true)]
+        data_dir: Option<PathBuf>,
+        #[command(subcommand)]
+        action: audit_cli::AuditAction,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -196,6 +207,9 @@ fn main() -> ExitCode {
             if e.downcast_ref::<UsageError>().is_some() {
                 eprintln!("passerelle: {e}");
                 ExitCode::from(EXIT_CONFIG as u8)
+            } else if e.downcast_ref::<audit_cli::Tampered>().is_some() {
+                eprintln!("passerelle: {e}");
+                ExitCode::from(audit_cli::EXIT_TAMPERED)
             } else {
                 eprintln!("passerelle: {e:#}");
                 ExitCode::FAILURE
@@ -439,6 +453,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = load(config_path, flags)?.config;
             runtime(1)?.block_on(keys_cli::keys(&config, admin.as_deref(), action))
         }
+        Command::Audit { data_dir, action } => {
+            let flags = Flags::new().set_str(
+                "--data-dir",
+                "up.data_dir",
+                data_dir.map(|d| d.display().to_string()),
+            );
+            audit_cli::audit(&load(config_path, flags)?.config, action)
+        }
         Command::Auth { data_dir, action } => {
             let data_dir = match data_dir {
                 Some(d) => d,
@@ -674,14 +696,14 @@ fn redis_service(
             passerelle_http::shutdown::signal(),
         );
         if name == "audit" {
-            let spool_dir = audit_spool_dir(&config, &instance);
+            let spool_dir = audit_spool_dir(config, &instance);
             let opts = passerelle_services::AuditOptions {
                 spool_dir: Some(spool_dir),
                 instance,
                 grace: config.audit.shutdown_grace.get(),
                 access_log,
                 redis,
-                config: config.audit.clone(),
+                config: audit_cli::service_config(config),
                 identity,
                 seed,
             };

@@ -144,6 +144,18 @@ pub(super) fn check_audit(c: &AuditConfig, p: &mut Problems) {
         "audit.max_request_body",
         POSITIVE,
     );
+    p.check(
+        (60..=86_400).contains(&c.maintenance_every.get().as_secs()),
+        "audit.maintenance_every",
+        "must be from 1m to 1d (a finished day is sealed within one period)",
+    );
+    // A file where the directory should be would fail the first export, an hour after
+    // start; said now instead.
+    p.check(
+        c.archive_dir.trim() == c.archive_dir && !std::path::Path::new(&c.archive_dir).is_file(),
+        "audit.archive_dir",
+        "must name a directory (empty: <up.data_dir>/audit-archive)",
+    );
 }
 
 #[cfg(test)]
@@ -192,6 +204,12 @@ mod tests {
             ),
             ("[audit]\nbuckets = 0\n", 2, "audit.buckets"),
             ("[audit]\nretention = \"1h\"\n", 2, "at least 1d"),
+            ("[audit]\nmaintenance_every = \"5s\"\n", 2, "from 1m to 1d"),
+            (
+                "[audit]\narchive_dir = \"Cargo.toml\"\n",
+                2,
+                "audit.archive_dir: must name a directory",
+            ),
             (
                 "[preferences.expire.guests]\nusers = \"guest-*\"\nafter = \"0s\"\n",
                 3,
