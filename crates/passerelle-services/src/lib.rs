@@ -355,6 +355,9 @@ pub fn audit_app(opts: &AuditOptions) -> Result<(Router, audit::http::Shared), S
     Ok((app, state))
 }
 
+/// How often the audit trail's size gauges are refreshed.
+const GAUGES_EVERY: Duration = Duration::from_secs(15);
+
 /// How often a spool that could not be replayed is tried again.
 const SPOOL_RETRY: Duration = Duration::from_millis(250);
 
@@ -383,15 +386,25 @@ pub async fn run_audit(
     let token = passerelle_http::shutdown::token_from(shutdown);
     // Seals, archive and retention: one instance at a time, whoever holds the lease.
     audit::retention::spawn(&opts.redis, &opts.config, &opts.instance, token.clone());
-    if let Some(spool) = &state.spool {
+    tokio::spawn(audit::gauges::publish_forever(
+        opts.redis.clone(),
+        state.ingest.buckets(),
+        GAUGES_EVERY,
+        token.clone(),
+    ));
+    let replay = state.spool.clone().map(|spool| {
         tokio::spawn(audit::spool::replay_forever(
-            spool.clone(),
+            spool,
             state.ingest.clone(),
             SPOOL_RETRY,
             token.clone(),
-        ));
-    }
+        ))
+    });
+    drop(state);
     serve_until("audit", &opts.instance, opts.grace, app, listener, token).await;
+    if let Some(replay) = replay {
+        let _ = replay.await;
+    }
     Ok(())
 }
 

@@ -239,6 +239,30 @@ async fn run() {
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(v["records"], expected as u64, "{v}");
 
+    // What operators watch: spooled and replayed events, the spool's depth, the batches.
+    let r = client
+        .send(Method::GET, "/metrics", &[], Bytes::new())
+        .await;
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in /metrics:\n{text}"))
+    };
+    assert!(value("passerelle_audit_spooled_total") >= (seen.spooled * BATCH) as f64);
+    assert_eq!(
+        value("passerelle_audit_replayed_total"),
+        value("passerelle_audit_spooled_total")
+    );
+    assert_eq!(value("passerelle_audit_spool_events"), 0.0);
+    assert!(value("passerelle_audit_records_total") >= 1.0);
+    assert!(
+        text.contains("passerelle_audit_day_records{day=\"today\"}"),
+        "{text}"
+    );
+
     let _ = stop.send(());
     service.await.unwrap().unwrap();
     // Replayed and emptied: nothing is left on disk to replay at the next start.
@@ -345,7 +369,18 @@ async fn events_spooled_before_a_restart_of_the_service_are_replayed_by_the_next
             assert_eq!(v["amount"], amount, "{v}");
             assert_eq!(v["from_account"], ACCOUNT);
         }
-        // Recorded once: sending one again is answered with the original.
+        // Once the spool is drained, sending one again is answered with the original.
+        let probe = client.clone();
+        wait_until(Duration::from_secs(30), "the spool drained", || {
+            let probe = probe.clone();
+            async move {
+                let r = probe.send(Method::GET, "/metrics", &[], Bytes::new()).await;
+                String::from_utf8_lossy(&r.body)
+                    .lines()
+                    .any(|l| l == "passerelle_audit_spool_events 0")
+            }
+        })
+        .await;
         let r = client.send_json(Method::POST, "/transfers", &one).await;
         assert_eq!(r.status, 200);
         let _ = stop.send(());

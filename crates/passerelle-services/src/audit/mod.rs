@@ -2,6 +2,7 @@
 //! in the durable Redis (storage layout: [`passerelle_redis::audit`]).
 //!
 //! - [`record`]: the event, its checks, its compact stored form and its chain link;
+//! - [`gauges`]: the trail's size in Redis, as metrics;
 //! - [`ingest`]: partitions, chaining on the head, one batch per request, idempotency;
 //! - [`search`]: the query planner (the most selective index drives) and bounded pages;
 //! - [`spool`]: events accepted while Redis is unreachable, on disk until replayed;
@@ -14,6 +15,7 @@
 
 pub mod archive;
 pub mod demo;
+pub mod gauges;
 pub mod http;
 pub mod ingest;
 pub mod record;

@@ -205,6 +205,8 @@ pub async fn search(
     let plan = plans.swap_remove(0);
     metrics::counter!("passerelle_audit_searches_total", "driver" => plan.driver.as_str())
         .increment(1);
+    // The size of the index that drives: how selective searches are.
+    metrics::histogram!("passerelle_audit_driver_entries").record(plan.estimate as f64);
 
     // 2. Walk the driver's indexes merged, newest first, from the cursor.
     let mut walks: Vec<Walk> = plan

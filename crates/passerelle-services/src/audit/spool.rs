@@ -42,6 +42,7 @@ use super::record::{LINK_PREFIX, Transfer, decode};
 
 const LOG: &str = "spool.log";
 const DONE: &str = "spool.done";
+const LOCK: &str = "spool.lock";
 /// Frame header: payload length and CRC-32, little-endian.
 const HEADER: usize = 8;
 /// An entry larger than this is not one this code wrote (a batch is at most a few MiB).
@@ -58,6 +59,11 @@ pub enum SpoolError {
     Full { bytes: u64 },
     #[error("audit spool {0}: an entry this version cannot read")]
     Corrupt(PathBuf),
+    #[error(
+        "audit spool {0} is in use by another process (each instance needs a directory of \
+         its own: give instances distinct names or audit.spool_dir)"
+    )]
+    Locked(PathBuf),
 }
 
 /// The files and counters, behind one lock: appends and replay steps never interleave
@@ -75,6 +81,9 @@ struct Files {
 #[derive(Debug)]
 pub struct Spool {
     dir: PathBuf,
+    /// Held (an exclusive `flock`) for the spool's life: a second process on the same
+    /// directory would corrupt the replay's progress, so it is refused at start.
+    _lock: File,
     max_bytes: u64,
     files: Mutex<Files>,
     /// Events spooled and not yet replayed.
@@ -169,6 +178,20 @@ impl Spool {
     /// a torn last entry.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<Self, SpoolError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let lock_path = dir.join(LOCK);
+        let lock = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(SpoolError::Locked(dir.to_path_buf()));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(&lock_path)(e)),
+        }
         let log_path = dir.join(LOG);
         let mut log = OpenOptions::new()
             .read(true)
@@ -217,6 +240,7 @@ impl Spool {
         metrics::gauge!("passerelle_audit_spool_events").set(depth as f64);
         Ok(Self {
             dir: dir.to_path_buf(),
+            _lock: lock,
             max_bytes,
             files: Mutex::new(Files {
                 log,
@@ -328,10 +352,18 @@ impl Spool {
     }
 
     /// Records every spooled batch, oldest first, until the spool is empty (`Ok(events
-    /// replayed)`) or Redis fails again (the error; what is left stays spooled).
-    pub async fn replay(self: &Arc<Self>, ingest: &Ingest) -> Result<u64, ReplayError> {
+    /// replayed)`), Redis fails again (the error; what is left stays spooled), or `stop`
+    /// (checked between batches: a batch is never left half-accounted).
+    pub async fn replay(
+        self: &Arc<Self>,
+        ingest: &Ingest,
+        stop: &CancellationToken,
+    ) -> Result<u64, ReplayError> {
         let mut replayed = 0u64;
         loop {
+            if stop.is_cancelled() {
+                return Ok(replayed);
+            }
             let me = self.clone();
             let next = tokio::task::spawn_blocking(move || me.next_blocking())
                 .await
@@ -365,7 +397,8 @@ pub enum ReplayError {
 }
 
 /// Replays the spool whenever it holds something (woken by appends, and every `every` to
-/// retry after a failure), until `shutdown`.
+/// retry after a failure), until `shutdown`. Awaited when the service stops, so the spool
+/// is closed (its lock released) once the service is.
 pub async fn replay_forever(
     spool: Arc<Spool>,
     ingest: Arc<Ingest>,
@@ -374,7 +407,7 @@ pub async fn replay_forever(
 ) {
     loop {
         if !spool.is_empty() {
-            match spool.replay(&ingest).await {
+            match spool.replay(&ingest, &shutdown).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(events = n, "audit spool replayed into Redis"),
                 Err(e) => {
@@ -489,6 +522,18 @@ mod tests {
             Some(0),
             "an emptied spool takes no room"
         );
+    }
+
+    #[test]
+    fn a_spool_directory_serves_one_process_at_a_time() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let first = Spool::open(dir.path(), 1 << 20).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            Spool::open(dir.path(), 1 << 20),
+            Err(SpoolError::Locked(_))
+        ));
+        drop(first);
+        assert!(Spool::open(dir.path(), 1 << 20).is_ok(), "released with it");
     }
 
     #[tokio::test]
