@@ -15,7 +15,7 @@ use anyhow::Context;
 use clap::Subcommand;
 use passerelle_config::{AuditConfig, Config};
 use passerelle_redis::Redis;
-use passerelle_services::audit::archive::{export_checked, verify_archive};
+use passerelle_services::audit::archive::{archive_path, export_checked, verify_archive};
 use passerelle_services::audit::repair::repair;
 use passerelle_services::audit::retention::Maintenance;
 use passerelle_services::audit::seal::{self, format_day, parse_day, seal_day, verify_days};
@@ -34,8 +34,9 @@ const AFTER_HELP: &str = "Exit codes: 0 clean, 3 tampering found (a record alter
 #[derive(Debug, Subcommand)]
 pub enum AuditAction {
     /// Check every partition of a range of days in Redis, against its chain and against
-    /// the daily seals (seals.jsonl in the archive directory, when present); or, with
-    /// --archive, an archive file alone (no Redis), against the seals beside it.
+    /// the daily seals (seals.jsonl in the archive directory, when present); a day the
+    /// retention removed is checked in its archive. With --archive, an archive file alone
+    /// (no Redis), against the seals beside it.
     #[command(after_help = AFTER_HELP)]
     Verify {
         /// First day (UTC).
@@ -217,20 +218,39 @@ pub fn audit(config: &Config, action: AuditAction) -> anyhow::Result<()> {
                 let days = range(from, to)?;
                 let seals = seal::read(&dir)?;
                 let redis = redis(config)?;
-                let checked = verify_days(&redis, buckets, &days, &seals)
+                // Days the retention removed from Redis (nothing there, their archive in
+                // the directory) are checked in their archive, against the same seals.
+                let mut in_redis = Vec::new();
+                let mut archived = Vec::new();
+                for day in &days {
+                    let path = archive_path(&dir, *day);
+                    let empty = seal::compute(&redis, *day, buckets)
+                        .await
+                        .context("reading the heads")?
+                        .is_empty();
+                    if empty && path.is_file() {
+                        archived.push(verify_archive(&path, &seals)?);
+                    } else {
+                        in_redis.push(*day);
+                    }
+                }
+                let checked = verify_days(&redis, buckets, &in_redis, &seals)
                     .await
                     .context("reading the partitions")?;
                 let findings: Vec<_> = checked.iter().filter(|c| c.finding.is_some()).collect();
-                let records: u64 = checked.iter().map(|c| c.records).sum();
+                let bad_archives: Vec<_> = archived.iter().filter(|a| !a.ok).collect();
+                let records: u64 = checked.iter().map(|c| c.records).sum::<u64>()
+                    + archived.iter().map(|a| a.records).sum::<u64>();
                 let sealed_days = days
                     .iter()
                     .filter(|d| seals.iter().any(|s| s.day == **d))
                     .count();
+                let ok = findings.is_empty() && bad_archives.is_empty();
                 if json {
                     print(&format!(
                         "{}\n",
                         json!({
-                            "ok": findings.is_empty(),
+                            "ok": ok,
                             "from": format_day(from),
                             "to": format_day(to),
                             "days": days.len(),
@@ -238,6 +258,7 @@ pub fn audit(config: &Config, action: AuditAction) -> anyhow::Result<()> {
                             "partitions": checked.len(),
                             "records": records,
                             "findings": findings,
+                            "archived": archived,
                         })
                     ));
                 } else {
@@ -246,6 +267,20 @@ pub fn audit(config: &Config, action: AuditAction) -> anyhow::Result<()> {
                         "day", "partitions", "records", "seals", "findings"
                     );
                     for day in &days {
+                        let seals_of_day = seals.iter().filter(|s| s.day == *day).count();
+                        if let Some(a) = archived.iter().find(|a| a.day == *day) {
+                            let _ = writeln!(
+                                t,
+                                "{:<12} {:>10} {:>10} {:>6} {:>9}  (archive: {})",
+                                format_day(*day),
+                                a.buckets,
+                                a.records,
+                                seals_of_day,
+                                usize::from(!a.ok),
+                                a.file.display()
+                            );
+                            continue;
+                        }
                         let of_day: Vec<_> = checked.iter().filter(|c| c.day == *day).collect();
                         let _ = writeln!(
                             t,
@@ -253,7 +288,7 @@ pub fn audit(config: &Config, action: AuditAction) -> anyhow::Result<()> {
                             format_day(*day),
                             of_day.len(),
                             of_day.iter().map(|c| c.records).sum::<u64>(),
-                            seals.iter().filter(|s| s.day == *day).count(),
+                            seals_of_day,
                             of_day.iter().filter(|c| c.finding.is_some()).count()
                         );
                     }
@@ -262,23 +297,29 @@ pub fn audit(config: &Config, action: AuditAction) -> anyhow::Result<()> {
                             let _ = writeln!(t, "{} bucket {}: {f}", format_day(c.day), c.bucket);
                         }
                     }
+                    for a in &bad_archives {
+                        if let Some(f) = &a.finding {
+                            let _ = writeln!(t, "{} (archive {}): {f}", format_day(a.day), a.file.display());
+                        }
+                    }
                     let _ = writeln!(
                         t,
-                        "{} days ({sealed_days} sealed), {} partitions, {records} records: {}",
+                        "{} days ({sealed_days} sealed, {} archived), {} partitions, {records} records: {}",
                         days.len(),
-                        checked.len(),
-                        if findings.is_empty() {
+                        archived.len(),
+                        checked.len() + archived.iter().map(|a| usize::from(a.buckets)).sum::<usize>(),
+                        if ok {
                             "OK".to_string()
                         } else {
-                            format!("{} with findings", findings.len())
+                            format!("{} with findings", findings.len() + bad_archives.len())
                         }
                     );
                     print(&t);
                 }
-                if !findings.is_empty() {
+                if !ok {
                     return Err(Tampered(format!(
-                        "{} partitions do not verify",
-                        findings.len()
+                        "{} partitions or archives do not verify",
+                        findings.len() + bad_archives.len()
                     ))
                     .into());
                 }

@@ -258,3 +258,53 @@ async fn bad_arguments_exit_64_with_a_clear_message_and_no_redis_exits_1() {
     .await;
     expect(&o, 1, &["no Redis", "passerelle up"]);
 }
+
+#[tokio::test]
+async fn retention_then_verify_checks_the_removed_day_in_its_archive() {
+    let server = TestRedis::start();
+    let prefix = "psl-cli-retention";
+    let mut config = server.redis_config();
+    config.key_prefix = prefix.into();
+    let redis = Redis::from_config(&config).unwrap().unwrap();
+    let old = day_of(now_ms() - 100 * 86_400_000);
+    let events: Vec<Transfer> = (0..12).map(|i| transfer(i, old)).collect();
+    Ingest::new(redis.clone(), 2, 90)
+        .record(events)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("archive");
+    let mut env = server.env();
+    env.extend([
+        (
+            "PASSERELLE_REDIS__KEY_PREFIX".to_string(),
+            prefix.to_string(),
+        ),
+        ("PASSERELLE_AUDIT__BUCKETS".into(), BUCKETS.into()),
+        (
+            "PASSERELLE_AUDIT__ARCHIVE_DIR".into(),
+            archive.display().to_string(),
+        ),
+    ]);
+    let d = format_day(old);
+    let o = passerelle(dir.path(), &["audit", "retention", "--dry-run"], &env).await;
+    expect(&o, 0, &[&format!("removed from Redis would be: {d}")]);
+    let o = passerelle(dir.path(), &["audit", "retention"], &env).await;
+    expect(
+        &o,
+        0,
+        &[&format!("sealed: {d}"), &format!("removed from Redis: {d}")],
+    );
+    assert!(
+        server.scan(&format!("{prefix}:au:{{p:{old}:*")).is_empty(),
+        "the day left Redis"
+    );
+    // Sealed before it left: Redis is empty for that day, its archive answers for it.
+    let o = passerelle(
+        dir.path(),
+        &["audit", "verify", "--from", &d, "--to", &d],
+        &env,
+    )
+    .await;
+    expect(&o, 0, &["(archive:", "1 archived", "12 records: OK"]);
+}
