@@ -284,6 +284,47 @@ async fn retention_exports_then_removes_the_day_and_the_archive_verifies() {
     .await;
 }
 
+/// `GET /verify` of `day` from an audit service (1 bucket) whose archive is `dir`.
+async fn verify_over_http(redis: &Redis, dir: &Path, day: u32) -> serde_json::Value {
+    let opts = passerelle_services::AuditOptions {
+        instance: "audit-archive-test".into(),
+        grace: Duration::from_millis(200),
+        access_log: false,
+        redis: redis.clone(),
+        config: AuditConfig {
+            archive_dir: dir.display().to_string(),
+            ..config(1)
+        },
+        identity: None,
+        seed: 0,
+        spool_dir: None,
+    };
+    let (listener, addr) = passerelle_testkit::listener().await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let service = tokio::spawn(passerelle_services::run_audit(opts, listener, async {
+        let _ = stopped.await;
+    }));
+    let http = passerelle_testkit::HttpClient::new(format!("http://{addr}"));
+    let at = seal::format_day(day);
+    let path = format!("/verify?from={at}T00:00:00Z&to={at}T23:59:59Z");
+    let mut reply = None;
+    for _ in 0..500 {
+        if let Ok(r) = http
+            .try_send(http::Method::GET, &path, &[], bytes::Bytes::new())
+            .await
+        {
+            reply = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let reply = reply.expect("the audit service answers");
+    assert_eq!(reply.status, 200);
+    let _ = stop.send(());
+    service.await.unwrap().unwrap();
+    serde_json::from_slice(&reply.body).unwrap()
+}
+
 #[tokio::test]
 async fn a_rewrite_in_redis_that_fools_the_chain_is_caught_against_the_seal() {
     within(async {
@@ -337,6 +378,10 @@ async fn a_rewrite_in_redis_that_fools_the_chain_is_caught_against_the_seal() {
         assert_eq!(alone[0].finding, None, "the chain agrees with itself");
         let against = verify_days(&redis, 1, &[day], &seals).await.unwrap();
         assert_eq!(against[0].finding, Some(Finding::SealMismatch { seq: 30 }));
+        // The service's verification endpoint reads the same seals.
+        let report = verify_over_http(&redis, dir.path(), day).await;
+        assert_eq!(report["ok"], false, "{report}");
+        assert_eq!(report["findings"][0]["finding"]["kind"], "seal_mismatch", "{report}");
         // And the day cannot be archived as if nothing happened.
         let err = export_checked(&redis, 1, day, dir.path(), &seals)
             .await

@@ -622,6 +622,11 @@ async fn bad_events_are_refused_naming_the_field_and_nothing_is_stored() {
                 &["time"],
             ),
             BadPost::new(
+                "time older than the retention",
+                with(&good(13), json!({"time": format_time(now - 91 * DAY_MS)})),
+                &["time"],
+            ),
+            BadPost::new(
                 "time not RFC 3339",
                 with(&good(14), json!({"time": "29/11/2026 10:00"})),
                 &["time"],

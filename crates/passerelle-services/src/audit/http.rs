@@ -5,7 +5,7 @@
 //! | `POST /transfers` (one event, or an array of up to `audit.max_batch`) | one: `201` and the record, or `200` and the *original* when its `id` was recorded before; many: `200` `{"created", "existing", "items": [{"id", "result"}]}`. One bad event refuses the whole batch (`422`, naming it by index). Redis unreachable: `202` (`{"spooled", "items"}` for many), the batch is on this machine's disk and recorded when Redis returns ([`super::spool`]) |
 //! | `GET /transfers/{id}` | the record, `404` when none |
 //! | `GET /transfers?account=&role=&user=&status=&currency=&min_amount=&max_amount=&from=&to=&cursor=&limit=` | newest first: `{"items", "next_cursor", "truncated", "examined", "count", "plan": {"driver", "estimate"}}`, `Link: rel="next"`. `count` (on a first page, or with `count=true`; `count=false` skips it) is exact up to 10,000 (a number), else a lower bound (`"10000+"`, or `"N+"` when `max_examined` entries held only N matches) |
-//! | `GET /verify?from=&to=` (at most 31 days) | every partition of the days in range checked ([`super::verify`]): `{"ok", "partitions", "records", "findings": [...]}` |
+//! | `GET /verify?from=&to=` (at most 31 days) | every partition of the days in range checked ([`super::verify`]), against its head and the daily seals in `audit.archive_dir` ([`super::seal`]): `{"ok", "partitions", "records", "findings": [...]}` |
 //!
 //! Producers need `audit.write_scope`, auditors `audit.read_scope`, in the identity the
 //! gateway asserts ([`crate::identity`]); without an identity secret nothing is checked.
@@ -31,7 +31,7 @@ use super::ingest::{Ingest, IngestError, Recorded, bucket_of};
 use super::record::{Incoming, Status, Transfer, decode, known_currency, valid_id};
 use super::search::{Count, Cursor, Query, Role, count, search};
 use super::spool::Spool;
-use super::time::days_between;
+use super::time::{day_of, days_between};
 use crate::api::{ApiError, FieldError, json_response as json, read_json};
 use crate::identity::Assertions;
 
@@ -156,6 +156,7 @@ async fn record(State(s): State<Shared>, req: Request) -> Response {
         .into_response();
     }
     let now = now_ms();
+    let retention_ms = s.config.retention.get().as_millis() as i64;
     let mut checked = Vec::with_capacity(events.len());
     let mut errors = Vec::new();
     for (i, v) in events.into_iter().enumerate() {
@@ -173,6 +174,15 @@ async fn record(State(s): State<Shared>, req: Request) -> Response {
             ),
             Err(e) => return e.into_response(),
             Ok(incoming) => match incoming.check(now) {
+                // An event older than the retention would be archived and removed at
+                // once, and could reopen a day already archived.
+                Ok(t) if t.time < now - retention_ms => errors.push(FieldError::new(
+                    &at("time"),
+                    format!(
+                        "older than the retention ({} days): not recorded",
+                        retention_ms / 86_400_000
+                    ),
+                )),
                 Ok(t) => checked.push(t),
                 Err(es) => errors.extend(
                     es.into_iter()
@@ -636,25 +646,28 @@ async fn verify(State(s): State<Shared>, RawQuery(raw): RawQuery) -> Result<Resp
             "at most {MAX_VERIFY_DAYS} days per verification"
         )));
     }
-    let mut checked = Vec::new();
-    for day in days {
-        for bucket in 0..s.ingest.buckets() {
-            let p = Partition { day, bucket };
-            match s
-                .redis
-                .durable()
-                .audit_partition(&s.redis.keys, p, 1000)
-                .await
-            {
-                Ok((head, records)) => checked.push(super::verify::check(p, &head, records)),
-                Err(e) => return Ok(unavailable(e.into())),
-            }
+    // The daily seals kept outside Redis, for the days still in it: a day past the
+    // retention is archived and removed, and checked against its archive by
+    // `passerelle audit verify`, not here.
+    let seals = if s.config.archive_dir.is_empty() {
+        Vec::new()
+    } else {
+        let dir = std::path::PathBuf::from(&s.config.archive_dir);
+        match tokio::task::spawn_blocking(move || super::seal::read(&dir)).await {
+            Ok(Ok(seals)) => seals,
+            Ok(Err(e)) => return Err(ApiError::Internal(e.to_string())),
+            Err(e) => return Err(ApiError::Internal(e.to_string())),
         }
-    }
+    };
+    let kept_from = day_of(now - s.config.retention.get().as_millis() as i64);
+    let seals: Vec<_> = seals.into_iter().filter(|x| x.day > kept_from).collect();
+    let checked = match super::seal::verify_days(&s.redis, s.ingest.buckets(), &days, &seals).await
+    {
+        Ok(c) => c,
+        Err(e) => return Ok(unavailable(e.into())),
+    };
     let findings: Vec<&super::verify::Checked> =
         checked.iter().filter(|c| c.finding.is_some()).collect();
-    metrics::counter!("passerelle_audit_verified_partitions_total").increment(checked.len() as u64);
-    metrics::counter!("passerelle_audit_verify_findings_total").increment(findings.len() as u64);
     #[derive(Serialize)]
     struct Report<'a> {
         ok: bool,

@@ -351,9 +351,9 @@ impl Count {
 /// `cap` index entries: exact up to `cap` matches; beyond, `AtLeast(cap)`. When the cap
 /// cuts the walk before the driver is exhausted, the matches found are a lower bound.
 ///
-/// A query only the time indexes answer (no account, user or other filter) is counted
-/// exactly from its `ZCOUNT`s alone: a partition's time index is written with its records
-/// by one script, so it holds exactly the records.
+/// Every entry counted is a record read, even for a query the time indexes alone answer:
+/// an index's `ZCOUNT` would count an entry whose record is gone (a crash, a removal by
+/// hand) as one, and a count that says "exact" must be.
 pub async fn count(
     redis: &Redis,
     buckets: u16,
@@ -366,30 +366,6 @@ pub async fn count(
         limit: cap,
         ..q.clone()
     };
-    let time_only = q.account.is_none()
-        && q.user.is_none()
-        && q.status.is_none()
-        && q.currency.is_none()
-        && q.min_amount.is_none()
-        && q.max_amount.is_none();
-    if time_only {
-        let ranges: Vec<(Index, i64, i64)> = candidates(&whole, buckets)
-            .into_iter()
-            .flat_map(|(_, indexes)| indexes)
-            .map(|i| (i, whole.from_ms, whole.to_ms))
-            .collect();
-        let total: u64 = redis
-            .durable()
-            .audit_counts(&redis.keys, &ranges)
-            .await?
-            .into_iter()
-            .sum();
-        return Ok(if total > cap as u64 {
-            Count::AtLeast(cap as u64)
-        } else {
-            Count::Exact(total)
-        });
-    }
     let page = search(redis, buckets, &whole, cap).await?;
     let found = page.items.len() as u64;
     Ok(if page.next.is_none() {
