@@ -339,11 +339,17 @@ async fn run_platform(
 
     // Secrets for authentication (API key HMAC, identity assertions, the development
     // token issuer), created on first start where the configuration names none.
-    let auth_env = auth_setup::prepare(config, data_dir)?;
+    let mut child_env = auth_setup::prepare(config, data_dir)?;
+    // The instances place their own files (the audit spool) under the data directory: the
+    // one this process uses, which `--data-dir` may have set for this process only.
+    child_env.push((
+        "PASSERELLE_UP__DATA_DIR".into(),
+        toml::Value::String(data_dir.display().to_string()).to_string(),
+    ));
 
     // 2. Databases, then 3. instances.
     start_services(
-        config, opts, data_dir, state, &auth_env, services.0, services.1,
+        config, opts, data_dir, state, &child_env, services.0, services.1,
     )
     .await?;
 
