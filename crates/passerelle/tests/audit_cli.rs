@@ -56,6 +56,24 @@ fn expect(o: &Output, code: i32, needles: &[&str]) {
     }
 }
 
+/// The command's environment: `server`'s Redis under `prefix`, `BUCKETS` buckets, the
+/// archive in `archive`.
+fn cli_env(server: &TestRedis, prefix: &str, archive: &Path) -> Vec<(String, String)> {
+    let mut env = server.env();
+    env.extend([
+        (
+            "PASSERELLE_REDIS__KEY_PREFIX".to_string(),
+            prefix.to_string(),
+        ),
+        ("PASSERELLE_AUDIT__BUCKETS".into(), BUCKETS.into()),
+        (
+            "PASSERELLE_AUDIT__ARCHIVE_DIR".into(),
+            archive.display().to_string(),
+        ),
+    ]);
+    env
+}
+
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -95,18 +113,7 @@ async fn verify_exits_zero_when_clean_and_three_when_a_record_was_altered() {
 
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("archive");
-    let mut env = server.env();
-    env.extend([
-        (
-            "PASSERELLE_REDIS__KEY_PREFIX".to_string(),
-            PREFIX.to_string(),
-        ),
-        ("PASSERELLE_AUDIT__BUCKETS".into(), BUCKETS.into()),
-        (
-            "PASSERELLE_AUDIT__ARCHIVE_DIR".into(),
-            archive.display().to_string(),
-        ),
-    ]);
+    let env = cli_env(&server, PREFIX, &archive);
     let d = format_day(day);
     let range = ["--from", d.as_str(), "--to", d.as_str()];
     let verify: Vec<&str> = ["audit", "verify"].iter().chain(&range).copied().collect();
@@ -274,18 +281,7 @@ async fn retention_then_verify_checks_the_removed_day_in_its_archive() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("archive");
-    let mut env = server.env();
-    env.extend([
-        (
-            "PASSERELLE_REDIS__KEY_PREFIX".to_string(),
-            prefix.to_string(),
-        ),
-        ("PASSERELLE_AUDIT__BUCKETS".into(), BUCKETS.into()),
-        (
-            "PASSERELLE_AUDIT__ARCHIVE_DIR".into(),
-            archive.display().to_string(),
-        ),
-    ]);
+    let env = cli_env(&server, prefix, &archive);
     let d = format_day(old);
     let o = passerelle(dir.path(), &["audit", "retention", "--dry-run"], &env).await;
     expect(&o, 0, &[&format!("removed from Redis would be: {d}")]);

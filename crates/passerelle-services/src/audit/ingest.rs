@@ -47,9 +47,14 @@ pub enum IngestError {
 /// The partition of an event: its UTC day, and its id's bucket (FNV-1a, stable across
 /// processes and versions: it is how an id is found again).
 pub fn partition_of(t: &Transfer, buckets: u16) -> Partition {
+    partition_at(&t.id, t.time, buckets)
+}
+
+/// The partition of the event `id` at `time_ms`: where an index entry's record is.
+pub fn partition_at(id: &str, time_ms: i64, buckets: u16) -> Partition {
     Partition {
-        day: day_of(t.time),
-        bucket: bucket_of(&t.id, buckets),
+        day: day_of(time_ms),
+        bucket: bucket_of(id, buckets),
     }
 }
 

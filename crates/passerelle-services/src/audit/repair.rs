@@ -28,10 +28,10 @@ use passerelle_redis::audit::{AccountRole, Index, IndexEntry, Partition};
 use passerelle_redis::{Redis, RedisError};
 use serde::Serialize;
 
-use super::ingest::bucket_of;
+use super::ingest::partition_at;
 use super::record::{Stored, decode};
 use super::seal::{PAGE, now_ms};
-use super::time::{day_of, day_start_ms, days_between, month_end_secs, month_of, months_between};
+use super::time::{day_start_ms, days_between, month_end_secs, month_of, months_between};
 
 /// Records whose index entries are asked for in one batch (three `ZSCORE` each).
 const RECORDS_PER_BATCH: usize = 300;
@@ -189,10 +189,7 @@ async fn drop_dangling(
 ) -> Result<(), RedisError> {
     let (client, keys) = (redis.durable(), &redis.keys);
     let months = months_between(from_ms, to_ms);
-    let locate = |id: &str, time: i64| Partition {
-        day: day_of(time),
-        bucket: bucket_of(id, buckets),
-    };
+    let locate = |id: &str, time: i64| partition_at(id, time, buckets);
     let mut scan = client.audit_index_scan(keys).await?;
     while let Some(found) = client.audit_index_scan_next(keys, &mut scan).await? {
         for index in found {
@@ -260,15 +257,7 @@ async fn put_back(
     let (client, keys) = (redis.durable(), &redis.keys);
     let refs: Vec<(Partition, &str)> = removed
         .iter()
-        .map(|(id, t)| {
-            (
-                Partition {
-                    day: day_of(*t),
-                    bucket: bucket_of(id, buckets),
-                },
-                id.as_str(),
-            )
-        })
+        .map(|(id, t)| (partition_at(id, *t, buckets), id.as_str()))
         .collect();
     let stored = client.audit_records(keys, &refs).await?;
     let back: Vec<IndexEntry<'_>> = removed

@@ -21,9 +21,9 @@ use std::collections::VecDeque;
 use passerelle_redis::RedisError;
 use passerelle_redis::audit::{AccountRole, Entry, Index, Partition};
 
-use super::ingest::bucket_of;
+use super::ingest::partition_at;
 use super::record::{Status, Transfer, decode};
-use super::time::{day_of, days_between, months_between};
+use super::time::{days_between, months_between};
 use passerelle_redis::Redis;
 
 /// Entries read from one index per round trip, and records per batch.
@@ -287,15 +287,7 @@ pub async fn search(
         // Read the chunk's records in one batch, filter in order.
         let wanted: Vec<(Partition, &str)> = chunk
             .iter()
-            .map(|(id, t)| {
-                (
-                    Partition {
-                        day: day_of(*t),
-                        bucket: bucket_of(id, buckets),
-                    },
-                    id.as_str(),
-                )
-            })
+            .map(|(id, t)| (partition_at(id, *t, buckets), id.as_str()))
             .collect();
         let records = r.audit_records(keys, &wanted).await?;
         for (n, ((id, t), raw)) in chunk.iter().zip(records).enumerate() {
