@@ -106,7 +106,8 @@ impl Index {
 }
 
 /// An entry of a cross-slot index, written beside the appends; its key expires at
-/// `expire_at` (Unix seconds) unless a later entry pushed that further.
+/// `expire_at` (Unix seconds), the same for every entry of the key's month (the last
+/// append sets it).
 #[derive(Debug, Clone)]
 pub struct IndexEntry<'a> {
     pub index: Index,
@@ -181,13 +182,11 @@ impl RedisClient {
                 zadd.arg(score).arg(id);
             }
             b.cmd_ignored(&key, zadd);
+            // An index key holds one month: every writer gives it the same expiry (the
+            // month's end plus the retention), so a plain EXPIREAT is idempotent.
             let mut expire = redis::cmd("EXPIREAT");
-            expire.arg(&key).arg(expire_at).arg("GT");
-            b.cmd_ignored(&key, expire.clone());
-            // GT leaves a key without a TTL alone: NX gives a new key its first one.
-            let mut first = redis::cmd("EXPIREAT");
-            first.arg(&key).arg(expire_at).arg("NX");
-            b.cmd_ignored(&key, first);
+            expire.arg(&key).arg(expire_at);
+            b.cmd_ignored(&key, expire);
         }
         b.send(&self.conn())
             .await?
