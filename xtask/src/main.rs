@@ -5,6 +5,7 @@
 //! Debian packages are installed with `apt-get` (through `sudo` when not root).
 
 mod bench;
+mod bench_audit;
 mod bench_auth;
 mod bench_cache;
 mod bench_prefs;
@@ -29,8 +30,8 @@ tasks:
                  and `sentinel` with PASSERELLE_TEST_TOPOLOGY (see .config/nextest.toml)
   install        build passerelle in release mode and install it into ~/.cargo/bin
                  (cargo install --path crates/passerelle), so `passerelle` is on PATH
-  bench [rate-limit | cache | auth | redis | preferences]
-        [--duration SECS] [--connections N] [--threads N]
+  bench [rate-limit | cache | auth | redis | preferences | audit]
+        [--duration SECS] [--connections N] [--threads N] [--records N (audit)]
                  install wrk, nginx and redis-server if missing, start the platform, and
                  print a table: the gateway against nginx (default), the cost of rate
                  limiting (rate-limit), the response cache on a skewed workload (cache),
@@ -38,7 +39,11 @@ tasks:
                  bound on three gateways (auth), or rate limits and L2 cache hits on one
                  Redis, a Redis Cluster and Sentinel, and the stall of a failover (redis),
                  or the preferences service's GET (cached, uncached, direct) and PATCH
-                 (gateway, direct) and its memory per user in the durable Redis (preferences)
+                 (gateway, direct) and its memory per user in the durable Redis (preferences),
+                 or the audit trail: a month of transfers (--records, default 1,000,000)
+                 loaded through the service's library with its memory per record, account
+                 and broad searches (in-process and HTTP), HTTP ingest (batched and single,
+                 AOF everysec and always, 1 and 3 instances) and chain contention (audit)
   deps           install the Debian packages the tests need (redis-server, redis-tools)
   help           this text (also -h, --help)
 ";
@@ -247,16 +252,21 @@ fn up(args: &[String]) -> Result {
     Err(format!("cannot run {}: {e}", bin.display()))
 }
 
-/// `cargo xtask bench [rate-limit | cache | auth | redis | preferences] [OPTIONS]`: the
+/// `cargo xtask bench [rate-limit | cache | auth | redis | preferences | audit] [OPTIONS]`: the
 /// suite's table, measured on the release binary, in a scratch directory removed afterwards.
 fn bench(args: &[String]) -> Result {
     type Suite = fn(&bench::Options, &std::path::Path, &std::path::Path) -> Result;
+    let audit_args;
     let (suite, args): (Suite, &[String]) = match args.split_first() {
         Some((s, rest)) if s == "rate-limit" => (bench::bench_rate_limit, rest),
         Some((s, rest)) if s == "cache" => (bench_cache::run, rest),
         Some((s, rest)) if s == "auth" => (bench_auth::run, rest),
         Some((s, rest)) if s == "redis" => (bench_redis::run, rest),
         Some((s, rest)) if s == "preferences" => (bench_prefs::run, rest),
+        Some((s, rest)) if s == "audit" => {
+            audit_args = bench_audit::take_options(rest)?;
+            (bench_audit::run, &audit_args)
+        }
         _ => (bench::bench, args),
     };
     let o = bench::parse_args(args)?;
