@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `POST /transfers` (one event, or an array of up to `audit.max_batch`) | one: `201` and the record, or `200` and the *original* when its `id` was recorded before; many: `200` `{"created", "existing", "items": [{"id", "result"}]}`. One bad event refuses the whole batch (`422`, naming it by index). Redis unreachable: `202` (`{"spooled", "items"}` for many), the batch is on this machine's disk and recorded when Redis returns ([`super::spool`]) |
 //! | `GET /transfers/{id}` | the record, `404` when none |
-//! | `GET /transfers?account=&role=&user=&status=&currency=&min_amount=&max_amount=&from=&to=&cursor=&limit=` | newest first: `{"items", "next_cursor", "truncated", "examined", "count", "plan": {"driver", "estimate"}}`, `Link: rel="next"`. `count` (on a first page, or with `count=true`; `count=false` skips it) is exact up to 10,000 (a number), else a lower bound (`"10000+"`, or `"N+"` when `max_examined` entries held only N matches) |
+//! | `GET /transfers?account=&role=&user=&status=&currency=&min_amount=&max_amount=&from=&to=&cursor=&limit=` | newest first: `{"items", "next_cursor", "truncated", "examined", "count", "plan": {"driver", "estimate"}}`, `Link: rel="next"`. `count` (with `count=true`; unasked, on a first page whose driving index holds at most 1,000 entries in range) is exact up to 10,000 (a number), else a lower bound (`"10000+"`, or `"N+"` when `max_examined` entries held only N matches) |
 //! | `GET /verify?from=&to=` (at most 31 days) | every partition of the days in range checked ([`super::verify`]), against its head and the daily seals in `audit.archive_dir` ([`super::seal`]): `{"ok", "partitions", "records", "findings": [...]}` |
 //!
 //! Producers need `audit.write_scope`, auditors `audit.read_scope`, in the identity the
@@ -540,16 +540,19 @@ async fn find(State(s): State<Shared>, RawQuery(raw): RawQuery) -> Result<Respon
         q.after = Some(decode_cursor(&q, &range, raw)?);
     }
     // Counted on a first page unless declined, on later pages when asked.
-    let counted = match p.count.as_deref() {
-        None => q.after.is_none(),
-        Some("true") => true,
-        Some("false") => false,
+    let asked = match p.count.as_deref() {
+        None => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
         Some(_) => return Err(bad_query("count is true or false")),
     };
     let page = match search(&s.redis, s.ingest.buckets(), &q, s.config.max_examined).await {
         Ok(p) => p,
         Err(e) => return Ok(unavailable(e.into())),
     };
+    // Unasked, a first page is counted when that is cheap: its driver holds few entries
+    // (a broad search's count reads up to 10,000 records, ten times its page: asked for).
+    let counted = asked.unwrap_or(q.after.is_none() && page.plan.estimate <= CHEAP_COUNT as u64);
     let total = if !counted {
         None
     } else if q.after.is_none() && page.next.is_none() {
@@ -615,6 +618,9 @@ async fn find(State(s): State<Shared>, RawQuery(raw): RawQuery) -> Result<Respon
     }
     Ok(res)
 }
+
+/// Index entries a first page's count may read without being asked.
+const CHEAP_COUNT: usize = 1_000;
 
 /// Matches a count finds exactly at most; beyond, it says `"10000+"`.
 const COUNT_CAP: usize = 10_000;
