@@ -351,6 +351,21 @@ fn script_calls(server: &RedisServer) -> u64 {
         .unwrap_or(0)
 }
 
+/// Mean time Redis spent in one call of the append script, µs: how long one partition's
+/// append holds the server.
+fn script_usec_per_call(server: &RedisServer) -> f64 {
+    let text = server.cli(&["INFO", "commandstats"]);
+    text.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:"))
+        .and_then(|v| {
+            v.split(',')
+                .find_map(|f| f.strip_prefix("usec_per_call="))?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
 fn forks(server: &RedisServer) -> u64 {
     info(server, "stats", "total_forks")
 }
@@ -546,10 +561,12 @@ fn thousands(n: f64) -> String {
 fn print_table(rows: &[Row], o: &Options, n: u64, took: Duration) {
     println!();
     println!(
-        "Audit trail of transfers: {} events over {DAYS} days, {ACCOUNTS} accounts, {USERS} users; \
+        "Audit trail of transfers: {} events over {DAYS} days, {} accounts, {} users; \
          Redis as `up`'s durable role (noeviction, AOF everysec + RDB preamble, save points); \
          HTTP rows {}s each; whole run {:.0}s",
         thousands(n as f64),
+        thousands(f64::from(ACCOUNTS)),
+        thousands(f64::from(USERS)),
         o.duration,
         took.as_secs_f64()
     );
@@ -690,13 +707,14 @@ async fn used_memory(redis: &Redis) -> Result<u64> {
 fn load_row(
     what: String,
     l: &Loaded,
-    scripts: u64,
+    scripts: (u64, f64),
     bench_ticks: u64,
     redis_ticks: u64,
     forks: u64,
 ) -> Row {
     let rate = l.events as f64 / l.elapsed.as_secs_f64().max(1e-9);
     let per_event = |ticks: u64| ticks as f64 / ticks_per_second() * 1e6 / l.events.max(1) as f64;
+    let (scripts, script_us) = scripts;
     let retries = scripts.saturating_sub(l.first_appends);
     Row::new(
         "1",
@@ -710,7 +728,8 @@ fn load_row(
     )
     .details(format!(
         "compare-and-set retries {} on {} partition appends ({:.0}%), batches refused as contended {}; \
-         CPU µs/event: bench (library) {:.1}, redis-server {:.1}; forks {forks}",
+         CPU µs/event: bench (library) {:.1}, redis-server {:.1}; append script {script_us:.0} µs/call in Redis; \
+         forks {forks}",
         thousands(retries as f64),
         thousands(l.first_appends as f64),
         retries as f64 * 100.0 / l.first_appends.max(1) as f64,
@@ -732,7 +751,7 @@ struct Usage {
 }
 
 /// `MEMORY USAGE` (every element counted) of every key in `keys`, and a typical key's
-/// figures: the one at the median of `MEMORY USAGE`, or `typical` when given.
+/// figures: `typical` when given and present, else the one at the median of `MEMORY USAGE`.
 fn usage_of(
     server: &RedisServer,
     keys: &[String],
@@ -760,9 +779,10 @@ fn usage_of(
         sum as f64 * scale_to as f64 / present.len() as f64
     };
     present.sort();
+    // The key asked for when it holds something, else the one at the median.
     let key = match typical {
-        Some(k) => k.to_string(),
-        None => present
+        Some(k) if present.iter().any(|(_, p)| p.as_str() == k) => k.to_string(),
+        _ => present
             .get(present.len() / 2)
             .map(|(_, k)| (*k).clone())
             .unwrap_or_default(),
@@ -1322,18 +1342,19 @@ impl HttpIngest<'_> {
         Ok(Row::new(
             "4",
             format!(
-                "HTTP ingest, {kind}, {n_instances} instance{}, AOF {fsync}",
-                if n_instances > 1 { "s" } else { "" }
+                "HTTP ingest, {kind}, {n_instances} instance{} × {connections} connection{}, AOF {fsync}",
+                if n_instances > 1 { "s" } else { "" },
+                if connections > 1 { "s" } else { "" }
             ),
             format!("{} events/s", thousands(rate)),
         )
         .target(target)
         .details(format!(
-            "{:.0} req/s, {} connections × {n_instances}, errors (non-2xx, socket) {}; \
-             script calls/request {:.1}; CPU µs/event: service {:.1}, redis-server {:.1}; forks {forked}",
+            "{:.0} req/s, errors (non-2xx, socket) {} of {}; script calls/request {:.1}; \
+             CPU µs/event: service {:.1}, redis-server {:.1}; forks {forked}",
             w.rps,
-            connections,
             w.errors,
+            w.requests,
             scripts as f64 / w.requests.max(1) as f64,
             per_event(svc),
             per_event(redis_cpu)
@@ -1490,7 +1511,7 @@ pub(crate) fn run(o: &Options, bin: &Path, dir: &Path) -> Result {
                 "load: Ingest::record in-process, {BATCH}/batch, {IN_FLIGHT} batches in flight, AOF everysec"
             ),
             &loaded,
-            scripts,
+            (scripts, script_usec_per_call(&server)),
             bench_ticks,
             redis_ticks,
             forked,
@@ -1510,6 +1531,8 @@ pub(crate) fn run(o: &Options, bin: &Path, dir: &Path) -> Result {
         after,
     )?;
     drop(loaded);
+    // The variants, measured later, are shown beside these rows.
+    let mut variants_at = rows.len();
 
     eprintln!("2, 3. searching...");
     let instance = start_instances(bin, &config_path, 1)?;
@@ -1648,7 +1671,7 @@ pub(crate) fn run(o: &Options, bin: &Path, dir: &Path) -> Result {
         start_ms: now - 3 * DAY_MS,
         span_ms: 3 * DAY_MS - 60_000,
     };
-    let variants: [Variant; 3] = [
+    let variants: [Variant; 4] = [
         ("as deployed: 16 buckets, Redis defaults", 16, &[]),
         (
             "16 buckets, hash-max-listpack-value 256, hash-max-listpack-entries 4096",
@@ -1656,6 +1679,15 @@ pub(crate) fn run(o: &Options, bin: &Path, dir: &Path) -> Result {
             &[
                 ("hash-max-listpack-value", "256"),
                 ("hash-max-listpack-entries", "4096"),
+            ],
+        ),
+        (
+            "16 buckets, hash-max-listpack-value 256, hash- and zset-max-listpack-entries 4096",
+            16,
+            &[
+                ("hash-max-listpack-value", "256"),
+                ("hash-max-listpack-entries", "4096"),
+                ("zset-max-listpack-entries", "4096"),
             ],
         ),
         (
@@ -1712,7 +1744,8 @@ pub(crate) fn run(o: &Options, bin: &Path, dir: &Path) -> Result {
         )?;
         let h = usage_of(&server, &heads, heads.len(), "STRLEN", None)?;
         let per = |b: f64| b / l.events.max(1) as f64;
-        rows.push(
+        rows.insert(
+            variants_at,
             Row::new(
                 "1",
                 format!("variant, 3 days at the same daily density: {name}"),
@@ -1724,7 +1757,7 @@ pub(crate) fn run(o: &Options, bin: &Path, dir: &Path) -> Result {
             .latency(&s.latency)
             .details(format!(
                 "partition keys {:.0} B/record (records {:.0}: {}, {} entries; time index {:.0}: {}); \
-                 load {} events/s; p50/p99: broad one-day first page ({})",
+                 load {} events/s, append script {:.0} µs/call in Redis; p50/p99: broad one-day first page ({})",
                 per(r.bytes + t.bytes + h.bytes),
                 per(r.bytes),
                 r.typical.2,
@@ -1732,10 +1765,12 @@ pub(crate) fn run(o: &Options, bin: &Path, dir: &Path) -> Result {
                 per(t.bytes),
                 t.typical.2,
                 thousands(l.events as f64 / l.elapsed.as_secs_f64().max(1e-9)),
+                script_usec_per_call(&server),
                 s.summary()
             ))
             .announce(),
         );
+        variants_at += 1;
         drop(redis);
         drop(server);
     }
