@@ -607,7 +607,10 @@ struct Loaded {
     /// Σ over `record` calls of the distinct partitions of the batch: the script calls a
     /// load without any compare-and-set retry makes.
     first_appends: u64,
+    /// Batches sent again: refused as contended, or failed on a Redis error (a command
+    /// past `redis.command_timeout` while the server was busy).
     contended: u64,
+    failed: u64,
     keys: IndexKeys,
 }
 
@@ -621,7 +624,7 @@ async fn load(redis: &Redis, month: Month, buckets: u16, retention_days: u32) ->
     for _ in 0..IN_FLIGHT {
         let (ingest, next, keys) = (ingest.clone(), next.clone(), keys.clone());
         tasks.spawn(async move {
-            let (mut events, mut first, mut contended) = (0u64, 0u64, 0u64);
+            let (mut events, mut first, mut contended, mut failed) = (0u64, 0u64, 0u64, 0u64);
             let mut mine = IndexKeys::default();
             loop {
                 let b = next.fetch_add(1, Ordering::Relaxed);
@@ -637,18 +640,18 @@ async fn load(redis: &Redis, month: Month, buckets: u16, retention_days: u32) ->
                 let batch: Vec<Transfer> = drawn.into_iter().map(|(t, _)| t).collect();
                 let partitions: BTreeSet<Partition> =
                     batch.iter().map(|t| partition_of(t, buckets)).collect();
-                // A batch refused for contention is sent again: ids make that safe.
+                // A batch refused, or whose answer was lost, is sent again: ids make that
+                // safe (what was stored is answered as existing).
                 let mut tries = 0;
                 loop {
                     first += partitions.len() as u64;
                     match ingest.record(batch.clone()).await {
                         Ok(_) => break,
-                        Err(IngestError::Contended) if tries < 10 => {
-                            contended += 1;
-                            tries += 1;
-                        }
+                        Err(IngestError::Contended) if tries < 10 => contended += 1,
+                        Err(IngestError::Redis(_)) if tries < 10 => failed += 1,
                         Err(e) => return Err(format!("recording batch {b}: {e}")),
                     }
+                    tries += 1;
                 }
                 events += batch.len() as u64;
             }
@@ -656,16 +659,17 @@ async fn load(redis: &Redis, month: Month, buckets: u16, retention_days: u32) ->
                 k.accounts.extend(mine.accounts);
                 k.users.extend(mine.users);
             }
-            Ok::<_, String>((events, first, contended))
+            Ok::<_, String>([events, first, contended, failed])
         });
     }
-    let (mut events, mut first_appends, mut contended) = (0, 0, 0);
+    let mut sums = [0u64; 4];
     while let Some(done) = tasks.join_next().await {
-        let (e, f, c) = done.map_err(|e| format!("a loader failed: {e}"))??;
-        events += e;
-        first_appends += f;
-        contended += c;
+        let counts = done.map_err(|e| format!("a loader failed: {e}"))??;
+        for (sum, c) in sums.iter_mut().zip(counts) {
+            *sum += c;
+        }
     }
+    let [events, first_appends, contended, failed] = sums;
     let elapsed = t0.elapsed();
     let keys = Arc::try_unwrap(keys)
         .ok()
@@ -676,6 +680,7 @@ async fn load(redis: &Redis, month: Month, buckets: u16, retention_days: u32) ->
         elapsed,
         first_appends,
         contended,
+        failed,
         keys,
     })
 }
@@ -730,13 +735,15 @@ fn load_row(
         ),
     )
     .details(format!(
-        "compare-and-set retries {} on {} partition appends ({:.0}%), batches refused as contended {}; \
+        "compare-and-set retries {} on {} partition appends ({:.0}%), batches sent again: refused as contended {}, \
+         after a Redis error (timeout) {}; \
          CPU µs/event: bench (library) {:.1}, redis-server {:.1}; append script {script_us:.0} µs/call in Redis; \
          forks {forks}",
         thousands(retries as f64),
         thousands(l.first_appends as f64),
         retries as f64 * 100.0 / l.first_appends.max(1) as f64,
         l.contended,
+        l.failed,
         per_event(bench_ticks),
         per_event(redis_ticks),
     ))
@@ -1414,7 +1421,7 @@ async fn contend(
                 let n = batch.len() as u64;
                 match ingest.record(batch).await {
                     Ok(_) => events += n,
-                    Err(IngestError::Contended) => refused += 1,
+                    Err(IngestError::Contended | IngestError::Redis(_)) => refused += 1,
                     Err(e) => return Err(format!("writer {k}: {e}")),
                 }
             }
@@ -1760,7 +1767,8 @@ pub(crate) fn run(o: &Options, bin: &Path, dir: &Path) -> Result {
             .latency(&s.latency)
             .details(format!(
                 "partition keys {:.0} B/record (records {:.0}: {}, {} entries; time index {:.0}: {}); \
-                 load {} events/s, append script {:.0} µs/call in Redis; p50/p99: broad one-day first page ({})",
+                 load {} events/s, append script {:.0} µs/call in Redis, batches sent again after a Redis error \
+                 (timeout) {}; p50/p99: broad one-day first page ({})",
                 per(r.bytes + t.bytes + h.bytes),
                 per(r.bytes),
                 r.typical.2,
@@ -1769,6 +1777,7 @@ pub(crate) fn run(o: &Options, bin: &Path, dir: &Path) -> Result {
                 t.typical.2,
                 thousands(l.events as f64 / l.elapsed.as_secs_f64().max(1e-9)),
                 script_usec_per_call(&server),
+                l.failed,
                 s.summary()
             ))
             .announce(),
@@ -1842,7 +1851,7 @@ pub(crate) fn run(o: &Options, bin: &Path, dir: &Path) -> Result {
                 format!("{} events/s", thousands(events as f64 / secs.max(1e-9))),
             )
             .details(format!(
-                "compare-and-set retries {} on {} partition appends ({:.0}%); batches refused as contended {refused}",
+                "compare-and-set retries {} on {} partition appends ({:.0}%); batches refused (contended, or a Redis error) {refused}",
                 thousands(retries as f64),
                 thousands(first as f64),
                 retries as f64 * 100.0 / first.max(1) as f64
