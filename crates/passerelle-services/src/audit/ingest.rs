@@ -158,9 +158,18 @@ impl Ingest {
             }
         }
         let mut stored_before: HashSet<usize> = HashSet::new();
-        for _ in 0..ATTEMPTS {
+        for attempt in 0..ATTEMPTS {
             if pending.is_empty() {
                 break;
+            }
+            if attempt > 1 {
+                // Writers of other instances that keep colliding on the same heads spread
+                // out (random, growing): each retry is a round trip and a batch resent.
+                let ceiling = 1 + (attempt as u64).min(8);
+                tokio::time::sleep(std::time::Duration::from_micros(
+                    fastrand::u64(0..ceiling * 500),
+                ))
+                .await;
             }
             // Chain each pending partition's records on the head last seen.
             let mut built: Vec<Chained> = Vec::new();

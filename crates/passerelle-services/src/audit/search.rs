@@ -4,8 +4,9 @@
 //!
 //! 1. **Plan.** Each index family that can answer the query is a candidate: the account's
 //!    month indexes (in the asked role, or both), the user's month indexes, the time
-//!    indexes of every partition in the range. One batch of `ZCOUNT`s over the range
-//!    sizes them all; the smallest drives.
+//!    indexes of every partition in the range. A batch of `ZCOUNT`s over the range sizes
+//!    them; the smallest drives. The time family (a key per partition) is sized only when
+//!    no account or user family holds [`SMALL_DRIVER`] entries or fewer.
 //! 2. **Walk.** The driver's sorted sets are merged newest first (time, then id, both
 //!    descending), a chunk at a time; the records of each chunk are read in one batch and
 //!    filtered by every other criterion.
@@ -152,6 +153,40 @@ pub fn candidates(q: &Query, buckets: u16) -> Vec<(Driver, Vec<Index>)> {
     out
 }
 
+/// A driver with at most this many entries in range is walked without sizing the time
+/// indexes: a few chunks of it cost less than a `ZCOUNT` per partition of the range.
+pub const SMALL_DRIVER: u64 = 512;
+
+/// The plans of `candidates`, sized in one batch of `ZCOUNT`s, smallest first.
+async fn size(
+    redis: &Redis,
+    q: &Query,
+    candidates: Vec<(Driver, Vec<Index>)>,
+) -> Result<Vec<Plan>, RedisError> {
+    if candidates.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ranges: Vec<(Index, i64, i64)> = candidates
+        .iter()
+        .flat_map(|(_, indexes)| indexes.iter().map(|i| (i.clone(), q.from_ms, q.start())))
+        .collect();
+    let counts = redis.durable().audit_counts(&redis.keys, &ranges).await?;
+    let mut sizes = counts.into_iter();
+    let mut plans: Vec<Plan> = candidates
+        .into_iter()
+        .map(|(driver, indexes)| {
+            let estimate = sizes.by_ref().take(indexes.len()).sum();
+            Plan {
+                driver,
+                indexes,
+                estimate,
+            }
+        })
+        .collect();
+    plans.sort_by_key(|p| p.estimate);
+    Ok(plans)
+}
+
 /// One page of results.
 #[derive(Debug, Clone)]
 pub struct Page {
@@ -182,27 +217,22 @@ pub async fn search(
 ) -> Result<Page, RedisError> {
     let r = redis.durable();
     let keys = &redis.keys;
-    // 1. Plan: size every candidate over the range in one batch; the smallest drives.
-    let candidates = candidates(q, buckets);
-    let ranges: Vec<(Index, i64, i64)> = candidates
-        .iter()
-        .flat_map(|(_, indexes)| indexes.iter().map(|i| (i.clone(), q.from_ms, q.start())))
-        .collect();
-    let counts = r.audit_counts(keys, &ranges).await?;
-    let mut sizes = counts.into_iter();
-    let mut plans: Vec<Plan> = candidates
+    // 1. Plan: size the candidates over the range; the smallest drives. The account and
+    //    user families are a few keys, the time family one per partition of the range (480
+    //    for a month): it is sized only when neither of the others is small enough.
+    let (narrow, wide): (Vec<_>, Vec<_>) = candidates(q, buckets)
         .into_iter()
-        .map(|(driver, indexes)| {
-            let estimate = sizes.by_ref().take(indexes.len()).sum();
-            Plan {
-                driver,
-                indexes,
-                estimate,
-            }
-        })
-        .collect();
-    plans.sort_by_key(|p| p.estimate);
-    let plan = plans.swap_remove(0);
+        .partition(|(driver, _)| *driver != Driver::Time);
+    let mut plans = size(redis, q, narrow).await?;
+    if plans.first().is_none_or(|p| p.estimate > SMALL_DRIVER) {
+        plans.extend(size(redis, q, wide).await?);
+        plans.sort_by_key(|p| p.estimate);
+    }
+    let Some(plan) = plans.into_iter().next() else {
+        return Err(RedisError::Protocol(
+            "no index can answer the search".into(),
+        ));
+    };
     metrics::counter!("passerelle_audit_searches_total", "driver" => plan.driver.as_str())
         .increment(1);
     // The size of the index that drives: how selective searches are.
