@@ -21,8 +21,8 @@
 //!    limits, more buckets), shows what those settings would change, including the broad
 //!    query a change of buckets makes dearer.
 //! 2. **Selective search**: one account (either role) over the month, first page, over
-//!    many random accounts: [`search`] in-process (and the same accounts over one day,
-//!    which shows what sizing the month's time partitions costs the plan), then HTTP one
+//!    many random accounts: [`search`] in-process (and the same accounts over one day:
+//!    what the month's range costs), then HTTP one
 //!    request at a time to a `passerelle service audit` (release binary, no identity
 //!    secret: no scope check) as clients call it, then wrk over such requests for
 //!    throughput.
@@ -59,7 +59,7 @@ use passerelle_redis::Redis;
 use passerelle_redis::audit::{Index, Partition};
 use passerelle_services::audit::ingest::{Ingest, IngestError, bucket_of, partition_of};
 use passerelle_services::audit::record::{GENESIS, Status, Transfer, format_time};
-use passerelle_services::audit::search::{Query, Role, candidates, search};
+use passerelle_services::audit::search::{Query, Role, search};
 use passerelle_services::audit::time::{day_start_ms, days_between, month_of};
 use passerelle_testkit::{HttpClient, RedisOptions, RedisServer};
 
@@ -345,13 +345,19 @@ fn info(server: &RedisServer, section: &str, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Calls of the append script so far (`EVALSHA`: scripts go by SHA).
-fn script_calls(server: &RedisServer) -> u64 {
+/// Calls of `command` (lower case) so far, from `INFO commandstats`.
+fn command_calls(server: &RedisServer, command: &str) -> u64 {
     let text = server.cli(&["INFO", "commandstats"]);
+    let prefix = format!("cmdstat_{command}:calls=");
     text.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
         .and_then(|v| v.split(',').next()?.parse().ok())
         .unwrap_or(0)
+}
+
+/// Calls of the append script so far (`EVALSHA`: scripts go by SHA).
+fn script_calls(server: &RedisServer) -> u64 {
+    command_calls(server, "evalsha")
 }
 
 /// Mean time Redis spent in one call of the append script, µs: how long one partition's
@@ -1059,8 +1065,8 @@ struct Searched {
     drivers: BTreeSet<String>,
     /// Distinct `count`s answered (HTTP).
     counts: BTreeSet<String>,
-    /// `ZCOUNT`s the plan sizes its candidates with (every index of every candidate).
-    sized: usize,
+    /// `ZCOUNT`s Redis ran meanwhile: the planner sizing its candidates.
+    sized: u64,
 }
 
 impl Searched {
@@ -1076,30 +1082,28 @@ impl Searched {
         };
         format!(
             "{} searches; items/page {:.1}; examined mean {:.0}, max {}; truncated {}; driver {}; \
-             plan sized by {} ZCOUNTs{counts}",
+             ZCOUNTs/search {:.1} (the plan's sizing){counts}",
             self.latency.0.len(),
             self.items as f64 / n as f64,
             self.examined as f64 / n as f64,
             self.examined_max,
             self.truncated,
             self.drivers.iter().cloned().collect::<Vec<_>>().join("+"),
-            self.sized / n,
+            self.sized as f64 / n as f64,
         )
     }
 }
 
 async fn search_in_process(
+    server: &RedisServer,
     redis: &Redis,
     buckets: u16,
     max_examined: usize,
     queries: &[Query],
 ) -> Result<Searched> {
     let mut s = Searched::default();
+    let zcounts = command_calls(server, "zcount");
     for q in queries {
-        s.sized += candidates(q, buckets)
-            .iter()
-            .map(|(_, i)| i.len())
-            .sum::<usize>();
         let t0 = Instant::now();
         let page = search(redis, buckets, q, max_examined)
             .await
@@ -1111,23 +1115,21 @@ async fn search_in_process(
         s.truncated += usize::from(page.truncated);
         s.drivers.insert(page.plan.driver.as_str().to_string());
     }
+    s.sized = command_calls(server, "zcount").saturating_sub(zcounts);
     Ok(s)
 }
 
 /// One request at a time (keep-alive), timed until the whole body is in.
 async fn search_http(
+    server: &RedisServer,
     addr: &str,
-    buckets: u16,
     queries: &[Query],
     count: Option<bool>,
 ) -> Result<Searched> {
     let client = HttpClient::new(format!("http://{addr}"));
     let mut s = Searched::default();
+    let zcounts = command_calls(server, "zcount");
     for q in queries {
-        s.sized += candidates(q, buckets)
-            .iter()
-            .map(|(_, i)| i.len())
-            .sum::<usize>();
         let path = query_path(q, count);
         let t0 = Instant::now();
         let reply = client
@@ -1155,6 +1157,7 @@ async fn search_http(
             s.counts.insert(c.to_string());
         }
     }
+    s.sized = command_calls(server, "zcount").saturating_sub(zcounts);
     Ok(s)
 }
 
@@ -1585,12 +1588,12 @@ pub(crate) fn run(o: &Options, bin: &Path, dir: &Path) -> Result {
     };
     let searched = runtime.block_on(async {
         // Warm both paths (connections, the script cache) before timing.
-        search_in_process(&redis, buckets, max_examined, &sel[..20]).await?;
-        search_http(&addr, buckets, &sel[..20], None).await?;
+        search_in_process(&server, &redis, buckets, max_examined, &sel[..20]).await?;
+        search_http(&server, &addr, &sel[..20], None).await?;
         Ok::<_, String>([
-            search_in_process(&redis, buckets, max_examined, &sel).await?,
-            search_in_process(&redis, buckets, max_examined, &sel_day).await?,
-            search_http(&addr, buckets, &sel, None).await?,
+            search_in_process(&server, &redis, buckets, max_examined, &sel).await?,
+            search_in_process(&server, &redis, buckets, max_examined, &sel_day).await?,
+            search_http(&server, &addr, &sel, None).await?,
         ])
     })?;
     let what = "selective: one account (either role) over the month, first page";
@@ -1598,8 +1601,7 @@ pub(crate) fn run(o: &Options, bin: &Path, dir: &Path) -> Result {
         (&searched[0], format!("{what}, search() in-process"), true),
         (
             &searched[1],
-            "selective: the same accounts over one day (fewer partitions to size), search() in-process"
-                .to_string(),
+            "selective: the same accounts over one day, search() in-process".to_string(),
             false,
         ),
         (
@@ -1642,10 +1644,10 @@ pub(crate) fn run(o: &Options, bin: &Path, dir: &Path) -> Result {
     );
     let searched = runtime.block_on(async {
         Ok::<_, String>([
-            search_in_process(&redis, buckets, max_examined, &broad).await?,
-            search_http(&addr, buckets, &broad, None).await?,
-            search_http(&addr, buckets, &broad, Some(true)).await?,
-            search_in_process(&redis, buckets, max_examined, &bounded).await?,
+            search_in_process(&server, &redis, buckets, max_examined, &broad).await?,
+            search_http(&server, &addr, &broad, None).await?,
+            search_http(&server, &addr, &broad, Some(true)).await?,
+            search_in_process(&server, &redis, buckets, max_examined, &bounded).await?,
         ])
     })?;
     let what = "broad: status=completed over one day, first page";
@@ -1730,8 +1732,8 @@ pub(crate) fn run(o: &Options, bin: &Path, dir: &Path) -> Result {
                 limit,
                 false,
             );
-            search_in_process(&redis, vb, max_examined, &broad[..10]).await?;
-            let s = search_in_process(&redis, vb, max_examined, &broad).await?;
+            search_in_process(&server, &redis, vb, max_examined, &broad[..10]).await?;
+            let s = search_in_process(&server, &redis, vb, max_examined, &broad).await?;
             Ok::<_, String>((before, after, l, s))
         })?;
         let (before, after, l, s) = row;
