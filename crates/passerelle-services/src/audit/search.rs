@@ -204,6 +204,8 @@ pub struct Page {
 struct Walk {
     index: Index,
     offset: usize,
+    /// Entries asked for at the next refill.
+    fetch: usize,
     buffer: VecDeque<Entry>,
     done: bool,
 }
@@ -239,17 +241,21 @@ pub async fn search(
     metrics::histogram!("passerelle_audit_driver_entries").record(plan.estimate as f64);
 
     // 2. Walk the driver's indexes merged, newest first, from the cursor.
+    let (start, limit) = (q.start(), q.limit.max(1));
+    // A first read of each index of about its share of the page (16 partitions and a
+    // page of 50 read a few entries each, not 256 each), doubling at each refill.
+    let first_fetch = (2 * limit / plan.indexes.len().max(1) + 8).clamp(16, CHUNK);
     let mut walks: Vec<Walk> = plan
         .indexes
         .iter()
         .map(|index| Walk {
             index: index.clone(),
             offset: 0,
+            fetch: first_fetch,
             buffer: VecDeque::new(),
             done: false,
         })
         .collect();
-    let (start, limit) = (q.start(), q.limit.max(1));
     let mut items = Vec::new();
     let mut examined = 0usize;
     let mut last: Option<Cursor> = q.after.clone();
@@ -272,14 +278,15 @@ pub async fn search(
                         q.from_ms,
                         start,
                         walks[i].offset,
-                        CHUNK,
+                        walks[i].fetch,
                     )
                 })
                 .collect();
             for (&i, entries) in dry.iter().zip(r.audit_walk(keys, &asks).await?) {
                 let w = &mut walks[i];
                 w.offset += entries.len();
-                w.done = entries.len() < CHUNK;
+                w.done = entries.len() < w.fetch;
+                w.fetch = (w.fetch * 2).min(CHUNK);
                 w.buffer.extend(
                     entries
                         .into_iter()
