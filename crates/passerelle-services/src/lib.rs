@@ -377,7 +377,7 @@ pub async fn run_audit(
             .map_or(0, |d| d.as_millis() as i64);
         let demo = audit::demo::transfers(opts.seed, now);
         for chunk in demo.chunks(opts.config.max_batch.max(1)) {
-            if let Err(e) = state.ingest.record(chunk.to_vec()).await {
+            if let Err(e) = state.ingest.record(chunk).await {
                 tracing::warn!(error = %e, "demo transfers not recorded");
                 break;
             }

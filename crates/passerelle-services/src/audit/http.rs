@@ -199,7 +199,7 @@ async fn record(State(s): State<Shared>, req: Request) -> Response {
     if let Some(spool) = s.spool.as_ref().filter(|sp| !sp.is_empty()) {
         return spool_batch(spool, &checked, single).await;
     }
-    let recorded = match s.ingest.record(checked.clone()).await {
+    let recorded = match s.ingest.record(&checked).await {
         Ok(r) => r,
         Err(IngestError::Redis(e)) if e.is_unavailable() && s.spool.is_some() => {
             tracing::warn!(error = %e, events = checked.len(), "audit store unreachable: spooling");

@@ -135,7 +135,11 @@ impl Ingest {
 
     /// Records `events` (checked already), in order; a repeated id, in the batch or from
     /// before, is answered with the original.
-    pub async fn record(&self, events: Vec<Transfer>) -> Result<Vec<Recorded>, IngestError> {
+    pub async fn record(
+        &self,
+        events: impl AsRef<[Transfer]>,
+    ) -> Result<Vec<Recorded>, IngestError> {
+        let events = events.as_ref();
         let r = self.redis.durable();
         let keys = &self.redis.keys;
         // The first of a repeated id in the batch is the one recorded.
@@ -150,7 +154,7 @@ impl Ingest {
                     .push(i);
             }
         }
-        let index = self.index_entries(&events, &first);
+        let index = self.index_entries(events, &first);
         // The buckets this batch appends to, locked in ascending order (no deadlock).
         let mut buckets: Vec<u16> = pending.keys().map(|p| p.bucket).collect();
         buckets.sort_unstable();
