@@ -156,6 +156,13 @@ pub(super) fn check_audit(c: &AuditConfig, p: &mut Problems) {
         "audit.archive_dir",
         "must name a directory (empty: <up.data_dir>/audit-archive)",
     );
+    // A spool smaller than one request could never take a batch: every write while Redis
+    // is down would be refused.
+    p.check(
+        c.spool_max_bytes.get() >= c.max_request_body.get(),
+        "audit.spool_max_bytes",
+        "must be at least audit.max_request_body",
+    );
 }
 
 #[cfg(test)]
@@ -209,6 +216,11 @@ mod tests {
                 "[audit]\narchive_dir = \"Cargo.toml\"\n",
                 2,
                 "audit.archive_dir: must name a directory",
+            ),
+            (
+                "[audit]\nspool_max_bytes = \"1MiB\"\n",
+                2,
+                "audit.spool_max_bytes: must be at least audit.max_request_body",
             ),
             (
                 "[preferences.expire.guests]\nusers = \"guest-*\"\nafter = \"0s\"\n",
