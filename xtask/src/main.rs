@@ -10,6 +10,7 @@ mod bench_auth;
 mod bench_cache;
 mod bench_prefs;
 mod bench_redis;
+mod hygiene;
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -203,6 +204,8 @@ fn test(args: &[String]) -> Result {
             "-D",
             "warnings",
         ]))?;
+        step("Redis hygiene: only passerelle-redis uses the client; no KEYS/SELECT/FLUSHALL sent");
+        hygiene::check(&root())?;
     }
     let nextest = cargo()
         .args(["nextest", "--version"])
