@@ -74,6 +74,20 @@ fn cli_env(server: &TestRedis, prefix: &str, archive: &Path) -> Vec<(String, Str
     env
 }
 
+/// `server`'s Redis under `prefix`, holding `n` transfers recorded on `day` (in `BUCKETS`
+/// buckets, as the command is configured).
+async fn recorded(server: &TestRedis, prefix: &str, day: u32, n: usize) -> Redis {
+    let mut config = server.redis_config();
+    config.key_prefix = prefix.into();
+    let redis = Redis::from_config(&config).unwrap().unwrap();
+    let events: Vec<Transfer> = (0..n).map(|i| transfer(i, day)).collect();
+    Ingest::new(redis.clone(), BUCKETS.parse().unwrap(), 90)
+        .record(events)
+        .await
+        .unwrap();
+    redis
+}
+
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -101,15 +115,8 @@ fn transfer(i: usize, day: u32) -> Transfer {
 #[tokio::test]
 async fn verify_exits_zero_when_clean_and_three_when_a_record_was_altered() {
     let server = TestRedis::start();
-    let mut config = server.redis_config();
-    config.key_prefix = PREFIX.into();
-    let redis = Redis::from_config(&config).unwrap().unwrap();
     let day = day_of(now_ms() - 2 * 86_400_000);
-    let events: Vec<Transfer> = (0..20).map(|i| transfer(i, day)).collect();
-    Ingest::new(redis.clone(), 2, 90)
-        .record(events)
-        .await
-        .unwrap();
+    let redis = recorded(&server, PREFIX, day, 20).await;
 
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("archive");
@@ -270,15 +277,8 @@ async fn bad_arguments_exit_64_with_a_clear_message_and_no_redis_exits_1() {
 async fn retention_then_verify_checks_the_removed_day_in_its_archive() {
     let server = TestRedis::start();
     let prefix = "psl-cli-retention";
-    let mut config = server.redis_config();
-    config.key_prefix = prefix.into();
-    let redis = Redis::from_config(&config).unwrap().unwrap();
     let old = day_of(now_ms() - 100 * 86_400_000);
-    let events: Vec<Transfer> = (0..12).map(|i| transfer(i, old)).collect();
-    Ingest::new(redis.clone(), 2, 90)
-        .record(events)
-        .await
-        .unwrap();
+    recorded(&server, prefix, old, 12).await;
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("archive");
     let env = cli_env(&server, prefix, &archive);
