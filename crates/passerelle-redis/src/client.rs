@@ -141,6 +141,29 @@ pub struct MemoryInfo {
     pub evicted_keys: u64,
 }
 
+/// What watching a server takes from one `INFO` (its default sections): memory, clients,
+/// refused connections and how far its replicas are behind. On a cluster, the primaries'
+/// figures added up (the replication lag is the worst replica's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerInfo {
+    pub memory: MemoryInfo,
+    /// `connected_clients`: connections open now, this process's among them.
+    pub connected_clients: u64,
+    /// `maxclients`: past it, a new connection is refused.
+    pub maxclients: u64,
+    /// `rejected_connections` since the server started: refused for `maxclients`.
+    pub rejected_connections: u64,
+    /// Replicas attached to this primary (`connected_slaves`).
+    pub connected_replicas: u64,
+    /// Bytes of replication stream the furthest replica has not acknowledged
+    /// (`master_repl_offset` minus its `offset`); 0 without replicas. A replica still
+    /// loading its first copy counts as behind by all of it.
+    pub replication_lag_bytes: u64,
+    /// Seconds since the most silent replica last acknowledged (its `lag`; a replica
+    /// acknowledges every second); 0 without replicas.
+    pub replication_lag_seconds: u64,
+}
+
 impl RedisClient {
     /// Creates the client for one server's URL (or a `redis+sentinel://` URL) without
     /// connecting: the process starts even when Redis is down, and the first command (or
@@ -424,6 +447,17 @@ impl RedisClient {
         Ok(MemoryInfo::total(nodes))
     }
 
+    /// [`ServerInfo`] from one `INFO` (not one per section: a monitor samples every few
+    /// seconds and must not add to the load it watches). On a cluster, every primary's.
+    pub async fn server_info(&self) -> Result<ServerInfo, RedisError> {
+        let info: redis::Value = self.idempotent(&redis::cmd("INFO")).await?;
+        let nodes: Vec<ServerInfo> = info_texts(info)
+            .iter()
+            .map(|t| parse_server_info(t))
+            .collect();
+        Ok(ServerInfo::total(nodes))
+    }
+
     /// Takes the lease `name` for `ttl` if nobody holds it (`SET NX PX`). `owner` must be
     /// unique per holder; it is what [`RedisClient::release_lease`] checks.
     pub async fn acquire_lease(
@@ -583,6 +617,73 @@ fn parse_memory_info(info: &str) -> MemoryInfo {
     m
 }
 
+impl ServerInfo {
+    /// A cluster's figures: counts added up, the worst replication lag.
+    fn total(nodes: Vec<ServerInfo>) -> ServerInfo {
+        let mut it = nodes.into_iter();
+        let first = it.next().unwrap_or_else(|| parse_server_info(""));
+        it.fold(first, |mut t, n| {
+            t.memory = MemoryInfo::total(vec![t.memory, n.memory]);
+            t.connected_clients += n.connected_clients;
+            t.maxclients += n.maxclients;
+            t.rejected_connections += n.rejected_connections;
+            t.connected_replicas += n.connected_replicas;
+            t.replication_lag_bytes = t.replication_lag_bytes.max(n.replication_lag_bytes);
+            t.replication_lag_seconds = t.replication_lag_seconds.max(n.replication_lag_seconds);
+            t
+        })
+    }
+}
+
+/// One node's `INFO` text. A replica's line reads
+/// `slave0:ip=10.0.0.2,port=6379,state=online,offset=1234,lag=0`; the lag in bytes is taken
+/// once the primary's own offset is known, whichever line comes first.
+fn parse_server_info(info: &str) -> ServerInfo {
+    let mut s = ServerInfo {
+        memory: parse_memory_info(info),
+        connected_clients: 0,
+        maxclients: 0,
+        rejected_connections: 0,
+        connected_replicas: 0,
+        replication_lag_bytes: 0,
+        replication_lag_seconds: 0,
+    };
+    let mut primary_offset = 0u64;
+    let mut replica_offsets = Vec::new();
+    for line in info.lines() {
+        let Some((k, v)) = line.trim_end().split_once(':') else {
+            continue;
+        };
+        match k {
+            "connected_clients" => s.connected_clients = v.parse().unwrap_or(0),
+            "maxclients" => s.maxclients = v.parse().unwrap_or(0),
+            "rejected_connections" => s.rejected_connections = v.parse().unwrap_or(0),
+            "connected_slaves" => s.connected_replicas = v.parse().unwrap_or(0),
+            "master_repl_offset" => primary_offset = v.parse().unwrap_or(0),
+            _ if k
+                .strip_prefix("slave")
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) =>
+            {
+                let field = |name: &str| {
+                    v.split(',')
+                        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+                        .and_then(|n| n.parse::<u64>().ok())
+                };
+                replica_offsets.push(field("offset").unwrap_or(0));
+                s.replication_lag_seconds =
+                    s.replication_lag_seconds.max(field("lag").unwrap_or(0));
+            }
+            _ => {}
+        }
+    }
+    s.replication_lag_bytes = replica_offsets
+        .into_iter()
+        .map(|o| primary_offset.saturating_sub(o))
+        .max()
+        .unwrap_or(0);
+    s
+}
+
 /// `redis://user:secret@host:6379` → `redis://user:***@host:6379`.
 pub fn redact(url: &str) -> String {
     passerelle_config::redact_url(url)
@@ -735,5 +836,76 @@ mod tests {
         assert_eq!(m.used_memory, 1024);
         assert_eq!(m.maxmemory, 268435456);
         assert_eq!(m.maxmemory_policy, "allkeys-lfu");
+    }
+
+    /// A primary's default `INFO` sections, as Redis 7.0 writes them (trimmed).
+    const PRIMARY_INFO: &str = "# Clients\r\nconnected_clients:7\r\ncluster_connections:0\r\n\
+        maxclients:10000\r\nblocked_clients:0\r\n\r\n# Memory\r\nused_memory:2048\r\n\
+        maxmemory:4096\r\nmaxmemory_policy:noeviction\r\n\r\n# Stats\r\n\
+        rejected_connections:3\r\nevicted_keys:5\r\nevicted_clients:0\r\n\r\n\
+        # Replication\r\nrole:master\r\nconnected_slaves:2\r\n\
+        slave0:ip=10.0.0.2,port=6379,state=online,offset=9000,lag=0\r\n\
+        slave1:ip=10.0.0.3,port=6379,state=online,offset=7000,lag=4\r\n\
+        master_failover_state:no-failover\r\nmaster_repl_offset:10000\r\n\
+        second_repl_offset:-1\r\nslave_read_only:1\r\n";
+
+    #[test]
+    fn parses_what_a_monitor_needs_from_one_info() {
+        let s = parse_server_info(PRIMARY_INFO);
+        assert_eq!(s.memory.used_memory, 2048);
+        assert_eq!(s.memory.maxmemory, 4096);
+        assert_eq!(s.memory.evicted_keys, 5);
+        assert_eq!(s.connected_clients, 7);
+        assert_eq!(s.maxclients, 10000);
+        assert_eq!(s.rejected_connections, 3);
+        assert_eq!(s.connected_replicas, 2);
+        // The furthest replica: 10000 - 7000; the most silent: 4 s.
+        assert_eq!(s.replication_lag_bytes, 3000);
+        assert_eq!(s.replication_lag_seconds, 4);
+        // `slave_read_only` is no replica line, nor is a replica's own offset.
+        let replica = parse_server_info(
+            "# Replication\r\nrole:slave\r\nmaster_link_status:up\r\nslave_repl_offset:50\r\n\
+             slave_read_only:1\r\nconnected_slaves:0\r\nmaster_repl_offset:50\r\n",
+        );
+        assert_eq!(replica.connected_replicas, 0);
+        assert_eq!(replica.replication_lag_bytes, 0);
+        assert_eq!(replica.replication_lag_seconds, 0);
+    }
+
+    #[test]
+    fn a_replica_still_loading_counts_as_behind_by_everything() {
+        // The primary's offset after the replica's line: the order does not matter.
+        let s = parse_server_info(
+            "connected_slaves:1\r\nslave0:ip=h,port=1,state=wait_bgsave,offset=0,lag=0\r\n\
+             master_repl_offset:123456\r\n",
+        );
+        assert_eq!(s.replication_lag_bytes, 123456);
+        let none = parse_server_info("connected_slaves:0\r\nmaster_repl_offset:99\r\n");
+        assert_eq!(
+            (none.replication_lag_bytes, none.connected_replicas),
+            (0, 0)
+        );
+        let empty = parse_server_info("");
+        assert_eq!((empty.connected_clients, empty.maxclients), (0, 0));
+    }
+
+    #[test]
+    fn a_clusters_figures_add_up_and_keep_the_worst_lag() {
+        let a = parse_server_info(PRIMARY_INFO);
+        let b = parse_server_info(
+            "connected_clients:3\r\nmaxclients:10000\r\nrejected_connections:1\r\n\
+             used_memory:100\r\nmaxmemory:4096\r\nevicted_keys:1\r\nconnected_slaves:1\r\n\
+             slave0:ip=h,port=1,state=online,offset=500,lag=9\r\nmaster_repl_offset:600\r\n",
+        );
+        let t = ServerInfo::total(vec![a, b]);
+        assert_eq!(t.connected_clients, 10);
+        assert_eq!(t.maxclients, 20000);
+        assert_eq!(t.rejected_connections, 4);
+        assert_eq!(t.connected_replicas, 3);
+        assert_eq!(t.memory.used_memory, 2148);
+        assert_eq!(t.memory.maxmemory, 8192);
+        assert_eq!(t.memory.evicted_keys, 6);
+        assert_eq!(t.replication_lag_bytes, 3000);
+        assert_eq!(t.replication_lag_seconds, 9);
     }
 }

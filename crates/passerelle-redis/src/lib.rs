@@ -220,11 +220,66 @@ impl Redis {
         out
     }
 
-    /// Samples `INFO memory` and reachability into gauges every `every` until `shutdown`:
-    /// `passerelle_redis_up`, `passerelle_redis_used_memory_bytes`,
-    /// `passerelle_redis_maxmemory_bytes`, `passerelle_redis_evicted_keys` (evictions seen),
-    /// labelled by role.
+    /// Samples each Redis every `every` until `shutdown`, labelled by role (`cache`,
+    /// `durable`; one server serving both is sampled once, as `cache`): reachability
+    /// (`passerelle_redis_up`), memory against `maxmemory`, evictions, clients against
+    /// `maxclients`, refused connections, replicas and how far behind they are (from one
+    /// `INFO`), and a `PING`'s round trip (`passerelle_redis_ping_duration_seconds`): what
+    /// the shipped alert rules (`deploy/prometheus/alerts.yml`) watch. The server's own
+    /// counters are copied as they are (`.absolute`), so a restart of Redis reads as a
+    /// counter reset. Call it once the process has installed its metrics recorder: the
+    /// descriptions are given now.
     pub fn spawn_monitor(&self, every: Duration, shutdown: CancellationToken) {
+        use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+        describe_gauge!(
+            "passerelle_redis_up",
+            "1 when the last sample of this Redis (one INFO) succeeded, 0 when it failed"
+        );
+        describe_gauge!(
+            "passerelle_redis_used_memory_bytes",
+            Unit::Bytes,
+            "Memory Redis uses for data and overhead (INFO used_memory; a cluster's primaries added up)"
+        );
+        describe_gauge!(
+            "passerelle_redis_maxmemory_bytes",
+            Unit::Bytes,
+            "Redis's maxmemory (0: no limit); used memory past it evicts (cache) or refuses writes (noeviction)"
+        );
+        describe_counter!(
+            "passerelle_redis_evicted_keys_total",
+            "Keys Redis evicted under maxmemory since it started (INFO evicted_keys); on the durable role, data lost"
+        );
+        describe_gauge!(
+            "passerelle_redis_connected_clients",
+            "Client connections open on Redis (INFO connected_clients), every process's"
+        );
+        describe_gauge!(
+            "passerelle_redis_maxclients",
+            "Redis's maxclients: connections past it are refused"
+        );
+        describe_counter!(
+            "passerelle_redis_rejected_connections_total",
+            "Connections Redis refused for maxclients since it started (INFO rejected_connections)"
+        );
+        describe_gauge!(
+            "passerelle_redis_connected_replicas",
+            "Replicas attached to the primary (INFO connected_slaves)"
+        );
+        describe_gauge!(
+            "passerelle_redis_replication_lag_bytes",
+            Unit::Bytes,
+            "Replication stream the furthest replica has not acknowledged (master_repl_offset minus its offset); 0 without replicas"
+        );
+        describe_gauge!(
+            "passerelle_redis_replication_lag_seconds",
+            Unit::Seconds,
+            "Seconds since the most silent replica last acknowledged (replicas acknowledge every second); 0 without replicas"
+        );
+        describe_histogram!(
+            "passerelle_redis_ping_duration_seconds",
+            Unit::Seconds,
+            "Round trip of the monitor's PING to Redis, one per sample"
+        );
         let clients: Vec<RedisClient> = [self.cache.clone(), self.durable.clone()]
             .into_iter()
             .enumerate()
@@ -246,8 +301,8 @@ impl Redis {
                     clients.iter().zip(down.iter_mut()).zip(too_old.iter_mut())
                 {
                     let role = c.role().as_str();
-                    match c.memory().await {
-                        Ok(m) => {
+                    match c.server_info().await {
+                        Ok(i) => {
                             if let Err(e @ RedisError::Unsupported { .. }) = c.check_version().await
                                 && !std::mem::replace(too_old, true)
                             {
@@ -256,13 +311,30 @@ impl Redis {
                             if std::mem::replace(down, false) {
                                 tracing::info!(redis = c.endpoint(), "redis reachable again");
                             }
+                            let m = &i.memory;
                             metrics::gauge!("passerelle_redis_up", "role" => role).set(1.0);
                             metrics::gauge!("passerelle_redis_used_memory_bytes", "role" => role)
                                 .set(m.used_memory as f64);
                             metrics::gauge!("passerelle_redis_maxmemory_bytes", "role" => role)
                                 .set(m.maxmemory as f64);
-                            metrics::gauge!("passerelle_redis_evicted_keys", "role" => role)
-                                .set(m.evicted_keys as f64);
+                            metrics::counter!("passerelle_redis_evicted_keys_total", "role" => role)
+                                .absolute(m.evicted_keys);
+                            metrics::gauge!("passerelle_redis_connected_clients", "role" => role)
+                                .set(i.connected_clients as f64);
+                            metrics::gauge!("passerelle_redis_maxclients", "role" => role)
+                                .set(i.maxclients as f64);
+                            metrics::counter!("passerelle_redis_rejected_connections_total", "role" => role)
+                                .absolute(i.rejected_connections);
+                            metrics::gauge!("passerelle_redis_connected_replicas", "role" => role)
+                                .set(i.connected_replicas as f64);
+                            metrics::gauge!("passerelle_redis_replication_lag_bytes", "role" => role)
+                                .set(i.replication_lag_bytes as f64);
+                            metrics::gauge!("passerelle_redis_replication_lag_seconds", "role" => role)
+                                .set(i.replication_lag_seconds as f64);
+                            if let Ok(rtt) = c.ping().await {
+                                metrics::histogram!("passerelle_redis_ping_duration_seconds", "role" => role)
+                                    .record(rtt.as_secs_f64());
+                            }
                         }
                         Err(e) => {
                             metrics::gauge!("passerelle_redis_up", "role" => role).set(0.0);
