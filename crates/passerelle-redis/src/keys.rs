@@ -35,6 +35,28 @@ pub enum Namespace {
 }
 
 impl Namespace {
+    pub const ALL: [Namespace; 8] = [
+        Namespace::Lease,
+        Namespace::RateLimit,
+        Namespace::Cache,
+        Namespace::CacheTag,
+        Namespace::Object,
+        Namespace::ApiKey,
+        Namespace::Preferences,
+        Namespace::Audit,
+    ];
+
+    /// Whether this namespace holds data that must outlive any TTL: API keys, preferences,
+    /// the audit trail, and rate-limit state (which expires by itself, but must not be
+    /// evicted). The rest is temporary: every key of it carries a TTL, and `passerelle
+    /// doctor` reports one that does not.
+    pub fn is_durable(self) -> bool {
+        matches!(
+            self,
+            Namespace::RateLimit | Namespace::ApiKey | Namespace::Preferences | Namespace::Audit
+        )
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             Namespace::Lease => "lease",
@@ -58,6 +80,11 @@ impl KeySchema {
 
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// What every key of a namespace starts with (`<prefix>:<namespace>:`).
+    pub fn namespace_prefix(&self, ns: Namespace) -> String {
+        format!("{}:{}:", self.prefix, ns.as_str())
     }
 
     /// The `SCAN MATCH` pattern that covers every key of a namespace.

@@ -28,6 +28,7 @@ pub mod breaker;
 pub mod cache;
 pub mod client;
 pub mod connection;
+pub mod doctor;
 pub mod keys;
 mod login;
 pub mod preferences;
