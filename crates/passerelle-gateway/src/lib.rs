@@ -317,6 +317,8 @@ pub async fn run_with_readiness(
     let admin_token =
         admin::token(&config.gateway).map_err(|e| GatewayError::Admin(e.to_string()))?;
     let redis = Redis::from_config(&config.redis)?;
+    // The recorder before the Redis monitor describes and records its metrics.
+    passerelle_http::metrics::install();
     if let Some(r) = &redis {
         // Too old a Redis is refused now, with a clear error (one reachable later is
         // checked by readiness).

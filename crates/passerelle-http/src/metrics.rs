@@ -53,6 +53,7 @@ pub fn install() -> PrometheusHandle {
             // Another recorder may already be installed (e.g. by a test harness); then our
             // handle renders an empty registry, which is still a valid exposition.
             let _ = metrics::set_global_recorder(recorder);
+            crate::observe::describe();
             let h = handle.clone();
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {

@@ -40,6 +40,20 @@ pub fn method_label(m: &Method) -> &'static str {
     }
 }
 
+/// Gives the request metrics their `# HELP` ([`crate::metrics::install`] calls it once the
+/// recorder is in place: a description given before is lost).
+pub(crate) fn describe() {
+    metrics::describe_counter!(
+        "passerelle_http_requests_total",
+        "HTTP requests answered, by process (service), route, method and status"
+    );
+    metrics::describe_histogram!(
+        "passerelle_http_request_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time from a request's arrival to its response's headers, by process (service) and route"
+    );
+}
+
 fn requests_counter(
     service: &'static str,
     route: &str,

@@ -79,6 +79,44 @@ impl CachedRow {
     }
 }
 
+/// Gives the cache-aside's metrics their `# HELP`, and shows `kind`'s series at 0 from the
+/// start, so that a graph or an alert on errors sees the first one.
+fn describe(kind: &'static str) {
+    use metrics::{describe_counter, describe_gauge};
+    describe_counter!(
+        "passerelle_service_cache_lookups_total",
+        "Rows looked up in the service's Redis cache, by service and result (hit, miss)"
+    );
+    describe_counter!(
+        "passerelle_service_cache_errors_total",
+        "Cache-aside calls to Redis that failed or timed out, by service and op (get, put, invalidate); the database answered"
+    );
+    describe_counter!(
+        "passerelle_service_cache_skipped_total",
+        "Cache-aside calls not made because the breaker was open, by service and op"
+    );
+    describe_counter!(
+        "passerelle_service_cache_invalidations_total",
+        "Rows whose cached copy (and the gateway's tagged responses) a write invalidated"
+    );
+    describe_gauge!(
+        "passerelle_service_cache_breaker_open",
+        "1 while the service's cache-aside breaker is open (Redis is not called), else 0"
+    );
+    for result in ["hit", "miss"] {
+        metrics::counter!("passerelle_service_cache_lookups_total", "service" => kind, "result" => result)
+            .increment(0);
+    }
+    for op in ["get", "put", "invalidate"] {
+        metrics::counter!("passerelle_service_cache_errors_total", "service" => kind, "op" => op)
+            .increment(0);
+        metrics::counter!("passerelle_service_cache_skipped_total", "service" => kind, "op" => op)
+            .increment(0);
+    }
+    metrics::counter!("passerelle_service_cache_invalidations_total", "service" => kind)
+        .increment(0);
+}
+
 /// The cache-aside of one service. Clones share the breaker.
 #[derive(Debug, Clone)]
 pub struct ObjectCache {
@@ -91,6 +129,7 @@ pub struct ObjectCache {
 
 impl ObjectCache {
     pub fn new(redis: Redis, settings: &CacheAside, kind: &'static str) -> Self {
+        describe(kind);
         Self {
             redis,
             ttl: settings.ttl,

@@ -260,6 +260,7 @@ pub async fn run_preferences(
 ) -> Result<(), ServiceError> {
     passerelle_http::metrics::install();
     passerelle_http::metrics::on_render(passerelle_redis::stats::export);
+    preferences::describe();
     opts.redis.check_version(Duration::from_secs(1)).await?;
     let (app, state) = preferences_app(&opts)?;
     let token = passerelle_http::shutdown::token_from(shutdown);
@@ -369,6 +370,7 @@ pub async fn run_audit(
 ) -> Result<(), ServiceError> {
     passerelle_http::metrics::install();
     passerelle_http::metrics::on_render(passerelle_redis::stats::export);
+    audit::gauges::describe();
     opts.redis.check_version(Duration::from_secs(1)).await?;
     let (app, state) = audit_app(&opts)?;
     if opts.seed > 0 {

@@ -268,6 +268,14 @@ pub async fn supervise(
 ) -> Outcome {
     let name = sup.spec.name.clone();
     let policy = sup.policy;
+    metrics::describe_counter!(
+        "passerelle_up_restarts_total",
+        "Processes `up` started again after its child (a Redis or a service instance) exited"
+    );
+    metrics::describe_gauge!(
+        "passerelle_up_child_failed",
+        "1 once `up` gave up restarting the child (it kept dying), else 0"
+    );
     let restarts_total = metrics::counter!("passerelle_up_restarts_total", "child" => name.clone());
     let failed = metrics::gauge!("passerelle_up_child_failed", "child" => name.clone());
     // Shown at 0 from the start, so that an alert on an increase sees the first one.

@@ -118,6 +118,7 @@ impl std::fmt::Debug for KeyStore {
 
 impl KeyStore {
     pub fn new(cfg: &ApiKeysConfig, hasher: KeyHasher, redis: &Redis) -> Self {
+        describe();
         let secrets_file = cfg
             .secrets
             .is_empty()
@@ -274,6 +275,18 @@ impl KeyStore {
                 }
             }
         });
+    }
+}
+
+/// The `# HELP` of the lookup counter, and its series at 0: a graph or an alert on Redis
+/// errors sees the first one.
+fn describe() {
+    metrics::describe_counter!(
+        "passerelle_auth_key_lookups_total",
+        "API keys looked up in Redis (this process's cache missed), by result (found, unknown, error)"
+    );
+    for result in ["found", "unknown", "error"] {
+        metrics::counter!("passerelle_auth_key_lookups_total", "result" => result).increment(0);
     }
 }
 

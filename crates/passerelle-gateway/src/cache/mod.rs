@@ -335,6 +335,66 @@ struct RecentFill {
 /// How often L1's pending maintenance runs and its gauges are set.
 const L1_UPKEEP_EVERY: Duration = Duration::from_secs(1);
 
+/// The `# HELP` of the response cache's metrics.
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge};
+    describe_counter!(
+        "passerelle_cache_lookups_total",
+        "Cacheable requests by route and result (hit_l1, hit_l2, stale, stale_if_error, miss, \
+         collapsed: answered by another request's fetch, bypass)"
+    );
+    describe_counter!(
+        "passerelle_cache_origin_calls_total",
+        "Requests of a cached route that went to the origin"
+    );
+    describe_counter!(
+        "passerelle_cache_uncacheable_total",
+        "Origin answers not stored, by route and reason"
+    );
+    describe_counter!(
+        "passerelle_cache_stores_total",
+        "Entries stored, by level (l1: this process, l2: Redis)"
+    );
+    describe_counter!(
+        "passerelle_cache_stored_bytes_total",
+        Unit::Bytes,
+        "Bytes of entries written to Redis (after compression), by level"
+    );
+    describe_counter!(
+        "passerelle_cache_compressed_total",
+        "Entries compressed (LZ4) before they were written to Redis"
+    );
+    describe_counter!(
+        "passerelle_cache_invalidations_total",
+        "Invalidations applied to this process's L1 (channel messages, purges, writes seen passing)"
+    );
+    describe_counter!(
+        "passerelle_cache_discarded_total",
+        "Fetched entries not kept because an invalidation raced them"
+    );
+    describe_counter!(
+        "passerelle_cache_l1_evictions_total",
+        "L1 entries evicted to stay within l1_max_size"
+    );
+    describe_counter!(
+        "passerelle_cache_redis_errors_total",
+        "Response-cache calls to Redis that failed or timed out (not those the open breaker skipped)"
+    );
+    describe_gauge!(
+        "passerelle_cache_waiting_requests",
+        "Requests waiting for a fetch right now (their own or another request's): what a slow origin holds up"
+    );
+    describe_gauge!(
+        "passerelle_cache_l1_bytes",
+        Unit::Bytes,
+        "Size of this process's L1 (entries' weight), set every second"
+    );
+    describe_gauge!(
+        "passerelle_cache_l1_entries",
+        "Entries in this process's L1, set every second"
+    );
+}
+
 /// The response cache of one gateway process.
 #[derive(Debug)]
 pub struct ResponseCache {
@@ -405,6 +465,7 @@ impl ResponseCache {
         if !cfg.enabled || config.routes.iter().all(|r| r.cache.is_none()) {
             return None;
         }
+        describe();
         let longest_request = config
             .routes
             .iter()

@@ -258,6 +258,37 @@ pub enum AdminError {
     Redis(#[from] RedisError),
 }
 
+/// The `# HELP` of the limiter's metrics.
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "passerelle_rate_limit_decisions_total",
+        "Rate-limit decisions by limit, decision (allowed, rejected) and source (redis; local_block: \
+         refused in process while a refusal from Redis lasts; fallback: Redis did not decide)"
+    );
+    describe_counter!(
+        "passerelle_rate_limit_fallback_total",
+        "Decisions Redis did not make, by limit and the limit's on_redis_failure policy"
+    );
+    describe_gauge!(
+        "passerelle_rate_limit_fallback_active",
+        "1 while the limiter's circuit breaker is open: Redis is not asked, every limit follows its on_redis_failure policy"
+    );
+    describe_counter!(
+        "passerelle_rate_limit_redis_calls_total",
+        "Calls to Redis for rate-limit decisions (one per identity and group of limits)"
+    );
+    describe_counter!(
+        "passerelle_rate_limit_redis_errors_total",
+        "Rate-limit calls to Redis that failed or timed out (each one is decided by the fallback)"
+    );
+    describe_histogram!(
+        "passerelle_rate_limit_decision_seconds",
+        Unit::Seconds,
+        "Time Redis took to decide one request's limits (its calls run concurrently)"
+    );
+}
+
 impl RateLimiter {
     /// Builds the limiter, or `None` when rate limiting is disabled or neither a route nor a
     /// tier has a limit.
@@ -276,6 +307,7 @@ impl RateLimiter {
         if !rl.enabled || !any {
             return None;
         }
+        describe();
         let replicas = u64::from(rl.gateway_replicas.max(1));
         let mut longest = Duration::from_secs(1);
         let limits: Vec<Limit> = config

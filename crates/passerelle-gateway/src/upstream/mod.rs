@@ -149,6 +149,30 @@ struct PoolMetrics {
 
 impl PoolMetrics {
     fn new(name: &str, endpoints: &[Endpoint]) -> Self {
+        describe();
+        // Shown at 0 from the start, so that an alert or a graph of their increase sees the
+        // first one.
+        for e in endpoints {
+            metrics::counter!(
+                "passerelle_upstream_ejections_total",
+                "upstream" => name.to_string(),
+                "endpoint" => e.address.clone(),
+            )
+            .increment(0);
+        }
+        for reason in [
+            "status",
+            Failure::Connect.as_str(),
+            Failure::Timeout.as_str(),
+            Failure::Reset.as_str(),
+        ] {
+            metrics::counter!("passerelle_upstream_retries_total", "upstream" => name.to_string(), "reason" => reason)
+                .increment(0);
+        }
+        metrics::counter!("passerelle_upstream_retry_budget_exhausted_total", "upstream" => name.to_string())
+            .increment(0);
+        metrics::counter!("passerelle_upstream_panic_routing_total", "upstream" => name.to_string())
+            .increment(0);
         let attempts = endpoints
             .iter()
             .map(|e| {
@@ -165,6 +189,40 @@ impl PoolMetrics {
         let duration = metrics::histogram!("passerelle_upstream_request_duration_seconds", "upstream" => name.to_string());
         Self { attempts, duration }
     }
+}
+
+/// The `# HELP` of the pools' metrics.
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "passerelle_upstream_requests_total",
+        "Attempts sent to an upstream endpoint (a retry is another attempt), by result"
+    );
+    describe_histogram!(
+        "passerelle_upstream_request_duration_seconds",
+        Unit::Seconds,
+        "Time of one attempt to an upstream endpoint, until its response's headers or its failure"
+    );
+    describe_counter!(
+        "passerelle_upstream_retries_total",
+        "Attempts retried on another endpoint, by reason (status: a 502, 503 or 504 answer to an idempotent request)"
+    );
+    describe_counter!(
+        "passerelle_upstream_retry_budget_exhausted_total",
+        "Retries not made because the pool's retry budget was spent"
+    );
+    describe_counter!(
+        "passerelle_upstream_ejections_total",
+        "Endpoints ejected by outlier detection after consecutive failures"
+    );
+    describe_counter!(
+        "passerelle_upstream_panic_routing_total",
+        "Requests sent to an endpoint not available (ejected or failing its health check) because no endpoint of the pool was"
+    );
+    describe_gauge!(
+        "passerelle_upstream_endpoint_available",
+        "1 when the endpoint takes new requests, 0 while ejected or failing its health check"
+    );
 }
 
 /// A pool's shared state: endpoints and their health, the balancer, the retry budget. The

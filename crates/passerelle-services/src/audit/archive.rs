@@ -219,7 +219,7 @@ pub async fn export_day(
     })
     .await?;
     tmp.kept = true;
-    metrics::counter!("passerelle_audit_archived_days_total").increment(1);
+    metrics::counter!("passerelle_audit_archives_total").increment(1);
     tracing::info!(target: "audit", day = %format_day(day), records, root = %root, path = %path.display(), "audit day archived");
     Ok(Exported {
         day,

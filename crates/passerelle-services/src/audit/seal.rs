@@ -214,7 +214,7 @@ pub fn append(dir: &Path, seal: &Seal) -> Result<(), SealError> {
         buckets = seal.buckets.len(),
         "audit day sealed"
     );
-    metrics::counter!("passerelle_audit_sealed_days_total").increment(1);
+    metrics::counter!("passerelle_audit_seals_total").increment(1);
     Ok(())
 }
 

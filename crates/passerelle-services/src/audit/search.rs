@@ -345,7 +345,7 @@ pub async fn search(
             }
         }
     }
-    metrics::histogram!("passerelle_audit_examined").record(examined as f64);
+    metrics::histogram!("passerelle_audit_examined_entries").record(examined as f64);
     // Nothing left anywhere: the answer is complete, whatever stopped the page.
     let complete = !leftover && walks.iter().all(|w| w.done && w.buffer.is_empty());
     let truncated = !complete && items.len() < limit;

@@ -66,6 +66,36 @@ const WRITE_ATTEMPTS: usize = 16;
 /// How long a write's invalidation of the gateway's copies may take.
 const INVALIDATION_DEADLINE: Duration = Duration::from_secs(1);
 
+/// Gives the service's metrics their `# HELP`, and shows them at 0 from the start, so that
+/// a graph or an alert on their increase sees the first one. The service calls it when it
+/// starts (after installing its recorder).
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_counter!(
+        "passerelle_preferences_writes_total",
+        "Preference documents written (a PATCH or PUT that changed something)"
+    );
+    describe_counter!(
+        "passerelle_preferences_conflicts_total",
+        "Writes refused because the document changed since the version the client named (412)"
+    );
+    describe_counter!(
+        "passerelle_preferences_after_write_errors_total",
+        "Writes made whose follow-up failed, by op (invalidate: the gateways' cached copies; announce: the change event)"
+    );
+    describe_gauge!(
+        "passerelle_preferences_subscribed",
+        "1 while this instance is subscribed to the change channel (its event streams are live), else 0"
+    );
+    metrics::counter!("passerelle_preferences_writes_total").increment(0);
+    metrics::counter!("passerelle_preferences_conflicts_total").increment(0);
+    for op in ["invalidate", "announce"] {
+        metrics::counter!("passerelle_preferences_after_write_errors_total", "op" => op)
+            .increment(0);
+    }
+    metrics::gauge!("passerelle_preferences_subscribed").increment(0.0);
+}
+
 /// The service's state, shared by its handlers.
 #[derive(Debug)]
 pub struct Preferences {
