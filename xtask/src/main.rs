@@ -24,11 +24,13 @@ tasks:
                  --admin-listen 127.0.0.1:9902 --redis-url URL --data-dir DIR; `--` before
                  ARGS is optional). See `passerelle up --help`.
   test [--no-lint]
-                 install redis-server if missing, check formatting (cargo fmt), lints
-                 (clippy, warnings denied), then run every test (cargo nextest, or cargo
-                 test), then the matrix subset (the Redis tests written against TestRedis)
-                 again on a Redis Cluster and behind Sentinel: nextest profiles `cluster`
-                 and `sentinel` with PASSERELLE_TEST_TOPOLOGY (see .config/nextest.toml)
+                 install redis-server and promtool if missing, check formatting (cargo
+                 fmt), lints (clippy, warnings denied), the alert rules (promtool check
+                 rules, promtool test rules), then run every test (cargo nextest, or cargo
+                 test; PASSERELLE_REQUIRE_PROMTOOL=1), then the matrix subset (the Redis
+                 tests written against TestRedis) again on a Redis Cluster and behind
+                 Sentinel: nextest profiles `cluster` and `sentinel` with
+                 PASSERELLE_TEST_TOPOLOGY (see .config/nextest.toml)
   install        build passerelle in release mode and install it into ~/.cargo/bin
                  (cargo install --path crates/passerelle), so `passerelle` is on PATH
   bench [rate-limit | cache | auth | redis | preferences | audit]
@@ -45,7 +47,8 @@ tasks:
                  loaded through the service's library with its memory per record, account
                  and broad searches (in-process and HTTP), HTTP ingest (batched and single,
                  AOF everysec and always, 1 and 3 instances) and chain contention (audit)
-  deps           install the Debian packages the tests need (redis-server, redis-tools)
+  deps           install the Debian packages the tests need (redis-server, redis-tools,
+                 prometheus for promtool)
   help           this text (also -h, --help)
 ";
 
@@ -60,6 +63,7 @@ fn main() -> ExitCode {
         "deps" => ensure_packages(&[
             ("redis-server", "redis-server"),
             ("redis-cli", "redis-tools"),
+            ("promtool", "prometheus"),
         ]),
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
@@ -149,7 +153,11 @@ pub fn ensure_packages(wanted: &[(&str, &str)]) -> Result {
     run(apt(&["install", "-y", "-qq", "--no-install-recommends"]).args(&missing))?;
     // Debian starts the daemons it installs where an init system runs. The project starts
     // its own instances on free ports, so stop the system ones rather than leave them running.
-    for (svc, pkg) in [("redis-server", "redis-server"), ("nginx", "nginx-light")] {
+    for (svc, pkg) in [
+        ("redis-server", "redis-server"),
+        ("nginx", "nginx-light"),
+        ("prometheus", "prometheus"),
+    ] {
         if missing.contains(&pkg) && have("service") {
             let _ = Command::new(if is_root { "service" } else { "sudo" })
                 .args(if is_root {
@@ -183,13 +191,20 @@ pub fn release_binary() -> Result<PathBuf> {
     Ok(target.join("release").join("passerelle"))
 }
 
+/// Set for the test runs: the metrics contract test (crates/passerelle/tests/
+/// metrics_contract.rs) fails instead of skipping when promtool is missing, so CI cannot
+/// pass without having checked the metrics.
+const REQUIRE_PROMTOOL: &str = "PASSERELLE_REQUIRE_PROMTOOL";
+
 fn test(args: &[String]) -> Result {
-    step("checking for redis-server, redis-cli and curl");
+    step("checking for redis-server, redis-cli, curl and promtool");
     ensure_packages(&[
         ("redis-server", "redis-server"),
         ("redis-cli", "redis-tools"),
         // The README's tour is run as written, with curl.
         ("curl", "curl"),
+        // The alert rules and every process's /metrics are checked with Prometheus's own tool.
+        ("promtool", "prometheus"),
     ])?;
     let quick = args.iter().any(|a| a == "--no-lint");
     if !quick {
@@ -207,6 +222,7 @@ fn test(args: &[String]) -> Result {
         step("Redis hygiene: only passerelle-redis uses the client; no KEYS/SELECT/FLUSHALL sent");
         hygiene::check(&root())?;
     }
+    alert_rules()?;
     let nextest = cargo()
         .args(["nextest", "--version"])
         .output()
@@ -214,7 +230,9 @@ fn test(args: &[String]) -> Result {
         .unwrap_or(false);
     if nextest {
         step("tests: cargo nextest run (builds the tests first)");
-        run(cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]))?;
+        run(cargo()
+            .args(["nextest", "run", "--workspace", "--no-fail-fast"])
+            .env(REQUIRE_PROMTOOL, "1"))?;
         // The tests written against TestRedis, again on the other topologies: the subset
         // and the tests that need one server are in .config/nextest.toml.
         for (topology, what) in [
@@ -227,19 +245,37 @@ fn test(args: &[String]) -> Result {
             ));
             run(cargo()
                 .args(["nextest", "run", "--workspace", "--profile", topology])
-                .env("PASSERELLE_TEST_TOPOLOGY", topology))?;
+                .env("PASSERELLE_TEST_TOPOLOGY", topology)
+                .env(REQUIRE_PROMTOOL, "1"))?;
         }
         step("doc tests: cargo test --doc");
         run(cargo().args(["test", "--workspace", "--doc"]))
     } else {
         step("tests: cargo test (builds the tests first)");
-        run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
+        run(cargo()
+            .args(["test", "--workspace", "--no-fail-fast"])
+            .env(REQUIRE_PROMTOOL, "1"))?;
         step(
             "skipped: the matrix subset on a Redis Cluster and Redis Sentinel needs cargo-nextest \
              (its profiles pick the tests); `cargo install cargo-nextest`",
         );
         Ok(())
     }
+}
+
+/// The shipped alert rules: valid (`promtool check rules`), and each firing and staying
+/// quiet when its unit tests say (`promtool test rules`). Quick, so it runs before the long
+/// test run even with `--no-lint`.
+fn alert_rules() -> Result {
+    let dir = root().join("deploy/prometheus");
+    step("alert rules: promtool check rules deploy/prometheus/alerts.yml");
+    run(Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(dir.join("alerts.yml")))?;
+    step("alert rules: promtool test rules deploy/prometheus/alerts.test.yml");
+    run(Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(dir.join("alerts.test.yml")))
 }
 
 fn up(args: &[String]) -> Result {

@@ -83,6 +83,16 @@ pub fn describe() {
         "Records of today and yesterday (UTC) in Redis, by day (today, yesterday), refreshed every few seconds"
     );
     describe_gauge!(
+        "passerelle_audit_spool_bytes",
+        metrics::Unit::Bytes,
+        "Size of this instance's spool log (audit.spool_max_bytes bounds it; full, ingest answers 503)"
+    );
+    describe_gauge!(
+        "passerelle_audit_spool_max_bytes",
+        metrics::Unit::Bytes,
+        "audit.spool_max_bytes: the spool's bound"
+    );
+    describe_gauge!(
         "passerelle_audit_spool_events",
         "Events in this instance's spool waiting for Redis: a depth that stays above 0 is Redis unreachable"
     );

@@ -238,6 +238,8 @@ impl Spool {
             tracing::info!(events = depth, "audit spool: events to replay");
         }
         metrics::gauge!("passerelle_audit_spool_events").set(depth as f64);
+        metrics::gauge!("passerelle_audit_spool_bytes").set(at as f64);
+        metrics::gauge!("passerelle_audit_spool_max_bytes").set(max_bytes as f64);
         Ok(Self {
             dir: dir.to_path_buf(),
             _lock: lock,
@@ -301,6 +303,7 @@ impl Spool {
         f.len = at + entry.len() as u64;
         let depth = self.depth.fetch_add(events, Ordering::AcqRel) + events;
         metrics::gauge!("passerelle_audit_spool_events").set(depth as f64);
+        metrics::gauge!("passerelle_audit_spool_bytes").set(f.len as f64);
         Ok(())
     }
 
@@ -348,6 +351,7 @@ impl Spool {
             .fetch_sub(events, Ordering::AcqRel)
             .saturating_sub(events);
         metrics::gauge!("passerelle_audit_spool_events").set(depth as f64);
+        metrics::gauge!("passerelle_audit_spool_bytes").set(f.len as f64);
         Ok(())
     }
 
