@@ -277,6 +277,55 @@ pub async fn run(
 
 /// Starts everything, serves until `token`, and stops the gateway; [`run`] stops the rest
 /// whatever happened here.
+/// `passerelle doctor` on each managed Redis, as its operator user, in the background (the
+/// platform does not wait for it): the result is logged, one line per role, and one more
+/// per warning or critical finding. A short budget and no `MONITOR` window: at start the
+/// instances are small and idle, and the cache's LFU counters serve for hot keys.
+fn doctor_at_start(targets: Vec<(Role, String)>, key_prefix: &str, stop: CancellationToken) {
+    use passerelle_redis::doctor::{self, Options, RoleChoice, Severity};
+    let mut opts = Options::new(&passerelle_redis::KeySchema::new(key_prefix));
+    opts.budget = Duration::from_secs(3);
+    opts.monitor = Duration::ZERO;
+    opts.role_source = "managed by passerelle up".into();
+    tokio::spawn(async move {
+        for (role, url) in targets {
+            let mut opts = opts.clone();
+            opts.role = match role {
+                Role::Cache => RoleChoice::Cache,
+                Role::Durable => RoleChoice::Durable,
+            };
+            let cfg = passerelle_config::RedisConfig::default();
+            let report = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = doctor::examine(&url, &cfg, &opts) => r,
+            };
+            let role = role.as_str();
+            if report.exit_code == doctor::report::exit::CLEAN {
+                tracing::info!(redis = role, result = %report.summary(), "redis doctor");
+                continue;
+            }
+            tracing::warn!(
+                redis = role,
+                result = %report.summary(),
+                "redis doctor: `passerelle doctor` shows the evidence and the fixes"
+            );
+            for f in report
+                .findings
+                .iter()
+                .filter(|f| f.severity > Severity::Info)
+            {
+                tracing::warn!(
+                    redis = role,
+                    finding = f.id,
+                    severity = f.severity.as_str(),
+                    "{}",
+                    f.title
+                );
+            }
+        }
+    });
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run_platform(
     config: &mut Config,
@@ -296,6 +345,7 @@ async fn run_platform(
         let redis_dir = data_dir.join("redis");
         std::fs::create_dir_all(&redis_dir).map_err(|e| UpError::Setup(e.to_string()))?;
         let creds = Credentials::load_or_create(&redis_dir)?;
+        let mut examined = Vec::new();
         for role in [Role::Cache, Role::Durable] {
             let m = ManagedRedis::start(
                 role,
@@ -311,6 +361,7 @@ async fn run_platform(
                 passerelle_redis::redact(&m.app_url),
                 m.summary
             );
+            examined.push((role, m.operator_url.clone()));
             match role {
                 Role::Cache => config.redis.cache_url = Some(m.app_url.clone()),
                 Role::Durable => config.redis.durable_url = Some(m.app_url.clone()),
@@ -331,6 +382,7 @@ async fn run_platform(
                 redis.0.clone(),
             ));
         }
+        doctor_at_start(examined, &config.redis.key_prefix, redis.0.clone());
     }
     state.update(|s| {
         s.redis_cache = config.redis.cache_target().map(|t| t.redacted());

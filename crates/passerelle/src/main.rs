@@ -10,6 +10,7 @@ use std::process::ExitCode;
 
 mod admin_client;
 mod audit_cli;
+mod doctor_cli;
 mod keys_cli;
 
 use anyhow::Context;
@@ -132,6 +133,16 @@ enum Command {
         #[command(subcommand)]
         action: keys_cli::AuthAction,
     },
+    /// Examine a Redis against the anti-pattern guide: configuration, memory, big and
+    /// unbounded keys, TTLs, hot keys, slow log, clients, replication.
+    #[command(after_help = DOCTOR_HELP)]
+    Doctor {
+        /// The platform's data directory, to find the managed Redis (default: up.data_dir).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        args: doctor_cli::DoctorArgs,
+    },
     /// The audit trail: verify (Redis, seals, archives), export, repair, seal, retention.
     Audit {
         /// The platform's data directory (default: up.data_dir).
@@ -175,6 +186,21 @@ impl std::str::FromStr for AdminListen {
     }
 }
 
+const DOCTOR_HELP: &str = "Exit codes: 0 clean, 1 warnings, 2 critical findings, 3 could not check \
+     (unreachable, login refused, or the budget spent before anything was learned), 64 bad \
+     arguments.";
+
+/// A command that printed its own answer and ends with this exit code.
+#[derive(Debug)]
+struct Exit(u8);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit {}", self.0)
+    }
+}
+impl std::error::Error for Exit {}
+
 /// An error that maps to exit code 64.
 #[derive(Debug)]
 struct UsageError(String);
@@ -207,6 +233,8 @@ fn main() -> ExitCode {
             if e.downcast_ref::<UsageError>().is_some() {
                 eprintln!("passerelle: {e}");
                 ExitCode::from(EXIT_CONFIG as u8)
+            } else if let Some(Exit(code)) = e.downcast_ref::<Exit>() {
+                ExitCode::from(*code)
             } else if e.downcast_ref::<audit_cli::Tampered>().is_some() {
                 eprintln!("passerelle: {e}");
                 ExitCode::from(audit_cli::EXIT_TAMPERED)
@@ -452,6 +480,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             let config = load(config_path, flags)?.config;
             runtime(1)?.block_on(keys_cli::keys(&config, admin.as_deref(), action))
+        }
+        Command::Doctor { data_dir, args } => {
+            let flags = Flags::new().set_str(
+                "--data-dir",
+                "up.data_dir",
+                data_dir.map(|d| d.display().to_string()),
+            );
+            match doctor_cli::doctor(&load(config_path, flags)?.config, args)? {
+                0 => Ok(()),
+                code => Err(Exit(code).into()),
+            }
         }
         Command::Audit { data_dir, action } => {
             let flags = Flags::new().set_str(
