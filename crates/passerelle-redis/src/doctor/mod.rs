@@ -110,6 +110,13 @@ pub async fn examine(url: &str, cfg: &RedisConfig, opts: &Options) -> Report {
         Err(e) => return not_checked(describe(e, opts.budget)),
     };
     probe.settings(&mut s).await;
+    if s.info.get("cluster_enabled") == Some("1") {
+        s.notes.push(
+            "a Redis Cluster node: its own keys and settings only; run the doctor on every \
+             node (primaries and replicas)"
+                .into(),
+        );
+    }
 
     let policy = s.info.get("maxmemory_policy").unwrap_or("").to_string();
     let lfu = policy.contains("lfu");

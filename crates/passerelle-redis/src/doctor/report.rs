@@ -147,12 +147,13 @@ impl Report {
         if c + w == 0 {
             return format!("clean ({i} info)");
         }
-        let ids: Vec<&str> = self
+        let mut worst: Vec<&Finding> = self
             .findings
             .iter()
             .filter(|f| f.severity > Severity::Info)
-            .map(|f| f.id)
             .collect();
+        worst.sort_by_key(|f| std::cmp::Reverse(f.severity));
+        let ids: Vec<&str> = worst.iter().map(|f| f.id).collect();
         format!("{c} critical, {w} warning: {}", ids.join(", "))
     }
 

@@ -508,7 +508,7 @@ fn slowlog(s: &Snapshot, out: &mut Vec<Finding>) {
             "slowlog.keys",
             Severity::Critical,
             format!(
-                "KEYS ran {} times: it blocks the server while it walks every key",
+                "KEYS ran ({} in the slow log): it blocks the server while it walks every key",
                 keys.len()
             ),
             show(&keys),
