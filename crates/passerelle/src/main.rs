@@ -2,7 +2,8 @@
 //! role lives in a library crate with a `run(config, listener, shutdown)` entry point; this
 //! file only wires flags to it. Exit codes: 0 on a clean stop, 64 on an unusable
 //! configuration or command line, 3 when `passerelle audit` finds tampering, 1 on any other
-//! failure.
+//! failure; `passerelle doctor` exits with its report's code (0 clean, 1 warnings, 2
+//! critical, 3 could not check).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -32,7 +33,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     after_help = "Configuration layers, lowest first: the built-in default (`passerelle config default`), \
                   the --config file, PASSERELLE_<SECTION>__<KEY> variables, flags.\n\
                   Exit codes: 0 clean stop, 64 unusable command line or configuration, 3 tampering found \
-                  (passerelle audit), 1 other failures."
+                  (passerelle audit), 1 other failures; `passerelle doctor --help` gives the doctor's."
 )]
 struct Cli {
     /// Configuration file (TOML), layered on the built-in default: it only needs what differs.

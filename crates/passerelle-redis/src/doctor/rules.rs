@@ -327,6 +327,15 @@ fn persistence_status(s: &Snapshot, out: &mut Vec<Finding>) {
     }
 }
 
+/// "1 key", "3 keys".
+fn keys_n(n: u64) -> String {
+    if n == 1 {
+        "1 key".into()
+    } else {
+        format!("{n} keys")
+    }
+}
+
 fn key_list(keys: &[KeyFacts], count: u64) -> String {
     let shown: Vec<String> = keys
         .iter()
@@ -360,7 +369,7 @@ fn keys(scan: &KeyScan, out: &mut Vec<Finding>) {
         out.push(Finding::new(
             "keys.big",
             Severity::Critical,
-            format!("{} keys over 1 MB", crit.len()),
+            format!("{} over 1 MB", keys_n(crit.len() as u64)),
             key_list(&crit, crit.len() as u64),
             "split big values (a hash per object, chunks of a list) and read collections \
              with HSCAN/SSCAN/ZSCAN or ranges; a big key blocks the server when read, \
@@ -371,7 +380,10 @@ fn keys(scan: &KeyScan, out: &mut Vec<Finding>) {
         out.push(Finding::new(
             "keys.large",
             Severity::Warning,
-            format!("{} keys over 100 KB", scan.large_count - crit.len() as u64),
+            format!(
+                "{} over 100 KB",
+                keys_n(scan.large_count - crit.len() as u64)
+            ),
             key_list(&warn, scan.large_count - crit.len() as u64),
             "keep values under 100 KB: split them or compress them",
         ));
