@@ -163,6 +163,15 @@ pub async fn examine(url: &str, cfg: &RedisConfig, opts: &Options) -> Report {
                 .into(),
         );
     }
+    let hot_keys = match (&s.monitor, lfu) {
+        (_, true) => "OBJECT FREQ of each scanned key (LFU policy)".to_string(),
+        (Some(m), false) => format!(
+            "sampled with MONITOR for {:.1} s ({} commands naming a key)",
+            m.window.as_secs_f64(),
+            m.keyed_commands
+        ),
+        (None, false) => "not checked (see below)".to_string(),
+    };
     let findings = rules::examine(&s, role);
     Report {
         target,
@@ -175,6 +184,7 @@ pub async fn examine(url: &str, cfg: &RedisConfig, opts: &Options) -> Report {
             complete: k.complete,
             scan_ms: k.elapsed.as_millis() as u64,
         }),
+        hot_keys,
         exit_code: Report::code_for(&findings),
         findings,
         notes: s.notes,

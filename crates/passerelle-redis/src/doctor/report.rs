@@ -90,6 +90,8 @@ pub struct Report {
     /// Why that role (`--role`, the configuration, or what was inferred from the server).
     pub role_source: String,
     pub coverage: Option<Coverage>,
+    /// How hot keys were looked for: the LFU counters, a `MONITOR` sample, or not at all.
+    pub hot_keys: String,
     pub findings: Vec<Finding>,
     /// What was not checked, and why.
     pub notes: Vec<String>,
@@ -109,6 +111,7 @@ impl Report {
             role: "unknown".into(),
             role_source: String::new(),
             coverage: None,
+            hot_keys: String::new(),
             findings: Vec::new(),
             notes: Vec::new(),
             error: Some(error),
@@ -189,6 +192,9 @@ impl Report {
                 c.scan_ms
             );
         }
+        if !self.hot_keys.is_empty() {
+            let _ = writeln!(out, "  hot keys: {}", self.hot_keys);
+        }
         let mut sorted: Vec<&Finding> = self.findings.iter().collect();
         sorted.sort_by_key(|f| std::cmp::Reverse(f.severity));
         for f in sorted {
@@ -244,6 +250,7 @@ mod tests {
             role: "durable".into(),
             role_source: "--role".into(),
             coverage: None,
+            hot_keys: "OBJECT FREQ".into(),
             exit_code: Report::code_for(&findings),
             findings,
             notes: vec!["hot keys: MONITOR refused".into()],

@@ -55,6 +55,7 @@ pub fn examine(s: &Snapshot, role: Expect) -> Vec<Finding> {
     }
     hot_keys(s, &mut out);
     slowlog(s, &mut out);
+    command_stats(s, &mut out);
     clients(s, &mut out);
     replication(s, role, &mut out);
     out
@@ -228,6 +229,50 @@ fn databases(s: &Snapshot, out: &mut Vec<Finding>) {
             "move each application to its own key prefix (or its own instance): Redis \
              Cluster has only database 0, and databases share one thread, memory and \
              eviction",
+        ));
+    } else if let Some(n) = s.info.command_calls().get("select").filter(|n| **n > 0) {
+        out.push(Finding::new(
+            "databases.select",
+            Severity::Warning,
+            "clients switch databases with SELECT",
+            format!("INFO commandstats: select called {n} times since start"),
+            "use key prefixes instead: Redis Cluster has only database 0",
+        ));
+    }
+}
+
+/// Commands that block or wipe the server, counted since start (`INFO commandstats`):
+/// they may have run too fast for the slow log, or before its last 128 entries.
+fn command_stats(s: &Snapshot, out: &mut Vec<Finding>) {
+    let calls = s.info.command_calls();
+    let in_slowlog = |name: &str| {
+        s.slowlog
+            .as_ref()
+            .is_some_and(|es| es.iter().any(|e| e.command() == name))
+    };
+    if let Some(n) = calls.get("keys").filter(|n| **n > 0)
+        && !in_slowlog("keys")
+    {
+        out.push(Finding::new(
+            "commands.keys",
+            Severity::Critical,
+            "KEYS was called on this server: it blocks the server while it walks every key",
+            format!("INFO commandstats: keys called {n} times since start"),
+            "use SCAN with MATCH and COUNT; deny KEYS to application users \
+             (`ACL SETUSER app -keys`)",
+        ));
+    }
+    let flushes: u64 = ["flushall", "flushdb"]
+        .iter()
+        .filter_map(|c| calls.get(*c))
+        .sum();
+    if flushes > 0 && !in_slowlog("flushall") && !in_slowlog("flushdb") {
+        out.push(Finding::new(
+            "commands.flush",
+            Severity::Warning,
+            "FLUSHALL/FLUSHDB ran on this server",
+            format!("INFO commandstats: {flushes} calls since start"),
+            "deny them to application users (`-flushall -flushdb`)",
         ));
     }
 }
@@ -913,6 +958,22 @@ mod tests {
             examine(&s, Expect::Unknown)
                 .iter()
                 .any(|f| f.id == "keys.hot")
+        );
+    }
+
+    #[test]
+    fn blocking_commands_counted_since_start() {
+        let s = snapshot(
+            "cmdstat_keys:calls=2,usec=10\r\ncmdstat_flushdb:calls=1,usec=5\r\n\
+             cmdstat_select:calls=7,usec=1\r\n",
+            &[],
+        );
+        let f = ids(&examine(&s, Expect::Unknown));
+        assert!(f.contains(&("commands.keys", Severity::Critical)), "{f:?}");
+        assert!(f.contains(&("commands.flush", Severity::Warning)), "{f:?}");
+        assert!(
+            f.contains(&("databases.select", Severity::Warning)),
+            "{f:?}"
         );
     }
 
