@@ -32,6 +32,9 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     5.0, 10.0,
 ];
 
+/// Buckets of histograms that count entries (name ending in `_entries`), 1 to a million.
+pub const ENTRY_BUCKETS: &[f64] = &[1.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0, 1_000_000.0];
+
 /// Installs the process-wide recorder (idempotent) and returns its handle. Must be called
 /// from within a Tokio runtime the first time, for the upkeep task.
 pub fn install() -> PrometheusHandle {
@@ -44,6 +47,11 @@ pub fn install() -> PrometheusHandle {
                         Matcher::Suffix("_bytes".into()),
                         &[256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0],
                     )
+                })
+                // Counts of things (entries a search examined): powers of ten. Buckets, not
+                // the exporter's default summary, so that several instances add up.
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Suffix("_entries".into()), ENTRY_BUCKETS)
                 });
             let recorder = match builder {
                 Ok(b) => b.build_recorder(),

@@ -364,6 +364,10 @@ async fn every_process_exports_clean_metrics_and_all_the_rules_and_panels_use() 
             mine.contains_key("passerelle_http_requests_total"),
             "{process}"
         );
+        // Histograms, never the exporter's summaries: quantiles of several instances
+        // cannot be added up.
+        let summaries: Vec<_> = mine.iter().filter(|(_, t)| *t == "summary").collect();
+        assert!(summaries.is_empty(), "{process}: {summaries:?}");
         exported.extend(mine);
     }
     // What the event-driven traffic above brought out was linted too.
