@@ -8,6 +8,7 @@ mod bench;
 mod bench_audit;
 mod bench_auth;
 mod bench_cache;
+mod bench_doctor;
 mod bench_prefs;
 mod bench_redis;
 mod hygiene;
@@ -33,8 +34,9 @@ tasks:
                  PASSERELLE_TEST_TOPOLOGY (see .config/nextest.toml)
   install        build passerelle in release mode and install it into ~/.cargo/bin
                  (cargo install --path crates/passerelle), so `passerelle` is on PATH
-  bench [rate-limit | cache | auth | redis | preferences | audit]
+  bench [rate-limit | cache | auth | redis | preferences | audit | doctor]
         [--duration SECS] [--connections N] [--threads N] [--records N (audit)]
+        [--keys N (doctor)]
                  install wrk, nginx and redis-server if missing, start the platform, and
                  print a table: the gateway against nginx (default), the cost of rate
                  limiting (rate-limit), the response cache on a skewed workload (cache),
@@ -46,7 +48,10 @@ tasks:
                  or the audit trail: a month of transfers (--records, default 1,000,000)
                  loaded through the service's library with its memory per record, account
                  and broad searches (in-process and HTTP), HTTP ingest (batched and single,
-                 AOF everysec and always, 1 and 3 instances) and chain contention (audit)
+                 AOF everysec and always, 1 and 3 instances) and chain contention (audit),
+                 or `passerelle doctor`'s key scan on --keys keys (default 1,000,000)
+                 against redis-cli --bigkeys/--memkeys, with a client's GET latency during
+                 each (doctor)
   deps           install the Debian packages the tests need (redis-server, redis-tools,
                  prometheus for promtool)
   help           this text (also -h, --help)
@@ -296,6 +301,7 @@ fn up(args: &[String]) -> Result {
 fn bench(args: &[String]) -> Result {
     type Suite = fn(&bench::Options, &std::path::Path, &std::path::Path) -> Result;
     let audit_args;
+    let doctor_args;
     let (suite, args): (Suite, &[String]) = match args.split_first() {
         Some((s, rest)) if s == "rate-limit" => (bench::bench_rate_limit, rest),
         Some((s, rest)) if s == "cache" => (bench_cache::run, rest),
@@ -305,6 +311,10 @@ fn bench(args: &[String]) -> Result {
         Some((s, rest)) if s == "audit" => {
             audit_args = bench_audit::take_options(rest)?;
             (bench_audit::run, &audit_args)
+        }
+        Some((s, rest)) if s == "doctor" => {
+            doctor_args = bench_doctor::take_options(rest)?;
+            (bench_doctor::run, &doctor_args)
         }
         _ => (bench::bench, args),
     };
