@@ -276,8 +276,6 @@ async fn each_primary_shows_what_it_holds_and_not_its_durable_data() {
 /// with) is not the application's doing. Cluster and Sentinel topologies only: one server
 /// has no replica.
 #[tokio::test]
-#[ignore = "doctor bugs: a cluster replica's key scan fails on MOVED (no READONLY), and \
-            a replica reports databases.select for its replication stream's SELECT"]
 async fn a_replica_shows_what_its_primary_holds() {
     let redis = TestRedis::start();
     let schema = KeySchema::new("psl");

@@ -586,8 +586,6 @@ fn a_well_kept_cache_is_clean_and_its_ttl_less_temporary_keys_are_named() {
 /// The role, not given, is inferred: keys under passerelle's durable prefixes mean durable
 /// data whatever the policy says, and an evicting policy on durable data is critical.
 #[test]
-#[ignore = "doctor bug: the role is inferred from the 10 biggest keys only, so one small \
-            durable key among 100 cache keys leaves an allkeys-lfu server inferred a cache"]
 fn durable_keys_make_the_role_durable_when_it_is_not_given() {
     let k = KeySchema::new("psl");
     let (server, pref) = well_kept_cache(&k);

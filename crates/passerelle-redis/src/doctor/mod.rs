@@ -110,6 +110,13 @@ pub async fn examine(url: &str, cfg: &RedisConfig, opts: &Options) -> Report {
         Err(e) => return not_checked(describe(e, opts.budget)),
     };
     probe.settings(&mut s).await;
+    if s.info.get("cluster_enabled") == Some("1")
+        && s.info.get("role") == Some("slave")
+        && let Err(e) = probe.read_from_replica().await
+    {
+        s.notes
+            .push(format!("READONLY on this cluster replica: {e}"));
+    }
     if s.info.get("cluster_enabled") == Some("1") {
         s.notes.push(
             "a Redis Cluster node: its own keys and settings only; run the doctor on every \
@@ -201,20 +208,11 @@ fn decide_role(s: &snapshot::Snapshot, opts: &Options) -> (Expect, String) {
         RoleChoice::Auto => {}
     }
     let policy = s.info.get("maxmemory_policy").unwrap_or("");
-    let durable_keys = s.scan.as_ref().is_some_and(|k| {
-        [&k.biggest, &k.big_collections]
-            .into_iter()
-            .flatten()
-            .any(|f| {
-                opts.durable_prefixes
-                    .iter()
-                    .any(|p| f.key.starts_with(p.as_str()))
-            })
-    });
-    if durable_keys {
+    let durable_keys = s.scan.as_ref().map_or(0, |k| k.durable_keys);
+    if durable_keys > 0 {
         (
             Expect::Durable,
-            "inferred: it holds keys under durable prefixes".into(),
+            format!("inferred: it holds {durable_keys} keys under durable prefixes"),
         )
     } else if policy.starts_with("allkeys-") || policy.starts_with("volatile-") {
         (

@@ -67,9 +67,24 @@ impl Probe {
         self.deadline.saturating_duration_since(Instant::now())
     }
 
+    /// What is left of the budget, or a timeout once it is spent: a zero timeout would
+    /// still take an answer that arrives within the timer's tick.
+    fn spendable(&self) -> Result<Duration, RedisError> {
+        match self.left() {
+            left if left.is_zero() => Err(RedisError::Timeout(left)),
+            left => Ok(left),
+        }
+    }
+
+    /// A replica of a Redis Cluster answers reads only on a connection that asked for them
+    /// (`READONLY`); otherwise every key command is redirected to the primary.
+    pub(super) async fn read_from_replica(&mut self) -> Result<(), RedisError> {
+        self.query::<()>(&redis::cmd("READONLY")).await
+    }
+
     /// One command, bounded by the deadline.
     async fn query<T: redis::FromRedisValue>(&mut self, cmd: &redis::Cmd) -> Result<T, RedisError> {
-        let left = self.left();
+        let left = self.spendable()?;
         tokio::time::timeout(left, cmd.query_async(&mut self.conn))
             .await
             .map_err(|_| RedisError::Timeout(left))?
@@ -77,7 +92,7 @@ impl Probe {
     }
 
     async fn pipeline(&mut self, p: &redis::Pipeline) -> Result<Vec<Value>, RedisError> {
-        let left = self.left();
+        let left = self.spendable()?;
         tokio::time::timeout(left, p.query_async(&mut self.conn))
             .await
             .map_err(|_| RedisError::Timeout(left))?
@@ -98,11 +113,19 @@ impl Probe {
         {
             Ok(c) => s.config = Some(c),
             Err(e) => s.notes.push(format!(
-                "configuration (CONFIG GET): {e}; maxclients, protected mode, bind and save \
-                 not checked"
+                "configuration (CONFIG GET): {}; maxclients, protected mode, bind and save \
+                 not checked",
+                why(&e)
             )),
         }
-        s.whoami = self.query(redis::cmd("ACL").arg("WHOAMI")).await.ok();
+        match self.query(redis::cmd("ACL").arg("WHOAMI")).await {
+            Ok(me) => s.whoami = Some(me),
+            Err(e) => s.notes.push(format!(
+                "who the doctor is logged in as (ACL WHOAMI): {}; other users' rights not \
+                 checked",
+                why(&e)
+            )),
+        }
         match self
             .query::<Vec<String>>(redis::cmd("ACL").arg("LIST"))
             .await
@@ -112,20 +135,23 @@ impl Probe {
                 self.grants(s, &users).await;
                 s.users = Some(users);
             }
-            Err(e) => s.notes.push(format!("ACL users (ACL LIST): {e}")),
+            Err(e) => s.notes.push(format!("ACL users (ACL LIST): {}", why(&e))),
         }
         match self
             .query::<Value>(redis::cmd("SLOWLOG").arg("GET").arg(128))
             .await
         {
             Ok(v) => s.slowlog = Some(slow_entries(v)),
-            Err(e) => s.notes.push(format!("slow log (SLOWLOG GET): {e}")),
+            Err(e) => s.notes.push(format!("slow log (SLOWLOG GET): {}", why(&e))),
         }
     }
 
     /// Which enabled users (other than the doctor's own, the operator) may run a
     /// [`DANGEROUS`] command: one `ACL DRYRUN` each, in one pipeline.
     async fn grants(&mut self, s: &mut Snapshot, users: &[AclUser]) {
+        if s.whoami.is_none() {
+            return;
+        }
         let others: Vec<&AclUser> = users
             .iter()
             .filter(|u| u.enabled && Some(&u.name) != s.whoami.as_ref())
@@ -156,7 +182,9 @@ impl Probe {
                     }
                 }
             }
-            Err(e) => s.notes.push(format!("users' rights (ACL DRYRUN): {e}")),
+            Err(e) => s
+                .notes
+                .push(format!("users' rights (ACL DRYRUN): {}", why(&e))),
         }
     }
 
@@ -312,6 +340,14 @@ impl Probe {
     }
 }
 
+/// An error as a note says it: a spent budget is not the server's fault.
+pub(super) fn why(e: &RedisError) -> String {
+    match e {
+        RedisError::Timeout(_) => "the budget was spent first".into(),
+        e => e.to_string(),
+    }
+}
+
 /// Files one key's facts under what the report names.
 fn record(scan: &mut KeyScan, f: KeyFacts, opts: &Options) {
     let durable = opts
@@ -323,6 +359,9 @@ fn record(scan: &mut KeyScan, f: KeyFacts, opts: &Options) {
         .iter()
         .any(|p| f.key.starts_with(p.as_str()));
     let members = f.members.unwrap_or(0);
+    if durable {
+        scan.durable_keys += 1;
+    }
     if f.bytes > super::rules::BIG_KEY_WARN {
         scan.large_count += 1;
         keep_top(&mut scan.large, f.clone(), |k| k.bytes);

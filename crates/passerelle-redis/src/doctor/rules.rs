@@ -230,7 +230,10 @@ fn databases(s: &Snapshot, out: &mut Vec<Finding>) {
              Cluster has only database 0, and databases share one thread, memory and \
              eviction",
         ));
-    } else if let Some(n) = s.info.command_calls().get("select").filter(|n| **n > 0) {
+    } else if let Some(n) = s.info.command_calls().get("select").filter(|n| **n > 0)
+        // A replica counts the SELECT of its primary's replication stream.
+        && s.info.get("role") != Some("slave")
+    {
         out.push(Finding::new(
             "databases.select",
             Severity::Warning,
@@ -266,7 +269,9 @@ fn command_stats(s: &Snapshot, out: &mut Vec<Finding>) {
         .iter()
         .filter_map(|c| calls.get(*c))
         .sum();
-    if flushes > 0 && !in_slowlog("flushall") && !in_slowlog("flushdb") {
+    // A replica counts the flushes its primary replicated: they are the primary's finding.
+    let replica = s.info.get("role") == Some("slave");
+    if flushes > 0 && !replica && !in_slowlog("flushall") && !in_slowlog("flushdb") {
         out.push(Finding::new(
             "commands.flush",
             Severity::Warning,
@@ -975,6 +980,13 @@ mod tests {
             f.contains(&("databases.select", Severity::Warning)),
             "{f:?}"
         );
+        // A replica's SELECT and flushes come from its primary's replication stream.
+        let replica = snapshot(
+            "role:slave\r\nmaster_link_status:up\r\ncmdstat_flushdb:calls=1,usec=5\r\n\
+             cmdstat_select:calls=1,usec=1\r\n",
+            &[],
+        );
+        assert!(examine(&replica, Expect::Unknown).is_empty());
     }
 
     #[test]

@@ -204,6 +204,8 @@ pub struct KeyScan {
     pub missing_ttl_count: u64,
     /// Keys by LFU counter, hottest first, when the policy keeps one (up to `KEEP`).
     pub hottest: Vec<KeyFacts>,
+    /// Keys under the durable prefixes: data that must not be evicted.
+    pub durable_keys: u64,
 }
 
 impl KeyScan {
