@@ -60,6 +60,53 @@ impl Credentials {
     }
 }
 
+/// A managed Redis of a running `up`, as the operator commands (`passerelle audit`,
+/// `passerelle doctor`) reach it from another process.
+#[derive(Debug, Clone)]
+pub struct Reachable {
+    pub role: Role,
+    /// `redis://passerelle:<password>@<address>`: the application's user.
+    pub app_url: String,
+    /// `redis://operator:<password>@<address>`: every right, for inspection.
+    pub operator_url: String,
+}
+
+/// The managed Redis instances of the `up` running on `data_dir`: their addresses from its
+/// `state.json`, their passwords from `redis/credentials.toml`. Empty when no `up` runs
+/// there or it manages no Redis; an error names the file it could not read.
+pub fn reachable(data_dir: &Path) -> Result<Vec<Reachable>, UpError> {
+    let Some(state) = crate::state::read(data_dir)
+        .map_err(|e| UpError::Setup(format!("reading the state of {}: {e}", data_dir.display())))?
+    else {
+        return Ok(Vec::new());
+    };
+    if state.redis.is_empty() {
+        return Ok(Vec::new());
+    }
+    let path = data_dir.join("redis").join("credentials.toml");
+    let creds: Credentials = std::fs::read_to_string(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|text| toml::from_str(&text).map_err(|e| e.to_string()))
+        .map_err(|e| UpError::Setup(format!("reading {}: {e}", path.display())))?;
+    Ok(state
+        .redis
+        .iter()
+        .filter_map(|c| {
+            let role = [Role::Cache, Role::Durable]
+                .into_iter()
+                .find(|r| c.name == format!("redis-{}", r.as_str()))?;
+            Some(Reachable {
+                role,
+                app_url: format!("redis://{APP_USER}:{}@{}", creds.app_password, c.address),
+                operator_url: format!(
+                    "redis://{OPERATOR_USER}:{}@{}",
+                    creds.operator_password, c.address
+                ),
+            })
+        })
+        .collect())
+}
+
 /// A running managed Redis.
 #[derive(Debug)]
 pub struct ManagedRedis {

@@ -165,25 +165,11 @@ fn redis(config: &Config) -> anyhow::Result<Redis> {
                 data_dir.display()
             )
         };
-        let state = passerelle_supervisor::state::read(data_dir)
-            .with_context(|| format!("reading the state of {}", data_dir.display()))?
+        let durable = passerelle_supervisor::managed_redis::reachable(data_dir)?
+            .into_iter()
+            .find(|r| r.role == passerelle_redis::Role::Durable)
             .with_context(no_redis)?;
-        let durable = state
-            .redis
-            .iter()
-            .find(|c| c.name == "redis-durable")
-            .with_context(no_redis)?;
-        let creds_path = data_dir.join("redis").join("credentials.toml");
-        let text = std::fs::read_to_string(&creds_path)
-            .with_context(|| format!("reading {}", creds_path.display()))?;
-        let creds: passerelle_supervisor::managed_redis::Credentials =
-            toml::from_str(&text).with_context(|| format!("reading {}", creds_path.display()))?;
-        cfg.url = Some(format!(
-            "redis://{}:{}@{}",
-            passerelle_supervisor::managed_redis::APP_USER,
-            creds.app_password,
-            durable.address
-        ));
+        cfg.url = Some(durable.app_url);
     }
     Redis::from_config(&cfg)?.with_context(|| "no Redis configured".to_string())
 }

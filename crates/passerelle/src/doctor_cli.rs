@@ -187,45 +187,24 @@ fn targets(config: &Config, args: &DoctorArgs) -> anyhow::Result<Vec<Target>> {
 /// The managed Redis instances of the `up` running on `up.data_dir`, as their operator.
 fn managed(config: &Config) -> anyhow::Result<Vec<Target>> {
     let data_dir = &config.up.data_dir;
-    let no_redis = || {
-        format!(
-            "no Redis to examine: pass --redis URL, set redis.url, or run this where \
-             `passerelle up` runs (data directory {})",
-            data_dir.display()
-        )
-    };
-    let state = passerelle_supervisor::state::read(data_dir)
-        .with_context(|| format!("reading the state of {}", data_dir.display()))?
-        .with_context(no_redis)?;
-    let creds_path = data_dir.join("redis").join("credentials.toml");
-    let text = std::fs::read_to_string(&creds_path)
-        .with_context(|| format!("reading {}", creds_path.display()))?;
-    let creds: passerelle_supervisor::managed_redis::Credentials =
-        toml::from_str(&text).with_context(|| format!("reading {}", creds_path.display()))?;
-    let out: Vec<Target> = state
-        .redis
-        .iter()
-        .filter_map(|c| {
-            let role = match c.name.as_str() {
-                "redis-cache" => RoleChoice::Cache,
-                "redis-durable" => RoleChoice::Durable,
-                _ => return None,
-            };
-            Some(Target {
-                url: format!(
-                    "redis://{}:{}@{}",
-                    passerelle_supervisor::managed_redis::OPERATOR_USER,
-                    creds.operator_password,
-                    c.address
-                ),
-                redis: RedisConfig::default(),
-                role: Some(role),
-                role_source: format!("managed by passerelle up ({})", c.name),
-            })
+    let out: Vec<Target> = passerelle_supervisor::managed_redis::reachable(data_dir)?
+        .into_iter()
+        .map(|r| Target {
+            url: r.operator_url,
+            redis: RedisConfig::default(),
+            role: Some(match r.role {
+                passerelle_redis::Role::Cache => RoleChoice::Cache,
+                passerelle_redis::Role::Durable => RoleChoice::Durable,
+            }),
+            role_source: format!("managed by passerelle up (redis-{})", r.role.as_str()),
         })
         .collect();
     if out.is_empty() {
-        anyhow::bail!(no_redis());
+        anyhow::bail!(
+            "no Redis to examine: pass --redis URL, set redis.url, or run this where \
+             `passerelle up` runs (data directory {})",
+            data_dir.display()
+        );
     }
     Ok(out)
 }
