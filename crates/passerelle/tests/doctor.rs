@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::BIN;
 use passerelle_redis::KeySchema;
+use passerelle_redis::doctor::probe::SCAN_COUNT;
 use passerelle_testkit::{RedisOptions, RedisServer, children_of, kill, process_alive, wait_until};
 use serde_json::Value;
 
@@ -375,7 +376,7 @@ async fn the_budget_and_max_keys_bound_the_scan_of_a_million_keys() {
     assert!(scanned > 0 && scanned < 1_000_000, "{cov}");
 
     // --max-keys: the scan stops after the batch that reaches it. A batch is one SCAN of
-    // COUNT 200, which ends at a hash bucket's boundary, so it may hold a few more.
+    // COUNT SCAN_COUNT, which ends at a hash bucket's boundary, so it may hold a few more.
     let run = doctor(&[
         "--redis",
         &url,
@@ -390,7 +391,7 @@ async fn the_budget_and_max_keys_bound_the_scan_of_a_million_keys() {
     assert_eq!(cov["complete"], false, "{cov}");
     let scanned = cov["keys_scanned"].as_u64().unwrap();
     assert!(
-        (1000..=1000 + 200 + 20).contains(&scanned),
+        (1000..=1000 + SCAN_COUNT as u64 + 20).contains(&scanned),
         "--max-keys 1000 scanned {scanned}"
     );
     // Its text says the scan was a sample.

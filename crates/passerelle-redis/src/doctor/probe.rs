@@ -20,8 +20,12 @@ use super::Options;
 use super::snapshot::{AclUser, Info, KeyFacts, KeyScan, MonitorSample, SlowEntry, Snapshot};
 use crate::RedisError;
 
-/// Keys per `SCAN` call (and per pipeline of per-key commands).
-pub const SCAN_COUNT: usize = 200;
+/// Keys per `SCAN` call (and per pipeline of per-key commands). What another client may
+/// wait for is the longest stretch the doctor holds the server: one `SCAN` and then one
+/// pipeline, run back to back as Redis reads it. Measured with `cargo xtask bench doctor`
+/// on 1M keys: batches of 200 (a 600-command pipeline) raised a concurrent client's GET
+/// p99 eightfold; see ARCHITECTURE.md for the figures with this size.
+pub const SCAN_COUNT: usize = 50;
 
 /// Commands the doctor asks `ACL DRYRUN` about for each other user: those that walk the
 /// whole keyspace, wipe it, reconfigure or stop the server.
