@@ -4,10 +4,10 @@
 //! failure: the rules then check what they can.
 //!
 //! Load on a production server: one connection, one batch of [`SCAN_COUNT`] keys in flight
-//! (a `SCAN`, then one pipeline of O(1) commands per key: `TYPE`, `PTTL`, `MEMORY USAGE`,
-//! the cardinality, `OBJECT FREQ` under LFU), and after each batch a pause as long as the
-//! batch took, so the doctor keeps the server busy at most about half of the time. Never
-//! `KEYS`, never a command that walks a collection.
+//! (a `SCAN`, then pipelines of O(1) commands for [`PIPELINE_KEYS`] keys at a time: `TYPE`,
+//! `PTTL`, `MEMORY USAGE`, the cardinality, `OBJECT FREQ` under LFU), and after every 10 ms
+//! of such work a rest as long, so the doctor keeps the server busy at most about half of
+//! the time. Never `KEYS`, never a command that walks a collection.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -20,12 +20,17 @@ use super::Options;
 use super::snapshot::{AclUser, Info, KeyFacts, KeyScan, MonitorSample, SlowEntry, Snapshot};
 use crate::RedisError;
 
-/// Keys per `SCAN` call (and per pipeline of per-key commands). What another client may
-/// wait for is the longest stretch the doctor holds the server: one `SCAN` and then one
-/// pipeline, run back to back as Redis reads it. Measured with `cargo xtask bench doctor`
-/// on 1M keys: batches of 200 (a 600-command pipeline) raised a concurrent client's GET
-/// p99 eightfold; see ARCHITECTURE.md for the figures with this size.
-pub const SCAN_COUNT: usize = 50;
+/// Keys per `SCAN` call, and per pipeline of per-key commands. What another client may
+/// wait for is the longest stretch the doctor holds the server: one `SCAN`, or one
+/// pipeline, which Redis runs back to back as it reads it. Measured with `cargo xtask bench
+/// doctor` on 1M keys, a concurrent client's GET p99 against idle: ×8 with `SCAN` batches
+/// of 200 and a 600-command pipeline each, ×5 with batches of 50 in one pipeline, ×1.7-1.9
+/// with these sizes (`redis-cli --bigkeys`: ×1.3); see ARCHITECTURE.md (Performance).
+pub const SCAN_COUNT: usize = 20;
+pub const PIPELINE_KEYS: usize = 10;
+
+/// Work between two rests of the key scan (each rest as long as the work).
+const PACE: Duration = Duration::from_millis(10);
 
 /// Commands the doctor asks `ACL DRYRUN` about for each other user: those that walk the
 /// whole keyspace, wipe it, reconfigure or stop the server.
@@ -245,12 +250,15 @@ impl Probe {
         };
         let stop_at = self.deadline.checked_sub(reserve).unwrap_or(self.deadline);
         let mut cursor: u64 = 0;
+        let mut busy = Duration::ZERO;
         loop {
             let batch_start = Instant::now();
             let (next, keys): (u64, Vec<Vec<u8>>) = self
                 .query(redis::cmd("SCAN").arg(cursor).arg("COUNT").arg(SCAN_COUNT))
                 .await?;
-            self.examine_batch(&keys, opts, lfu, &mut scan).await?;
+            for chunk in keys.chunks(PIPELINE_KEYS) {
+                self.examine_batch(chunk, opts, lfu, &mut scan).await?;
+            }
             cursor = next;
             if cursor == 0 {
                 scan.complete = true;
@@ -259,13 +267,19 @@ impl Probe {
             if scan.scanned >= opts.max_keys {
                 break;
             }
-            // Pace: rest as long as the batch took, so other clients get the server at
-            // least half of the time.
-            let took = batch_start.elapsed();
-            if Instant::now() + took >= stop_at {
+            // Pace: after every PACE of work, rest as long, so the doctor has the server
+            // at most about half of the time. Resting per batch would rest far longer than
+            // the batch: a timer sleeps whole milliseconds.
+            busy += batch_start.elapsed();
+            if busy >= PACE {
+                if Instant::now() + busy >= stop_at {
+                    break;
+                }
+                tokio::time::sleep(busy).await;
+                busy = Duration::ZERO;
+            } else if Instant::now() >= stop_at {
                 break;
             }
-            tokio::time::sleep(took).await;
         }
         scan.elapsed = started.elapsed();
         Ok(scan)
