@@ -496,7 +496,7 @@ mod tests {
             Value::Int(1_700_000_000),
             Value::Int(25_000),
             Value::Array(vec![
-                Value::BulkString(b"KEYS".to_vec()),
+                Value::BulkString(b"keys".to_vec()),
                 Value::BulkString(b"*".to_vec()),
             ]),
             Value::BulkString(b"127.0.0.1:5000".to_vec()),
