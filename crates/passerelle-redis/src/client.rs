@@ -19,6 +19,7 @@ use passerelle_config::{RedisConfig, RedisTarget};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::connection::{ClusterConn, Conn, Topology};
+use crate::info::Info;
 use crate::keys::KeySchema;
 use crate::sentinel::SentinelConn;
 use crate::{RedisError, scripts};
@@ -597,24 +598,16 @@ fn info_texts(v: redis::Value) -> Vec<String> {
 }
 
 fn parse_memory_info(info: &str) -> MemoryInfo {
-    let mut m = MemoryInfo {
-        used_memory: 0,
-        maxmemory: 0,
-        maxmemory_policy: String::new(),
-        evicted_keys: 0,
-    };
-    for line in info.lines() {
-        if let Some((k, v)) = line.trim_end().split_once(':') {
-            match k {
-                "used_memory" => m.used_memory = v.parse().unwrap_or(0),
-                "maxmemory" => m.maxmemory = v.parse().unwrap_or(0),
-                "maxmemory_policy" => m.maxmemory_policy = v.to_string(),
-                "evicted_keys" => m.evicted_keys = v.parse().unwrap_or(0),
-                _ => {}
-            }
-        }
+    memory_of(&Info::parse(info))
+}
+
+fn memory_of(i: &Info) -> MemoryInfo {
+    MemoryInfo {
+        used_memory: i.u64("used_memory").unwrap_or(0),
+        maxmemory: i.u64("maxmemory").unwrap_or(0),
+        maxmemory_policy: i.get("maxmemory_policy").unwrap_or("").to_string(),
+        evicted_keys: i.u64("evicted_keys").unwrap_or(0),
     }
-    m
 }
 
 impl ServerInfo {
@@ -636,52 +629,29 @@ impl ServerInfo {
 }
 
 /// One node's `INFO` text. A replica's line reads
-/// `slave0:ip=10.0.0.2,port=6379,state=online,offset=1234,lag=0`; the lag in bytes is taken
-/// once the primary's own offset is known, whichever line comes first.
+/// `slave0:ip=10.0.0.2,port=6379,state=online,offset=1234,lag=0`: its lag in bytes is the
+/// primary's `master_repl_offset` minus its `offset`.
 fn parse_server_info(info: &str) -> ServerInfo {
-    let mut s = ServerInfo {
-        memory: parse_memory_info(info),
-        connected_clients: 0,
-        maxclients: 0,
-        rejected_connections: 0,
-        connected_replicas: 0,
-        replication_lag_bytes: 0,
-        replication_lag_seconds: 0,
-    };
-    let mut primary_offset = 0u64;
-    let mut replica_offsets = Vec::new();
-    for line in info.lines() {
-        let Some((k, v)) = line.trim_end().split_once(':') else {
-            continue;
-        };
-        match k {
-            "connected_clients" => s.connected_clients = v.parse().unwrap_or(0),
-            "maxclients" => s.maxclients = v.parse().unwrap_or(0),
-            "rejected_connections" => s.rejected_connections = v.parse().unwrap_or(0),
-            "connected_slaves" => s.connected_replicas = v.parse().unwrap_or(0),
-            "master_repl_offset" => primary_offset = v.parse().unwrap_or(0),
-            _ if k
-                .strip_prefix("slave")
-                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) =>
-            {
-                let field = |name: &str| {
-                    v.split(',')
-                        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
-                        .and_then(|n| n.parse::<u64>().ok())
-                };
-                replica_offsets.push(field("offset").unwrap_or(0));
-                s.replication_lag_seconds =
-                    s.replication_lag_seconds.max(field("lag").unwrap_or(0));
-            }
-            _ => {}
-        }
+    let i = Info::parse(info);
+    let head = i.u64("master_repl_offset").unwrap_or(0);
+    let replicas = i.replicas();
+    ServerInfo {
+        memory: memory_of(&i),
+        connected_clients: i.u64("connected_clients").unwrap_or(0),
+        maxclients: i.u64("maxclients").unwrap_or(0),
+        rejected_connections: i.u64("rejected_connections").unwrap_or(0),
+        connected_replicas: i.u64("connected_slaves").unwrap_or(0),
+        replication_lag_bytes: replicas
+            .iter()
+            .map(|r| head.saturating_sub(r.offset))
+            .max()
+            .unwrap_or(0),
+        replication_lag_seconds: replicas
+            .iter()
+            .filter_map(|r| r.lag_seconds)
+            .max()
+            .unwrap_or(0),
     }
-    s.replication_lag_bytes = replica_offsets
-        .into_iter()
-        .map(|o| primary_offset.saturating_sub(o))
-        .max()
-        .unwrap_or(0);
-    s
 }
 
 /// `redis://user:secret@host:6379` → `redis://user:***@host:6379`.

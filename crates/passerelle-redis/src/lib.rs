@@ -29,6 +29,7 @@ pub mod cache;
 pub mod client;
 pub mod connection;
 pub mod doctor;
+pub mod info;
 pub mod keys;
 mod login;
 pub mod preferences;
