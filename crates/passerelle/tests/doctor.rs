@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use common::BIN;
 use passerelle_redis::KeySchema;
 use passerelle_redis::doctor::probe::SCAN_COUNT;
-use passerelle_testkit::{RedisOptions, RedisServer, children_of, kill, process_alive, wait_until};
+use passerelle_testkit::{RedisOptions, RedisServer, wait_until};
 use serde_json::Value;
 
 /// What one run of the binary did.
@@ -643,27 +643,7 @@ impl Up {
 
 impl Drop for Up {
     fn drop(&mut self) {
-        let children = children_of(self.child.id());
-        kill(self.child.id(), libc::SIGINT);
-        let start = Instant::now();
-        while self.child.try_wait().unwrap().is_none() && start.elapsed() < Duration::from_secs(20)
-        {
-            #[allow(clippy::disallowed_methods)]
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        while children.iter().any(|&p| process_alive(p))
-            && start.elapsed() < Duration::from_secs(30)
-        {
-            #[allow(clippy::disallowed_methods)]
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        for p in children {
-            if process_alive(p) {
-                kill(p, libc::SIGKILL);
-            }
-        }
+        common::stop_platform(&mut self.child, libc::SIGINT);
     }
 }
 

@@ -18,11 +18,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::BIN;
 use http::Method;
-use passerelle_testkit::{HttpClient, children_of, kill, process_alive, wait_until};
+use passerelle_testkit::{HttpClient, wait_until};
 
 /// The repository's `deploy/` directory.
 fn deploy() -> PathBuf {
@@ -87,23 +87,7 @@ impl Drop for Up {
     /// SIGINT, as Ctrl-C would: `up` stops its children itself. Any left after that are
     /// killed by their PID.
     fn drop(&mut self) {
-        let children = children_of(self.child.id());
-        kill(self.child.id(), libc::SIGINT);
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(20) {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            #[allow(clippy::disallowed_methods)]
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        for p in children {
-            if process_alive(p) {
-                kill(p, libc::SIGKILL);
-            }
-        }
+        common::stop_platform(&mut self.child, libc::SIGINT);
     }
 }
 

@@ -30,7 +30,6 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use common::BIN;
 
@@ -226,19 +225,10 @@ struct Up {
 }
 
 impl Drop for Up {
+    /// SIGINT, as Ctrl-C would: the platform stops its children itself; any left are
+    /// killed by their PID.
     fn drop(&mut self) {
-        // SIGINT, as Ctrl-C would, then wait: the platform stops its children itself.
-        passerelle_testkit::kill(self.child.id(), libc::SIGINT);
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(20) {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            #[allow(clippy::disallowed_methods)]
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        common::stop_platform(&mut self.child, libc::SIGINT);
     }
 }
 

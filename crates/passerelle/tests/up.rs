@@ -46,24 +46,9 @@ impl Up {
 
 impl Drop for Up {
     /// Kills `up` and makes sure its children are gone too before the test's temporary
-    /// directory is deleted (a Redis whose directory vanished cannot save; Redis 6 then
-    /// refuses to exit on the parent-death signal).
+    /// directory is deleted.
     fn drop(&mut self) {
-        let children = children_of(self.child.id());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let start = Instant::now();
-        while children.iter().any(|&p| process_alive(p))
-            && start.elapsed() < Duration::from_secs(10)
-        {
-            #[allow(clippy::disallowed_methods)]
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        for p in children {
-            if process_alive(p) {
-                kill(p, libc::SIGKILL);
-            }
-        }
+        common::stop_platform(&mut self.child, libc::SIGKILL);
     }
 }
 

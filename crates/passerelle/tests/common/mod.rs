@@ -468,3 +468,35 @@ pub fn entry_key(r: &HttpReply) -> String {
         .trim_matches('"')
         .to_string()
 }
+
+/// Stops a `passerelle up` started by a test, and everything it started: `signal` first
+/// (`SIGINT`, as Ctrl-C, lets it stop its children itself; `SIGKILL` does not), up to 20 s
+/// for it to exit, then its children that are still alive, each killed by its PID once
+/// they have had 10 s more. Called from the tests' drop guards, so that no Redis or service
+/// outlives its test (a Redis whose directory is deleted cannot save, and Redis 6 then
+/// ignores the parent-death signal).
+pub fn stop_platform(child: &mut Child, signal: i32) {
+    use passerelle_testkit::{children_of, kill, process_alive};
+    use std::time::Instant;
+    let children = children_of(child.id());
+    kill(child.id(), signal);
+    let start = Instant::now();
+    while !matches!(child.try_wait(), Ok(Some(_)) | Err(_))
+        && start.elapsed() < Duration::from_secs(20)
+    {
+        #[allow(clippy::disallowed_methods)]
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let start = Instant::now();
+    while children.iter().any(|&p| process_alive(p)) && start.elapsed() < Duration::from_secs(10) {
+        #[allow(clippy::disallowed_methods)]
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for p in children {
+        if process_alive(p) {
+            kill(p, libc::SIGKILL);
+        }
+    }
+}
