@@ -128,7 +128,7 @@ pub(crate) fn cpu_ticks(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn children_of(pid: u32) -> Vec<u32> {
+pub(crate) fn children_of(pid: u32) -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -249,7 +249,7 @@ request = function()
 end
 "#;
 
-fn nginx_conf(dir: &Path, port: u16, upstreams: &[String]) -> String {
+pub(crate) fn nginx_conf(dir: &Path, port: u16, upstreams: &[String]) -> String {
     let servers: String = upstreams
         .iter()
         .map(|a| format!("        server {a};\n"))

@@ -10,6 +10,7 @@ mod bench_auth;
 mod bench_cache;
 mod bench_doctor;
 mod bench_prefs;
+mod bench_proxy;
 mod bench_redis;
 mod hygiene;
 
@@ -34,7 +35,7 @@ tasks:
                  PASSERELLE_TEST_TOPOLOGY (see .config/nextest.toml)
   install        build passerelle in release mode and install it into ~/.cargo/bin
                  (cargo install --path crates/passerelle), so `passerelle` is on PATH
-  bench [rate-limit | cache | auth | redis | preferences | audit | doctor]
+  bench [rate-limit | cache | auth | redis | preferences | audit | doctor | proxy]
         [--duration SECS] [--connections N] [--threads N] [--records N (audit)]
         [--keys N (doctor)]
                  install wrk, nginx and redis-server if missing, start the platform, and
@@ -51,7 +52,10 @@ tasks:
                  AOF everysec and always, 1 and 3 instances) and chain contention (audit),
                  or `passerelle doctor`'s key scan on --keys keys (default 1,000,000)
                  against redis-cli --bigkeys/--memkeys, with a client's GET latency during
-                 each (doctor)
+                 each (doctor), or the gateway as a plain round-robin proxy against nginx
+                 and HAProxy, all three in front of the same two nginx `return 200`
+                 upstreams: medians of three rotated rounds, with CPU per request
+                 (proxy; installs haproxy if missing)
   deps           install the Debian packages the tests need (redis-server, redis-tools,
                  prometheus for promtool)
   help           this text (also -h, --help)
@@ -161,6 +165,7 @@ pub fn ensure_packages(wanted: &[(&str, &str)]) -> Result {
     for (svc, pkg) in [
         ("redis-server", "redis-server"),
         ("nginx", "nginx-light"),
+        ("haproxy", "haproxy"),
         ("prometheus", "prometheus"),
     ] {
         if missing.contains(&pkg) && have("service") {
@@ -308,6 +313,7 @@ fn bench(args: &[String]) -> Result {
         Some((s, rest)) if s == "auth" => (bench_auth::run, rest),
         Some((s, rest)) if s == "redis" => (bench_redis::run, rest),
         Some((s, rest)) if s == "preferences" => (bench_prefs::run, rest),
+        Some((s, rest)) if s == "proxy" => (bench_proxy::run, rest),
         Some((s, rest)) if s == "audit" => {
             audit_args = bench_audit::take_options(rest)?;
             (bench_audit::run, &audit_args)
@@ -323,6 +329,7 @@ fn bench(args: &[String]) -> Result {
         ("redis-server", "redis-server"),
         ("nginx", "nginx-light"),
         ("wrk", "wrk"),
+        ("haproxy", "haproxy"),
     ])?;
     let bin = release_binary()?;
     let dir = std::env::temp_dir().join(format!("passerelle-bench-{}", std::process::id()));
