@@ -4,16 +4,19 @@
 //!    with it from cold: requests/s, latency, origin calls/s, and where hits came from;
 //! 2. a hot set (users 1 to 100) served from L1, from L2 only (a route with `l1 = false`),
 //!    and proxied uncached, to compare what a hit costs with what proxying costs;
-//! 3. misses only (a unique query string per request): origin call plus storing.
+//! 3. misses only (a unique query string per request): origin call plus storing;
+//! 4. the hot set from L1 against nginx serving the same bodies as static files (three
+//!    alternated rounds, medians): what a hit costs beyond writing the bytes.
 //!
 //! Origin calls and hit levels are read from the gateway's own counters
 //! (`passerelle_cache_lookups_total`, `passerelle_cache_origin_calls_total`).
 
 use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::Result;
-use crate::bench::{Options, WrkResult, finish, start_platform, wait_ok, wrk};
+use crate::bench::{Guard, Options, WrkResult, finish, free_port, start_platform, wait_ok, wrk};
 
 const CONFIG: &str = r#"
 [rate_limiting]
@@ -39,6 +42,14 @@ rewrite = "/users/{id}"
 # `r` is keyed so that the misses workload (a unique `?r=` per request) misses; any other
 # parameter would bypass the cache.
 cache = { ttl = "60s", stale_while_revalidate = "10s", tags = ["/users/{id}"], query = ["r"] }
+
+[[routes]]
+name = "pair"
+path = "/pair/{user_id}/{product_id}"
+cache = { ttl = "60s", stale_while_revalidate = "10s", tags = ["/users/{user_id}", "/products/{product_id}"] }
+[routes.compose]
+user = { upstream = "users", path = "/users/{user_id}" }
+product = { upstream = "products", path = "/products/{product_id}" }
 
 [[routes]]
 name = "l2-only"
@@ -236,5 +247,158 @@ pub(crate) fn run(o: &Options, bin: &Path, dir: &Path) -> Result {
         "an L1 hit: p50 {:.2} ms vs {:.2} ms proxied; {:.0} vs {:.0} req/s (goal: cheaper than proxying)",
         l1.r.p50_ms, proxied.r.p50_ms, l1.r.rps, proxied.r.rps
     );
+    let pairs_lua = "init = function(args)\n  math.randomseed(math.floor(os.clock() * 1e6) + os.time())\nend\nrequest = function()\n  local i = math.random(1, 100)\n  return wrk.format(\"GET\", \"/pair/\" .. i .. \"/\" .. i)\nend\n";
+    let hot_pairs = script("hot-pairs.lua", pairs_lua.to_string())?;
+    l1_vs_static(
+        o,
+        dir,
+        gateway,
+        &[
+            (
+                "a route's answer (/cached/{id})",
+                (1..=100).map(|i| format!("/cached/{i}")).collect(),
+                hot_l1,
+            ),
+            (
+                "a composed answer (/pair/{id}/{id})",
+                (1..=100).map(|i| format!("/pair/{i}/{i}")).collect(),
+                hot_pairs,
+            ),
+        ],
+    )
+}
+
+/// "L1 hit vs nginx static, same bytes": hot sets of 100 answers, as the gateway serves
+/// them from L1, written to files that nginx serves as static answers; the same wrk script
+/// against both, three alternated rounds, medians. What is left between the two is the
+/// gateway's own cost of a hit (routing, the key, the lookup, the headers).
+fn l1_vs_static(
+    o: &Options,
+    dir: &Path,
+    gateway: &str,
+    sets: &[(&str, Vec<String>, std::path::PathBuf)],
+) -> Result {
+    let root = dir.join("static");
+    let mut sizes = Vec::new();
+    for (_, paths, _) in sets {
+        let mut bytes = 0usize;
+        for path in paths {
+            // Twice: the first may be the miss that fills L1.
+            let mut body = Vec::new();
+            for _ in 0..2 {
+                let out = Command::new("curl")
+                    .args(["-sf", &format!("http://{gateway}{path}")])
+                    .output()
+                    .map_err(|e| format!("curl: {e}"))?;
+                if !out.status.success() {
+                    return Err(format!("GET {path} through the gateway failed"));
+                }
+                body = out.stdout;
+            }
+            bytes += body.len();
+            let file = root.join(path.trim_start_matches('/'));
+            if let Some(parent) = file.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+            }
+            std::fs::write(file, &body).map_err(|e| e.to_string())?;
+        }
+        sizes.push(bytes / paths.len().max(1));
+    }
+    let port = free_port()?;
+    let ndir = dir.join("nginx-static");
+    std::fs::create_dir_all(&ndir).map_err(|e| e.to_string())?;
+    let conf = ndir.join("nginx.conf");
+    let (d, r) = (ndir.display(), root.display());
+    std::fs::write(
+        &conf,
+        format!(
+            r#"worker_processes auto;
+pid {d}/nginx.pid;
+error_log {d}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    open_file_cache max=1000;
+    server {{
+        listen 127.0.0.1:{port} reuseport;
+        root {r};
+        default_type application/json;
+    }}
+}}
+"#
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let child = Command::new("nginx")
+        .arg("-p")
+        .arg(&ndir)
+        .arg("-c")
+        .arg(&conf)
+        .args(["-g", "daemon off;"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("starting nginx: {e}"))?;
+    let _nginx = Guard {
+        name: "nginx (static)",
+        child,
+        signal: "-QUIT",
+    };
+    let nginx = format!("127.0.0.1:{port}");
+    wait_ok(&nginx, &sets[0].1[0])?;
+    let median = |rs: &[WrkResult], f: fn(&WrkResult) -> f64| -> f64 {
+        let mut v: Vec<f64> = rs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut lines = Vec::new();
+    for ((label, _, script), size) in sets.iter().zip(&sizes) {
+        eprintln!(
+            "L1 hits vs nginx static: {label}, {size} bytes on average, 3 alternated rounds..."
+        );
+        let (mut gw, mut ng) = (Vec::new(), Vec::new());
+        for round in 0..3 {
+            let order: [(&str, &mut Vec<WrkResult>); 2] = if round % 2 == 0 {
+                [(gateway, &mut gw), (nginx.as_str(), &mut ng)]
+            } else {
+                [(nginx.as_str(), &mut ng), (gateway, &mut gw)]
+            };
+            for (addr, into) in order {
+                let url = format!("http://{addr}");
+                into.push(finish(wrk(
+                    script,
+                    &url,
+                    o.threads,
+                    o.connections,
+                    o.duration,
+                )));
+            }
+        }
+        let errors = |rs: &[WrkResult]| rs.iter().map(|r| r.errors).sum::<u64>();
+        lines.push(format!(
+            "| {label}, {size} B | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2}x | {} |",
+            median(&gw, |r| r.rps),
+            median(&gw, |r| r.p50_ms),
+            median(&gw, |r| r.p99_ms),
+            median(&ng, |r| r.rps),
+            median(&ng, |r| r.p50_ms),
+            median(&ng, |r| r.p99_ms),
+            median(&gw, |r| r.rps) / median(&ng, |r| r.rps).max(1.0),
+            errors(&gw) + errors(&ng),
+        ));
+    }
+    println!();
+    println!(
+        "| L1 hit vs nginx static, same bytes (medians of 3 alternated rounds) | gateway req/s | p50 ms | p99 ms | nginx req/s | p50 ms | p99 ms | gateway / nginx (goal: 0.8x) | non-2xx |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for l in lines {
+        println!("{l}");
+    }
     Ok(())
 }
