@@ -249,14 +249,12 @@ request = function()
 end
 "#;
 
-pub(crate) fn nginx_conf(dir: &Path, port: u16, upstreams: &[String]) -> String {
-    let servers: String = upstreams
-        .iter()
-        .map(|a| format!("        server {a};\n"))
-        .collect();
+/// An nginx configuration that keeps every file under `dir` (pid, error log, temp paths) and
+/// logs no access: `workers` (`auto`, `1`) and what goes inside `http { }`.
+pub(crate) fn nginx_file(dir: &Path, workers: &str, http: &str) -> String {
     let d = dir.display();
     format!(
-        r#"worker_processes auto;
+        r#"worker_processes {workers};
 pid {d}/nginx.pid;
 error_log {d}/nginx-error.log warn;
 events {{ worker_connections 4096; }}
@@ -267,7 +265,21 @@ http {{
     fastcgi_temp_path {d}/fastcgi;
     uwsgi_temp_path {d}/uwsgi;
     scgi_temp_path {d}/scgi;
-    upstream users {{
+{http}}}
+"#
+    )
+}
+
+pub(crate) fn nginx_conf(dir: &Path, port: u16, upstreams: &[String]) -> String {
+    let servers: String = upstreams
+        .iter()
+        .map(|a| format!("        server {a};\n"))
+        .collect();
+    nginx_file(
+        dir,
+        "auto",
+        &format!(
+            r#"    upstream users {{
 {servers}        keepalive 256;
     }}
     server {{
@@ -278,8 +290,8 @@ http {{
             proxy_set_header Connection "";
         }}
     }}
-}}
 "#
+        ),
     )
 }
 

@@ -308,29 +308,21 @@ fn l1_vs_static(
     let ndir = dir.join("nginx-static");
     std::fs::create_dir_all(&ndir).map_err(|e| e.to_string())?;
     let conf = ndir.join("nginx.conf");
-    let (d, r) = (ndir.display(), root.display());
+    let r = root.display();
     std::fs::write(
         &conf,
-        format!(
-            r#"worker_processes auto;
-pid {d}/nginx.pid;
-error_log {d}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/client_body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    open_file_cache max=1000;
+        crate::bench::nginx_file(
+            &ndir,
+            "auto",
+            &format!(
+                r#"    open_file_cache max=1000;
     server {{
         listen 127.0.0.1:{port} reuseport;
         root {r};
         default_type application/json;
     }}
-}}
 "#
+            ),
         ),
     )
     .map_err(|e| e.to_string())?;

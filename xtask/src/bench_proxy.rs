@@ -96,20 +96,11 @@ fn log_file(path: &Path) -> Result<std::fs::File> {
 
 /// An upstream: one nginx worker answering [`BODY`] from memory.
 fn upstream_conf(dir: &Path, port: u16) -> String {
-    let d = dir.display();
-    format!(
-        r#"worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/client_body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    keepalive_requests 1000000;
+    crate::bench::nginx_file(
+        dir,
+        "1",
+        &format!(
+            r#"    keepalive_requests 1000000;
     keepalive_timeout 75s;
     server {{
         listen 127.0.0.1:{port};
@@ -118,8 +109,8 @@ http {{
             return 200 '{BODY}';
         }}
     }}
-}}
 "#
+        ),
     )
 }
 
