@@ -249,6 +249,34 @@ request = function()
 end
 "#;
 
+/// nginx in the foreground on `conf` (written to `dir/nginx.conf`), with `dir` as its
+/// prefix; stopped gracefully (`QUIT`) by its PID when the guard drops.
+pub(crate) fn spawn_nginx(
+    name: &'static str,
+    dir: &Path,
+    conf: &str,
+    stderr: Stdio,
+) -> Result<Guard> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    let child = Command::new("nginx")
+        .arg("-p")
+        .arg(dir)
+        .arg("-c")
+        .arg(&path)
+        .args(["-g", "daemon off;"])
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .map_err(|e| format!("starting nginx ({name}): {e}"))?;
+    Ok(Guard {
+        name,
+        child,
+        signal: "-QUIT",
+    })
+}
+
 /// An nginx configuration that keeps every file under `dir` (pid, error log, temp paths) and
 /// logs no access: `workers` (`auto`, `1`) and what goes inside `http { }`.
 pub(crate) fn nginx_file(dir: &Path, workers: &str, http: &str) -> String {
@@ -445,25 +473,13 @@ pub(crate) fn bench(o: &Options, bin: &Path, dir: &Path) -> Result {
     // The reference: nginx over the same instances.
     let nginx_port = free_port()?;
     let ndir = dir.join("nginx");
-    std::fs::create_dir_all(&ndir).map_err(|e| e.to_string())?;
-    let conf = ndir.join("nginx.conf");
-    std::fs::write(&conf, nginx_conf(&ndir, nginx_port, &users)).map_err(|e| e.to_string())?;
-    let nginx_child = Command::new("nginx")
-        .args(["-p"])
-        .arg(&ndir)
-        .arg("-c")
-        .arg(&conf)
-        .args(["-g", "daemon off;"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| format!("starting nginx: {e}"))?;
-    let nginx_pid = nginx_child.id();
-    let _nginx = Guard {
-        name: "nginx",
-        child: nginx_child,
-        signal: "-QUIT",
-    };
+    let _nginx = spawn_nginx(
+        "nginx",
+        &ndir,
+        &nginx_conf(&ndir, nginx_port, &users),
+        Stdio::inherit(),
+    )?;
+    let nginx_pid = _nginx.child.id();
     let nginx = format!("127.0.0.1:{nginx_port}");
     wait_ok(&nginx, "/users/1")?;
     let nginx_workers = children_of(nginx_pid);

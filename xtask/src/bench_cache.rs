@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::Result;
-use crate::bench::{Guard, Options, WrkResult, finish, free_port, start_platform, wait_ok, wrk};
+use crate::bench::{Options, WrkResult, finish, free_port, start_platform, wait_ok, wrk};
 
 const CONFIG: &str = r#"
 [rate_limiting]
@@ -306,41 +306,21 @@ fn l1_vs_static(
     }
     let port = free_port()?;
     let ndir = dir.join("nginx-static");
-    std::fs::create_dir_all(&ndir).map_err(|e| e.to_string())?;
-    let conf = ndir.join("nginx.conf");
     let r = root.display();
-    std::fs::write(
-        &conf,
-        crate::bench::nginx_file(
-            &ndir,
-            "auto",
-            &format!(
-                r#"    open_file_cache max=1000;
+    let conf = crate::bench::nginx_file(
+        &ndir,
+        "auto",
+        &format!(
+            r#"    open_file_cache max=1000;
     server {{
         listen 127.0.0.1:{port} reuseport;
         root {r};
         default_type application/json;
     }}
 "#
-            ),
         ),
-    )
-    .map_err(|e| e.to_string())?;
-    let child = Command::new("nginx")
-        .arg("-p")
-        .arg(&ndir)
-        .arg("-c")
-        .arg(&conf)
-        .args(["-g", "daemon off;"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| format!("starting nginx: {e}"))?;
-    let _nginx = Guard {
-        name: "nginx (static)",
-        child,
-        signal: "-QUIT",
-    };
+    );
+    let _nginx = crate::bench::spawn_nginx("nginx (static)", &ndir, &conf, Stdio::inherit())?;
     let nginx = format!("127.0.0.1:{port}");
     wait_ok(&nginx, &sets[0].1[0])?;
     let median = |rs: &[WrkResult], f: fn(&WrkResult) -> f64| -> f64 {

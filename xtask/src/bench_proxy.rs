@@ -117,27 +117,12 @@ fn upstream_conf(dir: &Path, port: u16) -> String {
 /// Starts nginx in the foreground on `conf`, with `dir` as its prefix.
 fn start_nginx(name: &'static str, dir: &Path, conf: &str, port: u16) -> Result<Server> {
     std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    let conf_path = dir.join("nginx.conf");
-    write(&conf_path, conf)?;
     let log = dir.join("stderr.log");
-    let child = Command::new("nginx")
-        .arg("-p")
-        .arg(dir)
-        .arg("-c")
-        .arg(&conf_path)
-        .args(["-g", "daemon off;"])
-        .stdout(Stdio::null())
-        .stderr(log_file(&log)?)
-        .spawn()
-        .map_err(|e| format!("starting nginx ({name}): {e}"))?;
+    let guard = crate::bench::spawn_nginx(name, dir, conf, log_file(&log)?.into())?;
     Ok(Server {
         name,
         addr: format!("127.0.0.1:{port}"),
-        guard: Guard {
-            name,
-            child,
-            signal: "-QUIT",
-        },
+        guard,
         log,
     })
 }
