@@ -21,6 +21,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use crate::connection::{ClusterConn, Conn, Topology};
 use crate::info::Info;
 use crate::keys::KeySchema;
+use crate::lanes::{Lanes, WAIT_LANES};
 use crate::sentinel::SentinelConn;
 use crate::{RedisError, scripts};
 
@@ -58,13 +59,16 @@ pub struct RedisClient {
 }
 
 /// `WAIT` blocks the connection it is sent on until the replicas answer, so durable writes
-/// that wait have a connection of their own: the limiter's and the cache's commands never
-/// queue behind one. Its commands may take the wait's timeout on top of the usual one.
+/// that wait have connections of their own: the limiter's and the cache's commands never
+/// queue behind one, and each waiting write has one to itself ([`crate::lanes`]). Their
+/// commands may take the wait's timeout on top of the usual one.
 #[derive(Clone)]
 struct Wait {
     replicas: u32,
     timeout: Duration,
-    conn: Conn,
+    /// How long a write may wait for a free connection, then for its answer.
+    deadline: Duration,
+    lanes: Arc<Lanes<Conn>>,
 }
 
 enum Source {
@@ -247,10 +251,15 @@ impl RedisClient {
             return Ok(None);
         }
         let timeout = cfg.durable_wait_timeout.get();
+        let deadline = cfg.command_timeout.get() + timeout;
+        let conns = (0..WAIT_LANES)
+            .map(|_| self.fresh_conn(Some(deadline)))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Some(Wait {
             replicas: cfg.durable_wait_replicas,
             timeout,
-            conn: self.fresh_conn(Some(cfg.command_timeout.get() + timeout))?,
+            deadline,
+            lanes: Arc::new(Lanes::new(conns)),
         }))
     }
 
@@ -315,7 +324,8 @@ impl RedisClient {
         let Some(Wait {
             replicas: wanted,
             timeout,
-            conn,
+            deadline,
+            lanes,
         }) = &self.wait
         else {
             let mut b = crate::batch::Batch::new();
@@ -330,7 +340,12 @@ impl RedisClient {
                 .unwrap_or(u64::MAX)
                 .max(1),
         );
-        let mut values = crate::batch::send_group(&mut conn.clone(), &p, &[script]).await?;
+        let conn = lanes
+            .take(*deadline)
+            .await
+            .ok_or(RedisError::Timeout(*deadline))?;
+        let mut values = crate::batch::send_group(&mut (*conn).clone(), &p, &[script]).await?;
+        drop(conn);
         let acked: u32 = decode_value(values.pop())?;
         let value = decode_value(values.pop())?;
         if acked < *wanted {

@@ -31,6 +31,7 @@ pub mod connection;
 pub mod doctor;
 pub mod info;
 pub mod keys;
+mod lanes;
 mod login;
 pub mod preferences;
 mod pubsub;

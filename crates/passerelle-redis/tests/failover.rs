@@ -573,3 +573,48 @@ async fn a_slot_moved_between_primaries_is_followed_and_its_subscription_renewed
     let got = tokio::time::timeout(Duration::from_secs(5), messages.next()).await;
     assert_eq!(got, Ok(Some(Invalidation::Key("ab".into()))));
 }
+
+/// Durable writes at the same time on a primary that has no replica: each is refused for
+/// want of one after its own wait, none outlives its deadline queued behind another's
+/// `WAIT` (which blocks the connection it is sent on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_without_a_replica_are_each_refused_after_their_own_wait() {
+    let server = passerelle_testkit::RedisServer::start();
+    let cfg = RedisConfig {
+        url: Some(server.url()),
+        durable_wait_replicas: 1,
+        durable_wait_timeout: passerelle_config::Dur::millis(800),
+        command_timeout: passerelle_config::Dur::millis(300),
+        ..RedisConfig::default()
+    };
+    let r = Redis::from_config(&cfg).unwrap().unwrap();
+    let writes = (0..4).map(|n| {
+        let r = r.clone();
+        tokio::spawn(async move {
+            let key = passerelle_redis::api_keys::StoredKey {
+                id: format!("w{n}"),
+                ..Default::default()
+            };
+            let started = Instant::now();
+            let answer = r
+                .durable()
+                .api_key_create(&r.keys, &format!("d{n}"), &key)
+                .await;
+            (answer, started.elapsed())
+        })
+    });
+    for w in futures_util::future::join_all(writes).await {
+        let (answer, took) = w.unwrap();
+        assert!(
+            matches!(
+                answer,
+                Err(passerelle_redis::RedisError::NotReplicated {
+                    acked: 0,
+                    wanted: 1
+                })
+            ),
+            "refused for want of a replica, not {answer:?}"
+        );
+        assert!(took >= Duration::from_millis(800), "it waited: {took:?}");
+    }
+}
