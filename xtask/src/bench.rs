@@ -159,6 +159,18 @@ pub(crate) fn ticks_per_second() -> f64 {
         .unwrap_or(100.0)
 }
 
+/// The median of a bench's rounds (the mean of the middle two for an even count; 0 for
+/// none).
+pub(crate) fn median(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.into_iter().collect();
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
 #[derive(Debug, Default, Clone)]
 pub(crate) struct WrkResult {
     pub rps: f64,

@@ -6,7 +6,11 @@
 //!    and proxied uncached, to compare what a hit costs with what proxying costs;
 //! 3. misses only (a unique query string per request): origin call plus storing;
 //! 4. the hot set from L1 against nginx serving the same bodies as static files (three
-//!    alternated rounds, medians): what a hit costs beyond writing the bytes.
+//!    alternated rounds, medians): what a hit costs beyond writing the bytes;
+//! 5. skewed pairs: the composed endpoint with ids drawn log-uniformly over 10,000 users ×
+//!    10,000 products (hot users and products, pairs that rarely repeat), its parts fetched
+//!    from the pools (whole pairs cached), read through the cached `/users/{id}` and
+//!    `/products/{id}` routes, or both (three rotated rounds, medians).
 //!
 //! Origin calls and hit levels are read from the gateway's own counters
 //! (`passerelle_cache_lookups_total`, `passerelle_cache_origin_calls_total`).
@@ -52,6 +56,44 @@ user = { upstream = "users", path = "/users/{user_id}" }
 product = { upstream = "products", path = "/products/{product_id}" }
 
 [[routes]]
+name = "user"
+path = "/users/{id}"
+upstream = "users"
+cache = { ttl = "60s", stale_while_revalidate = "10s", tags = ["/users/{id}"] }
+
+[[routes]]
+name = "product"
+path = "/products/{id}"
+upstream = "products"
+cache = { ttl = "60s", stale_while_revalidate = "10s", tags = ["/products/{id}"] }
+
+# The skewed-pairs workload: the same composed route, its parts from the pools...
+[[routes]]
+name = "pairs-direct"
+path = "/pairs-direct/{user_id}/{product_id}"
+cache = { ttl = "60s", stale_while_revalidate = "10s", tags = ["/users/{user_id}", "/products/{product_id}"] }
+[routes.compose]
+user = { upstream = "users", path = "/users/{user_id}" }
+product = { upstream = "products", path = "/products/{product_id}" }
+
+# ...read through the cached routes above (as `up` ships it)...
+[[routes]]
+name = "pairs-parts"
+path = "/pairs-parts/{user_id}/{product_id}"
+[routes.compose]
+user = { route = "user", path = "/users/{user_id}" }
+product = { route = "product", path = "/products/{product_id}" }
+
+# ...and both: parts through their routes, pairs cached too.
+[[routes]]
+name = "pairs-both"
+path = "/pairs-both/{user_id}/{product_id}"
+cache = { ttl = "60s", stale_while_revalidate = "10s", tags = ["/users/{user_id}", "/products/{product_id}"] }
+[routes.compose]
+user = { route = "user", path = "/users/{user_id}" }
+product = { route = "product", path = "/products/{product_id}" }
+
+[[routes]]
 name = "l2-only"
 path = "/l2/{id}"
 upstream = "users"
@@ -78,6 +120,24 @@ request = function()
     if cdf[mid] < u then lo = mid + 1 else hi = mid end
   end
   return wrk.format("GET", "/{prefix}/" .. lo)
+end
+"#
+    )
+}
+
+/// Pairs of ids drawn log-uniformly over 1..n (each id independently): a few ids are hot,
+/// and pairs of them rarely repeat.
+fn log_uniform_pairs_lua(prefix: &str, n: u32) -> String {
+    format!(
+        r#"local logn = math.log({n})
+init = function(args)
+  math.randomseed(math.floor(os.clock() * 1e6) + os.time())
+end
+local function id()
+  return math.floor(math.exp(math.random() * logn))
+end
+request = function()
+  return wrk.format("GET", "/{prefix}/" .. id() .. "/" .. id())
 end
 "#
     )
@@ -247,6 +307,7 @@ pub(crate) fn run(o: &Options, bin: &Path, dir: &Path) -> Result {
         "an L1 hit: p50 {:.2} ms vs {:.2} ms proxied; {:.0} vs {:.0} req/s (goal: cheaper than proxying)",
         l1.r.p50_ms, proxied.r.p50_ms, l1.r.rps, proxied.r.rps
     );
+    skewed_pairs(o, dir, &url, admin)?;
     let pairs_lua = "init = function(args)\n  math.randomseed(math.floor(os.clock() * 1e6) + os.time())\nend\nrequest = function()\n  local i = math.random(1, 100)\n  return wrk.format(\"GET\", \"/pair/\" .. i .. \"/\" .. i)\nend\n";
     let hot_pairs = script("hot-pairs.lua", pairs_lua.to_string())?;
     l1_vs_static(
@@ -266,6 +327,77 @@ pub(crate) fn run(o: &Options, bin: &Path, dir: &Path) -> Result {
             ),
         ],
     )
+}
+
+/// Skewed pairs: the composed route with its parts from the pools and whole pairs cached
+/// (what `up` shipped before parts could be read through routes), with its parts read
+/// through the cached routes (as `up` ships it), and with both; a warm-up, then three
+/// rounds in rotated order, medians. Upstream calls are the origin calls of the pairs route (two each) or of
+/// the part routes.
+fn skewed_pairs(o: &Options, dir: &Path, url: &str, admin: &str) -> Result {
+    let variants = [
+        ("parts from the pools, pairs cached", "pairs-direct"),
+        ("parts read through their cached routes", "pairs-parts"),
+        (
+            "both: parts through their routes, pairs cached",
+            "pairs-both",
+        ),
+    ];
+    let mut scripts = Vec::new();
+    for (_, prefix) in variants {
+        let p = dir.join(format!("{prefix}.lua"));
+        std::fs::write(&p, log_uniform_pairs_lua(prefix, 10_000)).map_err(|e| e.to_string())?;
+        scripts.push(p);
+    }
+    let upstream_calls = |prefix: &str| -> f64 {
+        if prefix == "pairs-direct" {
+            2.0 * counters(admin, prefix).origin
+        } else {
+            counters(admin, "user").origin + counters(admin, "product").origin
+        }
+    };
+    // A warm-up of each variant first: the measured rounds are a running gateway's, with
+    // the hot users and products cached and the cold ones still arriving.
+    eprintln!("skewed pairs: warming up...");
+    for script in &scripts {
+        finish(wrk(script, url, o.threads, o.connections, o.duration));
+    }
+    eprintln!("skewed pairs, 3 variants, 3 rotated rounds...");
+    let mut results: Vec<Vec<(WrkResult, f64)>> = vec![Vec::new(); variants.len()];
+    for round in 0..3 {
+        for k in 0..variants.len() {
+            let i = (k + round) % variants.len();
+            let (label, prefix) = variants[i];
+            let before = upstream_calls(prefix);
+            let r = finish(wrk(&scripts[i], url, o.threads, o.connections, o.duration));
+            let calls = (upstream_calls(prefix) - before) / o.duration as f64;
+            eprintln!("  {label}: {:.0} req/s", r.rps);
+            results[i].push((r, calls));
+        }
+    }
+    let median = |rs: &[(WrkResult, f64)], f: fn(&(WrkResult, f64)) -> f64| {
+        crate::bench::median(rs.iter().map(f))
+    };
+    println!();
+    println!(
+        "| skewed pairs (log-uniform ids over 10,000 × 10,000; medians of 3 rotated rounds) | req/s | p50 ms | p99 ms (goal: 5) | non-2xx | upstream calls/s |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    for ((label, _), rs) in variants.iter().zip(&results) {
+        println!(
+            "| {label} | {:.0} | {:.2} | {:.2} | {} | {:.0} |",
+            median(rs, |r| r.0.rps),
+            median(rs, |r| r.0.p50_ms),
+            median(rs, |r| r.0.p99_ms),
+            rs.iter().map(|r| r.0.errors).sum::<u64>(),
+            median(rs, |r| r.1),
+        );
+    }
+    println!(
+        "part caching: {:.2}x the requests/s of parts from the pools (goal: 3x)",
+        median(&results[1], |r| r.0.rps) / median(&results[0], |r| r.0.rps).max(1.0)
+    );
+    Ok(())
 }
 
 /// "L1 hit vs nginx static, same bytes": hot sets of 100 answers, as the gateway serves
@@ -323,11 +455,8 @@ fn l1_vs_static(
     let _nginx = crate::bench::spawn_nginx("nginx (static)", &ndir, &conf, Stdio::inherit())?;
     let nginx = format!("127.0.0.1:{port}");
     wait_ok(&nginx, &sets[0].1[0])?;
-    let median = |rs: &[WrkResult], f: fn(&WrkResult) -> f64| -> f64 {
-        let mut v: Vec<f64> = rs.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let median =
+        |rs: &[WrkResult], f: fn(&WrkResult) -> f64| crate::bench::median(rs.iter().map(f));
     let mut lines = Vec::new();
     for ((label, _, script), size) in sets.iter().zip(&sizes) {
         eprintln!(

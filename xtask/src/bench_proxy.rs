@@ -333,15 +333,6 @@ fn measure(proxy: &Server, upstreams: &[Server], script: &Path, o: &Options) -> 
     }
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    match values.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => values[n / 2],
-        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
-    }
-}
-
 /// A proxy's medians over its rounds.
 struct Medians {
     rps: f64,
@@ -355,7 +346,7 @@ struct Medians {
 }
 
 fn medians(runs: &[Run]) -> Medians {
-    let m = |f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
+    let m = |f: fn(&Run) -> f64| crate::bench::median(runs.iter().map(f));
     Medians {
         rps: m(|r| r.wrk.rps),
         p50: m(|r| r.wrk.p50_ms),

@@ -138,7 +138,7 @@ impl Config {
         for r in &self.routes {
             used.extend(r.upstream.as_deref());
             for part in r.compose.iter().flat_map(|c| c.values()) {
-                used.insert(part.upstream.as_str());
+                used.extend(part.upstream.as_deref());
             }
         }
         used

@@ -904,8 +904,14 @@ impl Default for RouteCacheConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ComposePart {
-    pub upstream: String,
-    /// Path template over the route's parameters, e.g. `/users/{user_id}`.
+    /// The pool the part is fetched from...
+    pub upstream: Option<String>,
+    /// ...or the route it is read through: that route's path, origin and cache (the
+    /// part is answered from its entries and stored in them, and invalidated with them).
+    /// The composed request is authenticated and rate-limited once, on its own route.
+    pub route: Option<String>,
+    /// Path template over the route's parameters, e.g. `/users/{user_id}`: the upstream
+    /// path, or (with `route`) a path of that route.
     pub path: String,
 }
 

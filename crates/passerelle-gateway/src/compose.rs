@@ -1,23 +1,30 @@
-//! Response composition: one client request, several upstream calls made concurrently, one
+//! Response composition: one client request, several parts fetched concurrently, one
 //! JSON object with a member per part (`{"user": {...}, "product": {...}}`).
 //!
-//! Each part goes through its pool exactly like a proxied request (balancing, retries,
-//! timeouts) under the route's overall deadline, so a composed request can never hang.
-//! When parts fail, the answer names the first failing part in route order, choosing the
-//! most telling failure: an unreachable or broken upstream (502/503/504) outranks a missing
-//! resource (404), which outranks another client error.
+//! This module merges and judges; how a part is fetched is its caller's business
+//! ([`crate::origin`]): from its pool, exactly like a proxied request (balancing, retries,
+//! timeouts), or through a route and that route's cache. Every part runs under the route's
+//! overall deadline, so a composed request can never hang. When parts fail, the answer
+//! names the first failing part in route order, choosing the most telling failure: an
+//! unreachable or broken upstream (502/503/504) outranks a missing resource (404), which
+//! outranks another client error. When parts were read through caches, the answer's
+//! `Cache-Status` says `hit; detail=parts` if every part was a hit, else
+//! `fwd=uri-miss; detail=parts`: the composed answer itself is not stored.
 
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::body::Body;
 use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::future::BoxFuture;
 use http::uri::PathAndQuery;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use passerelle_config::PathTemplate;
 
+use crate::cache::stage::CACHE_STATUS;
 use crate::error::ProxyError;
-use crate::upstream::{Client, Clients, Failure, Outgoing, Upstream};
+use crate::upstream::{Client, Failure, Outgoing, Upstream};
 
 /// Largest body accepted from one part.
 const MAX_PART_BODY: usize = 1024 * 1024;
@@ -29,6 +36,7 @@ pub struct Part {
     pub name: String,
     /// `"name":`, JSON-escaped once at start.
     key: Vec<u8>,
+    /// The pool the part's answer comes from (directly, or through a route).
     pub upstream: Arc<Upstream>,
     pub path: PathTemplate,
 }
@@ -44,12 +52,44 @@ impl Part {
             path,
         }
     }
+
+    /// The part from its pool: one `GET`, like a proxied request.
+    pub async fn from_upstream(
+        &self,
+        client: &Client,
+        path: PathAndQuery,
+        headers: HeaderMap,
+        deadline: Instant,
+    ) -> Result<Response<Body>, ProxyError> {
+        let out = Outgoing {
+            method: Method::GET,
+            path_and_query: path,
+            headers,
+            body: Bytes::new(),
+        };
+        let answer = self.upstream.send(client, &out, deadline).await?;
+        let (head, body) = answer.response.into_parts();
+        Ok(Response::from_parts(head, Body::new(body)))
+    }
 }
 
-/// What a part produced.
+/// A part's answer, as its fetch produced it.
+pub type PartAnswer<'a> = BoxFuture<'a, Result<Response<Body>, ProxyError>>;
+
+/// What a part produced: its JSON, and whether this gateway's cache answered it (`None`:
+/// not read through a cache).
 enum PartResult {
-    Json(Bytes),
+    Json(Bytes, Option<bool>),
     Failed(ProxyError),
+}
+
+/// Whether `res` was answered from this gateway's cache: `Some(hit)` when its last
+/// `Cache-Status` member (the cache nearest the client, RFC 9211 §2) is ours.
+fn from_our_cache(res: &Response<Body>) -> Option<bool> {
+    let value = res.headers().get(CACHE_STATUS)?.to_str().ok()?;
+    let ours = value.rsplit(',').next()?.trim();
+    let mut params = ours.split(';').map(str::trim);
+    (params.next() == Some("passerelle")).then(|| params.any(|p| p == "hit"))
 }
 
 /// How bad a part's failure is, for choosing which one to report.
@@ -61,23 +101,24 @@ fn severity(e: &ProxyError) -> u8 {
     }
 }
 
-async fn call_part(
+/// Judges one part's answer: JSON on success, else the failure to report.
+async fn judge(
     part: &Part,
-    client: &Client,
-    path: PathAndQuery,
-    headers: HeaderMap,
+    answer: Result<Response<Body>, ProxyError>,
     deadline: Instant,
 ) -> PartResult {
-    let out = Outgoing {
-        method: Method::GET,
-        path_and_query: path,
-        headers,
-        body: Bytes::new(),
-    };
     let upstream = part.upstream.name.to_string();
-    let answer = match part.upstream.send(client, &out, deadline).await {
+    let failed = |status: StatusCode, detail: String| {
+        PartResult::Failed(ProxyError::Part {
+            status,
+            part: part.name.clone(),
+            upstream: upstream.clone(),
+            detail,
+        })
+    };
+    let answer = match answer {
         Ok(a) => a,
-        Err(e) => {
+        Err(ProxyError::Upstream(e)) => {
             let (status, what) = match e.failure {
                 Failure::NoEndpoint => {
                     (StatusCode::SERVICE_UNAVAILABLE, "has no available instance")
@@ -86,43 +127,32 @@ async fn call_part(
                 Failure::Timeout => (StatusCode::GATEWAY_TIMEOUT, "did not answer in time"),
                 Failure::Reset => (StatusCode::BAD_GATEWAY, "broke the connection"),
             };
-            return PartResult::Failed(ProxyError::Part {
-                status,
-                part: part.name.clone(),
-                detail: format!("{}: {upstream} {what}", part.name),
-                upstream,
-            });
+            return failed(status, format!("{}: {upstream} {what}", part.name));
         }
+        Err(e) => return failed(StatusCode::BAD_GATEWAY, format!("{}: {e}", part.name)),
     };
-    let status = answer.response.status();
-    let body = Limited::new(answer.response.into_body(), MAX_PART_BODY).collect();
+    let status = answer.status();
+    let cached = from_our_cache(&answer);
+    let body = Limited::new(answer.into_body(), MAX_PART_BODY).collect();
     let body = match tokio::time::timeout_at(deadline.into(), body).await {
         Ok(Ok(b)) => b.to_bytes(),
         Ok(Err(_)) | Err(_) => {
-            return PartResult::Failed(ProxyError::Part {
-                status: StatusCode::BAD_GATEWAY,
-                part: part.name.clone(),
-                upstream,
-                detail: format!(
-                    "{}: the answer of {} was cut, too large or too slow",
-                    part.name, part.upstream.name
-                ),
-            });
+            let detail = format!(
+                "{}: the answer of {upstream} was cut, too large or too slow",
+                part.name
+            );
+            return failed(StatusCode::BAD_GATEWAY, detail);
         }
     };
     if status.is_success() {
         if serde_json::from_slice::<&serde_json::value::RawValue>(&body).is_err() {
-            return PartResult::Failed(ProxyError::Part {
-                status: StatusCode::BAD_GATEWAY,
-                part: part.name.clone(),
-                upstream,
-                detail: format!(
-                    "{}: {} answered something that is not JSON",
-                    part.name, part.upstream.name
-                ),
-            });
+            let detail = format!(
+                "{}: {upstream} answered something that is not JSON",
+                part.name
+            );
+            return failed(StatusCode::BAD_GATEWAY, detail);
         }
-        return PartResult::Json(body);
+        return PartResult::Json(body, cached);
     }
     // The part's own problem detail, when it sent one, says it best ("user 9 not found").
     let their_detail = serde_json::from_slice::<serde_json::Value>(&body)
@@ -131,49 +161,45 @@ async fn call_part(
     let detail = match (status, their_detail) {
         (s, Some(d)) if s.is_client_error() => d,
         (StatusCode::NOT_FOUND, None) => format!("{} not found", part.name),
-        (s, _) => format!(
-            "{}: {} answered {}",
-            part.name,
-            part.upstream.name,
-            s.as_u16()
-        ),
+        (s, _) => format!("{}: {upstream} answered {}", part.name, s.as_u16()),
     };
-    PartResult::Failed(ProxyError::Part {
-        status: if status.is_client_error() {
-            status
-        } else {
-            StatusCode::BAD_GATEWAY
-        },
-        part: part.name.clone(),
-        upstream,
-        detail,
-    })
+    let status = if status.is_client_error() {
+        status
+    } else {
+        StatusCode::BAD_GATEWAY
+    };
+    failed(status, detail)
 }
 
-/// Calls every part concurrently and merges the answers.
-pub async fn compose(
-    parts: &[Part],
-    clients: &Clients,
+/// Fetches every part concurrently (`fetch(i, path)` fetches part `i` at `path`) and merges
+/// the answers.
+pub async fn compose<'a>(
+    parts: &'a [Part],
     paths: Vec<PathAndQuery>,
-    headers: HeaderMap,
     deadline: Instant,
-) -> Result<http::Response<axum::body::Body>, ProxyError> {
-    let calls = parts.iter().zip(paths).map(|(part, path)| {
-        call_part(
-            part,
-            clients.of(&part.upstream),
-            path,
-            headers.clone(),
-            deadline,
-        )
-    });
+    fetch: impl Fn(usize, PathAndQuery) -> PartAnswer<'a>,
+) -> Result<Response<Body>, ProxyError> {
+    let calls = parts
+        .iter()
+        .zip(paths)
+        .enumerate()
+        .map(|(i, (part, path))| {
+            let answer = fetch(i, path);
+            async move { judge(part, answer.await, deadline).await }
+        });
     let results = futures_util::future::join_all(calls).await;
 
     let mut worst: Option<ProxyError> = None;
     let mut bodies = Vec::with_capacity(results.len());
+    // Parts read through a cache, and whether each was a hit.
+    let (mut through_cache, mut all_hits) = (false, true);
     for r in results {
         match r {
-            PartResult::Json(b) => bodies.push(b),
+            PartResult::Json(b, cached) => {
+                bodies.push(b);
+                through_cache |= cached.is_some();
+                all_hits &= cached == Some(true);
+            }
             PartResult::Failed(e) => {
                 if worst.as_ref().is_none_or(|w| severity(&e) > severity(w)) {
                     worst = Some(e);
@@ -199,11 +225,21 @@ pub async fn compose(
         out.put_slice(body);
     }
     out.put_u8(b'}');
-    let mut res = http::Response::new(axum::body::Body::from(out.freeze()));
+    let mut res = Response::new(Body::from(out.freeze()));
     res.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    // Built here from parts, some read through caches: a hit when every part was one.
+    if through_cache {
+        let status = if all_hits {
+            "passerelle; hit; detail=parts"
+        } else {
+            "passerelle; fwd=uri-miss; detail=parts"
+        };
+        res.headers_mut()
+            .insert(CACHE_STATUS, HeaderValue::from_static(status));
+    }
     Ok(res)
 }
 
@@ -230,4 +266,30 @@ pub fn part_headers(client: &HeaderMap, forward: &[HeaderName]) -> HeaderMap {
     }
     h.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_status(value: &str) -> Response<Body> {
+        let mut r = Response::new(Body::empty());
+        r.headers_mut()
+            .insert(CACHE_STATUS, HeaderValue::from_str(value).unwrap());
+        r
+    }
+
+    #[test]
+    fn only_our_own_cache_status_member_counts() {
+        let hit = "passerelle; hit; ttl=59; key=\"ab\"; detail=l1";
+        assert_eq!(from_our_cache(&with_status(hit)), Some(true));
+        let miss = "passerelle; fwd=uri-miss; stored; ttl=60";
+        assert_eq!(from_our_cache(&with_status(miss)), Some(false));
+        // An upstream cache's member first, ours last.
+        let both = format!("origin-cache; hit, {miss}");
+        assert_eq!(from_our_cache(&with_status(&both)), Some(false));
+        // Someone else's hit, or no header: not read through our cache.
+        assert_eq!(from_our_cache(&with_status("cdn; hit")), None);
+        assert_eq!(from_our_cache(&Response::new(Body::empty())), None);
+    }
 }

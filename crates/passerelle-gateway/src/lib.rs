@@ -37,7 +37,8 @@
 //!
 //! No module of this crate imports a module that imports it back: `service` assembles the
 //! stages; `route` knows the components that give a route its parts; the stages know
-//! nothing of `service` or `route` (the cache is handed an [`origin::OriginCall`]).
+//! nothing of `service` or `route` (the cache is handed a [`cache::stage::Fetch`], which
+//! [`origin::OriginCall`] implements, so `origin` may read a part through a cache).
 //!
 //! [`run`] serves a gateway: `run(config, listener, shutdown)`.
 
@@ -63,7 +64,6 @@ pub mod service;
 pub mod upstream;
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -127,14 +127,22 @@ impl Gateway {
                 .map_err(|e| GatewayError::Auth(e.to_string()))?,
         );
         let cache = ResponseCache::new(config, redis.as_ref()).map(Arc::new);
-        let components = Components {
-            pools: &pools,
-            limiter: limiter.as_deref(),
-            cache: cache.as_deref(),
-        };
+        // Routes that proxy first: a composition's parts may read through them.
+        let mut by_name = BTreeMap::new();
+        let compose_last = config.routes.iter().filter(|r| r.compose.is_none());
+        for r in compose_last.chain(config.routes.iter().filter(|r| r.compose.is_some())) {
+            let components = Components {
+                pools: &pools,
+                routes: &by_name,
+                limiter: limiter.as_deref(),
+                cache: cache.as_deref(),
+            };
+            let route = Arc::new(Route::compile(config, r, &components)?);
+            by_name.insert(r.name.clone(), route);
+        }
         let mut routes = Vec::with_capacity(config.routes.len());
         for r in &config.routes {
-            routes.push(Arc::new(Route::compile(config, r, &components)?));
+            routes.extend(by_name.get(&r.name).cloned());
         }
         let table = RouteTable::new(config.routes.iter().zip(routes).map(|(r, route)| Entry {
             name: &r.name,
@@ -163,7 +171,7 @@ impl Gateway {
         let cors = config.routes.iter().any(|r| r.cors.is_some());
         Ok(Self {
             inner: Arc::new(Inner {
-                identity: IdentityResolver::new(&config.gateway.identity),
+                identity: Arc::new(IdentityResolver::new(&config.gateway.identity)),
                 https: config.gateway.tls.is_some(),
                 front,
                 cors,
@@ -186,15 +194,14 @@ impl Gateway {
     /// connections): call it once per serving thread, then [`GatewayService::for_client`]
     /// per connection.
     pub fn service(&self) -> GatewayService {
-        GatewayService {
-            inner: self.inner.clone(),
-            thread: Arc::new(ThreadHandles {
+        GatewayService::new(
+            self.inner.clone(),
+            Arc::new(ThreadHandles {
                 clients: Arc::new(Clients::for_thread(&self.inner.upstreams)),
                 limiter: self.inner.limiter.as_ref().map(RateLimiter::for_thread),
                 cache: self.inner.cache.as_ref().map(ResponseCache::for_thread),
             }),
-            client: proxy::ClientAddr::new(IpAddr::from([127, 0, 0, 1])),
-        }
+        )
     }
 
     /// Starts the active health checks, the cache's upkeep, the control listener

@@ -18,7 +18,7 @@ use crate::compose::Part;
 use crate::cors::RouteCors;
 use crate::error::GatewayError;
 use crate::observe::RouteMetrics;
-use crate::origin::Origin;
+use crate::origin::{Origin, Through};
 use crate::rate_limit::{RateLimiter, RouteLimits};
 use crate::upstream::Upstream;
 
@@ -48,10 +48,12 @@ pub struct Route {
     pub cors: Option<RouteCors>,
 }
 
-/// What routes are compiled against: the pools by name, and the components that give each
-/// route its part (absent when switched off).
+/// What routes are compiled against: the pools by name, the routes a composition's parts
+/// read through (compiled first), and the components that give each route its part (absent
+/// when switched off).
 pub struct Components<'a> {
     pub pools: &'a BTreeMap<String, Arc<Upstream>>,
+    pub routes: &'a BTreeMap<String, Arc<Route>>,
     pub limiter: Option<&'a RateLimiter>,
     pub cache: Option<&'a ResponseCache>,
 }
@@ -80,16 +82,32 @@ impl Route {
                 rewrite: r.rewrite.as_deref().map(template).transpose()?,
                 streaming: r.streaming,
             },
-            (None, Some(parts)) => Origin::Compose {
-                parts: parts
-                    .iter()
-                    .map(|(name, p)| Ok(Part::new(name, pool(&p.upstream)?, template(&p.path)?)))
-                    .collect::<Result<_, GatewayError>>()?,
-                // The parts act for the caller the route authenticated.
-                forward: http::HeaderName::from_bytes(config.auth.identity.header.as_bytes())
-                    .into_iter()
-                    .collect(),
-            },
+            (None, Some(parts)) => {
+                let mut compiled = Vec::with_capacity(parts.len());
+                let mut through = Vec::with_capacity(parts.len());
+                for (name, p) in parts {
+                    let (upstream, via) = match (&p.route, &p.upstream) {
+                        (Some(route), _) => part_route(r, route, c)?,
+                        (None, Some(up)) => (pool(up)?, None),
+                        (None, None) => {
+                            return Err(GatewayError::Route {
+                                route: r.name.clone(),
+                                reason: format!("part {name:?} has no upstream and no route"),
+                            });
+                        }
+                    };
+                    compiled.push(Part::new(name, upstream, template(&p.path)?));
+                    through.push(via);
+                }
+                Origin::Compose {
+                    parts: compiled,
+                    through,
+                    // The parts act for the caller the route authenticated.
+                    forward: http::HeaderName::from_bytes(config.auth.identity.header.as_bytes())
+                        .into_iter()
+                        .collect(),
+                }
+            }
             (None, None) => {
                 return Err(GatewayError::Route {
                     route: r.name.clone(),
@@ -157,4 +175,35 @@ impl Route {
             .map(|t| t.render(&param))
             .collect()
     }
+}
+
+/// The pool and the [`Through`] of a part of `composed` read through the route `name`,
+/// which must be compiled already and proxy to a pool (configuration checks both).
+fn part_route(
+    composed: &RouteConfig,
+    name: &str,
+    c: &Components,
+) -> Result<(Arc<Upstream>, Option<Through>), GatewayError> {
+    let refuse = |reason: String| GatewayError::Route {
+        route: composed.name.clone(),
+        reason,
+    };
+    let route = c.routes.get(name).ok_or_else(|| {
+        refuse(format!(
+            "a part reads through {name:?}, which is not a route"
+        ))
+    })?;
+    let Origin::Proxy { upstream, .. } = &*route.origin else {
+        return Err(refuse(format!(
+            "a part reads through {name:?}, which does not proxy to an upstream"
+        )));
+    };
+    let through = Through::new(
+        route.name.clone(),
+        &route.path,
+        route.origin.clone(),
+        route.cache.clone(),
+    )
+    .map_err(refuse)?;
+    Ok((upstream.clone(), Some(through)))
 }

@@ -42,7 +42,7 @@ use crate::cache::{CacheHandle, ResponseCache};
 use crate::error::ProxyError;
 use crate::identity::IdentityResolver;
 use crate::observe::{OwnMetrics, RouteMetrics};
-use crate::origin::{Origin, OriginCall, Target};
+use crate::origin::{Origin, OriginCall, PartContext, Target};
 use crate::proxy::{self, ClientAddr};
 use crate::rate_limit::{Decision, LimiterHandle, RateHeaders, RateLimiter};
 use crate::route::Route;
@@ -53,7 +53,7 @@ use crate::{auth, body, cors, front, normalize};
 /// The gateway's request handling, shared by every connection and thread.
 #[derive(Debug)]
 pub struct Inner {
-    pub(crate) identity: IdentityResolver,
+    pub(crate) identity: Arc<IdentityResolver>,
     /// Stage 1½ and the security headers.
     /// The public listener terminates TLS: upstreams are told `X-Forwarded-Proto: https`.
     pub(crate) https: bool,
@@ -85,25 +85,51 @@ pub(crate) struct ThreadHandles {
     pub(crate) cache: Option<CacheHandle>,
 }
 
-/// The gateway as a cloneable `tower::Service`, for one serving thread.
+/// The gateway as a cloneable `tower::Service`, for one serving thread, then (after
+/// [`GatewayService::for_client`]) one connection.
+///
+/// A connection's service is cloned for each of its requests (hyper's service, then the
+/// request's future): one reference count that only the connection's thread touches,
+/// rather than the counts of the shared [`Inner`] that every serving thread writes.
 #[derive(Clone)]
 pub struct GatewayService {
-    pub(crate) inner: Arc<Inner>,
-    pub(crate) thread: Arc<ThreadHandles>,
+    conn: Arc<ConnectionState>,
+}
+
+/// What a connection's requests share.
+struct ConnectionState {
+    inner: Arc<Inner>,
+    thread: Arc<ThreadHandles>,
     /// The connection's client.
-    pub(crate) client: ClientAddr,
+    client: ClientAddr,
 }
 
 impl GatewayService {
+    /// The service of one serving thread (before any connection).
+    pub(crate) fn new(inner: Arc<Inner>, thread: Arc<ThreadHandles>) -> Self {
+        let client = ClientAddr::new(std::net::IpAddr::from([127, 0, 0, 1]));
+        Self {
+            conn: Arc::new(ConnectionState {
+                inner,
+                thread,
+                client,
+            }),
+        }
+    }
+
     /// The service of one client connection.
     pub fn for_client(&self, peer: std::net::SocketAddr) -> Self {
+        let c = &self.conn;
         Self {
-            client: ClientAddr {
-                trusted: self.inner.identity.is_trusted(&peer.ip()),
-                https: self.inner.https,
-                ..ClientAddr::new(peer.ip())
-            },
-            ..self.clone()
+            conn: Arc::new(ConnectionState {
+                inner: c.inner.clone(),
+                thread: c.thread.clone(),
+                client: ClientAddr {
+                    trusted: c.inner.identity.is_trusted(&peer.ip()),
+                    https: c.inner.https,
+                    ..ClientAddr::new(peer.ip())
+                },
+            }),
         }
     }
 }
@@ -124,10 +150,8 @@ impl tower::Service<Request<Incoming>> for GatewayService {
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        let inner = self.inner.clone();
-        let thread = self.thread.clone();
-        let client = self.client.clone();
-        Box::pin(async move { Ok(inner.handle(req, &thread, &client).await) })
+        let c = self.conn.clone();
+        Box::pin(async move { Ok(c.inner.handle(req, &c.thread, &c.client).await) })
     }
 }
 
@@ -302,6 +326,7 @@ impl Inner {
 
         // 6. Cache, 7. body, 8. origin.
         let safe = parts.method == Method::GET || parts.method == Method::HEAD;
+        let part_context = self.part_context(route, &parts, thread, client, request_id, principal);
         let mut result = match (&route.cache, &thread.cache) {
             (Some(policy), Some(cache)) if safe => {
                 let req = CacheRequest {
@@ -319,13 +344,14 @@ impl Inner {
                     origin: route.origin.clone(),
                     target,
                     clients: thread.clients.clone(),
+                    parts: part_context,
                 };
                 Box::pin(cache.serve(req, origin)).await
             }
             (Some(_), Some(cache)) => {
                 let out = self
                     .forward(
-                        route, target, parts, body, thread, client, request_id, start,
+                        route, target, parts, body, thread, client, request_id, start, None,
                     )
                     .await;
                 // A successful write invalidates what this replica holds; other replicas
@@ -341,7 +367,15 @@ impl Inner {
             }
             _ => {
                 self.forward(
-                    route, target, parts, body, thread, client, request_id, start,
+                    route,
+                    target,
+                    parts,
+                    body,
+                    thread,
+                    client,
+                    request_id,
+                    start,
+                    part_context.as_deref(),
                 )
                 .await
             }
@@ -419,6 +453,7 @@ impl Inner {
         client: &ClientAddr,
         request_id: &HeaderValue,
         start: Instant,
+        part_context: Option<&PartContext>,
     ) -> Result<Response<Body>, ProxyError> {
         let deadline = start + route.timeout;
         // A composition's parts are `GET`s: nothing of the client's body goes anywhere.
@@ -438,8 +473,38 @@ impl Inner {
                 headers,
                 body,
                 deadline,
+                part_context,
             )
             .await
+    }
+
+    /// What a composition needs to read its parts through their routes' caches (`None`
+    /// when it reads none, or the cache is off).
+    fn part_context(
+        &self,
+        route: &Route,
+        parts: &Parts,
+        thread: &ThreadHandles,
+        client: &ClientAddr,
+        request_id: &HeaderValue,
+        principal: Option<&passerelle_auth::Principal>,
+    ) -> Option<Arc<PartContext>> {
+        let Origin::Compose { forward, .. } = &*route.origin else {
+            return None;
+        };
+        let cache = thread.cache.as_ref()?;
+        if !route.origin.reads_cached_parts() {
+            return None;
+        }
+        Some(Arc::new(PartContext {
+            cache: cache.clone(),
+            clients: thread.clients.clone(),
+            identity: self.identity.clone(),
+            client: client.clone(),
+            request_id: request_id.clone(),
+            principal: principal.cloned(),
+            headers: crate::compose::part_headers(&parts.headers, forward),
+        }))
     }
 
     /// Stage 3½: the answer to a preflight asking for `requested` on this path, when the

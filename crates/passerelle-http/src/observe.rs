@@ -8,7 +8,7 @@
 //! endpoints are routes like the others (`/health`, `/ready`, `/metrics`); the gateway,
 //! whose routes are labelled by name, counts them as `health`, `ready` and `metrics`.
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
@@ -95,13 +95,21 @@ pub fn record(
 /// the rest of the bookkeeping. Counters are created once per (method, status) seen, then
 /// found by a short linear scan: a route sees a handful of combinations, and comparing two
 /// small values beats hashing a key.
+///
+/// The slots are write-once, so finding a counter is a few plain loads: no lock and no
+/// reference count is taken per request (both would be written by every serving thread).
+/// A route with more combinations than slots counts the others through the registry,
+/// correctly but slower.
 #[derive(Debug)]
 pub struct RouteMetrics {
     service: &'static str,
     name: Arc<str>,
     duration: metrics::Histogram,
-    counters: RwLock<Vec<(&'static str, u16, metrics::Counter)>>,
+    counters: [OnceLock<(&'static str, u16, metrics::Counter)>; COUNTER_SLOTS],
 }
+
+/// (method, status) combinations a route keeps a handle for.
+const COUNTER_SLOTS: usize = 24;
 
 impl RouteMetrics {
     pub fn new(service: &'static str, route: &str) -> Self {
@@ -109,7 +117,7 @@ impl RouteMetrics {
             service,
             name: Arc::from(route),
             duration: duration_histogram(service, route),
-            counters: RwLock::new(Vec::new()),
+            counters: std::array::from_fn(|_| OnceLock::new()),
         }
     }
 
@@ -121,22 +129,27 @@ impl RouteMetrics {
     pub fn record(&self, method: &Method, status: StatusCode, elapsed: Duration) {
         self.duration.record(elapsed.as_secs_f64());
         let (m, s) = (method_label(method), status.as_u16());
-        let find = |v: &[(&'static str, u16, metrics::Counter)]| {
-            v.iter()
-                .find(|(vm, vs, _)| *vs == s && *vm == m)
-                .map(|(_, _, c)| c.clone())
-        };
-        if let Some(c) = self.counters.read().ok().and_then(|v| find(&v)) {
-            c.increment(1);
-            return;
+        for slot in &self.counters {
+            match slot.get() {
+                Some((vm, vs, c)) if *vs == s && *vm == m => {
+                    c.increment(1);
+                    return;
+                }
+                Some(_) => continue,
+                None => {
+                    // The first free slot: take it (or find that another thread just did,
+                    // maybe for this very pair: then look again from here).
+                    let (vm, vs, c) = slot.get_or_init(|| {
+                        (m, s, requests_counter(self.service, &self.name, m, status))
+                    });
+                    if *vs == s && *vm == m {
+                        c.increment(1);
+                        return;
+                    }
+                }
+            }
         }
-        let c = requests_counter(self.service, &self.name, m, status);
-        c.increment(1);
-        if let Ok(mut v) = self.counters.write()
-            && find(&v).is_none()
-        {
-            v.push((m, s, c));
-        }
+        requests_counter(self.service, &self.name, m, status).increment(1);
     }
 }
 
@@ -229,6 +242,42 @@ mod tests {
         res.extensions()
             .get::<RouteLabel>()
             .map(|r| r.0.to_string())
+    }
+
+    /// Every request is counted under its own (method, status), also past the slots a
+    /// route keeps handles in, and from several threads at once.
+    #[test]
+    fn every_combination_is_counted_past_the_slots() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let m = RouteMetrics::new("gateway", "r");
+            let statuses: Vec<u16> = (200..200 + COUNTER_SLOTS as u16 + 6).collect();
+            std::thread::scope(|scope| {
+                for _ in 0..2 {
+                    scope.spawn(|| {
+                        metrics::with_local_recorder(&recorder, || {
+                            for &s in &statuses {
+                                let status = StatusCode::from_u16(s).unwrap();
+                                m.record(&Method::GET, status, Duration::from_millis(1));
+                            }
+                            m.record(&Method::POST, StatusCode::CREATED, Duration::ZERO);
+                        })
+                    });
+                }
+            });
+        });
+        let text = handle.render();
+        let count = |method: &str, status: u16| {
+            let needle = format!("method=\"{method}\",status=\"{status}\"");
+            text.lines()
+                .find(|l| l.starts_with("passerelle_http_requests_total") && l.contains(&needle))
+                .and_then(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+        };
+        for s in 200..200 + COUNTER_SLOTS as u16 + 6 {
+            assert_eq!(count("GET", s), Some(2), "GET {s}:\n{text}");
+        }
+        assert_eq!(count("POST", 201), Some(2));
     }
 
     /// As in the gateway: a 405 on a route's path counts under that route, only a path that

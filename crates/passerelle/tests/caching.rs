@@ -233,6 +233,21 @@ name = "vary"
 path = "/vary"
 upstream = "origin"
 cache = {{ ttl = "60s", vary = ["accept-language"] }}
+
+[[routes]]
+name = "thing"
+path = "/things/{{id}}"
+upstream = "origin"
+cache = {{ ttl = "60s", tags = ["/things/{{id}}"] }}
+
+# Parts read through the route above; the pair itself is not cached, so every answer is
+# built from the parts' entries.
+[[routes]]
+name = "pair"
+path = "/pair/{{a}}/{{b}}"
+[routes.compose]
+left = {{ route = "thing", path = "/things/{{a}}" }}
+right = {{ route = "thing", path = "/things/{{b}}" }}
 "#
     )
 }
@@ -848,6 +863,66 @@ async fn operators_purge_by_tag_and_by_key_on_every_replica() {
     r.assert_problem(400);
     let figures = admins[0].get("/cache").await.json();
     assert_eq!(figures["l2"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_composed_answer_is_built_from_its_parts_cached_entries() {
+    let (s, admins) = setup_with_admin(Duration::ZERO).await;
+    let (a, b, origin) = (&s.gateways[0].http, &s.gateways[1].http, &s.origin);
+    // A client reads one part's route directly...
+    assert_eq!(get(a, "/things/1", &[]).await.status, 200);
+    // ...then a pair never asked before costs one upstream call: the other part.
+    let r = get(a, "/pair/1/2", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["left"]["path"], "/things/1");
+    assert_eq!(r.json()["right"]["path"], "/things/2");
+    assert_eq!((origin.hits("/things/1"), origin.hits("/things/2")), (1, 1));
+    // Another pair of the same parts costs none, on this replica (L1) and on the other
+    // (L2); and the part the composition fetched is the route's entry for direct clients.
+    for http in [a, b] {
+        assert_eq!(get(http, "/pair/2/1", &[]).await.status, 200);
+    }
+    let r = get(b, "/things/2", &[]).await;
+    assert!(cache_status(&r).contains("hit"), "{}", cache_status(&r));
+    assert_eq!((origin.hits("/things/1"), origin.hits("/things/2")), (1, 1));
+
+    // Concurrent pairs sharing a part that is not cached yet: one fetch of it.
+    origin.hold();
+    let pairs: Vec<_> = (10..20)
+        .map(|k| {
+            let http = a.clone();
+            tokio::spawn(async move { get(&http, &format!("/pair/9/{k}"), &[]).await })
+        })
+        .collect();
+    // The ten parts of their own and the ten waits on the shared one.
+    wait_for_waiting(&s.gateways[..1], 20.0).await;
+    origin.release();
+    for p in pairs {
+        assert_eq!(p.await.unwrap().status, 200);
+    }
+    assert_eq!(origin.hits("/things/9"), 1, "one fetch of the shared part");
+
+    // Invalidated with the route: purging the part's tag refetches it for the pair.
+    let r = admins[0]
+        .send(Method::DELETE, "/cache/tags/things/1", &[], Bytes::new())
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    passerelle_testkit::wait_until(Duration::from_secs(2), "the purged part refetched", || {
+        let http = a.clone();
+        async move {
+            let r = get(&http, "/pair/1/2", &[]).await;
+            r.json()["left"]["n"].as_u64() >= Some(2)
+        }
+    })
+    .await;
+
+    // A failing part's route: a 502 naming the part and its upstream.
+    origin.failing.store(true, Ordering::SeqCst);
+    let r = get(a, "/pair/1/404", &[]).await;
+    r.assert_problem(502);
+    assert_eq!(r.json()["part"], "right");
+    assert_eq!(r.json()["upstream"], "origin");
+    origin.failing.store(false, Ordering::SeqCst);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -23,7 +23,7 @@ pub(super) fn check(routes: &[RouteConfig], upstreams: &Upstreams, p: &mut Probl
         check_name(i, r, &mut names, p);
         let route = Route::new(i, r, p);
         let methods = route.methods(p);
-        route.check_target(&methods, upstreams, p);
+        route.check_target(&methods, routes, upstreams, p);
         if let Some(rw) = &r.rewrite
             && let Err(m) = route.check_params(rw)
         {
@@ -128,7 +128,13 @@ impl<'a> Route<'a> {
     }
 
     /// That the route calls exactly one thing that exists: an upstream, or compose parts.
-    fn check_target(&self, methods: &[String], upstreams: &Upstreams, p: &mut Problems) {
+    fn check_target(
+        &self,
+        methods: &[String],
+        routes: &[RouteConfig],
+        upstreams: &Upstreams,
+        p: &mut Problems,
+    ) {
         match (&self.r.upstream, &self.r.compose) {
             (Some(_), Some(_)) => p.add(
                 self.at("compose"),
@@ -143,7 +149,7 @@ impl<'a> Route<'a> {
                     p.add(self.at("upstream"), format!("unknown upstream {u:?}"));
                 }
             }
-            (None, Some(parts)) => self.check_compose(parts, methods, upstreams, p),
+            (None, Some(parts)) => self.check_compose(parts, methods, routes, upstreams, p),
         }
     }
 
@@ -151,6 +157,7 @@ impl<'a> Route<'a> {
         &self,
         parts: &IndexMap<String, ComposePart>,
         methods: &[String],
+        routes: &[RouteConfig],
         upstreams: &Upstreams,
         p: &mut Problems,
     ) {
@@ -173,15 +180,67 @@ impl<'a> Route<'a> {
             if !valid_name(name) {
                 p.add(at(""), "part names use letters, digits, '-', '_', '.'");
             }
-            if !upstreams.contains_key(&part.upstream) {
-                let message = format!("unknown upstream {:?}", part.upstream);
-                p.add(at(".upstream"), message);
+            match (&part.upstream, &part.route) {
+                (Some(_), Some(_)) => p.add(
+                    at(".route"),
+                    "a part is fetched from an `upstream` or read through a `route`, not both",
+                ),
+                (None, None) => p.add(
+                    at(".upstream"),
+                    "a part needs an `upstream` (or a `route` to read it through)",
+                ),
+                (Some(u), None) => {
+                    if !upstreams.contains_key(u) {
+                        p.add(at(".upstream"), format!("unknown upstream {u:?}"));
+                    }
+                }
+                (None, Some(name)) => {
+                    if let Err(m) = part_route(routes, name, &part.path) {
+                        p.add(at(".route"), m);
+                    }
+                }
             }
             if let Err(m) = self.check_params(&part.path) {
                 p.add(at(".path"), m);
             }
         }
     }
+}
+
+/// That a part can be read through the route `name`: a route that proxies `GET`s to a
+/// pool (not another composition: no loop, no second fan-out) and whose path template
+/// matches the part's `path`.
+fn part_route(routes: &[RouteConfig], name: &str, path: &str) -> Result<(), String> {
+    let r = routes
+        .iter()
+        .find(|r| r.name == name)
+        .ok_or_else(|| format!("unknown route {name:?}"))?;
+    if r.upstream.is_none() {
+        return Err(format!(
+            "route {name:?} composes: a part reads through a route that proxies to an upstream"
+        ));
+    }
+    if r.streaming {
+        return Err(format!(
+            "route {name:?} streams: its answers are not JSON parts"
+        ));
+    }
+    if !(r.methods.is_empty() || r.methods.iter().any(|m| m == "GET")) {
+        return Err(format!("route {name:?} does not answer GET"));
+    }
+    // The part's path, with a sample value for each parameter, must be one of the route's.
+    let (Ok(part), Ok(_)) = (PathTemplate::parse(path), PathTemplate::parse(&r.path)) else {
+        return Ok(()); // reported on the paths themselves
+    };
+    let sample = part.render(|_| Some("1"));
+    let mut router = matchit::Router::new();
+    if router.insert(r.path.as_str(), ()).is_err() || router.at(&sample).is_err() {
+        return Err(format!(
+            "the path {path:?} is not a path of route {name:?} ({:?})",
+            r.path
+        ));
+    }
+    Ok(())
 }
 
 /// A route's `cors` table: origins browsers can send, methods the route answers, header
@@ -424,6 +483,40 @@ mod tests {
             &format!("{r}[routes.cache]\nttl = \"1s\"\n"),
             Some("routes[0].streaming: a streaming route is proxied as it comes"),
         );
+    }
+
+    #[test]
+    fn a_part_reads_through_a_route_that_proxies_gets_on_its_path() {
+        let user = "[[routes]]\nname = \"user\"\npath = \"/users/{id}\"\nupstream = \"users\"\n";
+        let pair = |part: &str| {
+            format!(
+                "{user}[[routes]]\nname = \"pair\"\npath = \"/pair/{{u}}\"\n[routes.compose]\nuser = {{ {part} }}\n"
+            )
+        };
+        check(&pair("route = \"user\", path = \"/users/{u}\""), None);
+        for (part, needle) in [
+            (
+                "route = \"nobody\", path = \"/users/{u}\"",
+                "routes[1].compose.user.route: unknown route \"nobody\"",
+            ),
+            (
+                "route = \"user\", upstream = \"users\", path = \"/users/{u}\"",
+                "not both",
+            ),
+            ("path = \"/users/{u}\"", "a part needs an `upstream`"),
+            (
+                "route = \"user\", path = \"/people/{u}\"",
+                "the path \"/people/{u}\" is not a path of route \"user\"",
+            ),
+            (
+                "route = \"pair\", path = \"/pair/{u}\"",
+                "route \"pair\" composes",
+            ),
+        ] {
+            check(&pair(part), Some(needle));
+        }
+        let writes_only = "[[routes]]\nname = \"w\"\npath = \"/w/{id}\"\nmethods = [\"PUT\"]\nupstream = \"users\"\n[[routes]]\nname = \"c\"\npath = \"/c/{id}\"\n[routes.compose]\nw = { route = \"w\", path = \"/w/{id}\" }\n";
+        check(writes_only, Some("route \"w\" does not answer GET"));
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The cache stage of a request: look up, serve, or fetch once for every waiter.
 //!
-//! It is handed the request, the route's policy ([`RouteCache`]) and an [`OriginCall`] to
-//! fetch from on a miss, and knows nothing else of the gateway: the same stage serves a
-//! proxied route and a composed one.
+//! It is handed the request, the route's policy ([`RouteCache`]) and something to [`Fetch`]
+//! from on a miss (the route's origin, bound to the request: `crate::origin::OriginCall`),
+//! and knows nothing else of the gateway: the same stage serves a proxied route, a
+//! composed one, and a composed route's part read through another route.
 //!
 //! A fetch runs as its own task (the *fill*), detached from the request that started it:
 //! when that client goes away, the requests waiting on the same key still get their answer,
@@ -10,11 +11,13 @@
 //! fill (the leader) receives its response over a oneshot channel; the others (followers)
 //! watch the flight's result.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
+use futures_util::future::BoxFuture;
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 use http_body::Body as _;
 use http_body_util::BodyExt;
@@ -27,7 +30,6 @@ use super::policy::{self, Storage, Uncacheable};
 use super::{CacheHandle, Flight, FlightGuard, FlightResult, Level, RouteCache};
 use crate::error::ProxyError;
 use crate::identity::IdentityResolver;
-use crate::origin::OriginCall;
 use crate::proxy::{self, ClientAddr};
 
 /// The `Cache-Status` header (RFC 9211).
@@ -76,10 +78,25 @@ pub struct CacheRequest<'a> {
     pub principal: Option<&'a passerelle_auth::Principal>,
 }
 
+/// What the cache fetches from on a miss: the route's origin, bound to one request's
+/// target. A fill outlives the request that started it, so it owns its fetcher. The
+/// future is boxed: a composed route's fetch may read a part through a cache stage, whose
+/// fill fetches in turn, and only a boxed future gives that recursion a type (one
+/// allocation per miss).
+pub trait Fetch: Clone + Send + Sync + 'static {
+    /// A body-less request (what a cache fetches: `GET` or `HEAD`).
+    fn fetch(
+        &self,
+        method: Method,
+        headers: HeaderMap,
+        deadline: Instant,
+    ) -> BoxFuture<'_, Result<Response<Body>, ProxyError>>;
+}
+
 /// A fetch for one key.
-struct FillJob {
+struct FillJob<O> {
     policy: Arc<RouteCache>,
-    origin: OriginCall,
+    origin: O,
     tags: Vec<String>,
     key: CacheKey,
     /// `key` already names the caller's own entry (private scope, or a private marker
@@ -99,10 +116,10 @@ struct FillJob {
 impl CacheHandle {
     /// The cache stage for a `GET`/`HEAD` on a cached route: an answer from L1 or L2, or
     /// from `origin` fetched once for every request waiting on the same key.
-    pub async fn serve(
+    pub async fn serve<O: Fetch>(
         &self,
         req: CacheRequest<'_>,
-        origin: OriginCall,
+        origin: O,
     ) -> Result<Response<Body>, ProxyError> {
         let CacheRequest {
             policy: rc,
@@ -168,10 +185,7 @@ impl CacheHandle {
                 let headers = origin_headers(parts.headers, client, request_id);
                 let mut res = origin.fetch(parts.method, headers, deadline).await?;
                 let detail = why.as_str().replace('_', "-");
-                set_status(
-                    &mut res,
-                    &format!("passerelle; fwd=bypass; detail={detail}"),
-                );
+                set_status(&mut res, format!("passerelle; fwd=bypass; detail={detail}"));
                 return Ok(res);
             }
         };
@@ -315,13 +329,18 @@ impl CacheHandle {
         let mut res = origin.fetch(method, headers, deadline).await?;
         set_status(
             &mut res,
-            &format!("passerelle; fwd=uri-miss; detail={passthrough_detail}"),
+            format!("passerelle; fwd=uri-miss; detail={passthrough_detail}"),
         );
         Ok(res)
     }
 
     /// One fetch for `job.key`, shared by everyone waiting on the flight.
-    async fn fill(self, job: FillJob, guard: FlightGuard, leader: Option<oneshot::Sender<Served>>) {
+    async fn fill<O: Fetch>(
+        self,
+        job: FillJob<O>,
+        guard: FlightGuard,
+        leader: Option<oneshot::Sender<Served>>,
+    ) {
         let cache = &self.cache;
         let send = |leader: Option<oneshot::Sender<Served>>, s: Served| {
             if let Some(tx) = leader {
@@ -554,16 +573,17 @@ fn uncacheable(route: &str, why: Uncacheable) {
 
 /// Adds this cache's member to `Cache-Status`, after those of caches nearer the origin
 /// (RFC 9211 §2: the list reads from the origin towards the client).
-fn set_status(res: &mut Response<Body>, ours: &str) {
+fn set_status(res: &mut Response<Body>, ours: String) {
     let value = match res
         .headers()
         .get(CACHE_STATUS)
         .and_then(|v| v.to_str().ok())
     {
         Some(upstream) if !upstream.trim().is_empty() => format!("{upstream}, {ours}"),
-        _ => ours.to_string(),
+        _ => ours,
     };
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    // The string's buffer becomes the header's: no copy.
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
         res.headers_mut().insert(CACHE_STATUS, v);
     }
 }
@@ -610,7 +630,7 @@ async fn admit(
             let mut res = res;
             set_status(
                 &mut res,
-                &format!(
+                format!(
                     "passerelle; fwd=uri-miss; detail={}",
                     why.as_str().replace('_', "-")
                 ),
@@ -625,7 +645,10 @@ async fn admit(
         .and_then(|v| v.parse::<u64>().ok());
     let too_large = |mut res: Response<Body>| {
         uncacheable(route, Uncacheable::TooLarge);
-        set_status(&mut res, "passerelle; fwd=uri-miss; detail=too-large");
+        set_status(
+            &mut res,
+            "passerelle; fwd=uri-miss; detail=too-large".into(),
+        );
         Served::Response(res)
     };
     if declared.is_some_and(|n| n > max_entry as u64) {
@@ -710,31 +733,34 @@ pub fn render(
 ) -> Response<Body> {
     let now = now_ms();
     let ttl = (e.fresh_until as i64 - now as i64) / 1000;
-    let status = match outcome {
-        Outcome::Hit(l) => format!(
-            "passerelle; hit; ttl={ttl}; key=\"{}\"; detail={}",
-            key.hex(),
+    // One allocation for the whole member (a hit is the path to keep cheap).
+    let mut status = String::with_capacity(112);
+    let k = key.0;
+    let _ = match outcome {
+        Outcome::Hit(l) => write!(
+            status,
+            "passerelle; hit; ttl={ttl}; key=\"{k:032x}\"; detail={}",
             l.as_str()
         ),
-        Outcome::Stale(l) => format!(
-            "passerelle; hit; ttl={ttl}; key=\"{}\"; detail={}-stale",
-            key.hex(),
+        Outcome::Stale(l) => write!(
+            status,
+            "passerelle; hit; ttl={ttl}; key=\"{k:032x}\"; detail={}-stale",
             l.as_str()
         ),
-        Outcome::StaleIfError => format!(
-            "passerelle; fwd=uri-miss; ttl={ttl}; key=\"{}\"; detail=stale-if-error",
-            key.hex()
+        Outcome::StaleIfError => write!(
+            status,
+            "passerelle; fwd=uri-miss; ttl={ttl}; key=\"{k:032x}\"; detail=stale-if-error"
         ),
-        Outcome::Collapsed => format!(
-            "passerelle; fwd=uri-miss; collapsed; ttl={ttl}; key=\"{}\"",
-            key.hex()
+        Outcome::Collapsed => write!(
+            status,
+            "passerelle; fwd=uri-miss; collapsed; ttl={ttl}; key=\"{k:032x}\""
         ),
-        Outcome::Miss { stored: true } => format!(
-            "passerelle; fwd=uri-miss; stored; ttl={ttl}; key=\"{}\"",
-            key.hex()
+        Outcome::Miss { stored: true } => write!(
+            status,
+            "passerelle; fwd=uri-miss; stored; ttl={ttl}; key=\"{k:032x}\""
         ),
         Outcome::Miss { stored: false } => {
-            format!("passerelle; fwd=uri-miss; key=\"{}\"", key.hex())
+            write!(status, "passerelle; fwd=uri-miss; key=\"{k:032x}\"")
         }
     };
     let not_modified = match (inm, e.headers.get(header::ETAG)) {
@@ -773,7 +799,7 @@ pub fn render(
     };
     res.headers_mut()
         .insert(header::AGE, HeaderValue::from(e.age_secs(now)));
-    set_status(&mut res, &status);
+    set_status(&mut res, status);
     res
 }
 

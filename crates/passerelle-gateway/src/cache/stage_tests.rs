@@ -16,7 +16,7 @@ use passerelle_testkit::{TestRedis, Topology};
 
 use super::*;
 use crate::cache::ResponseCache;
-use crate::origin::{Origin, Target};
+use crate::origin::{Origin, OriginCall, Target};
 use crate::upstream::{Clients, Upstream};
 
 /// An origin that counts the requests it gets, by path. `/items/{id}` is public,
@@ -169,6 +169,7 @@ impl Replica {
             origin: self.origin.clone(),
             target: Target::Proxy(path.parse().unwrap()),
             clients: self.clients.clone(),
+            parts: None,
         };
         self.handle.serve(req, origin).await.unwrap()
     }
