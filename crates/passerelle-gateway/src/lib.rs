@@ -129,8 +129,9 @@ impl Gateway {
         let cache = ResponseCache::new(config, redis.as_ref()).map(Arc::new);
         // Routes that proxy first: a composition's parts may read through them.
         let mut by_name = BTreeMap::new();
-        let compose_last = config.routes.iter().filter(|r| r.compose.is_none());
-        for r in compose_last.chain(config.routes.iter().filter(|r| r.compose.is_some())) {
+        let (composed, proxies): (Vec<_>, Vec<_>) =
+            config.routes.iter().partition(|r| r.compose.is_some());
+        for r in proxies.into_iter().chain(composed) {
             let components = Components {
                 pools: &pools,
                 routes: &by_name,

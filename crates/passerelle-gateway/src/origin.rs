@@ -52,9 +52,7 @@ pub enum Origin {
 /// A route a composed route's part is read through.
 #[derive(Debug)]
 pub struct Through {
-    /// The route's name, for errors.
-    pub route: Arc<str>,
-    /// Its origin (a proxy: a composition never reads through another composition).
+    /// The route's origin (a proxy: a composition never reads through another composition).
     pub origin: Arc<Origin>,
     /// Its cache policy (`None`: not cached; the part is fetched through its origin).
     pub cache: Option<Arc<RouteCache>>,
@@ -63,8 +61,8 @@ pub struct Through {
 }
 
 impl Through {
+    /// Reads through the route on `path` with `origin` and `cache`.
     pub fn new(
-        route: Arc<str>,
         path: &str,
         origin: Arc<Origin>,
         cache: Option<Arc<RouteCache>>,
@@ -72,7 +70,6 @@ impl Through {
         let mut router = matchit::Router::new();
         router.insert(path, ()).map_err(|e| e.to_string())?;
         Ok(Self {
-            route,
             origin,
             cache,
             path: router,

@@ -198,12 +198,7 @@ fn part_route(
             "a part reads through {name:?}, which does not proxy to an upstream"
         )));
     };
-    let through = Through::new(
-        route.name.clone(),
-        &route.path,
-        route.origin.clone(),
-        route.cache.clone(),
-    )
-    .map_err(refuse)?;
+    let through =
+        Through::new(&route.path, route.origin.clone(), route.cache.clone()).map_err(refuse)?;
     Ok((upstream.clone(), Some(through)))
 }
