@@ -743,3 +743,23 @@ async fn guessing_keys_is_rate_limited_and_then_costs_no_lookup() {
         "no lookup while blocked"
     );
 }
+
+/// A part read through a route goes through that route's cache and origin, not its
+/// authentication or limits: the composed request is the one authenticated and limited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_read_through_a_route_is_judged_with_the_composed_request() {
+    let via = "[[routes]]\nname = \"via\"\npath = \"/via/{id}\"\n\
+               [routes.compose]\ng = { route = \"guarded\", path = \"/guarded/{id}\" }\n";
+    let p = platform(1, via).await;
+    let g = &p.gateways[0];
+    // `guarded` wants an API key, and allows a client 5 tries an hour (this one counts)...
+    g.http.get("/guarded/1").await.assert_problem(401);
+    // ...while the public composition reads it for anyone, past that limit.
+    for _ in 0..7 {
+        let r = g.http.get("/via/1").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(r.json()["g"]["headers"].is_object());
+    }
+    // The parts took nothing from the client's limit on `guarded`: 2 tries in all.
+    g.http.get("/guarded/1").await.assert_problem(401);
+}
