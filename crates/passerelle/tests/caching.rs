@@ -902,6 +902,15 @@ async fn a_composed_answer_is_built_from_its_parts_cached_entries() {
     }
     assert_eq!(origin.hits("/things/9"), 1, "one fetch of the shared part");
 
+    // A failing part's route: a 502 naming the part and its upstream (the other part is
+    // still served from its entry).
+    origin.failing.store(true, Ordering::SeqCst);
+    let r = get(a, "/pair/1/404", &[]).await;
+    r.assert_problem(502);
+    assert_eq!(r.json()["part"], "right");
+    assert_eq!(r.json()["upstream"], "origin");
+    origin.failing.store(false, Ordering::SeqCst);
+
     // Invalidated with the route: purging the part's tag refetches it for the pair.
     let r = admins[0]
         .send(Method::DELETE, "/cache/tags/things/1", &[], Bytes::new())
@@ -915,14 +924,6 @@ async fn a_composed_answer_is_built_from_its_parts_cached_entries() {
         }
     })
     .await;
-
-    // A failing part's route: a 502 naming the part and its upstream.
-    origin.failing.store(true, Ordering::SeqCst);
-    let r = get(a, "/pair/1/404", &[]).await;
-    r.assert_problem(502);
-    assert_eq!(r.json()["part"], "right");
-    assert_eq!(r.json()["upstream"], "origin");
-    origin.failing.store(false, Ordering::SeqCst);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
