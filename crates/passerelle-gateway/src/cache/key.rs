@@ -18,10 +18,17 @@ use sha2::{Digest, Sha256};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CacheKey(pub u128);
 
+/// The key as Redis sees it and `Cache-Status` shows it: 32 lowercase hex digits.
+impl std::fmt::Display for CacheKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
 impl CacheKey {
     /// The key as Redis sees it: 32 lowercase hex digits.
     pub fn hex(self) -> String {
-        format!("{:032x}", self.0)
+        self.to_string()
     }
 
     pub fn from_hex(s: &str) -> Option<Self> {

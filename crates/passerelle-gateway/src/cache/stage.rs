@@ -735,32 +735,31 @@ pub fn render(
     let ttl = (e.fresh_until as i64 - now as i64) / 1000;
     // One allocation for the whole member (a hit is the path to keep cheap).
     let mut status = String::with_capacity(112);
-    let k = key.0;
     let _ = match outcome {
         Outcome::Hit(l) => write!(
             status,
-            "passerelle; hit; ttl={ttl}; key=\"{k:032x}\"; detail={}",
+            "passerelle; hit; ttl={ttl}; key=\"{key}\"; detail={}",
             l.as_str()
         ),
         Outcome::Stale(l) => write!(
             status,
-            "passerelle; hit; ttl={ttl}; key=\"{k:032x}\"; detail={}-stale",
+            "passerelle; hit; ttl={ttl}; key=\"{key}\"; detail={}-stale",
             l.as_str()
         ),
         Outcome::StaleIfError => write!(
             status,
-            "passerelle; fwd=uri-miss; ttl={ttl}; key=\"{k:032x}\"; detail=stale-if-error"
+            "passerelle; fwd=uri-miss; ttl={ttl}; key=\"{key}\"; detail=stale-if-error"
         ),
         Outcome::Collapsed => write!(
             status,
-            "passerelle; fwd=uri-miss; collapsed; ttl={ttl}; key=\"{k:032x}\""
+            "passerelle; fwd=uri-miss; collapsed; ttl={ttl}; key=\"{key}\""
         ),
         Outcome::Miss { stored: true } => write!(
             status,
-            "passerelle; fwd=uri-miss; stored; ttl={ttl}; key=\"{k:032x}\""
+            "passerelle; fwd=uri-miss; stored; ttl={ttl}; key=\"{key}\""
         ),
         Outcome::Miss { stored: false } => {
-            write!(status, "passerelle; fwd=uri-miss; key=\"{k:032x}\"")
+            write!(status, "passerelle; fwd=uri-miss; key=\"{key}\"")
         }
     };
     let not_modified = match (inm, e.headers.get(header::ETAG)) {
