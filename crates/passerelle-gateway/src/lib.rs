@@ -415,6 +415,7 @@ pub async fn run_with_readiness(
                     .and_then(|rt| {
                         rt.block_on(async move {
                             let listener = tokio::net::TcpListener::from_std(listener)?;
+                            tokio::spawn(timer_floor(token.clone()));
                             let service = gateway.service();
                             passerelle_http::serve(
                                 listener,
@@ -452,4 +453,29 @@ pub async fn run_with_readiness(
     token.cancel();
     tracing::info!("gateway stopped");
     first_error.map_or(Ok(()), Err)
+}
+
+/// How far ahead a serving thread always has a timer armed; see [`timer_floor`].
+const TIMER_FLOOR: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Keeps one timer armed on a serving thread, [`TIMER_FLOOR`] ahead, until `token` is
+/// cancelled.
+///
+/// Why: every upstream attempt has a deadline, a tokio timer. When a thread has answered
+/// everything it had and sleeps with no timer armed, the first deadline registered after it
+/// wakes is earlier than "never", and tokio then writes to the runtime's eventfd so that its
+/// driver re-reads its next wake-up: a system call and one more trip through `epoll_wait`, on
+/// about one request in seven under load (measured with `perf` on `sys_enter_write`). With a
+/// timer always armed a little ahead, and upstream deadlines longer than that, a new deadline
+/// is never the earliest, and registering it costs no system call. The price is two wake-ups
+/// a second per idle thread.
+async fn timer_floor(token: CancellationToken) {
+    let mut tick = tokio::time::interval(TIMER_FLOOR);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = token.cancelled() => return,
+        }
+    }
 }
