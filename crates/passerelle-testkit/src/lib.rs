@@ -6,10 +6,14 @@
 //! processes. Every process started here is stopped by its PID when its handle drops, so a
 //! failing test leaves nothing behind.
 //!
+//! [`PostgresServer`] is a real PostgreSQL server (Debian's `initdb` and `postgres`) in a
+//! temp dir on a free port, never running as root, with a database per test.
+//!
 //! [`TestRedis`] is whichever of the three the run asks for (`PASSERELLE_TEST_TOPOLOGY`,
 //! [`Topology`]): tests written against it check the same behaviour on each topology.
 
 mod http_client;
+mod postgres_server;
 pub mod raw_http;
 mod redis_cluster;
 mod redis_sentinel;
@@ -20,6 +24,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 pub use http_client::{HttpClient, Reply};
+pub use postgres_server::{PG_BINDIR_VAR, PostgresServer};
 pub use redis_cluster::{CLUSTER_NODE_TIMEOUT_MS, ClusterOptions, RedisCluster, is_primary};
 pub use redis_sentinel::{RedisSentinel, SentinelOptions};
 pub use redis_server::{RedisOptions, RedisServer, TlsFiles};
