@@ -925,7 +925,8 @@ pub struct ServicesConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServiceConfig {
-    /// `sqlite:///path/to/file.db` (or a plain path). Default: `<data_dir>/<service>.db`.
+    /// `sqlite:///path/to/file.db` (or a plain path), or
+    /// `postgres://user:password@host:port/database`. Default: `<data_dir>/<service>.db`.
     pub database_url: Option<String>,
     pub max_request_body: ByteSize,
     pub shutdown_grace: Dur,

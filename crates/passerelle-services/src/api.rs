@@ -88,6 +88,18 @@ impl From<rusqlite::Error> for ApiError {
     }
 }
 
+impl From<tokio_postgres::Error> for ApiError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        ApiError::from(DbError::from(e))
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for ApiError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        ApiError::from(DbError::from(e))
+    }
+}
+
 impl From<ApiError> for Problem {
     fn from(e: ApiError) -> Problem {
         let detail = e.to_string();

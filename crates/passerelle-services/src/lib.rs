@@ -42,9 +42,9 @@ use passerelle_redis::Redis;
 use crate::api::BodyLimit;
 pub use crate::cache::CacheAside;
 use crate::cache::ObjectCache;
-use crate::db::{Database, DbError, Migrations};
+use crate::db::{Database, DbError, Schema};
 use crate::products::Product;
-use crate::resource::{Queries, Resource, ResourceState};
+use crate::resource::{Resource, ResourceState, Store};
 use crate::users::User;
 
 /// Which service a process runs.
@@ -68,12 +68,28 @@ impl ServiceKind {
         Self::ALL.into_iter().find(|k| k.name() == name)
     }
 
-    fn migrations(self) -> Migrations {
+    /// Its tables, in each engine's dialect: the same columns and constraints on both.
+    fn schema(self) -> Schema {
         match self {
-            ServiceKind::Users => &[("users_001", include_str!("migrations/users_001.sql"))],
-            ServiceKind::Products => {
-                &[("products_001", include_str!("migrations/products_001.sql"))]
-            }
+            ServiceKind::Users => Schema {
+                service: "users",
+                sqlite: &[("users_001", include_str!("migrations/sqlite/users_001.sql"))],
+                postgres: &[(
+                    "users_001",
+                    include_str!("migrations/postgres/users_001.sql"),
+                )],
+            },
+            ServiceKind::Products => Schema {
+                service: "products",
+                sqlite: &[(
+                    "products_001",
+                    include_str!("migrations/sqlite/products_001.sql"),
+                )],
+                postgres: &[(
+                    "products_001",
+                    include_str!("migrations/postgres/products_001.sql"),
+                )],
+            },
         }
     }
 }
@@ -98,16 +114,17 @@ pub enum ServiceError {
 
 #[derive(Debug, Clone)]
 pub struct ServiceOptions {
-    /// `sqlite://<path>` or a path.
+    /// `sqlite://<path>`, a path, or `postgres://…`.
     pub database_url: String,
     /// Shown in `X-Served-By`, e.g. `users-1`.
     pub instance: String,
     pub max_request_body: usize,
     pub grace: Duration,
     pub access_log: bool,
-    /// Pooled read connections (about one per worker thread).
+    /// Pooled connections (about one per worker thread): SQLite's readers, PostgreSQL's
+    /// connections.
     pub read_connections: u32,
-    /// Cache-aside in Redis, with these settings (`None`: every read goes to SQLite, and
+    /// Cache-aside in Redis, with these settings (`None`: every read goes to the database, and
     /// writes invalidate nothing).
     pub cache: Option<(Redis, CacheAside)>,
     /// Writes need an identity asserted by the gateway (`None`: writes are not checked).
@@ -115,31 +132,47 @@ pub struct ServiceOptions {
 }
 
 /// Opens the service's database, applying migrations.
-pub fn open_database(
+pub async fn open_database(
     kind: ServiceKind,
     url: &str,
-    read_connections: u32,
+    connections: u32,
 ) -> Result<Database, ServiceError> {
-    Ok(Database::open(url, kind.migrations(), read_connections)?)
+    Ok(Database::open(url, kind.schema(), connections).await?)
 }
 
-/// Migrates and, when the table is empty, seeds `rows` deterministic demo rows (blocking).
-/// Returns how many rows were written.
-pub fn prepare(kind: ServiceKind, url: &str, rows: u64) -> Result<u64, ServiceError> {
-    let db = open_database(kind, url, 1)?;
+/// Migrates and, when the table is empty, seeds `rows` deterministic demo rows. Returns how
+/// many rows were written.
+pub async fn prepare_async(kind: ServiceKind, url: &str, rows: u64) -> Result<u64, ServiceError> {
+    let db = open_database(kind, url, 1).await?;
     let seeded = match kind {
-        ServiceKind::Users => resource::seed::<User>(&db, rows),
-        ServiceKind::Products => resource::seed::<Product>(&db, rows),
+        ServiceKind::Users => resource::seed::<User>(&Store::new::<User>(db), rows).await,
+        ServiceKind::Products => resource::seed::<Product>(&Store::new::<Product>(db), rows).await,
     };
     seeded.map_err(|e| ServiceError::Seed(e.to_string()))
+}
+
+/// [`prepare_async`] for callers without a runtime, or inside one (tests, `up` before it
+/// serves): it runs on a thread of its own with a runtime of its own, and blocks until done.
+pub fn prepare(kind: ServiceKind, url: &str, rows: u64) -> Result<u64, ServiceError> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| ServiceError::Seed(format!("starting a runtime: {e}")))?
+                    .block_on(prepare_async(kind, url, rows))
+            })
+            .join()
+            .unwrap_or_else(|_| Err(ServiceError::Seed("the seeding thread panicked".into())))
+    })
 }
 
 /// The complete HTTP application of one service instance.
 pub fn app(kind: ServiceKind, db: Database, opts: &ServiceOptions) -> Result<Router, ServiceError> {
     fn resource_router<R: Resource>(db: Database, opts: &ServiceOptions) -> Router {
         resource::router::<R>(Arc::new(ResourceState {
-            db,
-            queries: Queries::of::<R>(),
+            store: Store::new::<R>(db),
             cache: opts
                 .cache
                 .clone()
@@ -153,8 +186,8 @@ pub fn app(kind: ServiceKind, db: Database, opts: &ServiceOptions) -> Result<Rou
         Readiness::new().check("database", move || {
             let db = db.clone();
             async move {
-                db.ping().map_err(|e| e.to_string())?;
-                Ok(serde_json::json!({ "path": db.path().display().to_string() }))
+                db.ping().await.map_err(|e| e.to_string())?;
+                Ok(db.describe())
             }
         })
     };
@@ -290,14 +323,14 @@ pub async fn run(
         // Too old a Redis is refused now, with a clear error (one down now is not).
         redis.check_version(Duration::from_secs(1)).await?;
     }
-    let db = open_database(kind, &opts.database_url, opts.read_connections)?;
+    let db = open_database(kind, &opts.database_url, opts.read_connections).await?;
     let app = app(kind, db, &opts)?;
     let token = passerelle_http::shutdown::token_from(shutdown);
     tracing::info!(
         service = kind.name(),
         instance = %opts.instance,
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        database = %opts.database_url,
+        database = %db::redact(&opts.database_url),
         "serving"
     );
     let serve_opts = ServeOptions {

@@ -2,12 +2,11 @@
 //! `price_cents` (integer) or `price` (a decimal string like `"19.99"`, or a JSON number with
 //! at most two decimals, read from its text, never through a float), and returned as both.
 
-use rusqlite::Row;
-use rusqlite::types::Value as SqlValue;
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::{Map, Value, json};
 
 use crate::api::FieldError;
+use crate::db::{Columns, Field};
 use crate::resource::{Resource, merge_patch};
 use crate::validate;
 
@@ -98,7 +97,7 @@ impl Resource for Product {
     const FIELDS: &'static [&'static str] = &["name", "description", "price_cents", "currency"];
     type Input = ProductInput;
 
-    fn validate(input: ProductInput) -> Result<Vec<SqlValue>, Vec<FieldError>> {
+    fn validate(input: ProductInput) -> Result<Vec<Field>, Vec<FieldError>> {
         let mut errors = Vec::new();
         let name = validate::text(&input.name, 1, 200)
             .map_err(|m| errors.push(FieldError::new("name", m)))
@@ -136,25 +135,25 @@ impl Resource for Product {
             .ok();
         match (name, description, cents, currency) {
             (Some(n), Some(d), Some(c), Some(cur)) if errors.is_empty() => Ok(vec![
-                SqlValue::Text(n),
-                SqlValue::Text(d),
-                SqlValue::Integer(c),
-                SqlValue::Text(cur),
+                Field::Text(n),
+                Field::Text(d),
+                Field::Integer(c),
+                Field::Text(cur),
             ]),
             _ => Err(errors),
         }
     }
 
-    fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
+    fn from_row<C: Columns>(row: &C) -> Result<Self, C::Error> {
         Ok(Product {
-            id: row.get(0)?,
-            name: row.get(1)?,
-            description: row.get(2)?,
-            price_cents: row.get(3)?,
-            currency: row.get(4)?,
-            created_at: row.get(5)?,
-            updated_at: row.get(6)?,
-            version: row.get(7)?,
+            id: row.integer(0)?,
+            name: row.text(1)?,
+            description: row.text(2)?,
+            price_cents: row.integer(3)?,
+            currency: row.text(4)?,
+            created_at: row.text(5)?,
+            updated_at: row.text(6)?,
+            version: row.integer(7)?,
         })
     }
 

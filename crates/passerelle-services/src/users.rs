@@ -1,11 +1,10 @@
 //! The `users` resource.
 
-use rusqlite::Row;
-use rusqlite::types::Value as SqlValue;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::api::FieldError;
+use crate::db::{Columns, Field};
 use crate::resource::Resource;
 use crate::validate;
 
@@ -54,7 +53,7 @@ impl Resource for User {
     const FIELDS: &'static [&'static str] = &["username", "email", "name"];
     type Input = UserInput;
 
-    fn validate(input: UserInput) -> Result<Vec<SqlValue>, Vec<FieldError>> {
+    fn validate(input: UserInput) -> Result<Vec<Field>, Vec<FieldError>> {
         let mut errors = Vec::new();
         let mut check = |field: &str, r: Result<String, String>| match r {
             Ok(v) => Some(v),
@@ -67,24 +66,20 @@ impl Resource for User {
         let email = check("email", validate::email(&input.email));
         let name = check("name", validate::text(&input.name, 1, 100));
         match (username, email, name) {
-            (Some(u), Some(e), Some(n)) => Ok(vec![
-                SqlValue::Text(u),
-                SqlValue::Text(e),
-                SqlValue::Text(n),
-            ]),
+            (Some(u), Some(e), Some(n)) => Ok(vec![Field::Text(u), Field::Text(e), Field::Text(n)]),
             _ => Err(errors),
         }
     }
 
-    fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
+    fn from_row<C: Columns>(row: &C) -> Result<Self, C::Error> {
         Ok(User {
-            id: row.get(0)?,
-            username: row.get(1)?,
-            email: row.get(2)?,
-            name: row.get(3)?,
-            created_at: row.get(4)?,
-            updated_at: row.get(5)?,
-            version: row.get(6)?,
+            id: row.integer(0)?,
+            username: row.text(1)?,
+            email: row.text(2)?,
+            name: row.text(3)?,
+            created_at: row.text(4)?,
+            updated_at: row.text(5)?,
+            version: row.integer(6)?,
         })
     }
 

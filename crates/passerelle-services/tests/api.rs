@@ -1,4 +1,6 @@
-//! The services' HTTP contract over real sockets and a real SQLite file.
+//! The services' HTTP contract over real sockets, on each engine: a real SQLite file and a
+//! real PostgreSQL server (one per test binary, a fresh database per test). Each contract
+//! test runs twice, as `<name>::sqlite` and `<name>::postgres`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -7,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Method;
 use passerelle_services::{ServiceKind, ServiceOptions};
-use passerelle_testkit::{HttpClient, Reply, TestRedis, Topology};
+use passerelle_testkit::{HttpClient, PostgresServer, Reply, TestRedis, Topology};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
@@ -17,11 +19,74 @@ struct Running {
     _dir: tempfile::TempDir,
 }
 
-async fn start(kind: ServiceKind, rows: u64) -> Running {
-    start_with_cache(kind, rows, None).await
+/// The database engine a test runs on.
+#[derive(Debug, Clone, Copy)]
+enum Engine {
+    Sqlite,
+    Postgres,
+}
+
+impl Engine {
+    /// A fresh, empty database: a file in `dir`, or a new database on the binary's server.
+    fn database_url(self, dir: &std::path::Path, kind: ServiceKind) -> String {
+        match self {
+            Engine::Sqlite => format!(
+                "sqlite://{}",
+                dir.join(format!("{}.db", kind.name())).display()
+            ),
+            Engine::Postgres => {
+                static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                PostgresServer::shared().create_database(&format!("{}_{n}", kind.name()))
+            }
+        }
+    }
+}
+
+/// Runs each named contract test on both engines: `name::sqlite` and `name::postgres`.
+macro_rules! on_both_engines {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                super::$name(super::Engine::Sqlite).await
+            }
+            #[tokio::test]
+            async fn postgres() {
+                super::$name(super::Engine::Postgres).await
+            }
+        }
+    )*};
+}
+
+on_both_engines!(
+    get_one_and_bad_ids,
+    list_walks_every_row_once_with_cursors,
+    create_replace_patch_delete,
+    bad_bodies_are_refused_and_write_nothing,
+    product_prices_are_exact,
+    operations_endpoints,
+    bad_id_lists_are_refused_clearly,
+    if_match_compares_strongly,
+    id_lists_leave_non_canonical_ids_out,
+    concurrent_updates_of_one_row_all_land,
+    instances_starting_together_migrate_and_seed_once,
+);
+
+async fn start(engine: Engine, kind: ServiceKind, rows: u64) -> Running {
+    start_on(engine, kind, rows, None).await
 }
 
 async fn start_with_cache(kind: ServiceKind, rows: u64, redis: Option<&TestRedis>) -> Running {
+    start_on(Engine::Sqlite, kind, rows, redis).await
+}
+
+async fn start_on(
+    engine: Engine,
+    kind: ServiceKind,
+    rows: u64,
+    redis: Option<&TestRedis>,
+) -> Running {
     let cache = redis.map(|r| {
         (
             passerelle_redis::Redis::from_config(&r.redis_config())
@@ -34,10 +99,7 @@ async fn start_with_cache(kind: ServiceKind, rows: u64, redis: Option<&TestRedis
         )
     });
     let dir = tempfile::tempdir().unwrap();
-    let url = format!(
-        "sqlite://{}",
-        dir.path().join(format!("{}.db", kind.name())).display()
-    );
+    let url = engine.database_url(dir.path(), kind);
     passerelle_services::prepare(kind, &url, rows).unwrap();
     let opts = ServiceOptions {
         database_url: url,
@@ -84,9 +146,8 @@ async fn count(http: &HttpClient, plural: &str) -> usize {
     }
 }
 
-#[tokio::test]
-async fn get_one_and_bad_ids() {
-    let s = start(ServiceKind::Users, 20).await;
+async fn get_one_and_bad_ids(engine: Engine) {
+    let s = start(engine, ServiceKind::Users, 20).await;
     let r = s.http.get("/users/7").await;
     assert_eq!(r.status, 200);
     let u = r.json();
@@ -151,9 +212,8 @@ async fn get_one_and_bad_ids() {
     );
 }
 
-#[tokio::test]
-async fn list_walks_every_row_once_with_cursors() {
-    let s = start(ServiceKind::Products, 23).await;
+async fn list_walks_every_row_once_with_cursors(engine: Engine) {
+    let s = start(engine, ServiceKind::Products, 23).await;
     let mut seen = Vec::new();
     let mut path = "/products?limit=7".to_string();
     let mut pages = 0;
@@ -186,9 +246,8 @@ async fn list_walks_every_row_once_with_cursors() {
     }
 }
 
-#[tokio::test]
-async fn create_replace_patch_delete() {
-    let s = start(ServiceKind::Users, 3).await;
+async fn create_replace_patch_delete(engine: Engine) {
+    let s = start(engine, ServiceKind::Users, 3).await;
     let r = s
         .http
         .send_json(
@@ -278,9 +337,8 @@ async fn create_replace_patch_delete() {
         .assert_problem(404);
 }
 
-#[tokio::test]
-async fn bad_bodies_are_refused_and_write_nothing() {
-    let s = start(ServiceKind::Users, 3).await;
+async fn bad_bodies_are_refused_and_write_nothing(engine: Engine) {
+    let s = start(engine, ServiceKind::Users, 3).await;
     let before = count(&s.http, "users").await;
 
     // Malformed JSON: 400.
@@ -408,9 +466,8 @@ async fn bad_bodies_are_refused_and_write_nothing() {
     );
 }
 
-#[tokio::test]
-async fn product_prices_are_exact() {
-    let s = start(ServiceKind::Products, 2).await;
+async fn product_prices_are_exact(engine: Engine) {
+    let s = start(engine, ServiceKind::Products, 2).await;
     let create = |body: Value| {
         let http = s.http.clone();
         async move { http.send_json(Method::POST, "/products", &body).await }
@@ -458,9 +515,8 @@ async fn product_prices_are_exact() {
     assert_eq!(r.json()["price_cents"], 1250);
 }
 
-#[tokio::test]
-async fn operations_endpoints() {
-    let s = start(ServiceKind::Users, 1).await;
+async fn operations_endpoints(engine: Engine) {
+    let s = start(engine, ServiceKind::Users, 1).await;
     let r = s.http.get("/health").await;
     assert_eq!(
         (r.status.as_u16(), r.json()["status"].as_str()),
@@ -468,7 +524,25 @@ async fn operations_endpoints() {
     );
     let r = s.http.get("/ready").await;
     assert_eq!(r.status, 200);
-    assert_eq!(r.json()["checks"]["database"]["ok"], true);
+    let database = &r.json()["checks"]["database"];
+    assert_eq!(database["ok"], true, "{database}");
+    // Where the data is, and never a password.
+    match engine {
+        Engine::Sqlite => assert!(
+            database["details"]["path"]
+                .as_str()
+                .unwrap()
+                .ends_with("users.db"),
+            "{database}"
+        ),
+        Engine::Postgres => assert!(
+            database["details"]["url"]
+                .as_str()
+                .unwrap()
+                .starts_with("postgres://"),
+            "{database}"
+        ),
+    }
     s.http.get("/users/1").await;
     let m = s.http.get("/metrics").await.text();
     assert!(
@@ -579,9 +653,8 @@ async fn without_redis_rows_are_read_and_written_in_sqlite() {
     assert_eq!(svc.http.get("/users/5").await.json()["name"], "Offline");
 }
 
-#[tokio::test]
-async fn bad_id_lists_are_refused_clearly() {
-    let svc = start(ServiceKind::Products, 5).await;
+async fn bad_id_lists_are_refused_clearly(engine: Engine) {
+    let svc = start(engine, ServiceKind::Products, 5).await;
     for (q, needle) in [
         ("ids=1,abc", "ids"),
         ("ids=", "ids"),
@@ -605,9 +678,8 @@ async fn bad_id_lists_are_refused_clearly() {
 
 /// `If-Match` uses the strong comparison (RFC 9110 §13.1.1): a weak tag never matches, `*`
 /// matches any existing row.
-#[tokio::test]
-async fn if_match_compares_strongly() {
-    let s = start(ServiceKind::Users, 3).await;
+async fn if_match_compares_strongly(engine: Engine) {
+    let s = start(engine, ServiceKind::Users, 3).await;
     let patch = |if_match: &'static [&'static str], name: &'static str| {
         let http = s.http.clone();
         async move {
@@ -679,9 +751,8 @@ async fn if_match_compares_strongly() {
 }
 
 /// In an `ids=` list a non-canonical id is left out like an absent one.
-#[tokio::test]
-async fn id_lists_leave_non_canonical_ids_out() {
-    let svc = start(ServiceKind::Products, 5).await;
+async fn id_lists_leave_non_canonical_ids_out(engine: Engine) {
+    let svc = start(engine, ServiceKind::Products, 5).await;
     let ids = |q: &'static str| {
         let http = svc.http.clone();
         async move {
@@ -702,4 +773,165 @@ async fn id_lists_leave_non_canonical_ids_out() {
         .get("/products?ids=1,%2B2")
         .await
         .assert_problem(400);
+}
+
+/// Updates of one row from many clients at once: each lands once, on the version it read,
+/// and of writers naming the same version with `If-Match` exactly one wins.
+async fn concurrent_updates_of_one_row_all_land(engine: Engine) {
+    let s = start(engine, ServiceKind::Users, 1).await;
+    let patch = |name: String, if_match: Option<&'static str>| {
+        let http = s.http.clone();
+        async move {
+            let mut headers = vec![("content-type", "application/merge-patch+json")];
+            headers.extend(if_match.map(|v| ("if-match", v)));
+            http.send(
+                Method::PATCH,
+                "/users/1",
+                &headers,
+                Bytes::from(format!(r#"{{"name": "{name}"}}"#)),
+            )
+            .await
+        }
+    };
+    let writes = (0..16).map(|i| patch(format!("Writer {i}"), None));
+    let answers = futures_util::future::join_all(writes).await;
+    let mut versions: Vec<u64> = answers
+        .iter()
+        .map(|r| {
+            assert_eq!(r.status, 200, "{}", r.text());
+            r.json()["version"].as_u64().unwrap()
+        })
+        .collect();
+    versions.sort_unstable();
+    assert_eq!(
+        versions,
+        (2..=17).collect::<Vec<_>>(),
+        "each write made one version"
+    );
+    let row = s.http.get("/users/1").await.json();
+    assert_eq!(row["version"], 17);
+    // Eight writers that all read version 17: one wins, the others are told it changed.
+    let racing = (0..8).map(|i| patch(format!("Racer {i}"), Some("\"17\"")));
+    let answers = futures_util::future::join_all(racing).await;
+    let won = answers.iter().filter(|r| r.status == 200).count();
+    let refused = answers.iter().filter(|r| r.status == 412).count();
+    assert_eq!((won, refused), (1, 7), "one wins, seven get 412");
+    assert_eq!(s.http.get("/users/1").await.json()["version"], 18);
+}
+
+/// Instances started together on one database: the schema is created once and the demo
+/// rows written once, whoever comes first; ids the database generates afterwards continue
+/// after the seeded ones.
+async fn instances_starting_together_migrate_and_seed_once(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = engine.database_url(dir.path(), ServiceKind::Products);
+    let seeded: u64 = std::thread::scope(|scope| {
+        let starts: Vec<_> = (0..4)
+            .map(|_| scope.spawn(|| passerelle_services::prepare(ServiceKind::Products, &url, 40)))
+            .collect();
+        starts.into_iter().map(|t| t.join().unwrap().unwrap()).sum()
+    });
+    assert_eq!(seeded, 40, "the rows are written by one instance only");
+    let opts = ServiceOptions {
+        database_url: url,
+        instance: "products-test".into(),
+        max_request_body: 4096,
+        grace: Duration::from_secs(1),
+        access_log: false,
+        read_connections: 2,
+        cache: None,
+        identity: None,
+    };
+    let (listener, addr) = passerelle_testkit::listener().await;
+    let (_stop, rx) = oneshot::channel::<()>();
+    tokio::spawn(passerelle_services::run(
+        ServiceKind::Products,
+        opts,
+        listener,
+        async {
+            let _ = rx.await;
+        },
+    ));
+    let http = HttpClient::new(format!("http://{addr}"));
+    assert_eq!(count(&http, "products").await, 40);
+    let r = send(
+        &http,
+        Method::POST,
+        "/products",
+        "application/json",
+        r#"{"name": "New", "price_cents": 100, "currency": "EUR"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(
+        r.json()["id"],
+        41,
+        "generated ids continue after the seeded ones"
+    );
+}
+
+/// PostgreSQL going away under a running service: requests get a clear 503 problem, never
+/// a hang or a 500, and `/ready` says the database is not ready.
+#[tokio::test]
+async fn postgres_going_away_is_a_503_not_a_hang() {
+    let server = PostgresServer::start();
+    let url = server.create_database("users_going_away");
+    passerelle_services::prepare(ServiceKind::Users, &url, 3).unwrap();
+    let opts = ServiceOptions {
+        database_url: url,
+        instance: "users-test".into(),
+        max_request_body: 4096,
+        grace: Duration::from_secs(1),
+        access_log: false,
+        read_connections: 2,
+        cache: None,
+        identity: None,
+    };
+    let (listener, addr) = passerelle_testkit::listener().await;
+    let (_stop, rx) = oneshot::channel::<()>();
+    tokio::spawn(passerelle_services::run(
+        ServiceKind::Users,
+        opts,
+        listener,
+        async {
+            let _ = rx.await;
+        },
+    ));
+    let http = HttpClient::new(format!("http://{addr}"));
+    assert_eq!(http.get("/users/1").await.status, 200);
+    drop(server);
+    let started = std::time::Instant::now();
+    let r = http.get("/users/2").await;
+    r.assert_problem(503);
+    let r = send(
+        &http,
+        Method::POST,
+        "/users",
+        "application/json",
+        r#"{"username": "late", "email": "late@example.com", "name": "Late"}"#,
+    )
+    .await;
+    r.assert_problem(503);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered within the pool's bounds, took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(http.get("/ready").await.status, 503);
+}
+
+/// A service whose PostgreSQL cannot be reached does not start, and says where it tried
+/// without printing the password.
+#[tokio::test]
+async fn an_unreachable_postgres_is_a_clear_error_without_the_password() {
+    let port = passerelle_testkit::free_port();
+    let url = format!("postgres://app:hunter2@127.0.0.1:{port}/users?connect_timeout=2");
+    let e = passerelle_services::prepare(ServiceKind::Users, &url, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("postgres://app:***@127.0.0.1:{port}/users")),
+        "{e}"
+    );
+    assert!(!e.contains("hunter2"), "{e}");
 }

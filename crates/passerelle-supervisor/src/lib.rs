@@ -556,7 +556,14 @@ async fn start_services(
         };
         let service = ServiceToStart {
             name: kind.name(),
-            args: vec!["--database-url".into(), url],
+            // A PostgreSQL URL may hold a password, which `ps` would show on a command
+            // line: the child reads it from the same configuration (file and environment)
+            // instead. The SQLite default is computed here, so it is passed.
+            args: if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+                Vec::new()
+            } else {
+                vec!["--database-url".into(), url]
+            },
             first_args: Vec::new(),
             grace,
         };

@@ -904,3 +904,74 @@ async fn up_on_a_redis_cluster_starts_no_redis_and_caches_and_limits_there() {
         "{report}"
     );
 }
+
+/// `up` with both services on PostgreSQL: nothing but the URLs changes. The instances share
+/// the databases (seeded once), the password never reaches a command line or a log, and no
+/// SQLite file is created.
+#[tokio::test]
+async fn up_runs_its_services_on_postgresql() {
+    let server = passerelle_testkit::PostgresServer::start();
+    let with_password = |url: String| url.replacen("postgres@", "postgres:not-needed-here@", 1);
+    let users = with_password(server.create_database("users"));
+    let products = with_password(server.create_database("products"));
+    let dir = tempfile::tempdir().unwrap();
+    let up = start_up(
+        dir.path(),
+        &["--instances", "2"],
+        &[
+            ("PASSERELLE_UP__SEED_ROWS", "100"),
+            ("PASSERELLE_SERVICES__USERS__DATABASE_URL", &users),
+            ("PASSERELLE_SERVICES__PRODUCTS__DATABASE_URL", &products),
+        ],
+    );
+    assert!(
+        up.output.iter().any(|l| l.contains("seeded 100 users")),
+        "{:#?}",
+        up.output
+    );
+    let mut served_by = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let r = up.http.get("/users/42").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["username"], "user_42");
+        served_by.insert(r.header("x-served-by").unwrap_or("").to_string());
+        let r = up.http.get("/api/42/7").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    // `/users/42` is cached after the first answer; the composed reads reach both instances.
+    assert!(!served_by.is_empty());
+    // The rows are in PostgreSQL, once, and the schema is recorded per service.
+    let (client, connection) = tokio_postgres::connect(&users, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let n: i64 = client
+        .query_one("SELECT COUNT(*) FROM users", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 100);
+    let version: i32 = client
+        .query_one(
+            "SELECT version FROM passerelle_schema WHERE service = 'users'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, 1);
+    assert!(!dir.path().join("users.db").exists(), "no SQLite file");
+    assert!(!dir.path().join("products.db").exists(), "no SQLite file");
+    // The password is on no command line of `up`'s children, and in none of its logs.
+    for pid in children_of(up.child.id()) {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&cmdline).contains("not-needed-here"),
+            "password on the command line of {pid}"
+        );
+    }
+    assert!(
+        !up.stderr().iter().any(|l| l.contains("not-needed-here")),
+        "password in a log line"
+    );
+}

@@ -26,15 +26,17 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use base64::Engine;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
-use rusqlite::types::Value as SqlValue;
-use rusqlite::{OptionalExtension, Row, params_from_iter};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use crate::api::{ApiError, FieldError, Id, JsonBody, json_response, read_json};
 use crate::cache::{CachedRow, ObjectCache};
-use crate::db::Database;
+use crate::db::{Columns, Field};
+
+mod store;
+
+pub use store::Store;
 
 /// What a table-backed resource must describe about itself.
 pub trait Resource: Serialize + Send + Sync + Sized + 'static {
@@ -48,10 +50,11 @@ pub trait Resource: Serialize + Send + Sync + Sized + 'static {
     type Input: DeserializeOwned + Send + 'static;
 
     /// Checks an input and returns the column values in [`Resource::FIELDS`] order.
-    fn validate(input: Self::Input) -> Result<Vec<SqlValue>, Vec<FieldError>>;
+    fn validate(input: Self::Input) -> Result<Vec<Field>, Vec<FieldError>>;
 
-    /// Builds the resource from `SELECT id, <FIELDS>, created_at, updated_at, version`.
-    fn from_row(row: &Row<'_>) -> rusqlite::Result<Self>;
+    /// Builds the resource from `SELECT id, <FIELDS>, created_at, updated_at, version`, on
+    /// either engine.
+    fn from_row<C: Columns>(row: &C) -> Result<Self, C::Error>;
 
     /// The writable fields of the current representation, as a JSON object (the base a
     /// merge patch applies to).
@@ -93,65 +96,9 @@ pub fn merge_patch(target: &mut Map<String, Value>, patch: Map<String, Value>) {
     }
 }
 
-/// The SQL of one resource, built once at start.
-#[derive(Debug)]
-pub struct Queries {
-    select_one: String,
-    select_page: String,
-    select_many: String,
-    insert: String,
-    insert_with_id: String,
-    update: String,
-    delete: String,
-    count: String,
-}
-
-impl Queries {
-    pub fn of<R: Resource>() -> Self {
-        let table = R::PLURAL;
-        let fields = R::FIELDS.join(", ");
-        let cols = format!("id, {fields}, created_at, updated_at, version");
-        let placeholders = (1..=R::FIELDS.len())
-            .map(|i| format!("?{i}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let n = R::FIELDS.len();
-        let sets = R::FIELDS
-            .iter()
-            .enumerate()
-            .map(|(i, f)| format!("{f} = ?{}", i + 1))
-            .collect::<Vec<_>>()
-            .join(", ");
-        Self {
-            select_one: format!("SELECT {cols} FROM {table} WHERE id = ?1"),
-            select_page: format!("SELECT {cols} FROM {table} WHERE id > ?1 ORDER BY id LIMIT ?2"),
-            select_many: format!(
-                "SELECT {cols} FROM {table} WHERE id IN (SELECT value FROM json_each(?1))"
-            ),
-            insert: format!(
-                "INSERT INTO {table} ({fields}, created_at, updated_at, version) VALUES ({placeholders}, ?{a}, ?{a}, 1) RETURNING {cols}",
-                a = n + 1
-            ),
-            insert_with_id: format!(
-                "INSERT INTO {table} (id, {fields}, created_at, updated_at, version) VALUES (?{id}, {placeholders}, ?{a}, ?{a}, 1)",
-                a = n + 1,
-                id = n + 2
-            ),
-            update: format!(
-                "UPDATE {table} SET {sets}, updated_at = ?{a}, version = version + 1 WHERE id = ?{b} RETURNING {cols}",
-                a = n + 1,
-                b = n + 2
-            ),
-            delete: format!("DELETE FROM {table} WHERE id = ?1"),
-            count: format!("SELECT COUNT(*) FROM {table}"),
-        }
-    }
-}
-
 /// State shared by a resource's handlers.
 pub struct ResourceState {
-    pub db: Database,
-    pub queries: Queries,
+    pub store: Store,
     pub cache: Option<ObjectCache>,
 }
 
@@ -206,37 +153,6 @@ fn check_if_match(headers: &HeaderMap, version: i64) -> Result<(), ApiError> {
     Err(ApiError::PreconditionFailed)
 }
 
-fn get_row<R: Resource>(
-    conn: &rusqlite::Connection,
-    q: &Queries,
-    id: i64,
-) -> rusqlite::Result<Option<R>> {
-    conn.prepare_cached(&q.select_one)?
-        .query_row([id], R::from_row)
-        .optional()
-}
-
-/// Turns `UNIQUE constraint failed: users.email` into a 409 naming `email`.
-fn map_write_error<R: Resource>(e: rusqlite::Error) -> ApiError {
-    if let rusqlite::Error::SqliteFailure(f, Some(msg)) = &e
-        && f.code == rusqlite::ErrorCode::ConstraintViolation
-    {
-        if let Some(cols) = msg.strip_prefix("UNIQUE constraint failed: ") {
-            let field = cols
-                .split(',')
-                .next()
-                .and_then(|c| c.trim().split('.').nth(1))
-                .unwrap_or("?");
-            return ApiError::Conflict {
-                field: field.to_string(),
-                message: format!("another {} already has this {field}", R::SINGULAR),
-            };
-        }
-        return ApiError::Validation(vec![FieldError::new("body", msg.clone())]);
-    }
-    ApiError::from(e)
-}
-
 fn cached_response(row: &CachedRow) -> Response {
     let mut res = (StatusCode::OK, row.json.clone()).into_response();
     let h = res.headers_mut();
@@ -263,7 +179,7 @@ async fn fetch<R: Resource>(State(s): State<Shared>, Id(id): Id) -> Result<Respo
     {
         return Ok(cached_response(&row));
     }
-    let row = s.db.read(|c| get_row::<R>(c, &s.queries, id))?;
+    let row = s.store.get::<R>(id).await?;
     let r = row.ok_or(ApiError::NotFound {
         what: R::SINGULAR,
         id,
@@ -303,13 +219,7 @@ async fn fetch_many<R: Resource>(s: &Shared, raw: &str) -> Result<Response, ApiE
         .collect();
     let mut found = std::collections::HashMap::new();
     if !missing.is_empty() {
-        let list =
-            serde_json::to_string(&missing).map_err(|e| ApiError::Internal(e.to_string()))?;
-        let rows = s.db.read(|c| {
-            let mut stmt = c.prepare_cached(&s.queries.select_many)?;
-            let rows = stmt.query_map([list], R::from_row)?;
-            rows.collect::<rusqlite::Result<Vec<R>>>()
-        })?;
+        let rows = s.store.many::<R>(&missing).await?;
         let mut fill = Vec::with_capacity(rows.len());
         for r in &rows {
             let row = to_cached(r)?;
@@ -411,11 +321,7 @@ async fn list<R: Resource>(
         }
     }
     // One row more than asked tells whether a next page exists without a COUNT.
-    let mut rows = s.db.read(|c| {
-        let mut stmt = c.prepare_cached(&s.queries.select_page)?;
-        let rows = stmt.query_map([after, limit + 1], R::from_row)?;
-        rows.collect::<rusqlite::Result<Vec<R>>>()
-    })?;
+    let mut rows = s.store.page::<R>(after, limit + 1).await?;
     let next_cursor = if rows.len() as i64 > limit {
         rows.truncate(limit as usize);
         rows.last().map(|r| encode_cursor(r.id()))
@@ -445,16 +351,7 @@ async fn create<R: Resource>(
     JsonBody(input): JsonBody<R::Input>,
 ) -> Result<Response, ApiError> {
     let values = R::validate(input).map_err(ApiError::Validation)?;
-    let st = s.clone();
-    let created: R =
-        s.db.write(move |c| {
-            let mut params = values;
-            params.push(SqlValue::Text(now()));
-            c.prepare_cached(&st.queries.insert)?
-                .query_row(params_from_iter(params), R::from_row)
-                .map_err(map_write_error::<R>)
-        })
-        .await?;
+    let created: R = s.store.insert(values, now()).await?;
     if let Some(c) = &s.cache {
         // A 404 for this id may be cached.
         c.changed(created.id()).await;
@@ -467,7 +364,7 @@ async fn create<R: Resource>(
 }
 
 /// The write both PUT and PATCH end in: check `If-Match`, compute the new values from the
-/// current row, update, all in one immediate transaction.
+/// current row, update, all in one transaction that holds the row.
 async fn update_with<R, F>(
     s: Shared,
     id: i64,
@@ -476,26 +373,13 @@ async fn update_with<R, F>(
 ) -> Result<Response, ApiError>
 where
     R: Resource,
-    F: FnOnce(&R) -> Result<Vec<SqlValue>, ApiError> + Send + 'static,
+    F: FnOnce(&R) -> Result<Vec<Field>, ApiError> + Send + 'static,
 {
-    let st = s.clone();
-    let updated: R =
-        s.db.write(move |c| {
-            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let current = get_row::<R>(&tx, &st.queries, id)?.ok_or(ApiError::NotFound {
-                what: R::SINGULAR,
-                id,
-            })?;
+    let updated: R = s
+        .store
+        .update(id, now(), move |current: &R| {
             check_if_match(&headers, current.version())?;
-            let mut params = new_values(&current)?;
-            params.push(SqlValue::Text(now()));
-            params.push(SqlValue::Integer(id));
-            let updated = tx
-                .prepare_cached(&st.queries.update)?
-                .query_row(params_from_iter(params), R::from_row)
-                .map_err(map_write_error::<R>)?;
-            tx.commit()?;
-            Ok::<_, ApiError>(updated)
+            new_values(current)
         })
         .await?;
     if let Some(c) = &s.cache {
@@ -540,49 +424,19 @@ async fn remove<R: Resource>(
     Id(id): Id,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let st = s.clone();
-    s.db.write(move |c| {
-        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let current = get_row::<R>(&tx, &st.queries, id)?.ok_or(ApiError::NotFound {
-            what: R::SINGULAR,
-            id,
-        })?;
-        check_if_match(&headers, current.version())?;
-        tx.prepare_cached(&st.queries.delete)?.execute([id])?;
-        tx.commit()?;
-        Ok::<_, ApiError>(())
-    })
-    .await?;
+    s.store
+        .delete(id, move |current: &R| {
+            check_if_match(&headers, current.version())
+        })
+        .await?;
     if let Some(c) = &s.cache {
         c.changed(id).await;
     }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// Writes `rows` demo rows with ids `1..=rows` if the table is empty. Returns how many were
-/// written. Blocking: call it before serving or from a blocking thread. One transaction: a
-/// crash mid-seed leaves an empty table, and the next start seeds again.
-pub fn seed<R: Resource>(db: &Database, rows: u64) -> Result<u64, ApiError> {
-    if rows == 0 {
-        return Ok(0);
-    }
-    let q = Queries::of::<R>();
-    let created = "2026-01-01T00:00:00.000Z";
-    let mut conn = db.write_blocking();
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let existing: i64 = tx.query_row(&q.count, [], |r| r.get(0))?;
-    if existing > 0 {
-        return Ok(0);
-    }
-    {
-        let mut stmt = tx.prepare(&q.insert_with_id)?;
-        for i in 1..=rows {
-            let mut params = R::validate(R::demo(i)).map_err(ApiError::Validation)?;
-            params.push(SqlValue::Text(created.into()));
-            params.push(SqlValue::Integer(i as i64));
-            stmt.execute(params_from_iter(params))?;
-        }
-    }
-    tx.commit()?;
-    Ok(rows)
+/// Writes `rows` demo rows with ids `1..=rows` if the table is empty (see [`Store::seed`]).
+/// Returns how many were written.
+pub async fn seed<R: Resource>(store: &Store, rows: u64) -> Result<u64, ApiError> {
+    store.seed::<R>(rows).await
 }

@@ -1,4 +1,4 @@
-//! The service's own database: one SQLite file, shared by every instance of the service.
+//! SQLite: one file, shared by every instance of the service.
 //!
 //! SQLite in WAL mode lets readers in any process run while one writer commits, which is
 //! exactly the shape of this workload (many reads, few writes):
@@ -20,95 +20,33 @@ use std::time::Duration;
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{Connection, OpenFlags};
 
-#[derive(Debug, thiserror::Error)]
-pub enum DbError {
-    #[error("unsupported database URL {0:?}: use sqlite://<path> or a file path")]
-    Url(String),
-    #[error("cannot open database {path}: {source}")]
-    Open {
-        path: String,
-        #[source]
-        source: rusqlite::Error,
-    },
-    #[error("cannot create directory {path}: {source}")]
-    Dir {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("migration {name} failed: {source}")]
-    Migration {
-        name: &'static str,
-        #[source]
-        source: rusqlite::Error,
-    },
-    #[error("database: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("database connection pool: {0}")]
-    Pool(#[from] r2d2::Error),
-    #[error("database worker stopped")]
-    Worker,
-}
-
-impl DbError {
-    /// True when the database is momentarily unable to serve (locked past the busy timeout,
-    /// pool exhausted): worth a 503 and a retry rather than a 500.
-    pub fn is_busy(&self) -> bool {
-        match self {
-            DbError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
-                matches!(
-                    e.code,
-                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
-                )
-            }
-            DbError::Pool(_) => true,
-            _ => false,
-        }
-    }
-}
-
-/// Ordered schema migrations of one service.
-pub type Migrations = &'static [(&'static str, &'static str)];
+use super::{Columns, DbError, Migrations};
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A service database. Cheap to clone.
+/// A service's SQLite database. Cheap to clone.
 #[derive(Clone)]
-pub struct Database {
+pub struct SqliteDatabase {
     read: r2d2::Pool<SqliteConnectionManager>,
     write: Arc<Mutex<Connection>>,
     path: PathBuf,
 }
 
-impl std::fmt::Debug for Database {
+impl std::fmt::Debug for SqliteDatabase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Database")
+        f.debug_struct("SqliteDatabase")
             .field("path", &self.path)
             .finish()
     }
 }
 
-/// `sqlite:///abs/path.db`, `sqlite://rel/path.db`, `sqlite:path.db` or a plain path.
-pub fn parse_url(url: &str) -> Result<PathBuf, DbError> {
-    let path = if let Some(p) = url.strip_prefix("sqlite://") {
-        p
-    } else if let Some(p) = url.strip_prefix("sqlite:") {
-        p
-    } else if url.contains("://") {
-        return Err(DbError::Url(url.to_string()));
-    } else {
-        url
-    };
-    if path.is_empty() || path == ":memory:" {
-        return Err(DbError::Url(url.to_string()));
-    }
-    Ok(PathBuf::from(path))
-}
-
-impl Database {
+impl SqliteDatabase {
     /// Opens (creating if needed) the database at `url` and brings its schema up to date.
-    pub fn open(url: &str, migrations: Migrations, read_connections: u32) -> Result<Self, DbError> {
-        let path = parse_url(url)?;
+    pub fn open(
+        path: PathBuf,
+        migrations: Migrations,
+        read_connections: u32,
+    ) -> Result<Self, DbError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| DbError::Dir {
                 path: dir.display().to_string(),
@@ -202,13 +140,34 @@ impl Database {
     }
 }
 
+impl Columns for rusqlite::Row<'_> {
+    type Error = rusqlite::Error;
+    fn integer(&self, index: usize) -> Result<i64, rusqlite::Error> {
+        self.get(index)
+    }
+    fn text(&self, index: usize) -> Result<String, rusqlite::Error> {
+        self.get(index)
+    }
+}
+
+impl rusqlite::ToSql for super::Field {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(match self {
+            super::Field::Text(s) => rusqlite::types::ToSqlOutput::from(s.as_str()),
+            super::Field::Integer(i) => rusqlite::types::ToSqlOutput::from(*i),
+        })
+    }
+}
+
 fn migrate(conn: &mut Connection, migrations: Migrations) -> Result<(), DbError> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let applied: usize =
         tx.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize;
     for (i, (name, sql)) in migrations.iter().enumerate().skip(applied) {
-        tx.execute_batch(sql)
-            .map_err(|source| DbError::Migration { name, source })?;
+        tx.execute_batch(sql).map_err(|source| DbError::Migration {
+            name,
+            source: Box::new(source),
+        })?;
         tx.pragma_update(None, "user_version", (i + 1) as i64)?;
         tracing::info!(migration = name, "applied migration");
     }
@@ -221,31 +180,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls() {
-        assert_eq!(
-            parse_url("sqlite:///var/lib/x.db").unwrap(),
-            PathBuf::from("/var/lib/x.db")
-        );
-        assert_eq!(
-            parse_url("sqlite://data/x.db").unwrap(),
-            PathBuf::from("data/x.db")
-        );
-        assert_eq!(parse_url("sqlite:x.db").unwrap(), PathBuf::from("x.db"));
-        assert_eq!(parse_url("x.db").unwrap(), PathBuf::from("x.db"));
-        assert!(parse_url("postgres://h/db").is_err());
-        assert!(parse_url("sqlite::memory:").is_err());
-    }
-
-    #[test]
     fn migrations_apply_once_across_openers() {
         let dir = tempfile::tempdir().unwrap();
-        let url = dir.path().join("t.db").display().to_string();
+        let path = dir.path().join("t.db");
         const M: Migrations = &[
             ("one", "CREATE TABLE a (x INTEGER);"),
             ("two", "CREATE TABLE b (y INTEGER);"),
         ];
-        let a = Database::open(&url, M, 2).unwrap();
-        let b = Database::open(&url, M, 2).unwrap();
+        let a = SqliteDatabase::open(path.clone(), M, 2).unwrap();
+        let b = SqliteDatabase::open(path, M, 2).unwrap();
         let v: i64 = b
             .read(|c| c.pragma_query_value(None, "user_version", |r| r.get(0)))
             .unwrap();
