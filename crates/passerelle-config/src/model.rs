@@ -373,6 +373,11 @@ pub struct GatewayConfig {
     pub request_timeout: Dur,
     /// How long in-flight requests may take to finish after a shutdown signal.
     pub shutdown_grace: Dur,
+    /// After a shutdown signal, how long the gateway goes on accepting and answering, each
+    /// answer with `Connection: close` and `/ready` at 503, before it closes its listener
+    /// (skipped when no connection is open): a load balancer in front moves away
+    /// without a request lost on a keep-alive connection closed under it.
+    pub drain_time: Dur,
     /// Serving threads; 0 means one per CPU.
     pub worker_threads: usize,
     /// Also accept HTTP/2 over cleartext with prior knowledge (h2c), e.g. from gRPC clients.
@@ -604,6 +609,7 @@ impl Default for GatewayConfig {
             max_request_body: ByteSize::mib(1),
             request_timeout: Dur::secs(15),
             shutdown_grace: Dur::secs(10),
+            drain_time: Dur::secs(1),
             worker_threads: 0,
             http2: false,
             admin_listen: None,

@@ -333,7 +333,21 @@ pub async fn run_with_readiness(
         r.check_version(config.redis.connect_timeout.get()).await?;
         r.spawn_monitor(std::time::Duration::from_secs(10), token.clone());
     }
-    let gateway = Gateway::with_readiness(config, redis, extend)?;
+    // Draining (after the shutdown signal, see `gateway.drain_time`): not ready, so that a
+    // load balancer that checks `/ready` stops sending new connections.
+    let draining = token.clone();
+    let gateway = Gateway::with_readiness(config, redis, move |r| {
+        extend(r).check("shutdown", move || {
+            let draining = draining.clone();
+            async move {
+                if draining.is_cancelled() {
+                    Err("draining: shutting down".to_string())
+                } else {
+                    Ok(serde_json::json!({ "draining": false }))
+                }
+            }
+        })
+    })?;
     // TLS: the pair must load now; then it is reloaded when its files change.
     let tls = match &config.gateway.tls {
         Some(t) => {
@@ -394,6 +408,7 @@ pub async fn run_with_readiness(
     let opts = ServeOptions {
         max_connections: config.gateway.max_connections.div_ceil(threads),
         grace: config.gateway.shutdown_grace.get(),
+        drain: config.gateway.drain_time.get(),
         http2: config.gateway.http2,
         header_read_timeout: config.gateway.header_read_timeout.get(),
         idle_timeout: config.gateway.idle_timeout.get(),

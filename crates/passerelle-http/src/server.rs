@@ -41,8 +41,14 @@ const HYPER_MAX_HEADERS: usize = 100;
 pub struct ServeOptions {
     /// Connections served at once; more wait in the kernel's accept queue.
     pub max_connections: usize,
-    /// How long in-flight requests may run after shutdown begins.
+    /// How long in-flight requests may run after shutdown begins (after the drain).
     pub grace: Duration,
+    /// How long to go on accepting and serving after shutdown begins, each answer saying
+    /// `Connection: close`, before the listener closes (skipped when no connection is open
+    /// as shutdown begins). A load balancer or a gateway in front then moves its keep-alive connections
+    /// away after one more answer, instead of having an idle one closed under a request it
+    /// is just sending (which it may not resend if it is a POST).
+    pub drain: Duration,
     /// Deadline for a client to send a request's head (slow-loris protection): from the
     /// connection's start for the first request, from the first byte for the next ones. A
     /// late head gets 408 and the connection is closed. Over TLS, the handshake too.
@@ -68,6 +74,7 @@ impl Default for ServeOptions {
         Self {
             max_connections: 10_000,
             grace: Duration::from_secs(10),
+            drain: Duration::ZERO,
             header_read_timeout: Duration::from_secs(30),
             // As long as hyper's header timeout used to keep idle connections: the gateway's
             // upstream client has learned to retire its connections to services before.
@@ -141,18 +148,47 @@ pub async fn serve<M, S, B>(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut connections = JoinSet::new();
 
+    // Cancelled when the drain ends: connections still in their TLS handshake or first bytes
+    // are dropped then (not at the start of the drain, when they are still welcome).
+    let closing = CancellationToken::new();
+    // Set when shutdown begins: until then, connections are still accepted and served.
+    let mut drain_until: Option<tokio::time::Instant> = None;
     loop {
+        if shutdown.is_cancelled() {
+            if drain_until.is_none() {
+                // Nobody connected (a stop at rest, Ctrl-C on an idle process): nothing to
+                // drain. Otherwise the drain lasts its whole time, even when every
+                // connection has closed meanwhile: a load balancer in front opens new ones
+                // at once, and a closed listener would count as a failure of this server.
+                if opts.drain.is_zero() || graceful.count() == 0 {
+                    break;
+                }
+                tracing::info!(drain = ?opts.drain, connections = graceful.count(), "draining: answers now close their connections");
+                drain_until = Some(tokio::time::Instant::now() + opts.drain);
+            }
+            if drain_until.is_some_and(|until| tokio::time::Instant::now() >= until) {
+                break;
+            }
+        }
+        // Shutdown begins, or the drain ends.
+        let stop = async {
+            match drain_until {
+                Some(until) => tokio::time::sleep_until(until).await,
+                None => shutdown.cancelled().await,
+            }
+        };
+        tokio::pin!(stop);
         // Backpressure: take a permit before accepting, so excess connections wait in the
         // kernel instead of each costing a task and buffers here.
         let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = &mut stop => continue,
             p = permits.clone().acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => break,
             },
         };
         let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = &mut stop => continue,
             // Reap finished connection tasks so the set does not grow with history.
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => match accepted {
@@ -174,7 +210,8 @@ pub async fn serve<M, S, B>(
             watcher: graceful.watcher(),
             http2: opts.http2,
             handshake_timeout: opts.header_read_timeout,
-            shutdown: shutdown.clone(),
+            shutdown: closing.clone(),
+            draining: shutdown.clone(),
         };
         let tls = opts.tls.clone();
         connections.spawn(async move {
@@ -183,6 +220,7 @@ pub async fn serve<M, S, B>(
         });
     }
     drop(listener);
+    closing.cancel();
 
     let open = graceful.count();
     if open > 0 {
@@ -206,9 +244,11 @@ struct Connection<S> {
     watcher: Watcher,
     http2: bool,
     handshake_timeout: Duration,
-    /// Ends a connection still in its TLS handshake or first bytes when shutdown begins (a
-    /// served one drains through its watcher instead).
+    /// Ends a connection still in its TLS handshake or first bytes when the listener closes
+    /// (a served one drains through its watcher instead).
     shutdown: CancellationToken,
+    /// Cancelled when shutdown begins: answers then say `Connection: close`.
+    draining: CancellationToken,
 }
 
 impl<S, B> Connection<S>
@@ -272,12 +312,22 @@ where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let svc = self.svc;
+        let shutdown = self.draining.clone();
         // Each request holds the connection busy until its answer's body is done.
         let hyper_svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let in_flight = InFlight::enter(&activity);
             let call = svc.clone().oneshot(req);
+            let shutdown = shutdown.clone();
             async move {
-                let res = call.await?;
+                let mut res = call.await?;
+                // Draining (see `ServeOptions::drain`): the client learns in this answer
+                // that the connection ends with it. HTTP/2 is told by GOAWAY instead.
+                if !h2 && shutdown.is_cancelled() {
+                    res.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
                 Ok::<_, Infallible>(res.map(|body| Tracked::new(body, in_flight)))
             }
         });

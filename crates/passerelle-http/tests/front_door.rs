@@ -512,3 +512,66 @@ fn a_missing_or_mismatched_pair_is_refused_at_start() {
     let e = Tls::new(&t.key, &t.key, true).unwrap_err();
     assert!(e.to_string().contains("no PEM certificate"), "{e}");
 }
+
+/// Whether nothing listens on `addr` any more.
+async fn refused(addr: SocketAddr) -> bool {
+    TcpStream::connect(addr).await.is_err()
+}
+
+#[tokio::test]
+async fn the_drain_serves_on_each_answer_closing_its_connection_then_the_listener_closes() {
+    let drain = Duration::from_millis(700);
+    let s = server(ServeOptions {
+        drain,
+        ..ServeOptions::default()
+    })
+    .await;
+    // A keep-alive connection, idle when shutdown begins: before, answers keep it open.
+    let mut kept = TcpStream::connect(s.addr).await.unwrap();
+    kept.write_all(&get_with("")).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = kept.read(&mut buf).await.unwrap();
+    let r = parse(&buf[..n]);
+    assert_eq!((r.status, r.header("connection")), (200, None), "{r:?}");
+
+    let started = Instant::now();
+    s.stop.cancel();
+    // Its next request is answered (a client that just sent it loses nothing), and the
+    // answer says the connection ends with it.
+    kept.write_all(&get_with("")).await.unwrap();
+    let r = parse(&read_to_close(&mut kept).await);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("connection"), Some("close"), "{r:?}");
+    // A connection opened during the drain (a load balancer's next one) is served too.
+    let r = send_raw(s.addr, &get_with("")).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("connection"), Some("close"), "{r:?}");
+    // Then the listener closes.
+    passerelle_testkit::wait_until(Duration::from_secs(5), "the listener closed", || {
+        refused(s.addr)
+    })
+    .await;
+    assert!(
+        started.elapsed() >= drain,
+        "the listener closed after {:?}, before the drain's end",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn with_no_connection_open_there_is_nothing_to_drain() {
+    let s = server(ServeOptions {
+        drain: Duration::from_secs(30),
+        ..ServeOptions::default()
+    })
+    .await;
+    let r = send_raw(s.addr, &get_with("connection: close\r\n")).await;
+    assert_eq!(r.status, 200);
+    let started = Instant::now();
+    s.stop.cancel();
+    passerelle_testkit::wait_until(Duration::from_secs(5), "the listener closed", || {
+        refused(s.addr)
+    })
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+}

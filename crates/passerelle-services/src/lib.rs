@@ -94,6 +94,13 @@ impl ServiceKind {
     }
 }
 
+/// After a shutdown signal, how long an instance goes on answering, each answer closing its
+/// connection, before it closes its listener (skipped when no connection is open): the
+/// gateways' pooled connections are retired after one more answer, rather than closed idle
+/// under a request being sent, which the gateway may not resend (a POST). See
+/// `passerelle_http::ServeOptions::drain`.
+const DRAIN: Duration = Duration::from_secs(1);
+
 /// The header naming the instance that answered, so operators (and tests) can see the load
 /// balancer at work.
 pub const SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
@@ -335,6 +342,7 @@ pub async fn run(
     );
     let serve_opts = ServeOptions {
         grace: opts.grace,
+        drain: DRAIN,
         ..ServeOptions::default()
     };
     passerelle_http::serve(listener, move |_| app.clone(), serve_opts, token).await;
@@ -472,6 +480,7 @@ async fn serve_until(
     );
     let serve_opts = ServeOptions {
         grace,
+        drain: DRAIN,
         ..ServeOptions::default()
     };
     passerelle_http::serve(listener, move |_| app.clone(), serve_opts, token).await;

@@ -174,6 +174,19 @@ impl ServiceProcess {
         self.child.as_ref().map(Child::id)
     }
 
+    /// SIGTERM, as an orchestrator stops it, and waits until it has drained and exited.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            passerelle_testkit::kill(c.id(), libc::SIGTERM);
+            let status = c.wait().unwrap();
+            assert!(
+                status.success(),
+                "{} stopped by SIGTERM exits 0: {status}",
+                self.name
+            );
+        }
+    }
+
     /// SIGKILL: the instance dies without closing anything gracefully.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
