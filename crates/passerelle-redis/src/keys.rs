@@ -32,10 +32,13 @@ pub enum Namespace {
     /// The audit trail of transfers (durable): partitions of records with their time
     /// index and chain head, and the per-account and per-user indexes.
     Audit,
+    /// The service registry: one sorted set per service of its instances' last heartbeats.
+    /// Temporary: each set expires when its service stops beating.
+    Registry,
 }
 
 impl Namespace {
-    pub const ALL: [Namespace; 8] = [
+    pub const ALL: [Namespace; 9] = [
         Namespace::Lease,
         Namespace::RateLimit,
         Namespace::Cache,
@@ -44,6 +47,7 @@ impl Namespace {
         Namespace::ApiKey,
         Namespace::Preferences,
         Namespace::Audit,
+        Namespace::Registry,
     ];
 
     /// Whether this namespace holds data that must outlive any TTL: API keys, preferences,
@@ -67,6 +71,7 @@ impl Namespace {
             Namespace::ApiKey => "ak",
             Namespace::Preferences => "pref",
             Namespace::Audit => "au",
+            Namespace::Registry => "reg",
         }
     }
 }
@@ -90,6 +95,17 @@ impl KeySchema {
     /// The `SCAN MATCH` pattern that covers every key of a namespace.
     pub fn pattern(&self, ns: Namespace) -> String {
         format!("{}:{}:*", self.prefix, ns.as_str())
+    }
+
+    /// `<prefix>:reg:<service>`: the instances of one service and their last heartbeat
+    /// (one key per command: no hash tag needed).
+    pub fn registry(&self, service: &str) -> String {
+        format!(
+            "{}:{}:{}",
+            self.prefix,
+            Namespace::Registry.as_str(),
+            sanitize_tag(service)
+        )
     }
 
     /// `<prefix>:lease:{<name>}`: the whole name is the hash tag, so a lease and anything

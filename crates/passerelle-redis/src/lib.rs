@@ -36,6 +36,7 @@ mod login;
 pub mod preferences;
 mod pubsub;
 pub mod rate_limit;
+pub mod registry;
 pub mod scripts;
 mod sentinel;
 pub mod stats;

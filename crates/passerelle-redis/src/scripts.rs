@@ -51,3 +51,12 @@ pub static PREFERENCES_WRITE: LazyLock<Script> =
 /// stored yet, with their time index entries and the new head (see the script's header).
 pub static AUDIT_APPEND: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/audit_append.lua")));
+
+/// Records one heartbeat of a service instance on Redis's clock, forgets long-silent ones
+/// and keeps the set's TTL (see the script's header).
+pub static REGISTRY_BEAT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/registry_beat.lua")));
+
+/// Reads a service's instances with Redis's time (see the script's header).
+pub static REGISTRY_READ: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/registry_read.lua")));
