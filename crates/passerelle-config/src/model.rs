@@ -35,6 +35,8 @@ pub struct Config {
     pub audit: crate::audit::AuditConfig,
     pub up: UpConfig,
     pub auth: crate::auth::AuthConfig,
+    /// The service registry in Redis: instances announce themselves, gateways discover them.
+    pub registry: RegistryConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -644,6 +646,11 @@ pub enum Balance {
 pub struct UpstreamConfig {
     /// Instances as `host:port`.
     pub endpoints: Vec<String>,
+    /// `static`: the pool is `endpoints`. `registry`: also every instance that announces
+    /// itself in the service registry under `service` (see `[registry]`).
+    pub discovery: Discovery,
+    /// The registry name of the pool's service (default: the upstream's name).
+    pub service: Option<String>,
     pub balance: Balance,
     pub connect_timeout: Dur,
     /// Deadline of one attempt; a retry gets a fresh one within the route's overall timeout.
@@ -664,6 +671,8 @@ impl Default for UpstreamConfig {
     fn default() -> Self {
         Self {
             endpoints: Vec::new(),
+            discovery: Discovery::Static,
+            service: None,
             balance: Balance::RoundRobin,
             connect_timeout: Dur::secs(1),
             try_timeout: Dur::secs(5),
@@ -673,6 +682,55 @@ impl Default for UpstreamConfig {
             health_check: HealthCheckConfig::default(),
             outlier_detection: OutlierConfig::default(),
             retry: RetryConfig::default(),
+        }
+    }
+}
+
+/// Where a pool's instances come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Discovery {
+    /// The configured `endpoints` only.
+    #[default]
+    Static,
+    /// The configured `endpoints` and the instances in the service registry.
+    Registry,
+}
+
+/// The service registry (one sorted set per service in the durable Redis; see
+/// `passerelle_redis::registry`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// `passerelle service` instances announce themselves (their `--announce` address, or
+    /// their listen address) every `heartbeat`, and leave on a clean stop.
+    pub enabled: bool,
+    /// How often an instance announces itself; gateways read the registry twice as often.
+    pub heartbeat: Dur,
+    /// An instance silent for this many heartbeats is taken out of its pools (half a
+    /// heartbeat earlier, so that it has stopped receiving by then); at least 3.
+    pub missed_heartbeats: u32,
+    /// When more than this share of a pool has missed a heartbeat as one of its instances
+    /// is to be taken out, nobody is taken out and the gateway says so (self-preservation,
+    /// as Eureka): a network partition or a Redis hiccup must not empty a pool that still
+    /// answers. Outlier detection still ejects the instances that really are gone. 1 turns
+    /// it off.
+    pub self_preservation: f64,
+    /// Instances a pool can hold from the registry.
+    pub max_instances: usize,
+    /// A silent instance is forgotten by the registry after this long.
+    pub forget_after: Dur,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            heartbeat: Dur::secs(1),
+            missed_heartbeats: 3,
+            self_preservation: 0.5,
+            max_instances: 64,
+            forget_after: Dur::secs(60),
         }
     }
 }

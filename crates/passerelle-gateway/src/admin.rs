@@ -161,6 +161,7 @@ pub fn router(
     readiness: Readiness,
     limiter: Option<Arc<RateLimiter>>,
     response_cache: Cache,
+    upstreams: Vec<Arc<crate::upstream::Upstream>>,
 ) -> axum::Router {
     let cache_routes = axum::Router::new()
         .route("/cache", get(cache_figures))
@@ -179,6 +180,21 @@ pub fn router(
         .route(
             "/metrics",
             get(|| async { passerelle_http::ops::metrics() }),
+        )
+        // Every pool as this gateway sees it now: its instances (configured, and from the
+        // registry), their health, ejections, load (as Envoy's `/clusters`).
+        .route(
+            "/upstreams",
+            get(move || {
+                let pools = upstreams.clone();
+                async move {
+                    let by_name: serde_json::Map<String, serde_json::Value> = pools
+                        .iter()
+                        .map(|u| (u.name.to_string(), u.status()))
+                        .collect();
+                    Json(serde_json::json!({ "upstreams": by_name }))
+                }
+            }),
         )
         .route("/rate-limits", get(list))
         .route("/rate-limits/{limit}/{*identity}", get(show).delete(reset))

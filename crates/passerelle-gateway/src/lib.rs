@@ -50,6 +50,7 @@ pub mod cache;
 pub mod compose;
 pub mod control;
 pub mod cors;
+pub mod discovery;
 pub mod error;
 pub mod front;
 pub mod identity;
@@ -112,12 +113,20 @@ impl Gateway {
         passerelle_http::metrics::on_render(passerelle_redis::stats::export);
         let mut pools: BTreeMap<String, Arc<Upstream>> = BTreeMap::new();
         for (index, (name, cfg)) in config.upstreams.iter().enumerate() {
-            if cfg.endpoints.is_empty() {
+            let from_registry = cfg.discovery == passerelle_config::Discovery::Registry;
+            if cfg.endpoints.is_empty() && !from_registry {
                 return Err(GatewayError::NoEndpoints(name.clone()));
             }
-            let up = Upstream::new(name, index, cfg).map_err(|e| GatewayError::Endpoint {
-                name: name.clone(),
-                reason: e.to_string(),
+            let slots = if from_registry {
+                config.registry.max_instances
+            } else {
+                0
+            };
+            let up = Upstream::with_registry_slots(name, index, cfg, slots).map_err(|e| {
+                GatewayError::Endpoint {
+                    name: name.clone(),
+                    reason: e.to_string(),
+                }
             })?;
             pools.insert(name.clone(), Arc::new(up));
         }
@@ -184,6 +193,7 @@ impl Gateway {
                 readiness,
                 ready: ReadySnapshot::default(),
                 redis,
+                registry: config.registry.clone(),
                 access_log: config.telemetry.access_log,
                 own: OwnMetrics::new(),
             }),
@@ -211,6 +221,14 @@ impl Gateway {
     pub fn start_background(&self, shutdown: &CancellationToken) -> control::Subscribed {
         for up in &self.inner.upstreams {
             upstream::health_check::spawn(up.clone(), shutdown.clone());
+        }
+        if let Some(redis) = &self.inner.redis {
+            discovery::spawn(
+                self.inner.upstreams.clone(),
+                redis.clone(),
+                self.inner.registry.clone(),
+                shutdown.clone(),
+            );
         }
         if let Some(c) = &self.inner.cache {
             c.spawn_upkeep(shutdown.clone());
@@ -248,6 +266,7 @@ impl Gateway {
             self.inner.readiness.clone(),
             self.inner.limiter.clone(),
             self.inner.cache.clone(),
+            self.inner.upstreams.clone(),
         )
         .merge(auth::admin_api::routes(
             self.inner.auth.keys().cloned(),

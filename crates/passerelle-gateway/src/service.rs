@@ -71,6 +71,8 @@ pub struct Inner {
     pub(crate) ready: ReadySnapshot,
     /// The Redis the components share, for the control listener.
     pub(crate) redis: Option<passerelle_redis::Redis>,
+    /// How pools with `discovery = "registry"` follow the registry.
+    pub(crate) registry: passerelle_config::RegistryConfig,
     pub(crate) access_log: bool,
     /// Metrics of what no configured route answered.
     pub(crate) own: OwnMetrics,

@@ -14,6 +14,7 @@
 //!
 //! [`run`] serves one instance: `run(kind, options, listener, shutdown)`.
 
+pub mod announce;
 pub mod api;
 pub mod audit;
 pub mod cache;

@@ -99,6 +99,10 @@ enum Command {
         /// Write this many demo rows if the table is empty.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// With registry.enabled: the address gateways reach this instance at (default:
+        /// the listen address, which must then not be 0.0.0.0).
+        #[arg(long, value_name = "HOST:PORT")]
+        announce: Option<String>,
     },
     /// What `passerelle up` is running: instances, PIDs, ports, Redis, health.
     Status {
@@ -525,14 +529,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 admin_listen.map(|a| a.0),
             );
             let config = serving_config(load(config_path, flags)?)?;
-            if let Some((name, _)) = config
-                .upstreams
-                .iter()
-                .find(|(_, u)| u.endpoints.is_empty())
-            {
+            if let Some((name, _)) = config.upstreams.iter().find(|(_, u)| {
+                u.endpoints.is_empty() && u.discovery != passerelle_config::Discovery::Registry
+            }) {
                 return Err(UsageError(format!(
                     "upstreams.{name}.endpoints is empty; the gateway role needs the address of every instance \
-                     (or use `passerelle up`, which starts them)"
+                     (or discovery = \"registry\", or `passerelle up`, which starts them)"
                 ))
                 .into());
             }
@@ -556,6 +558,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             instance,
             worker_threads,
             seed,
+            announce,
         } => {
             let kind = ServiceKind::from_name(&name);
             if kind.is_none() && name != "preferences" && name != "audit" {
@@ -574,7 +577,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 worker_threads
             };
             let Some(kind) = kind else {
-                return redis_service(&name, &config, listen, instance, threads, seed);
+                return redis_service(&name, &config, listen, instance, threads, seed, announce);
             };
             let svc = match kind {
                 ServiceKind::Users => &config.services.users,
@@ -609,8 +612,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         .map(|r| (r, cache_aside));
                 }
                 let listener = bind(listen).await?;
-                passerelle_services::run(kind, opts, listener, passerelle_http::shutdown::signal())
-                    .await?;
+                let shutdown = announced(&config, &name, announce, &listener)?;
+                passerelle_services::run(kind, opts, listener, shutdown).await?;
                 Ok(())
             })
         }
@@ -712,6 +715,54 @@ fn audit_spool_dir(config: &Config, instance: &str) -> PathBuf {
 }
 
 /// `passerelle service preferences|audit`: a service whose data is in the durable Redis.
+/// The shutdown signal of a service instance. With `registry.enabled`, the instance is
+/// announced in the service registry until then, and leaves it before it drains.
+fn announced(
+    config: &Config,
+    service: &str,
+    announce: Option<String>,
+    listener: &tokio::net::TcpListener,
+) -> anyhow::Result<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> {
+    let signal = passerelle_http::shutdown::signal();
+    if !config.registry.enabled {
+        return Ok(Box::pin(signal));
+    }
+    let address = match announce {
+        Some(a) => a,
+        None => {
+            let a = listener.local_addr()?;
+            if a.ip().is_unspecified() {
+                return Err(UsageError(format!(
+                    "registry.enabled: this instance listens on {a}, which gateways cannot \
+                     connect to; give the address they reach it at with --announce HOST:PORT"
+                ))
+                .into());
+            }
+            a.to_string()
+        }
+    };
+    let Some(redis) = passerelle_redis::Redis::from_config(&config.redis)? else {
+        return Err(UsageError(
+            "registry.enabled: the service registry lives in Redis; set redis.url".into(),
+        )
+        .into());
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(passerelle_services::announce::announce(
+        redis,
+        service.to_string(),
+        address,
+        config.registry.clone(),
+        stop.clone(),
+    ));
+    Ok(Box::pin(async move {
+        signal.await;
+        // Leave first: gateways stop sending new requests while this instance drains.
+        stop.cancel();
+        let _ = task.await;
+    }))
+}
+
 fn redis_service(
     name: &str,
     config: &Config,
@@ -719,6 +770,7 @@ fn redis_service(
     instance: Option<String>,
     threads: usize,
     seed: u64,
+    announce: Option<String>,
 ) -> anyhow::Result<()> {
     let identity = assertions(config)?;
     let instance = instance.unwrap_or_else(|| format!("{name}@{listen}"));
@@ -733,7 +785,7 @@ fn redis_service(
         let listener = bind(listen).await?;
         let (access_log, shutdown) = (
             config.telemetry.access_log,
-            passerelle_http::shutdown::signal(),
+            announced(config, name, announce, &listener)?,
         );
         if name == "audit" {
             let spool_dir = audit_spool_dir(config, &instance);

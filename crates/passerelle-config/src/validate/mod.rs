@@ -37,6 +37,7 @@ impl Config {
         gateway::check(&self.gateway, p);
         redis::check(&self.redis, p);
         upstreams::check(&self.upstreams, p);
+        upstreams::check_registry(self, p);
         routes::check(&self.routes, &self.upstreams, p);
         rate_limits::check(self, p);
         // Identity is checked after the limits rather than with the rest of the gateway:

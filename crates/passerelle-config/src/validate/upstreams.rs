@@ -12,6 +12,50 @@ pub(super) fn check(upstreams: &BTreeMap<String, UpstreamConfig>, p: &mut Proble
     }
 }
 
+/// The registry's settings, and the pools that use it: they need a Redis.
+pub(super) fn check_registry(c: &crate::Config, p: &mut Problems) {
+    let r = &c.registry;
+    p.check(!r.heartbeat.get().is_zero(), "registry.heartbeat", POSITIVE);
+    p.check(
+        r.missed_heartbeats >= 3,
+        "registry.missed_heartbeats",
+        "must be at least 3 (an instance is suspect after one missed heartbeat, and must stay \
+         suspect a whole heartbeat before it is out, for self-preservation to see a pool \
+         falling silent together)",
+    );
+    p.check(
+        (0.0..=1.0).contains(&r.self_preservation),
+        "registry.self_preservation",
+        "must be between 0 and 1",
+    );
+    p.check(
+        (1..=1024).contains(&r.max_instances),
+        "registry.max_instances",
+        "must be between 1 and 1024",
+    );
+    p.check(
+        r.forget_after.get() >= r.heartbeat.get() * r.missed_heartbeats.max(1),
+        "registry.forget_after",
+        "must be at least heartbeat × missed_heartbeats",
+    );
+    for (name, up) in &c.upstreams {
+        if up.discovery == crate::Discovery::Registry {
+            p.check(
+                c.redis.is_configured(),
+                format!("upstreams.{name}.discovery"),
+                "the registry lives in Redis: configure redis.url (or durable_url, or a cluster)",
+            );
+        }
+        if let Some(service) = &up.service {
+            p.check(
+                valid_name(service),
+                format!("upstreams.{name}.service"),
+                "service names use letters, digits, '-', '_', '.'",
+            );
+        }
+    }
+}
+
 fn check_upstream(name: &str, up: &UpstreamConfig, p: &mut Problems) {
     let at = |f: &str| format!("upstreams.{name}.{f}");
     if !valid_name(name) {
@@ -117,6 +161,41 @@ mod tests {
             ),
             ("[upstreams.x.retry]\nretries = 11\n", 2, "use at most 10"),
         ]);
+    }
+
+    #[test]
+    fn registry_errors_name_field_and_line() {
+        check_errs(&[
+            (
+                "[upstreams.x]\nendpoints = []\ndiscovery = \"registry\"\n",
+                3,
+                "the registry lives in Redis",
+            ),
+            (
+                "[upstreams.x]\nendpoints = [\"a:1\"]\ndiscovery = \"dns\"\n",
+                3,
+                "unknown variant",
+            ),
+            ("[registry]\nmissed_heartbeats = 2\n", 2, "at least 3"),
+            (
+                "[registry]\nself_preservation = 1.5\n",
+                2,
+                "between 0 and 1",
+            ),
+            ("[registry]\nheartbeat = \"0s\"\n", 2, "greater than 0"),
+            (
+                "[registry]\nforget_after = \"2s\"\n",
+                2,
+                "at least heartbeat × missed_heartbeats",
+            ),
+        ]);
+        // With a Redis, a pool may start empty and fill from the registry.
+        let c = crate::tests::load(
+            "[redis]\nurl = \"redis://127.0.0.1:6379\"\n[upstreams.x]\nendpoints = []\ndiscovery = \"registry\"\nservice = \"users\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.upstreams["x"].discovery, crate::Discovery::Registry);
+        assert_eq!(c.upstreams["x"].service.as_deref(), Some("users"));
     }
 
     #[test]

@@ -110,6 +110,9 @@ struct Conn {
     /// How long it may sit idle and be reused: `idle_timeout`, or less when the upstream
     /// announced its own limit.
     keep_for: Duration,
+    /// The endpoint's target generation it was opened to (see `endpoint::Target`): a slot
+    /// given to another instance does not reuse it.
+    generation: u64,
 }
 
 #[derive(Debug)]
@@ -169,12 +172,17 @@ impl Shared {
         &self,
         index: usize,
         endpoint: &Endpoint,
+        generation: u64,
         now: Instant,
     ) -> Option<(Conn, Duration)> {
         let pool = self.idle.get(index)?;
         let learned = endpoint.idle_limit(now);
         let mut pool = pool.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(conn) = pool.pop() {
+            if conn.generation != generation {
+                // Opened to the instance this slot had before.
+                continue;
+            }
             let idle = now.saturating_duration_since(conn.idle_since);
             if idle > conn.keep_for || learned.is_some_and(|limit| idle > limit) {
                 continue;
@@ -214,7 +222,7 @@ impl Client {
         }
     }
 
-    async fn connect(&self, address: &str) -> Result<Conn, ClientError> {
+    async fn connect(&self, address: &str, generation: u64) -> Result<Conn, ClientError> {
         let connect = async {
             let stream = TcpStream::connect(address).await?;
             stream.set_nodelay(true)?;
@@ -232,6 +240,7 @@ impl Client {
             wbuf: Vec::with_capacity(1024),
             idle_since: Instant::now(),
             keep_for: self.shared.cfg.idle_timeout,
+            generation,
         })
     }
 
@@ -253,15 +262,21 @@ impl Client {
             // by writing the request. One scheduler turn, for non-idempotent requests only.
             tokio::task::yield_now().await;
         }
-        let mut pooled = self.shared.checkout(index, endpoint, now);
+        let target = endpoint.target();
+        let mut pooled = self
+            .shared
+            .checkout(index, endpoint, target.generation, now);
         let (conn, head) = loop {
             let (mut conn, idle) = match pooled.take() {
                 Some((c, idle)) => (c, Some(idle)),
                 // Boxed: connecting (with name resolution) is a large future and a rare path;
                 // inline, it would bloat every request's state.
-                None => (Box::pin(self.connect(&endpoint.address)).await?, None),
+                None => (
+                    Box::pin(self.connect(&target.address, target.generation)).await?,
+                    None,
+                ),
             };
-            let failed = match exchange(&mut conn, &endpoint.authority, out).await {
+            let failed = match exchange(&mut conn, &target.authority, out).await {
                 Ok(head) => break (conn, head),
                 Err(failed) => failed,
             };
@@ -637,7 +652,7 @@ mod tests {
             },
         );
         let endpoint = Endpoint::new(&address, Instant::now()).unwrap();
-        let mut conn = client.connect(&address).await.unwrap();
+        let mut conn = client.connect(&address, 0).await.unwrap();
         conn.stream.shutdown().await.unwrap();
         let now = Instant::now();
         client.shared.checkin(0, conn, now, None);
@@ -663,5 +678,35 @@ mod tests {
             endpoint.idle_limit(now).is_some(),
             "the dead connection taught the endpoint"
         );
+    }
+
+    /// A registry slot given to another instance never reuses a connection pooled for the
+    /// previous one: connections carry the target generation they were opened to.
+    #[tokio::test]
+    async fn a_rebound_slot_does_not_reuse_the_previous_instances_connections() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let accept = tokio::spawn(async move { listener.accept().await.unwrap().0 });
+        let client = Client::new(
+            1,
+            ClientConfig {
+                connect_timeout: Duration::from_secs(2),
+                idle_timeout: Duration::from_secs(60),
+                max_idle: 8,
+                body_idle_timeout: None,
+            },
+        );
+        let endpoint = Endpoint::new(&address, Instant::now()).unwrap();
+        let conn = client.connect(&address, 0).await.unwrap();
+        let _peer = accept.await.unwrap();
+        let now = Instant::now();
+        client.shared.checkin(0, conn, now, None);
+        // Same generation: reused.
+        let (conn, _) = client.shared.checkout(0, &endpoint, 0, now).unwrap();
+        client.shared.checkin(0, conn, now, None);
+        // The slot rebound (here to the same address, the worst case): not reused.
+        endpoint.rebind(&address).unwrap();
+        assert_eq!(endpoint.target().generation, 1);
+        assert!(client.shared.checkout(0, &endpoint, 1, now).is_none());
     }
 }

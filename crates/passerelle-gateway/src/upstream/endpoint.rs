@@ -7,9 +7,11 @@
 //! gateway. Races between concurrent updates are benign (a failure counted one request
 //! late, an EWMA sample lost); none can leave an endpoint permanently out.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use http::uri::Authority;
 use passerelle_config::OutlierConfig;
 
@@ -29,11 +31,26 @@ const EWMA_DECAY: Duration = Duration::from_secs(10);
 /// Latency assumed before the first sample, so a new endpoint is neither shunned nor flooded.
 const EWMA_DEFAULT_NS: f64 = 1_000_000.0;
 
+/// Where an endpoint is. A configured endpoint keeps its target for ever; a registry slot
+/// gets a new one when it is given to another instance, with the next generation, so that
+/// connections pooled for the previous instance are never reused for this one.
 #[derive(Debug)]
-pub struct Endpoint {
-    /// `host:port`, as configured.
+pub struct Target {
+    /// `host:port`, as configured or announced.
     pub address: String,
     pub authority: Authority,
+    pub generation: u64,
+}
+
+/// The target of a registry slot no instance was ever given (never picked: not a member).
+const UNBOUND: &str = "unbound.invalid:1";
+
+#[derive(Debug)]
+pub struct Endpoint {
+    target: ArcSwap<Target>,
+    /// In the pool now: always for a configured endpoint; for a registry slot, while its
+    /// instance is heard from.
+    member: AtomicBool,
     epoch: Instant,
     active_healthy: AtomicBool,
     /// Milliseconds since `epoch` until which the endpoint is ejected (0: never was).
@@ -100,9 +117,18 @@ impl Drop for InFlight<'_> {
 
 impl Endpoint {
     pub fn new(address: &str, epoch: Instant) -> Result<Self, http::uri::InvalidUri> {
-        Ok(Self {
+        let target = Target {
             address: address.to_string(),
             authority: Authority::try_from(address)?,
+            generation: 0,
+        };
+        Ok(Self::with_target(target, epoch))
+    }
+
+    fn with_target(target: Target, epoch: Instant) -> Self {
+        Self {
+            target: ArcSwap::from_pointee(target),
+            member: AtomicBool::new(true),
             epoch,
             active_healthy: AtomicBool::new(true),
             ejected_until_ms: AtomicU64::new(0),
@@ -116,16 +142,75 @@ impl Endpoint {
             health_failures: AtomicU32::new(0),
             idle_limit_ms: AtomicU64::new(0),
             idle_limit_at_ms: AtomicU64::new(0),
-        })
+        }
+    }
+
+    /// A registry slot no instance has been given yet.
+    pub fn unbound(epoch: Instant) -> Self {
+        let slot = Self::with_target(
+            Target {
+                address: UNBOUND.to_string(),
+                authority: Authority::from_static(UNBOUND),
+                generation: 0,
+            },
+            epoch,
+        );
+        slot.member.store(false, Ordering::Relaxed);
+        slot
+    }
+
+    /// Where it is now.
+    pub fn target(&self) -> Arc<Target> {
+        self.target.load_full()
+    }
+
+    /// Its address now, for logs and metric labels.
+    pub fn address(&self) -> String {
+        self.target.load().address.clone()
+    }
+
+    /// Whether it is in the pool (see [`Endpoint::set_member`]).
+    pub fn is_member(&self) -> bool {
+        self.member.load(Ordering::Relaxed)
+    }
+
+    /// Takes it into the pool, or out: an instance that stopped heartbeating is out.
+    pub fn set_member(&self, member: bool) {
+        self.member.store(member, Ordering::Relaxed);
+    }
+
+    /// Gives this registry slot to the instance at `address`: a new target generation and
+    /// a clean slate (healthy, never ejected, no latency or idle limit learned), in the pool.
+    pub fn rebind(&self, address: &str) -> Result<(), http::uri::InvalidUri> {
+        let authority = Authority::try_from(address)?;
+        let generation = self.target.load().generation + 1;
+        self.target.store(Arc::new(Target {
+            address: address.to_string(),
+            authority,
+            generation,
+        }));
+        self.active_healthy.store(true, Ordering::Relaxed);
+        self.ejected_until_ms.store(0, Ordering::Relaxed);
+        self.last_ejection_ms.store(0, Ordering::Relaxed);
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.ejections.store(0, Ordering::Relaxed);
+        self.ewma_ns
+            .store(EWMA_DEFAULT_NS.to_bits(), Ordering::Relaxed);
+        self.health_successes.store(0, Ordering::Relaxed);
+        self.health_failures.store(0, Ordering::Relaxed);
+        self.idle_limit_ms.store(0, Ordering::Relaxed);
+        self.member.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// Whether new requests may go here: the health check passes and no ejection is running.
+    /// Whether new requests may go here: in the pool, the health check passes and no
+    /// ejection is running.
     pub fn is_available(&self) -> bool {
-        self.active_healthy.load(Ordering::Relaxed) && !self.is_ejected()
+        self.is_member() && self.active_healthy.load(Ordering::Relaxed) && !self.is_ejected()
     }
 
     pub fn is_ejected(&self) -> bool {

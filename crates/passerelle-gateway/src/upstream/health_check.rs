@@ -39,7 +39,14 @@ pub fn spawn(upstream: Arc<Upstream>, shutdown: CancellationToken) {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let checks = upstream.endpoints.iter().enumerate().map(|(i, e)| {
+            // Registry slots out of the pool are not probed: no instance is there.
+            let members: Vec<(usize, &super::Endpoint)> = upstream
+                .endpoints
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.is_member())
+                .collect();
+            let checks = members.iter().map(|&(i, e)| {
                 let client = client.clone();
                 let out = Outgoing {
                     method: Method::GET,
@@ -68,13 +75,13 @@ pub fn spawn(upstream: Arc<Upstream>, shutdown: CancellationToken) {
                 }
             });
             let results = futures_util::future::join_all(checks).await;
-            for (e, ok) in upstream.endpoints.iter().zip(results) {
+            for ((_, e), ok) in members.iter().zip(results) {
                 match e.record_health(ok, cfg.healthy_threshold, cfg.unhealthy_threshold) {
                     Some(true) => {
-                        tracing::info!(upstream = &*upstream.name, endpoint = %e.address, "endpoint healthy again")
+                        tracing::info!(upstream = &*upstream.name, endpoint = %e.address(), "endpoint healthy again")
                     }
                     Some(false) => {
-                        tracing::warn!(upstream = &*upstream.name, endpoint = %e.address, "endpoint failed its health checks")
+                        tracing::warn!(upstream = &*upstream.name, endpoint = %e.address(), "endpoint failed its health checks")
                     }
                     None => {}
                 }

@@ -23,6 +23,7 @@ pub mod client;
 pub mod endpoint;
 pub mod h1;
 pub mod health_check;
+pub mod registry;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -141,8 +142,9 @@ impl AttemptResult {
 
 /// Metric handles created once per pool, so the request path does no label hashing.
 struct PoolMetrics {
-    /// `[endpoint][AttemptResult]`: `passerelle_upstream_requests_total`.
-    attempts: Vec<[metrics::Counter; 7]>,
+    /// `[endpoint][AttemptResult]`: `passerelle_upstream_requests_total`, labelled with the
+    /// slot's current address (none for a registry slot never given an instance).
+    attempts: Vec<arc_swap::ArcSwapOption<[metrics::Counter; 7]>>,
     /// `passerelle_upstream_request_duration_seconds`.
     duration: metrics::Histogram,
 }
@@ -152,13 +154,8 @@ impl PoolMetrics {
         describe();
         // Shown at 0 from the start, so that an alert or a graph of their increase sees the
         // first one.
-        for e in endpoints {
-            metrics::counter!(
-                "passerelle_upstream_ejections_total",
-                "upstream" => name.to_string(),
-                "endpoint" => e.address.clone(),
-            )
-            .increment(0);
+        for e in endpoints.iter().filter(|e| e.is_member()) {
+            Self::ejections_at_zero(name, &e.address());
         }
         for reason in [
             "status",
@@ -176,18 +173,36 @@ impl PoolMetrics {
         let attempts = endpoints
             .iter()
             .map(|e| {
-                AttemptResult::ALL.map(|r| {
-                    metrics::counter!(
-                        "passerelle_upstream_requests_total",
-                        "upstream" => name.to_string(),
-                        "endpoint" => e.address.clone(),
-                        "result" => r.label(),
-                    )
-                })
+                arc_swap::ArcSwapOption::new(
+                    e.is_member()
+                        .then(|| Arc::new(Self::attempt_counters(name, &e.address()))),
+                )
             })
             .collect();
         let duration = metrics::histogram!("passerelle_upstream_request_duration_seconds", "upstream" => name.to_string());
         Self { attempts, duration }
+    }
+}
+
+impl PoolMetrics {
+    fn attempt_counters(name: &str, address: &str) -> [metrics::Counter; 7] {
+        AttemptResult::ALL.map(|r| {
+            metrics::counter!(
+                "passerelle_upstream_requests_total",
+                "upstream" => name.to_string(),
+                "endpoint" => address.to_string(),
+                "result" => r.label(),
+            )
+        })
+    }
+
+    fn ejections_at_zero(name: &str, address: &str) {
+        metrics::counter!(
+            "passerelle_upstream_ejections_total",
+            "upstream" => name.to_string(),
+            "endpoint" => address.to_string(),
+        )
+        .increment(0);
     }
 }
 
@@ -233,7 +248,11 @@ pub struct Upstream {
     /// Position among the gateway's pools; indexes a thread's clients.
     pub index: usize,
     pub config: UpstreamConfig,
+    /// The configured endpoints, then the registry's slots (see [`registry`]).
     pub endpoints: Vec<Endpoint>,
+    /// How many of `endpoints` are configured (the rest are registry slots).
+    configured: usize,
+    registry: registry::State,
     balancer: Balancer,
     budget: TpsBudget,
     metrics: PoolMetrics,
@@ -281,12 +300,25 @@ impl Upstream {
         index: usize,
         config: &UpstreamConfig,
     ) -> Result<Self, http::uri::InvalidUri> {
+        Self::with_registry_slots(name, index, config, 0)
+    }
+
+    /// A pool of its configured endpoints and `slots` more, empty until the service
+    /// registry gives them instances (see [`Upstream::apply_registry`]).
+    pub fn with_registry_slots(
+        name: &str,
+        index: usize,
+        config: &UpstreamConfig,
+        slots: usize,
+    ) -> Result<Self, http::uri::InvalidUri> {
         let epoch = Instant::now();
-        let endpoints = config
+        let mut endpoints = config
             .endpoints
             .iter()
             .map(|a| Endpoint::new(a, epoch))
             .collect::<Result<Vec<_>, _>>()?;
+        let configured = endpoints.len();
+        endpoints.extend((0..slots).map(|_| Endpoint::unbound(epoch)));
         let budget = TpsBudget::new(
             Duration::from_secs(10),
             config.retry.min_retries_per_second,
@@ -298,10 +330,12 @@ impl Upstream {
             index,
             config: config.clone(),
             endpoints,
+            configured,
+            registry: registry::State::default(),
             balancer: Balancer::new(config.balance),
             budget,
         };
-        for e in &upstream.endpoints {
+        for e in upstream.endpoints.iter().filter(|e| e.is_member()) {
             upstream.publish_health(e);
         }
         Ok(upstream)
@@ -336,18 +370,18 @@ impl Upstream {
             .pick(&self.endpoints, |i| fresh(i) && self.endpoints[i].is_available())
             .or_else(|| {
                 metrics::counter!("passerelle_upstream_panic_routing_total", "upstream" => self.name.to_string()).increment(1);
-                self.balancer.pick(&self.endpoints, fresh)
+                self.balancer
+                    .pick(&self.endpoints, |i| fresh(i) && self.endpoints[i].is_member())
             })
     }
 
     /// Whether ejecting one more endpoint keeps the pool within `max_ejected_percent`
     /// (one ejection is always allowed).
     fn may_eject(&self) -> bool {
-        let ejected = self.endpoints.iter().filter(|e| e.is_ejected()).count();
-        let cap = (self.endpoints.len()
-            * self.config.outlier_detection.max_ejected_percent as usize
-            / 100)
-            .max(1);
+        let members = self.endpoints.iter().filter(|e| e.is_member());
+        let (count, ejected) =
+            members.fold((0, 0), |(n, ej), e| (n + 1, ej + e.is_ejected() as usize));
+        let cap = (count * self.config.outlier_detection.max_ejected_percent as usize / 100).max(1);
         ejected < cap
     }
 
@@ -416,7 +450,7 @@ impl Upstream {
                 }
                 Ok(Err(ClientError::Connect(_))) => Failure::Connect,
                 Ok(Err(e)) => {
-                    tracing::debug!(upstream = &*self.name, endpoint = %endpoint.address, error = ?e, "upstream request failed");
+                    tracing::debug!(upstream = &*self.name, endpoint = %endpoint.address(), error = ?e, "upstream request failed");
                     Failure::Reset
                 }
                 Err(_) => Failure::Timeout,
@@ -472,14 +506,16 @@ impl Upstream {
         if outcome == Outcome::Success {
             endpoint.observe_latency(elapsed, started + elapsed);
         }
-        self.metrics.attempts[idx][result as usize].increment(1);
+        if let Some(counters) = &*self.metrics.attempts[idx].load() {
+            counters[result as usize].increment(1);
+        }
         self.metrics.duration.record(elapsed.as_secs_f64());
         if endpoint.record(outcome, &self.config.outlier_detection, || self.may_eject()) {
-            tracing::warn!(upstream = &*self.name, endpoint = %endpoint.address, "endpoint ejected after consecutive failures");
+            tracing::warn!(upstream = &*self.name, endpoint = %endpoint.address(), "endpoint ejected after consecutive failures");
             metrics::counter!(
                 "passerelle_upstream_ejections_total",
                 "upstream" => self.name.to_string(),
-                "endpoint" => endpoint.address.clone(),
+                "endpoint" => endpoint.address(),
             )
             .increment(1);
             self.publish_health(endpoint);
@@ -491,7 +527,7 @@ impl Upstream {
         metrics::gauge!(
             "passerelle_upstream_endpoint_available",
             "upstream" => self.name.to_string(),
-            "endpoint" => endpoint.address.clone(),
+            "endpoint" => endpoint.address(),
         )
         .set(if endpoint.is_available() { 1.0 } else { 0.0 });
     }
@@ -501,8 +537,9 @@ impl Upstream {
         serde_json::json!({
             "balance": self.balancer.policy().as_str(),
             "available": self.available(),
-            "endpoints": self.endpoints.iter().map(|e| serde_json::json!({
-                "address": e.address,
+            "registry": self.registry_status(),
+            "endpoints": self.endpoints.iter().filter(|e| e.is_member()).map(|e| serde_json::json!({
+                "address": e.address(),
                 "healthy": e.is_healthy(),
                 "ejected": e.is_ejected(),
                 "in_flight": balance::Load::in_flight(e),
