@@ -101,6 +101,21 @@ async fn start_on(
     let dir = tempfile::tempdir().unwrap();
     let url = engine.database_url(dir.path(), kind);
     passerelle_services::prepare(kind, &url, rows).unwrap();
+    let (http, stop) = serve(kind, url, cache).await;
+    Running {
+        http,
+        _stop: stop,
+        _dir: dir,
+    }
+}
+
+/// An instance of `kind` on the database at `url` (prepared already), until the sender
+/// drops.
+async fn serve(
+    kind: ServiceKind,
+    url: String,
+    cache: Option<(passerelle_redis::Redis, passerelle_services::CacheAside)>,
+) -> (HttpClient, oneshot::Sender<()>) {
     let opts = ServiceOptions {
         database_url: url,
         instance: format!("{}-test", kind.name()),
@@ -116,11 +131,7 @@ async fn start_on(
     tokio::spawn(passerelle_services::run(kind, opts, listener, async {
         let _ = rx.await;
     }));
-    Running {
-        http: HttpClient::new(format!("http://{addr}")),
-        _stop: tx,
-        _dir: dir,
-    }
+    (HttpClient::new(format!("http://{addr}")), tx)
 }
 
 async fn send(http: &HttpClient, method: Method, path: &str, ct: &str, body: &str) -> Reply {
@@ -832,27 +843,7 @@ async fn instances_starting_together_migrate_and_seed_once(engine: Engine) {
         starts.into_iter().map(|t| t.join().unwrap().unwrap()).sum()
     });
     assert_eq!(seeded, 40, "the rows are written by one instance only");
-    let opts = ServiceOptions {
-        database_url: url,
-        instance: "products-test".into(),
-        max_request_body: 4096,
-        grace: Duration::from_secs(1),
-        access_log: false,
-        read_connections: 2,
-        cache: None,
-        identity: None,
-    };
-    let (listener, addr) = passerelle_testkit::listener().await;
-    let (_stop, rx) = oneshot::channel::<()>();
-    tokio::spawn(passerelle_services::run(
-        ServiceKind::Products,
-        opts,
-        listener,
-        async {
-            let _ = rx.await;
-        },
-    ));
-    let http = HttpClient::new(format!("http://{addr}"));
+    let (http, _stop) = serve(ServiceKind::Products, url, None).await;
     assert_eq!(count(&http, "products").await, 40);
     let r = send(
         &http,
@@ -877,27 +868,7 @@ async fn postgres_going_away_is_a_503_not_a_hang() {
     let server = PostgresServer::start();
     let url = server.create_database("users_going_away");
     passerelle_services::prepare(ServiceKind::Users, &url, 3).unwrap();
-    let opts = ServiceOptions {
-        database_url: url,
-        instance: "users-test".into(),
-        max_request_body: 4096,
-        grace: Duration::from_secs(1),
-        access_log: false,
-        read_connections: 2,
-        cache: None,
-        identity: None,
-    };
-    let (listener, addr) = passerelle_testkit::listener().await;
-    let (_stop, rx) = oneshot::channel::<()>();
-    tokio::spawn(passerelle_services::run(
-        ServiceKind::Users,
-        opts,
-        listener,
-        async {
-            let _ = rx.await;
-        },
-    ));
-    let http = HttpClient::new(format!("http://{addr}"));
+    let (http, _stop) = serve(ServiceKind::Users, url, None).await;
     assert_eq!(http.get("/users/1").await.status, 200);
     drop(server);
     let started = std::time::Instant::now();
