@@ -92,7 +92,9 @@ async fn the_long_silent_are_forgotten_and_the_set_expires_with_its_service() {
         }
     })
     .await;
-    c.registry_beat(k, "users", "alive:1", forget).await.unwrap();
+    c.registry_beat(k, "users", "alive:1", forget)
+        .await
+        .unwrap();
     let m = c.registry_read(k, "users").await.unwrap();
     let addresses: Vec<&str> = m.instances.iter().map(|(a, _)| a.as_str()).collect();
     assert_eq!(addresses, ["alive:1"]);
