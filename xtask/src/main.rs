@@ -8,10 +8,12 @@ mod bench;
 mod bench_audit;
 mod bench_auth;
 mod bench_cache;
+mod bench_database;
 mod bench_doctor;
 mod bench_prefs;
 mod bench_proxy;
 mod bench_redis;
+mod bench_registry;
 mod deploy;
 mod hygiene;
 
@@ -40,7 +42,8 @@ tasks:
                  PASSERELLE_TEST_TOPOLOGY (see .config/nextest.toml)
   install        build passerelle in release mode and install it into ~/.cargo/bin
                  (cargo install --path crates/passerelle), so `passerelle` is on PATH
-  bench [rate-limit | cache | auth | redis | preferences | audit | doctor | proxy]
+  bench [rate-limit | cache | auth | redis | preferences | audit | doctor | proxy |
+         database | registry]
         [--duration SECS] [--connections N] [--threads N] [--records N (audit)]
         [--keys N (doctor)]
                  install wrk, nginx and redis-server if missing, start the platform, and
@@ -60,7 +63,16 @@ tasks:
                  each (doctor), or the gateway as a plain round-robin proxy against nginx
                  and HAProxy, all three in front of the same two nginx `return 200`
                  upstreams: medians of three rotated rounds, with CPU per request
-                 (proxy; installs haproxy if missing)
+                 (proxy; installs haproxy if missing), or the users service on PostgreSQL
+                 (fsync, synchronous_commit, full_page_writes on) against SQLite (WAL,
+                 synchronous=FULL), two instances on one shared database each, cache-aside
+                 off: reads, a 90/10 mix and merge-patch writes, medians of three
+                 alternating rounds with the service's and the database server's CPU per
+                 request (database; installs postgresql if missing), or how fast a
+                 gateway's pool follows the service registry (heartbeat 1 s): join,
+                 clean leave (SIGTERM) and death (SIGKILL, outlier detection off and
+                 on), min/median/max over 5 repetitions with the client's errors
+                 (registry; BENCH_REGISTRY_REPETITIONS)
   deps           install the Debian packages the tests need (redis-server, redis-tools,
                  prometheus for promtool, postgresql)
   help           this text (also -h, --help)
@@ -334,6 +346,8 @@ fn bench(args: &[String]) -> Result {
         Some((s, rest)) if s == "redis" => (bench_redis::run, rest),
         Some((s, rest)) if s == "preferences" => (bench_prefs::run, rest),
         Some((s, rest)) if s == "proxy" => (bench_proxy::run, rest),
+        Some((s, rest)) if s == "database" => (bench_database::run, rest),
+        Some((s, rest)) if s == "registry" => (bench_registry::run, rest),
         Some((s, rest)) if s == "audit" => {
             audit_args = bench_audit::take_options(rest)?;
             (bench_audit::run, &audit_args)

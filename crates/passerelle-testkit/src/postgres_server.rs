@@ -11,9 +11,13 @@
 //!   [`CommandExt::uid`]/[`CommandExt::gid`], which also clear the supplementary groups.
 //!   Otherwise they run as the current user.
 //! - **Fast, not durable.** The server runs with `fsync=off`, `synchronous_commit=off` and
-//!   `full_page_writes=off`, and `initdb --no-sync`: a crash of the machine could corrupt
-//!   the cluster, which for a throwaway test cluster does not matter. These settings exist
-//!   only here, in the test kit; never copy them to a real deployment.
+//!   `full_page_writes=off` (`TEST_SETTINGS`), and `initdb --no-sync`: a crash of the
+//!   machine could corrupt the cluster, which for a throwaway test cluster does not matter.
+//!   These settings exist only here, in the test kit; never copy them to a real deployment.
+//!   A caller that measures the server (a bench) passes settings of its own to
+//!   [`PostgresServer::start_with`], e.g. PostgreSQL's durable defaults back
+//!   (`fsync=on`, `synchronous_commit=on`, `full_page_writes=on`); `initdb --no-sync` stays
+//!   (it only skips flushing the new cluster's files once, at creation).
 //! - **Ready means it answers.** Start-up waits until a connection runs `SELECT 1` (polled,
 //!   not slept), and panics after a bound with the server's log in the message.
 //! - **Stopped by PID.** Dropping the handle sends `SIGINT` (fast shutdown: clients are
@@ -55,6 +59,16 @@ const READY_LIMIT: Duration = Duration::from_secs(30);
 /// How long a fast shutdown may take before the server is killed.
 const STOP_LIMIT: Duration = Duration::from_secs(10);
 
+/// The server settings (`postgres -c name=value`) of [`PostgresServer::start`]: durability
+/// off for speed (test-only: never use these for real data), and room for the pools of
+/// tests sharing one server.
+const TEST_SETTINGS: &[(&str, &str)] = &[
+    ("fsync", "off"),
+    ("synchronous_commit", "off"),
+    ("full_page_writes", "off"),
+    ("max_connections", "200"),
+];
+
 /// A running PostgreSQL server on 127.0.0.1, stopped (by PID) and removed when dropped.
 pub struct PostgresServer {
     child: Mutex<Option<Child>>,
@@ -63,6 +77,8 @@ pub struct PostgresServer {
     bin_dir: PathBuf,
     /// `(uid, gid)` the server runs as when this process is root.
     run_as: Option<(u32, u32)>,
+    /// The `-c name=value` settings it was started with.
+    settings: Vec<(String, String)>,
     dir: tempfile::TempDir,
 }
 
@@ -77,9 +93,21 @@ impl std::fmt::Debug for PostgresServer {
 }
 
 impl PostgresServer {
-    /// Initializes a fresh cluster in a temp dir and starts a server on a free port; returns
-    /// once it answers a query. Panics (with the server's log) if it cannot.
+    /// Initializes a fresh cluster in a temp dir and starts a server on a free port, with the
+    /// test settings (durability off: `fsync`, `synchronous_commit` and `full_page_writes`
+    /// off; `max_connections=200`); returns once it answers a query. Panics (with the
+    /// server's log) if it cannot.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// [`start`](PostgresServer::start) with `settings` (`postgres -c name=value`) over the
+    /// test settings: a name given here replaces the test kit's value, any other is added.
+    /// For a bench that must not flatter PostgreSQL: `start_with(&[("fsync", "on"),
+    /// ("synchronous_commit", "on"), ("full_page_writes", "on")])`.
+    /// [`settings`](PostgresServer::settings) tells what the server was given.
+    pub fn start_with(settings: &[(&str, &str)]) -> Self {
+        let settings = merge_settings(settings);
         remove_stale_dirs();
         let bin_dir = bin_dir().unwrap_or_else(|e| panic!("cannot start PostgreSQL: {e}"));
         let run_as = run_as();
@@ -103,7 +131,7 @@ impl PostgresServer {
         let mut last = String::new();
         for _ in 0..5 {
             let port = crate::free_port();
-            let mut child = spawn_postgres(&bin_dir, dir.path(), port, run_as);
+            let mut child = spawn_postgres(&bin_dir, dir.path(), port, run_as, &settings);
             match wait_ready(&mut child, port, READY_LIMIT) {
                 Ok(()) => {
                     return Self {
@@ -112,6 +140,7 @@ impl PostgresServer {
                         port,
                         bin_dir,
                         run_as,
+                        settings,
                         dir,
                     };
                 }
@@ -222,6 +251,12 @@ impl PostgresServer {
         self.run_as
     }
 
+    /// The `-c name=value` settings the server was started with (the test settings and
+    /// those given to [`start_with`](PostgresServer::start_with)), in the order passed.
+    pub fn settings(&self) -> &[(String, String)] {
+        &self.settings
+    }
+
     /// What the server has logged so far.
     pub fn log(&self) -> String {
         read_log(self.dir.path())
@@ -308,8 +343,34 @@ fn initdb(bin_dir: &Path, dir: &Path, run_as: Option<(u32, u32)>) {
     }
 }
 
-/// Starts the postmaster on `port`, logging to `dir/postgres.log`, from the spawner thread.
-fn spawn_postgres(bin_dir: &Path, dir: &Path, port: u16, run_as: Option<(u32, u32)>) -> Child {
+/// [`TEST_SETTINGS`] with `overrides` applied: a name already there (compared without
+/// regard to case, as PostgreSQL does) takes the new value, others are appended.
+fn merge_settings(overrides: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut settings: Vec<(String, String)> = TEST_SETTINGS
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    for (name, value) in overrides {
+        match settings
+            .iter_mut()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        {
+            Some(slot) => slot.1 = value.to_string(),
+            None => settings.push((name.to_string(), value.to_string())),
+        }
+    }
+    settings
+}
+
+/// Starts the postmaster on `port` with `settings`, logging to `dir/postgres.log`, from the
+/// spawner thread.
+fn spawn_postgres(
+    bin_dir: &Path,
+    dir: &Path,
+    port: u16,
+    run_as: Option<(u32, u32)>,
+    settings: &[(String, String)],
+) -> Child {
     let log = File::options()
         .create(true)
         .append(true)
@@ -322,14 +383,12 @@ fn spawn_postgres(bin_dir: &Path, dir: &Path, port: u16, run_as: Option<(u32, u3
         .arg(port.to_string())
         .arg("-k")
         .arg(dir.join("sock"))
-        .args(["-c", "listen_addresses=127.0.0.1"])
-        // Test-only settings: durability off for speed. Never use these for real data.
-        .args(["-c", "fsync=off"])
-        .args(["-c", "synchronous_commit=off"])
-        .args(["-c", "full_page_writes=off"])
-        // Tests sharing one server may each open a pool.
-        .args(["-c", "max_connections=200"])
-        .current_dir(dir)
+        .args(["-c", "listen_addresses=127.0.0.1"]);
+    // TEST_SETTINGS (durability off: never use them for real data) or the caller's.
+    for (name, value) in settings {
+        cmd.arg("-c").arg(format!("{name}={value}"));
+    }
+    cmd.current_dir(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(log));
@@ -601,6 +660,26 @@ mod tests {
     fn nobody_is_found_in_passwd() {
         let (uid, gid) = nobody();
         assert!(uid > 0 && gid > 0);
+    }
+
+    #[test]
+    fn settings_given_replace_the_test_ones_or_are_added() {
+        let s = merge_settings(&[("FSYNC", "on"), ("work_mem", "8MB")]);
+        let get = |name: &str| {
+            s.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("fsync"), Some("on"));
+        assert_eq!(
+            s.iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case("fsync"))
+                .count(),
+            1
+        );
+        assert_eq!(get("synchronous_commit"), Some("off"));
+        assert_eq!(get("work_mem"), Some("8MB"));
+        assert_eq!(merge_settings(&[]).len(), TEST_SETTINGS.len());
     }
 
     #[test]
