@@ -306,11 +306,7 @@ impl Store {
             Database::Postgres(db) => {
                 let mut client = db.client().await?;
                 let tx = client.transaction().await?;
-                let stmt = tx.prepare_cached(&self.queries.select_for_update).await?;
-                let current = match tx.query_opt(&stmt, &[&id]).await? {
-                    Some(row) => R::from_row(&row)?,
-                    None => return Err(not_found::<R>(id)),
-                };
+                let current = self.pg_locked::<R>(&tx, id).await?;
                 let values = finish(change(&current)?);
                 let stmt = tx.prepare_cached(&self.queries.update).await?;
                 let row = tx
@@ -348,11 +344,7 @@ impl Store {
             Database::Postgres(db) => {
                 let mut client = db.client().await?;
                 let tx = client.transaction().await?;
-                let stmt = tx.prepare_cached(&self.queries.select_for_update).await?;
-                let current = match tx.query_opt(&stmt, &[&id]).await? {
-                    Some(row) => R::from_row(&row)?,
-                    None => return Err(not_found::<R>(id)),
-                };
+                let current = self.pg_locked::<R>(&tx, id).await?;
                 check(&current)?;
                 let stmt = tx.prepare_cached(&self.queries.delete).await?;
                 tx.execute(&stmt, &[&id]).await?;
@@ -415,6 +407,19 @@ impl Store {
             }
         }
         Ok(rows)
+    }
+
+    /// Row `id`, locked until `tx` ends (a write's first step on PostgreSQL).
+    async fn pg_locked<R: Resource>(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        id: i64,
+    ) -> Result<R, ApiError> {
+        let stmt = tx.prepare_cached(&self.queries.select_for_update).await?;
+        match tx.query_opt(&stmt, &[&id]).await? {
+            Some(row) => Ok(R::from_row(&row)?),
+            None => Err(not_found::<R>(id)),
+        }
     }
 
     /// A trivial query, for readiness.
