@@ -170,6 +170,15 @@ fn sqlite_row<R: Resource>(
         .optional()
 }
 
+/// Row `id` in a write transaction (`BEGIN IMMEDIATE`: the database is held), or 404.
+fn sqlite_locked<R: Resource>(
+    tx: &rusqlite::Transaction<'_>,
+    q: &Queries,
+    id: i64,
+) -> Result<R, ApiError> {
+    sqlite_row::<R>(tx, &q.select_for_update, id)?.ok_or_else(|| not_found::<R>(id))
+}
+
 impl Store {
     pub fn new<R: Resource>(db: Database) -> Self {
         let dialect = match db {
@@ -291,8 +300,7 @@ impl Store {
                 db.write(move |c| {
                     let tx =
                         c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-                    let current = sqlite_row::<R>(&tx, &q.select_for_update, id)?
-                        .ok_or_else(|| not_found::<R>(id))?;
+                    let current = sqlite_locked::<R>(&tx, &q, id)?;
                     let values = finish(change(&current)?);
                     let updated = tx
                         .prepare_cached(&q.update)?
@@ -332,8 +340,7 @@ impl Store {
                 db.write(move |c| {
                     let tx =
                         c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-                    let current = sqlite_row::<R>(&tx, &q.select_for_update, id)?
-                        .ok_or_else(|| not_found::<R>(id))?;
+                    let current = sqlite_locked::<R>(&tx, &q, id)?;
                     check(&current)?;
                     tx.prepare_cached(&q.delete)?.execute([id])?;
                     tx.commit()?;
