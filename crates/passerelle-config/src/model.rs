@@ -378,7 +378,11 @@ pub struct GatewayConfig {
     /// After a shutdown signal, how long the gateway goes on accepting and answering, each
     /// answer with `Connection: close` and `/ready` at 503, before it closes its listener
     /// (skipped when no connection is open): a load balancer in front moves away
-    /// without a request lost on a keep-alive connection closed under it.
+    /// without a request lost on a keep-alive connection closed under it. Keep it above the
+    /// idle timeout of the load balancer's keep-alive connections to the gateways (nginx's
+    /// `keepalive_timeout` in the upstream block, 4 s in `deploy/nginx`): a connection it
+    /// leaves idle through the whole drain is then closed by it, never under a request it
+    /// is sending.
     pub drain_time: Dur,
     /// Serving threads; 0 means one per CPU.
     pub worker_threads: usize,
@@ -611,7 +615,7 @@ impl Default for GatewayConfig {
             max_request_body: ByteSize::mib(1),
             request_timeout: Dur::secs(15),
             shutdown_grace: Dur::secs(10),
-            drain_time: Dur::secs(1),
+            drain_time: Dur::secs(5),
             worker_threads: 0,
             http2: false,
             admin_listen: None,

@@ -434,6 +434,9 @@ pub async fn run_with_readiness(
         max_header_size: config.gateway.max_header_size.as_usize(),
         max_headers: config.gateway.max_headers,
         tls,
+        // Clients in front (nginx, browsers) close idle connections on their own terms; a
+        // header more on every answer would be read by none of them.
+        announce_idle_timeout: false,
     };
     let mut workers = Vec::with_capacity(threads);
     for i in 0..threads {
@@ -466,6 +469,10 @@ pub async fn run_with_readiness(
             .map_err(GatewayError::Serve)?;
         workers.push(done_rx);
     }
+    // Each thread holds its own handle of the socket; the listener closes when the last one
+    // lets go of it, at the end of its drain. This one kept would hold it open meanwhile,
+    // connections queuing that nobody accepts, reset when the gateway exits.
+    drop(listener);
     tracing::info!(listen = %local, threads, routes = config.routes.len(), upstreams = config.upstreams.len(), "gateway serving");
     let mut first_error = None;
     for w in workers {

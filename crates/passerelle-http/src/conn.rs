@@ -80,6 +80,12 @@ impl Activity {
         self.in_flight.load(Ordering::Relaxed) > 0
     }
 
+    /// No request has reached the service yet on this connection (hyper may be reading
+    /// the first head).
+    pub(crate) fn untouched(&self) -> bool {
+        self.completed.load(Ordering::Relaxed) == 0 && !self.busy()
+    }
+
     fn last_completed_at(&self) -> Instant {
         self.base + Duration::from_nanos(self.completed_at.load(Ordering::Relaxed))
     }

@@ -99,7 +99,8 @@ pub struct ReadySnapshot {
 
 impl Readiness {
     /// Evaluates the checks now and then every `every` until `shutdown`, keeping the result
-    /// in `snapshot`.
+    /// in `snapshot`; once more when `shutdown` comes, so that a check that fails from then
+    /// on (the gateway's `shutdown`, while it drains) shows at once, not never.
     pub fn spawn_refresh(
         &self,
         snapshot: &ReadySnapshot,
@@ -111,12 +112,15 @@ impl Readiness {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
+                let last = tokio::select! {
+                    _ = shutdown.cancelled() => true,
+                    _ = tick.tick() => false,
+                };
                 let (ok, report) = checks.evaluate().await;
                 out.set(ok, failing(&report));
+                if last {
+                    return;
+                }
             }
         });
     }

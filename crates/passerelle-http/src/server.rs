@@ -3,8 +3,10 @@
 //! shutdown with a deadline.
 //!
 //! The caller binds the listener (tests bind `127.0.0.1:0`) and owns the shutdown signal.
-//! On shutdown the loop stops accepting, asks every connection to finish its in-flight
-//! requests and close, waits up to the grace period, then drops whatever is left.
+//! On shutdown the loop drains (goes on serving, every answer closing its connection),
+//! stops accepting, asks every connection to finish its in-flight requests and close,
+//! waits up to the grace period, then drops whatever is left. A connection that has sent
+//! nothing yet is not closed then: a request is on its way, and is answered.
 //!
 //! Each connection is served by hyper's HTTP/1 or HTTP/2 connection, chosen by ALPN on
 //! TLS, or by reading the first bytes when h2c is on, over a [`crate::conn::Guard`]: the
@@ -21,12 +23,13 @@ use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::Watcher;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tower::{Service, ServiceExt};
 
 use crate::conn::{Activity, FrontDoor, Guard, InFlight, Tracked};
@@ -67,6 +70,12 @@ pub struct ServeOptions {
     pub http2: bool,
     /// Terminate TLS ([`Tls`]); HTTP/2 is then chosen by ALPN.
     pub tls: Option<Tls>,
+    /// Tell HTTP/1.1 clients how long an idle keep-alive connection stays open: answers
+    /// carry `Keep-Alive: timeout=<idle_timeout in whole seconds>`, and a client that reads
+    /// it (the gateway's upstream client does) stops reusing a connection before this server
+    /// closes it. With a drain at least as long, it holds at a stop too: a connection left
+    /// idle through the whole drain is one the client no longer reuses.
+    pub announce_idle_timeout: bool,
 }
 
 impl Default for ServeOptions {
@@ -83,6 +92,7 @@ impl Default for ServeOptions {
             max_headers: HYPER_MAX_HEADERS,
             http2: true,
             tls: None,
+            announce_idle_timeout: false,
         }
     }
 }
@@ -145,14 +155,39 @@ pub async fn serve<M, S, B>(
         opts.max_headers,
     ));
     let permits = Arc::new(Semaphore::new(opts.max_connections.max(1)));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // Every connection task holds a token of `open`; `finish` asks them to end after their
+    // in-flight requests.
+    let open = TaskTracker::new();
+    let finish = CancellationToken::new();
     let mut connections = JoinSet::new();
 
-    // Cancelled when the drain ends: connections still in their TLS handshake or first bytes
-    // are dropped then (not at the start of the drain, when they are still welcome).
-    let closing = CancellationToken::new();
     // Set when shutdown begins: until then, connections are still accepted and served.
     let mut drain_until: Option<tokio::time::Instant> = None;
+    let keep_alive = opts
+        .announce_idle_timeout
+        .then(|| format!("timeout={}", opts.idle_timeout.as_secs()))
+        .and_then(|v| http::HeaderValue::from_str(&v).ok());
+    // A served connection, as a task to spawn.
+    let connection = |stream: TcpStream, peer: SocketAddr, permit: Option<OwnedSemaphorePermit>| {
+        let _ = stream.set_nodelay(true);
+        let conn = Connection {
+            svc: make_service(peer),
+            peer,
+            builders: builders.clone(),
+            door: door.clone(),
+            _open: open.token(),
+            finish: finish.clone(),
+            http2: opts.http2,
+            handshake_timeout: opts.header_read_timeout,
+            keep_alive: keep_alive.clone(),
+            draining: shutdown.clone(),
+        };
+        let tls = opts.tls.clone();
+        async move {
+            conn.run(stream, tls).await;
+            drop(permit);
+        }
+    };
     loop {
         if shutdown.is_cancelled() {
             if drain_until.is_none() {
@@ -160,10 +195,10 @@ pub async fn serve<M, S, B>(
                 // drain. Otherwise the drain lasts its whole time, even when every
                 // connection has closed meanwhile: a load balancer in front opens new ones
                 // at once, and a closed listener would count as a failure of this server.
-                if opts.drain.is_zero() || graceful.count() == 0 {
+                if opts.drain.is_zero() || open.is_empty() {
                     break;
                 }
-                tracing::info!(drain = ?opts.drain, connections = graceful.count(), "draining: answers now close their connections");
+                tracing::info!(drain = ?opts.drain, connections = open.len(), "draining: answers now close their connections");
                 drain_until = Some(tokio::time::Instant::now() + opts.drain);
             }
             if drain_until.is_some_and(|until| tokio::time::Instant::now() >= until) {
@@ -201,38 +236,55 @@ pub async fn serve<M, S, B>(
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
-        let conn = Connection {
-            svc: make_service(peer),
-            peer,
-            builders: builders.clone(),
-            door: door.clone(),
-            watcher: graceful.watcher(),
-            http2: opts.http2,
-            handshake_timeout: opts.header_read_timeout,
-            shutdown: closing.clone(),
-            draining: shutdown.clone(),
-        };
-        let tls = opts.tls.clone();
-        connections.spawn(async move {
-            conn.run(stream, tls).await;
-            drop(permit);
-        });
+        connections.spawn(connection(stream, peer, Some(permit)));
     }
-    drop(listener);
-    closing.cancel();
+    if drain_until.is_some() {
+        // Under a drain every answer closes its connection, so a load balancer in front
+        // opens a new one per request: some always wait in the accept queue, and closing
+        // the listener would reset them, requests already sent (a 502 for a POST). They
+        // are taken first, and served; only one arriving between the last accept and the
+        // close is refused.
+        for (stream, peer) in accept_queued(listener) {
+            connections.spawn(connection(stream, peer, None));
+        }
+    } else {
+        drop(listener);
+    }
 
-    let open = graceful.count();
-    if open > 0 {
-        tracing::info!(connections = open, grace = ?opts.grace, "draining connections");
+    if !open.is_empty() {
+        tracing::info!(connections = open.len(), grace = ?opts.grace, "draining connections");
     }
-    if tokio::time::timeout(opts.grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    finish.cancel();
+    open.close();
+    if tokio::time::timeout(opts.grace, open.wait()).await.is_err() {
         tracing::warn!(grace = ?opts.grace, "grace period over; closing remaining connections");
     }
     connections.shutdown().await;
+}
+
+/// Takes every connection waiting in `listener`'s accept queue, with plain `accept` calls
+/// until the queue is empty (the reactor's readiness may lag behind it), and closes it.
+fn accept_queued(listener: TcpListener) -> Vec<(TcpStream, SocketAddr)> {
+    let listener = match listener.into_std() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot take the queued connections");
+            return Vec::new();
+        }
+    };
+    let mut queued = Vec::new();
+    // The std listener is still non-blocking: `accept` fails with WouldBlock once empty.
+    while let Ok((stream, peer)) = listener.accept() {
+        // An accepted socket does not inherit the listener's non-blocking mode.
+        match stream
+            .set_nonblocking(true)
+            .and_then(|()| TcpStream::from_std(stream))
+        {
+            Ok(stream) => queued.push((stream, peer)),
+            Err(e) => tracing::debug!(error = %e, %peer, "a queued connection is dropped"),
+        }
+    }
+    queued
 }
 
 /// One accepted connection, before its protocol is known.
@@ -241,12 +293,16 @@ struct Connection<S> {
     peer: SocketAddr,
     builders: Arc<Builders>,
     door: Arc<FrontDoor>,
-    watcher: Watcher,
+    /// Held while the connection is open: the server waits for every one at shutdown.
+    _open: TaskTrackerToken,
+    /// Cancelled when the listener has closed: the connection ends after its in-flight
+    /// requests (see [`Connection::serve`]).
+    finish: CancellationToken,
     http2: bool,
     handshake_timeout: Duration,
-    /// Ends a connection still in its TLS handshake or first bytes when the listener closes
-    /// (a served one drains through its watcher instead).
-    shutdown: CancellationToken,
+    /// `Keep-Alive` on HTTP/1.1 answers that keep their connection (see
+    /// [`ServeOptions::announce_idle_timeout`]).
+    keep_alive: Option<http::HeaderValue>,
     /// Cancelled when shutdown begins: answers then say `Connection: close`.
     draining: CancellationToken,
 }
@@ -267,19 +323,18 @@ where
         match tls {
             Some(tls) => {
                 let handshake = tokio::time::timeout(self.handshake_timeout, tls.accept(tcp));
-                let stream = tokio::select! {
-                    r = handshake => match r {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(error = %e, peer = %self.peer, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(peer = %self.peer, "TLS handshake timed out");
-                            return;
-                        }
-                    },
-                    _ = self.shutdown.cancelled() => return,
+                // Not cut short by a shutdown: a client's request may follow (see
+                // `Connection::serve`).
+                let stream = match handshake.await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, peer = %self.peer, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(peer = %self.peer, "TLS handshake timed out");
+                        return;
+                    }
                 };
                 let h2 = stream.get_ref().1.alpn_protocol() == Some(ALPN_H2);
                 let io = Guard::new(stream, self.door.clone(), activity.clone(), h2);
@@ -288,11 +343,8 @@ where
             None => {
                 let mut io = Guard::new(tcp, self.door.clone(), activity.clone(), false);
                 let h2 = if self.http2 {
-                    let sniffed = tokio::select! {
-                        r = io.sniff_h2() => r,
-                        _ = self.shutdown.cancelled() => return,
-                    };
-                    match sniffed {
+                    // Bounded by the head deadline, like the head that follows.
+                    match io.sniff_h2().await {
                         Ok(h2) => h2,
                         Err(e) => {
                             tracing::debug!(error = %e, peer = %self.peer, "connection ended before a request");
@@ -314,10 +366,13 @@ where
         let svc = self.svc;
         let shutdown = self.draining.clone();
         // Each request holds the connection busy until its answer's body is done.
+        let requests = activity.clone();
+        let keep_alive = if h2 { None } else { self.keep_alive };
         let hyper_svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let in_flight = InFlight::enter(&activity);
+            let in_flight = InFlight::enter(&requests);
             let call = svc.clone().oneshot(req);
             let shutdown = shutdown.clone();
+            let keep_alive = keep_alive.clone();
             async move {
                 let mut res = call.await?;
                 // Draining (see `ServeOptions::drain`): the client learns in this answer
@@ -327,6 +382,9 @@ where
                         http::header::CONNECTION,
                         http::HeaderValue::from_static("close"),
                     );
+                } else if let Some(v) = keep_alive {
+                    res.headers_mut()
+                        .insert(http::header::HeaderName::from_static("keep-alive"), v);
                 }
                 Ok::<_, Infallible>(res.map(|body| Tracked::new(body, in_flight)))
             }
@@ -335,13 +393,35 @@ where
         // No protocol upgrades (WebSocket) are proxied, so the plain connection types do:
         // the upgradeable ones wrap every read and write in one more layer.
         let result = if h2 {
-            self.watcher
-                .watch(self.builders.http2.serve_connection(io, hyper_svc))
-                .await
+            let conn = self.builders.http2.serve_connection(io, hyper_svc);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                () = self.finish.cancelled() => {
+                    // GOAWAY: the streams open go on, the client opens no more here.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
         } else {
-            self.watcher
-                .watch(self.builders.http1.serve_connection(io, hyper_svc))
-                .await
+            let conn = self.builders.http1.serve_connection(io, hyper_svc);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                () = self.finish.cancelled() => {
+                    // hyper's graceful shutdown closes an idle keep-alive connection, and
+                    // also one that has not been read from yet. The second is left alone:
+                    // it is a client's new connection, its request on the way (a load
+                    // balancer opens one per request while this server drains), and the
+                    // answer to it closes it (`Connection: close` since shutdown began);
+                    // a client that sends nothing meets the head deadline. Closing it would
+                    // reset a request already sent.
+                    if !activity.untouched() {
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    conn.await
+                }
+            }
         };
         if let Err(e) = result {
             tracing::debug!(error = %e, peer = %self.peer, "connection ended with an error");

@@ -558,6 +558,88 @@ async fn the_drain_serves_on_each_answer_closing_its_connection_then_the_listene
     );
 }
 
+/// As the drain ends, a load balancer has connections on the way whose request it has
+/// sent or is about to send: still in the accept queue, or accepted and not read from
+/// yet. Each is answered, its answer closing it; resetting one would lose a request the
+/// balancer may not resend (a POST).
+#[tokio::test]
+async fn connections_waiting_as_the_drain_ends_are_answered_not_reset() {
+    let drain = Duration::from_millis(500);
+    let s = server(ServeOptions {
+        drain,
+        // Two connections at once: the third waits in the kernel's accept queue.
+        max_connections: 2,
+        ..ServeOptions::default()
+    })
+    .await;
+    // A keep-alive connection, so that there is something to drain...
+    let mut kept = TcpStream::connect(s.addr).await.unwrap();
+    kept.write_all(&get_with("")).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = kept.read(&mut buf).await.unwrap();
+    assert_eq!(parse(&buf[..n]).status, 200);
+    // ...one connection that has not sent its request yet...
+    let mut quiet = TcpStream::connect(s.addr).await.unwrap();
+    let started = Instant::now();
+    s.stop.cancel();
+    // ...and one whose request waits in the accept queue, both permits being taken.
+    let mut queued = TcpStream::connect(s.addr).await.unwrap();
+    queued.write_all(&get_with("")).await.unwrap();
+
+    // The queued one is taken when the drain ends, and answered.
+    let r = parse(&read_to_close(&mut queued).await);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("connection"), Some("close"), "{r:?}");
+    assert!(
+        started.elapsed() >= drain,
+        "answered after {:?}, before the drain's end: was it queued?",
+        started.elapsed()
+    );
+    // The quiet one sends its request after the listener has closed: answered too.
+    passerelle_testkit::wait_until(Duration::from_secs(5), "the listener closed", || {
+        refused(s.addr)
+    })
+    .await;
+    quiet.write_all(&get_with("")).await.unwrap();
+    let r = parse(&read_to_close(&mut quiet).await);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("connection"), Some("close"), "{r:?}");
+}
+
+/// A server may tell its clients how long it keeps an idle connection (the services do, so
+/// that the gateways stop reusing one before it is closed); while it drains, answers say
+/// `Connection: close` instead.
+#[tokio::test]
+async fn the_idle_timeout_is_announced_until_the_drain() {
+    let s = server(ServeOptions {
+        idle_timeout: Duration::from_secs(2),
+        announce_idle_timeout: true,
+        drain: Duration::from_millis(300),
+        ..ServeOptions::default()
+    })
+    .await;
+    let mut kept = TcpStream::connect(s.addr).await.unwrap();
+    kept.write_all(&get_with("")).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = kept.read(&mut buf).await.unwrap();
+    let r = parse(&buf[..n]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("keep-alive"), Some("timeout=2"), "{r:?}");
+    assert_eq!(r.header("connection"), None, "{r:?}");
+
+    s.stop.cancel();
+    kept.write_all(&get_with("")).await.unwrap();
+    let r = parse(&read_to_close(&mut kept).await);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("connection"), Some("close"), "{r:?}");
+    assert_eq!(r.header("keep-alive"), None, "{r:?}");
+
+    // Off by default.
+    let plain = server(ServeOptions::default()).await;
+    let r = send_raw(plain.addr, &get_with("connection: close\r\n")).await;
+    assert_eq!(r.header("keep-alive"), None, "{r:?}");
+}
+
 #[tokio::test]
 async fn with_no_connection_open_there_is_nothing_to_drain() {
     let s = server(ServeOptions {

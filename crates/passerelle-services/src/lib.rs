@@ -100,7 +100,23 @@ impl ServiceKind {
 /// gateways' pooled connections are retired after one more answer, rather than closed idle
 /// under a request being sent, which the gateway may not resend (a POST). See
 /// `passerelle_http::ServeOptions::drain`.
-const DRAIN: Duration = Duration::from_secs(1);
+const DRAIN: Duration = Duration::from_secs(2);
+
+/// How long an idle keep-alive connection stays open, announced in every answer
+/// (`Keep-Alive: timeout=2`, gunicorn's default): the gateways stop reusing one idle for
+/// longer, so none is still reused when a drain of the same length ends and closes it.
+const IDLE_TIMEOUT: Duration = DRAIN;
+
+/// How an instance serves: drained at a stop, its idle timeout announced.
+fn serve_options(grace: Duration) -> ServeOptions {
+    ServeOptions {
+        grace,
+        drain: DRAIN,
+        idle_timeout: IDLE_TIMEOUT,
+        announce_idle_timeout: true,
+        ..ServeOptions::default()
+    }
+}
 
 /// The header naming the instance that answered, so operators (and tests) can see the load
 /// balancer at work.
@@ -341,11 +357,7 @@ pub async fn run(
         database = %db::redact(&opts.database_url),
         "serving"
     );
-    let serve_opts = ServeOptions {
-        grace: opts.grace,
-        drain: DRAIN,
-        ..ServeOptions::default()
-    };
+    let serve_opts = serve_options(opts.grace);
     passerelle_http::serve(listener, move |_| app.clone(), serve_opts, token).await;
     tracing::info!(service = kind.name(), instance = %opts.instance, "stopped");
     Ok(())
@@ -479,11 +491,7 @@ async fn serve_until(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         "serving"
     );
-    let serve_opts = ServeOptions {
-        grace,
-        drain: DRAIN,
-        ..ServeOptions::default()
-    };
+    let serve_opts = serve_options(grace);
     passerelle_http::serve(listener, move |_| app.clone(), serve_opts, token).await;
     tracing::info!(service, instance, "stopped");
 }

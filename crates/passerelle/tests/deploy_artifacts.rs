@@ -1338,7 +1338,7 @@ fn nginx_size(s: &str) -> u64 {
 
 /// What nginx in front of the gateways must do, against what the gateways' configuration
 /// says: send to every gateway on the port it listens on and to nothing else, keep idle
-/// connections for less long than the gateway does, wait for answers longer than the
+/// connections for less long than the gateway does and than its drain, wait for answers longer than the
 /// gateway's longest deadline, let the gateway refuse bodies itself, pass the client's
 /// address and the request id in the headers the gateway reads, and move to another
 /// gateway only when one could not be reached.
@@ -1355,6 +1355,12 @@ fn check_nginx(conf: &[Directive], gateways: &BTreeMap<String, u16>, config: &Co
         "nginx keeps idle upstream connections {keepalive:?}, the gateway closes them after {:?}: \
          nginx would reuse connections the gateway is closing",
         config.gateway.idle_timeout.get()
+    );
+    assert!(
+        keepalive < config.gateway.drain_time.get(),
+        "nginx keeps idle upstream connections {keepalive:?}, a stopping gateway drains for {:?}: \
+         nginx could send a POST on an idle connection the gateway closes as its drain ends",
+        config.gateway.drain_time.get()
     );
     let server = one(conf, "server");
     let location = find(&server.block, "location")

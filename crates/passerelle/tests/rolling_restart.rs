@@ -22,9 +22,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{
-    ADMIN_TOKEN, BIN, ServiceProcess, seeded_db, test_issuer_toml, wait_healthy, write_token,
+    ADMIN_TOKEN, BIN, ServiceProcess, config_with, fast_pool, gateway, seeded_db, test_issuer_toml,
+    wait_healthy, write_token,
 };
 use http::Method;
+use passerelle_config::{Balance, Dur};
 use passerelle_services::ServiceKind;
 use passerelle_testkit::{HttpClient, TestRedis};
 
@@ -367,4 +369,78 @@ async fn rolling_restarts_of_gateways_and_instances_under_load_lose_no_request()
     );
     assert!(seen.ok > 200, "load kept flowing: {} answers", seen.ok);
     drop(products);
+}
+
+/// A stopping gateway, step by step: `/ready` turns 503 at once, answers close their
+/// connections while it drains, its listener closes when the drain ends (on every serving
+/// thread), and a request in flight then still gets its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_gateway_drains_closes_its_listener_and_finishes_what_it_started() {
+    // An instance that answers 1.5 s after it is asked, telling when it is.
+    let asked = Arc::new(tokio::sync::Notify::new());
+    let told = asked.clone();
+    let app = axum::Router::new()
+        .route("/health", axum::routing::get(|| async { "ok" }))
+        .fallback(move || {
+            let told = told.clone();
+            async move {
+                told.notify_one();
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                ([("content-type", "application/json")], r#"{"id":1}"#)
+            }
+        });
+    let (slow, _slow) = common::serve(app).await;
+    let pool = fast_pool(&[slow], Balance::RoundRobin);
+    let mut config = config_with(pool.clone(), pool);
+    config.gateway.drain_time = Dur::millis(300);
+    config.gateway.worker_threads = 2;
+    let mut g = gateway(config).await;
+    let reply = g.http.send(Method::GET, "/ready", &[], Bytes::new()).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+
+    let http = g.http.clone();
+    let in_flight = tokio::spawn(async move {
+        http.try_send(Method::GET, "/products/1", &[], Bytes::new())
+            .await
+    });
+    tokio::time::timeout(Duration::from_secs(10), asked.notified())
+        .await
+        .expect("the request reached the instance");
+
+    g.stop();
+    // Draining (once the signal has gone round): not ready, and the answer closes its
+    // connection.
+    let http = g.http.clone();
+    passerelle_testkit::wait_until(Duration::from_secs(5), "/ready at 503", || {
+        let http = http.clone();
+        async move {
+            let r = http.send(Method::GET, "/ready", &[], Bytes::new()).await;
+            r.status == 503
+        }
+    })
+    .await;
+    let reply = g.http.send(Method::GET, "/ready", &[], Bytes::new()).await;
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert!(reply.text().contains("shutdown"), "{}", reply.text());
+    assert_eq!(
+        reply.headers.get("connection").map(|v| v.to_str().unwrap()),
+        Some("close")
+    );
+    // Then the listener closes, though a request is still in flight.
+    let addr = g.addr;
+    passerelle_testkit::wait_until(
+        Duration::from_secs(5),
+        "the listener closed",
+        || async move { tokio::net::TcpStream::connect(addr).await.is_err() },
+    )
+    .await;
+    assert!(
+        !in_flight.is_finished(),
+        "the slow request was still in flight"
+    );
+    let reply = in_flight
+        .await
+        .unwrap()
+        .expect("the request in flight is answered");
+    assert_eq!(reply.status, 200, "{}", reply.text());
 }

@@ -250,7 +250,16 @@ pub struct Gateway {
     pub admin: HttpClient,
     /// The gateway, with a token that may write (see [`write_token`]).
     pub writer: HttpClient,
-    _stop: oneshot::Sender<()>,
+    /// Dropped (by [`Gateway::stop`] or with the gateway) to stop it.
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Gateway {
+    /// Sends the shutdown signal (what SIGTERM is to the binary); the gateway drains.
+    #[allow(dead_code)]
+    pub fn stop(&mut self) {
+        self.stop.take();
+    }
 }
 
 /// Runs `config` in this process, with its admin API on `gateway.admin_listen` or, when
@@ -282,7 +291,7 @@ pub async fn gateway(mut config: Config) -> Gateway {
         http: HttpClient::new(format!("http://{addr}")),
         writer: HttpClient::new(format!("http://{addr}")).with_bearer(&write_token()),
         admin,
-        _stop: tx,
+        stop: Some(tx),
     }
 }
 
