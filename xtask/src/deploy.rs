@@ -74,7 +74,7 @@ pub fn check() -> Result {
 }
 
 /// The target directory (`CARGO_TARGET_DIR`, else the workspace's).
-fn target() -> PathBuf {
+pub(crate) fn target() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("target"))
@@ -112,7 +112,7 @@ fn tools() -> Result<PathBuf> {
     Ok(venv)
 }
 
-fn python_has_venv() -> bool {
+pub(crate) fn python_has_venv() -> bool {
     Command::new("python3")
         .args(["-c", "import venv, ensurepip"])
         .output()
@@ -121,7 +121,7 @@ fn python_has_venv() -> bool {
 
 /// `apt-get install` of one package (through `sudo` when not root), for a package that
 /// [`ensure_packages`] cannot tell is missing: it holds a Python module, not a program.
-fn apt_install(package: &str) -> Result {
+pub(crate) fn apt_install(package: &str) -> Result {
     step(&format!("installing {package} (apt-get)"));
     let is_root = Command::new("id")
         .arg("-u")

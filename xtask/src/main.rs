@@ -14,6 +14,8 @@ mod bench_prefs;
 mod bench_proxy;
 mod bench_redis;
 mod bench_registry;
+mod bench_report;
+mod browser;
 mod deploy;
 mod hygiene;
 
@@ -39,7 +41,15 @@ tasks:
                  test; PASSERELLE_REQUIRE_PROMTOOL=1), then the matrix subset (the Redis
                  tests written against TestRedis) again on a Redis Cluster and behind
                  Sentinel: nextest profiles `cluster` and `sentinel` with
-                 PASSERELLE_TEST_TOPOLOGY (see .config/nextest.toml)
+                 PASSERELLE_TEST_TOPOLOGY (see .config/nextest.toml), the doc tests,
+                 and last the browser tests (`browser` below)
+  browser [PYTEST ARGS]
+                 the operator console in a real browser: install Debian's chromium if
+                 missing, Playwright and pytest (pinned, PyPI) into target/browser-venv,
+                 axe-core (pinned npm tarball, SHA-512 checked) into target/browser-axe,
+                 build the debug binary as the tests do, start `passerelle up` on free
+                 loopback ports and run tests/browser with pytest (e.g. -k purge -x);
+                 writes docs/screenshots/*.png
   install        build passerelle in release mode and install it into ~/.cargo/bin
                  (cargo install --path crates/passerelle), so `passerelle` is on PATH
   bench [rate-limit | cache | auth | redis | preferences | audit | doctor | proxy |
@@ -86,6 +96,7 @@ fn main() -> ExitCode {
         "up" => up(&rest),
         "install" => install(),
         "bench" => bench(&rest),
+        "browser" => browser::run(&rest),
         "deps" => ensure_packages(&[
             ("redis-server", "redis-server"),
             ("redis-cli", "redis-tools"),
@@ -291,7 +302,8 @@ fn test(args: &[String]) -> Result {
                 .env(REQUIRE_PROMTOOL, "1"))?;
         }
         step("doc tests: cargo test --doc");
-        run(cargo().args(["test", "--workspace", "--doc"]))
+        run(cargo().args(["test", "--workspace", "--doc"]))?;
+        browser::run(&[])
     } else {
         step("tests: cargo test (builds the tests first)");
         run(cargo()
@@ -339,6 +351,7 @@ fn bench(args: &[String]) -> Result {
     type Suite = fn(&bench::Options, &std::path::Path, &std::path::Path) -> Result;
     let audit_args;
     let doctor_args;
+    let report_args;
     let (suite, args): (Suite, &[String]) = match args.split_first() {
         Some((s, rest)) if s == "rate-limit" => (bench::bench_rate_limit, rest),
         Some((s, rest)) if s == "cache" => (bench_cache::run, rest),
@@ -355,6 +368,10 @@ fn bench(args: &[String]) -> Result {
         Some((s, rest)) if s == "doctor" => {
             doctor_args = bench_doctor::take_options(rest)?;
             (bench_doctor::run, &doctor_args)
+        }
+        Some((s, rest)) if s == "report" => {
+            report_args = bench_report::take_options(rest)?;
+            (bench_report::run, &report_args)
         }
         _ => (bench::bench, args),
     };

@@ -13,6 +13,7 @@
 //! | `GET /cache` | the response cache's figures (L1 size, breaker) |
 //! | `DELETE /cache/tags/{path}` | purge every entry tagged with a resource path, e.g. `DELETE /cache/tags/users/7` (both levels, every replica) |
 //! | `DELETE /cache/keys/{key}` | purge one entry by the `key` its `Cache-Status` shows |
+//! | `GET /` | the operator console (see [`crate::console`], which adds `/redis`, `/audit/search`, `/audit/verify`, `/console/whoami`) |
 //!
 //! An identity is what the limit counts, as the gateway writes it: `ip=192.0.2.7`,
 //! `ip=192.0.2.7|route=users` (write `|` as `%7C`), `key=<api key>`, `user=<id>`; long or
@@ -30,8 +31,11 @@
 //!    `Origin`, which browsers send and command-line tools do not, must name it too.
 //! 2. **The admin token** (401 with `WWW-Authenticate: Bearer realm="passerelle-admin"`):
 //!    `Authorization: Bearer <gateway.admin_token>`, compared in constant time (SHA-256
-//!    digests, so not even the length leaks). `GET /health` is the one exception: it says
-//!    only "ok", and liveness probes (a kubelet's, `up`'s own) carry no secret.
+//!    digests, so not even the length leaks). `GET /health` is one exception: it says
+//!    only "ok", and liveness probes (a kubelet's, `up`'s own) carry no secret. The
+//!    operator console's page and assets ([`crate::console`]) are the other: the same
+//!    compiled-in bytes for everyone, no data; the data their script fetches needs the
+//!    token like the rest.
 //!
 //! A gateway with an admin listener refuses to start without a token ([`token`]): unlike
 //! Envoy's admin port, this one can purge the cache and reset limits. `passerelle up`
@@ -418,7 +422,9 @@ async fn guard(State(access): State<Arc<AdminAccess>>, req: Request, next: Next)
         .check_host(req.headers(), req.uri())
         .and_then(|()| access.check_origin(req.headers()))
         .and_then(|()| {
-            if req.uri().path() == "/health" {
+            if req.uri().path() == "/health"
+                || crate::console::is_public(req.method(), req.uri().path())
+            {
                 Ok(())
             } else {
                 access.check_token(req.headers())

@@ -32,7 +32,7 @@
 //! - [`observe`]: request metrics by route;
 //! - [`control`]: what replicas tell each other (invalidations, rate-limit resets);
 //! - [`admin`]: the admin API (detailed readiness, metrics, rate-limit state, cache purge)
-//!   on its own listener;
+//!   on its own listener; [`console`]: the operator console served there;
 //! - [`error`]: every failure and the problem+json it becomes.
 //!
 //! No module of this crate imports a module that imports it back: `service` assembles the
@@ -48,6 +48,7 @@ pub mod body;
 pub mod breaker;
 pub mod cache;
 pub mod compose;
+pub mod console;
 pub mod control;
 pub mod cors;
 pub mod discovery;
@@ -399,8 +400,15 @@ pub async fn run_with_readiness(
         })?;
         let bound = admin.local_addr().map_err(GatewayError::Serve)?;
         tracing::info!(admin = %bound, "admin API serving");
+        let console = console::Console::new(
+            config,
+            gateway.inner.redis.clone(),
+            gateway.upstreams().find(|u| &*u.name == "audit").cloned(),
+            bound,
+            listener.local_addr().ok(),
+        );
         let router = admin::protect(
-            gateway.admin_router(),
+            gateway.admin_router().merge(console.router()),
             admin::AdminAccess::new(&admin_token, bound),
         );
         let opts = ServeOptions {

@@ -35,10 +35,13 @@ pub enum Namespace {
     /// The service registry: one sorted set per service of its instances' last heartbeats.
     /// Temporary: each set expires when its service stops beating.
     Registry,
+    /// The latest `passerelle doctor` report per examined role, for the operator console
+    /// of every gateway replica. Temporary: each report expires a week after it was made.
+    Doctor,
 }
 
 impl Namespace {
-    pub const ALL: [Namespace; 9] = [
+    pub const ALL: [Namespace; 10] = [
         Namespace::Lease,
         Namespace::RateLimit,
         Namespace::Cache,
@@ -48,6 +51,7 @@ impl Namespace {
         Namespace::Preferences,
         Namespace::Audit,
         Namespace::Registry,
+        Namespace::Doctor,
     ];
 
     /// Whether this namespace holds data that must outlive any TTL: API keys, preferences,
@@ -72,6 +76,7 @@ impl Namespace {
             Namespace::Preferences => "pref",
             Namespace::Audit => "au",
             Namespace::Registry => "reg",
+            Namespace::Doctor => "doctor",
         }
     }
 }
@@ -105,6 +110,17 @@ impl KeySchema {
             self.prefix,
             Namespace::Registry.as_str(),
             sanitize_tag(service)
+        )
+    }
+
+    /// `<prefix>:doctor:<role>`: the latest doctor report of the Redis serving `role`
+    /// (`cache`, `durable`), kept in that Redis (one key per command: no hash tag needed).
+    pub fn doctor_report(&self, role: &str) -> String {
+        format!(
+            "{}:{}:{}",
+            self.prefix,
+            Namespace::Doctor.as_str(),
+            sanitize_tag(role)
         )
     }
 

@@ -280,10 +280,12 @@ pub async fn run(
 /// `passerelle doctor` on each managed Redis, as its operator user, in the background (the
 /// platform does not wait for it): the result is logged, one line per role, and one more
 /// per warning or critical finding. A short budget and no `MONITOR` window: at start the
-/// instances are small and idle, and the cache's LFU counters serve for hot keys.
+/// instances are small and idle, and the cache's LFU counters serve for hot keys. Each
+/// report is also recorded in its Redis, where the gateways' admin console reads it.
 fn doctor_at_start(targets: Vec<(Role, String)>, key_prefix: &str, stop: CancellationToken) {
     use passerelle_redis::doctor::{self, Options, RoleChoice, Severity};
-    let mut opts = Options::new(&passerelle_redis::KeySchema::new(key_prefix));
+    let keys = passerelle_redis::KeySchema::new(key_prefix);
+    let mut opts = Options::new(&keys);
     opts.budget = Duration::from_secs(3);
     opts.monitor = Duration::ZERO;
     opts.role_source = "managed by passerelle up".into();
@@ -299,6 +301,13 @@ fn doctor_at_start(targets: Vec<(Role, String)>, key_prefix: &str, stop: Cancell
                 _ = stop.cancelled() => return,
                 r = doctor::examine(&url, &cfg, &opts) => r,
             };
+            // For the admin console of every gateway (`/redis`): best effort, the log
+            // below says the same.
+            if let Err(e) =
+                doctor::record::record(&url, &cfg, &keys, &report, "passerelle up").await
+            {
+                tracing::debug!(redis = role.as_str(), error = %e, "redis doctor: report not recorded");
+            }
             let role = role.as_str();
             if report.exit_code == doctor::report::exit::CLEAN {
                 tracing::info!(redis = role, result = %report.summary(), "redis doctor");

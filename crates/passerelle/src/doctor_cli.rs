@@ -6,6 +6,11 @@
 //! configuration, the ACL users and the slow log), else each role of the configuration's
 //! Redis, else the Redis instances of the `passerelle up` running on `up.data_dir`, as their
 //! operator user.
+//!
+//! Each report of a known role on a Redis of the configuration (or of `up`) is also
+//! recorded in the examined Redis ([`passerelle_redis::doctor::record`], kept a week), where
+//! every gateway's admin API (`/redis`, the operator console) reads the latest findings. A
+//! server named with `--redis URL` may be anyone's: it is only read, unless `--record`.
 
 use std::time::Duration;
 
@@ -56,11 +61,17 @@ pub struct DoctorArgs {
     /// keys, preferences and audit trail always count).
     #[arg(long = "durable-prefix", value_name = "PREFIX")]
     durable_prefixes: Vec<String>,
+    /// With --redis: record the report in the examined Redis too, as is done for the
+    /// configuration's Redis (the latest report per role, kept a week, for the gateways'
+    /// admin console).
+    #[arg(long)]
+    record: bool,
 }
 
 /// The exit code, after printing the reports.
 pub fn doctor(config: &Config, args: DoctorArgs) -> anyhow::Result<u8> {
     let base = options(config, &args);
+    let keys = KeySchema::new(&config.redis.key_prefix);
     let targets = match targets(config, &args) {
         Ok(t) => t,
         Err(e) => {
@@ -82,7 +93,18 @@ pub fn doctor(config: &Config, args: DoctorArgs) -> anyhow::Result<u8> {
                 opts.role = role;
                 opts.role_source = t.role_source.clone();
             }
-            reports.push(doctor::examine(&t.url, &t.redis, &opts).await);
+            let report = doctor::examine(&t.url, &t.redis, &opts).await;
+            if t.record
+                && let Err(e) =
+                    doctor::record::record(&t.url, &t.redis, &keys, &report, "passerelle doctor")
+                        .await
+            {
+                eprintln!(
+                    "passerelle doctor: the report of {} was not recorded in it: {e}",
+                    report.target
+                );
+            }
+            reports.push(report);
         }
         reports
     });
@@ -122,6 +144,8 @@ struct Target {
     redis: RedisConfig,
     role: Option<RoleChoice>,
     role_source: String,
+    /// Whether the report is recorded in the server (see the module's documentation).
+    record: bool,
 }
 
 fn targets(config: &Config, args: &DoctorArgs) -> anyhow::Result<Vec<Target>> {
@@ -131,6 +155,7 @@ fn targets(config: &Config, args: &DoctorArgs) -> anyhow::Result<Vec<Target>> {
             redis: RedisConfig::default(),
             role: None,
             role_source: String::new(),
+            record: args.record,
         }]);
     }
     let cfg = &config.redis;
@@ -176,6 +201,7 @@ fn targets(config: &Config, args: &DoctorArgs) -> anyhow::Result<Vec<Target>> {
                     redis: cfg.clone(),
                     role: Some(role),
                     role_source: source.into(),
+                    record: true,
                 });
             }
         }
@@ -197,6 +223,7 @@ fn managed(config: &Config) -> anyhow::Result<Vec<Target>> {
                 passerelle_redis::Role::Durable => RoleChoice::Durable,
             }),
             role_source: format!("managed by passerelle up (redis-{})", r.role.as_str()),
+            record: true,
         })
         .collect();
     if out.is_empty() {

@@ -543,6 +543,7 @@ impl Upstream {
                 "healthy": e.is_healthy(),
                 "ejected": e.is_ejected(),
                 "in_flight": balance::Load::in_flight(e),
+                "latency_ms": balance::Load::latency_ns(e) / 1e6,
                 "learned_idle_limit_ms": e.idle_limit(Instant::now()).map(|d| d.as_millis() as u64),
             })).collect::<Vec<_>>(),
         })

@@ -10,7 +10,9 @@
 //!   `SCAN` in small paced batches), and fills a [`snapshot::Snapshot`];
 //! - [`rules`] turns a snapshot into findings: pure functions, each tested on a snapshot
 //!   made by hand;
-//! - [`report`] renders them (text or JSON) and sets the exit code.
+//! - [`report`] renders them (text or JSON) and sets the exit code;
+//! - [`record`] keeps the latest report per role in the examined Redis, for the admin
+//!   API's `/redis` on every gateway replica.
 //!
 //! The role decides what is expected. Given (`--role`), known from the configuration, or
 //! inferred: an evicting policy means a cache; `noeviction`, or keys under the durable
@@ -19,6 +21,7 @@
 //! (the response cache, cached rows, leases) must have one.
 
 pub mod probe;
+pub mod record;
 pub mod report;
 pub mod rules;
 pub mod snapshot;
