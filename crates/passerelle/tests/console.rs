@@ -255,6 +255,25 @@ async fn redis_shows_both_roles_and_the_doctor_reports() {
         assert_eq!(d["report"]["findings"], printed["findings"], "{d}");
         assert_eq!(d["report"]["exit_code"], printed["exit_code"]);
     }
+    // Another replica on the same Redis: it shows itself, and the same findings.
+    let (gw2, _upstream2) = console_gateway(|c| {
+        c.redis.cache_url = Some(cache_url.clone());
+        c.redis.durable_url = Some(durable_url.clone());
+    })
+    .await;
+    let (me, other) = (
+        gw.admin.get("/console/whoami").await.json(),
+        gw2.admin.get("/console/whoami").await.json(),
+    );
+    assert_ne!(me, other, "each replica names itself");
+    let seen_by_other = gw2.admin.get("/redis").await.json();
+    for i in 0..2 {
+        assert_eq!(
+            seen_by_other["roles"][i]["doctor"], after["roles"][i]["doctor"],
+            "what lives in Redis is the same on every replica"
+        );
+    }
+
     // Recorded with a TTL (a week), in the Redis it describes.
     let keys =
         passerelle_redis::KeySchema::new(&Config::load(None, Vec::new()).unwrap().redis.key_prefix);
