@@ -71,10 +71,14 @@ fn node_url(port: u16) -> String {
 }
 
 /// A connection of the test's own to one node (no password on the test kit's servers).
+/// The test's own connection to a node, for set-up: a script filling thousands of members
+/// may take longer than redis-rs's default 500 ms answer deadline on a busy machine.
 async fn node(port: u16) -> redis::aio::MultiplexedConnection {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_response_timeout(Some(std::time::Duration::from_secs(30)));
     redis::Client::open(node_url(port))
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&config)
         .await
         .unwrap()
 }
