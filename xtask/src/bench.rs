@@ -194,7 +194,7 @@ fn parse_latency(s: &str) -> Option<f64> {
     num.parse::<f64>().ok().map(|v| v * mult)
 }
 
-fn parse_wrk(out: &str) -> WrkResult {
+pub(crate) fn parse_wrk(out: &str) -> WrkResult {
     let mut r = WrkResult::default();
     for line in out.lines() {
         let t = line.trim();

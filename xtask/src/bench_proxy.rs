@@ -194,7 +194,7 @@ fn start_gateway(bin: &Path, dir: &Path, upstreams: &[String], threads: usize) -
     })
 }
 
-fn haproxy_cfg(port: u16, upstreams: &[String], threads: usize) -> String {
+pub(crate) fn haproxy_cfg(port: u16, upstreams: &[String], threads: usize) -> String {
     let servers: String = upstreams
         .iter()
         .enumerate()

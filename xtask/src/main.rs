@@ -83,6 +83,15 @@ tasks:
                  clean leave (SIGTERM) and death (SIGKILL, outlier detection off and
                  on), min/median/max over 5 repetitions with the client's errors
                  (registry; BENCH_REGISTRY_REPETITIONS)
+  bench report [--duration SECS] [--out DIR]
+                 the seeds' before/after as DIR/REPORT.md with SVG plots (default
+                 docs/report/): the seeds' Flask monolith and Flask \"after\" (gunicorn 4
+                 workers x 4 threads gthread, pinned packages from PyPI in
+                 target/bench-report-venv), passerelle up with and without cache and rate
+                 limits, nginx and HAProxy on the same instances; wrk closed loop (req/s,
+                 p50/p99/p99.9, errors, CPU per request, RSS) and an open-loop
+                 latency-vs-offered-load curve per system (about 7 min of measuring at the
+                 default --duration 10, plus the release build; --duration 2 checks it works)
   deps           install the Debian packages the tests need (redis-server, redis-tools,
                  prometheus for promtool, postgresql)
   help           this text (also -h, --help)
