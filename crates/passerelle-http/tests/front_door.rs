@@ -513,6 +513,17 @@ fn a_missing_or_mismatched_pair_is_refused_at_start() {
     assert!(e.to_string().contains("no PEM certificate"), "{e}");
 }
 
+/// A connection that got one answer to a `GET` and stays open (keep-alive), and that answer.
+async fn one_answer_kept_alive(
+    addr: SocketAddr,
+) -> (TcpStream, passerelle_testkit::raw_http::RawReply) {
+    let mut kept = TcpStream::connect(addr).await.unwrap();
+    kept.write_all(&get_with("")).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = kept.read(&mut buf).await.unwrap();
+    (kept, parse(&buf[..n]))
+}
+
 /// Whether nothing listens on `addr` any more.
 async fn refused(addr: SocketAddr) -> bool {
     TcpStream::connect(addr).await.is_err()
@@ -527,11 +538,7 @@ async fn the_drain_serves_on_each_answer_closing_its_connection_then_the_listene
     })
     .await;
     // A keep-alive connection, idle when shutdown begins: before, answers keep it open.
-    let mut kept = TcpStream::connect(s.addr).await.unwrap();
-    kept.write_all(&get_with("")).await.unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = kept.read(&mut buf).await.unwrap();
-    let r = parse(&buf[..n]);
+    let (mut kept, r) = one_answer_kept_alive(s.addr).await;
     assert_eq!((r.status, r.header("connection")), (200, None), "{r:?}");
 
     let started = Instant::now();
@@ -573,11 +580,8 @@ async fn connections_waiting_as_the_drain_ends_are_answered_not_reset() {
     })
     .await;
     // A keep-alive connection, so that there is something to drain...
-    let mut kept = TcpStream::connect(s.addr).await.unwrap();
-    kept.write_all(&get_with("")).await.unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = kept.read(&mut buf).await.unwrap();
-    assert_eq!(parse(&buf[..n]).status, 200);
+    let (_kept, r) = one_answer_kept_alive(s.addr).await;
+    assert_eq!(r.status, 200, "{r:?}");
     // ...one connection that has not sent its request yet...
     let mut quiet = TcpStream::connect(s.addr).await.unwrap();
     let started = Instant::now();
@@ -618,11 +622,7 @@ async fn the_idle_timeout_is_announced_until_the_drain() {
         ..ServeOptions::default()
     })
     .await;
-    let mut kept = TcpStream::connect(s.addr).await.unwrap();
-    kept.write_all(&get_with("")).await.unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = kept.read(&mut buf).await.unwrap();
-    let r = parse(&buf[..n]);
+    let (mut kept, r) = one_answer_kept_alive(s.addr).await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.header("keep-alive"), Some("timeout=2"), "{r:?}");
     assert_eq!(r.header("connection"), None, "{r:?}");
