@@ -202,6 +202,25 @@ fn closed(
     c
 }
 
+/// A passerelle system's closed-loop runs: the seeds' endpoint with uniform and skewed ids,
+/// then `/users/{id}`.
+fn passerelle_workloads(
+    system: &'static str,
+    s: &Scripts,
+    gw: &str,
+    roots: &[u32],
+    o: &Options,
+) -> Vec<Closed> {
+    [
+        (API_UNIFORM, &s.api_uniform),
+        (API_SKEWED, &s.api_skewed),
+        (USERS_UNIFORM, &s.users),
+    ]
+    .into_iter()
+    .map(|(workload, script)| closed(system, workload, script, gw, roots, o))
+    .collect()
+}
+
 /// A short wrk run that is not measured: pools filled, workers forked, caches warm.
 fn warm_up(script: &Path, addr: &str, o: &Options) {
     let _ = wrk(
@@ -470,30 +489,8 @@ fn passerelle_plain(o: &Options, bin: &Path, dir: &Path, s: &Scripts, r: &mut Re
     }
     let up_roots = [platform.up.child.id()];
     warm_up(&s.api_uniform, &gw, o);
-    r.closed.push(closed(
-        PASSERELLE_PLAIN,
-        API_UNIFORM,
-        &s.api_uniform,
-        &gw,
-        &up_roots,
-        o,
-    ));
-    r.closed.push(closed(
-        PASSERELLE_PLAIN,
-        API_SKEWED,
-        &s.api_skewed,
-        &gw,
-        &up_roots,
-        o,
-    ));
-    r.closed.push(closed(
-        PASSERELLE_PLAIN,
-        USERS_UNIFORM,
-        &s.users,
-        &gw,
-        &up_roots,
-        o,
-    ));
+    r.closed
+        .extend(passerelle_workloads(PASSERELLE_PLAIN, s, &gw, &up_roots, o));
 
     let nginx_port = free_port()?;
     let ndir = dir.join("nginx");
@@ -556,24 +553,8 @@ fn passerelle_full(o: &Options, bin: &Path, dir: &Path, s: &Scripts, r: &mut Res
     wait_ok(&gw, "/api/1/2")?;
     let roots = [platform.up.child.id()];
     warm_up(&s.api_uniform, &gw, o);
-    r.closed.push(closed(
-        PASSERELLE,
-        API_UNIFORM,
-        &s.api_uniform,
-        &gw,
-        &roots,
-        o,
-    ));
-    r.closed.push(closed(
-        PASSERELLE,
-        API_SKEWED,
-        &s.api_skewed,
-        &gw,
-        &roots,
-        o,
-    ));
     r.closed
-        .push(closed(PASSERELLE, USERS_UNIFORM, &s.users, &gw, &roots, o));
+        .extend(passerelle_workloads(PASSERELLE, s, &gw, &roots, o));
     r.api_curves
         .push(curve(PASSERELLE, &gw, API_UNIFORM_LOAD, o)?);
     drop(platform);
