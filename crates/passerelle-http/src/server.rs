@@ -163,10 +163,14 @@ pub async fn serve<M, S, B>(
 
     // Set when shutdown begins: until then, connections are still accepted and served.
     let mut drain_until: Option<tokio::time::Instant> = None;
-    let keep_alive = opts
-        .announce_idle_timeout
-        .then(|| format!("timeout={}", opts.idle_timeout.as_secs()))
-        .and_then(|v| http::HeaderValue::from_str(&v).ok());
+    // Whole seconds only (the header's unit): below one second there is nothing true to
+    // announce, and `timeout=0` would stop every reuse.
+    let keep_alive = match opts.idle_timeout.as_secs() {
+        secs if opts.announce_idle_timeout && secs > 0 => {
+            http::HeaderValue::from_str(&format!("timeout={secs}")).ok()
+        }
+        _ => None,
+    };
     // A served connection, as a task to spawn.
     let connection = |stream: TcpStream, peer: SocketAddr, permit: Option<OwnedSemaphorePermit>| {
         let _ = stream.set_nodelay(true);
@@ -243,7 +247,7 @@ pub async fn serve<M, S, B>(
         // opens a new one per request: some always wait in the accept queue, and closing
         // the listener would reset them, requests already sent (a 502 for a POST). They
         // are taken first, and served; only one arriving between the last accept and the
-        // close is refused.
+        // close is still reset.
         for (stream, peer) in accept_queued(listener) {
             connections.spawn(connection(stream, peer, None));
         }

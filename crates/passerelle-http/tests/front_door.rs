@@ -638,6 +638,15 @@ async fn the_idle_timeout_is_announced_until_the_drain() {
     let plain = server(ServeOptions::default()).await;
     let r = send_raw(plain.addr, &get_with("connection: close\r\n")).await;
     assert_eq!(r.header("keep-alive"), None, "{r:?}");
+    // Under a second there is no whole second to announce (`timeout=0` would stop reuse).
+    let brief = server(ServeOptions {
+        idle_timeout: Duration::from_millis(500),
+        announce_idle_timeout: true,
+        ..ServeOptions::default()
+    })
+    .await;
+    let r = send_raw(brief.addr, &get_with("connection: close\r\n")).await;
+    assert_eq!(r.header("keep-alive"), None, "{r:?}");
 }
 
 #[tokio::test]
